@@ -1,0 +1,263 @@
+"""The action space: one level per enabled efficiency axis, their Cartesian product indexed 0..A-1.
+
+    space = ActionSpace()                      # the paper's 27-action grid, dense action last
+    space = ActionSpace(["mlp"])               # 3 actions: mlp keep 0.4 / 0.8 / 1.0, attn and bits dense
+    space = ActionSpace(["attn", "quant"], levels={"quant": [4, 8, 16]})
+    space[i] -> Action(attn=..., mlp=..., bits=...);  space.index(action) -> i
+    space.level_table()  # float64 [A, 3]: attn keep, mlp keep, bits   (what the solc:: ops read)
+    space.cost_table()   # float64 [A, 3]: attn keep, mlp keep, bits/16 (what the budget counts)
+
+Axes are "attn" (Quest token keep fraction), "mlp" (MLP input channel keep fraction) and "quant"
+(activation bit-width of the MLP output); see DESIGN.md "The three efficiency axes". The dense level
+(1.0 for keep fractions, 16 bits) must be on every enabled axis' grid; a disabled axis is fixed at it.
+
+Serialisation follows torchao's config convention: a small dict with a `"version"` field, checked on
+load, so an artifact written by one solc version is either read exactly or rejected loudly.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import numbers
+import operator
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Iterator, Sequence
+
+import torch
+
+AXES: tuple[str, ...] = ("attn", "mlp", "quant")
+DEFAULT_LEVELS: dict[str, tuple] = {"attn": (0.1, 0.6, 1.0), "mlp": (0.4, 0.8, 1.0), "quant": (5, 7, 16)}
+DENSE_LEVEL: dict[str, Any] = {"attn": 1.0, "mlp": 1.0, "quant": 16}
+MIN_BITS, MAX_BITS = 2, 16
+VERSION = 1
+
+
+@dataclass(frozen=True)
+class Action:
+    """One point of the action space: attn keep, mlp keep (fractions in (0, 1]) and MLP-output bits."""
+
+    attn: float = 1.0
+    mlp: float = 1.0
+    bits: int = 16
+
+    @property
+    def costs(self) -> dict[str, float]:
+        """Per-axis budget cost, keyed by axis name: attn keep, mlp keep, bits / 16."""
+        return {"attn": float(self.attn), "mlp": float(self.mlp), "quant": self.bits / MAX_BITS}
+
+    @property
+    def is_dense(self) -> bool:
+        return self.attn == 1.0 and self.mlp == 1.0 and self.bits >= MAX_BITS
+
+    def level(self, axis: str) -> float | int:
+        """The level on `axis` ("attn", "mlp" or "quant")."""
+        if axis not in AXES:
+            raise ValueError(f"unknown axis {axis!r}; valid axes: {list(AXES)}")
+        return {"attn": self.attn, "mlp": self.mlp, "quant": self.bits}[axis]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"attn": self.attn, "mlp": self.mlp, "bits": self.bits}
+
+
+def _validate_level(axis: str, value: Any) -> float | int:
+    if axis == "quant":
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise ValueError(
+                f"quant level {value!r} is not an int bit-width; valid choices: an int in "
+                f"{MIN_BITS}..{MAX_BITS} (16 = dense), e.g. {list(DEFAULT_LEVELS['quant'])}"
+            )
+        value = int(value)
+        if not MIN_BITS <= value <= MAX_BITS:
+            raise ValueError(
+                f"quant level {value!r} is out of range; valid choices: an int in {MIN_BITS}..{MAX_BITS} "
+                f"(16 = dense)"
+            )
+        return value
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(
+            f"{axis} level {value!r} is not a number; valid choices: a keep fraction in (0, 1] "
+            f"(1.0 = dense), e.g. {list(DEFAULT_LEVELS[axis])}"
+        )
+    value = float(value)
+    if not 0.0 < value <= 1.0:  # also rejects NaN
+        raise ValueError(
+            f"{axis} level {value!r} is outside (0, 1]; valid choices: a keep fraction in (0, 1] (1.0 = dense)"
+        )
+    return value
+
+
+def _validate_levels(axis: str, values: Any) -> tuple:
+    if not isinstance(values, (list, tuple)):
+        raise ValueError(
+            f"levels for axis {axis!r} must be a list, got {values!r}; e.g. {list(DEFAULT_LEVELS[axis])}"
+        )
+    if len(values) == 0:
+        raise ValueError(
+            f"levels for axis {axis!r} are an empty list; give at least the dense level "
+            f"{DENSE_LEVEL[axis]!r}, e.g. {list(DEFAULT_LEVELS[axis])}"
+        )
+    checked = [_validate_level(axis, v) for v in values]
+    seen: set = set()
+    for v in checked:
+        if v in seen:
+            raise ValueError(f"duplicate level {v!r} for axis {axis!r} in {list(values)}; each level must appear once")
+        seen.add(v)
+    if DENSE_LEVEL[axis] not in seen:
+        raise ValueError(
+            f"levels {list(values)} for axis {axis!r} lack the dense level {DENSE_LEVEL[axis]!r}; "
+            f"every grid must contain it, e.g. {list(DEFAULT_LEVELS[axis])}"
+        )
+    return tuple(sorted(checked))
+
+
+class ActionSpace:
+    """The Cartesian product of the enabled axes' levels.
+
+    Enabled axes are stored in canonical order ("attn", "mlp", "quant") whatever order they are given
+    in; each axis' levels are sorted ascending. Action i enumerates attn (outermost) > mlp > quant
+    (innermost), each ascending, so the dense action is always the last one. Disabled axes are fixed
+    at dense (keep 1.0 / 16 bits).
+    """
+
+    def __init__(self, axes: Sequence[str] = AXES, levels: Mapping[str, Sequence] | None = None):
+        if not isinstance(axes, (list, tuple)):
+            raise ValueError(
+                f"axes must be a list of axis names, got {axes!r}; valid axes: {list(AXES)} "
+                f"(e.g. ActionSpace(['mlp']))"
+            )
+        if len(axes) == 0:
+            raise ValueError(f"axes is an empty list; enable at least one of {list(AXES)}")
+        for a in axes:
+            if a not in AXES:
+                raise ValueError(f"unknown axis {a!r}; valid axes: {list(AXES)}")
+        for a in axes:
+            if list(axes).count(a) > 1:
+                raise ValueError(f"duplicate axis {a!r} in {list(axes)}; valid axes, each at most once: {list(AXES)}")
+        self._axes: tuple[str, ...] = tuple(a for a in AXES if a in axes)
+
+        if levels is None:
+            levels = {}
+        if not isinstance(levels, Mapping):
+            raise ValueError(
+                f"levels must be a dict mapping an enabled axis to its level list, got {levels!r}; "
+                f"enabled axes: {list(self._axes)}"
+            )
+        for a in levels:
+            if a not in self._axes:
+                valid = f"valid axes: {list(AXES)}" if a not in AXES else f"axis {a!r} is not enabled"
+                raise ValueError(
+                    f"levels given for axis {a!r}, which is not an enabled axis ({valid}); "
+                    f"enabled axes: {list(self._axes)}"
+                )
+        self._levels: dict[str, tuple] = {
+            a: _validate_levels(a, levels[a]) if a in levels else tuple(DEFAULT_LEVELS[a]) for a in self._axes
+        }
+        grids = [self._levels.get(a, (DENSE_LEVEL[a],)) for a in AXES]
+        self._actions: tuple[Action, ...] = tuple(
+            Action(attn=float(at), mlp=float(ml), bits=int(b)) for at, ml, b in itertools.product(*grids)
+        )
+        self._index: dict[Action, int] = {act: i for i, act in enumerate(self._actions)}
+
+    # -- structure -------------------------------------------------------------------------------
+    @property
+    def axes(self) -> tuple[str, ...]:
+        """Enabled axes, in canonical order."""
+        return self._axes
+
+    @property
+    def levels(self) -> dict[str, tuple]:
+        """Enabled axis -> its levels, ascending (keep fractions as float, bits as int)."""
+        return dict(self._levels)
+
+    @property
+    def actions(self) -> tuple[Action, ...]:
+        return self._actions
+
+    def __len__(self) -> int:
+        return len(self._actions)
+
+    def __iter__(self) -> Iterator[Action]:
+        return iter(self._actions)
+
+    def __getitem__(self, i) -> Action:
+        i = operator.index(i)
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"action index {i} out of range for an action space of {len(self)} actions")
+        return self._actions[i]
+
+    def index(self, action: Action) -> int:
+        try:
+            return self._index[action]
+        except (KeyError, TypeError):
+            raise ValueError(f"{action!r} is not in this action space; valid actions: {list(self._actions)}") from None
+
+    def __contains__(self, action) -> bool:
+        return isinstance(action, Action) and action in self._index
+
+    @property
+    def dense_index(self) -> int:
+        """Index of the dense action (always the last one)."""
+        return self._index[Action()]
+
+    # -- tables ----------------------------------------------------------------------------------
+    def level_table(self) -> torch.Tensor:
+        """float64 [A, 3]: attn keep, mlp keep, bits (as the solc:: ops read them)."""
+        return torch.tensor([[a.attn, a.mlp, float(a.bits)] for a in self._actions], dtype=torch.float64)
+
+    def cost_table(self) -> torch.Tensor:
+        """float64 [A, 3]: attn keep, mlp keep, bits / 16 (the per-axis budget cost of each action)."""
+        return torch.tensor([[a.attn, a.mlp, a.bits / MAX_BITS] for a in self._actions], dtype=torch.float64)
+
+    def net_keep(self, i) -> float:
+        """Net keep of action i: the mean of its costs over the ENABLED axes only.
+
+        Disabled axes (always dense) do not dilute it: in ActionSpace(["mlp"]) the net keep of an
+        action is its mlp keep. With all three axes this is the paper's x-axis.
+        """
+        costs = self[i].costs
+        return sum(costs[a] for a in self._axes) / len(self._axes)
+
+    # -- serialisation ---------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "version": VERSION,
+            "axes": list(self._axes),
+            "levels": {a: list(v) for a, v in self._levels.items()},
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "ActionSpace":
+        if not isinstance(d, Mapping):
+            raise ValueError(f"an ActionSpace dict must be a dict, got {d!r}")
+        version = d.get("version")
+        if version != VERSION:
+            raise ValueError(f"unsupported ActionSpace version {version!r}; supported versions: [{VERSION}]")
+        unknown = set(d) - {"version", "axes", "levels"}
+        if unknown:
+            raise ValueError(
+                f"unknown ActionSpace fields {sorted(unknown)}; valid fields: ['version', 'axes', 'levels']"
+            )
+        if "axes" not in d:
+            raise ValueError("ActionSpace dict lacks 'axes'; valid fields: ['version', 'axes', 'levels']")
+        return cls(d["axes"], d.get("levels"))
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict())
+
+    @classmethod
+    def from_json(cls, s: str) -> "ActionSpace":
+        return cls.from_dict(json.loads(s))
+
+    # -- identity --------------------------------------------------------------------------------
+    def __eq__(self, other) -> bool:
+        if not isinstance(other, ActionSpace):
+            return NotImplemented
+        return self._axes == other._axes and self._levels == other._levels
+
+    def __hash__(self) -> int:
+        return hash((self._axes, tuple(sorted(self._levels.items()))))
+
+    def __repr__(self) -> str:
+        lv = ", ".join(f"{a}={list(v)}" for a, v in self._levels.items())
+        return f"ActionSpace({lv}; {len(self)} actions)"

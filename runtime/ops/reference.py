@@ -1,0 +1,225 @@
+"""Reference semantics of the three efficiency axes (DESIGN.md "The three efficiency axes"), in plain
+vectorised torch. Every fast path (Triton, torchao, compiled) must match these functions.
+
+Pure math: no torch.library, no HF. Actions arrive as per-token level tensors (keep fractions and bit
+widths, usually float64 rows of `ActionSpace.level_table()`), so one call serves a batch where every row
+and every position has its own action.
+"""
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+PAGE_SIZE = 8
+MLP_KINDS = ("gated", "gated_fused", "plain")
+ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu")
+
+Number = Union[int, float]
+
+
+# ---------------------------------------------------------------------------------------------------
+# counts
+# ---------------------------------------------------------------------------------------------------
+def keep_count(keep: Union[Tensor, float], n: Union[Tensor, int]) -> Union[Tensor, int]:
+    """How many of `n` items a keep fraction keeps: ceil(keep * n), clamped to [1, n].
+
+    Robust to float error: keep is first snapped to a 1e-6 grid in float64 (so 0.6 given as float32,
+    0.60000002, counts as 0.6), then ceil(keep * n - 1e-9), so 0.6 * 10 gives 6, never 7.
+    `keep` and `n` may be tensors (broadcast; returns int64) or Python numbers (returns an int).
+    """
+    if not isinstance(keep, Tensor) and not isinstance(n, Tensor):
+        return int(keep_count(torch.tensor(float(keep), dtype=torch.float64), torch.tensor(int(n))).item())
+    keep_t = torch.as_tensor(keep)
+    n_t = torch.as_tensor(n, device=keep_t.device)
+    snapped = torch.round(keep_t.to(torch.float64) * 1e6) / 1e6
+    count = torch.ceil(snapped * n_t.to(torch.float64) - 1e-9).to(torch.int64)
+    count = torch.clamp(count, min=1)
+    return torch.minimum(count, n_t.to(torch.int64))
+
+
+def _compute_dtype(t: Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+# ---------------------------------------------------------------------------------------------------
+# attn: Quest token-level attention sparsity
+# ---------------------------------------------------------------------------------------------------
+def quest_attention(
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    q_pos: Tensor,
+    keep: Tensor,
+    scale: float,
+    page_size: int = PAGE_SIZE,
+) -> Tensor:
+    """Quest attention of every query over the keys at positions <= its own.
+
+    q [B, Hq, T, D]; k_cache, v_cache [B, Hkv, S, D] hold keys/values at absolute positions 0..S-1
+    (Hq % Hkv == 0; query head h reads KV head h // (Hq // Hkv)); q_pos int64 [B, T] is each query's
+    absolute position p (must be < S; rows and positions need not be contiguous); keep [B, T] in (0, 1].
+
+    For a query at p: kv_len = p + 1; keys form pages of `page_size` from key 0, of which
+    ceil(kv_len / page_size) are visible. Each page's per-channel min/max key is taken per KV head over
+    its keys <= p only (the page holding p is partial: statistics are causal, so a teacher-forced pass
+    equals decoding). Page score = sum_c max(q_c * max_c, q_c * min_c), per query head.
+    Budget = keep_count(keep, kv_len) tokens; k = min(ceil(budget / page_size), visible pages).
+    Tie rule: every visible page whose score is >= the k-th best score is kept, so ties at the
+    threshold may keep more than k pages. No page is forced (no sink/local page).
+    The softmax (with `scale`) runs over all keys <= p in kept pages. keep == 1.0 keeps every visible
+    page, i.e. exactly causal attention over keys 0..p.
+
+    Computed in float32 (float64 if q is float64); returns q.dtype.
+    """
+    B, Hq, T, D = q.shape
+    Hkv, S = k_cache.shape[1], k_cache.shape[2]
+    if Hq % Hkv != 0:
+        raise ValueError(f"query heads {Hq} are not a multiple of KV heads {Hkv}")
+    G = Hq // Hkv
+    cdt = _compute_dtype(q)
+    dev = q.device
+
+    qc = q.to(cdt).reshape(B, Hkv, G, T, D)
+    k = k_cache.to(cdt)
+    v = v_cache.to(cdt)
+    pos = q_pos.to(device=dev, dtype=torch.int64)  # [B, T]
+
+    # Causal page statistics: running min/max within each page (prefix over the page's keys).
+    P = (S + page_size - 1) // page_size
+    pad = P * page_size - S
+    kp = F.pad(k, (0, 0, 0, pad)) if pad else k  # padding is never read: it lies past every query
+    kp = kp.reshape(B, Hkv, P, page_size, D)
+    run_max = torch.cummax(kp, dim=3).values
+    run_min = torch.cummin(kp, dim=3).values
+    run_max = run_max.reshape(B, Hkv, 1, P * page_size, D)
+    run_min = run_min.reshape(B, Hkv, 1, P * page_size, D)
+
+    # max(q*M, q*m) == q+ * M + q- * m exactly (M >= m), so scores are two matmuls. Score the running
+    # statistics at EVERY key position s (page start..s), then page j's score for a query at p is the
+    # entry at min(p, last key of page j): full pages and the partial current page come out of the
+    # same matmul, so equal statistics give bit-equal scores and ties are real ties.
+    score_at = qc.clamp(min=0) @ run_max.transpose(-1, -2) + qc.clamp(max=0) @ run_min.transpose(-1, -2)
+    page_ids = torch.arange(P, device=dev)
+    page_last = page_ids * page_size + (page_size - 1)  # [P]
+    col = torch.minimum(page_last, pos[..., None])  # [B, T, P]
+    scores = torch.gather(score_at, -1, col[:, None, None].expand(B, Hkv, G, T, P))  # [B, Hkv, G, T, P]
+    cur_page = (pos // page_size)[:, None, None, :, None]  # [B, 1, 1, T, 1]
+    visible = page_ids <= cur_page  # [B, 1, 1, T, P]
+    scores = scores.masked_fill(~visible, float("-inf"))
+
+    # Pages to keep: min(ceil(budget / page_size), visible pages); ties at the k-th score kept.
+    kv_len = pos + 1
+    budget = keep_count(keep.to(dev), kv_len)  # [B, T]
+    n_visible = pos // page_size + 1
+    k_pages = torch.minimum((budget + page_size - 1) // page_size, n_visible)
+    ranked = torch.sort(scores, dim=-1, descending=True).values
+    kth = torch.gather(ranked, -1, (k_pages - 1)[:, None, None, :, None].expand(B, Hkv, G, T, 1))
+    kept_pages = (scores >= kth) & visible  # [B, Hkv, G, T, P]
+
+    # Key mask: key s is read iff s <= p and its page is kept.
+    key_ids = torch.arange(S, device=dev)
+    key_page = (key_ids // page_size).expand(B, Hkv, G, T, S)
+    allowed = torch.gather(kept_pages, -1, key_page) & (key_ids <= pos[:, None, None, :, None])
+
+    logits = (qc @ k[:, :, None].transpose(-1, -2)) * scale  # [B, Hkv, G, T, S]
+    logits = logits.masked_fill(~allowed, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    out = probs @ v[:, :, None]  # [B, Hkv, G, T, D]
+    return out.reshape(B, Hq, T, D).to(q.dtype)
+
+
+# ---------------------------------------------------------------------------------------------------
+# mlp: structured activation pruning
+# ---------------------------------------------------------------------------------------------------
+def prune_mlp_input(x: Tensor, keep: Union[Tensor, float]) -> Tensor:
+    """Keep, per token, the keep_count(keep, d) channels of x [..., d] with the largest |x|; zero the rest.
+
+    keep has x's leading shape [...] (or broadcasts to it). Tie rule: stable, among channels of equal
+    |x| the lower channel index wins. Kept values are returned bit-exact, so keep == 1.0 is the identity.
+    """
+    d = x.shape[-1]
+    count = keep_count(torch.as_tensor(keep, device=x.device), d)  # [...]
+    count = torch.broadcast_to(count, x.shape[:-1])
+    order = torch.sort(x.abs(), dim=-1, descending=True, stable=True).indices
+    in_sorted = torch.arange(d, device=x.device) < count[..., None]
+    mask = torch.zeros(x.shape, dtype=torch.bool, device=x.device).scatter(-1, order, in_sorted)
+    return torch.where(mask, x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+# ---------------------------------------------------------------------------------------------------
+# quant: per-token activation fake quantization
+# ---------------------------------------------------------------------------------------------------
+def fake_quant(y: Tensor, bits: Union[Tensor, Number]) -> Tensor:
+    """Symmetric per-token fake quantization of y [..., d] to `bits` [...] (float or int tensor).
+
+    absmax over the last dim in float32 (float64 if y is), scale = max(absmax, 1e-8) / qmax with
+    qmax = 2^(b-1) - 1, round half to even, clamp to +-qmax, dequantize, cast back to y.dtype.
+    Rows with b >= 16 are returned unchanged (bit-exact). b must be >= 2 (qmax >= 1).
+    """
+    cdt = _compute_dtype(y)
+    b = torch.as_tensor(bits, device=y.device)
+    b = torch.broadcast_to(b, y.shape[:-1])[..., None]  # [..., 1]
+    yc = y.to(cdt)
+    qmax = torch.exp2(b.to(cdt) - 1) - 1
+    absmax = yc.abs().amax(dim=-1, keepdim=True)
+    s = torch.clamp(absmax, min=1e-8) / qmax
+    yq = torch.minimum(torch.maximum(torch.round(yc / s), -qmax), qmax) * s
+    return torch.where(b >= 16, y, yq.to(y.dtype))
+
+
+# ---------------------------------------------------------------------------------------------------
+# a whole MLP site
+# ---------------------------------------------------------------------------------------------------
+def _activation(act: str):
+    if act == "silu":
+        return F.silu
+    if act == "gelu":
+        return F.gelu
+    if act == "gelu_tanh":
+        return lambda t: F.gelu(t, approximate="tanh")
+    if act == "relu":
+        return F.relu
+    raise ValueError(f"unknown activation {act!r}; valid choices: {list(ACTIVATIONS)}")
+
+
+def mlp(
+    x: Tensor,
+    keep: Tensor,
+    bits: Tensor,
+    w_in: list[Tensor],
+    b_in: list[Optional[Tensor]],
+    w_out: Tensor,
+    b_out: Optional[Tensor],
+    kind: str,
+    act: str,
+) -> Tensor:
+    """One MLP site under per-token actions: fake_quant(down(h(prune_mlp_input(x, keep))), bits).
+
+    x [..., d_in]; keep, bits [...]. kind:
+      "gated"       w_in = [w_gate, w_up]:  h = act(x Wg^T + bg) * (x Wu^T + bu)
+      "gated_fused" w_in = [w_gate_up]:     gate = first half of the output features, up = second half
+                                            (Phi-3 layout), h = act(gate) * up
+      "plain"       w_in = [w_fc]:          h = act(x W^T + b)
+    then down = h Wout^T + b_out. act: "silu", "gelu" (exact erf), "gelu_tanh", "relu".
+    Uses F.linear, so keep == 1.0 and bits == 16 match the nn.Linear module bit for bit.
+    """
+    if kind not in MLP_KINDS:
+        raise ValueError(f"unknown MLP kind {kind!r}; valid choices: {list(MLP_KINDS)}")
+    fn = _activation(act)
+    n_in = 2 if kind == "gated" else 1
+    if len(w_in) != n_in or len(b_in) != n_in:
+        raise ValueError(
+            f"MLP kind {kind!r} takes {n_in} input weight(s) and bias(es), got {len(w_in)} and {len(b_in)}"
+        )
+    xp = prune_mlp_input(x, keep)
+    if kind == "gated":
+        h = fn(F.linear(xp, w_in[0], b_in[0])) * F.linear(xp, w_in[1], b_in[1])
+    elif kind == "gated_fused":
+        gate, up = F.linear(xp, w_in[0], b_in[0]).chunk(2, dim=-1)
+        h = fn(gate) * up
+    else:
+        h = fn(F.linear(xp, w_in[0], b_in[0]))
+    return fake_quant(F.linear(h, w_out, b_out), bits)
