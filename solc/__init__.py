@@ -1,0 +1,27 @@
+"""solc: compile a frozen HF causal LM into a model whose every token runs a chosen compute action.
+
+    import solc
+    model = solc.load_model("smollm2-135m")
+    sol = solc.compile(model, actions=["attn", "mlp", "quant"])
+    logits, hidden = sol(ids, actions)          # teacher-forced, one action per token
+"""
+from runtime.actions import Action, ActionSpace
+from runtime.errors import AssetError, SolcError, UnsupportedModelError
+from runtime.sol_model import SOLModel, SOLOutput
+from solc.compile import compile
+from solc.models import load_model, load_tokenizer
+from solc import data
+
+__all__ = [
+    "Action",
+    "ActionSpace",
+    "AssetError",
+    "SolcError",
+    "UnsupportedModelError",
+    "SOLModel",
+    "SOLOutput",
+    "compile",
+    "load_model",
+    "load_tokenizer",
+    "data",
+]

@@ -1,0 +1,159 @@
+"""Rewrite every MLP site into one `solc::mlp` op that takes the action's mlp keep and bit-width.
+
+A site is found from module scopes, never class names: in each transformer layer (the parent of an
+attention site), the one child module other than attention that holds two or more linear layers.
+Its body is matched op by op into one of runtime.ops.reference.MLP_KINDS; anything else raises
+UnsupportedModelError naming the module and what was expected."""
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+
+from passes.base import GraphPass, MLPSite, PassContext
+from passes.graph_utils import fake_shape, is_call, module_paths, parent_path
+from runtime.errors import UnsupportedModelError
+
+aten = torch.ops.aten
+LINEAR = aten.linear.default
+PASSTHROUGH = (aten.dropout.default, aten.clone.default, aten.alias.default)
+EXPECTED = (
+    "act(x@Wg)*(x@Wu) -> down (gated), act(chunk0(x@W))*chunk1 -> down (gated_fused) or "
+    "act(x@W) -> down (plain), with act in silu/gelu/gelu_tanh/relu"
+)
+
+
+@dataclass
+class _Match:
+    kind: str
+    act: str
+    in_linears: list[fx.Node]
+    out_linear: fx.Node
+
+
+def activation_name(node) -> str | None:
+    if is_call(node, aten.silu.default):
+        return "silu"
+    if is_call(node, aten.relu.default):
+        return "relu"
+    if is_call(node, aten.gelu.default):
+        approximate = node.kwargs.get("approximate", node.args[1] if len(node.args) > 1 else "none")
+        return {"none": "gelu", "tanh": "gelu_tanh"}.get(approximate)
+    return None
+
+
+def _strip_passthrough(node: fx.Node) -> fx.Node:
+    while is_call(node, *PASSTHROUGH):
+        node = node.args[0]
+    return node
+
+
+def _chunk_halves(a: fx.Node, b: fx.Node):
+    """(source, first half, second half) when a and b are getitem 0/1 of a 2-way split of one node."""
+    if not (is_call(a, operator.getitem) and is_call(b, operator.getitem)):
+        return None
+    split = a.args[0]
+    if split is not b.args[0] or not is_call(split, aten.split.Tensor, aten.chunk.default, aten.split_with_sizes.default):
+        return None
+    if split.args[-1] not in (-1, len(fake_shape(split.args[0])) - 1) and split.kwargs.get("dim") not in (-1,):
+        return None
+    return split.args[0], {a.args[1]: a, b.args[1]: b}
+
+
+def match_mlp(x: fx.Node, out: fx.Node, module: str) -> _Match:
+    def fail(why: str) -> UnsupportedModelError:
+        return UnsupportedModelError(f"MLP site {module}: {why}; expected {EXPECTED}")
+
+    out = _strip_passthrough(out)
+    if not is_call(out, LINEAR):
+        raise fail(f"its output is {out.target}, not a linear layer")
+    h = out.args[0]
+    act = activation_name(h)
+    if act is not None:  # plain: act(fc(x))
+        fc = h.args[0]
+        if is_call(fc, LINEAR) and fc.args[0] is x:
+            return _Match("plain", act, [fc], out)
+        raise fail("the activation does not read a linear layer of the MLP input")
+    if not is_call(h, aten.mul.Tensor):
+        raise fail(f"the down projection reads {h.target}")
+    for gate_act, up in (h.args, reversed(h.args)):
+        act = activation_name(gate_act)
+        if act is None:
+            continue
+        gate = gate_act.args[0]
+        if is_call(gate, LINEAR) and is_call(up, LINEAR) and gate.args[0] is x and up.args[0] is x:
+            return _Match("gated", act, [gate, up], out)
+        halves = _chunk_halves(gate, up)
+        if halves is not None:
+            fused, parts = halves
+            if parts.get(0) is gate and parts.get(1) is up and is_call(fused, LINEAR) and fused.args[0] is x:
+                return _Match("gated_fused", act, [fused], out)
+    raise fail("its gate/up structure is not recognised")
+
+
+def _scope_boundary(graph: fx.Graph, scope: str):
+    """(inputs, outputs) of the nodes inside module `scope`: activations only, parameters excluded."""
+    inside = [n for n in graph.nodes if n.op == "call_function" and scope in module_paths(n)]
+    inside_set = set(inside)
+    inputs, outputs = [], []
+    for n in inside:
+        for a in n.all_input_nodes:
+            if a not in inside_set and a.op != "get_attr" and a not in inputs:
+                inputs.append(a)
+        if any(user not in inside_set for user in n.users):
+            outputs.append(n)
+    return inputs, outputs
+
+
+def _linear_children(graph: fx.Graph, layer: str, exclude: str) -> dict[str, int]:
+    """Child modules of `layer` (other than `exclude`) -> how many linear ops they hold."""
+    counts: dict[str, int] = {}
+    for n in graph.nodes:
+        if not is_call(n, LINEAR):
+            continue
+        for path in module_paths(n):
+            if parent_path(path) == layer and path != exclude:
+                counts[path] = counts.get(path, 0) + 1
+    return counts
+
+
+class MLPToSolcPass(GraphPass):
+    name = "mlp_to_solc"
+
+    def run(self, gm: fx.GraphModule, ctx: PassContext) -> None:
+        graph = gm.graph
+        if not ctx.attention_sites:
+            raise UnsupportedModelError("the MLP pass needs the attention sites: run AttentionToSolcPass first")
+        for site in ctx.attention_sites:
+            layer = parent_path(site.module)
+            candidates = [p for p, c in _linear_children(graph, layer, site.module).items() if c >= 2]
+            if len(candidates) != 1:
+                raise UnsupportedModelError(
+                    f"layer {layer}: expected exactly one MLP child module (a module with >= 2 linear "
+                    f"layers besides the attention {site.module}), found {candidates or 'none'}"
+                )
+            module = candidates[0]
+            inputs, outputs = _scope_boundary(graph, module)
+            if len(inputs) != 1 or len(outputs) != 1:
+                raise UnsupportedModelError(
+                    f"MLP site {module}: expected one input and one output, found inputs "
+                    f"{[n.name for n in inputs]} and outputs {[n.name for n in outputs]}"
+                )
+            x, out = inputs[0], outputs[0]
+            m = match_mlp(x, out, module)
+            weights = [lin.args[1] for lin in m.in_linears]
+            biases = [lin.args[2] if len(lin.args) > 2 else None for lin in m.in_linears]
+            w_out = m.out_linear.args[1]
+            b_out = m.out_linear.args[2] if len(m.out_linear.args) > 2 else None
+            with graph.inserting_after(out):
+                new = graph.call_function(
+                    torch.ops.solc.mlp.default,
+                    (x, ctx.action_levels["mlp"], ctx.action_levels["bits"], weights, biases, w_out, b_out, m.kind, m.act),
+                )
+            new.meta.update(out.meta)
+            out.replace_all_uses_with(new)
+            ctx.mlp_sites.append(
+                MLPSite(site.layer, module, m.kind, m.act, fake_shape(x)[-1], fake_shape(m.out_linear.args[0])[-1])
+            )

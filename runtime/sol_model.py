@@ -1,0 +1,71 @@
+"""SOLModel: the base model's rewritten graph plus the action space, as one nn.Module.
+
+    logits, hidden = sol(input_ids, actions)                       # teacher-forced, fresh cache
+    cache = sol.new_cache(batch, max_len)
+    sol(prompt, actions, position_ids=arange(T), cache=cache)      # prefill
+    sol(next_ids, step_actions, position_ids=pos, cache=cache)     # one cached decode step
+
+Every call runs the same graph: T new tokens at `position_ids`, attending to everything the cache holds
+at earlier positions. That is why teacher forcing and decoding agree (DESIGN invariant 3).
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.fx as fx
+from torch import Tensor, nn
+
+from runtime.actions import ActionSpace
+from runtime.kv_cache import CacheSpec, StaticKVCache
+
+
+class SOLOutput(NamedTuple):
+    logits: Tensor  # [B, T, vocab]
+    hidden: Tensor  # [B, T, d_model] last-layer hidden state (the policy's input)
+
+
+class SOLModel(nn.Module):
+    def __init__(self, graph: fx.GraphModule, space: ActionSpace, cache_specs: list[CacheSpec], info: dict):
+        super().__init__()
+        self.graph = graph
+        self.space = space
+        self.cache_specs = cache_specs
+        self.info = info  # sites found, pass pipeline uuid, max_seq_len, dtype
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.info["dtype"]
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.info["max_seq_len"]
+
+    def new_cache(self, batch: int, max_len: int | None = None, device=None) -> StaticKVCache:
+        max_len = self.max_seq_len if max_len is None else max_len
+        if max_len > self.max_seq_len:
+            raise ValueError(f"max_len={max_len} exceeds the compiled max_seq_len={self.max_seq_len}")
+        device = device or self.graph.solc_action_levels.device
+        return StaticKVCache(self.cache_specs, batch, max_len, self.dtype, device)
+
+    def dense_actions(self, batch: int, seq: int, device=None) -> Tensor:
+        return torch.full((batch, seq), self.space.dense_index, dtype=torch.long, device=device)
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        actions: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        cache: StaticKVCache | None = None,
+    ) -> SOLOutput:
+        batch, seq = input_ids.shape
+        if actions is None:
+            actions = self.dense_actions(batch, seq, input_ids.device)
+        if position_ids is None:
+            if cache is not None:
+                raise ValueError("position_ids is required with a cache (where do the new tokens go?)")
+            position_ids = torch.arange(seq, device=input_ids.device).expand(batch, seq)
+        if cache is None:
+            cache = StaticKVCache(self.cache_specs, batch, seq, self.dtype, input_ids.device)
+        logits, hidden = self.graph(input_ids, position_ids, actions, *cache.tensors)
+        return SOLOutput(logits, hidden)

@@ -1,0 +1,81 @@
+"""solc.compile: capture a frozen HF causal LM, rewrite it into an action-conditioned SOLModel."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from passes.action_levels import ActionLevelsPass
+from passes.attention_to_solc import AttentionToSolcPass
+from passes.base import PassContext, run_passes
+from passes.capture import capture
+from passes.mlp_to_solc import MLPToSolcPass
+from runtime import hf_adapter
+from runtime.actions import ActionSpace
+from runtime.errors import UnsupportedModelError
+from runtime.kv_cache import CacheSpec
+from runtime.sol_model import SOLModel
+
+PIPELINE = (ActionLevelsPass, AttentionToSolcPass, MLPToSolcPass)
+# The compile-time self-check: the dense rewritten graph must reproduce the base model.
+VERIFY_TOLERANCE = {torch.float64: 1e-8, torch.float32: 1e-3, torch.bfloat16: 0.25, torch.float16: 0.1}
+
+
+def compile(
+    model: nn.Module,
+    actions=("attn", "mlp", "quant"),
+    levels: dict | None = None,
+    max_seq_len: int | None = None,
+    verify: bool = True,
+) -> SOLModel:
+    """Return a SOLModel running `model` under per-token actions over the given axes.
+
+    actions: enabled axes (subset of "attn", "mlp", "quant"); levels: optional per-axis level lists
+    (defaults: the paper's 27-action grid); max_seq_len: longest position the cache will hold
+    (default: the model's max_position_embeddings, capped at 4096).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"compile(model=...) expects a torch.nn.Module (a HF causal LM), got {type(model).__name__}")
+    if isinstance(actions, str):
+        actions = [actions]
+    space = ActionSpace(actions, levels)
+    max_seq_len = max_seq_len or min(hf_adapter.max_positions(model), 4096)
+    window = hf_adapter.sliding_window(model)
+    if window is not None and window < max_seq_len:
+        raise UnsupportedModelError(
+            f"model uses a sliding attention window of {window} tokens, shorter than max_seq_len="
+            f"{max_seq_len}: pass max_seq_len <= {window} (sliding windows are not implemented)"
+        )
+    model.eval()
+    gm = capture(model, max_seq_len)
+    ctx = PassContext(space)
+    pipeline_uuid = run_passes(gm, [p() for p in PIPELINE], ctx)
+    dtype = next(model.parameters()).dtype
+    info = {
+        "dtype": dtype,
+        "max_seq_len": max_seq_len,
+        "pipeline_uuid": pipeline_uuid,
+        "attention_sites": ctx.attention_sites,
+        "mlp_sites": ctx.mlp_sites,
+    }
+    specs = [CacheSpec(s.n_kv_heads, s.head_dim) for s in ctx.attention_sites]
+    sol = SOLModel(gm, space, specs, info)
+    if verify:
+        _verify_dense(model, sol, dtype)
+    return sol
+
+
+@torch.no_grad()
+def _verify_dense(model: nn.Module, sol: SOLModel, dtype: torch.dtype) -> None:
+    """Dense actions through the rewritten graph must give the base model's logits."""
+    device = next(model.parameters()).device
+    gen = torch.Generator().manual_seed(0)
+    vocab = hf_adapter.vocab_size(model)
+    ids = torch.randint(0, vocab, (2, 11), generator=gen).to(device)
+    expected = hf_adapter.causal_lm_forward(model, ids, torch.arange(11, device=device).expand(2, 11))[0]
+    got = sol(ids).logits
+    diff = (got.float() - expected.float()).abs().max().item()
+    if not diff <= VERIFY_TOLERANCE.get(dtype, 1e-3):
+        raise UnsupportedModelError(
+            f"the rewritten graph does not reproduce {type(model).__name__} at the dense action "
+            f"(max |logit diff| = {diff:.3g}); its attention or MLP does something the solc ops do not model"
+        )

@@ -1,0 +1,53 @@
+"""Pass infrastructure: stable uuids, and the sites each pass records."""
+import torch
+
+import solc
+from passes.action_levels import ActionLevelsPass
+from passes.attention_to_solc import AttentionToSolcPass
+from passes.base import GraphPass
+from passes.mlp_to_solc import MLPToSolcPass
+from solc.compile import PIPELINE
+
+
+def test_pass_uuids_are_stable_and_distinct():
+    uuids = [p.uuid() for p in PIPELINE]
+    assert uuids == [p.uuid() for p in (ActionLevelsPass, AttentionToSolcPass, MLPToSolcPass)]
+    assert len(set(uuids)) == len(uuids)
+    assert all(len(u) == 16 and int(u, 16) >= 0 for u in uuids)
+
+    class Edited(MLPToSolcPass):  # different source -> different uuid
+        name = "edited"
+
+    assert Edited.uuid() != MLPToSolcPass.uuid()
+    assert issubclass(Edited, GraphPass)
+
+
+def test_sites_recorded_with_kv_heads_and_kinds():
+    sol = solc.compile(solc.load_model("tiny-phi3"), max_seq_len=32)
+    att = sol.info["attention_sites"]
+    assert [s.layer for s in att] == [0, 1]
+    assert all((s.n_heads, s.n_kv_heads, s.head_dim) == (4, 2, 16) for s in att)
+    assert att[0].module == "model.layers.0.self_attn"
+    mlps = sol.info["mlp_sites"]
+    assert [(m.module, m.kind, m.act) for m in mlps] == [
+        ("model.layers.0.mlp", "gated_fused", "silu"),
+        ("model.layers.1.mlp", "gated_fused", "silu"),
+    ]
+    # GQA caches hold KV heads only (the repeat_kv expansion was undone by the pass).
+    cache = sol.new_cache(batch=1, max_len=8)
+    assert cache.tensors[0].shape == (1, 2, 8, 16)
+
+
+def test_plain_mlp_and_mha_sites():
+    sol = solc.compile(solc.load_model("tiny-gpt-neox"), max_seq_len=32)
+    assert {(m.kind, m.act) for m in sol.info["mlp_sites"]} == {("plain", "gelu")}
+    assert sol.info["attention_sites"][0].module == "gpt_neox.layers.0.attention"
+    assert sol.info["attention_sites"][0].n_kv_heads == 4
+
+
+def test_actions_are_a_graph_input():
+    sol = solc.compile(solc.load_model("tiny-llama"), max_seq_len=32)
+    names = [n.target for n in sol.graph.graph.nodes if n.op == "placeholder"]
+    assert names[:3] == ["input_ids", "position_ids", "actions"]
+    assert names[3:] == ["k_cache_0", "v_cache_0", "k_cache_1", "v_cache_1"]
+    assert sol.graph.solc_action_levels.dtype == torch.float64
