@@ -1,5 +1,5 @@
 """Rewrite every attention site (an `aten.scaled_dot_product_attention` node) into `solc::attention`,
-which owns a static KV cache per layer (two new graph inputs) and applies the action's attention keep.
+which owns a static KV cache per layer (new graph inputs: keys, values and per-page key min/max) and applies the action's attention keep.
 
 The causal mask the model built for SDPA is dropped: solc::attention masks by absolute position.
 Compile verifies the rewritten graph against the base model, which catches a mask that meant more
@@ -14,6 +14,7 @@ import torch.fx as fx
 from passes.base import AttentionSite, GraphPass, PassContext
 from passes.graph_utils import add_placeholder, fake_shape, innermost_module, is_call
 from runtime.errors import UnsupportedModelError
+from runtime.kv_cache import CACHE_PARTS
 
 aten = torch.ops.aten
 SDPA = aten.scaled_dot_product_attention.default
@@ -68,12 +69,10 @@ class AttentionToSolcPass(GraphPass):
                 )
             scale = kwargs.get("scale")
             scale = float(scale) if scale is not None else 1.0 / math.sqrt(head_dim)
-            k_cache = add_placeholder(graph, f"k_cache_{layer}")
-            v_cache = add_placeholder(graph, f"v_cache_{layer}")
+            cache = [add_placeholder(graph, f"{part}_{layer}") for part in CACHE_PARTS]
             with graph.inserting_before(sdpa):
                 new = graph.call_function(
-                    torch.ops.solc.attention.default,
-                    (q, k, v, k_cache, v_cache, ctx.positions, keep, scale),
+                    torch.ops.solc.attention.default, (q, k, v, *cache, ctx.positions, keep, scale)
                 )
             new.meta.update(sdpa.meta)
             sdpa.replace_all_uses_with(new)

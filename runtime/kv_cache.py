@@ -1,10 +1,15 @@
-"""solc's static KV cache: per layer, keys and values [B, Hkv, max_len, D] at absolute positions."""
+"""solc's static KV cache: per layer, keys and values [B, Hkv, max_len, D] at absolute positions, and
+the per-page key min/max [B, Hkv, pages, D] that Quest scores (kept current by solc::attention)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+from runtime.ops.reference import PAGE_SIZE
+
+CACHE_PARTS = ("k_cache", "v_cache", "page_min", "page_max")  # per layer, in graph-input order
 
 
 @dataclass(frozen=True)
@@ -22,11 +27,18 @@ class StaticKVCache:
         if batch < 1 or max_len < 1:
             raise ValueError(f"StaticKVCache needs batch >= 1 and max_len >= 1, got batch={batch}, max_len={max_len}")
         self.batch, self.max_len = batch, max_len
+        pages = -(-max_len // PAGE_SIZE)
         self.tensors: list[Tensor] = []
         for spec in specs:
-            shape = (batch, spec.n_kv_heads, max_len, spec.head_dim)
-            self.tensors += [torch.zeros(shape, dtype=dtype, device=device) for _ in range(2)]
+            kv = (batch, spec.n_kv_heads, max_len, spec.head_dim)
+            stats = (batch, spec.n_kv_heads, pages, spec.head_dim)
+            self.tensors += [
+                torch.zeros(kv, dtype=dtype, device=device),
+                torch.zeros(kv, dtype=dtype, device=device),
+                torch.full(stats, float("inf"), dtype=dtype, device=device),
+                torch.full(stats, float("-inf"), dtype=dtype, device=device),
+            ]
 
     def reset(self) -> None:
-        for t in self.tensors:
-            t.zero_()
+        for i, t in enumerate(self.tensors):
+            t.fill_({2: float("inf"), 3: float("-inf")}.get(i % len(CACHE_PARTS), 0.0))

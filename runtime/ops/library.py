@@ -22,32 +22,40 @@ def write_kv(k_cache: Tensor, v_cache: Tensor, k: Tensor, v: Tensor, positions: 
     v_cache.scatter_(2, index, v.to(v_cache.dtype))
 
 
-@torch.library.custom_op("solc::attention", mutates_args=("k_cache", "v_cache"))
+@torch.library.custom_op("solc::attention", mutates_args=("k_cache", "v_cache", "page_min", "page_max"))
 def attention(
     q: Tensor,
     k: Tensor,
     v: Tensor,
     k_cache: Tensor,
     v_cache: Tensor,
+    page_min: Tensor,
+    page_max: Tensor,
     positions: Tensor,
     keep: Tensor,
     scale: float,
 ) -> Tensor:
-    """Append k/v to the static cache at `positions`, then Quest attention for every query.
+    """Append k/v to the static cache at `positions`, refresh the page metadata, then Quest attention.
 
     q [B, Hq, T, D]; k, v [B, Hkv, T, D] (un-repeated KV heads); caches [B, Hkv, S, D];
-    positions [B, T] absolute positions of the new tokens; keep [B, T] attention keep fraction.
+    page_min/page_max [B, Hkv, ceil(S / 8), D] per-page key statistics over each row's keys so far
+    (what a decode kernel scores); positions [B, T] absolute positions of the new tokens, ascending
+    within a row; keep [B, T] attention keep fraction.
     """
     write_kv(k_cache, v_cache, k, v, positions)
+    lengths = positions.amax(dim=1) + 1
+    low, high = reference.page_stats(k_cache, lengths)
+    page_min.copy_(low)
+    page_max.copy_(high)
     # Keys past the furthest query are invisible to every query: do not score or read them.
-    visible = int(positions.max()) + 1
+    visible = int(lengths.max())
     return reference.quest_attention(
         q, k_cache[:, :, :visible], v_cache[:, :, :visible], positions, keep, scale
     )
 
 
 @attention.register_fake
-def _(q, k, v, k_cache, v_cache, positions, keep, scale):
+def _(q, k, v, k_cache, v_cache, page_min, page_max, positions, keep, scale):
     return torch.empty_like(q)
 
 

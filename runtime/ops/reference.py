@@ -223,3 +223,20 @@ def mlp(
     else:
         h = fn(F.linear(xp, w_in[0], b_in[0]))
     return fake_quant(F.linear(h, w_out, b_out), bits)
+
+
+# ---------------------------------------------------------------------------------------------------
+# attn: page metadata kept in the KV cache (what a decode kernel scores instead of reading all keys)
+# ---------------------------------------------------------------------------------------------------
+def page_stats(k_cache: Tensor, lengths: Tensor, page_size: int = PAGE_SIZE) -> tuple[Tensor, Tensor]:
+    """Per-page, per-channel (min, max) of k_cache [B, Hkv, S, D] over each row's first `lengths[b]`
+    keys. Returns two [B, Hkv, ceil(S / page_size), D] tensors; a page with no valid key holds
+    (+inf, -inf), so it can never win a max/min and scores -inf against any nonzero query."""
+    B, H, S, D = k_cache.shape
+    P = (S + page_size - 1) // page_size
+    valid = torch.arange(P * page_size, device=k_cache.device)[None, :] < lengths[:, None]  # [B, P*ps]
+    valid = valid[:, None, :, None]
+    padded = F.pad(k_cache, (0, 0, 0, P * page_size - S)) if P * page_size != S else k_cache
+    low = padded.masked_fill(~valid, float("inf")).reshape(B, H, P, page_size, D).amin(dim=3)
+    high = padded.masked_fill(~valid, float("-inf")).reshape(B, H, P, page_size, D).amax(dim=3)
+    return low, high

@@ -36,6 +36,7 @@ def test_sites_recorded_with_kv_heads_and_kinds():
     # GQA caches hold KV heads only (the repeat_kv expansion was undone by the pass).
     cache = sol.new_cache(batch=1, max_len=8)
     assert cache.tensors[0].shape == (1, 2, 8, 16)
+    assert cache.tensors[2].shape == (1, 2, 1, 16)  # page min: one page of 8 keys
 
 
 def test_plain_mlp_and_mha_sites():
@@ -49,5 +50,6 @@ def test_actions_are_a_graph_input():
     sol = solc.compile(solc.load_model("tiny-llama"), max_seq_len=32)
     names = [n.target for n in sol.graph.graph.nodes if n.op == "placeholder"]
     assert names[:3] == ["input_ids", "position_ids", "actions"]
-    assert names[3:] == ["k_cache_0", "v_cache_0", "k_cache_1", "v_cache_1"]
+    assert names[3:7] == ["k_cache_0", "v_cache_0", "page_min_0", "page_max_0"]
+    assert len(names) == 3 + 4 * 2
     assert sol.graph.solc_action_levels.dtype == torch.float64
