@@ -40,6 +40,7 @@ class PassContext:
     positions: fx.Node | None = None
     attention_sites: list[AttentionSite] = field(default_factory=list)
     mlp_sites: list[MLPSite] = field(default_factory=list)
+    embedding_weight: str | None = None  # attribute path of the input embedding table
 
 
 class GraphPass:

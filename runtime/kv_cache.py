@@ -42,3 +42,12 @@ class StaticKVCache:
     def reset(self) -> None:
         for i, t in enumerate(self.tensors):
             t.fill_({2: float("inf"), 3: float("-inf")}.get(i % len(CACHE_PARTS), 0.0))
+
+
+def repeat_rows(cache: StaticKVCache, repeats: int) -> StaticKVCache:
+    """A new cache whose rows are each of `cache`'s rows repeated `repeats` times (row-major:
+    r0,r0,..,r1,r1,..): K counterfactual schedules continue from one shared prefill."""
+    out = StaticKVCache.__new__(StaticKVCache)
+    out.batch, out.max_len = cache.batch * repeats, cache.max_len
+    out.tensors = [t.repeat_interleave(repeats, dim=0) for t in cache.tensors]
+    return out

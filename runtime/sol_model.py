@@ -26,7 +26,13 @@ class SOLOutput(NamedTuple):
 
 
 class SOLModel(nn.Module):
-    def __init__(self, graph: fx.GraphModule, space: ActionSpace, cache_specs: list[CacheSpec], info: dict):
+    def __init__(
+        self,
+        graph: fx.GraphModule,
+        space: ActionSpace,
+        cache_specs: list[CacheSpec],
+        info: dict,
+    ):
         super().__init__()
         self.graph = graph
         self.space = space
@@ -36,6 +42,11 @@ class SOLModel(nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         return self.info["dtype"]
+
+    @property
+    def token_embedding(self) -> Tensor:
+        """The base model's input embedding table [vocab, d] (the graph's own, not a copy)."""
+        return self.graph.get_parameter(self.info["embedding_weight"])
 
     @property
     def max_seq_len(self) -> int:

@@ -56,6 +56,7 @@ def compile(
         "pipeline_uuid": pipeline_uuid,
         "attention_sites": ctx.attention_sites,
         "mlp_sites": ctx.mlp_sites,
+        "embedding_weight": ctx.embedding_weight,
     }
     specs = [CacheSpec(s.n_kv_heads, s.head_dim) for s in ctx.attention_sites]
     sol = SOLModel(gm, space, specs, info)
