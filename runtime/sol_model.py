@@ -17,6 +17,7 @@ import torch.fx as fx
 from torch import Tensor, nn
 
 from runtime.actions import ActionSpace
+from runtime.generate import generate
 from runtime.kv_cache import CacheSpec, StaticKVCache
 
 
@@ -36,6 +37,7 @@ class SOLModel(nn.Module):
         super().__init__()
         self.graph = graph
         self.space = space
+        self.cost_table = None  # runtime.costs.CostTable once measured (calibrate_costs) or loaded
         self.cache_specs = cache_specs
         self.info = info  # sites found, pass pipeline uuid, max_seq_len, dtype
 
@@ -61,6 +63,10 @@ class SOLModel(nn.Module):
 
     def dense_actions(self, batch: int, seq: int, device=None) -> Tensor:
         return torch.full((batch, seq), self.space.dense_index, dtype=torch.long, device=device)
+
+    def generate(self, input_ids: Tensor, **kwargs):
+        """See runtime.generate.generate: tokens, the action of every generated token, realized budget."""
+        return generate(self, input_ids, **kwargs)
 
     def forward(
         self,
