@@ -14,6 +14,7 @@ import torch.fx as fx
 from passes.base import AttentionSite, GraphPass, PassContext
 from passes.graph_utils import add_placeholder, fake_shape, innermost_module, is_call
 from runtime.errors import UnsupportedModelError
+from runtime.ops import library as _solc_ops  # noqa: F401  registers torch.ops.solc.*
 from runtime.kv_cache import CACHE_PARTS
 
 aten = torch.ops.aten

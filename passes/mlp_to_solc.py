@@ -15,6 +15,7 @@ import torch.fx as fx
 from passes.base import GraphPass, MLPSite, PassContext
 from passes.graph_utils import fake_shape, is_call, module_paths, parent_path
 from runtime.errors import UnsupportedModelError
+from runtime.ops import library as _solc_ops  # noqa: F401  registers torch.ops.solc.*
 
 aten = torch.ops.aten
 LINEAR = aten.linear.default

@@ -65,6 +65,20 @@ def _sample(logits: Tensor, temperature: float, top_k: int | None, top_p: float 
     return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(logits.device)
 
 
+PREFILL_CHUNK = 512  # bounds the [B, H, chunk, kv_len] attention scores of long prompts
+
+
+@torch.no_grad()
+def prefill(sol, ids: Tensor, cache, start: int = 0, chunk: int = PREFILL_CHUNK) -> Tensor:
+    """Dense prefill of ids [B, L] at positions start.. in chunks; returns the last hidden state [B, d]."""
+    batch, length = ids.shape
+    for lo in range(0, length, chunk):
+        hi = min(lo + chunk, length)
+        pos = torch.arange(start + lo, start + hi, device=ids.device).expand(batch, hi - lo)
+        hidden = sol(ids[:, lo:hi], None, pos, cache).hidden
+    return hidden[:, -1]
+
+
 def _controlled_steps(sol, input_ids, policy, schedule, budget, steps, next_token, eos_token_id, seed, dispatcher):
     """The shared decode loop: prefill input_ids[:, :-1] densely, then `steps` controlled steps; the
     token fed after step t is `next_token(t, logits [B, V], generator)`."""
@@ -90,9 +104,8 @@ def _controlled_steps(sol, input_ids, policy, schedule, budget, steps, next_toke
     dispatcher = dispatcher or StepDispatcher(sol, mode="eager")
 
     cache = sol.new_cache(batch, total, device=device)
-    positions = torch.arange(prompt, device=device).expand(batch, prompt)
     if prompt > 1:
-        hidden = sol(input_ids[:, :-1], None, positions[:, :-1], cache).hidden[:, -1]
+        hidden = prefill(sol, input_ids[:, :-1], cache)
     else:
         hidden = torch.zeros(batch, sol.token_embedding.shape[1], dtype=sol.dtype, device=device)
 

@@ -38,6 +38,9 @@ class SOLModel(nn.Module):
         self.graph = graph
         self.space = space
         self.cost_table = None  # runtime.costs.CostTable once measured (calibrate_costs) or loaded
+        # The frozen base model the graph shares its weights with (what export writes). Kept out of
+        # the module tree so state_dict/.to() see every weight once, through the graph.
+        object.__setattr__(self, "base_model", None)
         self.cache_specs = cache_specs
         self.info = info  # sites found, pass pipeline uuid, max_seq_len, dtype
 

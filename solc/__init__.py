@@ -8,6 +8,9 @@
 from runtime.actions import Action, ActionSpace
 from runtime.errors import AssetError, SolcError, UnsupportedModelError
 from runtime.sol_model import SOLModel, SOLOutput
+from runtime.costs import CostTable, calibrate_costs
+from runtime.schedulers import Fixed, Random, Schedule
+from solc.artifacts import export, load, load_program
 from solc.compile import compile
 from solc.models import load_model, load_tokenizer
 from solc import data
@@ -21,6 +24,14 @@ __all__ = [
     "SOLModel",
     "SOLOutput",
     "compile",
+    "export",
+    "load",
+    "load_program",
+    "calibrate_costs",
+    "CostTable",
+    "Fixed",
+    "Random",
+    "Schedule",
     "load_model",
     "load_tokenizer",
     "data",

@@ -60,6 +60,7 @@ def compile(
     }
     specs = [CacheSpec(s.n_kv_heads, s.head_dim) for s in ctx.attention_sites]
     sol = SOLModel(gm, space, specs, info)
+    object.__setattr__(sol, "base_model", model)
     if verify:
         _verify_dense(model, sol, dtype)
     return sol
