@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 assets: $(STAMP)
-	$(PY) -m solc.assets fetch
+	$(PY) -m solc.fetch
 
 setup: assets
 

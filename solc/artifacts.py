@@ -143,7 +143,7 @@ def load(path, device=None, check_versions: bool = True):
     path = Path(path)
     manifest = _read_manifest(path, check_versions)
     dtype = getattr(torch, manifest["dtype"])
-    model = hf_adapter.load_base_model(path / "model", dtype=dtype, device=device)
+    model = hf_adapter.load_pretrained(str(path / "model"), dtype=dtype, device=device)
     space = ActionSpace.from_dict(manifest["space"])
     sol = compile_model(model, actions=list(space.axes), levels=space.levels, max_seq_len=manifest["max_seq_len"])
     if sol.info["pipeline_uuid"] != manifest["pipeline_uuid"]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from runtime.ops import reference
@@ -20,6 +21,14 @@ def write_kv(k_cache: Tensor, v_cache: Tensor, k: Tensor, v: Tensor, positions: 
     index = positions[:, None, :, None].expand(k.shape[0], k.shape[1], k.shape[2], k.shape[3])
     k_cache.scatter_(2, index, k.to(k_cache.dtype))
     v_cache.scatter_(2, index, v.to(v_cache.dtype))
+
+
+def causal_attention(q: Tensor, k: Tensor, v: Tensor, positions: Tensor, scale: float) -> Tensor:
+    """SDPA where each query sees the keys at positions <= its own (what keep == 1 means)."""
+    mask = torch.arange(k.shape[2], device=q.device) <= positions[:, None, :, None]  # [B, 1, T, S]
+    return F.scaled_dot_product_attention(
+        q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, scale=scale, enable_gqa=k.shape[1] != q.shape[1]
+    )
 
 
 @torch.library.custom_op("solc::attention", mutates_args=("k_cache", "v_cache", "page_min", "page_max"))
@@ -49,14 +58,15 @@ def attention(
     page_max.copy_(high)
     # Keys past the furthest query are invisible to every query: do not score or read them.
     visible = int(lengths.max())
-    return reference.quest_attention(
-        q, k_cache[:, :, :visible], v_cache[:, :, :visible], positions, keep, scale
-    )
+    k_vis, v_vis = k_cache[:, :, :visible], v_cache[:, :, :visible]
+    if bool((keep >= 1).all()):  # dense: every visible page is kept, i.e. plain causal attention
+        return causal_attention(q, k_vis, v_vis, positions, scale).contiguous()
+    return reference.quest_attention(q, k_vis, v_vis, positions, keep, scale).contiguous()
 
 
 @attention.register_fake
 def _(q, k, v, k_cache, v_cache, page_min, page_max, positions, keep, scale):
-    return torch.empty_like(q)
+    return q.new_empty(q.shape)  # contiguous, whatever q's strides (the real op returns contiguous)
 
 
 @torch.library.custom_op("solc::mlp", mutates_args=())
@@ -72,7 +82,11 @@ def mlp(
     act: str,
 ) -> Tensor:
     """A whole MLP site: prune the input to its top-|x| channels, MLP, fake-quantize the output."""
-    return reference.mlp(x, keep, bits, w_in, b_in, w_out, b_out, kind, act)
+    # Where every row is dense on an axis, skip that axis' work (the top-k sort, the quantizer):
+    # both are exact identities there.
+    keep = None if bool((keep >= 1).all()) else keep
+    bits = None if bool((bits >= 16).all()) else bits
+    return reference.mlp(x, keep, bits, w_in, b_in, w_out, b_out, kind, act).contiguous()
 
 
 @mlp.register_fake

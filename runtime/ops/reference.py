@@ -187,8 +187,8 @@ def _activation(act: str):
 
 def mlp(
     x: Tensor,
-    keep: Tensor,
-    bits: Tensor,
+    keep: Optional[Tensor],
+    bits: Optional[Tensor],
     w_in: list[Tensor],
     b_in: list[Optional[Tensor]],
     w_out: Tensor,
@@ -205,6 +205,7 @@ def mlp(
       "plain"       w_in = [w_fc]:          h = act(x W^T + b)
     then down = h Wout^T + b_out. act: "silu", "gelu" (exact erf), "gelu_tanh", "relu".
     Uses F.linear, so keep == 1.0 and bits == 16 match the nn.Linear module bit for bit.
+    keep=None / bits=None skip that axis (same result as all-dense levels, without the work).
     """
     if kind not in MLP_KINDS:
         raise ValueError(f"unknown MLP kind {kind!r}; valid choices: {list(MLP_KINDS)}")
@@ -214,7 +215,7 @@ def mlp(
         raise ValueError(
             f"MLP kind {kind!r} takes {n_in} input weight(s) and bias(es), got {len(w_in)} and {len(b_in)}"
         )
-    xp = prune_mlp_input(x, keep)
+    xp = x if keep is None else prune_mlp_input(x, keep)
     if kind == "gated":
         h = fn(F.linear(xp, w_in[0], b_in[0])) * F.linear(xp, w_in[1], b_in[1])
     elif kind == "gated_fused":
@@ -222,7 +223,8 @@ def mlp(
         h = fn(gate) * up
     else:
         h = fn(F.linear(xp, w_in[0], b_in[0]))
-    return fake_quant(F.linear(h, w_out, b_out), bits)
+    out = F.linear(h, w_out, b_out)
+    return out if bits is None else fake_quant(out, bits)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -1,0 +1,92 @@
+"""solc.load_model: the built-in SmolLM2-135M, tiny random-init models for tests, or any local HF folder.
+
+    load_model()                    # SmolLM2-135M-Instruct, from the asset cache (python -m solc.assets fetch)
+    load_model("tiny-qwen3")        # a 2-layer random Qwen3, deterministic in `seed`
+    load_model("/path/to/hf-folder", dtype="bfloat16")
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from runtime import hf_adapter
+from runtime.errors import AssetError
+from solc import assets
+
+BUILTIN = "smollm2-135m"
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# Tiny shapes: hidden 64, 2 layers, 4 query heads of 16, GQA with 2 KV heads unless said otherwise.
+_TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+             intermediate_size=128, vocab_size=256, max_position_embeddings=1024, bos_token_id=1, eos_token_id=2,
+             pad_token_id=0, tie_word_embeddings=False)
+TINY_MODELS: dict[str, dict] = {
+    "tiny-llama": dict(_TINY, model_type="llama"),
+    "tiny-llama-mha": dict(_TINY, model_type="llama", num_key_value_heads=4),
+    "tiny-mistral": dict(_TINY, model_type="mistral", sliding_window=None),
+    "tiny-qwen2": dict(_TINY, model_type="qwen2"),
+    "tiny-qwen3": dict(_TINY, model_type="qwen3"),
+    "tiny-phi3": dict(_TINY, model_type="phi3"),
+    "tiny-gemma": dict(_TINY, model_type="gemma"),
+    # non-gated MLP (dense_h_to_4h -> gelu -> dense_4h_to_h), MHA, partial rotary
+    "tiny-gpt-neox": dict(model_type="gpt_neox", hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                          intermediate_size=128, vocab_size=256, max_position_embeddings=1024,
+                          bos_token_id=1, eos_token_id=2, tie_word_embeddings=False),
+}
+
+
+def _dtype(dtype) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if isinstance(dtype, str) and dtype.removeprefix("torch.") in DTYPES:
+        return DTYPES[dtype.removeprefix("torch.")]
+    raise ValueError(f"dtype={dtype!r} is not supported; valid choices: {sorted(DTYPES)} or a torch.dtype")
+
+
+def _device(device) -> torch.device | None:
+    if device is None:
+        return None
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device={device!r} is not a valid device (e.g. 'cpu', 'cuda', 'cuda:1')") from e
+
+
+def _unknown(name: str) -> AssetError:
+    return AssetError(
+        f"unknown model {name!r}: not a built-in name ({BUILTIN!r}, {', '.join(map(repr, TINY_MODELS))}) "
+        "and not a local folder containing config.json"
+    )
+
+
+def load_model(name_or_path: str = BUILTIN, dtype=None, device=None, seed: int = 0) -> nn.Module:
+    """A frozen (eval, no grad) causal LM using SDPA attention. See the module docstring."""
+    dtype, device = _dtype(dtype), _device(device)
+    if not isinstance(name_or_path, (str, Path)):
+        raise ValueError(f"name_or_path must be a model name or a path, got {type(name_or_path).__name__}")
+    name = str(name_or_path)
+    if name in TINY_MODELS:
+        model = hf_adapter.model_from_config(TINY_MODELS[name], seed=seed, dtype=dtype)
+        return model.to(device) if device is not None else model
+    if name == BUILTIN:
+        path = assets.model_dir(BUILTIN)
+        assets.verify_marker(path)  # sizes only: ~1 ms; `fetch --force` rebuilds a corrupt entry
+        return hf_adapter.load_pretrained(str(path), dtype=dtype, device=device)
+    if hf_adapter.is_model_dir(Path(name)):
+        return hf_adapter.load_pretrained(name, dtype=dtype, device=device)
+    raise _unknown(name)
+
+
+def load_tokenizer(name_or_path: str = BUILTIN):
+    name = str(name_or_path)
+    if name in TINY_MODELS:
+        raise AssetError(f"{name!r} is a random-init test model and has no tokenizer; use token ids directly")
+    if name == BUILTIN:
+        path = assets.model_dir(BUILTIN)
+        assets.verify_marker(path)
+        return hf_adapter.load_local_tokenizer(path)
+    if hf_adapter.is_model_dir(Path(name)):
+        return hf_adapter.load_local_tokenizer(Path(name))
+    raise _unknown(name)
