@@ -1,0 +1,75 @@
+"""solc.data: deterministic document splits, no play in two splits, cached contexts."""
+import json
+
+import pytest
+import torch
+
+import solc
+from solc import data
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return solc.load_tokenizer()
+
+
+def test_splits_are_deterministic_disjoint_and_non_empty():
+    a, b = data.split_documents(), data.split_documents()
+    assert {s: [k for k, _ in docs] for s, docs in a.items()} == {s: [k for k, _ in docs] for s, docs in b.items()}
+    keys = {s: {k for k, _ in docs} for s, docs in a.items()}
+    assert all(keys[s] for s in data.SPLITS)
+    assert not (keys["train"] & keys["test"] or keys["train"] & keys["validation"] or keys["test"] & keys["validation"])
+
+
+def test_both_editions_of_a_play_share_a_key():
+    assert data.play_key("hamlet_gut.txt") == data.play_key("hamlet_gut_f.txt") == "hamlet"
+    assert data.play_key("loves_labours_lost_gut_f.txt") == data.play_key("loves_labour_lost_gut.txt")
+    assert data.play_key("twelfe-night_gut_f.txt") == data.play_key("twelfth_night_gut.txt")
+    docs, _ = data.documents()
+    assert len(docs) == 77 and len({k for k, _ in docs}) == 42  # 35 plays come in two editions
+
+
+def test_split_does_not_depend_on_listing_order():
+    assert data.split_of("hamlet") == data.split_of("hamlet")
+    counts = {s: 0 for s in data.SPLITS}
+    for i in range(2000):
+        counts[data.split_of(f"doc{i}")] += 1
+    assert 150 < counts["test"] < 250 and 150 < counts["validation"] < 250
+
+
+def test_contexts_are_cached_and_keyed_by_length(tokenizer, tmp_path, monkeypatch):
+    real_root = solc.cache.cache_root()
+    monkeypatch.setenv("SOLC_CACHE", str(tmp_path))
+    (tmp_path / "data").symlink_to(real_root / "data")  # the corpus, not its contexts
+    first = data.get_contexts(tokenizer, split="validation", length=64)
+    files = list((tmp_path / "contexts").iterdir())
+    assert len(files) == 1
+    again = data.get_contexts(tokenizer, split="validation", length=64)
+    assert torch.equal(first, again) and len(list((tmp_path / "contexts").iterdir())) == 1
+    other = data.get_contexts(tokenizer, split="validation", length=32)
+    assert other.shape[1] == 32 and len(list((tmp_path / "contexts").iterdir())) == 2
+    assert torch.equal(other.flatten()[: 64 * 4], first.flatten()[: 64 * 4])  # same token stream
+    assert data.get_contexts(tokenizer, split="validation", length=64, max_contexts=3).shape == (3, 64)
+
+
+def test_local_files_as_corpus(tokenizer, tmp_path):
+    folder = tmp_path / "texts"
+    folder.mkdir()
+    for i in range(30):
+        (folder / f"doc{i}.txt").write_text(f"Document number {i}. " * 40)
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("\n".join(json.dumps({"text": f"Row {i} says hello. " * 30}) for i in range(30)))
+    for corpus in (str(folder), str(rows)):
+        splits = data.split_documents(corpus)
+        assert sum(len(v) for v in splits.values()) == 30
+        ctx = data.get_contexts(tokenizer, corpus=corpus, split="train", length=16)
+        assert ctx.dtype == torch.long and ctx.shape[1] == 16
+
+
+def test_bad_arguments(tokenizer, tmp_path):
+    with pytest.raises(ValueError, match=r"split='dev'.*\['train', 'validation', 'test'\]"):
+        data.get_contexts(tokenizer, split="dev")
+    with pytest.raises(ValueError, match="length"):
+        data.get_contexts(tokenizer, length=1)
+    with pytest.raises(ValueError, match="no such file"):
+        data.get_contexts(tokenizer, corpus=str(tmp_path / "missing.txt"))
