@@ -15,7 +15,6 @@ reads it back. Per-action AOTInductor packages are not written yet (see docs/run
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -32,6 +31,7 @@ from runtime.costs import CostTable
 from runtime.errors import AssetError
 from runtime.kv_cache import CACHE_PARTS
 from runtime.policy import PolicyConfig, PolicyNet
+from solc.cache import sha256_file
 from solc.compile import compile as compile_model
 
 FORMAT, FORMAT_VERSION = "solc-artifact", 1
@@ -40,14 +40,6 @@ MANIFEST = "manifest.json"
 
 def _versions() -> dict:
     return {name: metadata.version(name) for name in ("solc", "torch", "transformers")}
-
-
-def _digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _export_program(sol, path: Path) -> None:
@@ -96,7 +88,7 @@ def export(sol, policy: PolicyNet | None, path, tokenizer=None, programs: bool =
             "model_config": hf_adapter.config_dict(sol.base_model),
             "policy": policy.config.to_dict() if policy is not None else None,
             "cost_table": sol.cost_table.to_dict() if sol.cost_table is not None else None,
-            "files": {str(p.relative_to(tmp)): {"sha256": _digest(p), "bytes": p.stat().st_size} for p in files},
+            "files": {str(p.relative_to(tmp)): {"sha256": sha256_file(p), "bytes": p.stat().st_size} for p in files},
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
         if path.exists():
@@ -133,7 +125,7 @@ def _read_manifest(path: Path, check_versions: bool) -> dict:
         f = path / rel
         if not f.is_file():
             raise AssetError(f"{f}: missing from the artifact (listed in {MANIFEST})")
-        if f.stat().st_size != meta["bytes"] or _digest(f) != meta["sha256"]:
+        if f.stat().st_size != meta["bytes"] or sha256_file(f) != meta["sha256"]:
             raise AssetError(f"{f}: corrupt (size or sha256 differs from {MANIFEST}); re-export the artifact")
     return manifest
 
