@@ -52,16 +52,23 @@ def attention(
     within a row; keep [B, T] attention keep fraction.
     """
     write_kv(k_cache, v_cache, k, v, positions)
-    lengths = positions.amax(dim=1) + 1
-    low, high = reference.page_stats(k_cache, lengths)
-    page_min.copy_(low)
-    page_max.copy_(high)
+    decode = q.shape[2] == 1
+    if decode:  # one new key per row: only its page's statistics change
+        reference.refresh_current_page(page_min, page_max, k_cache, positions)
+    else:
+        low, high = reference.page_stats(k_cache, positions.amax(dim=1) + 1)
+        page_min.copy_(low)
+        page_max.copy_(high)
     # Keys past the furthest query are invisible to every query: do not score or read them.
-    visible = int(lengths.max())
+    visible = int(positions.max()) + 1
     k_vis, v_vis = k_cache[:, :, :visible], v_cache[:, :, :visible]
     if bool((keep >= 1).all()):  # dense: every visible page is kept, i.e. plain causal attention
-        return causal_attention(q, k_vis, v_vis, positions, scale).contiguous()
-    return reference.quest_attention(q, k_vis, v_vis, positions, keep, scale).contiguous()
+        out = causal_attention(q, k_vis, v_vis, positions, scale)
+    elif decode:  # score pages from the metadata, as a decode kernel does
+        out = reference.quest_decode(q, k_vis, v_vis, page_min, page_max, positions, keep, scale)
+    else:
+        out = reference.quest_attention(q, k_vis, v_vis, positions, keep, scale)
+    return out.contiguous()
 
 
 @attention.register_fake

@@ -94,14 +94,18 @@ def quest_attention(
     kp = kp.reshape(B, Hkv, P, page_size, D)
     run_max = torch.cummax(kp, dim=3).values
     run_min = torch.cummin(kp, dim=3).values
-    run_max = run_max.reshape(B, Hkv, 1, P * page_size, D)
-    run_min = run_min.reshape(B, Hkv, 1, P * page_size, D)
+    run_max = run_max.reshape(B, Hkv, P * page_size, D)
+    run_min = run_min.reshape(B, Hkv, P * page_size, D)
 
     # max(q*M, q*m) == q+ * M + q- * m exactly (M >= m), so scores are two matmuls. Score the running
     # statistics at EVERY key position s (page start..s), then page j's score for a query at p is the
     # entry at min(p, last key of page j): full pages and the partial current page come out of the
     # same matmul, so equal statistics give bit-equal scores and ties are real ties.
-    score_at = qc.clamp(min=0) @ run_max.transpose(-1, -2) + qc.clamp(max=0) @ run_min.transpose(-1, -2)
+    # The G query heads of a KV head and the T queries share one matmul ([G*T, D] @ [D, S]): no
+    # broadcast copies of the keys per query head.
+    q_rows = qc.reshape(B, Hkv, G * T, D)
+    score_at = (q_rows.clamp(min=0) @ run_max.transpose(-1, -2) + q_rows.clamp(max=0) @ run_min.transpose(-1, -2))
+    score_at = score_at.reshape(B, Hkv, G, T, P * page_size)
     page_ids = torch.arange(P, device=dev)
     page_last = page_ids * page_size + (page_size - 1)  # [P]
     col = torch.minimum(page_last, pos[..., None])  # [B, T, P]
@@ -124,10 +128,10 @@ def quest_attention(
     key_page = (key_ids // page_size).expand(B, Hkv, G, T, S)
     allowed = torch.gather(kept_pages, -1, key_page) & (key_ids <= pos[:, None, None, :, None])
 
-    logits = (qc @ k[:, :, None].transpose(-1, -2)) * scale  # [B, Hkv, G, T, S]
+    logits = (q_rows @ k.transpose(-1, -2)).reshape(B, Hkv, G, T, S) * scale
     logits = logits.masked_fill(~allowed, float("-inf"))
     probs = torch.softmax(logits, dim=-1)
-    out = probs @ v[:, :, None]  # [B, Hkv, G, T, D]
+    out = probs.reshape(B, Hkv, G * T, S) @ v  # [B, Hkv, G*T, D]
     return out.reshape(B, Hq, T, D).to(q.dtype)
 
 
@@ -242,3 +246,55 @@ def page_stats(k_cache: Tensor, lengths: Tensor, page_size: int = PAGE_SIZE) -> 
     low = padded.masked_fill(~valid, float("inf")).reshape(B, H, P, page_size, D).amin(dim=3)
     high = padded.masked_fill(~valid, float("-inf")).reshape(B, H, P, page_size, D).amax(dim=3)
     return low, high
+
+
+def refresh_current_page(page_min: Tensor, page_max: Tensor, k_cache: Tensor, positions: Tensor,
+                         page_size: int = PAGE_SIZE) -> None:
+    """After writing ONE new key per row at positions [B, 1], recompute (in place) the statistics of
+    the page that holds it over that page's keys <= the position: O(page_size) per row, instead of
+    `page_stats` over the whole cache. Equal to page_stats for every page of a row of that length."""
+    B, H, S, D = k_cache.shape
+    pos = positions[:, 0]
+    page = pos // page_size
+    offsets = torch.arange(page_size, device=k_cache.device)
+    slots = page[:, None] * page_size + offsets  # [B, ps]
+    valid = (slots <= pos[:, None])[:, None, :, None]
+    keys = k_cache.gather(2, slots.clamp(max=S - 1)[:, None, :, None].expand(B, H, page_size, D))
+    low = keys.masked_fill(~valid, float("inf")).amin(dim=2, keepdim=True)
+    high = keys.masked_fill(~valid, float("-inf")).amax(dim=2, keepdim=True)
+    index = page[:, None, None, None].expand(B, H, 1, D)
+    page_min.scatter_(2, index, low.to(page_min.dtype))
+    page_max.scatter_(2, index, high.to(page_max.dtype))
+
+
+def quest_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, page_min: Tensor, page_max: Tensor,
+                 q_pos: Tensor, keep: Tensor, scale: float, page_size: int = PAGE_SIZE) -> Tensor:
+    """`quest_attention` for one query per row that is its row's newest token (a decode step), scoring
+    pages from the cache's page metadata instead of the keys: O(pages) scoring, as a decode kernel
+    does. q [B, Hq, 1, D]; page_min/page_max [B, Hkv, >= ceil(S / page_size), D] hold each page's
+    statistics over the row's keys <= q_pos (true right after the step's key was written)."""
+    B, Hq, T, D = q.shape
+    Hkv, S = k_cache.shape[1], k_cache.shape[2]
+    if T != 1:
+        raise ValueError(f"quest_decode scores one query per row, got T={T}")
+    G = Hq // Hkv
+    cdt = _compute_dtype(q)
+    dev = q.device
+    P = (S + page_size - 1) // page_size
+    pos = q_pos[:, 0].to(device=dev, dtype=torch.int64)  # [B]
+    q_rows = q.to(cdt).reshape(B, Hkv, G, D)
+    high, low = page_max[:, :, :P].to(cdt), page_min[:, :, :P].to(cdt)
+    scores = q_rows.clamp(min=0) @ high.transpose(-1, -2) + q_rows.clamp(max=0) @ low.transpose(-1, -2)
+    n_visible = pos // page_size + 1
+    visible = torch.arange(P, device=dev) < n_visible[:, None, None, None]  # [B, 1, 1, P]
+    scores = scores.masked_fill(~visible, float("-inf"))  # also clears 0 * inf on empty pages
+    budget = keep_count(keep[:, 0].to(dev), pos + 1)
+    k_pages = torch.minimum((budget + page_size - 1) // page_size, n_visible)
+    ranked = torch.sort(scores, dim=-1, descending=True).values
+    kth = torch.gather(ranked, -1, (k_pages - 1)[:, None, None, None].expand(B, Hkv, G, 1))
+    kept_pages = (scores >= kth) & visible  # [B, Hkv, G, P]
+    key_ids = torch.arange(S, device=dev)
+    allowed = kept_pages[..., key_ids // page_size] & (key_ids <= pos[:, None, None, None])
+    logits = (q_rows @ k_cache.to(cdt).transpose(-1, -2)) * scale  # [B, Hkv, G, S]
+    probs = torch.softmax(logits.masked_fill(~allowed, float("-inf")), dim=-1)
+    return (probs @ v_cache.to(cdt)).reshape(B, Hq, 1, D).to(q.dtype)
