@@ -1,0 +1,387 @@
+"""The SOL policy network and the ActionSource that deploys it.
+
+    config = PolicyConfig.for_model(sol)                  # d_base and the action space from a SOLModel
+    policy = PolicyNet(config)
+    source = PolicySource(policy, greedy=True)            # an ActionSource (runtime/schedulers.py)
+    sol.generate(ids, policy=source, budget=0.6)
+
+Architecture (DESIGN.md "Policy and training"): a 1-layer pre-LN causal transformer (d 512, 4 heads,
+MLP 4x) with its own KV cache. The input of step t is the sum of four projections:
+
+  * the base model's last-layer hidden state of the previous token   (LayerNorm -> Linear)
+  * the embedding of the token being fed at step t                    (LayerNorm -> Linear)
+  * 8 scalars through a small MLP (Linear 8->64, GELU, Linear 64->d):
+        progress t/T, dense-step flag, 3 per-axis targets, 3 running deviations
+    (the per-axis order is attn, mlp, quant; bits are counted as bits/16; see `policy_scalars`)
+  * an embedding of the previous action (index A = "no previous action", used at step 0)
+
+No positional embedding: order comes from causal attention and the progress scalar.
+Outputs per step: action logits [A] and the budget head [3] (one number per axis, attn/mlp/quant).
+How the budget head enters the logits is `PolicyConfig.budget_head`:
+
+  "anchored" (default): a per-axis quadratic prior around the cost the episode NEEDS from now on,
+        need = target - deviation / (1 - t/T)      (the mean cost over the remaining steps that would
+                                                   land the episode exactly on its target)
+        anchor = need + budget_head(h)             (the head shifts it per token)
+        logits[a] = action_head(h)[a] - sum_axis kappa_axis * (cost[a, axis] - anchor_axis)^2
+    with kappa_axis = softplus(learned per-axis parameter), initially `anchor_sharpness`. An
+    untrained policy is a budget controller: greedy, it picks per axis the level nearest the need
+    (error diffusion, like the Fixed baseline's round-robin); sampled, it explores levels near it.
+    Training learns where to deviate (action_head and the anchor shift read the hidden state).
+  "price": a per-axis price, logits[a] = action_head(h)[a] + sum_axis budget_head(h)_axis * cost[a, axis];
+    an untrained policy is uniform over the actions.
+
+cost = `ActionSpace.cost_table()`; disabled axes (constant cost) do not enter. The logits are divided
+by the temperature. action_head and budget_head start at zero.
+
+Running deviation on an axis after s controlled steps = sum over those steps of (cost - target) / T:
+how far ahead (+) or behind (-) the episode is on that axis, in units of the whole horizon. Steps
+forced dense count in no budget and leave the deviations unchanged.
+
+The same weights run either incrementally (`cache=` a PolicyCache: one step at a time, deployment and
+rollouts) or over a whole stored sequence (`cache=None`: the PPO update); both give the same log-probs.
+
+This module needs only torch and runtime/: export and the runtime import it without training/.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, NamedTuple, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from runtime.actions import AXES, ActionSpace
+from runtime.schedulers import ActionSource
+
+POLICY_VERSION = 1
+N_SCALARS = 8  # progress, dense flag, 3 targets, 3 running deviations
+BUDGET_HEADS = ("anchored", "price")
+
+
+@dataclass
+class PolicyConfig:
+    """Hyper-parameters of the policy network. JSON round trip with a checked `version`."""
+
+    d_base: int  # hidden size of the base model (its hidden states and token embeddings)
+    space: dict  # ActionSpace.to_dict() of the action space the policy picks from
+    d_model: int = 512
+    n_heads: int = 4
+    n_layers: int = 1
+    mlp_ratio: float = 4.0
+    scalar_hidden: int = 64
+    temperature: float = 1.0  # default divisor of the logits (rollouts pass their own)
+    budget_head: str = "anchored"  # "anchored" | "price" (see the module docstring)
+    anchor_sharpness: float = 20.0  # initial kappa of the anchored prior (nats per squared cost unit)
+    version: int = POLICY_VERSION
+
+    def __post_init__(self):
+        if self.version != POLICY_VERSION:
+            raise ValueError(f"unsupported PolicyConfig version {self.version!r}; supported versions: [{POLICY_VERSION}]")
+        if self.d_base < 1 or self.d_model < 1 or self.n_layers < 1 or self.scalar_hidden < 1:
+            raise ValueError(f"PolicyConfig sizes must be >= 1, got {self}")
+        if self.d_model % self.n_heads != 0:
+            raise ValueError(f"d_model={self.d_model} is not a multiple of n_heads={self.n_heads}")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if self.budget_head not in BUDGET_HEADS:
+            raise ValueError(f"budget_head={self.budget_head!r}; valid choices: {list(BUDGET_HEADS)}")
+        if not self.anchor_sharpness > 0:
+            raise ValueError(f"anchor_sharpness must be > 0, got {self.anchor_sharpness}")
+        if isinstance(self.space, ActionSpace):
+            self.space = self.space.to_dict()
+        ActionSpace.from_dict(self.space)  # validates
+
+    @property
+    def action_space(self) -> ActionSpace:
+        return ActionSpace.from_dict(self.space)
+
+    @property
+    def n_actions(self) -> int:
+        return len(self.action_space)
+
+    @classmethod
+    def for_model(cls, sol, **overrides) -> "PolicyConfig":
+        """A config for a compiled SOLModel: its hidden size and action space."""
+        return cls(d_base=int(sol.token_embedding.shape[1]), space=sol.space.to_dict(), **overrides)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "PolicyConfig":
+        if not isinstance(d, dict):
+            raise ValueError(f"a PolicyConfig dict must be a dict, got {d!r}")
+        if d.get("version") != POLICY_VERSION:
+            raise ValueError(f"unsupported PolicyConfig version {d.get('version')!r}; supported versions: [{POLICY_VERSION}]")
+        names = {f.name for f in fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"unknown PolicyConfig fields {sorted(unknown)}; valid fields: {sorted(names)}")
+        return cls(**d)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict())
+
+    @classmethod
+    def from_json(cls, s: str) -> "PolicyConfig":
+        return cls.from_dict(json.loads(s))
+
+
+class PolicyOutput(NamedTuple):
+    logits: Tensor  # [B, T, A], already divided by the temperature
+    budget: Tensor  # [B, T, 3] budget head (per-axis price added to the logits through the cost table)
+
+
+class PolicyCache:
+    """Static per-layer key/value cache of the policy transformer for incremental stepping."""
+
+    def __init__(self, config: PolicyConfig, batch: int, max_len: int, dtype: torch.dtype, device):
+        if batch < 1 or max_len < 1:
+            raise ValueError(f"PolicyCache needs batch >= 1 and max_len >= 1, got batch={batch}, max_len={max_len}")
+        head_dim = config.d_model // config.n_heads
+        shape = (batch, config.n_heads, max_len, head_dim)
+        self.batch, self.max_len, self.length = batch, max_len, 0
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layers)]
+
+
+class _Block(nn.Module):
+    def __init__(self, d: int, heads: int, mlp_ratio: float):
+        super().__init__()
+        self.heads = heads
+        self.norm1 = nn.LayerNorm(d)
+        self.qkv = nn.Linear(d, 3 * d)
+        self.proj = nn.Linear(d, d)
+        self.norm2 = nn.LayerNorm(d)
+        hidden = int(round(d * mlp_ratio))
+        self.mlp = nn.Sequential(nn.Linear(d, hidden), nn.GELU(), nn.Linear(hidden, d))
+
+    def forward(self, x: Tensor, cache: PolicyCache | None, layer: int) -> Tensor:
+        B, T, d = x.shape
+        q, k, v = self.qkv(self.norm1(x)).view(B, T, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        if cache is None:
+            scores = q @ k.transpose(-1, -2)
+            mask = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+        else:
+            start = cache.length
+            if start + T > cache.max_len:
+                raise ValueError(f"policy cache holds {cache.max_len} steps; step {start + T} does not fit")
+            cache.keys[layer][:, :, start : start + T] = k
+            cache.values[layer][:, :, start : start + T] = v
+            k = cache.keys[layer][:, :, : start + T]
+            v = cache.values[layer][:, :, : start + T]
+            scores = q @ k.transpose(-1, -2)
+            mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start)
+        # Explicit softmax attention (not SDPA): the same math for the full sequence and one step.
+        scores = (scores / math.sqrt(q.shape[-1])).masked_fill(~mask, float("-inf"))
+        attn = torch.softmax(scores, dim=-1) @ v
+        x = x + self.proj(attn.transpose(1, 2).reshape(B, T, d))
+        return x + self.mlp(self.norm2(x))
+
+
+class PolicyNet(nn.Module):
+    """The policy network (see the module docstring)."""
+
+    def __init__(self, config: PolicyConfig):
+        super().__init__()
+        self.config = config
+        space = config.action_space
+        self.space = space
+        d, A = config.d_model, len(space)
+        self.hidden_in = nn.Sequential(nn.LayerNorm(config.d_base), nn.Linear(config.d_base, d))
+        self.token_in = nn.Sequential(nn.LayerNorm(config.d_base), nn.Linear(config.d_base, d))
+        self.scalar_in = nn.Sequential(nn.Linear(N_SCALARS, config.scalar_hidden), nn.GELU(), nn.Linear(config.scalar_hidden, d))
+        self.action_in = nn.Embedding(A + 1, d)  # index A: no previous action
+        self.blocks = nn.ModuleList(_Block(d, config.n_heads, config.mlp_ratio) for _ in range(config.n_layers))
+        self.norm = nn.LayerNorm(d)
+        self.action_head = nn.Linear(d, A)
+        self.budget_head = nn.Linear(d, 3)
+        for head in (self.action_head, self.budget_head):
+            nn.init.zeros_(head.weight)
+            nn.init.zeros_(head.bias)
+        self.register_buffer("cost_table", space.cost_table().to(torch.float32), persistent=False)
+        enabled = torch.tensor([axis in space.axes for axis in AXES])
+        self.register_buffer("enabled_axes", enabled, persistent=False)
+        lo = space.cost_table().min(0).values.float()
+        hi = space.cost_table().max(0).values.float()
+        self.register_buffer("cost_lo", lo, persistent=False)
+        self.register_buffer("cost_hi", hi, persistent=False)
+        # kappa = softplus(raw): start at anchor_sharpness
+        raw = math.log(math.expm1(config.anchor_sharpness))
+        self.sharpness = nn.Parameter(torch.full((3,), raw))
+
+    @property
+    def n_actions(self) -> int:
+        return len(self.space)
+
+    @property
+    def start_action(self) -> int:
+        """The previous-action index fed at the first step."""
+        return len(self.space)
+
+    def new_cache(self, batch: int, max_len: int, device=None) -> PolicyCache:
+        p = next(self.parameters())
+        return PolicyCache(self.config, batch, max_len, p.dtype, device or p.device)
+
+    def forward(
+        self,
+        hidden: Tensor,
+        token_embedding: Tensor,
+        scalars: Tensor,
+        prev_action: Tensor,
+        cache: PolicyCache | None = None,
+        temperature: float | None = None,
+    ) -> PolicyOutput:
+        """hidden, token_embedding [B, T, d_base]; scalars [B, T, 8]; prev_action [B, T] long.
+
+        cache=None: the T steps are a whole episode from its first step (causal). With a cache: the T
+        steps continue the cached ones (usually T = 1), and the cache advances by T.
+        """
+        dtype = next(self.parameters()).dtype
+        x = (
+            self.hidden_in(hidden.to(dtype))
+            + self.token_in(token_embedding.to(dtype))
+            + self.scalar_in(scalars.to(dtype))
+            + self.action_in(prev_action)
+        )
+        for layer, block in enumerate(self.blocks):
+            x = block(x, cache, layer)
+        if cache is not None:
+            cache.length += x.shape[1]
+        h = self.norm(x)
+        budget = self.budget_head(h)
+        costs = self.cost_table.to(dtype)  # [A, 3]
+        if self.config.budget_head == "price":
+            logits = self.action_head(h) + budget @ costs.T
+        else:
+            anchor = budget_anchor(scalars.to(dtype), self.cost_lo.to(dtype), self.cost_hi.to(dtype)) + budget
+            kappa = F.softplus(self.sharpness) * self.enabled_axes.to(dtype)  # [3]
+            sq = (costs[None, None] - anchor[..., None, :]) ** 2  # [B, T, A, 3]
+            logits = self.action_head(h) - (sq * kappa).sum(-1)
+        temperature = self.config.temperature if temperature is None else temperature
+        return PolicyOutput(logits / temperature, budget)
+
+    # -- persistence -------------------------------------------------------------------------------
+    def state(self) -> dict:
+        """What a checkpoint / artifact stores: the config dict and the weights."""
+        return {"config": self.config.to_dict(), "state_dict": self.state_dict()}
+
+    @classmethod
+    def from_state(cls, state: dict, map_location=None) -> "PolicyNet":
+        policy = cls(PolicyConfig.from_dict(state["config"]))
+        policy.load_state_dict({k: v.to(map_location) if map_location else v for k, v in state["state_dict"].items()})
+        return policy
+
+    def save(self, path) -> None:
+        torch.save(self.state(), path)
+
+    @classmethod
+    def load(cls, path, map_location="cpu") -> "PolicyNet":
+        return cls.from_state(torch.load(path, map_location=map_location, weights_only=True))
+
+
+def budget_anchor(scalars: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
+    """[..., 3] per-axis mean cost the remaining steps need to land on the target:
+    target - deviation / (1 - t/T), clamped to the axis' cost range [lo, hi]."""
+    progress = scalars[..., 0:1]
+    targets, deviations = scalars[..., 2:5], scalars[..., 5:8]
+    need = targets - deviations / (1 - progress).clamp(min=1e-3)
+    return torch.minimum(torch.maximum(need, lo), hi)
+
+
+def policy_scalars(progress: Tensor, dense: Tensor, targets: Tensor, deviations: Tensor) -> Tensor:
+    """The 8 scalar inputs [B, 8]: progress t/T [B], dense flag [B], targets [B, 3], deviations [B, 3]."""
+    return torch.cat([progress[:, None].double(), dense[:, None].double(), targets.double(), deviations.double()], dim=1)
+
+
+class Trajectory(NamedTuple):
+    """Everything a PolicySource fed its network and picked, stacked over steps ([B, T, ...])."""
+
+    hidden: Tensor  # [B, T, d_base]
+    token_embedding: Tensor  # [B, T, d_base]
+    scalars: Tensor  # [B, T, 8]
+    prev_action: Tensor  # [B, T]
+    actions: Tensor  # [B, T]
+    logp: Tensor  # [B, T] log-prob of the chosen action under the tempered policy (0 on dense steps)
+    dense: Tensor  # [B, T] bool
+
+
+class PolicySource(ActionSource):
+    """A PolicyNet as an ActionSource: greedy (argmax) or sampled at `temperature`.
+
+    Sampling is by inverse CDF with one uniform number per row and step, drawn from `generator` on the
+    CPU; `generator` may also be a sequence of G generators, each serving B/G consecutive rows (so a
+    group of rows samples the same way whatever else shares the batch: data-parallel shards agree
+    with a single process). Running deviations follow the actions actually returned; dense steps
+    count in no budget. With record=True, `trajectory()` returns what a PPO update needs.
+    """
+
+    def __init__(self, policy: PolicyNet, greedy: bool = False, temperature: float | None = None, record: bool = False):
+        self.policy, self.greedy, self.record = policy, greedy, record
+        self.temperature = policy.config.temperature if temperature is None else temperature
+
+    def reset(self, space: ActionSpace, batch: int, targets: Tensor, horizon: int, generator=None) -> None:
+        if space != self.policy.space:
+            raise ValueError(f"the policy was trained for {self.policy.space}, not {space}")
+        targets = torch.as_tensor(targets, dtype=torch.float64).expand(batch, 3)
+        super().reset(space, batch, targets, horizon, generator)
+        self.device = next(self.policy.parameters()).device
+        self.cache = self.policy.new_cache(batch, horizon)
+        self.costs = space.cost_table().to(self.device)
+        self._targets = targets.to(self.device)
+        self.deviations = torch.zeros(batch, 3, dtype=torch.float64, device=self.device)
+        self.prev = torch.full((batch,), self.policy.start_action, dtype=torch.long, device=self.device)
+        self._steps: list[tuple] = []
+
+    def _uniform(self) -> Tensor:
+        gens = self.generator
+        if gens is None or isinstance(gens, torch.Generator):
+            return torch.rand(self.batch, generator=gens, dtype=torch.float64)
+        gens = list(gens)
+        if self.batch % len(gens):
+            raise ValueError(f"{len(gens)} generators cannot split a batch of {self.batch} rows evenly")
+        per = self.batch // len(gens)
+        return torch.cat([torch.rand(per, generator=g, dtype=torch.float64) for g in gens])
+
+    @torch.no_grad()
+    def next_actions(self, step: int, hidden: Tensor, token_embedding: Tensor, dense: Tensor) -> Tensor:
+        dev = self.device
+        dense = dense.to(dev).bool()
+        progress = torch.full((self.batch,), step / self.horizon, dtype=torch.float64, device=dev)
+        scalars = policy_scalars(progress, dense, self._targets, self.deviations)
+        hidden, token_embedding = hidden.to(dev), token_embedding.to(dev)
+        out = self.policy(hidden[:, None], token_embedding[:, None], scalars[:, None], self.prev[:, None], cache=self.cache, temperature=self.temperature)
+        logp_all = torch.log_softmax(out.logits[:, 0].double(), dim=-1)
+        if self.greedy:
+            picked = logp_all.argmax(-1)
+        else:
+            u = self._uniform().to(dev)
+            cdf = logp_all.exp().cumsum(-1)
+            picked = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None]).squeeze(-1).clamp(max=self.policy.n_actions - 1)
+        actions = torch.where(dense, torch.full_like(picked, self.space.dense_index), picked)
+        logp = torch.where(dense, torch.zeros_like(logp_all[:, 0]), logp_all.gather(-1, actions[:, None]).squeeze(-1))
+        step_dev = (self.costs[actions] - self._targets) / self.horizon
+        self.deviations = self.deviations + torch.where(dense[:, None], torch.zeros_like(step_dev), step_dev)
+        if self.record:
+            self._steps.append((hidden, token_embedding, scalars, self.prev, actions, logp, dense))
+        self.prev = actions
+        return actions
+
+    def trajectory(self) -> Trajectory:
+        if not self.record:
+            raise RuntimeError("PolicySource(record=True) is needed to read back a trajectory")
+        return Trajectory(*(torch.stack(parts, dim=1) for parts in zip(*self._steps)))
+
+
+def sequence_log_probs(policy: PolicyNet, traj: Trajectory, temperature: float) -> tuple[Tensor, Tensor]:
+    """Full-sequence forward over a stored trajectory: (log-prob of the taken actions [B, T],
+    entropy of the tempered distribution [B, T]), with gradients."""
+    out = policy(traj.hidden, traj.token_embedding, traj.scalars, traj.prev_action, temperature=temperature)
+    logp_all = torch.log_softmax(out.logits.double(), dim=-1)  # as PolicySource computes it
+    logp = logp_all.gather(-1, traj.actions[..., None]).squeeze(-1)
+    entropy = -(logp_all.exp() * logp_all).sum(-1)
+    return logp, entropy

@@ -1,0 +1,186 @@
+"""The policy network: config round trip, incremental == full-sequence, PolicySource bookkeeping."""
+import pytest
+import torch
+
+from runtime.actions import ActionSpace
+from runtime.policy import (
+    POLICY_VERSION,
+    PolicyConfig,
+    PolicyNet,
+    PolicySource,
+    sequence_log_probs,
+)
+
+D_BASE = 24
+
+
+def _policy(space=None, dtype=torch.float32, seed=0, **kw):
+    torch.manual_seed(seed)
+    config = PolicyConfig(d_base=D_BASE, space=(space or ActionSpace()).to_dict(), d_model=32, n_heads=4, scalar_hidden=16, **kw)
+    policy = PolicyNet(config).to(dtype)
+    with torch.no_grad():  # the heads start at zero (uniform policy); make the test non-trivial
+        for head in (policy.action_head, policy.budget_head):
+            head.weight.normal_(0, 0.5)
+            head.bias.normal_(0, 0.5)
+    return policy
+
+
+def _inputs(batch, steps, dtype, seed=1, n_actions=27):
+    g = torch.Generator().manual_seed(seed)
+    return (
+        torch.randn(batch, steps, D_BASE, generator=g, dtype=dtype),
+        torch.randn(batch, steps, D_BASE, generator=g, dtype=dtype),
+        torch.rand(batch, steps, 8, generator=g, dtype=dtype),
+        torch.randint(0, n_actions + 1, (batch, steps), generator=g),
+    )
+
+
+def test_config_json_round_trip_and_version():
+    config = PolicyConfig(d_base=576, space=ActionSpace(["mlp", "quant"]).to_dict(), d_model=64, n_heads=2)
+    again = PolicyConfig.from_json(config.to_json())
+    assert again == config
+    assert again.action_space == ActionSpace(["mlp", "quant"])
+    assert config.n_actions == 9
+    bad = config.to_dict() | {"version": POLICY_VERSION + 1}
+    with pytest.raises(ValueError, match="version"):
+        PolicyConfig.from_dict(bad)
+    with pytest.raises(ValueError, match="unknown PolicyConfig fields"):
+        PolicyConfig.from_dict(config.to_dict() | {"dropout": 0.1})
+    with pytest.raises(ValueError, match="multiple of n_heads"):
+        PolicyConfig(d_base=8, space=ActionSpace().to_dict(), d_model=30, n_heads=4)
+
+
+def test_defaults_are_the_papers():
+    config = PolicyConfig(d_base=576, space=ActionSpace().to_dict())
+    assert (config.d_model, config.n_heads, config.n_layers) == (512, 4, 1)
+    policy = PolicyNet(config)
+    hidden, emb, scalars, prev = _inputs(2, 3, torch.float32)
+    hidden = torch.randn(2, 3, 576)
+    emb = torch.randn(2, 3, 576)
+    out = policy(hidden, emb, scalars, prev)
+    assert out.logits.shape == (2, 3, 27) and out.budget.shape == (2, 3, 3)
+    assert torch.all(out.budget == 0)  # zero-initialised heads
+    # untrained "anchored" policy: the quadratic prior around the needed cost, kappa = 20
+    need = (scalars[..., 2:5] - scalars[..., 5:8] / (1 - scalars[..., 0:1])).clamp(0.1, 1.0)
+    need = torch.maximum(need, torch.tensor([0.1, 0.4, 0.3125]))
+    costs = ActionSpace().cost_table().float()
+    expected = -20.0 * ((costs[None, None] - need[..., None, :]) ** 2).sum(-1)
+    torch.testing.assert_close(out.logits, expected, atol=1e-4, rtol=1e-5)
+    price = PolicyNet(PolicyConfig(d_base=576, space=ActionSpace().to_dict(), budget_head="price"))
+    assert torch.all(price(hidden, emb, scalars, prev).logits == 0)  # uniform
+    with pytest.raises(ValueError, match="budget_head"):
+        PolicyConfig(d_base=576, space=ActionSpace().to_dict(), budget_head="value")
+
+
+@pytest.mark.parametrize("target", [[0.35, 0.6, 0.5], [0.8, 0.9, 0.7], [0.1, 0.4, 0.3125], [1.0, 1.0, 1.0]])
+def test_untrained_anchored_greedy_policy_tracks_its_target(target):
+    space = ActionSpace()
+    torch.manual_seed(0)
+    policy = PolicyNet(PolicyConfig(d_base=D_BASE, space=space.to_dict(), d_model=32, n_heads=4))
+    T = 16
+    targets = torch.tensor([target], dtype=torch.float64)
+    acts = _run_source(PolicySource(policy, greedy=True), policy, space, 1, T, targets)
+    realized = space.cost_table()[acts[0]].mean(0)
+    assert (realized - targets[0]).abs().max() <= 0.5 / T + 1e-9, (realized, target)
+
+
+# fp32: the two paths multiply in different shapes (BLAS blocking), ~1e-6 relative, amplified by the
+# anchored prior (kappa 20); fp64 is the exact check.
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-3), (torch.float64, 1e-10)])
+def test_incremental_equals_full_sequence(dtype, tol):
+    policy = _policy(dtype=dtype, n_layers=2)
+    hidden, emb, scalars, prev = _inputs(3, 7, dtype)
+    full = policy(hidden, emb, scalars, prev, temperature=1.3)
+    cache = policy.new_cache(3, 7)
+    steps = [policy(hidden[:, t : t + 1], emb[:, t : t + 1], scalars[:, t : t + 1], prev[:, t : t + 1], cache=cache, temperature=1.3) for t in range(7)]
+    logits = torch.cat([s.logits for s in steps], dim=1)
+    torch.testing.assert_close(torch.log_softmax(logits, -1), torch.log_softmax(full.logits, -1), atol=tol, rtol=0)
+    # a chunk of several steps on top of a cache equals the full sequence too
+    cache = policy.new_cache(3, 7)
+    a = policy(hidden[:, :3], emb[:, :3], scalars[:, :3], prev[:, :3], cache=cache)
+    b = policy(hidden[:, 3:], emb[:, 3:], scalars[:, 3:], prev[:, 3:], cache=cache)
+    torch.testing.assert_close(torch.cat([a.logits, b.logits], 1), policy(hidden, emb, scalars, prev).logits, atol=tol, rtol=0)
+    with pytest.raises(ValueError, match="does not fit"):
+        policy(hidden[:, :1], emb[:, :1], scalars[:, :1], prev[:, :1], cache=cache)
+
+
+def test_budget_head_prices_actions_by_cost():
+    policy = _policy(budget_head="price")
+    with torch.no_grad():
+        policy.action_head.weight.zero_()
+        policy.action_head.bias.zero_()
+        policy.budget_head.weight.zero_()
+        policy.budget_head.bias.copy_(torch.tensor([-4.0, 0.0, 0.0]))
+    out = policy(*_inputs(1, 1, torch.float32), temperature=2.0)
+    expected = -4.0 * ActionSpace().cost_table()[:, 0].float() / 2.0
+    torch.testing.assert_close(out.logits[0, 0], expected)
+
+
+def _run_source(source, policy, space, batch, horizon, targets, dense_steps=(), gen=None, seed=2):
+    source.reset(space, batch, targets, horizon, gen)
+    g = torch.Generator().manual_seed(seed)
+    acts = []
+    for t in range(horizon):
+        dense = torch.full((batch,), t in dense_steps)
+        acts.append(source.next_actions(t, torch.randn(batch, D_BASE, generator=g), torch.randn(batch, D_BASE, generator=g), dense))
+    return torch.stack(acts, 1)
+
+
+def test_policy_source_recorded_logps_equal_full_sequence():
+    space = ActionSpace()
+    policy = _policy(space)
+    source = PolicySource(policy, temperature=1.3, record=True)
+    targets = torch.tensor([[0.3, 0.6, 0.5], [0.9, 0.9, 1.0]], dtype=torch.float64)
+    actions = _run_source(source, policy, space, 2, 6, targets, dense_steps=(0,), gen=torch.Generator().manual_seed(0))
+    traj = source.trajectory()
+    assert torch.equal(traj.actions, actions)
+    assert torch.all(actions[:, 0] == space.dense_index) and torch.all(traj.dense[:, 0])
+    logp, entropy = sequence_log_probs(policy, traj, 1.3)
+    torch.testing.assert_close(logp[:, 1:], traj.logp[:, 1:], atol=2e-3, rtol=0)
+    assert torch.all(entropy > 0)
+    # scalars: progress t/T, dense flag, targets, running deviations from the chosen actions
+    costs = space.cost_table()[actions]  # [B, T, 3]
+    assert torch.allclose(traj.scalars[0, :, 0], torch.arange(6, dtype=torch.float64) / 6)
+    assert torch.equal(traj.scalars[:, :, 1], traj.dense.double())
+    assert torch.allclose(traj.scalars[:, :, 2:5], targets[:, None].expand(2, 6, 3))
+    step_dev = (costs - targets[:, None]) / 6
+    step_dev[:, 0] = 0  # the dense step counts in no budget
+    expected_dev = torch.cumsum(step_dev, 1) - step_dev  # deviation BEFORE each step
+    torch.testing.assert_close(traj.scalars[:, :, 5:8], expected_dev)
+    assert torch.equal(traj.prev_action[:, 0], torch.full((2,), policy.start_action))
+    assert torch.equal(traj.prev_action[:, 1:], actions[:, :-1])
+
+
+def test_policy_source_sampling_is_reproducible_and_greedy_is_argmax():
+    space = ActionSpace()
+    policy = _policy(space)
+    targets = torch.full((4, 3), 0.6, dtype=torch.float64)
+    a = _run_source(PolicySource(policy), policy, space, 4, 5, targets, gen=torch.Generator().manual_seed(7))
+    b = _run_source(PolicySource(policy), policy, space, 4, 5, targets, gen=torch.Generator().manual_seed(7))
+    assert torch.equal(a, b)
+    # one generator per group of rows: a group samples the same whatever shares its batch
+    gens = lambda: [torch.Generator().manual_seed(s) for s in (11, 12)]  # noqa: E731
+    both = _run_source(PolicySource(policy), policy, space, 4, 5, targets, gen=gens(), seed=3)
+    assert both.shape == (4, 5)
+    with pytest.raises(ValueError, match="evenly"):
+        _run_source(PolicySource(policy), policy, space, 3, 2, targets[:3], gen=gens())
+    src = PolicySource(policy, greedy=True, record=True)
+    greedy = _run_source(src, policy, space, 4, 5, targets)
+    logp, _ = sequence_log_probs(policy, src.trajectory(), policy.config.temperature)
+    full = policy(*src.trajectory()[:4]).logits
+    assert torch.equal(greedy, full.argmax(-1))
+
+
+def test_policy_source_rejects_other_space():
+    policy = _policy(ActionSpace(["mlp"]))
+    with pytest.raises(ValueError, match="trained for"):
+        PolicySource(policy).reset(ActionSpace(), 1, torch.ones(3), 4)
+
+
+def test_save_load_round_trip(tmp_path):
+    policy = _policy()
+    policy.save(tmp_path / "p.pt")
+    again = PolicyNet.load(tmp_path / "p.pt")
+    assert again.config == policy.config
+    inputs = _inputs(2, 3, torch.float32)
+    assert torch.equal(again(*inputs).logits, policy(*inputs).logits)

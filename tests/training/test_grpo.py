@@ -1,0 +1,188 @@
+"""GRPO: rewards, penalties, advantages, and whole runs (resume, data parallel, logging, NaN stop)."""
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+import training.grpo as grpo
+from runtime.policy import PolicyNet
+from training.episodes import Episodes
+from training.grpo import (
+    GRPOConfig,
+    TrainingDiverged,
+    budget_penalty,
+    config_from_args,
+    discounted_returns,
+    group_centered,
+    grpo_advantages,
+    train,
+    whiten,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_discounted_returns_by_hand():
+    r = torch.tensor([[1.0, 2.0, 4.0]], dtype=torch.float64)
+    g = 0.5
+    expected = torch.tensor([[1 + 0.5 * 2 + 0.25 * 4, 2 + 0.5 * 4, 4.0]], dtype=torch.float64)
+    torch.testing.assert_close(discounted_returns(r, g), expected)
+
+
+def test_budget_penalty_formula():
+    budget = torch.tensor([[0.50, 0.80, 0.50], [0.30, 0.41, 1.00]], dtype=torch.float64)
+    target = torch.tensor([[0.40, 0.81, 0.75], [0.30, 0.40, 0.3125]], dtype=torch.float64)
+    # row 0: attn |0.1|-0.02 = 0.08 -> 100*0.0064; mlp 0.01 < tol -> 0; quant 0.25-0.02 = 0.23 -> 200*0.0529
+    # row 1: attn 0; mlp 0.01 -> 0; quant 0.6875-0.02 = 0.6675 -> 200*0.6675^2
+    expected = torch.tensor([0.64 + 10.58, 200 * 0.6675**2], dtype=torch.float64)
+    got = budget_penalty(budget, target, [100, 100, 200], 0.02)
+    torch.testing.assert_close(got, expected)
+    # disabled axes are not penalised
+    got_mlp = budget_penalty(budget, target, [100, 100, 200], 0.02, axes=("mlp",))
+    torch.testing.assert_close(got_mlp, torch.zeros(2, dtype=torch.float64))
+
+
+def test_advantages_hand_computed():
+    """2 contexts x K=2 schedules x T=2 steps, gamma 0.5, one penalised schedule."""
+    logp = torch.tensor([[-1.0, -2.0], [-3.0, -2.0], [-1.0, -1.0], [-1.0, -1.0]])
+    budget = torch.tensor([[0.5, 1, 1], [0.5, 1, 1], [0.5, 1, 1], [0.8, 1, 1]], dtype=torch.float64)
+    targets = torch.tensor([[0.5, 1, 1]] * 4, dtype=torch.float64)
+    ep = Episodes(logp=logp, actions=torch.zeros(4, 2, dtype=torch.long), controlled=torch.ones(4, 2, dtype=torch.bool),
+                  budget=budget, targets=targets, tokens=torch.zeros(4, 2, dtype=torch.long), group=2, prefill_len=5)
+    cfg = GRPOConfig(gamma=0.5, alpha_attn=100, budget_tolerance=0.02)
+    out = grpo_advantages(ep, cfg, ("attn", "mlp", "quant"))
+    # returns: [-2, -2], [-4, -2], [-1.5, -1], [-1.5, -1]; penalty of row 3: 100*(0.3-0.02)^2 = 7.84
+    torch.testing.assert_close(out["returns"], torch.tensor([[-2.0, -2.0], [-4.0, -2.0], [-1.5, -1.0], [-1.5, -1.0]], dtype=torch.float64))
+    torch.testing.assert_close(out["penalty"], torch.tensor([0, 0, 0, 7.84], dtype=torch.float64))
+    # centred per (context, step): ctx0 step0 mean -3 -> +1,-1; step1 mean -2 -> 0,0;
+    # ctx1 totals [-1.5,-1],[-9.34,-8.84] -> step0 mean -5.42 -> +3.92,-3.92; step1 mean -4.92 -> same
+    centred = torch.tensor([[1.0, 0.0], [-1.0, 0.0], [3.92, 3.92], [-3.92, -3.92]], dtype=torch.float64)
+    torch.testing.assert_close(group_centered(out["returns"] - out["penalty"][:, None], 2), centred)
+    std = (centred**2).mean().sqrt()  # mean is 0
+    torch.testing.assert_close(out["advantages"], centred / std, atol=1e-7, rtol=0)
+
+
+def test_whiten_ignores_masked_entries():
+    v = torch.tensor([[1.0, 3.0, 100.0]])
+    m = torch.tensor([[True, True, False]])
+    torch.testing.assert_close(whiten(v, m), torch.tensor([[-1.0, 1.0, 0.0]]), atol=1e-6, rtol=0)
+
+
+def _cfg(out, **kw):
+    base = dict(model="tiny-llama", corpus="random", context_length=24, horizon=4, group_size=4, contexts_per_update=2,
+                rollout_batch=2, max_contexts=8, policy_d_model=32, policy_heads=4, max_updates=4, checkpoint_every=1,
+                ppo_epochs=2, ppo_minibatches=2, lr=1e-3, out=str(out), progress=False, max_minutes=0)
+    base.update(kw)
+    return GRPOConfig(**base)
+
+
+def _state(path):
+    return torch.load(path, weights_only=False)
+
+
+def test_tiny_end_to_end_writes_checkpoints_and_tensorboard(tmp_path, tiny_sol):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    trainer = train(_cfg(tmp_path, max_updates=3), sol=tiny_sol)
+    assert trainer.update == 3
+    ckpt = _state(tmp_path / "checkpoint.pt")
+    assert ckpt["update"] == 3 and "optimizer" in ckpt and "rng" in ckpt
+    policy = PolicyNet.load(tmp_path / "policy.pt")
+    for k, v in policy.state_dict().items():
+        assert torch.equal(v, trainer.policy.state_dict()[k])
+    assert json.loads((tmp_path / "config.json").read_text())["max_updates"] == 3
+    acc = EventAccumulator(str(tmp_path / "tb"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    for tag in ("reward/total", "reward/task", "reward/penalty", "policy/entropy", "policy/clip_fraction",
+                "optim/grad_norm", "perf/episodes_per_s", "budget/attn/realized", "budget/attn/target",
+                "budget/mlp/realized", "budget/quant/target"):
+        assert tag in tags, tag
+    assert [e.step for e in acc.Scalars("reward/task")] == [1, 2, 3]
+    task = [e.value for e in acc.Scalars("reward/task")]
+    assert all(-20 < v < 0 for v in task)
+    ent = acc.Scalars("policy/entropy")[0].value
+    assert 0 < ent <= torch.log(torch.tensor(27.0)).item() + 1e-4
+    realized = acc.Scalars("budget/attn/realized")[0].value
+    assert 0.1 <= realized <= 1.0
+
+
+def test_resume_reproduces_uninterrupted_run(tmp_path, tiny_sol):
+    full = train(_cfg(tmp_path / "full", max_updates=4), sol=tiny_sol)
+    train(_cfg(tmp_path / "cut", max_updates=2), sol=tiny_sol)
+    resumed = train(_cfg(tmp_path / "cut", max_updates=4, resume=True), sol=tiny_sol)
+    assert resumed.update == 4
+    a, b = full.policy.state_dict(), resumed.policy.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tmp_path / "cut" / "tb"))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("reward/task")] == [1, 2, 3, 4]
+    opt_a = _state(tmp_path / "full" / "checkpoint.pt")["optimizer"]["state"]
+    opt_b = _state(tmp_path / "cut" / "checkpoint.pt")["optimizer"]["state"]
+    assert all(torch.equal(opt_a[i]["exp_avg"], opt_b[i]["exp_avg"]) for i in opt_a)
+
+
+def test_non_finite_reward_stops_and_keeps_last_checkpoint(tmp_path, tiny_sol, monkeypatch):
+    train(_cfg(tmp_path, max_updates=2), sol=tiny_sol)
+    before = (tmp_path / "checkpoint.pt").read_bytes()
+    real = grpo.discounted_returns
+    monkeypatch.setattr(grpo, "discounted_returns", lambda r, g: real(r, g) * float("nan"))
+    with pytest.raises(TrainingDiverged, match="non-finite reward at update 2"):
+        train(_cfg(tmp_path, max_updates=4, resume=True), sol=tiny_sol)
+    assert (tmp_path / "checkpoint.pt").read_bytes() == before
+    assert _state(tmp_path / "checkpoint.pt")["update"] == 2
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank, world, port, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    train(_cfg(out, max_updates=2, threads=1))
+    torch.distributed.destroy_process_group()
+
+
+def test_two_process_gloo_equals_one_process(tmp_path):
+    one = tmp_path / "one"
+    torch.set_num_threads(1)
+    try:
+        single = train(_cfg(one, max_updates=2, threads=1))
+    finally:
+        torch.set_num_threads(os.cpu_count() or 1)
+    two = tmp_path / "two"
+    mp.start_processes(_ddp_worker, args=(2, _free_port(), str(two)), nprocs=2, join=True, start_method="spawn")
+    a = single.policy.state_dict()
+    b = PolicyNet.load(two / "policy.pt").state_dict()
+    diffs = {k: (a[k] - b[k]).abs().max().item() for k in a}
+    assert max(diffs.values()) < 1e-5, diffs
+    changed = PolicyNet.load(one / "policy.pt").state_dict()
+    assert any(not torch.equal(changed[k], v) for k, v in PolicyNet(single.policy.config).state_dict().items() if "head" in k)
+
+
+def test_cli_help_config_file_and_overrides(tmp_path):
+    help_text = subprocess.run([sys.executable, "-m", "training.grpo", "--help"], capture_output=True, text=True, cwd=REPO,
+                               env={**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])})
+    assert help_text.returncode == 0, help_text.stderr
+    for f in grpo.fields(GRPOConfig):
+        assert "--" + f.name.replace("_", "-") in help_text.stdout
+    (tmp_path / "c.yaml").write_text("lr: 0.003\ngroup_size: 8\nactions: [mlp, quant]\n")
+    cfg = config_from_args(["--config", str(tmp_path / "c.yaml"), "--lr", "0.01", "--target-mlp", "0.5,0.9"])
+    assert cfg.lr == 0.01 and cfg.group_size == 8 and cfg.actions == ["mlp", "quant"] and cfg.target_mlp == [0.5, 0.9]
+    (tmp_path / "c.json").write_text(json.dumps({"max-updates": 7, "levels": {"quant": [4, 8, 16]}}))
+    cfg = config_from_args(["--config", str(tmp_path / "c.json"), "--no-progress"])
+    assert cfg.max_updates == 7 and cfg.levels == {"quant": [4, 8, 16]} and cfg.progress is False
+    assert config_from_args([]).model == "smollm2-135m" and config_from_args([]).context_length == 256
+    with pytest.raises(ValueError, match="unknown config keys"):
+        GRPOConfig.from_dict({"learning_rate": 1})

@@ -1,0 +1,156 @@
+"""Quick held-out check of a trained policy against Fixed and Random at matched realized budget.
+
+    python -m training.compare_baselines --policy runs/default/policy.pt --budget 0.6 --contexts 16
+
+Protocol (the same teacher-forced episodes as training, training/episodes.py): held-out contexts, one
+dense prefill each, T controlled steps. The policy runs first (greedy, and/or sampled at a
+temperature); the budget each of its episodes REALIZED per axis (from the actions that ran) becomes
+that episode's target for Fixed (round-robin between the two nearest levels) and Random (the same
+levels shuffled, several draws), so every comparison is at matched per-episode, per-axis budget (up to
+whole-step rounding; the realized budgets are reported). Score: mean log-likelihood of the T scored
+tokens (higher is better) and its exp(-x) perplexity.
+
+This is a small sanity comparison; the evaluation command with Pareto fronts is training/evaluate.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from runtime.actions import AXES
+from runtime.generate import budget_targets
+from runtime.policy import PolicyNet, PolicySource
+from runtime.schedulers import Fixed, Random
+from training.episodes import Episodes, rollout
+
+
+def _summary(ep: Episodes, space) -> dict:
+    ll = ep.mean_logp().double()
+    out = {
+        "mean_loglik": float(ll.mean()),
+        "ppl": math.exp(-float(ll.mean())),
+        "net_keep": float(ep.net_keep(space).mean()),
+        "episodes": len(ll),
+    }
+    for i, axis in enumerate(AXES):
+        if axis in space.axes:
+            out[f"{axis}_budget"] = float(ep.budget[:, i].mean())
+    return out
+
+
+def compare(
+    sol,
+    policy: PolicyNet,
+    contexts: torch.Tensor,
+    targets,
+    horizon: int = 16,
+    modes=("greedy", "sample"),
+    samples: int = 4,
+    temperature: float = 1.0,
+    random_draws: int = 4,
+    seed: int = 0,
+) -> dict:
+    """Policy vs Fixed vs Random at the policy's realized per-episode budgets. Returns a dict per mode."""
+    space = sol.space
+    C = contexts.shape[0]
+    results: dict = {}
+    for mode in modes:
+        greedy = mode == "greedy"
+        group = 1 if greedy else samples
+        gens = [torch.Generator().manual_seed(seed * 100_003 + c) for c in range(C)]
+        tgt = budget_targets(targets, C).clone()
+        for i, axis in enumerate(AXES):  # disabled axes always run dense: their target is 1.0
+            if axis not in space.axes:
+                tgt[:, i] = 1.0
+        src = PolicySource(policy, greedy=greedy, temperature=temperature)
+        pol = rollout(sol, contexts, src, tgt, group=group, horizon=horizon, generator=None if greedy else gens)
+        reps = contexts.repeat_interleave(group, dim=0)
+        matched = pol.budget  # [C*group, 3]: each episode's realized budget
+        fixed = rollout(sol, reps, Fixed(), matched, group=1, horizon=horizon)
+        rnd = rollout(sol, reps, Random(), matched, group=random_draws, horizon=horizon,
+                      generator=torch.Generator().manual_seed(seed + 1))
+        diff_f = (pol.mean_logp() - fixed.mean_logp()).double()
+        rnd_ll = rnd.mean_logp().view(-1, random_draws).mean(1)
+        diff_r = (pol.mean_logp() - rnd_ll).double()
+        se = lambda d: float(d.std() / math.sqrt(len(d))) if len(d) > 1 else float("nan")  # noqa: E731
+        results[mode] = {
+            "policy": _summary(pol, space),
+            "fixed": _summary(fixed, space),
+            "random": _summary(rnd, space),
+            "policy_minus_fixed": {"mean": float(diff_f.mean()), "stderr": se(diff_f)},
+            "policy_minus_random": {"mean": float(diff_r.mean()), "stderr": se(diff_r)},
+        }
+    return results
+
+
+def _table(results: dict) -> str:
+    lines = ["| mode | source | mean log-lik | ppl | net keep | attn | mlp | bits/16 |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for mode, r in results.items():
+        for name in ("policy", "fixed", "random"):
+            s = r[name]
+            lines.append(
+                f"| {mode} | {name} | {s['mean_loglik']:.4f} | {s['ppl']:.2f} | {s['net_keep']:.3f} | "
+                f"{s.get('attn_budget', float('nan')):.3f} | {s.get('mlp_budget', float('nan')):.3f} | {s.get('quant_budget', float('nan')):.3f} |"
+            )
+    lines.append("")
+    for mode, r in results.items():
+        for base in ("fixed", "random"):
+            d = r[f"policy_minus_{base}"]
+            lines.append(f"{mode}: policy - {base} = {d['mean']:+.4f} nats/token (stderr {d['stderr']:.4f})")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    import solc
+    from training.grpo import GRPOConfig, build_model, load_training_contexts
+
+    p = argparse.ArgumentParser(prog="python -m training.compare_baselines", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--policy", required=True, help="policy.pt written by training.grpo")
+    p.add_argument("--model", default="smollm2-135m", help="base model the policy was trained on")
+    p.add_argument("--corpus", default="shakespeare", help="corpus ('random' for tests)")
+    p.add_argument("--split", default="validation", help="held-out split: validation | test")
+    p.add_argument("--contexts", type=int, default=16, help="held-out contexts (a seeded sample of the split)")
+    p.add_argument("--context-length", type=int, default=256)
+    p.add_argument("--horizon", type=int, default=16)
+    p.add_argument("--budget", default="0.6", help="target: one number for all axes, or attn,mlp,bits16")
+    p.add_argument("--modes", default="greedy,sample", help="policy modes: greedy and/or sample")
+    p.add_argument("--samples", type=int, default=4, help="sampled schedules per context (mode 'sample')")
+    p.add_argument("--temperature", type=float, default=1.0, help="policy temperature for mode 'sample'")
+    p.add_argument("--random-draws", type=int, default=4, help="Random baseline draws per episode")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", help="also write the results here (with the command)")
+    args = p.parse_args(argv)
+
+    policy = PolicyNet.load(args.policy)
+    space = policy.space
+    cfg = GRPOConfig(model=args.model, corpus=args.corpus, context_length=args.context_length, actions=list(space.axes),
+                     levels={a: list(v) for a, v in space.levels.items()}, horizon=args.horizon)
+    sol = build_model(cfg)
+    policy = policy.to(sol.token_embedding.device)
+    pool = load_training_contexts(cfg, sol.token_embedding.shape[0], split=args.split)
+    pick = torch.randperm(len(pool), generator=torch.Generator().manual_seed(args.seed))[: args.contexts]
+    contexts = pool[pick]
+    budget = [float(x) for x in args.budget.split(",")]
+    targets = budget[0] if len(budget) == 1 else budget
+    t0 = time.perf_counter()
+    results = compare(sol, policy, contexts, targets, args.horizon, [m.strip() for m in args.modes.split(",")],
+                      args.samples, args.temperature, args.random_draws, args.seed)
+    command = "python -m training.compare_baselines " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    print(_table(results))
+    print(f"({len(contexts)} held-out {args.split} contexts, {time.perf_counter() - t0:.0f}s)")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps({"command": command, "args": vars(args), "results": results}, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

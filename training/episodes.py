@@ -1,0 +1,164 @@
+"""Teacher-forced episodes: one dense prefill per context, K counterfactual schedules, T controlled steps.
+
+    targets = sample_targets(sol.space, n_contexts, generator)            # [C, 3]
+    ep = rollout(sol, contexts, PolicySource(policy, record=True), targets, group=16, horizon=16, generator=g)
+    ep.logp        # [C*K, T] log p(y_t) of every controlled step
+    ep.actions     # [C*K, T] the actions that ran
+    ep.budget      # [C*K, 3] realized per-axis budget, from ep.actions (DESIGN invariant 4)
+
+Step protocol (the same as runtime.generate.score, so training scores exactly what deployment runs):
+a context x_0..x_{L-1} is split at P = L - T - 1. x_0..x_{P-1} are prefilled densely ONCE per
+context; the prefilled KV cache is then repeated K times (row-major: context 0's K schedules first)
+and the K schedules of a context run batched together. Controlled step t (0..T-1) feeds x_{P+t} at
+position P+t with the action the source picked (from the previous token's hidden state and x_{P+t}'s
+embedding) and is rewarded with log p(x_{P+t+1}). Positions below DENSE_PREFIX run dense and count in
+no budget. Rows of an episode batch are ordered context-major: row c*K + k is schedule k of context c.
+
+Used by GRPO training and by evaluation: any ActionSource works (a policy, Fixed, Random, Schedule).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from runtime.actions import AXES, ActionSpace
+from runtime.kv_cache import repeat_rows
+from runtime.schedulers import DENSE_PREFIX, ActionSource
+
+# DESIGN.md: per-context budget targets, per axis (cost units: keep fractions, bits/16).
+TARGET_RANGES: dict[str, tuple[float, float]] = {"attn": (0.1, 1.0), "mlp": (0.4, 1.0), "quant": (0.3125, 1.0)}
+
+
+@dataclass
+class Episodes:
+    """A batch of teacher-forced episodes, rows context-major (row c*group + k)."""
+
+    logp: Tensor  # [N, T] log p(y_t) under the schedule that ran (float32, or float64 on an fp64 model)
+    actions: Tensor  # [N, T] long: the actions that ran
+    controlled: Tensor  # [N, T] bool: counted in the budget (not forced dense)
+    budget: Tensor  # [N, 3] float64 realized mean cost per axis over controlled steps (1.0 if none)
+    targets: Tensor  # [N, 3] float64 the targets the source was given
+    tokens: Tensor  # [N, T] the scored tokens y_t
+    group: int  # K: schedules per context
+    prefill_len: int  # P
+
+    @property
+    def horizon(self) -> int:
+        return self.logp.shape[1]
+
+    def net_keep(self, space: ActionSpace) -> Tensor:
+        """[N] realized net keep: mean of the realized budget over the enabled axes."""
+        cols = [AXES.index(a) for a in space.axes]
+        return self.budget[:, cols].mean(dim=1)
+
+    def mean_logp(self) -> Tensor:
+        """[N] mean log-likelihood over the controlled steps of each episode."""
+        c = self.controlled.to(self.logp.dtype)
+        return (self.logp * c).sum(1) / c.sum(1).clamp(min=1)
+
+
+def sample_targets(
+    space: ActionSpace,
+    n: int,
+    generator: torch.Generator | None = None,
+    ranges: dict[str, Sequence[float]] | None = None,
+) -> Tensor:
+    """[n, 3] float64 per-context targets: U[lo, hi] on each enabled axis (DESIGN ranges by default),
+    1.0 on disabled axes. Three uniforms are drawn per row whatever the axes, so enabling an axis does
+    not shift the other axes' draws."""
+    ranges = {**TARGET_RANGES, **(ranges or {})}
+    u = torch.rand(n, 3, generator=generator, dtype=torch.float64)
+    out = torch.ones(n, 3, dtype=torch.float64)
+    for i, axis in enumerate(AXES):
+        if axis in space.axes:
+            lo, hi = ranges[axis]
+            out[:, i] = lo + (hi - lo) * u[:, i]
+    return out
+
+
+def realized_budget(space: ActionSpace, actions: Tensor, controlled: Tensor) -> Tensor:
+    """[N, 3] float64 mean cost per axis over the controlled steps of each row (1.0 where none)."""
+    costs = space.cost_table().to(actions.device)[actions]  # [N, T, 3]
+    w = controlled.to(torch.float64)[..., None]
+    n = w.sum(1)
+    return torch.where(n > 0, (costs * w).sum(1) / n.clamp(min=1), torch.ones_like(n))
+
+
+def _log_probs(logits: Tensor, targets: Tensor) -> Tensor:
+    dtype = torch.promote_types(logits.dtype, torch.float32)
+    return torch.log_softmax(logits.to(dtype), dim=-1).gather(-1, targets[:, None]).squeeze(-1)
+
+
+@torch.no_grad()
+def rollout(
+    sol,
+    contexts: Tensor,
+    source: ActionSource,
+    targets: Tensor,
+    group: int = 16,
+    horizon: int = 16,
+    generator=None,
+    on_step: Callable[[int], None] | None = None,
+) -> Episodes:
+    """Run `group` schedules from `source` on each of the C `contexts` [C, L] (teacher-forced).
+
+    targets: [C, 3] per context (repeated over its schedules), [C*group, 3] per row, or [3] / [1, 3].
+    The prefill runs once for all contexts (one `sol` call with T = P); each controlled step is one
+    `sol` call with T = 1 over all C*group rows. `generator` is handed to `source.reset`.
+    """
+    if contexts.dim() != 2:
+        raise ValueError(f"contexts must be [C, L], got shape {tuple(contexts.shape)}")
+    C, L = contexts.shape
+    P = L - horizon - 1
+    if P < 1:
+        raise ValueError(f"context length {L} leaves no prefill for horizon {horizon}: need L >= horizon + 2")
+    if group < 1:
+        raise ValueError(f"group must be >= 1, got {group}")
+    device = sol.token_embedding.device
+    contexts = contexts.to(device)
+    N = C * group
+    targets = torch.as_tensor(targets, dtype=torch.float64)
+    if targets.dim() == 1 or targets.shape[0] == 1:
+        targets = targets.reshape(1, 3).expand(N, 3)
+    elif targets.shape[0] == C and group > 1:
+        targets = targets.repeat_interleave(group, dim=0)
+    if targets.shape != (N, 3):
+        raise ValueError(f"targets must be [3], [{C}, 3] or [{N}, 3], got {tuple(targets.shape)}")
+
+    cache = sol.new_cache(C, L - 1, device=device)
+    positions = torch.arange(P, device=device).expand(C, P)
+    hidden = sol(contexts[:, :P], sol.dense_actions(C, P, device), positions, cache).hidden[:, -1]
+    if group > 1:
+        cache = repeat_rows(cache, group)
+        hidden = hidden.repeat_interleave(group, dim=0)
+    ids = contexts.repeat_interleave(group, dim=0) if group > 1 else contexts
+
+    source.reset(sol.space, N, targets, horizon, generator)
+    table = sol.token_embedding
+    logps, acts, ctrl = [], [], []
+    for t in range(horizon):
+        pos = P + t
+        feed = ids[:, pos]
+        dense = torch.full((N,), pos < DENSE_PREFIX, dtype=torch.bool, device=device)
+        action = source.next_actions(t, hidden, table[feed], dense).to(device)
+        out = sol(feed[:, None], action[:, None], torch.full((N, 1), pos, device=device), cache)
+        logps.append(_log_probs(out.logits[:, -1], ids[:, pos + 1]))
+        acts.append(action)
+        ctrl.append(~dense)
+        hidden = out.hidden[:, -1]
+        if on_step is not None:
+            on_step(t)
+    actions, controlled = torch.stack(acts, 1), torch.stack(ctrl, 1)
+    return Episodes(
+        logp=torch.stack(logps, 1),
+        actions=actions,
+        controlled=controlled,
+        budget=realized_budget(sol.space, actions, controlled).cpu(),
+        targets=targets,
+        tokens=ids[:, P + 1 : P + 1 + horizon],
+        group=group,
+        prefill_len=P,
+    )

@@ -1,0 +1,635 @@
+"""GRPO over counterfactual compute schedules: train the SOL policy.
+
+    python -m training.grpo                                   # SmolLM2-135M, Shakespeare, the defaults
+    python -m training.grpo --config run.yaml --lr 3e-4       # a YAML/JSON config, then CLI overrides
+    python -m training.grpo --out runs/x --resume             # continue exactly where runs/x stopped
+    torchrun --nproc_per_node=2 -m training.grpo ...          # data parallel (gloo on CPU, nccl on GPU)
+
+One update (DESIGN.md "Policy and training"):
+  1. Rollouts. `contexts_per_update` training contexts (sharded across ranks); per context a budget
+     target per axis (U[0.1,1] attn, U[0.4,1] mlp, U[0.3125,1] bits/16 on enabled axes, 1.0 on
+     disabled ones), one dense prefill, `group_size` (K) schedules sampled from the policy at the
+     rollout temperature along the fixed ground-truth tokens for `horizon` (T) steps
+     (training/episodes.py).
+  2. Rewards. Per step r_t = log p(y_t) under the schedule; discounted returns
+     G_t = sum_{s>=t} gamma^(s-t) r_s. Budget penalty per episode and enabled axis:
+     alpha_axis * max(|realized_axis - target_axis| - tolerance, 0)^2. The penalty is a property of the
+     whole episode (every action moves the realized mean), so it is charged to EVERY controlled step:
+     R_t = G_t - penalty.
+  3. Advantages (process-level GRPO). Per context and step, subtract the mean of R_t over its K
+     schedules; then whiten all advantages of the global batch (all ranks) to mean 0, std 1.
+  4. PPO. `ppo_epochs` passes over the episodes in `ppo_minibatches` minibatches (a fixed-seed
+     permutation of the global episodes, identical on every rank): clipped surrogate
+     (clip 0.2) + entropy bonus (0.05) of the tempered policy, AdamW (1e-4), gradients averaged over
+     the global minibatch (all-reduced), clipped to norm 2.0. Log-probs are recomputed by a
+     full-sequence forward over the stored policy inputs, at the rollout temperature.
+
+All randomness is derived from (seed, update, global context index), so a run is reproducible,
+independent of the number of ranks and of where it was interrupted (--resume replays exactly).
+A non-finite reward, loss or gradient stops training with an error and does not touch the last
+checkpoint. Only rank 0 logs and writes.
+
+Outputs under --out: config.json, checkpoint.pt (latest: policy, optimizer, RNG states, update),
+policy.pt (policy config + weights, what runtime.policy.PolicyNet.load reads), tb/ (TensorBoard).
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from runtime.actions import AXES, ActionSpace
+from runtime.policy import PolicyConfig, PolicyNet, PolicySource, Trajectory, sequence_log_probs
+from training.episodes import TARGET_RANGES, Episodes, rollout, sample_targets
+
+CHECKPOINT_VERSION = 1
+
+
+class TrainingDiverged(RuntimeError):
+    """A non-finite reward, loss or gradient: training stopped, the last checkpoint is intact."""
+
+
+def _opt(default, help: str, **kw):
+    return field(default_factory=lambda: default, metadata={"help": help, **kw}) if isinstance(default, (list, dict)) else field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class GRPOConfig:
+    # model and data
+    model: str = _opt("smollm2-135m", "base model: a solc.load_model name (smollm2-135m, tiny-llama, ...) or a local HF path")
+    actions: list = _opt(["attn", "mlp", "quant"], "enabled efficiency axes, comma separated (attn,mlp,quant)")
+    levels: dict = _opt({}, 'per-axis level grids as JSON, e.g. \'{"quant": [4, 8, 16]}\' (default: the paper\'s grid)')
+    corpus: str = _opt("shakespeare", "training corpus for solc.data.get_contexts ('random' = uniform random tokens, for tests)")
+    context_length: int = _opt(256, "tokens per context: dense prefill of L - T - 1 tokens, then T controlled steps")
+    max_contexts: int = _opt(0, "use at most this many training contexts (0 = all)")
+    dtype: str = _opt("float32", "base model and policy dtype: float32 | float64 | bfloat16")
+    device: str = _opt("auto", "auto (cuda if available) | cpu | cuda | cuda:N")
+    # episodes
+    horizon: int = _opt(16, "T: controlled decode steps per episode")
+    group_size: int = _opt(16, "K: counterfactual schedules per context, sharing one prefill")
+    contexts_per_update: int = _opt(2, "contexts per update, global over all ranks (must divide by the world size)")
+    rollout_batch: int = _opt(4, "contexts per rollout call (their K schedules are batched together)")
+    target_attn: list = _opt(list(TARGET_RANGES["attn"]), "range lo,hi of the sampled attn keep target")
+    target_mlp: list = _opt(list(TARGET_RANGES["mlp"]), "range lo,hi of the sampled mlp keep target")
+    target_quant: list = _opt(list(TARGET_RANGES["quant"]), "range lo,hi of the sampled bits/16 target")
+    # reward
+    gamma: float = _opt(0.85, "discount of the per-step log-likelihood rewards")
+    alpha_attn: float = _opt(100.0, "budget penalty weight, attn axis")
+    alpha_mlp: float = _opt(100.0, "budget penalty weight, mlp axis")
+    alpha_quant: float = _opt(200.0, "budget penalty weight, quant axis")
+    budget_tolerance: float = _opt(0.02, "penalty-free band around each target: alpha*max(|mean-target|-tol,0)^2")
+    # optimisation
+    temperature: float = _opt(1.3, "rollout temperature (the PPO ratio and entropy use the same one)")
+    clip: float = _opt(0.2, "PPO ratio clip epsilon")
+    entropy_coef: float = _opt(0.05, "entropy bonus coefficient")
+    lr: float = _opt(1e-4, "AdamW learning rate")
+    weight_decay: float = _opt(0.01, "AdamW weight decay")
+    grad_clip: float = _opt(2.0, "gradient norm clip")
+    ppo_epochs: int = _opt(4, "PPO passes over each update's episodes")
+    ppo_minibatches: int = _opt(2, "minibatches per PPO pass (over episodes)")
+    # policy network
+    policy_d_model: int = _opt(512, "policy transformer width")
+    policy_heads: int = _opt(4, "policy attention heads")
+    policy_layers: int = _opt(1, "policy transformer layers")
+    policy_mlp_ratio: float = _opt(4.0, "policy MLP expansion")
+    policy_budget_head: str = _opt("anchored", "how the budget head enters the logits: anchored (quadratic prior around the needed cost) | price (linear cost price); see runtime/policy.py")
+    policy_anchor_sharpness: float = _opt(20.0, "initial sharpness kappa of the anchored prior")
+    # run control
+    max_updates: int = _opt(200, "stop after this many updates")
+    max_minutes: float = _opt(17.0, "also stop (with a checkpoint) once training has run this long; 0 = no limit")
+    checkpoint_every: int = _opt(5, "write checkpoint.pt and policy.pt every N updates (and at the end)")
+    seed: int = _opt(0, "seed of every random choice (contexts, targets, schedules, init)")
+    out: str = _opt("runs/grpo", "output directory (config.json, checkpoint.pt, policy.pt, tb/)")
+    resume: bool = _opt(False, "continue from OUT/checkpoint.pt (same config unless overridden)")
+    threads: int = _opt(0, "torch CPU threads (0 = torch's default)")
+    progress: bool = _opt(True, "show a tqdm progress bar (rank 0)")
+
+    def __post_init__(self):
+        if isinstance(self.actions, str):
+            self.actions = [a.strip() for a in self.actions.split(",") if a.strip()]
+        if isinstance(self.levels, str):
+            self.levels = json.loads(self.levels) if self.levels.strip() else {}
+        for name in ("target_attn", "target_mlp", "target_quant"):
+            v = getattr(self, name)
+            if isinstance(v, str):
+                v = [float(x) for x in v.split(",")]
+            v = [float(x) for x in v]
+            if len(v) != 2 or not 0 < v[0] <= v[1] <= 1:
+                raise ValueError(f"{name} must be lo,hi with 0 < lo <= hi <= 1, got {v}")
+            setattr(self, name, v)
+        if self.group_size < 2:
+            raise ValueError(f"group_size must be >= 2 (advantages are centred within a group), got {self.group_size}")
+        if self.horizon < 1 or self.contexts_per_update < 1 or self.ppo_epochs < 1 or self.ppo_minibatches < 1:
+            raise ValueError("horizon, contexts_per_update, ppo_epochs and ppo_minibatches must be >= 1")
+        if self.context_length < self.horizon + 2:
+            raise ValueError(f"context_length {self.context_length} must be >= horizon + 2 = {self.horizon + 2}")
+
+    @property
+    def alphas(self) -> list[float]:
+        return [self.alpha_attn, self.alpha_mlp, self.alpha_quant]
+
+    @property
+    def target_ranges(self) -> dict[str, list[float]]:
+        return {"attn": self.target_attn, "mlp": self.target_mlp, "quant": self.target_quant}
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "GRPOConfig":
+        names = {f.name for f in fields(cls)}
+        d = {k.replace("-", "_"): v for k, v in d.items()}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"unknown config keys {sorted(unknown)}; valid keys: {sorted(names)}")
+        return cls(**d)
+
+
+# ---------------------------------------------------------------------------------------------------
+# rewards and advantages
+# ---------------------------------------------------------------------------------------------------
+def discounted_returns(rewards: Tensor, gamma: float) -> Tensor:
+    """G_t = r_t + gamma * G_{t+1} over the last dim ([N, T] -> [N, T])."""
+    out = torch.empty_like(rewards)
+    running = torch.zeros_like(rewards[..., 0])
+    for t in range(rewards.shape[-1] - 1, -1, -1):
+        running = rewards[..., t] + gamma * running
+        out[..., t] = running
+    return out
+
+
+def budget_penalty(budget: Tensor, targets: Tensor, alphas: Sequence[float], tolerance: float, axes: Sequence[str] = AXES) -> Tensor:
+    """[N] sum over the enabled `axes` of alpha * max(|budget - target| - tolerance, 0)^2."""
+    excess = ((budget - targets).abs() - tolerance).clamp(min=0) ** 2  # [N, 3]
+    weights = torch.tensor([a if axis in axes else 0.0 for a, axis in zip(alphas, AXES)], dtype=excess.dtype)
+    return (excess * weights).sum(-1)
+
+
+def group_centered(values: Tensor, group: int) -> Tensor:
+    """[C*K, T] -> the same minus, per context and step, the mean over its K schedules."""
+    N, T = values.shape
+    v = values.view(N // group, group, T)
+    return (v - v.mean(dim=1, keepdim=True)).view(N, T)
+
+
+def _all_sum(t: Tensor) -> Tensor:
+    if dist.is_available() and dist.is_initialized():
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+        out = t.detach().to(device).clone()
+        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+        return out.to(t.device)
+    return t
+
+
+def whiten(values: Tensor, mask: Tensor, eps: float = 1e-8) -> Tensor:
+    """(values - mean) / (std + eps) with mean and (population) std over the masked entries of the
+    global batch (summed over ranks when torch.distributed is initialised); 0 where mask is False."""
+    m = mask.to(torch.float64)
+    v = values.to(torch.float64)
+    stats = _all_sum(torch.stack([(v * m).sum(), (v * v * m).sum(), m.sum()]))
+    n = stats[2].clamp(min=1)
+    mean = stats[0] / n
+    var = (stats[1] / n - mean * mean).clamp(min=0)
+    return torch.where(mask, (v - mean) / (var.sqrt() + eps), torch.zeros_like(v)).to(values.dtype)
+
+
+def grpo_advantages(ep: Episodes, cfg: GRPOConfig, axes: Sequence[str]) -> dict[str, Tensor]:
+    """Rewards, returns, penalties and whitened advantages of a batch of episodes."""
+    rewards = ep.logp.to(torch.float64).cpu()
+    returns = discounted_returns(rewards, cfg.gamma)
+    penalty = budget_penalty(ep.budget, ep.targets, cfg.alphas, cfg.budget_tolerance, axes)
+    total = returns - penalty[:, None]
+    adv = whiten(group_centered(total, ep.group), ep.controlled.cpu())
+    return {"rewards": rewards, "returns": returns, "penalty": penalty, "advantages": adv}
+
+
+# ---------------------------------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------------------------------
+def derive_seed(*parts: int) -> int:
+    """A 63-bit seed from integers (stable across processes and Python versions)."""
+    h = hashlib.sha256(",".join(str(int(p)) for p in parts).encode()).digest()
+    return int.from_bytes(h[:8], "little") & ((1 << 63) - 1)
+
+
+def _generator(*parts: int) -> torch.Generator:
+    return torch.Generator().manual_seed(derive_seed(*parts))
+
+
+def update_contexts(n_contexts: int, seed: int, update: int, per_update: int) -> list[int]:
+    """Global context indices of an update: epochs of seeded permutations of the training set."""
+    out = []
+    for j in range(per_update):
+        g = update * per_update + j
+        epoch, k = divmod(g, n_contexts)
+        perm = torch.randperm(n_contexts, generator=_generator(seed, 1, epoch))
+        out.append(int(perm[k]))
+    return out
+
+
+def atomic_save(obj, path: Path) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _dtype(name: str) -> torch.dtype:
+    try:
+        return {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+    except KeyError:
+        raise ValueError(f"unknown dtype {name!r}; valid: float32, float64, bfloat16, float16") from None
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def load_training_contexts(cfg: GRPOConfig, vocab_size: int, split: str = "train") -> Tensor:
+    """[N, context_length] token windows of the configured corpus."""
+    if cfg.corpus == "random":
+        n = cfg.max_contexts or 64
+        g = _generator(cfg.seed, 2, {"train": 0, "validation": 1, "test": 2}[split])
+        return torch.randint(0, vocab_size, (n, cfg.context_length), generator=g)
+    import solc
+
+    tokenizer = solc.load_tokenizer(cfg.model)
+    return solc.data.get_contexts(tokenizer, corpus=cfg.corpus, split=split, length=cfg.context_length, max_contexts=cfg.max_contexts or None)
+
+
+def build_model(cfg: GRPOConfig, device=None):
+    """Load and compile the base model as the config says."""
+    import solc
+
+    device = device or _device(cfg.device)
+    model = solc.load_model(cfg.model, dtype=_dtype(cfg.dtype)).to(device)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return solc.compile(model, actions=cfg.actions, levels=cfg.levels or None, max_seq_len=cfg.context_length)
+
+
+def build_policy(cfg: GRPOConfig, sol) -> PolicyNet:
+    torch.manual_seed(derive_seed(cfg.seed, 3))
+    config = PolicyConfig.for_model(
+        sol, d_model=cfg.policy_d_model, n_heads=cfg.policy_heads, n_layers=cfg.policy_layers, mlp_ratio=cfg.policy_mlp_ratio,
+        budget_head=cfg.policy_budget_head, anchor_sharpness=cfg.policy_anchor_sharpness,
+    )
+    dtype = torch.float64 if cfg.dtype == "float64" else torch.float32
+    return PolicyNet(config).to(device=sol.token_embedding.device, dtype=dtype)
+
+
+def _cat_traj(parts: list[Trajectory]) -> Trajectory:
+    return Trajectory(*(torch.cat(x, dim=0) for x in zip(*parts)))
+
+
+def _cat_episodes(parts: list[Episodes]) -> Episodes:
+    first = parts[0]
+    return Episodes(
+        logp=torch.cat([p.logp for p in parts]), actions=torch.cat([p.actions for p in parts]),
+        controlled=torch.cat([p.controlled for p in parts]), budget=torch.cat([p.budget for p in parts]),
+        targets=torch.cat([p.targets for p in parts]), tokens=torch.cat([p.tokens for p in parts]),
+        group=first.group, prefill_len=first.prefill_len,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------
+# training
+# ---------------------------------------------------------------------------------------------------
+class Trainer:
+    def __init__(self, cfg: GRPOConfig, sol=None, contexts: Tensor | None = None):
+        self.cfg = cfg
+        self.distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+        if self.distributed and not dist.is_initialized():
+            backend = "nccl" if _device(cfg.device).type == "cuda" else "gloo"
+            dist.init_process_group(backend)
+        self.rank = dist.get_rank() if self.distributed else 0
+        self.world = dist.get_world_size() if self.distributed else 1
+        if cfg.contexts_per_update % self.world:
+            raise ValueError(f"contexts_per_update={cfg.contexts_per_update} does not split over {self.world} ranks")
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        device = _device(cfg.device)
+        if device.type == "cuda" and self.distributed:
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(device)
+        self.sol = sol if sol is not None else build_model(cfg, device)
+        self.device = self.sol.token_embedding.device
+        self.space: ActionSpace = self.sol.space
+        vocab = self.sol.token_embedding.shape[0]
+        self.contexts = contexts if contexts is not None else load_training_contexts(cfg, vocab)
+        if self.contexts.shape[1] != cfg.context_length:
+            raise ValueError(f"contexts have length {self.contexts.shape[1]}, config says {cfg.context_length}")
+        self.policy = build_policy(cfg, self.sol)
+        self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.out = Path(cfg.out)
+        self.update = 0
+        if cfg.resume:
+            self._load_checkpoint()
+        self.is_main = self.rank == 0
+        self.writer = None
+
+    # -- checkpoints -------------------------------------------------------------------------------
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.out / "checkpoint.pt"
+
+    def _load_checkpoint(self) -> None:
+        path = self.checkpoint_path
+        if not path.exists():
+            raise FileNotFoundError(f"--resume: no checkpoint at {path}")
+        state = torch.load(path, map_location=self.device, weights_only=False)
+        if state.get("version") != CHECKPOINT_VERSION:
+            raise ValueError(f"unsupported checkpoint version {state.get('version')!r} in {path}")
+        self.policy.load_state_dict(state["policy"]["state_dict"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.update = int(state["update"])
+        rng = state["rng"]
+        torch.set_rng_state(rng["torch"])
+        random.setstate(rng["python"])
+        if torch.cuda.is_available() and rng.get("cuda") is not None:
+            torch.cuda.set_rng_state_all(rng["cuda"])
+
+    def save_checkpoint(self) -> None:
+        if not self.is_main:
+            return
+        self.out.mkdir(parents=True, exist_ok=True)
+        state = {
+            "version": CHECKPOINT_VERSION,
+            "update": self.update,
+            "policy": self.policy.state(),
+            "optimizer": self.optimizer.state_dict(),
+            "rng": {
+                "torch": torch.get_rng_state(),
+                "python": random.getstate(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            },
+            "config": self.cfg.to_dict(),
+        }
+        atomic_save(state, self.checkpoint_path)
+        atomic_save(self.policy.state(), self.out / "policy.pt")
+
+    # -- one update --------------------------------------------------------------------------------
+    def local_slice(self) -> slice:
+        per = self.cfg.contexts_per_update // self.world
+        return slice(self.rank * per, (self.rank + 1) * per)
+
+    def collect(self, update: int) -> tuple[Episodes, Trajectory, list[int]]:
+        cfg = self.cfg
+        ids = update_contexts(len(self.contexts), cfg.seed, update, cfg.contexts_per_update)
+        targets = sample_targets(self.space, cfg.contexts_per_update, _generator(cfg.seed, 4, update), cfg.target_ranges)
+        local = list(range(cfg.contexts_per_update))[self.local_slice()]
+        eps, trajs = [], []
+        self.policy.eval()
+        for start in range(0, len(local), cfg.rollout_batch):
+            chunk = local[start : start + cfg.rollout_batch]
+            source = PolicySource(self.policy, temperature=cfg.temperature, record=True)
+            gens = [_generator(cfg.seed, 5, update, ids[i]) for i in chunk]
+            ctx = self.contexts[[ids[i] for i in chunk]]
+            ep = rollout(self.sol, ctx, source, targets[chunk], group=cfg.group_size, horizon=cfg.horizon, generator=gens)
+            eps.append(ep)
+            trajs.append(source.trajectory())
+        return _cat_episodes(eps), _cat_traj(trajs), local
+
+    def ppo(self, traj: Trajectory, adv: Tensor, local: list[int], update: int) -> dict[str, float]:
+        cfg, K = self.cfg, self.cfg.group_size
+        adv = adv.to(self.device, traj.logp.dtype)
+        mask = (~traj.dense).to(traj.logp.dtype)
+        # global episode index of every local row
+        rows = torch.tensor([c * K + k for c in local for k in range(K)])
+        n_global = cfg.contexts_per_update * K
+        sums = torch.zeros(6, dtype=torch.float64)  # loss, entropy, clipfrac, kl, count, grad_norm
+        n_steps = 0
+        self.policy.train()
+        params = [p for p in self.policy.parameters()]
+        for epoch in range(cfg.ppo_epochs):
+            perm = torch.randperm(n_global, generator=_generator(cfg.seed, 6, update, epoch))
+            for m in range(cfg.ppo_minibatches):
+                chosen = perm[m :: cfg.ppo_minibatches]
+                sel = torch.isin(rows, chosen).nonzero().squeeze(-1).to(self.device)
+                part = Trajectory(*(x[sel] for x in traj))
+                a, msk = adv[sel], mask[sel]
+                count = _all_sum(msk.sum().detach().to(torch.float64).cpu()).clamp(min=1).item()
+                self.optimizer.zero_grad(set_to_none=False)
+                if len(sel):
+                    logp, ent = sequence_log_probs(self.policy, part, cfg.temperature)
+                    ratio = torch.exp(logp - part.logp)
+                    surr = torch.minimum(ratio * a, ratio.clamp(1 - cfg.clip, 1 + cfg.clip) * a)
+                    loss = ((-surr - cfg.entropy_coef * ent) * msk).sum() / count
+                    loss.backward()
+                    with torch.no_grad():
+                        clipped = ((ratio - 1).abs() > cfg.clip).to(msk.dtype)
+                        kl = (part.logp - logp)  # k1 estimator of KL(old || new)
+                        local_stats = torch.stack([loss.detach() * count, (ent * msk).sum(), (clipped * msk).sum(), (kl * msk).sum()]).double().cpu()
+                else:
+                    local_stats = torch.zeros(4, dtype=torch.float64)
+                for p in params:
+                    if p.grad is None:
+                        p.grad = torch.zeros_like(p)
+                if self.distributed:
+                    flat = torch.cat([p.grad.reshape(-1) for p in params])
+                    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+                    offset = 0
+                    for p in params:
+                        p.grad.copy_(flat[offset : offset + p.numel()].view_as(p))
+                        offset += p.numel()
+                stats = _all_sum(local_stats)
+                if not math.isfinite(float(stats[0])):
+                    raise TrainingDiverged(f"non-finite PPO loss at update {update} (epoch {epoch}, minibatch {m})")
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
+                if not math.isfinite(grad_norm):
+                    raise TrainingDiverged(f"non-finite gradient norm at update {update} (epoch {epoch}, minibatch {m})")
+                self.optimizer.step()
+                sums += torch.cat([stats, torch.tensor([count, grad_norm], dtype=torch.float64)])
+                n_steps += 1
+        n = sums[4].clamp(min=1)
+        return {
+            "loss": float(sums[0] / n), "entropy": float(sums[1] / n), "clip_fraction": float(sums[2] / n),
+            "approx_kl": float(sums[3] / n), "grad_norm": float(sums[5] / n_steps),
+        }
+
+    def step(self, update: int) -> dict[str, float]:
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        ep, traj, local = self.collect(update)
+        t1 = time.perf_counter()
+        r = grpo_advantages(ep, cfg, self.space.axes)
+        finite = torch.tensor([float(torch.isfinite(r["rewards"]).all() and torch.isfinite(r["penalty"]).all() and torch.isfinite(r["advantages"]).all())])
+        if float(_all_sum(finite)) < self.world:
+            raise TrainingDiverged(f"non-finite reward at update {update} (log-likelihood or budget penalty is NaN/inf)")
+        stats = self.ppo(traj, r["advantages"], local, update)
+        t2 = time.perf_counter()
+        # global episode statistics
+        n_ep = ep.logp.shape[0]
+        ctrl = ep.controlled.cpu().double()
+        task = (r["rewards"] * ctrl).sum(1) / ctrl.sum(1).clamp(min=1)
+        cols = [AXES.index(a) for a in self.space.axes]
+        net = ep.budget[:, cols].mean(1)
+        vec = torch.cat([
+            torch.tensor([n_ep, task.sum(), r["penalty"].sum(), net.sum(), ep.targets[:, cols].mean(1).sum()], dtype=torch.float64),
+            ep.budget.sum(0), ep.targets.sum(0), (ep.budget - ep.targets).abs().sum(0),
+        ])
+        vec = _all_sum(vec)
+        n = vec[0]
+        out = {
+            "reward/task": float(vec[1] / n),
+            "reward/penalty": float(vec[2] / n),
+            "reward/total": float((vec[1] - vec[2]) / n),
+            "budget/net_keep": float(vec[3] / n),
+            "budget/net_target": float(vec[4] / n),
+            "perf/episodes_per_s": float(n) / (t2 - t0),
+            "perf/rollout_s": t1 - t0,
+            "perf/update_s": t2 - t1,
+        }
+        for i, axis in enumerate(AXES):
+            if axis in self.space.axes:
+                out[f"budget/{axis}/realized"] = float(vec[5 + i] / n)
+                out[f"budget/{axis}/target"] = float(vec[8 + i] / n)
+                out[f"budget/{axis}/abs_error"] = float(vec[11 + i] / n)
+        out.update({f"policy/{k}": v for k, v in stats.items() if k in ("entropy", "clip_fraction", "approx_kl")})
+        out["loss/ppo"] = stats["loss"]
+        out["optim/grad_norm"] = stats["grad_norm"]
+        out["optim/lr"] = self.optimizer.param_groups[0]["lr"]
+        return out
+
+    def run(self) -> dict[str, float]:
+        cfg = self.cfg
+        if self.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "config.json").write_text(json.dumps(self.cfg.to_dict(), indent=2) + "\n")
+            from torch.utils.tensorboard import SummaryWriter
+
+            # scalars are logged at step = updates done; drop any logged after the checkpoint we resume from
+            self.writer = SummaryWriter(str(self.out / "tb"), purge_step=self.update + 1)
+        bar = None
+        if self.is_main and cfg.progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=cfg.max_updates, initial=self.update, desc="grpo", unit="upd", dynamic_ncols=True)
+        start = time.perf_counter()
+        last: dict[str, float] = {}
+        try:
+            while self.update < cfg.max_updates:
+                metrics = self.step(self.update)
+                self.update += 1
+                last = metrics
+                if self.is_main:
+                    for k, v in metrics.items():
+                        self.writer.add_scalar(k, v, self.update)
+                    if bar is not None:
+                        bar.update(1)
+                        bar.set_postfix(task=f"{metrics['reward/task']:.3f}", pen=f"{metrics['reward/penalty']:.3f}",
+                                        net=f"{metrics['budget/net_keep']:.2f}/{metrics['budget/net_target']:.2f}",
+                                        eps=f"{metrics['perf/episodes_per_s']:.1f}")
+                out_of_time = cfg.max_minutes > 0 and (time.perf_counter() - start) / 60 >= cfg.max_minutes
+                if self.distributed:  # every rank stops at the same update
+                    out_of_time = bool(_all_sum(torch.tensor([float(out_of_time)])) > 0)
+                if self.update % cfg.checkpoint_every == 0 or self.update == cfg.max_updates or out_of_time:
+                    self.save_checkpoint()
+                if out_of_time:
+                    if self.is_main:
+                        print(f"grpo: time limit of {cfg.max_minutes} min reached after {self.update} updates", file=sys.stderr)
+                    break
+        finally:
+            if bar is not None:
+                bar.close()
+            if self.writer is not None:
+                self.writer.flush()
+                self.writer.close()
+        return last
+
+
+def train(cfg: GRPOConfig, sol=None, contexts: Tensor | None = None) -> Trainer:
+    """Run GRPO training as configured; returns the Trainer (its .policy is the trained policy)."""
+    trainer = Trainer(cfg, sol=sol, contexts=contexts)
+    trainer.run()
+    return trainer
+
+
+# ---------------------------------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------------------------------
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m training.grpo",
+        description=__doc__.split("\n\n")[0] + "\nPrecedence: built-in defaults < --config file < command-line options.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--config", help="YAML or JSON file of options (keys as below, with _ or -)", default=argparse.SUPPRESS)
+    defaults = GRPOConfig()
+    for f in fields(GRPOConfig):
+        flag = "--" + f.name.replace("_", "-")
+        default = getattr(defaults, f.name)
+        help_ = f.metadata["help"] + f" (default: {json.dumps(default) if isinstance(default, (list, dict)) else default})"
+        if f.type in ("bool", bool):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_)
+        elif isinstance(default, list):
+            p.add_argument(flag, type=str, default=argparse.SUPPRESS, metavar="A,B", help=help_)
+        elif isinstance(default, dict):
+            p.add_argument(flag, type=str, default=argparse.SUPPRESS, metavar="JSON", help=help_)
+        else:
+            p.add_argument(flag, type=type(default), default=argparse.SUPPRESS, help=help_)
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    return p
+
+
+def _read_config_file(path: str) -> dict:
+    text = Path(path).read_text()
+    if path.endswith(".json"):
+        return json.loads(text)
+    import yaml
+
+    data = yaml.safe_load(text) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: a config file must hold a mapping of option names to values")
+    return data
+
+
+def config_from_args(argv: Sequence[str] | None = None) -> GRPOConfig:
+    args = vars(_parser().parse_args(argv))
+    values: dict = {}
+    cli = {k: v for k, v in args.items() if k != "config"}
+    out = cli.get("out")
+    if cli.get("resume"):
+        # a resumed run starts from the configuration it was started with
+        out_dir = Path(out or GRPOConfig().out)
+        saved = out_dir / "config.json"
+        if saved.exists():
+            values.update(json.loads(saved.read_text()))
+    if "config" in args:
+        values.update({k.replace("-", "_"): v for k, v in _read_config_file(args["config"]).items()})
+    values.update(cli)
+    return GRPOConfig.from_dict(values)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    cfg = config_from_args(argv)
+    try:
+        trainer = train(cfg)
+    except TrainingDiverged as e:
+        print(f"grpo: training stopped: {e}. The last good checkpoint ({Path(cfg.out) / 'checkpoint.pt'}) is intact.", file=sys.stderr)
+        return 3
+    if trainer.is_main:
+        print(f"grpo: {trainer.update} updates done; policy written to {Path(cfg.out) / 'policy.pt'}")
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
