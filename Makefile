@@ -21,7 +21,7 @@ assets: $(STAMP)
 setup: assets
 
 demo: setup
-	$(PY) -m solc.demo
+	$(PY) -m training.demo
 
 test: setup
 	$(PY) -m pytest -q tests
