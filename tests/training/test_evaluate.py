@@ -1,0 +1,77 @@
+"""python -m training.evaluate end to end on a tiny model: CSV, Pareto PNG, TensorBoard, report."""
+import csv
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import training.evaluate as evaluate
+from runtime.policy import PolicyConfig, PolicyNet
+
+
+class ByteTok:
+    eos_token_id, bos_token_id = 0, None
+
+    def __call__(self, text, add_special_tokens=False):
+        return SimpleNamespace(input_ids=list(text.encode()))
+
+
+@pytest.fixture(scope="module")
+def tiny_policy(tiny_sol, tmp_path_factory):
+    torch.manual_seed(0)
+    policy = PolicyNet(PolicyConfig.for_model(tiny_sol, d_model=32, n_heads=2))
+    path = tmp_path_factory.mktemp("policy") / "policy.pt"
+    policy.save(path)
+    return policy, path
+
+
+def test_cli_writes_csv_plot_tensorboard_and_report(tiny_policy, tmp_path):
+    _, path = tiny_policy
+    out = tmp_path / "eval"
+    rc = evaluate.main([
+        "--policy", str(path), "--model", "tiny-llama", "--corpus", "random", "--budgets", "0.5,0.7",
+        "--context-length", "26", "--test-contexts", "2", "--val-contexts", "1", "--search-n", "3",
+        "--uniform", "0,dense", "--mc-tasks", "", "--out", str(out), "--no-progress",
+    ])
+    assert rc == 0
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    methods = {(r["method"], r["budget"]) for r in rows}
+    for m in ("policy", "fixed", "random", "random-search"):
+        assert {(m, "0.5"), (m, "0.7")} <= methods
+    assert {r["method"] for r in rows if r["method"].startswith("uniform:")} == {"uniform:0", "uniform:26"}
+    for r in rows:
+        assert r["eval"] == "ppl" and float(r["value"]) > 1 and 0 < float(r["net_keep"]) <= 1
+        if r["method"] == "fixed":
+            for a in ("attn", "mlp", "quant"):
+                assert abs(float(r[a]) - float(r[f"target_{a}"])) <= 0.02
+    assert (out / "pareto.png").stat().st_size > 10_000
+    assert any(p.name.startswith("events.out.tfevents") for p in (out / "tb").iterdir())
+    text = (out / "report.md").read_text()
+    assert "Budget adherence of the policy" in text and "policy - fixed" in text and "| policy |" in text
+
+
+def test_run_with_multiple_choice(tiny_sol, tiny_policy, tmp_path, monkeypatch):
+    policy, _ = tiny_policy
+    root = tmp_path / "cache"
+    (root / "data" / "mc" / "bigbench").mkdir(parents=True)
+    (root / "data" / "mc" / "mmlu").mkdir(parents=True)
+    task = {"name": "t", "append_choices_to_input": False,
+            "examples": [{"input": f"q{i}", "target_scores": {"yes": i % 2, "no": 1 - i % 2}} for i in range(4)]}
+    (root / "data" / "mc" / "bigbench" / "t.json").write_text(json.dumps(task))
+    rows = [{"question": f"Q{i}\nA. a\nB. b\nAnswer:", "answer": "AB"[i % 2]} for i in range(4)]
+    (root / "data" / "mc" / "mmlu" / "m.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    monkeypatch.setenv("SOLC_CACHE", str(root))
+    cfg = evaluate.EvalConfig(policy="x", model="tiny-llama", corpus="random", budgets=[0.6], methods=["policy", "fixed", "random"],
+                              uniform="none", context_length=26, test_contexts=1, mc_tasks=["bigbench:t", "mmlu:m"], mc_shots=[0, 1],
+                              mc_questions=3, progress=False)
+    result = evaluate.run(cfg, sol=tiny_sol, policy=policy, tokenizer=ByteTok())
+    mc_rows = [r for r in result["rows"] if r["eval"] != "ppl"]
+    assert {r["eval"] for r in mc_rows} == {"bigbench:t/0shot", "bigbench:t/1shot", "mmlu:m/0shot", "mmlu:m/1shot"}
+    for r in mc_rows:
+        assert r["n"] == 3 and 0 <= r["value"] <= 1 and r["chance"] == pytest.approx(0.5)
+        if r["method"] == f"uniform:{tiny_sol.space.dense_index}":
+            assert r["net_keep"] == pytest.approx(1.0)
+    text = evaluate.report(result, cfg, "cmd")
+    assert "### mmlu:m/1shot: 3 questions" in text
+    evaluate.plot_pareto(result["rows"], tmp_path / "p.png")

@@ -1,0 +1,111 @@
+"""The lm-eval adapter's three request types, on hand-made requests and a tiny model (offline, no lm_eval)."""
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from runtime.generate import generate, score
+from runtime.policy import PolicyConfig, PolicyNet
+from runtime.schedulers import Fixed
+from training.lm_eval_adapter import HAVE_LM_EVAL, SolcLM
+
+
+class ByteTok:
+    eos_token_id, bos_token_id = 0, None
+
+    def __call__(self, text, add_special_tokens=False):
+        return SimpleNamespace(input_ids=list(text.encode()))
+
+    def decode(self, ids):
+        return bytes(ids).decode(errors="replace")
+
+
+def req(*args):
+    return SimpleNamespace(args=args)  # what the adapter reads of lm_eval's Instance
+
+
+def _dense_loglik(sol, ids, start):
+    """Sum of log p(ids[i]) for i >= start from one dense teacher-forced forward."""
+    x = torch.tensor([ids])
+    logp = torch.log_softmax(sol(x).logits[0].double(), -1)
+    return sum(float(logp[i - 1, ids[i]]) for i in range(start, len(ids)))
+
+
+CTX = "The cat sat on the"
+
+
+def test_loglikelihood_dense_matches_a_plain_forward(tiny_sol):
+    lm = SolcLM(model=tiny_sol, tokenizer=ByteTok(), budget=1.0)
+    out = lm.loglikelihood([req(CTX, " mat"), req(CTX, " hat!"), req("Other context here", " x")])
+    for (ctx, cont), (lp, _) in zip([(CTX, " mat"), (CTX, " hat!"), ("Other context here", " x")], out):
+        ids = list((ctx + cont).encode())
+        assert lp == pytest.approx(_dense_loglik(tiny_sol, ids, len(ctx)), abs=2e-4)
+    assert lm.last_budget["net_keep"] == pytest.approx(1.0)
+
+
+def test_loglikelihood_under_fixed_matches_runtime_score_and_greedy_flag(tiny_sol):
+    lm = SolcLM(model=tiny_sol, tokenizer=ByteTok(), budget=0.5, method="fixed")
+    (lp, greedy), = lm.loglikelihood([req(CTX, " mat")])
+    tokens = torch.tensor([list((CTX + " mat").encode())])
+    ref = score(tiny_sol, tokens, len(CTX), policy=Fixed(), budget=0.5)
+    assert lp == pytest.approx(float(ref.logprobs.double().sum()), abs=1e-4)
+    assert lm.last_budget["attn"] < 1.0 and lm.last_budget["mlp"] < 1.0
+    # is_greedy: a continuation made of the argmax tokens is greedy
+    g = generate(tiny_sol, torch.tensor([list(CTX.encode())]), policy=Fixed(), budget=0.5, max_new_tokens=3)
+    cont = bytes(g.tokens[0, len(CTX):].tolist()).decode(errors="replace")
+    if list(cont.encode()) == g.tokens[0, len(CTX):].tolist():  # only when the bytes round-trip
+        assert lm.loglikelihood([req(CTX, cont)])[0][1] is True
+    assert greedy in (True, False)
+
+
+def test_loglikelihood_rolling_windows(tiny_sol):
+    text = "abcdefghijklmnopqrstuvwx"
+    ids = [0] + list(text.encode())
+    full = SolcLM(model=tiny_sol, tokenizer=ByteTok(), budget=1.0)
+    assert full.loglikelihood_rolling([req(text)])[0] == pytest.approx(_dense_loglik(tiny_sol, ids, 1), abs=2e-4)
+    short = SolcLM(model=tiny_sol, tokenizer=ByteTok(), budget=1.0, max_length=10)
+    got = short.loglikelihood_rolling([req(text)])[0]
+    # at most 10 positions fed per window: tokens 1..10 from [0..9], 11..20 from [10..19], then 21..24
+    # with as much context as fits ([14..23])
+    want, start = 0.0, 1
+    while start < len(ids):
+        end = min(start + 10, len(ids))
+        lo = max(0, end - 11)
+        want += _dense_loglik(tiny_sol, ids[lo:end], start - lo)
+        start = end
+    assert got == pytest.approx(want, abs=5e-4)
+
+
+def test_generate_until_and_arg_string(tiny_sol):
+    lm = SolcLM.create_from_arg_string("budget=0.6,method=fixed,max_gen_toks=6", {"model": tiny_sol, "tokenizer": ByteTok(), "batch_size": 1})
+    assert lm.target == (0.6, 0.6, 0.6) and lm.max_gen_toks == 6
+    ids = torch.tensor([list(CTX.encode())])
+    g = generate(tiny_sol, ids, policy=Fixed(), budget=0.6, max_new_tokens=6, eos_token_id=0)
+    new = g.tokens[0, ids.shape[1]:].tolist()
+    new = new[: new.index(0)] if 0 in new else new
+    text = bytes(new).decode(errors="replace")
+    out = lm.generate_until([req(CTX, {"until": ["\x00never"]}), req(CTX, {"until": [text[2:4]] if len(text) >= 4 else [], "max_gen_toks": 6})])
+    assert out[0] == text
+    assert out[1] == (text[: text.index(text[2:4])] if len(text) >= 4 else text)
+    assert 0.5 < lm.last_budget["net_keep"] < 0.7
+
+
+def test_policy_method(tiny_sol, tmp_path):
+    torch.manual_seed(0)
+    policy = PolicyNet(PolicyConfig.for_model(tiny_sol, d_model=32, n_heads=2))
+    policy.save(tmp_path / "p.pt")
+    lm = SolcLM.create_from_arg_string(f"policy={tmp_path / 'p.pt'},budget=0.5/0.8/0.5", {"model": tiny_sol, "tokenizer": ByteTok()})
+    assert lm.method == "policy" and lm.target == (0.5, 0.8, 0.5)
+    out = lm.loglikelihood([req(CTX, " mat and the dog")])
+    assert out[0][0] < 0 and set(lm.last_budget) == {"attn", "mlp", "quant", "net_keep"}
+    assert abs(lm.last_budget["mlp"] - 0.8) <= 0.1  # the untrained policy is a budget controller
+    with pytest.raises(ValueError, match="valid choices"):
+        SolcLM(model=tiny_sol, tokenizer=ByteTok(), method="nope")
+
+
+@pytest.mark.skipif(not HAVE_LM_EVAL, reason="lm_eval is not installed (the adapter is tested on its interface above)")
+def test_registered_with_lm_eval():  # pragma: no cover
+    from lm_eval.api.model import LM
+    from lm_eval.api.registry import get_model
+
+    assert get_model("solc") is SolcLM and issubclass(SolcLM, LM)

@@ -1,0 +1,161 @@
+"""Multiple-choice data formatting and scoring, on a fake model whose logits the test controls."""
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from runtime.actions import ActionSpace
+from runtime.schedulers import Fixed
+from runtime.sol_model import SOLOutput
+from training.baselines import Uniform
+from training.mc import MCTask, bigbench_questions, encode, load_task, mmlu_questions, score_continuations, score_task
+
+V = 256
+LOW = -10.0
+
+
+class ByteTok:
+    """Bytes are token ids; 0 is EOS."""
+
+    eos_token_id, bos_token_id = 0, None
+
+    def __call__(self, text, add_special_tokens=False):
+        return SimpleNamespace(input_ids=list(text.encode()))
+
+    def decode(self, ids):
+        return bytes(ids).decode(errors="replace")
+
+
+class FakeCache:
+    """What runtime.kv_cache.repeat_rows needs: batch, max_len and the tensors (here: the token history)."""
+
+    def __init__(self, batch, max_len):
+        self.batch, self.max_len = batch, max_len
+        self.tensors = [torch.zeros(batch, max_len, dtype=torch.long)]
+
+
+class FakeSOL:
+    """A 'model' whose next-token logits the test sets: after ' ', it prefers the letter PREF[question]
+    (the question is the first token of the sequence) when the step runs dense, LOW_PREF[question] when
+    it runs any other action; after anything else it predicts ' '. Every other logit is LOW."""
+
+    PREF = {"1": "B", "2": "C", "3": "A"}
+    LOW_PREF = {"1": "A", "2": "C", "3": "C"}
+
+    def __init__(self):
+        self.space = ActionSpace()
+        self.dtype = torch.float32
+        self.max_seq_len = 64
+        self.token_embedding = torch.zeros(V, 4)
+        self.calls = []
+
+    def new_cache(self, batch, max_len=None, device=None):
+        return FakeCache(batch, max_len or self.max_seq_len)
+
+    def __call__(self, ids, actions, positions, cache):
+        hist = cache.tensors[0]
+        hist.scatter_(1, positions, ids)
+        B, T = ids.shape
+        if actions is None:
+            actions = torch.full((B, T), self.space.dense_index)
+        self.calls.append(actions.clone())
+        logits = torch.full((B, T, V), LOW)
+        for b in range(B):
+            q = chr(int(hist[b, 0]))
+            for t in range(T):
+                if int(ids[b, t]) == ord(" "):
+                    pref = self.PREF if int(actions[b, t]) == self.space.dense_index else self.LOW_PREF
+                    logits[b, t, ord(pref.get(q, "A"))] = 0.0
+                else:
+                    logits[b, t, ord(" ")] = 0.0
+        return SOLOutput(logits, torch.zeros(B, T, 4))
+
+
+# log-prob of the preferred token and of any other one, under the fake logits
+LP_TOP = -math.log(1 + (V - 1) * math.exp(LOW))
+LP_OTHER = LOW + LP_TOP
+
+ROWS = [
+    {"question": "1?\nA. x\nB. y\nC. z\nAnswer:", "answer": "B"},
+    {"question": "2?\nA. x\nB. y\nC. z\nAnswer:", "answer": "C"},
+    {"question": "3?\nA. x\nB. y\nC. z\nAnswer:", "answer": "C"},
+]
+
+
+def _task():
+    return MCTask("hand-made", mmlu_questions(ROWS, shots=0))
+
+
+def test_mmlu_format_and_tokenisation():
+    qs = mmlu_questions(ROWS)
+    assert sorted(q.context[0] for q in qs) == ["1", "2", "3"]
+    q = next(q for q in qs if q.context.startswith("2"))
+    assert q.choices == (" A", " B", " C") and q.answer == 2 and q.context.endswith("Answer:")
+    ctx, cont = encode(ByteTok(), q.context, q.choices[1])
+    assert ctx == list(q.context.encode()) and cont == [ord(" "), ord("B")]
+    few = mmlu_questions(ROWS, shots=2)
+    q = next(q for q in few if q.context.split("\n\n")[-1].startswith("1"))
+    assert q.context.count("Answer:") == 3 and "Answer: B\n\n" not in q.context.split("\n\n")[-1]
+
+
+def test_expected_choices_dense_and_under_a_low_action():
+    sol, tok = FakeSOL(), ByteTok()
+    task = _task()
+    res = score_task(sol, tok, task, {
+        "dense": (Uniform(sol.space.dense_index), 1.0),
+        "low": (Uniform(0), 1.0),
+        "fixed-dense": (Fixed(), 1.0),
+        "fixed-min": (Fixed, (0.1, 0.4, 0.3125)),  # a factory works too; lowest level on every axis = action 0
+    })
+    letters = lambda name: {q.context[0]: "ABC"[p] for q, p in zip(task.questions, res[name].predictions)}  # noqa: E731
+    assert letters("dense") == {"1": "B", "2": "C", "3": "A"}
+    assert letters("low") == {"1": "A", "2": "C", "3": "C"}
+    assert letters("fixed-dense") == letters("dense") and letters("fixed-min") == letters("low")
+    assert res["dense"].accuracy == pytest.approx(2 / 3) and res["low"].accuracy == pytest.approx(2 / 3)
+    # the budget counts the continuation steps that ran: 2 tokens x 3 choices x 3 questions
+    assert res["low"].steps == 18 and res["low"].budget == pytest.approx({"attn": 0.1, "mlp": 0.4, "quant": 5 / 16})
+    assert res["dense"].budget == pytest.approx({"attn": 1.0, "mlp": 1.0, "quant": 1.0})
+
+
+def test_scores_are_sums_of_token_logprobs_and_padding_is_masked():
+    sol, tok = FakeSOL(), ByteTok()
+    ctx, a = encode(tok, "1? pick one:", " B")
+    _, b = encode(tok, "1? pick one:", " Bxy")
+    s = score_continuations(sol, ctx, [a, b], [Uniform(sol.space.dense_index), Uniform(0)], [1.0, 1.0])
+    # rows choice-major: (a, dense), (a, low), (b, dense), (b, low)
+    assert s.logprob[0].item() == pytest.approx(2 * LP_TOP, abs=1e-5)  # ' ' then the preferred 'B'
+    assert s.logprob[1].item() == pytest.approx(LP_TOP + LP_OTHER, abs=1e-5)  # low action prefers 'A'
+    # ' B' then 'x' (after 'B' the model wants ' ') then 'y' (after 'x' likewise)
+    assert s.logprob[2].item() == pytest.approx(2 * LP_TOP + 2 * LP_OTHER, abs=1e-5)
+    assert s.greedy.tolist() == [True, False, False, False]
+    assert s.counted.sum(1).tolist() == [2, 2, 4, 4]
+    # (the prompt is longer than DENSE_PREFIX, so no step is forced dense)
+    # one dense prefill of the prompt minus its last token, then one call per step for all rows
+    assert sol.calls[0].shape == (1, len(ctx) - 1) and all(c.shape == (4, 1) for c in sol.calls[1:])
+
+
+def test_bigbench_format_follows_json_task():
+    task = {
+        "name": "t",
+        "examples": [
+            {"input": "How many legs do horses have?", "target_scores": {"two": 0, "four": 1, "six": 0}},
+            {"input": "Sky colour?", "target_scores": {"blue": 1, "green": 0}},
+            {"input": "Two plus two?", "target_scores": {"three": 0, "four": 1}},
+        ],
+    }
+    qs = bigbench_questions(task, shots=0)
+    q = next(q for q in qs if "horses" in q.context)
+    assert q.context.startswith("\nQ: How many legs do horses have?\n  choice: ")
+    assert q.context.endswith("\nA:") and q.choices == (" two", " four", " six") and q.answer == 1
+    assert sorted(q.context.split("\n  choice: ")[1:])[0].startswith("four")
+    few = bigbench_questions(task, shots=1)
+    q = next(q for q in few if q.context.endswith("Two plus two?" + q.context.split("Two plus two?")[-1]) and "Two plus two?" in q.context.split("\nA: ")[-1])
+    assert q.context.count("\nA: ") == 1 and q.context.count("\nA:") == 2  # one solved example, then the question
+
+
+def test_load_task_names_the_setup_step(tmp_path):
+    with pytest.raises(FileNotFoundError, match="eval_assets"):
+        load_task("bigbench:general_knowledge", root=tmp_path)
+    with pytest.raises(ValueError, match="bigbench:<task>"):
+        load_task("nope", root=tmp_path)

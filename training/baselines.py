@@ -1,0 +1,216 @@
+"""Baselines as action sources, random search, and the method registry used by evaluation.
+
+    src = build_source("fixed")                       # any ActionSource: rollout, generate, score
+    src = build_source("uniform:13")                  # action 13 on every controlled step
+    src = build_source("policy", policy=net)          # the trained policy (greedy by default)
+    found = random_search(sol, val_contexts, [(0.6, 0.6, 0.6)], n=30)     # fit on validation data
+    src = build_source("random-search", target=(0.6, 0.6, 0.6), searched=found)
+
+Methods (`METHODS`; the registry name -> ActionSource factory is `build_source`):
+  policy         the trained PolicyNet (runtime/policy.py), greedy unless asked to sample.
+  fixed          runtime.schedulers.Fixed: per axis, round-robin between the two grid levels nearest
+                 the target, so the realized budget matches it to within one step.
+  random         runtime.schedulers.Random: Fixed's levels shuffled per axis (same realized budget).
+  random-search  best of N (default 30) Random schedules: each is scored on calibration contexts
+                 (the validation split) by the mean log-likelihood of its controlled steps, the best
+                 one is kept and then applied as a fixed schedule (evaluation scores it on the test
+                 split). One search per budget target.
+  uniform:<i>    action i of the action space on every controlled step (index, see ActionSpace).
+
+`Composite` runs several sources side by side in one batch (row r is served by source r % G), so one
+shared-prefill rollout (training/episodes.py, group=G) scores every method and budget on the same
+contexts. `SharedRows` makes a row-independent source pick one schedule for all its rows.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from runtime.actions import AXES, ActionSpace
+from runtime.schedulers import ActionSource, Fixed, Random, Schedule
+from training.episodes import rollout
+
+METHODS = ("policy", "fixed", "random", "random-search", "uniform:<index>")
+
+
+class Uniform(ActionSource):
+    """One action on every controlled step (dense where forced)."""
+
+    def __init__(self, index: int):
+        self.index = int(index)
+
+    def reset(self, space, batch, targets, horizon, generator=None):
+        if not 0 <= self.index < len(space):
+            raise ValueError(f"uniform action {self.index} is outside 0..{len(space) - 1}")
+        super().reset(space, batch, targets, horizon, generator)
+
+    def next_actions(self, step, hidden, token_embedding, dense):
+        return self._with_dense(torch.full((self.batch,), self.index, dtype=torch.long), dense.cpu()).to(hidden.device)
+
+
+class CyclicSchedule(ActionSource):
+    """One schedule [T] for every row, consumed by controlled steps only (like Fixed: forced-dense steps
+    do not use it up) and repeated if an episode is longer than T."""
+
+    def __init__(self, schedule: Tensor):
+        self.schedule = torch.as_tensor(schedule, dtype=torch.long).reshape(-1)
+        if self.schedule.numel() == 0:
+            raise ValueError("CyclicSchedule needs a non-empty schedule")
+
+    def reset(self, space, batch, targets, horizon, generator=None):
+        if int(self.schedule.min()) < 0 or int(self.schedule.max()) >= len(space):
+            raise ValueError(f"schedule holds action indices outside 0..{len(space) - 1}")
+        super().reset(space, batch, targets, horizon, generator)
+        self._cursor = torch.zeros(batch, dtype=torch.long)
+
+    def next_actions(self, step, hidden, token_embedding, dense):
+        dense = dense.cpu().bool()
+        picked = self.schedule[self._cursor % len(self.schedule)]
+        self._cursor += (~dense).long()
+        return self._with_dense(picked, dense).to(hidden.device)
+
+
+class SharedRows(ActionSource):
+    """Wraps a source whose picks do not depend on the row's inputs (Fixed, Random, a schedule): the
+    inner source runs for one row (the first row's target) and every row gets its actions. Used where
+    rows must share one schedule, e.g. the answer choices of one multiple-choice question."""
+
+    def __init__(self, inner: ActionSource):
+        self.inner = inner
+
+    def reset(self, space, batch, targets, horizon, generator=None):
+        targets = torch.as_tensor(targets, dtype=torch.float64).expand(batch, 3)
+        super().reset(space, batch, targets, horizon, generator)
+        self.inner.reset(space, 1, targets[:1], horizon, generator)
+
+    def next_actions(self, step, hidden, token_embedding, dense):
+        dense = dense.bool()
+        one = self.inner.next_actions(step, hidden[:1], token_embedding[:1], dense[:1])
+        return self._with_dense(one.expand(self.batch).clone(), dense)
+
+
+class Composite(ActionSource):
+    """G sources side by side: row r is served by source r % G, so with rollout(group=G) every context
+    is scored by every source. targets: [B, 3] per row (source g gets rows g, g+G, ...)."""
+
+    def __init__(self, sources: Sequence[ActionSource]):
+        if not sources:
+            raise ValueError("Composite needs at least one source")
+        self.sources = list(sources)
+
+    def reset(self, space, batch, targets, horizon, generator=None):
+        G = len(self.sources)
+        if batch % G:
+            raise ValueError(f"a batch of {batch} rows does not split over {G} sources")
+        targets = torch.as_tensor(targets, dtype=torch.float64).expand(batch, 3)
+        super().reset(space, batch, targets, horizon, generator)
+        for g, src in enumerate(self.sources):
+            src.reset(space, batch // G, targets[g::G].contiguous(), horizon, generator)
+
+    def next_actions(self, step, hidden, token_embedding, dense):
+        G = len(self.sources)
+        out = torch.empty(self.batch, dtype=torch.long, device=hidden.device)
+        for g, src in enumerate(self.sources):
+            out[g::G] = src.next_actions(step, hidden[g::G], token_embedding[g::G], dense[g::G]).to(hidden.device)
+        return out
+
+
+# -- random search ----------------------------------------------------------------------------------
+def target_key(target) -> tuple[float, float, float]:
+    """A hashable per-axis target (attn, mlp, bits/16) from one number or three."""
+    t = torch.as_tensor(target, dtype=torch.float64).reshape(-1)
+    if t.numel() == 1:
+        t = t.repeat(3)
+    if t.numel() != 3:
+        raise ValueError(f"a target is one number or three (attn, mlp, bits/16), got {target!r}")
+    return tuple(round(float(x), 6) for x in t)
+
+
+def axis_targets(space: ActionSpace, budget) -> tuple[float, float, float]:
+    """Per-axis target for a requested budget; disabled axes always run dense (1.0)."""
+    key = target_key(budget)
+    return tuple(key[i] if axis in space.axes else 1.0 for i, axis in enumerate(AXES))
+
+
+def random_schedules(space: ActionSpace, target, n: int, horizon: int, generator: torch.Generator | None = None) -> Tensor:
+    """[n, horizon] schedules of the Random baseline at `target` (Fixed's levels, shuffled per axis)."""
+    src = Random()
+    src.reset(space, n, torch.tensor(target_key(target), dtype=torch.float64).expand(n, 3), horizon, generator)
+    zeros, no = torch.zeros(n, 1), torch.zeros(n, dtype=torch.bool)
+    return torch.stack([src.next_actions(t, zeros, zeros, no) for t in range(horizon)], 1)
+
+
+@torch.no_grad()
+def score_schedules(sol, contexts: Tensor, schedules: Tensor, horizon: int, max_rows: int = 160,
+                    on_progress: Callable[[int], None] | None = None) -> Tensor:
+    """[S] mean log-likelihood of the controlled steps of each schedule [S, horizon] over all `contexts`
+    (the training episode protocol; one shared prefill per context)."""
+    S = schedules.shape[0]
+    per_chunk = max(1, max_rows // S)
+    total = torch.zeros(S, dtype=torch.float64)
+    for lo in range(0, contexts.shape[0], per_chunk):
+        ctx = contexts[lo : lo + per_chunk]
+        ep = rollout(sol, ctx, Schedule(schedules.repeat(ctx.shape[0], 1)), torch.ones(3), group=S, horizon=horizon)
+        total += ep.mean_logp().double().view(ctx.shape[0], S).sum(0).cpu()
+        if on_progress is not None:
+            on_progress(ctx.shape[0])
+    return total / contexts.shape[0]
+
+
+@dataclass
+class SearchResult:
+    target: tuple[float, float, float]
+    schedules: Tensor  # [N, T] the candidates
+    scores: Tensor  # [N] their mean log-likelihood on the calibration contexts
+    best: int
+
+    @property
+    def schedule(self) -> Tensor:
+        return self.schedules[self.best]
+
+
+def random_search(sol, contexts: Tensor, targets: Sequence, n: int = 30, horizon: int = 16, seed: int = 0,
+                  max_rows: int = 160, on_progress: Callable[[int], None] | None = None) -> dict[tuple, SearchResult]:
+    """Best of `n` Random schedules per target, chosen by mean log-likelihood on `contexts` (pass the
+    validation split: the search must not see the contexts it is scored on). All targets' candidates
+    are scored together, sharing each context's prefill."""
+    if n < 1:
+        raise ValueError(f"random search needs n >= 1 candidates, got {n}")
+    keys = list(dict.fromkeys(target_key(t) for t in targets))
+    gen = torch.Generator().manual_seed(seed)
+    cands = [random_schedules(sol.space, key, n, horizon, gen) for key in keys]
+    scores = score_schedules(sol, contexts, torch.cat(cands), horizon, max_rows, on_progress).view(len(keys), n)
+    return {key: SearchResult(key, cand, s, int(s.argmax())) for key, cand, s in zip(keys, cands, scores)}
+
+
+# -- registry ---------------------------------------------------------------------------------------
+def build_source(name: str, *, target=None, policy=None, searched: dict | None = None, greedy: bool = True,
+                 temperature: float | None = None) -> ActionSource:
+    """A fresh ActionSource for method `name` (see METHODS). `target` is needed by random-search (which
+    of the `searched` results to run); the others read their target at reset, like every source."""
+    if name == "policy":
+        if policy is None:
+            raise ValueError("method 'policy' needs policy= (a PolicyNet)")
+        from runtime.policy import PolicySource
+
+        return PolicySource(policy, greedy=greedy, temperature=temperature)
+    if name == "fixed":
+        return Fixed()
+    if name == "random":
+        return Random()
+    if name == "random-search":
+        if searched is None or target is None:
+            raise ValueError("method 'random-search' needs searched= (random_search's result) and target=")
+        key = target_key(target)
+        if key not in searched:
+            raise ValueError(f"no random search was run for target {key}; searched: {sorted(searched)}")
+        return CyclicSchedule(searched[key].schedule)
+    if name.startswith("uniform:"):
+        index = name.split(":", 1)[1]
+        if not index.isdigit():
+            raise ValueError(f"uniform needs an action index, e.g. 'uniform:13', got {name!r}")
+        return Uniform(int(index))
+    raise ValueError(f"unknown method {name!r}; valid choices: {list(METHODS)}")

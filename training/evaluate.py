@@ -1,0 +1,468 @@
+"""Evaluation: quality at matched budget for the policy and the baselines, Pareto front, adherence.
+
+    python -m training.evaluate --policy runs/default/policy.pt --budgets 0.4,0.5,0.6,0.7,0.8 --out runs/eval
+
+For each method (policy, fixed, random, random-search; see training/baselines.py) and each budget:
+  * perplexity over the controlled steps on the TEST split, with the training episode protocol
+    (training/episodes.py: dense prefill of a context, then T teacher-forced controlled steps). All
+    methods, budgets and every uniform action run on the same contexts in one shared-prefill batch.
+    Random search picks its schedule on the VALIDATION split (best of --search-n) and is scored here.
+  * multiple-choice accuracy with the source active on the answer continuations (training/mc.py:
+    dense prompt prefill, one controlled step per continuation token), on BIG-bench tasks and
+    MMLU-format questions, 0-shot and few-shot; a dense reference row per task.
+  * the realized budget per axis and the net keep (mean over enabled axes), from the actions that ran.
+Budgets: one number per budget (the same target on every enabled axis) or attn/mlp/bits16 triples.
+
+Writes to --out: results.csv (one row per eval, method, budget), pareto.png (quality vs realized net
+keep, one line per method; uniform actions as points), report.md (tables: perplexity and accuracy per
+method and budget, paired differences, the policy's budget adherence), command.txt, and TensorBoard
+scalars under tb/ (tag <eval>/<method>/<metric>, step = round(100 * requested budget), or
+round(100 * net keep) for uniform actions). A tqdm bar tracks contexts and questions.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import shlex
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from runtime.actions import AXES
+from training.baselines import Composite, axis_targets, build_source, random_search, target_key
+from training.episodes import rollout
+
+DEFAULT_METHODS = ("policy", "fixed", "random", "random-search")
+DEFAULT_MC_TASKS = ("bigbench:general_knowledge", "bigbench:human_organs_senses", "mmlu:samples-all")
+
+
+@dataclass
+class EvalConfig:
+    policy: str
+    model: str = "smollm2-135m"
+    corpus: str = "shakespeare"
+    budgets: list = field(default_factory=lambda: [0.4, 0.5, 0.6, 0.7, 0.8])
+    methods: list = field(default_factory=lambda: list(DEFAULT_METHODS))
+    uniform: str = "all"  # perplexity of uniform actions: "all", "dense", "none" or indices "0,13,26"
+    mc_methods: list | None = None  # methods scored on multiple choice (default: methods)
+    context_length: int = 256
+    horizon: int = 16
+    test_contexts: int = 8
+    val_contexts: int = 2
+    search_n: int = 30
+    mc_tasks: list = field(default_factory=lambda: list(DEFAULT_MC_TASKS))
+    mc_shots: list = field(default_factory=lambda: [0, 3])
+    mc_questions: int = 40
+    max_rows: int = 160  # rows per batched rollout (bounds the KV cache memory)
+    greedy: bool = True  # policy: argmax (deployment) or sampled at the policy's temperature
+    seed: int = 0
+    dtype: str = "float32"
+    device: str = "auto"
+    out: str = "runs/eval"
+    threads: int = 0
+    progress: bool = True
+
+
+@dataclass
+class Entry:
+    """One (method, budget) to evaluate: how to build its source and the target it is given."""
+
+    method: str
+    budget: object  # the requested budget (a number or a triple), None for uniform actions
+    target: tuple  # per-axis target (attn, mlp, bits/16)
+    make: Callable
+
+
+def _budget_label(budget) -> str:
+    if budget is None:
+        return ""
+    key = target_key(budget)
+    return f"{key[0]:g}" if key[0] == key[1] == key[2] else "/".join(f"{x:g}" for x in key)
+
+
+def _budget_step(budget) -> int:
+    return int(round(100 * sum(target_key(budget)) / 3))
+
+
+def uniform_indices(space, spec) -> list[int]:
+    """'all' | 'none' | 'dense' | comma-separated action indices (True/False: all/none)."""
+    spec = {True: "all", False: "none"}.get(spec, spec)
+    if spec == "all":
+        return list(range(len(space)))
+    if spec in ("none", ""):
+        return []
+    out = []
+    for part in str(spec).split(","):
+        part = part.strip()
+        idx = space.dense_index if part == "dense" else int(part)
+        if not 0 <= idx < len(space):
+            raise ValueError(f"uniform action {idx} is outside 0..{len(space) - 1}")
+        out.append(idx)
+    return out
+
+
+def make_entries(space, methods, budgets, policy=None, searched=None, greedy=True, uniform="none") -> list[Entry]:
+    out = []
+    for budget in budgets:
+        target = axis_targets(space, budget)
+        for m in methods:
+            make = (lambda m=m, target=target: build_source(m, target=target, policy=policy, searched=searched, greedy=greedy))
+            make()  # fail early on a bad name or a missing search
+            out.append(Entry(m, budget, target, make))
+    if uniform:
+        for i in uniform_indices(space, uniform):
+            out.append(Entry(f"uniform:{i}", None, (1.0, 1.0, 1.0), lambda i=i: build_source(f"uniform:{i}")))
+    return out
+
+
+def load_contexts(cfg: EvalConfig, split: str, n: int, vocab_size: int) -> Tensor:
+    """A seeded sample of `n` contexts of the corpus split (corpus 'random': random tokens, for tests)."""
+    if cfg.corpus == "random":
+        g = torch.Generator().manual_seed(cfg.seed * 10 + {"train": 0, "validation": 1, "test": 2}[split])
+        return torch.randint(0, vocab_size, (n, cfg.context_length), generator=g)
+    import solc
+
+    pool = solc.data.get_contexts(solc.load_tokenizer(cfg.model), corpus=cfg.corpus, split=split, length=cfg.context_length)
+    pick = torch.randperm(len(pool), generator=torch.Generator().manual_seed(cfg.seed))[:n]
+    return pool[pick]
+
+
+# -- perplexity -------------------------------------------------------------------------------------
+@torch.no_grad()
+def evaluate_ppl(sol, contexts: Tensor, entries: list[Entry], horizon: int, max_rows: int = 160, seed: int = 0,
+                 on_progress: Callable[[int], None] | None = None) -> tuple[Tensor, Tensor]:
+    """(per-context mean log-lik [C, E], per-context realized budget [C, E, 3]) of every entry, all
+    entries side by side in one shared-prefill rollout per chunk of contexts."""
+    E, C = len(entries), contexts.shape[0]
+    per_chunk = max(1, max_rows // E)
+    ll = torch.zeros(C, E, dtype=torch.float64)
+    budget = torch.zeros(C, E, 3, dtype=torch.float64)
+    gen = torch.Generator().manual_seed(seed)
+    for lo in range(0, C, per_chunk):
+        ctx = contexts[lo : lo + per_chunk]
+        c = ctx.shape[0]
+        targets = torch.tensor([e.target for e in entries], dtype=torch.float64).repeat(c, 1)
+        ep = rollout(sol, ctx, Composite([e.make() for e in entries]), targets, group=E, horizon=horizon, generator=gen)
+        ll[lo : lo + c] = ep.mean_logp().double().view(c, E).cpu()
+        budget[lo : lo + c] = ep.budget.view(c, E, 3)
+        if on_progress is not None:
+            on_progress(c)
+    return ll, budget
+
+
+def _row(space, eval_name, entry: Entry, budget: Tensor, metric: str, value: float, n: int, extra=None) -> dict:
+    b = {axis: float(budget[i]) for i, axis in enumerate(AXES)}
+    row = {
+        "eval": eval_name, "method": entry.method, "budget": _budget_label(entry.budget),
+        **{f"target_{a}": (entry.target[i] if entry.budget is not None else "") for i, a in enumerate(AXES)},
+        **b, "net_keep": sum(b[a] for a in space.axes) / len(space.axes), "metric": metric, "value": value, "n": n,
+    }
+    row.update(extra or {})
+    return row
+
+
+# -- the whole run ----------------------------------------------------------------------------------
+def build(cfg: EvalConfig):
+    """(sol, policy, tokenizer) for the config: the base model compiled for the policy's action space."""
+    import solc
+    from runtime.policy import PolicyNet
+
+    policy = PolicyNet.load(cfg.policy) if cfg.policy else None
+    dtype = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}[cfg.dtype]
+    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else "cpu" if cfg.device == "auto" else cfg.device)
+    model = solc.load_model(cfg.model, dtype=dtype).to(device)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    kwargs = {}
+    if policy is not None:
+        kwargs = {"actions": list(policy.space.axes), "levels": {a: list(v) for a, v in policy.space.levels.items()}}
+    sol = solc.compile(model, max_seq_len=max(cfg.context_length, 2048), **kwargs)
+    if policy is not None:
+        policy = policy.to(device=device, dtype=torch.float64 if cfg.dtype == "float64" else torch.float32).eval()
+    tokenizer = solc.load_tokenizer(cfg.model) if cfg.corpus != "random" else None
+    return sol, policy, tokenizer
+
+
+def run(cfg: EvalConfig, sol=None, policy=None, tokenizer=None) -> dict:
+    """Run the evaluation; returns {"rows": [...], "ppl": {...}, "search": {...}}. Writes nothing."""
+    from tqdm.auto import tqdm
+
+    from training import mc
+
+    if sol is None:
+        sol, policy, tokenizer = build(cfg)
+    space = sol.space
+    methods = [m for m in cfg.methods if m != "policy" or policy is not None]
+    tasks = []
+    for spec in cfg.mc_tasks:
+        for shots in cfg.mc_shots:
+            tasks.append(mc.load_task(spec, shots=shots, max_questions=cfg.mc_questions, seed=cfg.seed))
+    need_search = "random-search" in methods
+    total = (cfg.val_contexts if need_search else 0) + cfg.test_contexts + sum(len(t.questions) for t in tasks)
+    bar = tqdm(total=total, desc="evaluate", unit="item", disable=not cfg.progress, dynamic_ncols=True)
+    vocab = sol.token_embedding.shape[0]
+    out: dict = {"rows": []}
+
+    searched = None
+    if need_search:
+        bar.set_postfix_str("random search (validation)")
+        val = load_contexts(cfg, "validation", cfg.val_contexts, vocab)
+        searched = random_search(sol, val, [axis_targets(space, b) for b in cfg.budgets], n=cfg.search_n,
+                                 horizon=cfg.horizon, seed=cfg.seed, max_rows=cfg.max_rows, on_progress=bar.update)
+        out["search"] = {k: {"best": r.best, "val_loglik": r.scores.tolist(), "schedule": r.schedule.tolist()} for k, r in searched.items()}
+
+    bar.set_postfix_str("perplexity (test)")
+    entries = make_entries(space, methods, cfg.budgets, policy, searched, cfg.greedy, uniform=cfg.uniform)
+    test = load_contexts(cfg, "test", cfg.test_contexts, vocab)
+    ll, budget = evaluate_ppl(sol, test, entries, cfg.horizon, cfg.max_rows, cfg.seed, on_progress=bar.update)
+    out["ppl"] = {"entries": entries, "loglik": ll, "budget": budget}
+    for j, e in enumerate(entries):
+        mean_ll = float(ll[:, j].mean())
+        out["rows"].append(_row(space, "ppl", e, budget[:, j].mean(0), "ppl", math.exp(-mean_ll), test.shape[0],
+                                {"mean_loglik": mean_ll}))
+
+    mc_methods = [m for m in (cfg.mc_methods or methods) if m in methods or m.startswith("uniform:")]
+    mc_entries = make_entries(space, mc_methods, cfg.budgets, policy, searched, cfg.greedy)
+    dense = f"uniform:{space.dense_index}"
+    mc_entries.append(Entry(dense, None, (1.0, 1.0, 1.0), lambda: build_source(dense)))
+    gen = torch.Generator().manual_seed(cfg.seed)
+    for task in tasks:
+        bar.set_postfix_str(task.name)
+        names = [f"{e.method}@{_budget_label(e.budget)}" for e in mc_entries]
+        res = mc.score_task(sol, tokenizer, task, {n: (e.make, e.target) for n, e in zip(names, mc_entries)},
+                            generator=gen, on_question=bar.update)
+        for n, e in zip(names, mc_entries):
+            r = res[n]
+            b = torch.tensor([r.budget[a] for a in AXES], dtype=torch.float64)
+            out["rows"].append(_row(space, task.name, e, b, "acc", r.accuracy, len(task.questions),
+                                    {"chance": task.chance, "correct": sum(r.correct)}))
+    bar.close()
+    return out
+
+
+# -- outputs ----------------------------------------------------------------------------------------
+CSV_FIELDS = ["eval", "method", "budget", "target_attn", "target_mlp", "target_quant", "attn", "mlp", "quant",
+              "net_keep", "metric", "value", "n", "mean_loglik", "chance", "correct"]
+
+
+def write_csv(rows: list[dict], path: Path) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
+
+
+def _front(points: list[tuple[float, float]], higher_better: bool) -> list[tuple[float, float]]:
+    """The Pareto-optimal points (less net keep, better quality), sorted by net keep."""
+    pts = sorted(points)
+    out, best = [], -math.inf
+    for x, y in pts:
+        q = y if higher_better else -y
+        if q > best:
+            out.append((x, y))
+            best = q
+    return out
+
+
+STYLE = {"policy": ("tab:red", "o"), "fixed": ("tab:blue", "s"), "random": ("tab:green", "^"), "random-search": ("tab:purple", "D")}
+
+
+def plot_pareto(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    evals = list(dict.fromkeys(r["eval"] for r in rows))
+    cols = min(3, len(evals))
+    nrows = math.ceil(len(evals) / cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(5.2 * cols, 3.9 * nrows), squeeze=False)
+    for ax, ev in zip(axes.flat, evals):
+        sub = [r for r in rows if r["eval"] == ev]
+        ppl = sub[0]["metric"] == "ppl"
+        uni = [r for r in sub if r["method"].startswith("uniform:")]
+        if uni:
+            xs, ys = [r["net_keep"] for r in uni], [r["value"] for r in uni]
+            ax.scatter(xs, ys, s=12, c="0.6", label="uniform actions", zorder=1)
+            front = _front(list(zip(xs, ys)), higher_better=not ppl)
+            if len(front) > 1:
+                ax.plot(*zip(*front), c="0.6", lw=1, ls="--", zorder=1)
+        for m in dict.fromkeys(r["method"] for r in sub if not r["method"].startswith("uniform:")):
+            pts = sorted((r["net_keep"], r["value"]) for r in sub if r["method"] == m)
+            color, marker = STYLE.get(m, (None, "x"))
+            ax.plot(*zip(*pts), marker=marker, color=color, label=m, lw=1.5, ms=4, zorder=2)
+        if ppl:
+            ax.set_yscale("log")
+            ax.set_ylabel("perplexity (lower is better)")
+        else:
+            ax.axhline(sub[0].get("chance", float("nan")), color="k", lw=0.8, ls=":", label="chance")
+            ax.set_ylabel("accuracy")
+        ax.set_xlabel("realized net keep")
+        ax.set_title(ev, fontsize=9)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(evals):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_tensorboard(rows: list[dict], logdir: Path) -> None:
+    from torch.utils.tensorboard import SummaryWriter
+
+    with SummaryWriter(str(logdir)) as w:
+        for r in rows:
+            step = int(round(100 * r["net_keep"])) if r["budget"] == "" else _budget_step(tuple(r[f"target_{a}"] for a in AXES))
+            tag = f"{r['eval']}/{r['method']}"
+            w.add_scalar(f"{tag}/{r['metric']}", r["value"], step)
+            w.add_scalar(f"{tag}/net_keep", r["net_keep"], step)
+            for a in AXES:
+                w.add_scalar(f"{tag}/budget_{a}", r[a], step)
+
+
+def _paired(result: dict, a: str, b: str) -> dict[str, tuple[float, float]]:
+    """Per budget label: mean and standard error over test contexts of loglik(a) - loglik(b)."""
+    entries, ll = result["ppl"]["entries"], result["ppl"]["loglik"]
+    idx = {(e.method, _budget_label(e.budget)): j for j, e in enumerate(entries)}
+    out = {}
+    for (m, lab), j in idx.items():
+        if m == a and (b, lab) in idx:
+            d = ll[:, j] - ll[:, idx[(b, lab)]]
+            se = float(d.std() / math.sqrt(len(d))) if len(d) > 1 else float("nan")
+            out[lab] = (float(d.mean()), se)
+    return out
+
+
+def report(result: dict, cfg: EvalConfig, command: str) -> str:
+    rows = result["rows"]
+    budgets = [_budget_label(b) for b in cfg.budgets]
+    methods = list(dict.fromkeys(r["method"] for r in rows if r["budget"] != ""))
+    lines = [f"Command: `{command}`", ""]
+    lines += [f"## Perplexity, test split ({cfg.test_contexts} contexts x {cfg.horizon} controlled steps; cell: ppl (realized net keep))", ""]
+    lines += ["| method | " + " | ".join(budgets) + " |", "|---|" + "---:|" * len(budgets)]
+    for m in methods:
+        cells = []
+        for lab in budgets:
+            r = next((r for r in rows if r["eval"] == "ppl" and r["method"] == m and r["budget"] == lab), None)
+            cells.append(f"{r['value']:.2f} ({r['net_keep']:.3f})" if r else "")
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    uni = sorted((r for r in rows if r["eval"] == "ppl" and r["budget"] == ""), key=lambda r: r["net_keep"])
+    dense = next((r for r in uni if r["net_keep"] == 1.0), None)
+    if dense:
+        lines += ["", f"Dense (every step at attn 1.0, mlp 1.0, 16 bit) on the same contexts: ppl {dense['value']:.2f}"]
+    if len(uni) > 1:
+        front = _front([(r["net_keep"], r["value"]) for r in uni], higher_better=False)
+        lines += ["", "Uniform actions on the Pareto front (net keep: ppl): " + ", ".join(f"{x:.3f}: {y:.2f}" for x, y in front)]
+    for base in ("fixed", "random", "random-search"):
+        d = _paired(result, "policy", base)
+        if d:
+            lines += ["", f"policy - {base}, mean log-lik per token over the test contexts (+ = policy better), mean (stderr): "
+                      + ", ".join(f"{lab}: {m:+.4f} ({s:.4f})" for lab, (m, s) in d.items())]
+    mc_evals = [e for e in dict.fromkeys(r["eval"] for r in rows) if e != "ppl"]
+    if mc_evals:
+        lines += ["", "## Multiple-choice accuracy (cell: accuracy (realized net keep on the continuation steps))", ""]
+        for ev in mc_evals:
+            sub = [r for r in rows if r["eval"] == ev]
+            dense = next((r for r in sub if r["budget"] == ""), None)
+            head = f"### {ev}: {sub[0]['n']} questions, chance {sub[0]['chance']:.3f}"
+            if dense:
+                head += f", dense {dense['value']:.3f}"
+            lines += [head, "", "| method | " + " | ".join(budgets) + " |", "|---|" + "---:|" * len(budgets)]
+            for m in methods:
+                cells = []
+                for lab in budgets:
+                    r = next((r for r in sub if r["method"] == m and r["budget"] == lab), None)
+                    cells.append(f"{r['value']:.3f} ({r['net_keep']:.3f})" if r else "")
+                lines.append(f"| {m} | " + " | ".join(cells) + " |")
+            lines.append("")
+    lines += ["## Budget adherence of the policy (requested -> realized per axis; attn keep, mlp keep, bits/16)", ""]
+    lines += ["| eval | budget | attn | mlp | bits/16 | net keep | max abs error |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        if r["method"] == "policy":
+            cells, errs = [], []
+            for a in AXES:
+                cells.append(f"{r[f'target_{a}']:.3f} -> {r[a]:.3f}")
+                errs.append(abs(r[a] - r[f"target_{a}"]))
+            lines.append(f"| {r['eval']} | {r['budget']} | " + " | ".join(cells) + f" | {r['net_keep']:.3f} | {max(errs):.3f} |")
+    if "ppl" in result:
+        ll_entries, bud = result["ppl"]["entries"], result["ppl"]["budget"]
+        worst = [float((bud[:, j] - torch.tensor(e.target)).abs().max()) for j, e in enumerate(ll_entries) if e.method == "policy"]
+        if worst:
+            lines += ["", f"Largest per-episode, per-axis deviation of the policy on the perplexity episodes: {max(worst):.3f}"]
+    return "\n".join(lines) + "\n"
+
+
+def _parse_budgets(text: str) -> list:
+    out = []
+    for part in text.split(","):
+        vals = [float(x) for x in part.split("/")]
+        out.append(vals[0] if len(vals) == 1 else tuple(vals))
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m training.evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    d = EvalConfig(policy="")
+    p.add_argument("--policy", required=True, help="policy.pt written by training.grpo ('' to evaluate the baselines only)")
+    p.add_argument("--model", default=d.model)
+    p.add_argument("--corpus", default=d.corpus, help="perplexity corpus ('random': random tokens, for tests)")
+    p.add_argument("--budgets", default="0.4,0.5,0.6,0.7,0.8", help="comma-separated; each one number or attn/mlp/bits16")
+    p.add_argument("--methods", default=",".join(DEFAULT_METHODS), help="any of policy, fixed, random, random-search, uniform:<i>")
+    p.add_argument("--uniform", default="all", help="perplexity of uniform actions: all | dense | none | indices 0,13,26")
+    p.add_argument("--context-length", type=int, default=d.context_length)
+    p.add_argument("--horizon", type=int, default=d.horizon)
+    p.add_argument("--test-contexts", type=int, default=d.test_contexts, help="test-split contexts for perplexity")
+    p.add_argument("--val-contexts", type=int, default=d.val_contexts, help="validation contexts random search selects on")
+    p.add_argument("--search-n", type=int, default=d.search_n, help="random search: candidates per budget")
+    p.add_argument("--mc-tasks", default=",".join(DEFAULT_MC_TASKS), help="bigbench:<task> / mmlu:<file>, comma-separated ('' for none)")
+    p.add_argument("--mc-shots", default="0,3", help="comma-separated shot counts")
+    p.add_argument("--mc-questions", type=int, default=d.mc_questions, help="questions per task (a seeded sample)")
+    p.add_argument("--mc-methods", default="", help="methods scored on multiple choice (default: --methods)")
+    p.add_argument("--max-rows", type=int, default=d.max_rows)
+    p.add_argument("--sample", action="store_true", help="sample the policy at its temperature instead of argmax")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--dtype", default=d.dtype, choices=["float32", "float64", "bfloat16"])
+    p.add_argument("--device", default=d.device)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--out", default=d.out)
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    cfg = EvalConfig(
+        policy=args.policy, model=args.model, corpus=args.corpus, budgets=_parse_budgets(args.budgets),
+        methods=[m.strip() for m in args.methods.split(",") if m.strip()], uniform=args.uniform,
+        context_length=args.context_length, horizon=args.horizon, test_contexts=args.test_contexts,
+        val_contexts=args.val_contexts, search_n=args.search_n,
+        mc_tasks=[t.strip() for t in args.mc_tasks.split(",") if t.strip()],
+        mc_shots=[int(s) for s in args.mc_shots.split(",") if s.strip()], mc_questions=args.mc_questions,
+        mc_methods=[m.strip() for m in args.mc_methods.split(",") if m.strip()] or None,
+        max_rows=args.max_rows, greedy=not args.sample, seed=args.seed, dtype=args.dtype, device=args.device,
+        out=args.out, threads=args.threads, progress=not args.no_progress,
+    )
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    command = "python -m training.evaluate " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    t0 = time.perf_counter()
+    result = run(cfg)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_csv(result["rows"], out / "results.csv")
+    plot_pareto(result["rows"], out / "pareto.png")
+    write_tensorboard(result["rows"], out / "tb")
+    text = report(result, cfg, command)
+    (out / "report.md").write_text(text + f"\n({time.perf_counter() - t0:.0f}s)\n")
+    (out / "command.txt").write_text(command + "\n")
+    print(text)
+    print(f"evaluate: wrote {out}/results.csv, pareto.png, report.md, tb/ ({time.perf_counter() - t0:.0f}s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
