@@ -99,3 +99,6 @@ def mlp(
 @mlp.register_fake
 def _(x, keep, bits, w_in, b_in, w_out, b_out, kind, act):
     return x.new_empty((*x.shape[:-1], w_out.shape[0]))
+
+
+import runtime.kernels.register  # noqa: E402,F401  CUDA implementations (Triton kernels)

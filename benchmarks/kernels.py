@@ -1,0 +1,395 @@
+"""Kernel benchmark: each Triton kernel at each keep level / bit width against the dense baseline.
+
+    python benchmarks/kernels.py                      # on a CUDA device: every section, default grid
+    python benchmarks/kernels.py --quick              # fewer levels/contexts (a smoke run on the GPU)
+    python benchmarks/kernels.py --sections mlp       # one section: mlp, quant, attn
+    python benchmarks/kernels.py --models llama-3.2-1b --contexts 16384,32768
+    python benchmarks/kernels.py --no-autotune        # launch heuristics only (no autotuning)
+
+Without CUDA it prints that the GPU benchmark was skipped, runs a tiny correctness sanity subset of every
+kernel under the Triton CPU interpreter, and exits 0.
+
+Sections (one layer's op; shapes of SmolLM2-135M, Llama-3.2-1B, Llama-3.1-8B; --dtype, default bfloat16):
+  mlp-in    the MLP input projection at `rows` tokens: dense = act(x Wg^T) * (x Wu^T) with cuBLAS
+            (F.linear on the concatenated [Wg; Wu], the fastest dense form: one GEMV/GEMM) vs the sparse
+            kernels (top-k select + column-skipping GEMV/GEMM over the kept channels, fused gate/up/act).
+  mlp       the whole MLP site incl. the dense down projection and the output quantizer at 16 bits:
+            reference.mlp at keep 1 (3 cuBLAS GEMVs) vs runtime.kernels.mlp.sparse_mlp.
+  quant     fake quantization of the MLP output [rows, d]: torch reference vs the fused kernel.
+  attn      decode attention, one query per row at position `context`: dense = SDPA over the
+            context+1 visible keys (GQA, flash/efficient backend) vs the Quest kernels (page scoring,
+            top-k pages, split-K attention over the kept pages, combine); `append` adds the step's
+            KV write + page-statistics refresh, i.e. the whole solc::attention decode step.
+Timings: median of triton.testing.do_bench (launches from Python, each call) and, in `graph_us`, of
+triton.testing.do_bench_cudagraph (replayed CUDA graph: what the runtime's decode loop sees). speedup
+columns are dense / kernel for each. max_err is the kernel vs the reference implementation (float32).
+
+Writes JSON and CSV (command line, device name, torch/triton versions, date) under --out.
+Targets (issue 4): mlp-in keep 0.5 at Llama-3.2-1B / Llama-3.1-8B shapes >= 1.6x dense (batch 1);
+attn keep 0.1 at context >= 16k >= 4x dense decode attention. The summary says which hold.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import json
+import math
+import os
+import platform
+import shlex
+import sys
+from pathlib import Path
+
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch.nn.functional as F  # noqa: E402
+
+from runtime.ops import reference as ref  # noqa: E402
+
+MODELS = {  # d_model, d_ffn, query heads, KV heads, head dim
+    "smollm2-135m": dict(d=576, ffn=1536, hq=9, hkv=3, hd=64),
+    "llama-3.2-1b": dict(d=2048, ffn=8192, hq=32, hkv=8, hd=64),
+    "llama-3.1-8b": dict(d=4096, ffn=14336, hq=32, hkv=8, hd=128),
+}
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def _floats(s: str) -> list[float]:
+    return [float(v) for v in s.split(",") if v]
+
+
+def _ints(s: str) -> list[int]:
+    return [int(v) for v in s.split(",") if v]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sections", default="mlp-in,mlp,quant,attn")
+    p.add_argument("--models", default=",".join(MODELS))
+    p.add_argument("--dtype", default="bfloat16", choices=list(DTYPES))
+    p.add_argument("--rows", default="1,4,16", help="MLP tokens per call (decode batch)")
+    p.add_argument("--mlp-keeps", default="0.25,0.4,0.5,0.6,0.8,1.0")
+    p.add_argument("--bits", default="5,7,8,16")
+    p.add_argument("--attn-keeps", default="0.1,0.25,0.6,1.0")
+    p.add_argument("--contexts", default="1024,2048,4096,8192,16384,32768")
+    p.add_argument("--attn-batches", default="1,8")
+    p.add_argument("--no-autotune", action="store_true", help="launch heuristics only")
+    p.add_argument("--no-graph", action="store_true", help="skip the CUDA-graph timings")
+    p.add_argument("--quick", action="store_true", help="a few levels and contexts")
+    p.add_argument("--out", default="benchmarks/results")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.rows, args.mlp_keeps, args.bits = "1,16", "0.5,1.0", "5,16"
+        args.attn_keeps, args.contexts, args.attn_batches = "0.1,1.0", "4096,16384", "1"
+    return args
+
+
+# ---------------------------------------------------------------------------------------------------
+# timing
+# ---------------------------------------------------------------------------------------------------
+def bench(fn, graph: bool) -> tuple[float, float | None]:
+    """(median us with Python launches, median us replaying a CUDA graph) of fn()."""
+    import triton.testing as tt
+
+    fn()  # autotune / compile / allocate outside any timing and outside the graph capture
+    torch.cuda.synchronize()
+    eager = tt.do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e3
+    replay = None
+    if graph:
+        try:
+            replay = tt.do_bench_cudagraph(fn, rep=100, return_mode="median") * 1e3
+        except Exception as e:  # a path that cannot be captured: report it, keep the eager number
+            print(f"  (cuda graph timing failed: {type(e).__name__}: {e})")
+    return eager, replay
+
+
+def _ratio(a, b):
+    return None if a is None or b is None or b == 0 else a / b
+
+
+def _err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).abs().max())
+
+
+# ---------------------------------------------------------------------------------------------------
+# sections
+# ---------------------------------------------------------------------------------------------------
+def _mlp_weights(shape, dtype, dev, seed=0):
+    g = torch.Generator(device=dev).manual_seed(seed)
+    d, f = shape["d"], shape["ffn"]
+    wg = torch.randn(f, d, generator=g, device=dev, dtype=dtype) * d ** -0.5
+    wu = torch.randn(f, d, generator=g, device=dev, dtype=dtype) * d ** -0.5
+    wo = torch.randn(d, f, generator=g, device=dev, dtype=dtype) * f ** -0.5
+    return wg, wu, wo
+
+
+def run_mlp_in(args, dtype, dev, graph, rows_out):
+    from runtime.kernels import mlp as K
+    from runtime.kernels._common import N_BUCKETS
+
+    for model in args.models.split(","):
+        shape = MODELS[model]
+        wg, wu, wo = _mlp_weights(shape, dtype, dev)
+        w_cat = torch.cat([wg, wu])  # the dense baseline's single GEMV over both projections
+        weights = K.input_weights([wg, wu], [None, None], "gated")
+        for rows in _ints(args.rows):
+            x = torch.randn(rows, shape["d"], device=dev, dtype=dtype)
+
+            def dense():
+                gate, up = F.linear(x, w_cat).chunk(2, dim=-1)
+                return F.silu(gate) * up
+
+            dense_us, dense_graph = bench(dense, graph)
+            for keep_level in _floats(args.mlp_keeps):
+                keep = torch.full((rows,), keep_level, dtype=torch.float64, device=dev)
+                bucket = min(N_BUCKETS, max(1, math.ceil(keep_level * N_BUCKETS - 1e-9)))
+                launch = dict(bucket=bucket, tuned=False if args.no_autotune else None)
+
+                def sparse():
+                    return K.mlp_input_projection(x, keep, weights, "silu", **launch)
+
+                us, g_us = bench(sparse, graph)
+                xp = ref.prune_mlp_input(x.float(), keep)
+                expected = F.silu(F.linear(xp, wg.float())) * F.linear(xp, wu.float())
+                row = dict(section="mlp-in", model=model, rows=rows, level=keep_level, dense_us=dense_us,
+                           kernel_us=us, speedup=_ratio(dense_us, us), dense_graph_us=dense_graph,
+                           graph_us=g_us, graph_speedup=_ratio(dense_graph, g_us), max_err=_err(sparse(), expected))
+                rows_out.append(row)
+                _print_row(row)
+
+
+def run_mlp(args, dtype, dev, graph, rows_out):
+    from runtime.kernels import mlp as K
+    from runtime.kernels._common import N_BUCKETS
+
+    for model in args.models.split(","):
+        shape = MODELS[model]
+        wg, wu, wo = _mlp_weights(shape, dtype, dev)
+        for rows in _ints(args.rows):
+            x = torch.randn(rows, shape["d"], device=dev, dtype=dtype)
+            bits = torch.full((rows,), 16.0, dtype=torch.float64, device=dev)
+
+            def dense():
+                return ref.mlp(x, None, None, [wg, wu], [None, None], wo, None, "gated", "silu")
+
+            dense_us, dense_graph = bench(dense, graph)
+            for keep_level in _floats(args.mlp_keeps):
+                keep = torch.full((rows,), keep_level, dtype=torch.float64, device=dev)
+                bucket = min(N_BUCKETS, max(1, math.ceil(keep_level * N_BUCKETS - 1e-9)))
+                launch = dict(bucket=bucket, tuned=False if args.no_autotune else None)
+
+                def sparse():
+                    return K.sparse_mlp(x, keep, bits, [wg, wu], [None, None], wo, None, "gated", "silu", **launch)
+
+                us, g_us = bench(sparse, graph)
+                expected = ref.mlp(x.float(), keep, bits, [wg.float(), wu.float()], [None, None], wo.float(), None,
+                                   "gated", "silu")
+                row = dict(section="mlp", model=model, rows=rows, level=keep_level, dense_us=dense_us, kernel_us=us,
+                           speedup=_ratio(dense_us, us), dense_graph_us=dense_graph, graph_us=g_us,
+                           graph_speedup=_ratio(dense_graph, g_us), max_err=_err(sparse(), expected))
+                rows_out.append(row)
+                _print_row(row)
+
+
+def run_quant(args, dtype, dev, graph, rows_out):
+    from runtime.kernels.quant import fake_quant_rows
+
+    for model in args.models.split(","):
+        d = MODELS[model]["d"]
+        for rows in _ints(args.rows):
+            y = torch.randn(rows, d, device=dev, dtype=dtype)
+            for b in _floats(args.bits):
+                bits = torch.full((rows,), b, dtype=torch.float64, device=dev)
+                out = torch.empty_like(y)
+                ref_us, ref_graph = bench(lambda: ref.fake_quant(y, bits), graph)
+                us, g_us = bench(lambda: fake_quant_rows(y, bits, out=out), graph)
+                row = dict(section="quant", model=model, rows=rows, level=b, dense_us=ref_us, kernel_us=us,
+                           speedup=_ratio(ref_us, us), dense_graph_us=ref_graph, graph_us=g_us,
+                           graph_speedup=_ratio(ref_graph, g_us),
+                           max_err=_err(fake_quant_rows(y, bits), ref.fake_quant(y, bits)))
+                rows_out.append(row)
+                _print_row(row)
+
+
+def run_attn(args, dtype, dev, graph, rows_out):
+    from runtime.kernels._common import N_BUCKETS
+    from runtime.kernels.attention import quest_decode_attention
+
+    for model in args.models.split(","):
+        shape = MODELS[model]
+        hq, hkv, hd = shape["hq"], shape["hkv"], shape["hd"]
+        for batch in _ints(args.attn_batches):
+            for context in _ints(args.contexts):
+                S = context + 64  # a static cache a little longer than the context
+                g = torch.Generator(device=dev).manual_seed(context)
+                k_cache = torch.randn(batch, hkv, S, hd, generator=g, device=dev, dtype=dtype)
+                v_cache = torch.randn(batch, hkv, S, hd, generator=g, device=dev, dtype=dtype)
+                pos = torch.full((batch, 1), context, dtype=torch.long, device=dev)
+                low, high = ref.page_stats(k_cache, pos[:, 0] + 1)
+                q = torch.randn(batch, hq, 1, hd, generator=g, device=dev, dtype=dtype)
+                k = k_cache[:, :, context:context + 1].clone()
+                v = v_cache[:, :, context:context + 1].clone()
+                scale = hd ** -0.5
+                k_vis, v_vis = k_cache[:, :, : context + 1], v_cache[:, :, : context + 1]
+
+                def dense():
+                    return F.scaled_dot_product_attention(q, k_vis, v_vis, scale=scale, enable_gqa=hkv != hq)
+
+                dense_us, dense_graph = bench(dense, graph)
+                for keep_level in _floats(args.attn_keeps):
+                    keep = torch.full((batch, 1), keep_level, dtype=torch.float64, device=dev)
+                    bucket = min(N_BUCKETS, max(1, math.ceil(keep_level * N_BUCKETS - 1e-9)))
+                    launch = dict(bucket=bucket)
+                    if args.no_autotune:
+                        launch["tuned"] = False
+
+                    def quest():
+                        return quest_decode_attention(q, k_cache, v_cache, low, high, pos, keep, scale, **launch)
+
+                    def quest_append():
+                        return quest_decode_attention(q, k_cache, v_cache, low, high, pos, keep, scale, k=k, v=v,
+                                                      **launch)
+
+                    expected = ref.quest_decode(q, k_vis, v_vis, low, high, pos, keep, scale)
+                    for name, fn in (("attn", quest), ("attn+append", quest_append)):
+                        us, g_us = bench(fn, graph)
+                        row = dict(section=name, model=model, rows=batch, context=context, level=keep_level,
+                                   dense_us=dense_us, kernel_us=us, speedup=_ratio(dense_us, us),
+                                   dense_graph_us=dense_graph, graph_us=g_us,
+                                   graph_speedup=_ratio(dense_graph, g_us), max_err=_err(fn(), expected))
+                        rows_out.append(row)
+                        _print_row(row)
+                del k_cache, v_cache, low, high
+                torch.cuda.empty_cache()
+
+
+# ---------------------------------------------------------------------------------------------------
+# output
+# ---------------------------------------------------------------------------------------------------
+COLUMNS = ["section", "model", "rows", "context", "level", "dense_us", "kernel_us", "speedup",
+           "dense_graph_us", "graph_us", "graph_speedup", "max_err"]
+
+
+def _fmt(v):
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.3g}" if abs(v) < 1e4 else f"{v:.0f}"
+    return str(v)
+
+
+def _print_row(row):
+    print("  ".join(f"{_fmt(row.get(c)):>12}" for c in COLUMNS), flush=True)
+
+
+def targets(rows) -> list[str]:
+    out = []
+    for model in ("llama-3.2-1b", "llama-3.1-8b"):
+        hits = [r for r in rows if r["section"] == "mlp-in" and r["model"] == model and r["rows"] == 1
+                and abs(r["level"] - 0.5) < 1e-9]
+        for r in hits:
+            best = max(v for v in (r["speedup"], r["graph_speedup"]) if v is not None)
+            out.append(f"mlp-in keep 0.5 {model} batch 1: {best:.2f}x (target >= 1.6x) "
+                       f"{'HOLDS' if best >= 1.6 else 'MISSED'}")
+    for r in rows:
+        if r["section"] == "attn" and abs(r["level"] - 0.1) < 1e-9 and r.get("context", 0) >= 16384:
+            best = max(v for v in (r["speedup"], r["graph_speedup"]) if v is not None)
+            out.append(f"attn keep 0.1 {r['model']} batch {r['rows']} context {r['context']}: {best:.2f}x "
+                       f"(target >= 4x) {'HOLDS' if best >= 4 else 'MISSED'}")
+    return out
+
+
+def write(args, rows, device_name):
+    import triton
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    meta = dict(command=" ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]), device=device_name,
+                torch=torch.__version__, triton=triton.__version__, python=platform.python_version(),
+                date=datetime.datetime.now().isoformat(timespec="seconds"), dtype=args.dtype,
+                autotune=not args.no_autotune)
+    summary = targets(rows)
+    base = out / f"kernels-{stamp}"
+    base.with_suffix(".json").write_text(json.dumps(dict(meta=meta, targets=summary, rows=rows), indent=1))
+    with open(base.with_suffix(".csv"), "w", newline="") as f:
+        for k, v in meta.items():
+            f.write(f"# {k}: {v}\n")
+        w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    return base, summary
+
+
+# ---------------------------------------------------------------------------------------------------
+# CPU: a tiny interpreter sanity subset
+# ---------------------------------------------------------------------------------------------------
+def cpu_sanity() -> bool:
+    from runtime.kernels import mlp as K
+    from runtime.kernels.attention import quest_decode_attention
+    from runtime.kernels.quant import fake_quant_rows
+
+    g = torch.Generator().manual_seed(0)
+    ok = True
+    x = torch.randn(3, 40, generator=g)
+    wg, wu, wo = (torch.randn(24, 40, generator=g) * 0.2, torch.randn(24, 40, generator=g) * 0.2,
+                  torch.randn(40, 24, generator=g) * 0.2)
+    keep = torch.tensor([0.2, 0.5, 1.0], dtype=torch.float64)
+    bits = torch.tensor([16.0, 16.0, 16.0], dtype=torch.float64)
+    e = _err(K.sparse_mlp(x, keep, bits, [wg, wu], [None, None], wo, None, "gated", "silu"),
+             ref.mlp(x, keep, bits, [wg, wu], [None, None], wo, None, "gated", "silu"))
+    print(f"  sparse mlp (3 rows, keep 0.2/0.5/1.0) max err {e:.2e}")
+    ok &= e < 1e-4
+    y = torch.randn(4, 33, generator=g)
+    qbits = torch.tensor([5.0, 7.0, 8.0, 16.0], dtype=torch.float64)
+    exact = torch.equal(fake_quant_rows(y, qbits), ref.fake_quant(y, qbits))
+    print(f"  fake quant (bits 5/7/8/16) bit-exact: {exact}")
+    ok &= exact
+    kc, vc = torch.randn(2, 2, 48, 16, generator=g), torch.randn(2, 2, 48, 16, generator=g)
+    pos = torch.tensor([[47], [20]])
+    low, high = ref.page_stats(kc, pos[:, 0] + 1)
+    q = torch.randn(2, 4, 1, 16, generator=g)
+    akeep = torch.tensor([[0.1], [0.5]], dtype=torch.float64)
+    e = _err(quest_decode_attention(q, kc, vc, low, high, pos, akeep, 0.25),
+             ref.quest_decode(q, kc, vc, low, high, pos, akeep, 0.25))
+    print(f"  quest decode attention (2 rows, keep 0.1/0.5) max err {e:.2e}")
+    ok &= e < 1e-4
+    return bool(ok)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if not HAS_CUDA:
+        print("CUDA is not available: the GPU kernel benchmark is skipped (it needs an NVIDIA GPU).")
+        print("Running a tiny correctness sanity subset of the kernels under the Triton CPU interpreter:")
+        ok = cpu_sanity()
+        print("sanity: OK" if ok else "sanity: FAILED")
+        return 0 if ok else 1
+    dev = torch.device("cuda")
+    dtype = DTYPES[args.dtype]
+    device_name = torch.cuda.get_device_name(dev)
+    graph = not args.no_graph
+    print(f"device: {device_name}   dtype: {args.dtype}   autotune: {not args.no_autotune}")
+    print("  ".join(f"{c:>12}" for c in COLUMNS))
+    rows: list[dict] = []
+    runners = {"mlp-in": run_mlp_in, "mlp": run_mlp, "quant": run_quant, "attn": run_attn}
+    with torch.no_grad():
+        for section in args.sections.split(","):
+            runners[section](args, dtype, dev, graph, rows)
+    base, summary = write(args, rows, device_name)
+    print("\ntargets:")
+    for line in summary:
+        print("  " + line)
+    print(f"\nwrote {base}.json and {base}.csv")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
