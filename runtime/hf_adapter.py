@@ -116,3 +116,74 @@ def load_text_rows(name_or_file: str, suffix: str | None) -> list[str]:
     if "text" not in ds.column_names:
         raise ValueError(f"corpus {name_or_file!r} has no 'text' column (columns: {ds.column_names})")
     return list(ds["text"])
+
+
+# -- decode benchmarks: the model's shape and HF's own static-cache decode (the baseline) ----------
+def decoder_shape(model: nn.Module) -> dict:
+    """The sizes that set a decoder-only LM's decode cost: hidden, layers, query/KV heads, head_dim,
+    MLP width, vocab, and whether the LM head is tied to the embedding."""
+    cfg = model.config
+    heads = int(cfg.num_attention_heads)
+    return {
+        "model_type": cfg.model_type,
+        "hidden_size": int(cfg.hidden_size),
+        "num_hidden_layers": int(cfg.num_hidden_layers),
+        "num_attention_heads": heads,
+        "num_key_value_heads": int(getattr(cfg, "num_key_value_heads", None) or heads),
+        "head_dim": int(getattr(cfg, "head_dim", None) or cfg.hidden_size // heads),
+        "intermediate_size": int(cfg.intermediate_size),
+        "vocab_size": int(cfg.vocab_size),
+        "tie_word_embeddings": bool(getattr(cfg, "tie_word_embeddings", False)),
+    }
+
+
+def static_cache(model: nn.Module, batch: int, max_len: int, dtype=None, device=None, storage=None):
+    """An HF StaticCache for `batch` rows of `max_len` tokens, allocated now (not on first use).
+
+    storage: optional per-layer (keys, values) tensors [batch, Hkv, max_len, D] the cache uses as its
+    storage, without a copy (e.g. a solc cache's, so both decoders step on the same bytes)."""
+    from transformers import StaticCache
+
+    shape = decoder_shape(model)
+    param = next(model.parameters())
+    dtype, device = dtype or param.dtype, device or param.device
+    cache = StaticCache(config=model.config, max_cache_len=max_len)
+    if storage is None:
+        cache.early_initialization(batch, shape["num_key_value_heads"], shape["head_dim"], dtype, device)
+        return cache
+    if len(storage) != len(cache.layers):
+        raise ValueError(f"storage has {len(storage)} layers, the model {len(cache.layers)}")
+    for layer, (keys, values) in zip(cache.layers, storage):
+        if keys.shape != (batch, shape["num_key_value_heads"], max_len, shape["head_dim"]) or values.shape != keys.shape:
+            raise ValueError(f"storage tensors {tuple(keys.shape)} do not match a [{batch}, "
+                             f"{shape['num_key_value_heads']}, {max_len}, {shape['head_dim']}] cache")
+        layer.lazy_initialization(keys[:, :, :0], values[:, :, :0])  # sets dtype/device; allocates one layer
+        layer.keys, layer.values = keys, values  # ... which is freed here
+        torch._dynamo.mark_static_address(keys)
+        torch._dynamo.mark_static_address(values)
+    return cache
+
+
+def static_cache_tensors(cache) -> list[tuple]:
+    """Per layer, the (keys, values) [B, Hkv, max_len, D] tensors an HF StaticCache writes in place."""
+    return [(layer.keys, layer.values) for layer in cache.layers]
+
+
+def set_static_cache_length(cache, length: int) -> None:
+    """Declare the first `length` slots of every layer filled: the next token is written at `length`
+    (lets a benchmark fill the cache synthetically and re-time steps from the same position)."""
+    for layer in cache.layers:
+        layer.cumulative_length.fill_(length)
+
+
+def static_cache_decode_step(model: nn.Module, cache, compile: bool = False, compile_mode: str | None = None):
+    """HF's decode step on a StaticCache, as `generate(cache_implementation="static")` runs it:
+    step(ids [B, 1], positions [B, 1]) -> logits [B, 1, V]; the cache advances by one token.
+    compile=True wraps it in torch.compile(fullgraph=True) (mode e.g. "reduce-overhead" on CUDA)."""
+
+    def step(ids, positions):
+        return model(input_ids=ids, position_ids=positions, past_key_values=cache, use_cache=True).logits
+
+    if compile:
+        return torch.compile(step, fullgraph=True, dynamic=False, mode=compile_mode)
+    return step
