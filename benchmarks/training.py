@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
 import shlex
@@ -51,6 +52,7 @@ def main(argv=None) -> int:
     trainer = Trainer(cfg)
     setup_s = time.perf_counter() - t0
     device = trainer.device
+    load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     trainer.step(0)  # warm-up
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -79,6 +81,8 @@ def main(argv=None) -> int:
         "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "peak_cuda_mib": round(torch.cuda.max_memory_allocated(device) / 2**20, 1) if device.type == "cuda" else None,
         "torch": torch.__version__,
+        # other processes on the same cores slow CPU runs a lot: record the 1-min load average
+        "loadavg_1min_before_after": [load_before, os.getloadavg()[0] if hasattr(os, "getloadavg") else None],
     }
     rows = [
         ("model", result["model"]), ("device", result["device"]),
