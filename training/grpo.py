@@ -70,7 +70,7 @@ class GRPOConfig:
     # model and data
     model: str = _opt("smollm2-135m", "base model: a solc.load_model name (smollm2-135m, tiny-llama, ...) or a local HF path")
     actions: list = _opt(["attn", "mlp", "quant"], "enabled efficiency axes, comma separated (attn,mlp,quant)")
-    levels: dict = _opt({}, 'per-axis level grids as JSON, e.g. \'{"quant": [4, 8, 16]}\' (default: the paper\'s grid)')
+    levels: dict = _opt({}, 'per-axis level grids as JSON, e.g. \'{"quant": [4, 8, 16]}\'; {} = the paper\'s grid')
     corpus: str = _opt("shakespeare", "training corpus for solc.data.get_contexts ('random' = uniform random tokens, for tests)")
     context_length: int = _opt(256, "tokens per context: dense prefill of L - T - 1 tokens, then T controlled steps")
     max_contexts: int = _opt(0, "use at most this many training contexts (0 = all)")
@@ -567,7 +567,7 @@ def train(cfg: GRPOConfig, sol=None, contexts: Tensor | None = None) -> Trainer:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m training.grpo",
-        description=__doc__.split("\n\n")[0] + "\nPrecedence: built-in defaults < --config file < command-line options.",
+        description=__doc__ + "\nPrecedence: built-in defaults < --config file < command-line options.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--config", help="YAML or JSON file of options (keys as below, with _ or -)", default=argparse.SUPPRESS)
