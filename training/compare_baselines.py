@@ -22,11 +22,6 @@ import sys
 import time
 from pathlib import Path
 
-import os
-# Before torch loads OpenMP: idle OpenMP threads sleep instead of spin-waiting. On CPU cores shared with
-# other processes, spinning made a training update ~10x slower (docs/training.md, "Throughput").
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
 import torch
 
 from runtime.actions import AXES

@@ -46,10 +46,6 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Sequence
 
-# Before torch loads OpenMP: idle OpenMP threads sleep instead of spin-waiting. On CPU cores shared with
-# other processes, spinning made a training update ~10x slower (docs/training.md, "Throughput").
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
 import torch
 import torch.distributed as dist
 from torch import Tensor
