@@ -376,7 +376,7 @@ def report(result: dict, cfg: EvalConfig, command: str) -> str:
             if dense:
                 head += f", dense {dense['value']:.3f}"
             lines += [head, "", "| method | " + " | ".join(budgets) + " |", "|---|" + "---:|" * len(budgets)]
-            for m in methods:
+            for m in [m for m in methods if any(r["method"] == m for r in sub)]:
                 cells = []
                 for lab in budgets:
                     r = next((r for r in sub if r["method"] == m and r["budget"] == lab), None)
