@@ -27,7 +27,8 @@ The cache is filled synthetically (random keys/values at positions 0..context-1,
 not its contents (the weights are random too unless --pretrained). Every row starts at the same position
 (the context length) on the same cache; timed steps feed back their greedy token.
 
-Floor = bytes the step must read / the device's measured read bandwidth (a large tensor sum, measured here):
+Floor = bytes the step must read / the device's measured read bandwidth (a large tensor sum, measured at
+the start and probed once per round beside the rows; the floors use the best over the run):
   weights: every parameter once (tied LM head once; an untied input embedding only its B rows), except the
     MLP input projections, of which only the kept columns (ceil(mlp keep * d_in)) are read;
   KV: per layer, row and KV head, keys+values of the tokens attention reads: all kv_len = context+1 when
@@ -100,6 +101,26 @@ def device_name(device: torch.device) -> str:
     except OSError:
         pass
     return f"cpu: {cpu}, {torch.get_num_threads()} torch threads"
+
+
+class BandwidthProbe:
+    """Read bandwidth, probed once per round beside the rows (x.sum() over a `mib` MiB fp32 tensor):
+    a shared machine's bandwidth drifts, and a floor is only as good as the bandwidth it divides by.
+    The floors use the best read bandwidth seen over the whole run."""
+
+    def __init__(self, device: torch.device, mib: int):
+        self.device = device
+        self.x = torch.empty(mib * 2**20 // 4, dtype=torch.float32, device=device).uniform_()
+        self.gbps: list[float] = []
+
+    @torch.no_grad()
+    def probe(self) -> float:
+        sync(self.device)
+        t = time.perf_counter()
+        self.x.sum()
+        sync(self.device)
+        self.gbps.append(self.x.numel() * 4 / (time.perf_counter() - t) / 1e9)
+        return self.gbps[-1]
 
 
 @torch.no_grad()
@@ -392,7 +413,9 @@ class Config:
                     continue
                 r.times += times
                 r.round_medians.append(statistics.median(times))
-            print(f"    round {rnd + 1}/{args.rounds}: {len(runners)} rows in {time.perf_counter() - t:.1f}s", flush=True)
+            bw = args.probe.probe()
+            print(f"    round {rnd + 1}/{args.rounds}: {len(runners)} rows in {time.perf_counter() - t:.1f}s; "
+                  f"read bandwidth {bw:.1f} GB/s", flush=True)
 
         for r in runners:
             if r.kind in ("solc", "uniform", "uniform_aux") and not r.error:
@@ -421,7 +444,6 @@ class Config:
 
     # results --------------------------------------------------------------------------------------
     def add_row(self, r: Runner) -> None:
-        bw = self.args.bandwidth["read_gbps"] * 1e9
         row = {"row": r.name, "kind": r.kind, "batch": self.batch, "context": self.context, "action": r.action,
                "action_label": action_label(self.sol, r.action) if r.action is not None else "",
                "steps": len(r.times)}
@@ -449,9 +471,7 @@ class Config:
                        actions_histogram=json.dumps({int(a): int((acts == a).sum()) for a in acts.unique()}))
         else:
             floor_bytes = self.floor.step_bytes([r.action] * self.batch, self.kv_len)
-        row["floor_bytes"] = int(floor_bytes)
-        row["floor_ms"] = floor_bytes / bw * 1e3
-        row["floor_ratio"] = row["step_ms_median"] / row["floor_ms"]
+        row["floor_bytes"] = int(floor_bytes)  # floor_ms / floor_ratio: set in main, from the run's best bandwidth
         self.rows.append(row)
 
 
@@ -465,8 +485,10 @@ def print_table(rows: list[dict], meta: dict) -> str:
     bw = meta["bandwidth"]
     lines.append(f"device: {meta['device']} | torch {meta['torch']} | {meta['model']} ({meta['weights']}, {meta['dtype']}) "
                  f"| solc dispatcher mode {meta['mode']}")
-    lines.append(f"measured bandwidth: read {bw['read_gbps']:.1f} GB/s (best of 7, {bw['buffer_mib']} MiB sum), "
-                 f"copy {bw['copy_gbps']:.1f} GB/s; floor = bytes read / read bandwidth")
+    lines.append(f"measured read bandwidth ({bw['buffer_mib']} MiB tensor sum): best {bw['read_gbps']:.1f} GB/s over the run "
+                 f"(start: best of 7 {bw['start_read_gbps']:.1f}; per-round probes: median {bw['probe_read_gbps_median']:.1f}, "
+                 f"max {bw['probe_read_gbps_max']:.1f}); copy {bw['copy_gbps']:.1f} GB/s at start. "
+                 "floor = bytes read / best read bandwidth")
     lines.append(f"{meta['rounds']} rounds x ({meta['warmup']} warm-up + {meta['steps']} timed steps) per row; "
                  f"load average {meta['load_average_start'][0]:.2f} at start, {meta['load_average_end'][0]:.2f} at end")
     header = f"{'row':<26} {'action':<22} {'tok/s':>9} {'ms/step':>9} {'x dense':>8} {'floor ms':>9} {'/floor':>7}  notes"
@@ -517,7 +539,7 @@ def write_outputs(out_dir: Path, stem: str, meta: dict, rows: list[dict], table:
     with cpath.open("w", newline="") as f:
         for key in ("command", "device", "torch", "date", "model", "weights", "dtype", "mode"):
             f.write(f"# {key}: {meta[key]}\n")
-        f.write(f"# read bandwidth GB/s: {meta['bandwidth']['read_gbps']:.2f}\n")
+        f.write(f"# read bandwidth GB/s (best over the run, the floors' divisor): {meta['bandwidth']['read_gbps']:.2f}\n")
         writer = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
         writer.writeheader()
         for r in rows:
@@ -553,11 +575,12 @@ def main(argv=None) -> int:
     p.add_argument("--actions", default="auto",
                    help="'all' (the whole grid), 'axes' (dense, each axis' levels alone, all-lowest, the middle action), "
                         "'none', or comma-separated action indices; auto: all on CUDA, axes on CPU")
-    p.add_argument("--steps", type=int, default=None, help="timed decode steps per row and round (default 2 on CPU, 25 on CUDA)")
+    p.add_argument("--steps", type=int, default=None, help="timed decode steps per row and round (default 1 on CPU, 25 on CUDA)")
     p.add_argument("--warmup", type=int, default=None,
                    help="untimed steps before each row's timed ones, every round (default 0 on CPU, 5 on CUDA; "
                         "every program has run once before the first round anyway)")
-    p.add_argument("--rounds", type=int, default=None, help="rows run interleaved, this many times each (default 4; 1 with --quick)")
+    p.add_argument("--rounds", type=int, default=None,
+                   help="rows run interleaved, this many times each (default 8 on CPU, 4 on CUDA; 1 with --quick)")
     p.add_argument("--quick", action="store_true", help="smoke run: 2 steps, 1 warm-up, 1 round, actions 0,13,26 unless given")
     p.add_argument("--mode", default=None, choices=["eager", "compile", "cudagraph"],
                    help="solc dispatcher mode (default: the dispatcher's: cudagraph on CUDA, eager on CPU)")
@@ -585,8 +608,8 @@ def main(argv=None) -> int:
         args.rounds = args.rounds or 1
         if args.actions == "auto":
             args.actions = "0,13,26"
-    args.steps = args.steps or (2 if cpu else 25)
-    args.rounds = args.rounds or 4
+    args.steps = args.steps or (1 if cpu else 25)
+    args.rounds = args.rounds or (8 if cpu else 4)
     args.warmup = args.warmup if args.warmup is not None else (0 if cpu else 5)
     if args.actions == "auto":
         args.actions = "axes" if cpu else "all"
@@ -600,6 +623,7 @@ def main(argv=None) -> int:
               "threads, OpenMP waits on descheduled threads and timings swing by 10x; consider --threads 1", flush=True)
     print(f"measuring bandwidth ({args.bandwidth_mib} MiB) ...", flush=True)
     args.bandwidth = measure_bandwidth(device, args.bandwidth_mib)
+    args.probe = BandwidthProbe(device, args.bandwidth_mib)
 
     max_context = max(args.contexts) + args.rounds * (args.warmup + args.steps)
     if args.pretrained:
@@ -643,6 +667,21 @@ def main(argv=None) -> int:
             cfg.run(actions)
             rows += cfg.rows
 
+    probes = args.probe.gbps or [args.bandwidth["read_gbps"]]
+    bandwidth = {
+        "buffer_mib": args.bandwidth_mib,
+        "read_gbps": max(args.bandwidth["read_gbps"], *probes),  # what the floors divide by
+        "start_read_gbps": args.bandwidth["read_gbps"],
+        "start_read_gbps_median": args.bandwidth["read_gbps_median"],
+        "copy_gbps": args.bandwidth["copy_gbps"],
+        "probe_read_gbps_median": statistics.median(probes),
+        "probe_read_gbps_max": max(probes),
+        "probe_read_gbps": probes,
+    }
+    for r in rows:
+        if r.get("floor_bytes"):
+            r["floor_ms"] = r["floor_bytes"] / (bandwidth["read_gbps"] * 1e9) * 1e3
+            r["floor_ratio"] = r["step_ms_median"] / r["floor_ms"]
     meta = {
         "command": command,
         "device": device_name(device),
@@ -664,7 +703,7 @@ def main(argv=None) -> int:
         "policy_params": sum(q.numel() for q in args.policy_net.parameters()) if not args.no_policy else 0,
         "load_average_start": load_start,
         "load_average_end": os.getloadavg(),
-        "bandwidth": args.bandwidth,
+        "bandwidth": bandwidth,
         "runtime_s": round(time.perf_counter() - t_start, 1),
         "cost_table_note": "predicted_ms: mean over timed steps of the per-action median step latency measured in this run",
     }
