@@ -8,7 +8,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.solc-installed
 
-.PHONY: demo test setup assets
+.PHONY: demo test setup assets eval-assets
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,6 +19,11 @@ assets: $(STAMP)
 	$(PY) -m solc.fetch
 
 setup: assets
+
+# Multiple-choice data for `python -m training.evaluate` (BIG-bench sdist + evals wheel from PyPI,
+# 358 MB download, once); not needed by the tests or the demo.
+eval-assets: $(STAMP)
+	$(PY) -m solc.eval_assets
 
 demo: setup
 	$(PY) -m training.demo

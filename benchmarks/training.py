@@ -39,6 +39,7 @@ def main(argv=None) -> int:
     p.add_argument("--group-size", type=int, default=16)
     p.add_argument("--contexts-per-update", type=int, default=2)
     p.add_argument("--rollout-batch", type=int, default=4)
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     p.add_argument("--updates", type=int, default=2, help="timed updates (after one warm-up update)")
     p.add_argument("--json", default=None, help="output JSON (default benchmarks/results/training-<device>.json)")
     args = p.parse_args(argv)
@@ -46,7 +47,7 @@ def main(argv=None) -> int:
     cfg = GRPOConfig(
         model=args.model, corpus=args.corpus, device=args.device, context_length=args.context_length,
         horizon=args.horizon, group_size=args.group_size, contexts_per_update=args.contexts_per_update,
-        rollout_batch=args.rollout_batch, progress=False, out="/tmp/solc-bench-training", max_minutes=0,
+        rollout_batch=args.rollout_batch, threads=args.threads, progress=False, out="/tmp/solc-bench-training", max_minutes=0,
     )
     t0 = time.perf_counter()
     trainer = Trainer(cfg)

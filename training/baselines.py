@@ -186,6 +186,46 @@ def random_search(sol, contexts: Tensor, targets: Sequence, n: int = 30, horizon
     return {key: SearchResult(key, cand, s, int(s.argmax())) for key, cand, s in zip(keys, cands, scores)}
 
 
+# -- baselines matched to realized budgets ---------------------------------------------------------
+@dataclass
+class MatchedBaselines:
+    """Fixed and Random run at given per-episode budgets (`matched_baselines`)."""
+    fixed_loglik: Tensor  # [C, M] mean log-likelihood of the controlled steps
+    random_loglik: Tensor  # [C, M] the same, mean over the Random draws
+    fixed_budget: Tensor  # [C, M, 3] realized per axis
+    random_budget: Tensor  # [C, M, 3] realized per axis, mean over the draws
+
+
+@torch.no_grad()
+def matched_baselines(sol, contexts: Tensor, budgets: Tensor, horizon: int, random_draws: int = 4,
+                      seed: int = 0, max_rows: int = 160) -> MatchedBaselines:
+    """Fixed and Random at the budgets another method REALIZED: `budgets` [C, M, 3] holds M episodes'
+    realized per-axis budgets on each of the C `contexts` (e.g. a policy's greedy and sampled
+    episodes). Each episode's budget becomes the target of one Fixed episode and `random_draws` Random
+    episodes on the same context, all M*(1+draws) rows sharing the context's prefill, so a paired
+    difference per episode compares schedules at the same budget (up to whole-step rounding, which
+    the returned realized budgets show)."""
+    if random_draws < 1:
+        raise ValueError(f"random_draws must be >= 1, got {random_draws}")
+    C, M, _ = budgets.shape
+    if contexts.shape[0] != C:
+        raise ValueError(f"budgets are for {C} contexts, got {contexts.shape[0]} contexts")
+    G = M * (1 + random_draws)  # rows per context: per episode, Fixed then its Random draws
+    per_chunk = max(1, max_rows // G)
+    ll = torch.zeros(C, M, 1 + random_draws, dtype=torch.float64)
+    realized = torch.zeros(C, M, 1 + random_draws, 3, dtype=torch.float64)
+    gen = torch.Generator().manual_seed(seed)
+    for lo in range(0, C, per_chunk):
+        ctx = contexts[lo : lo + per_chunk]
+        c = ctx.shape[0]
+        targets = budgets[lo : lo + c].double().repeat_interleave(1 + random_draws, dim=1).reshape(c * G, 3)
+        sources = [Fixed() if r % (1 + random_draws) == 0 else Random() for r in range(G)]
+        ep = rollout(sol, ctx, Composite(sources), targets, group=G, horizon=horizon, generator=gen)
+        ll[lo : lo + c] = ep.mean_logp().double().cpu().view(c, M, 1 + random_draws)
+        realized[lo : lo + c] = ep.budget.double().cpu().view(c, M, 1 + random_draws, 3)
+    return MatchedBaselines(ll[..., 0], ll[..., 1:].mean(-1), realized[:, :, 0], realized[:, :, 1:].mean(2))
+
+
 # -- registry ---------------------------------------------------------------------------------------
 def build_source(name: str, *, target=None, policy=None, searched: dict | None = None, greedy: bool = True,
                  temperature: float | None = None) -> ActionSource:

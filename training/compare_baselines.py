@@ -27,21 +27,24 @@ import torch
 from runtime.actions import AXES
 from runtime.generate import budget_targets
 from runtime.policy import PolicyNet, PolicySource
-from runtime.schedulers import Fixed, Random
-from training.episodes import Episodes, rollout
+from training.baselines import matched_baselines
+from training.episodes import rollout
 
 
-def _summary(ep: Episodes, space) -> dict:
-    ll = ep.mean_logp().double()
+def _summary(loglik: torch.Tensor, budget: torch.Tensor, space) -> dict:
+    """Mean log-lik, ppl and realized budgets of episodes: loglik [N], budget [N, 3]."""
+    ll = loglik.double().reshape(-1)
+    budget = budget.double().reshape(-1, 3)
+    cols = [AXES.index(a) for a in space.axes]
     out = {
         "mean_loglik": float(ll.mean()),
         "ppl": math.exp(-float(ll.mean())),
-        "net_keep": float(ep.net_keep(space).mean()),
+        "net_keep": float(budget[:, cols].mean()),
         "episodes": len(ll),
     }
     for i, axis in enumerate(AXES):
         if axis in space.axes:
-            out[f"{axis}_budget"] = float(ep.budget[:, i].mean())
+            out[f"{axis}_budget"] = float(budget[:, i].mean())
     return out
 
 
@@ -71,19 +74,15 @@ def compare(
                 tgt[:, i] = 1.0
         src = PolicySource(policy, greedy=greedy, temperature=temperature)
         pol = rollout(sol, contexts, src, tgt, group=group, horizon=horizon, generator=None if greedy else gens)
-        reps = contexts.repeat_interleave(group, dim=0)
-        matched = pol.budget  # [C*group, 3]: each episode's realized budget
-        fixed = rollout(sol, reps, Fixed(), matched, group=1, horizon=horizon)
-        rnd = rollout(sol, reps, Random(), matched, group=random_draws, horizon=horizon,
-                      generator=torch.Generator().manual_seed(seed + 1))
-        diff_f = (pol.mean_logp() - fixed.mean_logp()).double()
-        rnd_ll = rnd.mean_logp().view(-1, random_draws).mean(1)
-        diff_r = (pol.mean_logp() - rnd_ll).double()
+        pol_ll = pol.mean_logp().double().cpu().view(C, group)
+        base = matched_baselines(sol, contexts, pol.budget.view(C, group, 3), horizon, random_draws, seed + 1)
+        diff_f = (pol_ll - base.fixed_loglik).reshape(-1)
+        diff_r = (pol_ll - base.random_loglik).reshape(-1)
         se = lambda d: float(d.std() / math.sqrt(len(d))) if len(d) > 1 else float("nan")  # noqa: E731
         results[mode] = {
-            "policy": _summary(pol, space),
-            "fixed": _summary(fixed, space),
-            "random": _summary(rnd, space),
+            "policy": _summary(pol_ll, pol.budget, space),
+            "fixed": _summary(base.fixed_loglik, base.fixed_budget, space),
+            "random": _summary(base.random_loglik, base.random_budget, space),
             "policy_minus_fixed": {"mean": float(diff_f.mean()), "stderr": se(diff_f)},
             "policy_minus_random": {"mean": float(diff_r.mean()), "stderr": se(diff_r)},
         }

@@ -11,6 +11,10 @@ For each method (policy, fixed, random, random-search; see training/baselines.py
     dense prompt prefill, one controlled step per continuation token), on BIG-bench tasks and
     MMLU-format questions, 0-shot and few-shot; a dense reference row per task.
   * the realized budget per axis and the net keep (mean over enabled axes), from the actions that ran.
+  * fixed@policy and random@policy (with a policy, unless --matched-draws 0): Fixed and Random run
+    at the budget the policy REALIZED on each test context (per axis), so the paired differences
+    "policy - fixed@policy" compare schedules at matched realized budget, not at the same request
+    (the policy may over- or underspend its request; Fixed realizes it within one step).
 Budgets: one number per budget (the same target on every enabled axis) or attn/mlp/bits16 triples.
 
 Writes to --out: results.csv (one row per eval, method, budget), pareto.png (quality vs realized net
@@ -35,7 +39,7 @@ import torch
 from torch import Tensor
 
 from runtime.actions import AXES
-from training.baselines import Composite, axis_targets, build_source, random_search, target_key
+from training.baselines import Composite, axis_targets, build_source, matched_baselines, random_search, target_key
 from training.episodes import rollout
 
 DEFAULT_METHODS = ("policy", "fixed", "random", "random-search")
@@ -60,6 +64,7 @@ class EvalConfig:
     mc_shots: list = field(default_factory=lambda: [0, 3])
     mc_questions: int = 40
     max_rows: int = 160  # rows per batched rollout (bounds the KV cache memory)
+    matched_draws: int = 4  # Random draws per context for random@policy; 0 = no matched baselines
     greedy: bool = True  # policy: argmax (deployment) or sampled at the policy's temperature
     seed: int = 0
     dtype: str = "float32"
@@ -76,7 +81,7 @@ class Entry:
     method: str
     budget: object  # the requested budget (a number or a triple), None for uniform actions
     target: tuple  # per-axis target (attn, mlp, bits/16)
-    make: Callable
+    make: Callable | None  # None for entries derived from another's result (fixed@policy, random@policy)
 
 
 def _budget_label(budget) -> str:
@@ -221,6 +226,15 @@ def run(cfg: EvalConfig, sol=None, policy=None, tokenizer=None) -> dict:
     entries = make_entries(space, methods, cfg.budgets, policy, searched, cfg.greedy, uniform=cfg.uniform)
     test = load_contexts(cfg, "test", cfg.test_contexts, vocab)
     ll, budget = evaluate_ppl(sol, test, entries, cfg.horizon, cfg.max_rows, cfg.seed, on_progress=bar.update)
+    pol = [j for j, e in enumerate(entries) if e.method == "policy"]
+    if pol and cfg.matched_draws > 0:
+        bar.set_postfix_str("fixed/random at the policy's realized budgets")
+        base = matched_baselines(sol, test, budget[:, pol], cfg.horizon, cfg.matched_draws, cfg.seed, cfg.max_rows)
+        for name, b_ll, b_budget in (("fixed@policy", base.fixed_loglik, base.fixed_budget),
+                                      ("random@policy", base.random_loglik, base.random_budget)):
+            entries += [Entry(name, entries[j].budget, entries[j].target, None) for j in pol]
+            ll = torch.cat([ll, b_ll], dim=1)
+            budget = torch.cat([budget, b_budget], dim=1)
     out["ppl"] = {"entries": entries, "loglik": ll, "budget": budget}
     for j, e in enumerate(entries):
         mean_ll = float(ll[:, j].mean())
@@ -271,7 +285,8 @@ def _front(points: list[tuple[float, float]], higher_better: bool) -> list[tuple
     return out
 
 
-STYLE = {"policy": ("tab:red", "o"), "fixed": ("tab:blue", "s"), "random": ("tab:green", "^"), "random-search": ("tab:purple", "D")}
+STYLE = {"policy": ("tab:red", "o"), "fixed": ("tab:blue", "s"), "random": ("tab:green", "^"), "random-search": ("tab:purple", "D"),
+         "fixed@policy": ("tab:cyan", "s"), "random@policy": ("tab:olive", "^")}
 
 
 def plot_pareto(rows: list[dict], path: Path) -> None:
@@ -361,7 +376,7 @@ def report(result: dict, cfg: EvalConfig, command: str) -> str:
     if len(uni) > 1:
         front = _front([(r["net_keep"], r["value"]) for r in uni], higher_better=False)
         lines += ["", "Uniform actions on the Pareto front (net keep: ppl): " + ", ".join(f"{x:.3f}: {y:.2f}" for x, y in front)]
-    for base in ("fixed", "random", "random-search"):
+    for base in ("fixed", "random", "random-search", "fixed@policy", "random@policy"):
         d = _paired(result, "policy", base)
         if d:
             lines += ["", f"policy - {base}, mean log-lik per token over the test contexts (+ = policy better), mean (stderr): "
@@ -426,7 +441,9 @@ def main(argv=None) -> int:
     p.add_argument("--mc-shots", default="0,3", help="comma-separated shot counts")
     p.add_argument("--mc-questions", type=int, default=d.mc_questions, help="questions per task (a seeded sample)")
     p.add_argument("--mc-methods", default="", help="methods scored on multiple choice (default: --methods)")
-    p.add_argument("--max-rows", type=int, default=d.max_rows)
+    p.add_argument("--max-rows", type=int, default=d.max_rows, help="rows per batched rollout (bounds the KV cache memory)")
+    p.add_argument("--matched-draws", type=int, default=d.matched_draws,
+                   help="Random draws per test context for random@policy (Fixed/Random at the policy's realized budget); 0 = skip")
     p.add_argument("--sample", action="store_true", help="sample the policy at its temperature instead of argmax")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--dtype", default=d.dtype, choices=["float32", "float64", "bfloat16"])
@@ -443,7 +460,7 @@ def main(argv=None) -> int:
         mc_tasks=[t.strip() for t in args.mc_tasks.split(",") if t.strip()],
         mc_shots=[int(s) for s in args.mc_shots.split(",") if s.strip()], mc_questions=args.mc_questions,
         mc_methods=[m.strip() for m in args.mc_methods.split(",") if m.strip()] or None,
-        max_rows=args.max_rows, greedy=not args.sample, seed=args.seed, dtype=args.dtype, device=args.device,
+        max_rows=args.max_rows, matched_draws=args.matched_draws, greedy=not args.sample, seed=args.seed, dtype=args.dtype, device=args.device,
         out=args.out, threads=args.threads, progress=not args.no_progress,
     )
     if cfg.threads:

@@ -119,3 +119,20 @@ def test_registry_and_sources(tiny_sol):
     z1 = torch.zeros(1, 2)
     got = [int(cyc.next_actions(t, z1, z1, torch.tensor([d]))) for t, d in enumerate([True, False, False, False])]
     assert got == [space.dense_index, 1, 2, 1]
+
+
+def test_matched_baselines_run_fixed_and_random_at_each_episodes_budget(tiny_sol):
+    ctx = _contexts(3, length=24, seed=5)
+    budgets = sample_targets(tiny_sol.space, 6, torch.Generator().manual_seed(1)).view(3, 2, 3)
+    res = baselines.matched_baselines(tiny_sol, ctx, budgets, horizon=8, random_draws=2, max_rows=6)  # 2 chunks
+    assert res.fixed_loglik.shape == res.random_loglik.shape == (3, 2)
+    for c in range(3):
+        for m in range(2):
+            alone = rollout(tiny_sol, ctx[c : c + 1], Fixed(), budgets[c, m], group=1, horizon=8)
+            torch.testing.assert_close(res.fixed_loglik[c, m], alone.mean_logp().double()[0], atol=1e-5, rtol=0)
+            torch.testing.assert_close(res.fixed_budget[c, m], alone.budget.double()[0], atol=1e-12, rtol=0)
+    # Random shuffles Fixed's levels: the same realized budget, different schedules (so different scores)
+    torch.testing.assert_close(res.random_budget, res.fixed_budget, atol=1e-12, rtol=0)
+    assert (res.random_loglik - res.fixed_loglik).abs().max() > 1e-4
+    with pytest.raises(ValueError, match="random_draws must be >= 1"):
+        baselines.matched_baselines(tiny_sol, ctx, budgets, horizon=8, random_draws=0)

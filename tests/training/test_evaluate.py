@@ -45,10 +45,18 @@ def test_cli_writes_csv_plot_tensorboard_and_report(tiny_policy, tmp_path):
         if r["method"] == "fixed":
             for a in ("attn", "mlp", "quant"):
                 assert abs(float(r[a]) - float(r[f"target_{a}"])) <= 0.02
+    # fixed@policy / random@policy: the baselines at the budget the policy realized on the same contexts
+    for lab in ("0.5", "0.7"):
+        pol = next(r for r in rows if r["method"] == "policy" and r["budget"] == lab)
+        for m in ("fixed@policy", "random@policy"):
+            r = next(r for r in rows if r["method"] == m and r["budget"] == lab)
+            for a in ("attn", "mlp", "quant"):  # up to whole-step rounding per context (levels <= 0.5 apart, T=16)
+                assert abs(float(r[a]) - float(pol[a])) <= 0.5 / 16 + 1e-6
     assert (out / "pareto.png").stat().st_size > 10_000
     assert any(p.name.startswith("events.out.tfevents") for p in (out / "tb").iterdir())
     text = (out / "report.md").read_text()
     assert "Budget adherence of the policy" in text and "policy - fixed" in text and "| policy |" in text
+    assert "policy - fixed@policy" in text and "| random@policy |" in text
 
 
 def test_run_with_multiple_choice(tiny_sol, tiny_policy, tmp_path, monkeypatch):
