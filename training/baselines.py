@@ -198,7 +198,8 @@ class MatchedBaselines:
 
 @torch.no_grad()
 def matched_baselines(sol, contexts: Tensor, budgets: Tensor, horizon: int, random_draws: int = 4,
-                      seed: int = 0, max_rows: int = 160) -> MatchedBaselines:
+                      seed: int = 0, max_rows: int = 160,
+                      on_progress: Callable[[int], None] | None = None) -> MatchedBaselines:
     """Fixed and Random at the budgets another method REALIZED: `budgets` [C, M, 3] holds M episodes'
     realized per-axis budgets on each of the C `contexts` (e.g. a policy's greedy and sampled
     episodes). Each episode's budget becomes the target of one Fixed episode and `random_draws` Random
@@ -223,6 +224,8 @@ def matched_baselines(sol, contexts: Tensor, budgets: Tensor, horizon: int, rand
         ep = rollout(sol, ctx, Composite(sources), targets, group=G, horizon=horizon, generator=gen)
         ll[lo : lo + c] = ep.mean_logp().double().cpu().view(c, M, 1 + random_draws)
         realized[lo : lo + c] = ep.budget.double().cpu().view(c, M, 1 + random_draws, 3)
+        if on_progress is not None:
+            on_progress(c)
     return MatchedBaselines(ll[..., 0], ll[..., 1:].mean(-1), realized[:, :, 0], realized[:, :, 1:].mean(2))
 
 

@@ -8,7 +8,8 @@ For each method (policy, fixed, random, random-search; see training/baselines.py
     methods, budgets and every uniform action run on the same contexts in one shared-prefill batch.
     Random search picks its schedule on the VALIDATION split (best of --search-n) and is scored here.
   * multiple-choice accuracy with the source active on the answer continuations (training/mc.py:
-    dense prompt prefill, one controlled step per continuation token), on BIG-bench tasks and
+    dense prefill of the prompt minus its last --mc-tail tokens, then one controlled step per prompt
+    tail token and per continuation token, only the latter scored), on BIG-bench tasks and
     MMLU-format questions, 0-shot and few-shot; a dense reference row per task.
   * the realized budget per axis and the net keep (mean over enabled axes), from the actions that ran.
   * fixed@policy and random@policy (with a policy, unless --matched-draws 0): Fixed and Random run
@@ -63,6 +64,7 @@ class EvalConfig:
     mc_tasks: list = field(default_factory=lambda: list(DEFAULT_MC_TASKS))
     mc_shots: list = field(default_factory=lambda: [0, 3])
     mc_questions: int = 40
+    mc_tail: int = 15  # prompt tokens run under control before the answer (training/mc.py); 15 + 1 = T
     max_rows: int = 160  # rows per batched rollout (bounds the KV cache memory)
     matched_draws: int = 4  # Random draws per context for random@policy; 0 = no matched baselines
     greedy: bool = True  # policy: argmax (deployment) or sampled at the policy's temperature
@@ -209,7 +211,9 @@ def run(cfg: EvalConfig, sol=None, policy=None, tokenizer=None) -> dict:
         for shots in cfg.mc_shots:
             tasks.append(mc.load_task(spec, shots=shots, max_questions=cfg.mc_questions, seed=cfg.seed))
     need_search = "random-search" in methods
-    total = (cfg.val_contexts if need_search else 0) + cfg.test_contexts + sum(len(t.questions) for t in tasks)
+    matched = "policy" in methods and cfg.matched_draws > 0 and cfg.test_contexts > 0
+    total = ((cfg.val_contexts if need_search else 0) + cfg.test_contexts * (2 if matched else 1)
+             + sum(len(t.questions) for t in tasks))
     bar = tqdm(total=total, desc="evaluate", unit="item", disable=not cfg.progress, dynamic_ncols=True)
     vocab = sol.token_embedding.shape[0]
     out: dict = {"rows": []}
@@ -222,24 +226,26 @@ def run(cfg: EvalConfig, sol=None, policy=None, tokenizer=None) -> dict:
                                  horizon=cfg.horizon, seed=cfg.seed, max_rows=cfg.max_rows, on_progress=bar.update)
         out["search"] = {k: {"best": r.best, "val_loglik": r.scores.tolist(), "schedule": r.schedule.tolist()} for k, r in searched.items()}
 
-    bar.set_postfix_str("perplexity (test)")
-    entries = make_entries(space, methods, cfg.budgets, policy, searched, cfg.greedy, uniform=cfg.uniform)
-    test = load_contexts(cfg, "test", cfg.test_contexts, vocab)
-    ll, budget = evaluate_ppl(sol, test, entries, cfg.horizon, cfg.max_rows, cfg.seed, on_progress=bar.update)
-    pol = [j for j, e in enumerate(entries) if e.method == "policy"]
-    if pol and cfg.matched_draws > 0:
-        bar.set_postfix_str("fixed/random at the policy's realized budgets")
-        base = matched_baselines(sol, test, budget[:, pol], cfg.horizon, cfg.matched_draws, cfg.seed, cfg.max_rows)
-        for name, b_ll, b_budget in (("fixed@policy", base.fixed_loglik, base.fixed_budget),
-                                      ("random@policy", base.random_loglik, base.random_budget)):
-            entries += [Entry(name, entries[j].budget, entries[j].target, None) for j in pol]
-            ll = torch.cat([ll, b_ll], dim=1)
-            budget = torch.cat([budget, b_budget], dim=1)
-    out["ppl"] = {"entries": entries, "loglik": ll, "budget": budget}
-    for j, e in enumerate(entries):
-        mean_ll = float(ll[:, j].mean())
-        out["rows"].append(_row(space, "ppl", e, budget[:, j].mean(0), "ppl", math.exp(-mean_ll), test.shape[0],
-                                {"mean_loglik": mean_ll}))
+    if cfg.test_contexts > 0:  # 0: multiple choice only
+        bar.set_postfix_str("perplexity (test)")
+        entries = make_entries(space, methods, cfg.budgets, policy, searched, cfg.greedy, uniform=cfg.uniform)
+        test = load_contexts(cfg, "test", cfg.test_contexts, vocab)
+        ll, budget = evaluate_ppl(sol, test, entries, cfg.horizon, cfg.max_rows, cfg.seed, on_progress=bar.update)
+        pol = [j for j, e in enumerate(entries) if e.method == "policy"]
+        if pol and matched:
+            bar.set_postfix_str("fixed/random at the policy's realized budgets")
+            base = matched_baselines(sol, test, budget[:, pol], cfg.horizon, cfg.matched_draws, cfg.seed, cfg.max_rows,
+                                     on_progress=bar.update)
+            for name, b_ll, b_budget in (("fixed@policy", base.fixed_loglik, base.fixed_budget),
+                                          ("random@policy", base.random_loglik, base.random_budget)):
+                entries += [Entry(name, entries[j].budget, entries[j].target, None) for j in pol]
+                ll = torch.cat([ll, b_ll], dim=1)
+                budget = torch.cat([budget, b_budget], dim=1)
+        out["ppl"] = {"entries": entries, "loglik": ll, "budget": budget}
+        for j, e in enumerate(entries):
+            mean_ll = float(ll[:, j].mean())
+            out["rows"].append(_row(space, "ppl", e, budget[:, j].mean(0), "ppl", math.exp(-mean_ll), test.shape[0],
+                                    {"mean_loglik": mean_ll}))
 
     mc_methods = [m for m in (cfg.mc_methods or methods) if m in methods or m.startswith("uniform:")]
     mc_entries = make_entries(space, mc_methods, cfg.budgets, policy, searched, cfg.greedy)
@@ -250,7 +256,7 @@ def run(cfg: EvalConfig, sol=None, policy=None, tokenizer=None) -> dict:
         bar.set_postfix_str(task.name)
         names = [f"{e.method}@{_budget_label(e.budget)}" for e in mc_entries]
         res = mc.score_task(sol, tokenizer, task, {n: (e.make, e.target) for n, e in zip(names, mc_entries)},
-                            generator=gen, on_question=bar.update)
+                            generator=gen, on_question=bar.update, tail=cfg.mc_tail)
         for n, e in zip(names, mc_entries):
             r = res[n]
             b = torch.tensor([r.budget[a] for a in AXES], dtype=torch.float64)
@@ -361,26 +367,27 @@ def report(result: dict, cfg: EvalConfig, command: str) -> str:
     budgets = [_budget_label(b) for b in cfg.budgets]
     methods = list(dict.fromkeys(r["method"] for r in rows if r["budget"] != ""))
     lines = [f"Command: `{command}`", ""]
-    lines += [f"## Perplexity, test split ({cfg.test_contexts} contexts x {cfg.horizon} controlled steps; cell: ppl (realized net keep))", ""]
-    lines += ["| method | " + " | ".join(budgets) + " |", "|---|" + "---:|" * len(budgets)]
-    for m in methods:
-        cells = []
-        for lab in budgets:
-            r = next((r for r in rows if r["eval"] == "ppl" and r["method"] == m and r["budget"] == lab), None)
-            cells.append(f"{r['value']:.2f} ({r['net_keep']:.3f})" if r else "")
-        lines.append(f"| {m} | " + " | ".join(cells) + " |")
-    uni = sorted((r for r in rows if r["eval"] == "ppl" and r["budget"] == ""), key=lambda r: r["net_keep"])
-    dense = next((r for r in uni if r["net_keep"] == 1.0), None)
-    if dense:
-        lines += ["", f"Dense (every step at attn 1.0, mlp 1.0, 16 bit) on the same contexts: ppl {dense['value']:.2f}"]
-    if len(uni) > 1:
-        front = _front([(r["net_keep"], r["value"]) for r in uni], higher_better=False)
-        lines += ["", "Uniform actions on the Pareto front (net keep: ppl): " + ", ".join(f"{x:.3f}: {y:.2f}" for x, y in front)]
-    for base in ("fixed", "random", "random-search", "fixed@policy", "random@policy"):
-        d = _paired(result, "policy", base)
-        if d:
-            lines += ["", f"policy - {base}, mean log-lik per token over the test contexts (+ = policy better), mean (stderr): "
-                      + ", ".join(f"{lab}: {m:+.4f} ({s:.4f})" for lab, (m, s) in d.items())]
+    if "ppl" in result:
+        lines += [f"## Perplexity, test split ({cfg.test_contexts} contexts x {cfg.horizon} controlled steps; cell: ppl (realized net keep))", ""]
+        lines += ["| method | " + " | ".join(budgets) + " |", "|---|" + "---:|" * len(budgets)]
+        for m in methods:
+            cells = []
+            for lab in budgets:
+                r = next((r for r in rows if r["eval"] == "ppl" and r["method"] == m and r["budget"] == lab), None)
+                cells.append(f"{r['value']:.2f} ({r['net_keep']:.3f})" if r else "")
+            lines.append(f"| {m} | " + " | ".join(cells) + " |")
+        uni = sorted((r for r in rows if r["eval"] == "ppl" and r["budget"] == ""), key=lambda r: r["net_keep"])
+        dense = next((r for r in uni if r["net_keep"] == 1.0), None)
+        if dense:
+            lines += ["", f"Dense (every step at attn 1.0, mlp 1.0, 16 bit) on the same contexts: ppl {dense['value']:.2f}"]
+        if len(uni) > 1:
+            front = _front([(r["net_keep"], r["value"]) for r in uni], higher_better=False)
+            lines += ["", "Uniform actions on the Pareto front (net keep: ppl): " + ", ".join(f"{x:.3f}: {y:.2f}" for x, y in front)]
+        for base in ("fixed", "random", "random-search", "fixed@policy", "random@policy"):
+            d = _paired(result, "policy", base)
+            if d:
+                lines += ["", f"policy - {base}, mean log-lik per token over the test contexts (+ = policy better), mean (stderr): "
+                          + ", ".join(f"{lab}: {m:+.4f} ({s:.4f})" for lab, (m, s) in d.items())]
     mc_evals = [e for e in dict.fromkeys(r["eval"] for r in rows) if e != "ppl"]
     if mc_evals:
         lines += ["", "## Multiple-choice accuracy (cell: accuracy (realized net keep on the continuation steps))", ""]
@@ -434,12 +441,15 @@ def main(argv=None) -> int:
     p.add_argument("--uniform", default="all", help="perplexity of uniform actions: all | dense | none | indices 0,13,26")
     p.add_argument("--context-length", type=int, default=d.context_length)
     p.add_argument("--horizon", type=int, default=d.horizon)
-    p.add_argument("--test-contexts", type=int, default=d.test_contexts, help="test-split contexts for perplexity")
+    p.add_argument("--test-contexts", type=int, default=d.test_contexts, help="test-split contexts for perplexity (0: skip perplexity)")
     p.add_argument("--val-contexts", type=int, default=d.val_contexts, help="validation contexts random search selects on")
     p.add_argument("--search-n", type=int, default=d.search_n, help="random search: candidates per budget")
     p.add_argument("--mc-tasks", default=",".join(DEFAULT_MC_TASKS), help="bigbench:<task> / mmlu:<file>, comma-separated ('' for none)")
     p.add_argument("--mc-shots", default="0,3", help="comma-separated shot counts")
     p.add_argument("--mc-questions", type=int, default=d.mc_questions, help="questions per task (a seeded sample)")
+    p.add_argument("--mc-tail", type=int, default=d.mc_tail,
+                   help="prompt tokens before the answer that also run under the method's actions (counted in the budget, not scored); "
+                        "0 = only the answer tokens, where a one-token answer cannot realize a budget between two levels")
     p.add_argument("--mc-methods", default="", help="methods scored on multiple choice (default: --methods)")
     p.add_argument("--max-rows", type=int, default=d.max_rows, help="rows per batched rollout (bounds the KV cache memory)")
     p.add_argument("--matched-draws", type=int, default=d.matched_draws,
@@ -458,7 +468,7 @@ def main(argv=None) -> int:
         context_length=args.context_length, horizon=args.horizon, test_contexts=args.test_contexts,
         val_contexts=args.val_contexts, search_n=args.search_n,
         mc_tasks=[t.strip() for t in args.mc_tasks.split(",") if t.strip()],
-        mc_shots=[int(s) for s in args.mc_shots.split(",") if s.strip()], mc_questions=args.mc_questions,
+        mc_shots=[int(s) for s in args.mc_shots.split(",") if s.strip()], mc_questions=args.mc_questions, mc_tail=args.mc_tail,
         mc_methods=[m.strip() for m in args.mc_methods.split(",") if m.strip()] or None,
         max_rows=args.max_rows, matched_draws=args.matched_draws, greedy=not args.sample, seed=args.seed, dtype=args.dtype, device=args.device,
         out=args.out, threads=args.threads, progress=not args.no_progress,

@@ -17,13 +17,16 @@ Data (prepared at set-up by solc.eval_assets.prepare_mc; never fetched here):
 Whitespace at the end of a prompt moves to the front of every continuation (lm-eval's convention),
 and the continuation tokens are those of tokenize(prompt + continuation) after tokenize(prompt).
 
-Scoring protocol (the deployment protocol: runtime.generate.score): the prompt minus its last token is
-prefilled densely ONCE per question; its KV cache is repeated for every (source, choice) row; controlled
-step t feeds the previous token (first: the prompt's last token) with the action the row's source
-picked and is scored on continuation token t. A choice's score is the sum of its tokens' log-probs
-(BIG-bench's multiple_choice_grade and lm-eval's `acc`); the prediction is the argmax (first on ties).
-The budget counts the controlled steps that scored a real continuation token (not the padding of a
-shorter choice) and is computed from the actions that ran (DESIGN invariant 4). Row-independent
+Scoring protocol (the deployment protocol: runtime.generate.score): the prompt minus its last `tail` + 1
+tokens is prefilled densely ONCE per question; its KV cache is repeated for every (source, choice) row;
+controlled step t feeds the previous token (the prompt's tail first, then the prompt's last token and
+the continuation) with the action the row's source picked; the steps that predict continuation tokens
+are scored. A choice's score is the sum of its tokens' log-probs (BIG-bench's multiple_choice_grade and
+lm-eval's `acc`); the prediction is the argmax (first on ties). The budget counts the controlled steps
+that ran on a real token (prompt tail and continuation, not the padding of a shorter choice) and is
+computed from the actions that ran (DESIGN invariant 4). With tail 0 an answer of one token is ONE
+controlled step, where no source can realize a budget between two grid levels; a tail of ~15 gives the
+source as many steps as a training episode. Row-independent
 sources (everything but a policy) are wrapped in SharedRows so all choices of a question run the same
 schedule; a policy picks per row, from that row's tokens.
 """
@@ -185,7 +188,7 @@ class Scored:
     logprob: Tensor  # [R] float64 sum of the continuation's token log-probs
     greedy: Tensor  # [R] bool: every continuation token was the argmax
     actions: Tensor  # [R, H] actions that ran
-    counted: Tensor  # [R, H] bool: controlled steps that scored a real continuation token
+    counted: Tensor  # [R, H] bool: controlled steps that ran on a real token (prompt tail or continuation)
 
 
 def _reads_inputs(source: ActionSource) -> bool:
@@ -194,11 +197,14 @@ def _reads_inputs(source: ActionSource) -> bool:
 
 @torch.no_grad()
 def score_continuations(sol, context: Sequence[int], continuations: Sequence[Sequence[int]],
-                        sources: Sequence[ActionSource], targets, generator=None) -> Scored:
+                        sources: Sequence[ActionSource], targets, generator=None, tail: int = 0) -> Scored:
     """Score every continuation under every source (one batch; see the module docstring).
 
     targets: one per source (a number or attn, mlp, bits/16 each). Row i*G + g is continuation i under
-    source g. Sources that do not read their inputs are wrapped in SharedRows."""
+    source g. Sources that do not read their inputs are wrapped in SharedRows. `tail`: the last `tail`
+    prompt tokens before the one that predicts the answer also run as controlled steps (counted in
+    the budget, not scored), so an answer of one token still gives the source tail + 1 steps over
+    which to realize a fractional budget."""
     G, n = len(sources), len(continuations)
     if G == 0 or n == 0:
         raise ValueError("score_continuations needs at least one source and one continuation")
@@ -206,15 +212,19 @@ def score_continuations(sol, context: Sequence[int], continuations: Sequence[Seq
         raise ValueError(f"{len(targets)} targets for {G} sources")
     if len(context) < 1 or any(len(c) < 1 for c in continuations):
         raise ValueError("context and every continuation need at least one token")
+    if tail < 0:
+        raise ValueError(f"tail must be >= 0 prompt tokens, got {tail}")
     device = sol.token_embedding.device
+    tail = min(tail, len(context) - 1)
     lens = torch.tensor([len(c) for c in continuations])
-    H = int(lens.max())
-    P = len(context) - 1
+    H = tail + int(lens.max())  # controlled steps: the prompt's tail, then the continuation
+    P = len(context) - 1 - tail  # prefilled densely
     if P + H > sol.max_seq_len:
-        raise ValueError(f"prompt ({len(context)}) + continuation ({H}) tokens exceed max_seq_len={sol.max_seq_len}")
+        raise ValueError(f"prompt ({len(context)}) + continuation ({H - tail}) tokens exceed max_seq_len={sol.max_seq_len}")
     R = n * G
     # feed[:, t] is the token fed at step t, gold[:, t] the token it is scored on
-    seqs = torch.tensor([[context[-1]] + list(c) + [c[-1]] * (H - len(c)) for c in continuations], device=device)
+    pad = H - tail
+    seqs = torch.tensor([list(context[P:]) + list(c) + [c[-1]] * (pad - len(c)) for c in continuations], device=device)
     feed, gold = seqs[:, :H].repeat_interleave(G, 0), seqs[:, 1:].repeat_interleave(G, 0)
 
     cache = sol.new_cache(1, P + H, device=device)
@@ -244,13 +254,15 @@ def score_continuations(sol, context: Sequence[int], continuations: Sequence[Seq
         acts.append(action)
         ctrl.append(~dense)
         hidden = out.hidden[:, -1]
-    real = (torch.arange(H)[None] < lens[:, None]).repeat_interleave(G, 0).to(device)
+    step = torch.arange(H)[None]
+    real = ((step >= tail) & (step < tail + lens[:, None])).repeat_interleave(G, 0).to(device)  # scored steps
+    ran = (step < tail + lens[:, None]).repeat_interleave(G, 0).to(device)  # not padding
     logp = torch.stack(logps, 1).double()
     return Scored(
         logprob=(logp * real).sum(1).cpu(),
         greedy=(torch.stack(greedy, 1) | ~real).all(1).cpu(),
         actions=torch.stack(acts, 1).cpu(),
-        counted=(torch.stack(ctrl, 1) & real).cpu(),
+        counted=(torch.stack(ctrl, 1) & ran).cpu(),
     )
 
 
@@ -273,8 +285,9 @@ class MCResult:
 
 
 def score_task(sol, tokenizer, task: MCTask, methods: dict[str, tuple[Callable[[], ActionSource] | ActionSource, object]],
-               generator=None, on_question: Callable[[int], None] | None = None) -> dict[str, MCResult]:
-    """Accuracy of every method on `task`. methods: name -> (source or source factory, target)."""
+               generator=None, on_question: Callable[[int], None] | None = None, tail: int = 0) -> dict[str, MCResult]:
+    """Accuracy of every method on `task`. methods: name -> (source or source factory, target); `tail`:
+    prompt tokens run under control before the answer (score_continuations)."""
     names = list(methods)
     results = {name: MCResult() for name in names}
     costs = sol.space.cost_table()
@@ -284,7 +297,7 @@ def score_task(sol, tokenizer, task: MCTask, methods: dict[str, tuple[Callable[[
         if any(c[0] != context for c in ids):  # cannot happen with _move_space, but never score a mismatch
             raise ValueError(f"the choices of a question tokenise the prompt differently: {q.context[-60:]!r}")
         sources = [m() if callable(m) and not isinstance(m, ActionSource) else m for m, _ in methods.values()]
-        scored = score_continuations(sol, context, [c for _, c in ids], sources, [t for _, t in methods.values()], generator)
+        scored = score_continuations(sol, context, [c for _, c in ids], sources, [t for _, t in methods.values()], generator, tail)
         G = len(names)
         lp = scored.logprob.view(len(q.choices), G)
         per_axis = costs[scored.actions] * scored.counted[..., None]  # [R, H, 3]

@@ -71,15 +71,16 @@ def test_run_with_multiple_choice(tiny_sol, tiny_policy, tmp_path, monkeypatch):
     (root / "data" / "mc" / "mmlu" / "m.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     monkeypatch.setenv("SOLC_CACHE", str(root))
     cfg = evaluate.EvalConfig(policy="x", model="tiny-llama", corpus="random", budgets=[0.6], methods=["policy", "fixed", "random"],
-                              uniform="none", context_length=26, test_contexts=1, mc_tasks=["bigbench:t", "mmlu:m"], mc_shots=[0, 1],
+                              uniform="none", context_length=26, test_contexts=0, mc_tasks=["bigbench:t", "mmlu:m"], mc_shots=[0, 1],
                               mc_questions=3, progress=False)
     result = evaluate.run(cfg, sol=tiny_sol, policy=policy, tokenizer=ByteTok())
-    mc_rows = [r for r in result["rows"] if r["eval"] != "ppl"]
+    assert "ppl" not in result and all(r["eval"] != "ppl" for r in result["rows"])  # test_contexts=0: MC only
+    mc_rows = result["rows"]
     assert {r["eval"] for r in mc_rows} == {"bigbench:t/0shot", "bigbench:t/1shot", "mmlu:m/0shot", "mmlu:m/1shot"}
     for r in mc_rows:
         assert r["n"] == 3 and 0 <= r["value"] <= 1 and r["chance"] == pytest.approx(0.5)
         if r["method"] == f"uniform:{tiny_sol.space.dense_index}":
             assert r["net_keep"] == pytest.approx(1.0)
     text = evaluate.report(result, cfg, "cmd")
-    assert "### mmlu:m/1shot: 3 questions" in text
+    assert "### mmlu:m/1shot: 3 questions" in text and "## Perplexity" not in text
     evaluate.plot_pareto(result["rows"], tmp_path / "p.png")

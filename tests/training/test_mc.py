@@ -159,3 +159,44 @@ def test_load_task_names_the_setup_step(tmp_path):
         load_task("bigbench:general_knowledge", root=tmp_path)
     with pytest.raises(ValueError, match="bigbench:<task>"):
         load_task("nope", root=tmp_path)
+
+
+def test_prompt_tail_runs_under_control_and_equals_a_teacher_forced_pass(tiny_sol64):
+    sol = tiny_sol64
+    g = torch.Generator().manual_seed(7)
+    ctx = torch.randint(1, 90, (20,), generator=g).tolist()  # chr(id + 32): printable, no whitespace
+    conts = [[5], [9, 11, 3]]
+    a, tail = 4, 6
+    s = score_continuations(sol, ctx, conts, [Uniform(a)], [1.0], tail=tail)
+    P = len(ctx) - 1 - tail  # prefilled densely; every later step runs action a
+    for i, c in enumerate(conts):
+        ids = torch.tensor([ctx + c])
+        actions = torch.full_like(ids, sol.space.dense_index)
+        actions[0, P:] = a
+        logp = torch.log_softmax(sol(ids, actions).logits[0].double(), -1)
+        expect = sum(logp[len(ctx) - 1 + j, tok].item() for j, tok in enumerate(c))
+        assert s.logprob[i].item() == pytest.approx(expect, abs=1e-6)
+    # the tail counts in the budget, the padding of the shorter choice does not
+    assert s.counted.sum(1).tolist() == [tail + 1, tail + 3]
+    # a one-token answer with a 15-token tail: Fixed realizes a fractional budget over 16 steps
+    target = (0.6, 0.6, 0.6)
+    res = score_task(sol, ByteTokShort(), MCTask("t", [_mcq(ctx, [[5], [9]])]), {"fixed": (Fixed(), target)}, tail=15)
+    for axis, want in zip(("attn", "mlp", "quant"), target):
+        assert abs(res["fixed"].budget[axis] - want) <= 0.02 + 1e-9
+    res0 = score_task(sol, ByteTokShort(), MCTask("t", [_mcq(ctx, [[5], [9]])]), {"fixed": (Fixed(), target)})
+    assert res0["fixed"].steps == 2  # without a tail: one step per one-token choice
+    with pytest.raises(ValueError, match="tail must be >= 0"):
+        score_continuations(sol, ctx, conts, [Uniform(a)], [1.0], tail=-1)
+
+
+class ByteTokShort(ByteTok):
+    """Token ids are the characters' code points minus 32 (prompts of chr(id + 32))."""
+
+    def __call__(self, text, add_special_tokens=False):
+        return SimpleNamespace(input_ids=[ord(ch) - 32 for ch in text])
+
+
+def _mcq(ctx, choices):
+    from training.mc import MCQuestion
+
+    return MCQuestion("".join(chr(t + 32) for t in ctx), tuple("".join(chr(t + 32) for t in c) for c in choices), 0)
