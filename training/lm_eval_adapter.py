@@ -1,6 +1,7 @@
 """lm-evaluation-harness model type "solc": any lm-eval task with a policy (or a baseline) at a budget.
 
-    lm_eval --model solc --model_args model=smollm2-135m,policy=runs/default/policy.pt,budget=0.6 --tasks ...
+    python -m training.lm_eval_adapter --model solc --model_args model=smollm2-135m,policy=runs/default/policy.pt,budget=0.6 --tasks ...
+    (lm_eval's own CLI with the solc model type registered; the plain `lm_eval` command does not import solc)
 
 or from Python, with or without lm_eval installed:
 
@@ -9,8 +10,10 @@ or from Python, with or without lm_eval installed:
     lm.loglikelihood_rolling(requests)    # [logprob] per (string,)
     lm.generate_until(requests)           # [text] per (context, gen_kwargs)
 
-lm_eval is NOT a dependency of solc (its own dependencies are heavy: scikit-learn, sacrebleu,
-rouge-score, evaluate, ...). When it is importable, SolcLM subclasses `lm_eval.api.model.LM` and is
+lm_eval is not a runtime dependency of solc (its own dependencies are heavy: scikit-learn, sacrebleu,
+rouge-score, evaluate, ...); it comes with the `eval` and `dev` extras (`pip install -e '.[eval]'`;
+`make test` installs it, and tests/training/test_lm_eval_adapter.py runs a local YAML task through
+lm_eval.simple_evaluate). When it is importable, SolcLM subclasses `lm_eval.api.model.LM` and is
 registered as model type "solc"; otherwise it implements the same documented interface on a small
 local base class (requests are anything with `.args`, as lm_eval's Instance), so it is usable and
 testable offline either way. Arguments (all also accepted as strings, as lm_eval passes them):
@@ -106,6 +109,13 @@ class SolcLM(_Base):
         from runtime.policy import PolicyNet
         from training.baselines import axis_targets
 
+        if device in (None, "auto") or (str(device).startswith("cuda") and not torch.cuda.is_available()):
+            # lm_eval's CLI passes device="cuda" unless told otherwise, also on machines without CUDA
+            if device not in (None, "auto"):
+                import warnings
+
+                warnings.warn(f"device={device!r} but CUDA is not available: running on the CPU", stacklevel=2)
+            device = "cuda" if torch.cuda.is_available() else "cpu"
         if isinstance(policy, str) and policy:
             policy = PolicyNet.load(policy)
         self.policy = policy or None
@@ -227,3 +237,21 @@ class SolcLM(_Base):
             steps += int(g.controlled.sum())
         self._record(cost_sum, steps)
         return out
+
+
+def main(argv=None) -> int:
+    """`python -m training.lm_eval_adapter <lm_eval arguments>`: lm_eval's own command line with the
+    `solc` model type registered (the plain `lm_eval` command does not import solc)."""
+    import sys
+
+    if not HAVE_LM_EVAL:
+        raise SystemExit("lm_eval is not installed: pip install -e '.[eval]' (lm_eval==0.4.13)")
+    from lm_eval.__main__ import cli_evaluate
+
+    sys.argv = ["lm_eval", *(sys.argv[1:] if argv is None else argv)]
+    cli_evaluate()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

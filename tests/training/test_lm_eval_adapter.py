@@ -109,3 +109,87 @@ def test_registered_with_lm_eval():  # pragma: no cover
     from lm_eval.api.registry import get_model
 
     assert get_model("solc") is SolcLM and issubclass(SolcLM, LM)
+
+
+TOY_TASK = """task: solc_toy_mc
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{question}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: "{{{{answer}}}}"
+metric_list:
+  - metric: acc
+"""
+
+
+def test_lm_eval_runs_a_local_task_with_model_type_solc(tiny_sol, tmp_path, monkeypatch):
+    """lm_eval itself (simple_evaluate + a local YAML task on a local JSONL file, offline) drives the
+    adapter; its accuracy is the argmax of the adapter's own log-likelihoods on every question."""
+    lm_eval = pytest.importorskip("lm_eval")
+    import json
+
+    from lm_eval.api.registry import get_model
+    from lm_eval.tasks import TaskManager
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf"))
+    docs = [
+        {"question": "The cat sat on the", "choices": ["mat", "hat", "zzz"], "answer": 0},
+        {"question": "One, two, three,", "choices": ["four", "qq"], "answer": 1},
+        {"question": "Roses are", "choices": ["red", "blue", "xx"], "answer": 2},
+    ]
+    data = tmp_path / "toy.jsonl"
+    data.write_text("\n".join(json.dumps(d) for d in docs) + "\n")
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "toy.yaml").write_text(TOY_TASK.format(data=data))
+
+    assert get_model("solc") is SolcLM  # registered as lm_eval model type "solc"
+    lm = SolcLM(model=tiny_sol, tokenizer=ByteTok(), budget=0.6, method="fixed")
+    out = lm_eval.simple_evaluate(model=lm, tasks=["solc_toy_mc"], bootstrap_iters=0, random_seed=0,
+                                  task_manager=TaskManager(include_path=str(tmp_path / "tasks"), include_defaults=False))
+    samples = sorted(out["samples"]["solc_toy_mc"], key=lambda x: x["doc_id"])
+    assert len(samples) == len(docs)
+    correct = 0
+    for d, sample in zip(docs, samples):
+        # lm_eval's requests: (question, " " + choice) (default target delimiter " ")
+        ref = SolcLM(model=tiny_sol, tokenizer=ByteTok(), budget=0.6, method="fixed")
+        lls = [lp for lp, _ in ref.loglikelihood([req(d["question"], " " + c) for c in d["choices"]])]
+        got = [float(r[0]) for r in sample["filtered_resps"]]
+        assert got == pytest.approx(lls, abs=1e-6)
+        correct += max(range(len(lls)), key=lambda i: lls[i]) == d["answer"]
+    assert out["results"]["solc_toy_mc"]["acc,none"] == pytest.approx(correct / len(docs))
+    assert lm.last_budget["attn"] < 1.0  # the Fixed source ran at the requested budget, not dense
+
+
+def test_lm_eval_command_line_with_the_builtin_model(tmp_path, monkeypatch):
+    """`python -m training.lm_eval_adapter` is lm_eval's CLI with model type solc; it writes lm_eval's
+    results JSON, whose accuracy is the argmax of the adapter's log-likelihoods."""
+    pytest.importorskip("lm_eval")
+    import json
+
+    from training.lm_eval_adapter import main
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf"))
+    docs = [{"question": "The cat sat on the", "choices": ["mat", "qqq"], "answer": 0},
+            {"question": "One, two, three,", "choices": ["zzz", "four"], "answer": 1}]
+    data = tmp_path / "toy.jsonl"
+    data.write_text("\n".join(json.dumps(d) for d in docs) + "\n")
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "toy.yaml").write_text(TOY_TASK.format(data=data))
+    args = "model=smollm2-135m,budget=0.6,method=fixed,max_length=128"
+    main(["--model", "solc", "--model_args", args, "--device", "cpu", "--tasks", "solc_toy_mc",
+          "--include_path", str(tmp_path / "tasks"), "--output_path", str(tmp_path / "out")])
+    results = sorted((tmp_path / "out").rglob("results_*.json"))
+    assert len(results) == 1
+    acc = json.loads(results[0].read_text())["results"]["solc_toy_mc"]["acc,none"]
+    lm = SolcLM.create_from_arg_string(args)
+    correct = 0
+    for d in docs:
+        lls = [lp for lp, _ in lm.loglikelihood([req(d["question"], " " + c) for c in d["choices"]])]
+        correct += max(range(len(lls)), key=lambda i: lls[i]) == d["answer"]
+    assert acc == pytest.approx(correct / len(docs))
