@@ -43,19 +43,31 @@ def test_loglikelihood_dense_matches_a_plain_forward(tiny_sol):
     assert lm.last_budget["net_keep"] == pytest.approx(1.0)
 
 
+class CharTok(ByteTok):
+    """ASCII characters are their byte; any other token id t is the character U+E000 + t (invertible)."""
+
+    def __call__(self, text, add_special_tokens=False):
+        return SimpleNamespace(input_ids=[ord(c) if ord(c) < 128 else ord(c) - 0xE000 for c in text])
+
+    @staticmethod
+    def text(ids):
+        return "".join(chr(t) if t < 128 else chr(0xE000 + t) for t in ids)
+
+
 def test_loglikelihood_under_fixed_matches_runtime_score_and_greedy_flag(tiny_sol):
-    lm = SolcLM(model=tiny_sol, tokenizer=ByteTok(), budget=0.5, method="fixed")
+    lm = SolcLM(model=tiny_sol, tokenizer=CharTok(), budget=0.5, method="fixed")
     (lp, greedy), = lm.loglikelihood([req(CTX, " mat")])
     tokens = torch.tensor([list((CTX + " mat").encode())])
     ref = score(tiny_sol, tokens, len(CTX), policy=Fixed(), budget=0.5)
     assert lp == pytest.approx(float(ref.logprobs.double().sum()), abs=1e-4)
     assert lm.last_budget["attn"] < 1.0 and lm.last_budget["mlp"] < 1.0
-    # is_greedy: a continuation made of the argmax tokens is greedy
-    g = generate(tiny_sol, torch.tensor([list(CTX.encode())]), policy=Fixed(), budget=0.5, max_new_tokens=3)
-    cont = bytes(g.tokens[0, len(CTX):].tolist()).decode(errors="replace")
-    if list(cont.encode()) == g.tokens[0, len(CTX):].tolist():  # only when the bytes round-trip
-        assert lm.loglikelihood([req(CTX, cont)])[0][1] is True
-    assert greedy in (True, False)
+    # is_greedy: a continuation made of the argmax tokens is greedy; change its last token and it is not
+    g = generate(tiny_sol, torch.tensor([list(CTX.encode())]), policy=Fixed(), budget=0.5, max_new_tokens=4)
+    new = g.tokens[0, len(CTX):].tolist()
+    assert lm.loglikelihood([req(CTX, CharTok.text(new))])[0][1] is True
+    wrong = new[:-1] + [(new[-1] + 1) % tiny_sol.token_embedding.shape[0]]
+    assert lm.loglikelihood([req(CTX, CharTok.text(wrong))])[0][1] is False
+    assert greedy is (new == list(b" mat"))  # " mat" is greedy only if it is what greedy decoding gives
 
 
 def test_loglikelihood_rolling_windows(tiny_sol):
