@@ -223,8 +223,8 @@ def score_continuations(sol, context: Sequence[int], continuations: Sequence[Seq
         raise ValueError(f"prompt ({len(context)}) + continuation ({H - tail}) tokens exceed max_seq_len={sol.max_seq_len}")
     R = n * G
     # feed[:, t] is the token fed at step t, gold[:, t] the token it is scored on
-    pad = H - tail
-    seqs = torch.tensor([list(context[P:]) + list(c) + [c[-1]] * (pad - len(c)) for c in continuations], device=device)
+    width = H - tail  # the longest continuation; shorter ones are padded with their last token
+    seqs = torch.tensor([list(context[P:]) + list(c) + [c[-1]] * (width - len(c)) for c in continuations], device=device)
     feed, gold = seqs[:, :H].repeat_interleave(G, 0), seqs[:, 1:].repeat_interleave(G, 0)
 
     cache = sol.new_cache(1, P + H, device=device)
