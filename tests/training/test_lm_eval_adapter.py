@@ -138,43 +138,56 @@ metric_list:
 """
 
 
+def _toy_task(docs, tmp_path, monkeypatch):
+    """Write `docs` as a local lm_eval multiple-choice task (read offline); returns its include path."""
+    import json
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf"))
+    data = tmp_path / "toy.jsonl"
+    data.write_text("\n".join(json.dumps(d) for d in docs) + "\n")
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "toy.yaml").write_text(TOY_TASK.format(data=data))
+    return str(tmp_path / "tasks")
+
+
+def _choice_logliks(lm, doc):
+    """The adapter's log-likelihood of each choice, as lm_eval asks it: (question, " " + choice)."""
+    return [lp for lp, _ in lm.loglikelihood([req(doc["question"], " " + c) for c in doc["choices"]])]
+
+
+def _accuracy(lm, docs):
+    hits = 0
+    for d in docs:
+        lls = _choice_logliks(lm, d)
+        hits += max(range(len(lls)), key=lambda i: lls[i]) == d["answer"]
+    return hits / len(docs)
+
+
 def test_lm_eval_runs_a_local_task_with_model_type_solc(tiny_sol, tmp_path, monkeypatch):
     """lm_eval itself (simple_evaluate + a local YAML task on a local JSONL file, offline) drives the
     adapter; its accuracy is the argmax of the adapter's own log-likelihoods on every question."""
     lm_eval = pytest.importorskip("lm_eval")
-    import json
-
     from lm_eval.api.registry import get_model
     from lm_eval.tasks import TaskManager
 
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf"))
     docs = [
         {"question": "The cat sat on the", "choices": ["mat", "hat", "zzz"], "answer": 0},
         {"question": "One, two, three,", "choices": ["four", "qq"], "answer": 1},
         {"question": "Roses are", "choices": ["red", "blue", "xx"], "answer": 2},
     ]
-    data = tmp_path / "toy.jsonl"
-    data.write_text("\n".join(json.dumps(d) for d in docs) + "\n")
-    (tmp_path / "tasks").mkdir()
-    (tmp_path / "tasks" / "toy.yaml").write_text(TOY_TASK.format(data=data))
-
+    include = _toy_task(docs, tmp_path, monkeypatch)
     assert get_model("solc") is SolcLM  # registered as lm_eval model type "solc"
     lm = SolcLM(model=tiny_sol, tokenizer=ByteTok(), budget=0.6, method="fixed")
     out = lm_eval.simple_evaluate(model=lm, tasks=["solc_toy_mc"], bootstrap_iters=0, random_seed=0,
-                                  task_manager=TaskManager(include_path=str(tmp_path / "tasks"), include_defaults=False))
+                                  task_manager=TaskManager(include_path=include, include_defaults=False))
+    assert lm.last_budget["attn"] < 1.0  # the Fixed source ran at the requested budget, not dense
     samples = sorted(out["samples"]["solc_toy_mc"], key=lambda x: x["doc_id"])
     assert len(samples) == len(docs)
-    correct = 0
+    ref = SolcLM(model=tiny_sol, tokenizer=ByteTok(), budget=0.6, method="fixed")
     for d, sample in zip(docs, samples):
-        # lm_eval's requests: (question, " " + choice) (default target delimiter " ")
-        ref = SolcLM(model=tiny_sol, tokenizer=ByteTok(), budget=0.6, method="fixed")
-        lls = [lp for lp, _ in ref.loglikelihood([req(d["question"], " " + c) for c in d["choices"]])]
-        got = [float(r[0]) for r in sample["filtered_resps"]]
-        assert got == pytest.approx(lls, abs=1e-6)
-        correct += max(range(len(lls)), key=lambda i: lls[i]) == d["answer"]
-    assert out["results"]["solc_toy_mc"]["acc,none"] == pytest.approx(correct / len(docs))
-    assert lm.last_budget["attn"] < 1.0  # the Fixed source ran at the requested budget, not dense
+        assert [float(r[0]) for r in sample["filtered_resps"]] == pytest.approx(_choice_logliks(ref, d), abs=1e-6)
+    assert out["results"]["solc_toy_mc"]["acc,none"] == pytest.approx(_accuracy(ref, docs))
 
 
 def test_lm_eval_command_line_with_the_builtin_model(tmp_path, monkeypatch):
@@ -185,23 +198,13 @@ def test_lm_eval_command_line_with_the_builtin_model(tmp_path, monkeypatch):
 
     from training.lm_eval_adapter import main
 
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf"))
     docs = [{"question": "The cat sat on the", "choices": ["mat", "qqq"], "answer": 0},
             {"question": "One, two, three,", "choices": ["zzz", "four"], "answer": 1}]
-    data = tmp_path / "toy.jsonl"
-    data.write_text("\n".join(json.dumps(d) for d in docs) + "\n")
-    (tmp_path / "tasks").mkdir()
-    (tmp_path / "tasks" / "toy.yaml").write_text(TOY_TASK.format(data=data))
+    include = _toy_task(docs, tmp_path, monkeypatch)
     args = "model=smollm2-135m,budget=0.6,method=fixed,max_length=128"
     main(["--model", "solc", "--model_args", args, "--device", "cpu", "--tasks", "solc_toy_mc",
-          "--include_path", str(tmp_path / "tasks"), "--output_path", str(tmp_path / "out")])
+          "--include_path", include, "--output_path", str(tmp_path / "out")])
     results = sorted((tmp_path / "out").rglob("results_*.json"))
     assert len(results) == 1
     acc = json.loads(results[0].read_text())["results"]["solc_toy_mc"]["acc,none"]
-    lm = SolcLM.create_from_arg_string(args)
-    correct = 0
-    for d in docs:
-        lls = [lp for lp, _ in lm.loglikelihood([req(d["question"], " " + c) for c in d["choices"]])]
-        correct += max(range(len(lls)), key=lambda i: lls[i]) == d["answer"]
-    assert acc == pytest.approx(correct / len(docs))
+    assert acc == pytest.approx(_accuracy(SolcLM.create_from_arg_string(args), docs))

@@ -9,7 +9,7 @@ from runtime.actions import ActionSpace
 from runtime.schedulers import Fixed
 from runtime.sol_model import SOLOutput
 from training.baselines import Uniform
-from training.mc import MCTask, bigbench_questions, encode, load_task, mmlu_questions, score_continuations, score_task
+from training.mc import MCQuestion, MCTask, bigbench_questions, encode, load_task, mmlu_questions, score_continuations, score_task
 
 V = 256
 LOW = -10.0
@@ -197,6 +197,4 @@ class ByteTokShort(ByteTok):
 
 
 def _mcq(ctx, choices):
-    from training.mc import MCQuestion
-
     return MCQuestion("".join(chr(t + 32) for t in ctx), tuple("".join(chr(t + 32) for t in c) for c in choices), 0)
