@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from runtime.ops import reference
+from runtime.ops import reference, step_hints
 
 
 def write_kv(k_cache: Tensor, v_cache: Tensor, k: Tensor, v: Tensor, positions: Tensor) -> None:
@@ -60,9 +60,12 @@ def attention(
         page_min.copy_(low)
         page_max.copy_(high)
     # Keys past the furthest query are invisible to every query: do not score or read them.
-    visible = int(positions.max()) + 1
+    # A step's hints carry both facts as host numbers (no device sync); without them read the tensors.
+    hints = step_hints.current()
+    visible = hints.kv_len if hints is not None and hints.kv_len is not None else int(positions.max()) + 1
+    dense = hints.attn_dense if hints is not None and hints.attn_dense is not None else bool((keep >= 1).all())
     k_vis, v_vis = k_cache[:, :, :visible], v_cache[:, :, :visible]
-    if bool((keep >= 1).all()):  # dense: every visible page is kept, i.e. plain causal attention
+    if dense:  # dense: every visible page is kept, i.e. plain causal attention
         out = causal_attention(q, k_vis, v_vis, positions, scale)
     elif decode:  # score pages from the metadata, as a decode kernel does
         out = reference.quest_decode(q, k_vis, v_vis, page_min, page_max, positions, keep, scale)
@@ -91,8 +94,11 @@ def mlp(
     """A whole MLP site: prune the input to its top-|x| channels, MLP, fake-quantize the output."""
     # Where every row is dense on an axis, skip that axis' work (the top-k sort, the quantizer):
     # both are exact identities there.
-    keep = None if bool((keep >= 1).all()) else keep
-    bits = None if bool((bits >= 16).all()) else bits
+    hints = step_hints.current()
+    keep_dense = hints.mlp_dense if hints is not None and hints.mlp_dense is not None else bool((keep >= 1).all())
+    bits_dense = hints.bits_dense if hints is not None and hints.bits_dense is not None else bool((bits >= 16).all())
+    keep = None if keep_dense else keep
+    bits = None if bits_dense else bits
     return reference.mlp(x, keep, bits, w_in, b_in, w_out, b_out, kind, act).contiguous()
 
 
