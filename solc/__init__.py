@@ -5,6 +5,7 @@
     sol = solc.compile(model, actions=["attn", "mlp", "quant"])
     logits, hidden = sol(ids, actions)          # teacher-forced, one action per token
 """
+import runtime.quiet  # noqa: F401  first: filters dependency import noise before anything imports torchao
 from runtime.actions import Action, ActionSpace
 from runtime.errors import AssetError, SolcError, UnsupportedModelError
 from runtime.sol_model import SOLModel, SOLOutput
