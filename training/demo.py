@@ -20,6 +20,8 @@ import torch
 from tqdm import tqdm
 
 import solc
+from runtime import validation
+from runtime.errors import SolcError
 from runtime.policy import PolicySource
 from runtime.schedulers import DENSE_PREFIX
 from training.compare_baselines import _table, compare
@@ -48,6 +50,16 @@ def main(argv=None) -> None:
     parser.add_argument("--eval-contexts", type=int, default=4, help="held-out contexts for the baseline comparison")
     parser.add_argument("--out", default="runs/demo", help="where the training run and the artifact go")
     args = parser.parse_args(argv)
+    try:
+        for flag in ("ppl_contexts", "updates", "eval_contexts"):
+            validation.check_int("--" + flag.replace("_", "-"), getattr(args, flag), 1)
+        _run(args, argv)
+    except SolcError as e:
+        print(f"demo: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _run(args, argv) -> None:
     command = "python -m training.demo " + " ".join(map(shlex.quote, sys.argv[1:] if argv is None else argv))
     start = time.time()
     out = Path(args.out)
@@ -66,7 +78,9 @@ def main(argv=None) -> None:
         print(f"  {str(action):40s} net keep {sol.space.net_keep(index):.3f}  ppl {perplexity(sol, contexts, index):8.2f}")
 
     print(f"== 3. GRPO smoke run ({args.updates} updates; the real default run is `python -m training.grpo`)")
-    cfg = GRPOConfig(model=args.model, out=str(out / "grpo"), max_updates=args.updates, checkpoint_every=args.updates)
+    # the demo's own run directory: each demo replaces the previous demo's run
+    cfg = GRPOConfig(model=args.model, out=str(out / "grpo"), max_updates=args.updates, checkpoint_every=args.updates,
+                     overwrite=True)
     trainer = train(cfg)
     policy = trainer.policy.eval()
 
