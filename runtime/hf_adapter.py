@@ -77,8 +77,8 @@ def config_dict(model: nn.Module) -> dict:
 # -- saving and loading (offline) ------------------------------------------------------------------
 @contextlib.contextmanager
 def quiet_loading():
-    """transformers' progress bars and info logs off while solc loads a model (SOLC_VERBOSE=1 keeps
-    them); the import noise of its dependencies is filtered by runtime.quiet."""
+    """transformers' progress bars and info logs off while solc loads or saves a model (SOLC_VERBOSE=1
+    keeps them); the import noise of its dependencies is filtered by runtime.quiet."""
     from runtime import quiet
 
     if quiet.verbose():
@@ -102,11 +102,13 @@ def _finish(model: nn.Module, device=None) -> nn.Module:
 
 
 def save_base_model(model: nn.Module, path: Path) -> None:
-    model.save_pretrained(path, safe_serialization=True)
+    with quiet_loading():
+        model.save_pretrained(path, safe_serialization=True)
 
 
 def save_tokenizer(tokenizer, path: Path) -> None:
-    tokenizer.save_pretrained(path)
+    with quiet_loading():
+        tokenizer.save_pretrained(path)
 
 
 def load_local_tokenizer(path: Path):

@@ -156,10 +156,12 @@ def check_actions(actions, shape: tuple[int, int], n_actions: int, device: torch
 
 def check_forward(sol, input_ids, actions, position_ids, cache) -> None:
     """The arguments of SOLModel.__call__. Values are read except for accelerator tensors of a cached
-    step (the decode hot path; an out-of-range value there is the caller's bug, not a user input)."""
+    step (the decode hot path; an out-of-range value there is the caller's bug, not a user input) and
+    under torch.compile."""
     from runtime.kv_cache import StaticKVCache
 
-    hot = cache is not None and isinstance(input_ids, Tensor) and input_ids.device.type != "cpu"
+    hot = (cache is not None and isinstance(input_ids, Tensor) and input_ids.device.type != "cpu") \
+        or torch.compiler.is_compiling()  # a traced value check would be a data-dependent guard
     batch, seq = check_input_ids(sol, input_ids, read_values=not hot)
     device = input_ids.device
     if actions is not None:

@@ -137,14 +137,14 @@ def recover_directory(target: Path, complete: Callable[[Path], bool] = lambda p:
         os.rename(old, target)
 
 
-def replace_directory(tmp: Path, target: Path, exchange: Callable[[Path, Path], bool] = _exchange) -> None:
+def replace_directory(tmp: Path, target: Path) -> None:
     """Make the finished directory `tmp` be `target`; an existing `target` is swapped out atomically
     and then removed (its contents were checked by the caller)."""
     if not os.path.lexists(target):
         os.rename(tmp, target)
     elif target.is_dir() and not any(target.iterdir()):
         os.rename(tmp, target)  # replaces an empty directory atomically
-    elif exchange(tmp, target):
+    elif _exchange(tmp, target):
         shutil.rmtree(tmp)  # now the old contents
     else:
         old = old_sibling(target)

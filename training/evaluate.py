@@ -137,7 +137,10 @@ def check_budget_value(budget):
     if len(values) not in (1, 3):
         _bad("budgets", budget, valid)
     for v in values:
-        validation.check_real("--budgets", v, 0.0, 1.0, lo_open=True)
+        try:
+            validation.check_real("--budgets", v, 0.0, 1.0, lo_open=True)
+        except ArgumentError:
+            _bad("budgets", budget, valid, type_error=isinstance(v, str))
     return float(values[0]) if len(values) == 1 and not isinstance(budget, (list, tuple)) else tuple(float(v) for v in values)
 
 
