@@ -101,7 +101,7 @@ class EvalConfig:
             validation.check_int(_flag(name), getattr(self, name), lo)
         validation.check_int("--seed", self.seed, 0, validation.MAX_SEED - 1)
         validation.check_int("--context-length", self.context_length, max(validation.MIN_SEQ_LEN, self.horizon + 2), None,
-                             f"at least horizon + 2 = {self.horizon + 2} and {validation.MIN_SEQ_LEN}")
+                             f"at least --horizon + 2 = {self.horizon + 2} and {validation.MIN_SEQ_LEN}")
         if "random-search" in self.methods and self.val_contexts < 1:
             _bad("val_contexts", self.val_contexts, "an int >= 1 (random-search selects its schedule on validation contexts)")
         if not isinstance(self.mc_tasks, (list, tuple)) or not all(isinstance(t, str) for t in self.mc_tasks):

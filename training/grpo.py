@@ -159,7 +159,7 @@ class GRPOConfig:
             _int(name, getattr(self, name), lo)
         _int("seed", getattr(self, "seed"), 0, validation.MAX_SEED - 1)
         _int("context_length", self.context_length, max(validation.MIN_SEQ_LEN, self.horizon + 2),
-             why=f"at least horizon + 2 = {self.horizon + 2} and {validation.MIN_SEQ_LEN}")
+             why=f"at least --horizon + 2 = {self.horizon + 2} and {validation.MIN_SEQ_LEN}")
         for name, lo, lo_open, hi in (("gamma", 0.0, False, 1.0), ("alpha_attn", 0.0, False, None),
                                       ("alpha_mlp", 0.0, False, None), ("alpha_quant", 0.0, False, None),
                                       ("budget_tolerance", 0.0, False, 1.0), ("temperature", 0.0, True, None),
@@ -169,7 +169,7 @@ class GRPOConfig:
                                       ("max_minutes", 0.0, False, None)):
             _real(name, getattr(self, name), lo, hi, lo_open)
         if self.policy_d_model % self.policy_heads:
-            _bad("policy_heads", self.policy_heads, f"a divisor of policy_d_model={self.policy_d_model}")
+            _bad("policy_heads", self.policy_heads, f"a divisor of --policy-d-model={self.policy_d_model}")
         if self.policy_budget_head not in BUDGET_HEADS:
             _bad("policy_budget_head", self.policy_budget_head, f"one of {list(BUDGET_HEADS)}")
         if self.dtype not in DTYPES:
