@@ -7,7 +7,7 @@
 """
 import runtime.quiet  # noqa: F401  first: filters dependency import noise before anything imports torchao
 from runtime.actions import Action, ActionSpace
-from runtime.errors import AssetError, SolcError, UnsupportedModelError
+from runtime.errors import ArgumentError, ArgumentTypeError, AssetError, SolcError, UnsupportedModelError
 from runtime.sol_model import SOLModel, SOLOutput
 from runtime.costs import CostTable, calibrate_costs
 from runtime.schedulers import Fixed, Random, Schedule
@@ -19,6 +19,8 @@ from solc import data
 __all__ = [
     "Action",
     "ActionSpace",
+    "ArgumentError",
+    "ArgumentTypeError",
     "AssetError",
     "SolcError",
     "UnsupportedModelError",

@@ -25,12 +25,12 @@ SMOLLM2 = ("import solc; m = solc.load_model('smollm2-135m'); solc.load_tokenize
            "solc.compile(m, max_seq_len=32); print('done')")
 
 
-def test_tiny_model_load_and_compile_are_silent():
+def test_tiny_model_load_and_compile_are_silent_unless_asked():
     assert _stderr(TINY) == ""
+    loud = _stderr(TINY, verbose=True)  # the check can fail: the noise is there when asked for
+    assert "is an Enum subclass" in loud or "Failed to load" in loud, loud
 
 
 @pytest.mark.slow
-def test_smollm2_load_and_compile_are_silent_unless_asked():
+def test_smollm2_load_and_compile_are_silent():
     assert _stderr(SMOLLM2) == ""
-    loud = _stderr(SMOLLM2, verbose=True)
-    assert "Loading weights" in loud  # the check can fail: the bar is there when asked for
