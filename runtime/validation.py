@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from runtime.actions import AXES
-from runtime.errors import ArgumentError, ArgumentTypeError
+from runtime.errors import ArgumentError, ArgumentTypeError, UnsupportedModelError
 
 MIN_SEQ_LEN = 16  # two Quest pages; capture and the compile self-check need more than 8 positions
 MAX_SEED = 2**63
@@ -91,8 +91,6 @@ def check_max_seq_len(value, model_max: int, window: int | None = None) -> int:
         value = check_int("max_seq_len", value, MIN_SEQ_LEN, model_max,
                           f"None for the default; at most the model's {model_max} positions")
     if window is not None and window < value:
-        from runtime.errors import UnsupportedModelError
-
         if window < MIN_SEQ_LEN:
             raise UnsupportedModelError(
                 f"model uses a sliding attention window of {window} tokens, shorter than the smallest "
@@ -114,14 +112,14 @@ def _long_tensor(argument: str, value, what: str) -> Tensor:
     return value
 
 
-def _values_in(argument: str, t: Tensor, lo: int, hi: int, what: str) -> None:
+def _values_in(argument: str, t: Tensor, lo: int, hi: int, what: str, where: str = "") -> None:
     """Every value of `t` in lo..hi (one host read)."""
     if t.numel() == 0:
         return
     mn, mx = (int(x) for x in torch.aminmax(t))
     if mn < lo or mx > hi:
         bad = mn if mn < lo else mx
-        raise ArgumentError(argument, f"{argument} holds {what} {bad}: valid {what}s are {lo}..{hi}")
+        raise ArgumentError(argument, f"{argument} holds {what} {bad}; valid: {lo}..{hi}{where}")
 
 
 def _device_of(sol) -> torch.device:
@@ -151,7 +149,7 @@ def check_actions(actions, shape: tuple[int, int], n_actions: int, device: torch
         fail("actions", t, f"one action index per token: shape {list(shape)} like input_ids (no broadcasting)")
     _same_device("actions", t, device)
     if read_values:
-        _values_in("actions", t, 0, n_actions - 1, "action index")
+        _values_in("actions", t, 0, n_actions - 1, "action index", f" (the dense action is {n_actions - 1})")
 
 
 def check_forward(sol, input_ids, actions, position_ids, cache) -> None:
@@ -180,8 +178,8 @@ def check_forward(sol, input_ids, actions, position_ids, cache) -> None:
         fail("position_ids", t, f"one position per token: shape {[batch, seq]} like input_ids")
     _same_device("position_ids", t, device)
     if not hot:
-        where = f"the cache's {limit} slots" if cache is not None else f"the {seq} tokens given (pass a cache for later positions)"
-        _values_in("position_ids", t, 0, limit - 1, f"position (within {where})")
+        where = f" (the cache's {limit} slots)" if cache is not None else f" (the {seq} tokens given; pass a cache for later positions)"
+        _values_in("position_ids", t, 0, limit - 1, "position", where)
 
 
 # -- budgets, sampling, schedules ------------------------------------------------------------------

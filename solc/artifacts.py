@@ -42,6 +42,7 @@ from solc.cache import (
     temp_sibling,
 )
 from solc.compile import compile as compile_model
+from solc.models import resolve_device
 
 FORMAT, FORMAT_VERSION = "solc-artifact", 2
 MANIFEST, MANIFEST_HASH = "manifest.json", "manifest.sha256"
@@ -277,11 +278,7 @@ def load(path, device=None, check_versions: bool = True):
     """Load an artifact written by `export`: returns (sol, policy or None, tokenizer or None)."""
     if not isinstance(check_versions, bool):
         raise ArgumentTypeError("check_versions", f"check_versions={check_versions!r} is invalid: True or False")
-    if device is not None:
-        try:
-            device = torch.device(device)
-        except (RuntimeError, TypeError) as e:
-            raise ArgumentError("device", f"device={device!r} is invalid: None or a device such as 'cpu', 'cuda:0'") from e
+    device = resolve_device(device)
     path = _checked_path(path)
     manifest = _read_manifest(path, check_versions)
     dtype = _field(manifest, "dtype", _dtype)

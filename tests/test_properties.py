@@ -479,7 +479,7 @@ def test_load_of_an_edited_manifest(artifact, key, action, value):
         if action == "unsealed" or action == "drop":
             assert isinstance(error, AssetError), error
         if error is not None:
-            assert isinstance(error, AssetError) and "manifest" in str(error) or "re-export" in str(error), error
+            assert isinstance(error, AssetError) and ("manifest" in str(error) or "re-export" in str(error)), error
 
 
 @st.composite

@@ -23,6 +23,7 @@ import solc
 from runtime import validation
 from runtime.errors import SolcError
 from runtime.policy import PolicySource
+from solc.models import load_compiled
 from runtime.schedulers import DENSE_PREFIX
 from training.compare_baselines import _table, compare
 from training.grpo import GRPOConfig, load_training_contexts, train
@@ -65,8 +66,8 @@ def _run(args, argv) -> None:
     out = Path(args.out)
 
     print("== 1. load and compile")
-    model, tokenizer = solc.load_model(args.model), solc.load_tokenizer(args.model)
-    sol = solc.compile(model, max_seq_len=512)
+    sol, tokenizer = load_compiled(args.model, max_seq_len=512), solc.load_tokenizer(args.model)
+    model = sol.base_model
     print(f"{type(model).__name__}, {sum(p.numel() for p in model.parameters()) / 1e6:.0f}M params; "
           f"{len(sol.info['attention_sites'])} attention + {len(sol.info['mlp_sites'])} MLP sites rewritten; "
           f"{len(sol.space)} actions")
@@ -81,7 +82,7 @@ def _run(args, argv) -> None:
     # the demo's own run directory: each demo replaces the previous demo's run
     cfg = GRPOConfig(model=args.model, out=str(out / "grpo"), max_updates=args.updates, checkpoint_every=args.updates,
                      overwrite=True)
-    trainer = train(cfg)
+    trainer = train(cfg, sol=sol)  # the model compiled in step 1 (512 positions cover the 256-token contexts)
     policy = trainer.policy.eval()
 
     print(f"== 4. policy vs Fixed vs Random at matched realized budget ({args.eval_contexts} validation contexts, target 0.6)")

@@ -235,12 +235,11 @@ def make_entries(space, methods, budgets, policy=None, searched=None, greedy=Tru
 
 def load_contexts(cfg: EvalConfig, split: str, n: int, vocab_size: int) -> Tensor:
     """A seeded sample of `n` contexts of the corpus split (corpus 'random': random tokens, for tests)."""
-    if cfg.corpus == "random":
-        g = torch.Generator().manual_seed(cfg.seed * 10 + {"train": 0, "validation": 1, "test": 2}[split])
-        return torch.randint(0, vocab_size, (n, cfg.context_length), generator=g)
-    import solc
+    from training.grpo import corpus_contexts
 
-    pool = solc.data.get_contexts(solc.load_tokenizer(cfg.model), corpus=cfg.corpus, split=split, length=cfg.context_length)
+    if cfg.corpus == "random":
+        return corpus_contexts(cfg.model, cfg.corpus, split, cfg.context_length, vocab_size, cfg.seed, max_contexts=n)
+    pool = corpus_contexts(cfg.model, cfg.corpus, split, cfg.context_length, vocab_size, cfg.seed)
     pick = torch.randperm(len(pool), generator=torch.Generator().manual_seed(cfg.seed))[:n]
     return pool[pick]
 

@@ -355,16 +355,24 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def load_training_contexts(cfg: GRPOConfig, vocab_size: int, split: str = "train") -> Tensor:
-    """[N, context_length] token windows of the configured corpus."""
-    if cfg.corpus == "random":
-        n = cfg.max_contexts or 64
-        g = _generator(cfg.seed, 2, {"train": 0, "validation": 1, "test": 2}[split])
-        return torch.randint(0, vocab_size, (n, cfg.context_length), generator=g)
+def corpus_contexts(model: str, corpus: str, split: str, length: int, vocab_size: int, seed: int,
+                    max_contexts: int | None = None) -> Tensor:
+    """[N, length] token windows of a corpus split (tokenised with `model`'s tokenizer). corpus
+    'random': uniform random tokens (for tests), max_contexts (default 64) rows seeded by (seed, split)."""
+    from solc.data import SPLITS
+
+    if corpus == "random":
+        g = _generator(seed, 2, SPLITS.index(split))
+        return torch.randint(0, vocab_size, (max_contexts or 64, length), generator=g)
     import solc
 
-    tokenizer = solc.load_tokenizer(cfg.model)
-    return solc.data.get_contexts(tokenizer, corpus=cfg.corpus, split=split, length=cfg.context_length, max_contexts=cfg.max_contexts or None)
+    tokenizer = solc.load_tokenizer(model)
+    return solc.data.get_contexts(tokenizer, corpus=corpus, split=split, length=length, max_contexts=max_contexts)
+
+
+def load_training_contexts(cfg: GRPOConfig, vocab_size: int, split: str = "train") -> Tensor:
+    """[N, context_length] token windows of the configured corpus."""
+    return corpus_contexts(cfg.model, cfg.corpus, split, cfg.context_length, vocab_size, cfg.seed, cfg.max_contexts or None)
 
 
 def build_model(cfg: GRPOConfig, device=None):
