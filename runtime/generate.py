@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from runtime import validation
 from runtime.actions import AXES
 from runtime.dispatch import StepDispatcher
 from runtime.schedulers import DENSE_PREFIX, ActionSource, Fixed, Schedule
@@ -166,6 +167,7 @@ def generate(
     policy or a baseline), else `schedule` ([B, N] or [N] action indices), else Fixed at `budget`,
     else dense. `budget` (default 1.0) is also what the policy is asked to meet. Greedy when
     temperature == 0, else sampling with optional top_k / top_p, reproducible from `seed`."""
+    validation.check_generate(sol, input_ids, policy, schedule, budget, max_new_tokens, temperature, top_k, top_p, eos_token_id, seed)
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
     pick = lambda t, logits, gen: _sample(logits, temperature, top_k, top_p, gen)  # noqa: E731
@@ -185,6 +187,7 @@ def score(
 ) -> GenerateOutput:
     """Decode the given `tokens` [B, L] (teacher forcing through the runtime): the first `prompt_len`
     are the prompt, each later token is scored by the controlled step that produces it."""
+    validation.check_score(sol, tokens, prompt_len, policy, schedule, budget, seed)
     if not 1 <= prompt_len < tokens.shape[1]:
         raise ValueError(f"prompt_len must be in 1..{tokens.shape[1] - 1}, got {prompt_len}")
     given = lambda t, logits, gen: tokens[:, prompt_len + t]  # noqa: E731

@@ -5,10 +5,14 @@ HF class names.
 """
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
 from torch import nn
+
+import runtime.quiet  # noqa: F401  before transformers (and through it torchao) is imported
+from runtime.errors import UnsupportedModelError
 
 
 # -- calling a causal LM ---------------------------------------------------------------------------
@@ -16,6 +20,37 @@ def causal_lm_forward(model: nn.Module, input_ids, position_ids):
     """(logits [B, T, V], last-layer hidden state [B, T, d]) without the model's own KV cache."""
     out = model(input_ids=input_ids, position_ids=position_ids, use_cache=False, output_hidden_states=True)
     return out.logits, out.hidden_states[-1]
+
+
+def check_causal_lm(model: nn.Module) -> None:
+    """Raise UnsupportedModelError unless `model` is a materialised decoder-only HF causal LM."""
+    name = type(model).__name__
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "to_dict"):
+        raise UnsupportedModelError(
+            f"{name} is not a Hugging Face transformers model (it has no .config); solc compiles causal LMs "
+            "loaded with AutoModelForCausalLM (or solc.load_model)")
+    if getattr(config, "is_encoder_decoder", False):
+        raise UnsupportedModelError(
+            f"{name} ({config.model_type}) is an encoder-decoder model; solc compiles decoder-only causal LMs")
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    causal = {n for v in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values() for n in ((v,) if isinstance(v, str) else v)}
+    if name not in causal:
+        raise UnsupportedModelError(
+            f"{name} is not a causal language model (no LM head predicting the next token); load the "
+            f"checkpoint with AutoModelForCausalLM, e.g. {config.model_type!r} -> "
+            f"{MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(config.model_type, 'a *ForCausalLM class')}")
+    params = list(model.parameters())
+    if not params:
+        raise UnsupportedModelError(f"{name} has no parameters")
+    meta = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    if meta:
+        raise UnsupportedModelError(
+            f"{name} has {len(meta)} parameters on the meta device (e.g. {meta[0]}): it holds no weights; "
+            "load them first (from_pretrained, or to_empty() then load_state_dict)")
+    if not params[0].is_floating_point():
+        raise UnsupportedModelError(f"{name} has {params[0].dtype} weights; solc compiles floating-point models")
 
 
 def max_positions(model: nn.Module) -> int:
@@ -40,23 +75,47 @@ def config_dict(model: nn.Module) -> dict:
 
 
 # -- saving and loading (offline) ------------------------------------------------------------------
+@contextlib.contextmanager
+def quiet_loading():
+    """transformers' progress bars and info logs off while solc loads or saves a model (SOLC_VERBOSE=1
+    keeps them); the import noise of its dependencies is filtered by runtime.quiet."""
+    from runtime import quiet
+
+    if quiet.verbose():
+        yield
+        return
+    from transformers.utils import logging as hf_logging
+
+    bars, level = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
+
 def _finish(model: nn.Module, device=None) -> nn.Module:
     model.eval().requires_grad_(False)  # the base model is frozen
     return model.to(device) if device is not None else model
 
 
 def save_base_model(model: nn.Module, path: Path) -> None:
-    model.save_pretrained(path, safe_serialization=True)
+    with quiet_loading():
+        model.save_pretrained(path, safe_serialization=True)
 
 
 def save_tokenizer(tokenizer, path: Path) -> None:
-    tokenizer.save_pretrained(path)
+    with quiet_loading():
+        tokenizer.save_pretrained(path)
 
 
 def load_local_tokenizer(path: Path):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    with quiet_loading():
+        return AutoTokenizer.from_pretrained(path, local_files_only=True)
 
 
 def convert_gguf(gguf_file: Path, out_dir: Path) -> None:
@@ -84,7 +143,7 @@ def model_from_config(config: dict, seed: int, dtype=None) -> nn.Module:
 
     cfg = dict(config)
     hf_config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), quiet_loading():
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(hf_config, attn_implementation="sdpa", dtype=torch.float32)
     return _finish(model.to(dtype) if dtype is not None else model)
@@ -98,7 +157,8 @@ def load_pretrained(name_or_path: str, dtype=None, device=None) -> nn.Module:
     """A local folder or an already-cached hub id, offline only (solc never downloads at run time)."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, attn_implementation="sdpa", local_files_only=True)
+    with quiet_loading():
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, attn_implementation="sdpa", local_files_only=True)
     return _finish(model, device)
 
 

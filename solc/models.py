@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 from runtime import hf_adapter
-from runtime.errors import AssetError
+from runtime import validation
+from runtime.errors import ArgumentError, ArgumentTypeError, AssetError
 from solc import assets
 
 BUILTIN = "smollm2-135m"
@@ -37,21 +38,33 @@ TINY_MODELS: dict[str, dict] = {
 }
 
 
-def _dtype(dtype) -> torch.dtype | None:
-    if dtype is None or isinstance(dtype, torch.dtype):
+def resolve_dtype(dtype, argument: str = "dtype") -> torch.dtype | None:
+    """None, a floating torch.dtype, or its name ("float32", "torch.bfloat16", ...)."""
+    if dtype is None or (isinstance(dtype, torch.dtype) and dtype in DTYPES.values()):
         return dtype
     if isinstance(dtype, str) and dtype.removeprefix("torch.") in DTYPES:
         return DTYPES[dtype.removeprefix("torch.")]
-    raise ValueError(f"dtype={dtype!r} is not supported; valid choices: {sorted(DTYPES)} or a torch.dtype")
+    raise ArgumentError(argument, f"{argument}={dtype!r} is not supported; valid choices: {sorted(DTYPES)} or one of those torch.dtypes")
 
 
-def _device(device) -> torch.device | None:
+def resolve_device(device, argument: str = "device") -> torch.device | None:
+    """None, a torch.device, or its name; "auto" is cuda when available, else cpu."""
     if device is None:
         return None
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        return torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise ValueError(f"device={device!r} is not a valid device (e.g. 'cpu', 'cuda', 'cuda:1')") from e
+        device = torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as e:
+        raise ArgumentError(argument, f"{argument}={device!r} is not a valid device (e.g. 'auto', 'cpu', 'cuda', 'cuda:1')") from e
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ArgumentError(argument, f"{argument}={str(device)!r}: CUDA is not available on this machine; use 'cpu' or 'auto'")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ArgumentError(argument, f"{argument}={str(device)!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
+_dtype, _device = resolve_dtype, resolve_device
 
 
 def _unknown(name: str) -> AssetError:
@@ -65,7 +78,8 @@ def load_model(name_or_path: str = BUILTIN, dtype=None, device=None, seed: int =
     """A frozen (eval, no grad) causal LM using SDPA attention. See the module docstring."""
     dtype, device = _dtype(dtype), _device(device)
     if not isinstance(name_or_path, (str, Path)):
-        raise ValueError(f"name_or_path must be a model name or a path, got {type(name_or_path).__name__}")
+        raise ArgumentTypeError("name_or_path", f"name_or_path must be a model name or a path, got {type(name_or_path).__name__}")
+    seed = validation.check_seed(seed)
     name = str(name_or_path)
     if name in TINY_MODELS:
         model = hf_adapter.model_from_config(TINY_MODELS[name], seed=seed, dtype=dtype)
@@ -79,7 +93,18 @@ def load_model(name_or_path: str = BUILTIN, dtype=None, device=None, seed: int =
     raise _unknown(name)
 
 
+def load_compiled(name_or_path: str = BUILTIN, dtype=None, device=None, actions=("attn", "mlp", "quant"),
+                  levels: dict | None = None, max_seq_len: int | None = None):
+    """load_model then solc.compile: the base model, frozen, compiled for the given action space."""
+    from solc.compile import compile as compile_model
+
+    model = load_model(name_or_path, dtype=dtype, device=device)
+    return compile_model(model, actions=actions, levels=levels, max_seq_len=max_seq_len)
+
+
 def load_tokenizer(name_or_path: str = BUILTIN):
+    if not isinstance(name_or_path, (str, Path)):
+        raise ArgumentTypeError("name_or_path", f"name_or_path must be a model name or a path, got {type(name_or_path).__name__}")
     name = str(name_or_path)
     if name in TINY_MODELS:
         raise AssetError(f"{name!r} is a random-init test model and has no tokenizer; use token ids directly")

@@ -20,7 +20,10 @@ import torch
 from tqdm import tqdm
 
 import solc
+from runtime import validation
+from runtime.errors import SolcError
 from runtime.policy import PolicySource
+from solc.models import load_compiled
 from runtime.schedulers import DENSE_PREFIX
 from training.compare_baselines import _table, compare
 from training.grpo import GRPOConfig, load_training_contexts, train
@@ -48,13 +51,23 @@ def main(argv=None) -> None:
     parser.add_argument("--eval-contexts", type=int, default=4, help="held-out contexts for the baseline comparison")
     parser.add_argument("--out", default="runs/demo", help="where the training run and the artifact go")
     args = parser.parse_args(argv)
+    try:
+        for flag in ("ppl_contexts", "updates", "eval_contexts"):
+            validation.check_int("--" + flag.replace("_", "-"), getattr(args, flag), 1)
+        _run(args, argv)
+    except SolcError as e:
+        print(f"demo: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _run(args, argv) -> None:
     command = "python -m training.demo " + " ".join(map(shlex.quote, sys.argv[1:] if argv is None else argv))
     start = time.time()
     out = Path(args.out)
 
     print("== 1. load and compile")
-    model, tokenizer = solc.load_model(args.model), solc.load_tokenizer(args.model)
-    sol = solc.compile(model, max_seq_len=512)
+    sol, tokenizer = load_compiled(args.model, max_seq_len=512), solc.load_tokenizer(args.model)
+    model = sol.base_model
     print(f"{type(model).__name__}, {sum(p.numel() for p in model.parameters()) / 1e6:.0f}M params; "
           f"{len(sol.info['attention_sites'])} attention + {len(sol.info['mlp_sites'])} MLP sites rewritten; "
           f"{len(sol.space)} actions")
@@ -66,8 +79,10 @@ def main(argv=None) -> None:
         print(f"  {str(action):40s} net keep {sol.space.net_keep(index):.3f}  ppl {perplexity(sol, contexts, index):8.2f}")
 
     print(f"== 3. GRPO smoke run ({args.updates} updates; the real default run is `python -m training.grpo`)")
-    cfg = GRPOConfig(model=args.model, out=str(out / "grpo"), max_updates=args.updates, checkpoint_every=args.updates)
-    trainer = train(cfg)
+    # the demo's own run directory: each demo replaces the previous demo's run
+    cfg = GRPOConfig(model=args.model, out=str(out / "grpo"), max_updates=args.updates, checkpoint_every=args.updates,
+                     overwrite=True)
+    trainer = train(cfg, sol=sol)  # the model compiled in step 1 (512 positions cover the 256-token contexts)
     policy = trainer.policy.eval()
 
     print(f"== 4. policy vs Fixed vs Random at matched realized budget ({args.eval_contexts} validation contexts, target 0.6)")

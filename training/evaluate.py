@@ -39,7 +39,10 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from runtime import validation
 from runtime.actions import AXES
+from runtime.errors import ArgumentError, ArgumentTypeError, SolcError
+from solc.models import DTYPES, resolve_device, resolve_dtype
 from training.baselines import Composite, axis_targets, build_source, matched_baselines, random_search, target_key
 from training.episodes import rollout
 
@@ -75,6 +78,109 @@ class EvalConfig:
     threads: int = 0
     progress: bool = True
 
+    def __post_init__(self):
+        """Check every field; an error names it (as the CLI flag), its value and what is valid."""
+        for name in ("policy", "model", "corpus", "out", "dtype", "device"):
+            if not isinstance(getattr(self, name), str):
+                _bad(name, getattr(self, name), "a string", type_error=True)
+        if not isinstance(self.budgets, (list, tuple)) or not self.budgets:
+            _bad("budgets", self.budgets, "at least one budget: a number in (0, 1] or an attn/mlp/bits16 triple")
+        self.budgets = [check_budget_value(b) for b in self.budgets]
+        for name in ("methods", "mc_methods"):
+            methods = getattr(self, name)
+            if methods is None and name == "mc_methods":
+                continue
+            if not isinstance(methods, (list, tuple)) or not all(isinstance(m, str) for m in methods):
+                _bad(name, methods, "a list of method names", type_error=True)
+            for m in methods:
+                if m not in DEFAULT_METHODS and not (m.startswith("uniform:") and m.split(":", 1)[1].isdigit()):
+                    _bad(name, m, f"methods from {list(DEFAULT_METHODS)} or uniform:<action index>")
+        parse_uniform(self.uniform)
+        for name, lo in (("horizon", 1), ("test_contexts", 0), ("val_contexts", 0), ("search_n", 1), ("mc_questions", 1),
+                         ("mc_tail", 0), ("max_rows", 1), ("matched_draws", 0), ("threads", 0)):
+            validation.check_int(_flag(name), getattr(self, name), lo)
+        validation.check_int("--seed", self.seed, 0, validation.MAX_SEED - 1)
+        validation.check_int("--context-length", self.context_length, max(validation.MIN_SEQ_LEN, self.horizon + 2), None,
+                             f"at least --horizon + 2 = {self.horizon + 2} and {validation.MIN_SEQ_LEN}")
+        if "random-search" in self.methods and self.val_contexts < 1:
+            _bad("val_contexts", self.val_contexts, "an int >= 1 (random-search selects its schedule on validation contexts)")
+        if not isinstance(self.mc_tasks, (list, tuple)) or not all(isinstance(t, str) for t in self.mc_tasks):
+            _bad("mc_tasks", self.mc_tasks, "a list of bigbench:<task> / mmlu:<file>", type_error=True)
+        for task in self.mc_tasks:
+            if task.partition(":")[0] not in ("bigbench", "mmlu") or not task.partition(":")[2]:
+                _bad("mc_tasks", task, "bigbench:<task> or mmlu:<file>")
+        if not isinstance(self.mc_shots, (list, tuple)):
+            _bad("mc_shots", self.mc_shots, "a list of shot counts", type_error=True)
+        for shots in self.mc_shots:
+            validation.check_int("--mc-shots", shots, 0)
+        if self.dtype not in DTYPES:
+            _bad("dtype", self.dtype, f"one of {sorted(DTYPES)}")
+        resolve_device(self.device, argument="--device")
+        for name in ("greedy", "progress"):
+            if not isinstance(getattr(self, name), bool):
+                _bad(name, getattr(self, name), "True or False", type_error=True)
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _bad(name: str, value, valid: str, type_error: bool = False):
+    cls = ArgumentTypeError if type_error else ArgumentError
+    raise cls(_flag(name), f"{_flag(name)} {value!r} is invalid: {valid}")
+
+
+def check_budget_value(budget):
+    """One requested budget: a number in (0, 1] or an (attn, mlp, bits/16) triple of them."""
+    valid = "a number in (0, 1] or an attn/mlp/bits16 triple of numbers in (0, 1]"
+    values = list(budget) if isinstance(budget, (list, tuple)) else [budget]
+    if len(values) not in (1, 3):
+        _bad("budgets", budget, valid)
+    for v in values:
+        try:
+            validation.check_real("--budgets", v, 0.0, 1.0, lo_open=True)
+        except ArgumentError:
+            _bad("budgets", budget, valid, type_error=isinstance(v, str))
+    return float(values[0]) if len(values) == 1 and not isinstance(budget, (list, tuple)) else tuple(float(v) for v in values)
+
+
+def parse_uniform(spec) -> list | str:
+    """'all' | 'none' | 'dense' | comma-separated action indices (True/False: all/none), syntax only."""
+    spec = {True: "all", False: "none"}.get(spec, spec)
+    if spec in ("all", "none", ""):
+        return spec
+    if not isinstance(spec, str):
+        _bad("uniform", spec, "all | none | dense | comma-separated action indices", type_error=True)
+    parts = [p.strip() for p in spec.split(",")]
+    for part in parts:
+        if part != "dense" and not part.isdigit():
+            _bad("uniform", spec, "all | none | dense | comma-separated action indices, e.g. 0,13,dense")
+    return parts
+
+
+def load_policy(path: str):
+    """The PolicyNet in a policy.pt written by training.grpo; a clear error for anything else."""
+    from runtime.policy import PolicyNet
+
+    file = Path(path)
+    if not file.is_file():
+        raise ArgumentError("--policy", f"--policy {path}: no such file (give the policy.pt a training run wrote)")
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ArgumentError("--policy", f"--policy {path}: not a policy file written by training.grpo "
+                                        f"({type(e).__name__}: {str(e)[:200]})") from None
+    if isinstance(state, dict) and "optimizer" in state and "policy" in state:
+        raise ArgumentError("--policy", f"--policy {path} is a training checkpoint, not a policy; pass the policy.pt "
+                                        f"written next to it ({file.parent / 'policy.pt'})")
+    if not isinstance(state, dict) or not {"config", "state_dict"} <= set(state):
+        raise ArgumentError("--policy", f"--policy {path}: not a policy file (expected a dict with 'config' and "
+                                        "'state_dict', as PolicyNet.save writes)")
+    try:
+        return PolicyNet.from_state(state)
+    except (ValueError, TypeError, KeyError, RuntimeError) as e:
+        raise ArgumentError("--policy", f"--policy {path}: cannot rebuild the policy ({e})") from None
+
 
 @dataclass
 class Entry:
@@ -99,17 +205,16 @@ def _budget_step(budget) -> int:
 
 def uniform_indices(space, spec) -> list[int]:
     """'all' | 'none' | 'dense' | comma-separated action indices (True/False: all/none)."""
-    spec = {True: "all", False: "none"}.get(spec, spec)
-    if spec == "all":
+    parts = parse_uniform(spec)
+    if parts == "all":
         return list(range(len(space)))
-    if spec in ("none", ""):
+    if parts in ("none", ""):
         return []
     out = []
-    for part in str(spec).split(","):
-        part = part.strip()
+    for part in parts:
         idx = space.dense_index if part == "dense" else int(part)
         if not 0 <= idx < len(space):
-            raise ValueError(f"uniform action {idx} is outside 0..{len(space) - 1}")
+            raise ArgumentError("--uniform", f"--uniform: action {idx} is outside 0..{len(space) - 1} (this action space has {len(space)} actions)")
         out.append(idx)
     return out
 
@@ -130,12 +235,11 @@ def make_entries(space, methods, budgets, policy=None, searched=None, greedy=Tru
 
 def load_contexts(cfg: EvalConfig, split: str, n: int, vocab_size: int) -> Tensor:
     """A seeded sample of `n` contexts of the corpus split (corpus 'random': random tokens, for tests)."""
-    if cfg.corpus == "random":
-        g = torch.Generator().manual_seed(cfg.seed * 10 + {"train": 0, "validation": 1, "test": 2}[split])
-        return torch.randint(0, vocab_size, (n, cfg.context_length), generator=g)
-    import solc
+    from training.grpo import corpus_contexts
 
-    pool = solc.data.get_contexts(solc.load_tokenizer(cfg.model), corpus=cfg.corpus, split=split, length=cfg.context_length)
+    if cfg.corpus == "random":
+        return corpus_contexts(cfg.model, cfg.corpus, split, cfg.context_length, vocab_size, cfg.seed, max_contexts=n)
+    pool = corpus_contexts(cfg.model, cfg.corpus, split, cfg.context_length, vocab_size, cfg.seed)
     pick = torch.randperm(len(pool), generator=torch.Generator().manual_seed(cfg.seed))[:n]
     return pool[pick]
 
@@ -178,18 +282,21 @@ def _row(space, eval_name, entry: Entry, budget: Tensor, metric: str, value: flo
 def build(cfg: EvalConfig):
     """(sol, policy, tokenizer) for the config: the base model compiled for the policy's action space."""
     import solc
-    from runtime.policy import PolicyNet
+    from solc.models import load_compiled
 
-    policy = PolicyNet.load(cfg.policy) if cfg.policy else None
-    dtype = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}[cfg.dtype]
-    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else "cpu" if cfg.device == "auto" else cfg.device)
-    model = solc.load_model(cfg.model, dtype=dtype).to(device)
-    for p in model.parameters():
-        p.requires_grad_(False)
+    policy = load_policy(cfg.policy) if cfg.policy else None
+    device = resolve_device(cfg.device, argument="--device")
     kwargs = {}
     if policy is not None:
         kwargs = {"actions": list(policy.space.axes), "levels": {a: list(v) for a, v in policy.space.levels.items()}}
-    sol = solc.compile(model, max_seq_len=max(cfg.context_length, 2048), **kwargs)
+    sol = load_compiled(cfg.model, dtype=resolve_dtype(cfg.dtype), device=device, **kwargs)
+    if cfg.context_length > sol.max_seq_len:
+        raise ArgumentError("--context-length", f"--context-length {cfg.context_length} is invalid: --model {cfg.model} "
+                                                f"holds at most {sol.max_seq_len} positions")
+    if policy is not None and policy.config.d_base != sol.token_embedding.shape[1]:
+        raise ArgumentError("--policy", f"--policy {cfg.policy} was trained on a model of hidden size "
+                                        f"{policy.config.d_base}, --model {cfg.model} has {sol.token_embedding.shape[1]}: "
+                                        "evaluate it with the model it was trained on")
     if policy is not None:
         policy = policy.to(device=device, dtype=torch.float64 if cfg.dtype == "float64" else torch.float32).eval()
     tokenizer = solc.load_tokenizer(cfg.model) if cfg.corpus != "random" else None
@@ -209,7 +316,10 @@ def run(cfg: EvalConfig, sol=None, policy=None, tokenizer=None) -> dict:
     tasks = []
     for spec in cfg.mc_tasks:
         for shots in cfg.mc_shots:
-            tasks.append(mc.load_task(spec, shots=shots, max_questions=cfg.mc_questions, seed=cfg.seed))
+            try:
+                tasks.append(mc.load_task(spec, shots=shots, max_questions=cfg.mc_questions, seed=cfg.seed))
+            except (ValueError, FileNotFoundError) as e:
+                raise ArgumentError("--mc-tasks", f"--mc-tasks {spec}: {e}") from None
     need_search = "random-search" in methods
     matched = "policy" in methods and cfg.matched_draws > 0 and cfg.test_contexts > 0
     total = ((cfg.val_contexts if need_search else 0) + cfg.test_contexts * (2 if matched else 1)
@@ -425,14 +535,24 @@ def report(result: dict, cfg: EvalConfig, command: str) -> str:
 def _parse_budgets(text: str) -> list:
     out = []
     for part in text.split(","):
-        vals = [float(x) for x in part.split("/")]
-        out.append(vals[0] if len(vals) == 1 else tuple(vals))
+        try:
+            vals = [float(x) for x in part.split("/")]
+        except ValueError:
+            _bad("budgets", text, "comma-separated budgets, each a number in (0, 1] or attn/mlp/bits16, e.g. 0.5,0.6/0.8/0.5")
+        out.append(check_budget_value(vals[0] if len(vals) == 1 else tuple(vals)))
     return out
 
 
-def main(argv=None) -> int:
+def _parse_ints(flag: str, text: str) -> list[int]:
+    try:
+        return [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise ArgumentError(flag, f"{flag} {text!r} is invalid: comma-separated ints, e.g. 0,3") from None
+
+
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m training.evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    d = EvalConfig(policy="")
+    d = EvalConfig(policy="")  # the defaults
     p.add_argument("--policy", required=True, help="policy.pt written by training.grpo ('' to evaluate the baselines only)")
     p.add_argument("--model", default=d.model)
     p.add_argument("--corpus", default=d.corpus, help="perplexity corpus ('random': random tokens, for tests)")
@@ -461,18 +581,37 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--out", default=d.out)
     p.add_argument("--no-progress", action="store_true")
-    args = p.parse_args(argv)
-    cfg = EvalConfig(
+    return p
+
+
+def main(argv=None) -> int:
+    try:
+        cfg = config_from_args(argv)
+        return _run_cli(cfg, argv)
+    except SolcError as e:
+        print(f"evaluate: error: {e}", file=sys.stderr)
+        return 2
+
+
+def config_from_args(argv=None) -> EvalConfig:
+    """The EvalConfig of command-line words (every value checked; argparse exits on a malformed flag)."""
+    if argv is not None and (isinstance(argv, str) or not all(isinstance(a, str) for a in argv)):
+        raise ArgumentTypeError("argv", f"argv={argv!r} is invalid: a list of strings (command-line words)")
+    args = _parser().parse_args(argv)
+    return EvalConfig(
         policy=args.policy, model=args.model, corpus=args.corpus, budgets=_parse_budgets(args.budgets),
         methods=[m.strip() for m in args.methods.split(",") if m.strip()], uniform=args.uniform,
         context_length=args.context_length, horizon=args.horizon, test_contexts=args.test_contexts,
         val_contexts=args.val_contexts, search_n=args.search_n,
         mc_tasks=[t.strip() for t in args.mc_tasks.split(",") if t.strip()],
-        mc_shots=[int(s) for s in args.mc_shots.split(",") if s.strip()], mc_questions=args.mc_questions, mc_tail=args.mc_tail,
+        mc_shots=_parse_ints("--mc-shots", args.mc_shots), mc_questions=args.mc_questions, mc_tail=args.mc_tail,
         mc_methods=[m.strip() for m in args.mc_methods.split(",") if m.strip()] or None,
         max_rows=args.max_rows, matched_draws=args.matched_draws, greedy=not args.sample, seed=args.seed, dtype=args.dtype, device=args.device,
         out=args.out, threads=args.threads, progress=not args.no_progress,
     )
+
+
+def _run_cli(cfg: EvalConfig, argv) -> int:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     command = "python -m training.evaluate " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))

@@ -31,6 +31,8 @@ checkpoint. Only rank 0 logs and writes.
 
 Outputs under --out: config.json, checkpoint.pt (latest: policy, optimizer, RNG states, update),
 policy.pt (policy config + weights, what runtime.policy.PolicyNet.load reads), tb/ (TensorBoard).
+An --out that already holds a run is left alone unless --resume (continue it) or --overwrite
+(replace it) says otherwise.
 """
 from __future__ import annotations
 
@@ -50,8 +52,12 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from runtime import validation
 from runtime.actions import AXES, ActionSpace
-from runtime.policy import PolicyConfig, PolicyNet, PolicySource, Trajectory, sequence_log_probs
+from runtime.errors import ArgumentError, ArgumentTypeError, SolcError
+from runtime.policy import BUDGET_HEADS, PolicyConfig, PolicyNet, PolicySource, Trajectory, sequence_log_probs
+from solc.cache import atomic_torch_save, remove_stale_temporaries
+from solc.models import DTYPES, resolve_device, resolve_dtype
 from training.episodes import TARGET_RANGES, Episodes, rollout, sample_targets
 
 CHECKPOINT_VERSION = 1
@@ -113,28 +119,67 @@ class GRPOConfig:
     seed: int = _opt(0, "seed of every random choice (contexts, targets, schedules, init)")
     out: str = _opt("runs/grpo", "output directory (config.json, checkpoint.pt, policy.pt, tb/)")
     resume: bool = _opt(False, "continue from OUT/checkpoint.pt (same config unless overridden)")
+    overwrite: bool = _opt(False, "replace the run OUT holds (its config.json, checkpoint.pt, policy.pt, tb/)")
     threads: int = _opt(0, "torch CPU threads (0 = torch's default)")
     progress: bool = _opt(True, "show a tqdm progress bar (rank 0)")
 
     def __post_init__(self):
+        """Check every field; an error names it (as the CLI flag), its value and what is valid."""
+        for name in ("model", "corpus", "out", "dtype", "device", "policy_budget_head"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                _bad(name, getattr(self, name), "a non-empty string", type_error=True)
         if isinstance(self.actions, str):
             self.actions = [a.strip() for a in self.actions.split(",") if a.strip()]
         if isinstance(self.levels, str):
-            self.levels = json.loads(self.levels) if self.levels.strip() else {}
+            try:
+                self.levels = json.loads(self.levels) if self.levels.strip() else {}
+            except json.JSONDecodeError as e:
+                _bad("levels", self.levels, f'JSON mapping an axis to its levels, e.g. \'{{"quant": [4, 8, 16]}}\' ({e})')
+        if not isinstance(self.actions, list) or not isinstance(self.levels, dict):
+            _bad("actions" if not isinstance(self.actions, list) else "levels", self.actions if not isinstance(self.actions, list)
+                 else self.levels, "actions: axis names a,b; levels: a JSON object", type_error=True)
+        try:
+            ActionSpace(self.actions, self.levels or None)
+        except ValueError as e:
+            name = "levels" if self.levels and "level" in str(e) else "actions"
+            raise ArgumentError(name, f"--{name}: {e}") from None
         for name in ("target_attn", "target_mlp", "target_quant"):
             v = getattr(self, name)
-            if isinstance(v, str):
-                v = [float(x) for x in v.split(",")]
-            v = [float(x) for x in v]
+            try:
+                v = [float(x) for x in (v.split(",") if isinstance(v, str) else v)]
+            except (TypeError, ValueError):
+                _bad(name, v, "lo,hi with 0 < lo <= hi <= 1", type_error=True)
             if len(v) != 2 or not 0 < v[0] <= v[1] <= 1:
-                raise ValueError(f"{name} must be lo,hi with 0 < lo <= hi <= 1, got {v}")
+                _bad(name, v, "lo,hi with 0 < lo <= hi <= 1")
             setattr(self, name, v)
-        if self.group_size < 2:
-            raise ValueError(f"group_size must be >= 2 (advantages are centred within a group), got {self.group_size}")
-        if self.horizon < 1 or self.contexts_per_update < 1 or self.ppo_epochs < 1 or self.ppo_minibatches < 1:
-            raise ValueError("horizon, contexts_per_update, ppo_epochs and ppo_minibatches must be >= 1")
-        if self.context_length < self.horizon + 2:
-            raise ValueError(f"context_length {self.context_length} must be >= horizon + 2 = {self.horizon + 2}")
+        for name, lo in (("horizon", 1), ("group_size", 2), ("contexts_per_update", 1), ("rollout_batch", 1),
+                         ("ppo_epochs", 1), ("ppo_minibatches", 1), ("policy_d_model", 1), ("policy_heads", 1),
+                         ("policy_layers", 1), ("max_updates", 1), ("checkpoint_every", 1), ("max_contexts", 0),
+                         ("threads", 0)):
+            _int(name, getattr(self, name), lo)
+        _int("seed", getattr(self, "seed"), 0, validation.MAX_SEED - 1)
+        _int("context_length", self.context_length, max(validation.MIN_SEQ_LEN, self.horizon + 2),
+             why=f"at least --horizon + 2 = {self.horizon + 2} and {validation.MIN_SEQ_LEN}")
+        for name, lo, lo_open, hi in (("gamma", 0.0, False, 1.0), ("alpha_attn", 0.0, False, None),
+                                      ("alpha_mlp", 0.0, False, None), ("alpha_quant", 0.0, False, None),
+                                      ("budget_tolerance", 0.0, False, 1.0), ("temperature", 0.0, True, None),
+                                      ("clip", 0.0, True, None), ("entropy_coef", 0.0, False, None), ("lr", 0.0, True, None),
+                                      ("weight_decay", 0.0, False, None), ("grad_clip", 0.0, True, None),
+                                      ("policy_mlp_ratio", 0.0, True, None), ("policy_anchor_sharpness", 0.0, True, None),
+                                      ("max_minutes", 0.0, False, None)):
+            _real(name, getattr(self, name), lo, hi, lo_open)
+        if self.policy_d_model % self.policy_heads:
+            _bad("policy_heads", self.policy_heads, f"a divisor of --policy-d-model={self.policy_d_model}")
+        if self.policy_budget_head not in BUDGET_HEADS:
+            _bad("policy_budget_head", self.policy_budget_head, f"one of {list(BUDGET_HEADS)}")
+        if self.dtype not in DTYPES:
+            _bad("dtype", self.dtype, f"one of {sorted(DTYPES)}")
+        resolve_device(self.device, argument="--device")
+        for name in ("resume", "overwrite", "progress"):
+            if not isinstance(getattr(self, name), bool):
+                _bad(name, getattr(self, name), "true or false", type_error=True)
+        if self.resume and self.overwrite:
+            _bad("overwrite", True, "not together with --resume (--resume continues the run in --out, --overwrite replaces it)")
 
     @property
     def alphas(self) -> list[float]:
@@ -153,8 +198,25 @@ class GRPOConfig:
         d = {k.replace("-", "_"): v for k, v in d.items()}
         unknown = set(d) - names
         if unknown:
-            raise ValueError(f"unknown config keys {sorted(unknown)}; valid keys: {sorted(names)}")
+            raise ArgumentError("--config", f"unknown config keys {sorted(unknown)}; valid keys: {sorted(names)}")
         return cls(**d)
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _bad(name: str, value, valid: str, type_error: bool = False):
+    cls = ArgumentTypeError if type_error else ArgumentError
+    raise cls(_flag(name), f"{_flag(name)} {value!r} is invalid: {valid}")
+
+
+def _int(name: str, value, lo: int, hi: int | None = None, why: str = "") -> None:
+    validation.check_int(_flag(name), value, lo, hi, why)
+
+
+def _real(name: str, value, lo: float, hi: float | None, lo_open: bool) -> None:
+    validation.check_real(_flag(name), value, lo, hi, lo_open=lo_open)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -239,49 +301,93 @@ def update_contexts(n_contexts: int, seed: int, update: int, per_update: int) ->
     return out
 
 
-def atomic_save(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+atomic_save = atomic_torch_save
+_device = resolve_device
+RUN_FILES = ("config.json", "checkpoint.pt", "policy.pt", "tb")
 
 
-def _dtype(name: str) -> torch.dtype:
+def check_out_dir(cfg: GRPOConfig) -> None:
+    """--out must not hold a run unless --resume continues it or --overwrite replaces it (checks
+    only: nothing is written or removed here)."""
+    out = Path(cfg.out)
+    if os.path.lexists(out) and not out.is_dir():
+        _bad("out", cfg.out, "a directory (this path is a file)")
+    checkpoint = out / "checkpoint.pt"
+    if cfg.resume:
+        if not checkpoint.is_file():
+            raise ArgumentError("--resume", f"--resume: no checkpoint at {checkpoint}; start a new run without --resume")
+        return
+    held = [name for name in RUN_FILES if os.path.lexists(out / name)]
+    if held and not cfg.overwrite:
+        raise ArgumentError("--out", f"--out {cfg.out} already holds a run ({', '.join(held)}): pass --resume to continue "
+                                     "it, --overwrite to replace it, or a new --out")
+
+
+def _clear_run(out: Path) -> None:
+    """--overwrite: remove the previous run's files (only those training.grpo writes)."""
+    import shutil
+
+    for name in RUN_FILES:
+        path = out / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif os.path.lexists(path):
+            path.unlink()
+
+
+def _remove_stale_checkpoint_temporaries(out: Path) -> None:
+    """Temporaries of a checkpoint write that was killed (also the older `<name>.tmp<pid>` naming)."""
+    for name in ("checkpoint.pt", "policy.pt"):
+        remove_stale_temporaries(out / name)
+        for legacy in out.glob(f"{name}.tmp*"):
+            pid = legacy.name.removeprefix(f"{name}.tmp")
+            if pid.isdigit() and not _pid_alive(int(pid)):
+                legacy.unlink(missing_ok=True)
+
+
+def _pid_alive(pid: int) -> bool:
     try:
-        return {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
-    except KeyError:
-        raise ValueError(f"unknown dtype {name!r}; valid: float32, float64, bfloat16, float16") from None
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
 
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+def corpus_contexts(model: str, corpus: str, split: str, length: int, vocab_size: int, seed: int,
+                    max_contexts: int | None = None) -> Tensor:
+    """[N, length] token windows of a corpus split (tokenised with `model`'s tokenizer). corpus
+    'random': uniform random tokens (for tests), max_contexts (default 64) rows seeded by (seed, split)."""
+    from solc.data import SPLITS
+
+    if corpus == "random":
+        g = _generator(seed, 2, SPLITS.index(split))
+        return torch.randint(0, vocab_size, (max_contexts or 64, length), generator=g)
+    import solc
+
+    tokenizer = solc.load_tokenizer(model)
+    return solc.data.get_contexts(tokenizer, corpus=corpus, split=split, length=length, max_contexts=max_contexts)
 
 
 def load_training_contexts(cfg: GRPOConfig, vocab_size: int, split: str = "train") -> Tensor:
     """[N, context_length] token windows of the configured corpus."""
-    if cfg.corpus == "random":
-        n = cfg.max_contexts or 64
-        g = _generator(cfg.seed, 2, {"train": 0, "validation": 1, "test": 2}[split])
-        return torch.randint(0, vocab_size, (n, cfg.context_length), generator=g)
-    import solc
-
-    tokenizer = solc.load_tokenizer(cfg.model)
-    return solc.data.get_contexts(tokenizer, corpus=cfg.corpus, split=split, length=cfg.context_length, max_contexts=cfg.max_contexts or None)
+    return corpus_contexts(cfg.model, cfg.corpus, split, cfg.context_length, vocab_size, cfg.seed, cfg.max_contexts or None)
 
 
 def build_model(cfg: GRPOConfig, device=None):
     """Load and compile the base model as the config says."""
-    import solc
+    from solc.models import load_compiled
 
     device = device or _device(cfg.device)
-    model = solc.load_model(cfg.model, dtype=_dtype(cfg.dtype)).to(device)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return solc.compile(model, actions=cfg.actions, levels=cfg.levels or None, max_seq_len=cfg.context_length)
+    try:
+        return load_compiled(cfg.model, dtype=resolve_dtype(cfg.dtype), device=device, actions=cfg.actions,
+                             levels=cfg.levels or None, max_seq_len=cfg.context_length)
+    except ArgumentError as e:
+        if e.argument != "max_seq_len":
+            raise
+        raise ArgumentError("--context-length", f"--context-length {cfg.context_length} is invalid for --model "
+                                                f"{cfg.model}: {e}") from None
 
 
 def build_policy(cfg: GRPOConfig, sol) -> PolicyNet:
@@ -314,6 +420,7 @@ def _cat_episodes(parts: list[Episodes]) -> Episodes:
 class Trainer:
     def __init__(self, cfg: GRPOConfig, sol=None, contexts: Tensor | None = None):
         self.cfg = cfg
+        check_out_dir(cfg)  # before any rank can write (the process group rendezvous orders them)
         self.distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
         if self.distributed and not dist.is_initialized():
             backend = "nccl" if _device(cfg.device).type == "cuda" else "gloo"
@@ -339,6 +446,7 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.out = Path(cfg.out)
         self.update = 0
+        self.wrote_checkpoint = False
         if cfg.resume:
             self._load_checkpoint()
         self.is_main = self.rank == 0
@@ -352,10 +460,15 @@ class Trainer:
     def _load_checkpoint(self) -> None:
         path = self.checkpoint_path
         if not path.exists():
-            raise FileNotFoundError(f"--resume: no checkpoint at {path}")
-        state = torch.load(path, map_location=self.device, weights_only=False)
-        if state.get("version") != CHECKPOINT_VERSION:
-            raise ValueError(f"unsupported checkpoint version {state.get('version')!r} in {path}")
+            raise ArgumentError("--resume", f"--resume: no checkpoint at {path}")
+        try:
+            state = torch.load(path, map_location=self.device, weights_only=False)
+        except Exception as e:
+            raise ArgumentError("--resume", f"--resume: {path} is not a readable checkpoint ({type(e).__name__}: {e})") from e
+        if not isinstance(state, dict) or state.get("version") != CHECKPOINT_VERSION:
+            version = state.get("version") if isinstance(state, dict) else None
+            raise ArgumentError("--resume", f"--resume: unsupported checkpoint version {version!r} in {path}; "
+                                            f"this training.grpo writes version {CHECKPOINT_VERSION}")
         self.policy.load_state_dict(state["policy"]["state_dict"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.update = int(state["update"])
@@ -383,6 +496,7 @@ class Trainer:
         }
         atomic_save(state, self.checkpoint_path)
         atomic_save(self.policy.state(), self.out / "policy.pt")
+        self.wrote_checkpoint = True
 
     # -- one update --------------------------------------------------------------------------------
     def local_slice(self) -> slice:
@@ -510,7 +624,10 @@ class Trainer:
     def run(self) -> dict[str, float]:
         cfg = self.cfg
         if self.is_main:
+            if cfg.overwrite and not cfg.resume:
+                _clear_run(self.out)
             self.out.mkdir(parents=True, exist_ok=True)
+            _remove_stale_checkpoint_temporaries(self.out)
             (self.out / "config.json").write_text(json.dumps(self.cfg.to_dict(), indent=2) + "\n")
             from torch.utils.tensorboard import SummaryWriter
 
@@ -588,19 +705,28 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _read_config_file(path: str) -> dict:
-    text = Path(path).read_text()
-    if path.endswith(".json"):
-        return json.loads(text)
-    import yaml
+def _read_config_file(path: str, flag: str = "--config") -> dict:
+    try:
+        text = Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ArgumentError(flag, f"{flag} {path}: cannot read it ({e})") from None
+    try:
+        if path.endswith(".json"):
+            data = json.loads(text)
+        else:
+            import yaml
 
-    data = yaml.safe_load(text) or {}
+            data = yaml.safe_load(text) or {}
+    except Exception as e:  # json.JSONDecodeError, yaml.YAMLError
+        raise ArgumentError(flag, f"{flag} {path}: not valid {'JSON' if path.endswith('.json') else 'YAML'} ({e})") from None
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: a config file must hold a mapping of option names to values")
+        raise ArgumentError(flag, f"{flag} {path}: a config file must hold a mapping of option names to values")
     return data
 
 
 def config_from_args(argv: Sequence[str] | None = None) -> GRPOConfig:
+    if argv is not None and (isinstance(argv, str) or not all(isinstance(a, str) for a in argv)):
+        raise ArgumentTypeError("argv", f"argv={argv!r} is invalid: a list of strings (command-line words)")
     args = vars(_parser().parse_args(argv))
     values: dict = {}
     cli = {k: v for k, v in args.items() if k != "config"}
@@ -610,7 +736,8 @@ def config_from_args(argv: Sequence[str] | None = None) -> GRPOConfig:
         out_dir = Path(out or GRPOConfig().out)
         saved = out_dir / "config.json"
         if saved.exists():
-            values.update(json.loads(saved.read_text()))
+            stored = _read_config_file(str(saved), flag="--resume")
+            values.update({k: v for k, v in stored.items() if k not in ("resume", "overwrite")})
     if "config" in args:
         values.update({k.replace("-", "_"): v for k, v in _read_config_file(args["config"]).items()})
     values.update(cli)
@@ -618,14 +745,24 @@ def config_from_args(argv: Sequence[str] | None = None) -> GRPOConfig:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    cfg = config_from_args(argv)
+    cfg = None
     try:
+        cfg = config_from_args(argv)
         trainer = train(cfg)
     except TrainingDiverged as e:
-        print(f"grpo: training stopped: {e}. The last good checkpoint ({Path(cfg.out) / 'checkpoint.pt'}) is intact.", file=sys.stderr)
+        checkpoint = Path(cfg.out) / "checkpoint.pt"
+        kept = (f"The last good checkpoint ({checkpoint}) is intact." if checkpoint.is_file()
+                else "No checkpoint was written (it stopped before the first one).")
+        print(f"grpo: training stopped: {e}. {kept}", file=sys.stderr)
         return 3
+    except SolcError as e:
+        print(f"grpo: error: {e}", file=sys.stderr)
+        return 2
     if trainer.is_main:
-        print(f"grpo: {trainer.update} updates done; policy written to {Path(cfg.out) / 'policy.pt'}")
+        if trainer.wrote_checkpoint:
+            print(f"grpo: {trainer.update} updates done; policy written to {Path(cfg.out) / 'policy.pt'}")
+        else:
+            print(f"grpo: nothing to do: the run in {cfg.out} is already at --max-updates {cfg.max_updates}")
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
     return 0

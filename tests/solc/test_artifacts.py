@@ -1,4 +1,5 @@
 """solc.export / solc.load: round trip, integrity checks, the exported program."""
+import hashlib
 import json
 import shutil
 
@@ -41,7 +42,7 @@ def test_round_trip_gives_identical_tokens_and_actions(exported):
 def test_manifest_records_versions_grid_and_files(exported):
     sol, policy, path = exported
     manifest = json.loads((path / "manifest.json").read_text())
-    assert manifest["format"] == "solc-artifact" and manifest["format_version"] == 1
+    assert manifest["format"] == "solc-artifact" and manifest["format_version"] == 2
     assert set(manifest["versions"]) == {"solc", "torch", "transformers"}
     assert manifest["versions"]["torch"].startswith("2.13")
     assert manifest["space"] == sol.space.to_dict()
@@ -74,11 +75,18 @@ def test_missing_file_is_named(exported, tmp_path):
         solc.load(dst)
 
 
+def _rewrite_manifest(dst, edit):
+    """Edit the manifest and re-seal it, as an export by another version would have written it."""
+    manifest = json.loads((dst / "manifest.json").read_text())
+    edit(manifest)
+    text = json.dumps(manifest).encode()
+    (dst / "manifest.json").write_bytes(text)
+    (dst / "manifest.sha256").write_text(hashlib.sha256(text).hexdigest())
+
+
 def test_version_mismatch_is_named(exported, tmp_path):
     dst = _copy(exported[2], tmp_path)
-    manifest = json.loads((dst / "manifest.json").read_text())
-    manifest["versions"]["torch"] = "1.0.0"
-    (dst / "manifest.json").write_text(json.dumps(manifest))
+    _rewrite_manifest(dst, lambda m: m["versions"].update(torch="1.0.0"))
     with pytest.raises(solc.AssetError, match=r"manifest\.json: written with torch 1\.0\.0"):
         solc.load(dst)
     solc.load(dst, check_versions=False)  # an explicit override still loads
@@ -91,7 +99,7 @@ def test_not_an_artifact(tmp_path):
 
 def test_exported_program_reproduces_the_runtime(exported):
     sol, _, path = exported
-    program = solc.load_program(path).module()
+    program = solc.load_program(path, sol=sol).module()
     ids = torch.randint(0, 256, (3, 12), generator=torch.Generator().manual_seed(5))
     actions = torch.randint(0, len(sol.space), (3, 12), generator=torch.Generator().manual_seed(6))
     pos = torch.arange(12).expand(3, 12)

@@ -1,0 +1,35 @@
+"""compile(max_seq_len=...): every value is checked before capture; the sliding-window advice works."""
+import pytest
+import torch
+
+import solc
+from runtime import hf_adapter
+from runtime.errors import ArgumentError, UnsupportedModelError
+from solc.models import TINY_MODELS
+
+
+@pytest.mark.parametrize("value, kind", [(0, ArgumentError), (-3, ArgumentError), (10, ArgumentError), (1025, ArgumentError),
+                                         (2.5, TypeError), ("64", TypeError), (True, TypeError)])
+def test_bad_max_seq_len_is_named_before_capture(value, kind):
+    with pytest.raises(kind, match=r"max_seq_len=.*an int in 16\.\.1024.*the model's 1024 positions"):
+        solc.compile(solc.load_model("tiny-llama"), max_seq_len=value)
+
+
+def _mistral(window):
+    return hf_adapter.model_from_config(dict(TINY_MODELS["tiny-mistral"], sliding_window=window), seed=0)
+
+
+def test_sliding_window_advice_leads_to_a_working_compile():
+    model = _mistral(20)
+    with pytest.raises(UnsupportedModelError, match=r"pass max_seq_len in 16\.\.20") as err:
+        solc.compile(model)
+    assert "sliding attention window of 20" in str(err.value)
+    sol = solc.compile(model, max_seq_len=20)  # the advice, followed
+    ids = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(sol(ids).logits, model(ids).logits, atol=1e-4, rtol=0)
+
+
+def test_window_shorter_than_the_smallest_context_is_unsupported():
+    with pytest.raises(UnsupportedModelError, match=r"window of 8 tokens, shorter than the smallest max_seq_len solc compiles \(16\)"):
+        solc.compile(_mistral(8))
