@@ -54,10 +54,10 @@ def repeat_rows(cache: StaticKVCache, repeats: int, out: StaticKVCache | None = 
         out.batch, out.max_len = cache.batch * repeats, cache.max_len
         out.tensors = [t.repeat_interleave(repeats, dim=0) for t in cache.tensors]
         return out
-    if out.batch != cache.batch * repeats or out.max_len < cache.max_len:
-        raise ValueError(f"repeat_rows(out=...) needs {cache.batch * repeats} rows of >= {cache.max_len} positions, "
-                         f"got {out.batch} rows of {out.max_len}")
     length = cache.max_len if length is None else length
+    if out.batch != cache.batch * repeats or out.max_len < length or length > cache.max_len:
+        raise ValueError(f"repeat_rows(out=...) copies {length} positions of {cache.max_len} into {cache.batch * repeats} "
+                         f"rows; got {out.batch} rows of {out.max_len}")
     pages = -(-length // PAGE_SIZE)
     for i, (src, dst) in enumerate(zip(cache.tensors, out.tensors)):
         n = length if i % len(CACHE_PARTS) < 2 else pages
