@@ -25,19 +25,22 @@ def _tokens(sol, batch, length, seed=0):
     return torch.randint(0, sol.token_embedding.shape[0], (batch, length), generator=g)
 
 
-def _every_action_schedules(space, batch, seed=0):
-    """Two [B, A] schedules: step t runs action t on every row (each action's specialised variant),
-    and a per-row shuffle of the same (the generic mixed-action graph)."""
-    uniform = torch.arange(len(space)).expand(batch, -1).clone()
+def _schedules(actions, batch, seed=0):
+    """Two [B, len(actions)] schedules: step t runs actions[t] on every row (that action's specialised
+    variant), and a per-row shuffle of the same (the generic mixed-action graph)."""
+    actions = torch.as_tensor(actions)
+    uniform = actions.expand(batch, -1).clone()
     g = torch.Generator().manual_seed(seed)
-    mixed = torch.stack([torch.randperm(len(space), generator=g) for _ in range(batch)])
+    mixed = torch.stack([actions[torch.randperm(len(actions), generator=g)] for _ in range(batch)])
     return uniform, mixed
 
 
-def _check_three_drivers_agree(sol, prompt_len=8, batch=2):
+def _check_three_drivers_agree(sol, prompt_len=8, batch=2, actions=None):
     """generate, then score and a training rollout teacher-forced through the generated tokens with the
-    same schedule: the same actions and bit-identical log-probs, for every action of the space."""
-    for schedule in _every_action_schedules(sol.space, batch):
+    same schedule: the same actions and bit-identical log-probs, for every action of the space (or the
+    given ones)."""
+    actions = range(len(sol.space)) if actions is None else actions
+    for schedule in _schedules(list(actions), batch):
         steps = schedule.shape[1]
         gen = generate(sol, _tokens(sol, batch, prompt_len), schedule=schedule, max_new_tokens=steps, eos_token_id=[])
         assert torch.equal(gen.actions, schedule)  # prompt_len > DENSE_PREFIX: every step ran its action
@@ -65,8 +68,13 @@ def prompt_fits(sol, prompt_len=8):
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_rollout_score_and_generate_are_bit_identical_smollm2(dtype):
-    sol = solc.compile(solc.load_model("smollm2-135m", dtype=dtype), max_seq_len=40)
-    _check_three_drivers_agree(sol, batch=1)
+    """A few steps on the real model (every action runs on the tiny models above): the cheapest action,
+    a mixed one, quantization only, dense."""
+    sol = solc.compile(solc.load_model("smollm2-135m", dtype=dtype), max_seq_len=24)
+    dense = sol.space.dense_index
+    picks = [0, len(sol.space) // 2, dense - 1, dense]
+    assert len({sol.space[a] for a in picks}) == 4
+    _check_three_drivers_agree(sol, batch=2, actions=picks)
 
 
 # -- ragged batches ---------------------------------------------------------------------------------
