@@ -288,7 +288,9 @@ def _check_prompts(sol, input_ids, attention_mask) -> tuple[int, int]:
                 _same_device(name, t, _device_of(sol))
                 _values_in(name, t, 0, vocab - 1, "token id")
                 n = t.numel()
-            elif isinstance(prompt, (list, tuple)) and len(prompt) > 0:
+            elif isinstance(prompt, (list, tuple)) and len(prompt) == 0:
+                fail(name, prompt, "a prompt of at least one token id")
+            elif isinstance(prompt, (list, tuple)):
                 for tok in prompt:
                     check_int(name, tok, 0, vocab - 1, "token ids of the model's vocabulary")
                 n = len(prompt)
