@@ -8,7 +8,7 @@ from passes.action_levels import ActionLevelsPass
 from passes.attention_to_solc import AttentionToSolcPass
 from passes.base import PassContext, run_passes
 from passes.capture import capture
-from passes.mlp_to_solc import MLPToSolcPass
+from passes.mlp_to_solc import MLPToSolcPass, copies_bytes
 from runtime import hf_adapter
 from runtime.actions import ActionSpace
 from runtime.errors import UnsupportedModelError
@@ -26,18 +26,21 @@ def compile(
     levels: dict | None = None,
     max_seq_len: int | None = None,
     verify: bool = True,
+    quant: str = "weight",
 ) -> SOLModel:
     """Return a SOLModel running `model` under per-token actions over the given axes.
 
     actions: enabled axes (subset of "attn", "mlp", "quant"); levels: optional per-axis level lists
-    (defaults: the paper's 27-action grid); max_seq_len: longest position the cache will hold
-    (default: the model's max_position_embeddings, capped at 4096).
+    (defaults: attn 0.1/0.6/1, mlp 0.4/0.8/1, bits 4/8/16); max_seq_len: longest position the cache will
+    hold (default: the model's max_position_embeddings, capped at 4096); quant: "weight" (int8/int4 MLP
+    weight copies made now; sol.info["mlp_copies_bytes"] says what they cost) or "activation" (the
+    paper's fake-quantized MLP output, grid 5/7/16).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"compile(model=...) expects a torch.nn.Module (a HF causal LM), got {type(model).__name__}")
     if isinstance(actions, str):
         actions = [actions]
-    space = ActionSpace(actions, levels)
+    space = ActionSpace(actions, levels, quant=quant)
     max_seq_len = max_seq_len or min(hf_adapter.max_positions(model), 4096)
     window = hf_adapter.sliding_window(model)
     if window is not None and window < max_seq_len:
@@ -57,6 +60,8 @@ def compile(
         "attention_sites": ctx.attention_sites,
         "mlp_sites": ctx.mlp_sites,
         "embedding_weight": ctx.embedding_weight,
+        "quant": space.quant,
+        "mlp_copies_bytes": copies_bytes(gm),
     }
     specs = [CacheSpec(s.n_kv_heads, s.head_dim) for s in ctx.attention_sites]
     sol = SOLModel(gm, space, specs, info)

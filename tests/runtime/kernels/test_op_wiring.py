@@ -81,7 +81,8 @@ class _Site(nn.Module):
     def forward(self, x, q, k, v, positions, attn_keep, mlp_keep, bits):
         a = torch.ops.solc.attention(q, k, v, self.k_cache, self.v_cache, self.page_min, self.page_max,
                                      positions, attn_keep, 0.35)
-        m = torch.ops.solc.mlp(x, mlp_keep, bits, [self.wg, self.wu], [None, None], self.wo, None, "gated", "silu")
+        m = torch.ops.solc.mlp(x, mlp_keep, bits, [self.wg, self.wu], [None, None], self.wo, None, "gated", "silu",
+                               "activation", [], 0)
         return a, m
 
 
