@@ -3,7 +3,9 @@
 solc's weight-quant copies (quant="weight") are made with torchao's quantization primitives, so their
 formats and rounding are torchao's:
   int8: `choose_qparams_affine` + `quantize_affine`, symmetric, one scale per output channel (block
-        [1, K]), int8 range [-128, 127]; the scale is kept in bfloat16 (what the CPU int8 kernel reads).
+        [1, K]), int8 range [-128, 127], as `Int8WeightOnlyConfig` does; the scale is then rounded to
+        bfloat16 (what the CPU int8 kernel reads) BEFORE quantizing, passed as float32 so that torchao
+        divides by it in float32 (a bf16 scale would make torchao take a bf16 reciprocal).
   int4: torchao's tinygemm path (`_choose_qparams_affine_tinygemm` + `_quantize_affine_tinygemm`, what
         `Int4WeightOnlyConfig` uses for its tinygemm formats): asymmetric, groups of `group_size` input
         channels, values 0..15, float-domain zero point; scales and zeros bfloat16, packed by
@@ -34,9 +36,10 @@ def quantize_int8(weight: Tensor) -> tuple[Tensor, Tensor]:
     block = (1, w.shape[1])
     scale, zero = qp.choose_qparams_affine(
         w, qp.MappingType.SYMMETRIC, block, torch.int8, quant_min=-128, quant_max=127,
-        eps=torch.finfo(torch.float32).eps, scale_dtype=torch.bfloat16, zero_point_dtype=torch.int8,
+        eps=torch.finfo(torch.float32).eps, scale_dtype=torch.float32, zero_point_dtype=torch.int8,
     )
-    q = qp.quantize_affine(w, block, scale, zero, torch.int8, quant_min=-128, quant_max=127)
+    scale = scale.to(torch.bfloat16)
+    q = qp.quantize_affine(w, block, scale.float(), zero, torch.int8, quant_min=-128, quant_max=127)
     return q.reshape(w.shape).contiguous(), scale.reshape(-1).contiguous()
 
 
