@@ -59,8 +59,6 @@ def _input_projection(x: Tensor, keep: float, bits: int, weight_mode: bool, w_in
     """[m, N_in] pre-activations of rows x [m, d] (float32, bf16-rounded first at low bits)."""
     bias = reference._input_bias(b_in, w_in, kind)
     if not weight_mode or bits >= 16:
-        if keep >= 1:
-            return reference._input_projection(x, w_in, b_in, kind)
         flat, offsets, weights = _bags(x, kept_channels(x, keep))
         return _add(F.embedding_bag(flat, c["wt"], offsets, mode="sum", per_sample_weights=weights), bias)
     xb = x.to(torch.bfloat16)
@@ -133,11 +131,12 @@ def mlp_cpu(x, keep, bits, w_in, b_in, w_out, b_out, kind, act, quant, packs, gr
         groups.setdefault(a, []).append(i)
     for (k, b), members in groups.items():
         xs = rows if len(groups) == 1 else rows[members]
-        cdt = torch.float32
-        pre = _input_projection(xs.to(cdt) if b < 16 and weight_mode else xs, k, b, weight_mode,
-                                w_in, b_in, kind, c, group_size)
-        h = reference._hidden(pre, kind, fn)
-        y = _down(h, b, weight_mode, w_out, b_out, c, group_size).to(x.dtype)
+        if k >= 1 and (b >= 16 or not weight_mode):  # the dense MLP: the reference's own op sequence
+            y = reference.mlp(xs, None, None, w_in, b_in, w_out, b_out, kind, act)
+        else:
+            low_bit = weight_mode and b < 16
+            pre = _input_projection(xs.float() if low_bit else xs, k, b, weight_mode, w_in, b_in, kind, c, group_size)
+            y = _down(reference._hidden(pre, kind, fn), b, weight_mode, w_out, b_out, c, group_size).to(x.dtype)
         if not weight_mode and b < 16:
             y = reference.fake_quant(y, torch.full(y.shape[:-1], b, device=y.device))
         if len(groups) == 1:

@@ -193,7 +193,7 @@ def _activation(act: str):
 
 
 def _input_projection(xp: Tensor, w_in: list[Tensor], b_in: list[Optional[Tensor]], kind: str) -> Tensor:
-    """[..., N_in]: gate and up side by side for "gated" (F.linear each: bit-equal to the modules)."""
+    """[..., N_in]: gate and up side by side for "gated" (the fast paths' layout)."""
     if kind == "gated":
         return torch.cat([F.linear(xp, w_in[0], b_in[0]), F.linear(xp, w_in[1], b_in[1])], dim=-1)
     return F.linear(xp, w_in[0], b_in[0])
@@ -289,8 +289,12 @@ def mlp(
         )
     xp = x if keep is None else prune_mlp_input(x, keep)
 
-    def dense(rows: Tensor) -> Tensor:
-        return F.linear(_hidden(_input_projection(rows, w_in, b_in, kind), kind, fn), w_out, b_out)
+    def dense(rows: Tensor) -> Tensor:  # exactly the modules' op sequence (bit-equal to HF)
+        if kind == "gated":
+            h = fn(F.linear(rows, w_in[0], b_in[0])) * F.linear(rows, w_in[1], b_in[1])
+        else:
+            h = _hidden(F.linear(rows, w_in[0], b_in[0]), kind, fn)
+        return F.linear(h, w_out, b_out)
 
     if bits is None:
         return dense(xp)
