@@ -10,6 +10,7 @@ axis is enabled; int8 / int4 copies for the weight-quant levels) are made here, 
 buffers named `solc_mlp_copy.<site>.<field>` fed to the op: no call ever transposes or quantizes."""
 from __future__ import annotations
 
+import hashlib
 import operator
 from dataclasses import dataclass
 
@@ -139,6 +140,13 @@ def _tensor(gm: fx.GraphModule, node) -> torch.Tensor:
 def copy_buffers(gm: fx.GraphModule) -> dict[str, torch.Tensor]:
     """Every weight copy this pass added to `gm`, by buffer name."""
     return {name: t for name, t in gm.named_buffers() if name.startswith(COPY_PREFIX + "_")}
+
+
+def copy_digests(gm: fx.GraphModule) -> dict[str, str]:
+    """sha256 of each weight copy's bytes, by buffer name (the artifact manifest records them; load checks
+    that recomputing the copies gave the same bytes)."""
+    return {name: hashlib.sha256(t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
+            for name, t in sorted(copy_buffers(gm).items())}
 
 
 def copies_bytes(gm: fx.GraphModule) -> dict[str, int]:
