@@ -51,7 +51,7 @@ def test_config_json_round_trip_and_version():
 
 
 def test_defaults_are_the_papers():
-    config = PolicyConfig(d_base=576, space=ActionSpace().to_dict())
+    config = PolicyConfig(d_base=576, space=ActionSpace(quant="activation").to_dict())
     assert (config.d_model, config.n_heads, config.n_layers) == (512, 4, 1)
     policy = PolicyNet(config)
     hidden, emb, scalars, prev = _inputs(2, 3, torch.float32)
