@@ -3,9 +3,14 @@
 A site is found from module scopes, never class names: in each transformer layer (the parent of an
 attention site), the one child module other than attention that holds two or more linear layers.
 Its body is matched op by op into one of runtime.ops.reference.MLP_KINDS; anything else raises
-UnsupportedModelError naming the module and what was expected."""
+UnsupportedModelError naming the module and what was expected.
+
+The weight copies the op's paths read (runtime.ops.mlp_weights: W_in^T for row skipping when the mlp
+axis is enabled; int8 / int4 copies for the weight-quant levels) are made here, once, and become graph
+buffers named `solc_mlp_copy.<site>.<field>` fed to the op: no call ever transposes or quantizes."""
 from __future__ import annotations
 
+import hashlib
 import operator
 from dataclasses import dataclass
 
@@ -16,10 +21,13 @@ from passes.base import GraphPass, MLPSite, PassContext
 from passes.graph_utils import fake_shape, is_call, module_paths, parent_path
 from runtime.errors import UnsupportedModelError
 from runtime.ops import library as _solc_ops  # noqa: F401  registers torch.ops.solc.*
+from runtime.ops import mlp_weights
+from runtime.ops.quant_primitives import int4_group_size
 
 aten = torch.ops.aten
 LINEAR = aten.linear.default
 PASSTHROUGH = (aten.dropout.default, aten.clone.default, aten.alias.default)
+COPY_PREFIX = "solc_mlp_copy"
 EXPECTED = (
     "act(x@Wg)*(x@Wu) -> down (gated), act(chunk0(x@W))*chunk1 -> down (gated_fused) or "
     "act(x@W) -> down (plain), with act in silu/gelu/gelu_tanh/relu"
@@ -120,6 +128,37 @@ def _linear_children(graph: fx.Graph, layer: str, exclude: str) -> dict[str, int
     return counts
 
 
+def _tensor(gm: fx.GraphModule, node) -> torch.Tensor:
+    if not isinstance(node, fx.Node) or node.op != "get_attr":
+        raise UnsupportedModelError(f"MLP weight {node} is not a parameter of the graph")
+    obj = gm
+    for part in node.target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def copy_buffers(gm: fx.GraphModule) -> dict[str, torch.Tensor]:
+    """Every weight copy this pass added to `gm`, by buffer name."""
+    return {name: t for name, t in gm.named_buffers() if name.startswith(COPY_PREFIX + "_")}
+
+
+def copy_digests(gm: fx.GraphModule) -> dict[str, str]:
+    """sha256 of each weight copy's bytes, by buffer name (the artifact manifest records them; load checks
+    that recomputing the copies gave the same bytes)."""
+    return {name: hashlib.sha256(t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
+            for name, t in sorted(copy_buffers(gm).items())}
+
+
+def copies_bytes(gm: fx.GraphModule) -> dict[str, int]:
+    """Bytes of the weight copies by kind: "row_skip" (W_in^T), "int8", "int4"."""
+    kinds = {"wt": "row_skip", "in8": "int8", "in8_scale": "int8", "in8_rows": "int8", "out8": "int8",
+             "out8_scale": "int8"}
+    out = {"row_skip": 0, "int8": 0, "int4": 0}
+    for name, t in copy_buffers(gm).items():
+        out[kinds.get(name.rsplit("__", 1)[-1], "int4")] += t.numel() * t.element_size()
+    return out
+
+
 class MLPToSolcPass(GraphPass):
     name = "mlp_to_solc"
 
@@ -127,6 +166,7 @@ class MLPToSolcPass(GraphPass):
         graph = gm.graph
         if not ctx.attention_sites:
             raise UnsupportedModelError("the MLP pass needs the attention sites: run AttentionToSolcPass first")
+        found = []
         for site in ctx.attention_sites:
             layer = parent_path(site.module)
             candidates = [p for p, c in _linear_children(graph, layer, site.module).items() if c >= 2]
@@ -143,15 +183,34 @@ class MLPToSolcPass(GraphPass):
                     f"{[n.name for n in inputs]} and outputs {[n.name for n in outputs]}"
                 )
             x, out = inputs[0], outputs[0]
-            m = match_mlp(x, out, module)
+            found.append((site, module, x, out, match_mlp(x, out, module)))
+
+        space = ctx.space
+        bits = space.weight_bits
+        row_skip = "mlp" in space.axes
+        in_dims = [fake_shape(x)[-1] for _, _, x, _, _ in found] + [fake_shape(m.out_linear.args[0])[-1] for *_, m in found]
+        group_size = int4_group_size(in_dims) if 4 in bits else 0
+        for site, module, x, out, m in found:
             weights = [lin.args[1] for lin in m.in_linears]
             biases = [lin.args[2] if len(lin.args) > 2 else None for lin in m.in_linears]
             w_out = m.out_linear.args[1]
             b_out = m.out_linear.args[2] if len(m.out_linear.args) > 2 else None
+            copies = mlp_weights.make_copies([_tensor(gm, w) for w in weights], _tensor(gm, w_out), m.kind,
+                                             row_skip=row_skip, bits=bits, group_size=group_size)
+            pack_nodes = []
+            with graph.inserting_before(out):
+                for field, tensor in zip(mlp_weights.PACK_FIELDS, copies):
+                    if tensor is None:
+                        pack_nodes.append(None)
+                        continue
+                    name = f"{COPY_PREFIX}_{module.replace('.', '_')}__{field}"
+                    gm.register_buffer(name, tensor)
+                    pack_nodes.append(graph.get_attr(name))
             with graph.inserting_after(out):
                 new = graph.call_function(
                     torch.ops.solc.mlp.default,
-                    (x, ctx.action_levels["mlp"], ctx.action_levels["bits"], weights, biases, w_out, b_out, m.kind, m.act),
+                    (x, ctx.action_levels["mlp"], ctx.action_levels["bits"], weights, biases, w_out, b_out, m.kind,
+                     m.act, space.quant, pack_nodes, group_size),
                 )
             new.meta.update(out.meta)
             out.replace_all_uses_with(new)

@@ -1,14 +1,17 @@
 """The action space: one level per enabled efficiency axis, their Cartesian product indexed 0..A-1.
 
-    space = ActionSpace()                      # the paper's 27-action grid, dense action last
+    space = ActionSpace()                      # 27 actions: attn x mlp x weight bits {4, 8, 16}, dense last
+    space = ActionSpace(quant="activation")    # the paper's 27-action grid (activation bits {5, 7, 16})
     space = ActionSpace(["mlp"])               # 3 actions: mlp keep 0.4 / 0.8 / 1.0, attn and bits dense
-    space = ActionSpace(["attn", "quant"], levels={"quant": [4, 8, 16]})
+    space = ActionSpace(["attn", "quant"], levels={"quant": [8, 16]})
     space[i] -> Action(attn=..., mlp=..., bits=...);  space.index(action) -> i
     space.level_table()  # float64 [A, 3]: attn keep, mlp keep, bits   (what the solc:: ops read)
     space.cost_table()   # float64 [A, 3]: attn keep, mlp keep, bits/16 (what the budget counts)
 
 Axes are "attn" (Quest token keep fraction), "mlp" (MLP input channel keep fraction) and "quant"
-(activation bit-width of the MLP output); see DESIGN.md "The three efficiency axes". The dense level
+(a bit-width); see DESIGN.md "The three efficiency axes". The quant mode says what the bits mean:
+"weight" (default, grid {4, 8, 16}): the MLP linears use int8 / int4 weight copies made at compile
+time; "activation" (the paper's, grid {5, 7, 16}): the MLP output is fake-quantized per token. The dense level
 (1.0 for keep fractions, 16 bits) must be on every enabled axis' grid; a disabled axis is fixed at it.
 
 Serialisation follows torchao's config convention: a small dict with a `"version"` field, checked on
@@ -27,9 +30,13 @@ from typing import Any, Iterator, Sequence
 import torch
 
 AXES: tuple[str, ...] = ("attn", "mlp", "quant")
-DEFAULT_LEVELS: dict[str, tuple] = {"attn": (0.1, 0.6, 1.0), "mlp": (0.4, 0.8, 1.0), "quant": (5, 7, 16)}
+QUANT_MODES: tuple[str, ...] = ("weight", "activation")
+DEFAULT_QUANT_MODE = "weight"
+QUANT_LEVELS: dict[str, tuple] = {"weight": (4, 8, 16), "activation": (5, 7, 16)}
+DEFAULT_LEVELS: dict[str, tuple] = {"attn": (0.1, 0.6, 1.0), "mlp": (0.4, 0.8, 1.0), "quant": QUANT_LEVELS["weight"]}
 DENSE_LEVEL: dict[str, Any] = {"attn": 1.0, "mlp": 1.0, "quant": 16}
 MIN_BITS, MAX_BITS = 2, 16
+WEIGHT_BITS: tuple[int, ...] = (4, 8, 16)  # the weight copies solc can make (int4, int8) and dense
 VERSION = 1
 
 
@@ -60,18 +67,33 @@ class Action:
         return {"attn": self.attn, "mlp": self.mlp, "bits": self.bits}
 
 
-def _validate_level(axis: str, value: Any) -> float | int:
+def validate_quant_mode(quant: Any) -> str:
+    if quant not in QUANT_MODES:
+        raise ValueError(
+            f"quant={quant!r} is not a quant mode; valid choices: {list(QUANT_MODES)} (\"weight\": int8/int4 "
+            f"weight copies, grid {list(QUANT_LEVELS['weight'])}; \"activation\": the paper's fake-quantized "
+            f"MLP output, grid {list(QUANT_LEVELS['activation'])})"
+        )
+    return quant
+
+
+def _validate_level(axis: str, value: Any, quant: str = DEFAULT_QUANT_MODE) -> float | int:
     if axis == "quant":
         if isinstance(value, bool) or not isinstance(value, numbers.Integral):
             raise ValueError(
-                f"quant level {value!r} is not an int bit-width; valid choices: an int in "
-                f"{MIN_BITS}..{MAX_BITS} (16 = dense), e.g. {list(DEFAULT_LEVELS['quant'])}"
+                f"quant level {value!r} is not an int bit-width; valid choices in quant={quant!r} mode: "
+                f"{_valid_bits(quant)} (16 = dense), e.g. {list(QUANT_LEVELS[quant])}"
             )
         value = int(value)
+        if quant == "weight" and value not in WEIGHT_BITS:
+            raise ValueError(
+                f"quant level {value!r} has no weight copy; valid choices in quant='weight' mode: "
+                f"{list(WEIGHT_BITS)} (16 = dense); other bit-widths need quant='activation'"
+            )
         if not MIN_BITS <= value <= MAX_BITS:
             raise ValueError(
-                f"quant level {value!r} is out of range; valid choices: an int in {MIN_BITS}..{MAX_BITS} "
-                f"(16 = dense)"
+                f"quant level {value!r} is out of range; valid choices in quant={quant!r} mode: "
+                f"{_valid_bits(quant)} (16 = dense)"
             )
         return value
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
@@ -87,7 +109,11 @@ def _validate_level(axis: str, value: Any) -> float | int:
     return value
 
 
-def _validate_levels(axis: str, values: Any) -> tuple:
+def _valid_bits(quant: str) -> str:
+    return str(list(WEIGHT_BITS)) if quant == "weight" else f"an int in {MIN_BITS}..{MAX_BITS}"
+
+
+def _validate_levels(axis: str, values: Any, quant: str = DEFAULT_QUANT_MODE) -> tuple:
     if not isinstance(values, (list, tuple)):
         raise ValueError(
             f"levels for axis {axis!r} must be a list, got {values!r}; e.g. {list(DEFAULT_LEVELS[axis])}"
@@ -97,7 +123,7 @@ def _validate_levels(axis: str, values: Any) -> tuple:
             f"levels for axis {axis!r} are an empty list; give at least the dense level "
             f"{DENSE_LEVEL[axis]!r}, e.g. {list(DEFAULT_LEVELS[axis])}"
         )
-    checked = [_validate_level(axis, v) for v in values]
+    checked = [_validate_level(axis, v, quant) for v in values]
     seen: set = set()
     for v in checked:
         if v in seen:
@@ -117,10 +143,13 @@ class ActionSpace:
     Enabled axes are stored in canonical order ("attn", "mlp", "quant") whatever order they are given
     in; each axis' levels are sorted ascending. Action i enumerates attn (outermost) > mlp > quant
     (innermost), each ascending, so the dense action is always the last one. Disabled axes are fixed
-    at dense (keep 1.0 / 16 bits).
+    at dense (keep 1.0 / 16 bits). `quant` is the quant mode ("weight" or "activation"); it sets the
+    default bit grid and which bit-widths are valid.
     """
 
-    def __init__(self, axes: Sequence[str] = AXES, levels: Mapping[str, Sequence] | None = None):
+    def __init__(self, axes: Sequence[str] = AXES, levels: Mapping[str, Sequence] | None = None,
+                 quant: str = DEFAULT_QUANT_MODE):
+        self._quant = validate_quant_mode(quant)
         if not isinstance(axes, (list, tuple)):
             raise ValueError(
                 f"axes must be a list of axis names, got {axes!r}; valid axes: {list(AXES)} "
@@ -150,8 +179,9 @@ class ActionSpace:
                     f"levels given for axis {a!r}, which is not an enabled axis ({valid}); "
                     f"enabled axes: {list(self._axes)}"
                 )
+        defaults = {**DEFAULT_LEVELS, "quant": QUANT_LEVELS[self._quant]}
         self._levels: dict[str, tuple] = {
-            a: _validate_levels(a, levels[a]) if a in levels else tuple(DEFAULT_LEVELS[a]) for a in self._axes
+            a: _validate_levels(a, levels[a], self._quant) if a in levels else tuple(defaults[a]) for a in self._axes
         }
         grids = [self._levels.get(a, (DENSE_LEVEL[a],)) for a in AXES]
         self._actions: tuple[Action, ...] = tuple(
@@ -164,6 +194,24 @@ class ActionSpace:
     def axes(self) -> tuple[str, ...]:
         """Enabled axes, in canonical order."""
         return self._axes
+
+    @property
+    def quant(self) -> str:
+        """The quant mode: "weight" (int8/int4 MLP weight copies) or "activation" (fake-quantized output)."""
+        return self._quant
+
+    @property
+    def weight_bits(self) -> tuple[int, ...]:
+        """The low bit-widths (< 16) whose weight copies this space needs (empty in activation mode)."""
+        if self._quant != "weight" or "quant" not in self._levels:
+            return ()
+        return tuple(b for b in self._levels["quant"] if b < MAX_BITS)
+
+    @property
+    def cheapest_cost(self) -> dict[str, float]:
+        """Per enabled axis, the cost of its cheapest level (keep fraction, or bits / 16): the lower bound of
+        any per-axis budget this space can meet."""
+        return {a: (min(v) / MAX_BITS if a == "quant" else float(min(v))) for a, v in self._levels.items()}
 
     @property
     def levels(self) -> dict[str, tuple]:
@@ -224,6 +272,7 @@ class ActionSpace:
             "version": VERSION,
             "axes": list(self._axes),
             "levels": {a: list(v) for a, v in self._levels.items()},
+            "quant": self._quant,
         }
 
     @classmethod
@@ -233,14 +282,14 @@ class ActionSpace:
         version = d.get("version")
         if version != VERSION:
             raise ValueError(f"unsupported ActionSpace version {version!r}; supported versions: [{VERSION}]")
-        unknown = set(d) - {"version", "axes", "levels"}
+        fields = ["version", "axes", "levels", "quant"]
+        unknown = set(d) - set(fields)
         if unknown:
-            raise ValueError(
-                f"unknown ActionSpace fields {sorted(unknown)}; valid fields: ['version', 'axes', 'levels']"
-            )
+            raise ValueError(f"unknown ActionSpace fields {sorted(unknown)}; valid fields: {fields}")
         if "axes" not in d:
-            raise ValueError("ActionSpace dict lacks 'axes'; valid fields: ['version', 'axes', 'levels']")
-        return cls(d["axes"], d.get("levels"))
+            raise ValueError(f"ActionSpace dict lacks 'axes'; valid fields: {fields}")
+        # Dicts written before the quant mode existed describe the paper's activation semantics.
+        return cls(d["axes"], d.get("levels"), quant=d.get("quant", "activation"))
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict())
@@ -253,11 +302,11 @@ class ActionSpace:
     def __eq__(self, other) -> bool:
         if not isinstance(other, ActionSpace):
             return NotImplemented
-        return self._axes == other._axes and self._levels == other._levels
+        return self._axes == other._axes and self._levels == other._levels and self._quant == other._quant
 
     def __hash__(self) -> int:
-        return hash((self._axes, tuple(sorted(self._levels.items()))))
+        return hash((self._axes, tuple(sorted(self._levels.items())), self._quant))
 
     def __repr__(self) -> str:
         lv = ", ".join(f"{a}={list(v)}" for a, v in self._levels.items())
-        return f"ActionSpace({lv}; {len(self)} actions)"
+        return f"ActionSpace({lv}; quant={self._quant!r}; {len(self)} actions)"

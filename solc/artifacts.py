@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from passes.mlp_to_solc import copy_digests
 from runtime import hf_adapter
 from runtime.actions import ActionSpace
 from runtime.costs import CostTable
@@ -194,6 +195,9 @@ def _write(sol, policy, tokenizer, programs: bool, out: Path) -> None:
         "policy": policy.config.to_dict() if policy is not None else None,
         "cost_table": sol.cost_table.to_dict() if sol.cost_table is not None else None,
         "program": program,
+        # The MLP weight copies (row-skipping W^T, int8/int4) are not stored: load recomputes them from
+        # model/ with the same passes and checks their bytes against these digests.
+        "mlp_copies": {"storage": "recompute", "bytes": sol.info["mlp_copies_bytes"], "sha256": copy_digests(sol.graph)},
         "files": {str(p.relative_to(out)): {"sha256": sha256_file(p), "bytes": p.stat().st_size} for p in files},
     }
     text = json.dumps(manifest, indent=2).encode()
@@ -287,7 +291,9 @@ def load(path, device=None, check_versions: bool = True):
     cost_table = _field(manifest, "cost_table", lambda d: None if d is None else CostTable.from_dict(d))
     max_seq_len = _field(manifest, "max_seq_len", _positive_int)
     model = hf_adapter.load_pretrained(str(path / "model"), dtype=dtype, device=device)
-    sol = compile_model(model, actions=list(space.axes), levels=space.levels, max_seq_len=max_seq_len)
+    sol = compile_model(model, actions=list(space.axes), levels=space.levels, max_seq_len=max_seq_len,
+                        quant=space.quant)
+    _check_copies(sol, manifest, path)
     if sol.info["pipeline_uuid"] != manifest["pipeline_uuid"]:
         sol.info["pipeline_changed_since_export"] = manifest["pipeline_uuid"]
     sol.cost_table = cost_table
@@ -298,6 +304,20 @@ def load(path, device=None, check_versions: bool = True):
         policy.eval()
     tokenizer = hf_adapter.load_local_tokenizer(path / "tokenizer") if (path / "tokenizer").is_dir() else None
     return sol, policy, tokenizer
+
+
+def _check_copies(sol, manifest: dict, path: Path) -> None:
+    recorded = (manifest.get("mlp_copies") or {}).get("sha256")
+    if recorded is None:
+        return
+    got = copy_digests(sol.graph)
+    differ = sorted(name for name in set(recorded) | set(got) if recorded.get(name) != got.get(name))
+    if differ:
+        raise AssetError(
+            f"{path / MANIFEST}: the MLP weight copies recomputed on load differ from the exported ones "
+            f"({len(differ)} of {len(recorded)}, e.g. {differ[0]}); torch/torchao changed the quantization: "
+            "re-export the artifact with this version"
+        )
 
 
 def load_program(path, sol=None):

@@ -8,9 +8,9 @@ from passes.action_levels import ActionLevelsPass
 from passes.attention_to_solc import AttentionToSolcPass
 from passes.base import PassContext, run_passes
 from passes.capture import capture
-from passes.mlp_to_solc import MLPToSolcPass
+from passes.mlp_to_solc import MLPToSolcPass, copies_bytes
 from runtime import hf_adapter
-from runtime.actions import ActionSpace
+from runtime.actions import QUANT_MODES, ActionSpace
 from runtime import validation
 from runtime.errors import ArgumentError, ArgumentTypeError, SolcError, UnsupportedModelError
 from runtime.kv_cache import CacheSpec
@@ -27,14 +27,17 @@ def compile(
     levels: dict | None = None,
     max_seq_len: int | None = None,
     verify: bool = True,
+    quant: str = "weight",
 ) -> SOLModel:
     """Return a SOLModel running `model` under per-token actions over the given axes.
 
     actions: enabled axes (subset of "attn", "mlp", "quant"); levels: optional per-axis level lists
-    (defaults: the paper's 27-action grid); max_seq_len: longest position the cache will hold
-    (an int in 16..max_position_embeddings; default: max_position_embeddings capped at 4096).
+    (defaults: attn 0.1/0.6/1, mlp 0.4/0.8/1, bits 4/8/16); max_seq_len: longest position the cache will
+    hold (an int in 16..max_position_embeddings; default: max_position_embeddings capped at 4096); quant:
+    "weight" (int8/int4 MLP weight copies made now; sol.info["mlp_copies_bytes"] says what they cost) or
+    "activation" (the paper's fake-quantized MLP output, grid 5/7/16).
     """
-    space, max_seq_len = _checked_arguments(model, actions, levels, max_seq_len, verify)
+    space, max_seq_len = _checked_arguments(model, actions, levels, max_seq_len, verify, quant)
     model.eval()
     try:
         gm = capture(model, max_seq_len)
@@ -54,6 +57,8 @@ def compile(
         "attention_sites": ctx.attention_sites,
         "mlp_sites": ctx.mlp_sites,
         "embedding_weight": ctx.embedding_weight,
+        "quant": space.quant,
+        "mlp_copies_bytes": copies_bytes(gm),
     }
     specs = [CacheSpec(s.n_kv_heads, s.head_dim) for s in ctx.attention_sites]
     sol = SOLModel(gm, space, specs, info)
@@ -63,7 +68,7 @@ def compile(
     return sol
 
 
-def _checked_arguments(model, actions, levels, max_seq_len, verify) -> tuple[ActionSpace, int]:
+def _checked_arguments(model, actions, levels, max_seq_len, verify, quant) -> tuple[ActionSpace, int]:
     """(action space, max_seq_len) after checking every argument of compile (named in the error)."""
     if not isinstance(model, nn.Module):
         raise ArgumentTypeError(
@@ -75,8 +80,10 @@ def _checked_arguments(model, actions, levels, max_seq_len, verify) -> tuple[Act
         raise ArgumentTypeError("actions", f"actions={actions!r} is invalid: a list of axis names, e.g. ['attn', 'mlp', 'quant']")
     if not isinstance(verify, bool):
         raise ArgumentTypeError("verify", f"verify={verify!r} is invalid: True or False")
+    if quant not in QUANT_MODES:
+        raise ArgumentError("quant", f"quant={quant!r} is invalid: one of {list(QUANT_MODES)}")
     try:
-        space = ActionSpace(list(actions), levels)
+        space = ActionSpace(list(actions), levels, quant=quant)
     except ValueError as e:
         raise ArgumentError("levels" if "level" in str(e) else "actions", str(e)) from None
     max_seq_len = validation.check_max_seq_len(max_seq_len, hf_adapter.max_positions(model), hf_adapter.sliding_window(model))

@@ -74,7 +74,7 @@ def _run(args, argv) -> None:
 
     print(f"== 2. held-out perplexity ({args.ppl_contexts} x 512 test tokens, first {DENSE_PREFIX} dense)")
     contexts = solc.data.get_contexts(tokenizer, split="test", length=512, max_contexts=args.ppl_contexts)
-    for action in (solc.Action(), solc.Action(attn=0.6, mlp=0.8, bits=7), solc.Action(attn=0.1, mlp=0.4, bits=5)):
+    for action in (solc.Action(), solc.Action(attn=0.6, mlp=0.8, bits=8), solc.Action(attn=0.1, mlp=0.4, bits=4)):
         index = sol.space.index(action)
         print(f"  {str(action):40s} net keep {sol.space.net_keep(index):.3f}  ppl {perplexity(sol, contexts, index):8.2f}")
 

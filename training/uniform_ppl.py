@@ -1,6 +1,7 @@
 """Perplexity of the base model under each uniform action of the action grid (teacher-forced).
 
-    python -m training.uniform_ppl --model smollm2-135m --max-contexts 4 --out docs/uniform_actions
+    python -m training.uniform_ppl --model smollm2-135m --max-contexts 4 --out docs/uniform_actions_weight
+    python -m training.uniform_ppl --quant activation --out docs/uniform_actions   # the paper's grid
 
 Writes <out>.csv and <out>.md (a table with each action's net keep and the command that made it).
 """
@@ -46,14 +47,16 @@ def main(argv=None) -> None:
     parser.add_argument("--max-contexts", type=int, default=4, help="windows scored (4 x 512 = 2048 tokens)")
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--dense-prefix", type=int, default=DENSE_PREFIX, help="leading positions run dense")
-    parser.add_argument("--out", default="docs/uniform_actions", help="output path without extension")
+    parser.add_argument("--quant", default="weight", choices=["weight", "activation"],
+                        help="quant mode: weight (int8/int4 MLP weights, bits 4/8/16) or activation (the paper's, 5/7/16)")
+    parser.add_argument("--out", default="docs/uniform_actions_weight", help="output path without extension")
     args = parser.parse_args(argv)
 
     torch.manual_seed(0)
     model = solc.load_model(args.model)
     tokenizer = solc.load_tokenizer(args.model)
     contexts = solc.data.get_contexts(tokenizer, corpus=args.corpus, split=args.split, length=args.length, max_contexts=args.max_contexts)
-    sol = solc.compile(model, max_seq_len=args.length)
+    sol = solc.compile(model, max_seq_len=args.length, quant=args.quant)
     rows = []
     for index in tqdm(range(len(sol.space)), desc="uniform actions"):
         total, count = nll_under_action(sol, contexts, index, args.dense_prefix, args.batch)
@@ -70,7 +73,7 @@ def main(argv=None) -> None:
         writer.writeheader()
         writer.writerows(rows)
     lines = [
-        f"# Perplexity under each uniform action ({args.model}, {args.corpus} {args.split} split)",
+        f"# Perplexity under each uniform action ({args.model}, {args.corpus} {args.split} split, quant={args.quant!r})",
         "",
         f"Teacher-forced, {len(contexts)} windows of {args.length} tokens; the first {args.dense_prefix} positions "
         "of each window run dense and are not scored. Made by:",

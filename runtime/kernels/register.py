@@ -50,6 +50,13 @@ def mlp_uses_kernel(x, w_in, b_in, w_out, b_out, kind, act) -> bool:
             and len(w_in) == (2 if kind == "gated" else 1) and len(b_in) == len(w_in))
 
 
+def _bits_dense(bits) -> bool:
+    from runtime.ops import step_hints
+
+    hints = step_hints.current()
+    return hints.bits_dense if hints is not None and hints.bits_dense is not None else bool((bits >= 16).all())
+
+
 @library.attention.register_kernel("cuda")
 def _attention_cuda(q, k, v, k_cache, v_cache, page_min, page_max, positions, keep, scale):
     if not attention_uses_kernel(q, k_cache, v_cache, page_min, page_max):
@@ -63,9 +70,10 @@ def _attention_cuda(q, k, v, k_cache, v_cache, page_min, page_max, positions, ke
 
 
 @library.mlp.register_kernel("cuda")
-def _mlp_cuda(x, keep, bits, w_in, b_in, w_out, b_out, kind, act):
-    if not mlp_uses_kernel(x, w_in, b_in, w_out, b_out, kind, act):
-        return _reference(library.mlp)(x, keep, bits, w_in, b_in, w_out, b_out, kind, act)
+def _mlp_cuda(x, keep, bits, w_in, b_in, w_out, b_out, kind, act, quant, packs, group_size):
+    # Weight-quant levels have no CUDA kernel here yet: their rows run the reference (dequantized copies).
+    if not mlp_uses_kernel(x, w_in, b_in, w_out, b_out, kind, act) or (quant == "weight" and not _bits_dense(bits)):
+        return _reference(library.mlp)(x, keep, bits, w_in, b_in, w_out, b_out, kind, act, quant, packs, group_size)
     from runtime.kernels._common import keep_bucket
     from runtime.kernels.mlp import sparse_mlp
 

@@ -90,21 +90,30 @@ def mlp(
     b_out: Optional[Tensor],
     kind: str,
     act: str,
+    quant: str,
+    packs: list[Optional[Tensor]],
+    group_size: int,
 ) -> Tensor:
-    """A whole MLP site: prune the input to its top-|x| channels, MLP, fake-quantize the output."""
-    # Where every row is dense on an axis, skip that axis' work (the top-k sort, the quantizer):
-    # both are exact identities there.
+    """A whole MLP site: prune the input to its top-|x| channels, then the MLP at the row's bit level
+    (quant="weight": int8/int4 weight copies `packs`, see runtime.ops.mlp_weights; quant="activation":
+    fake-quantize the output). `reference.mlp` is the definition."""
+    keep, bits = dense_axes_skipped(keep, bits)
+    return reference.mlp(x, keep, bits, w_in, b_in, w_out, b_out, kind, act, quant, packs, group_size).contiguous()
+
+
+def dense_axes_skipped(keep: Tensor, bits: Tensor):
+    """(keep, bits) with None for an axis on which every row is dense: the top-k sort and the quantizer
+    are exact identities there. The step's hints say so without a device sync; else read the tensors."""
     hints = step_hints.current()
     keep_dense = hints.mlp_dense if hints is not None and hints.mlp_dense is not None else bool((keep >= 1).all())
     bits_dense = hints.bits_dense if hints is not None and hints.bits_dense is not None else bool((bits >= 16).all())
-    keep = None if keep_dense else keep
-    bits = None if bits_dense else bits
-    return reference.mlp(x, keep, bits, w_in, b_in, w_out, b_out, kind, act).contiguous()
+    return (None if keep_dense else keep), (None if bits_dense else bits)
 
 
 @mlp.register_fake
-def _(x, keep, bits, w_in, b_in, w_out, b_out, kind, act):
+def _(x, keep, bits, w_in, b_in, w_out, b_out, kind, act, quant, packs, group_size):
     return x.new_empty((*x.shape[:-1], w_out.shape[0]))
 
 
+import runtime.ops.cpu_mlp  # noqa: E402,F401  the CPU fast paths of solc::mlp
 import runtime.kernels.register  # noqa: E402,F401  CUDA implementations (Triton kernels)

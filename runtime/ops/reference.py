@@ -13,7 +13,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from runtime.ops import mlp_weights, quant_primitives
+
 PAGE_SIZE = 8
+QUANT_MODES = ("weight", "activation")
 MLP_KINDS = ("gated", "gated_fused", "plain")
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu")
 
@@ -189,6 +192,61 @@ def _activation(act: str):
     raise ValueError(f"unknown activation {act!r}; valid choices: {list(ACTIVATIONS)}")
 
 
+def _input_projection(xp: Tensor, w_in: list[Tensor], b_in: list[Optional[Tensor]], kind: str) -> Tensor:
+    """[..., N_in]: gate and up side by side for "gated" (the fast paths' layout)."""
+    if kind == "gated":
+        return torch.cat([F.linear(xp, w_in[0], b_in[0]), F.linear(xp, w_in[1], b_in[1])], dim=-1)
+    return F.linear(xp, w_in[0], b_in[0])
+
+
+def _hidden(pre: Tensor, kind: str, fn) -> Tensor:
+    if kind == "plain":
+        return fn(pre)
+    gate, up = pre.chunk(2, dim=-1)
+    return fn(gate) * up
+
+
+def _input_bias(b_in: list[Optional[Tensor]], w_in: list[Tensor], kind: str) -> Optional[Tensor]:
+    if all(b is None for b in b_in):
+        return None
+    if kind == "gated":
+        return torch.cat([b if b is not None else w.new_zeros(w.shape[0]) for b, w in zip(b_in, w_in)])
+    return b_in[0]
+
+
+def lowbit_linear(x: Tensor, w: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """The weight-quant linear: round_bf16(x_bf16 @ w^T) + bias, accumulated in float32 (float64 for
+    float64 inputs); w is the dequantized low-bit copy (exact in that dtype). The product is rounded to
+    bf16 because that is what the int8/int4 kernels return; the bias is added after it, unrounded."""
+    cdt = _compute_dtype(x)
+    y = quant_primitives.to_bf16_grid(quant_primitives.to_bf16_grid(x, cdt) @ w.to(cdt).t(), cdt)
+    return y if bias is None else y + bias.to(cdt)
+
+
+def dequantized(packs: dict, bits: int, group_size: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """(W_in, W_out) of a site at `bits` (4 or 8), dequantized from its copies into `dtype`."""
+    if bits == 8:
+        if packs["in8"] is None or packs["out8"] is None:
+            raise ValueError("solc::mlp: an 8-bit row ran, but the site has no int8 weight copies")
+        return (quant_primitives.dequant_int8(packs["in8"], packs["in8_scale"], dtype),
+                quant_primitives.dequant_int8(packs["out8"], packs["out8_scale"], dtype))
+    if bits == 4:
+        if packs["in4"] is None or packs["out4"] is None:
+            raise ValueError("solc::mlp: a 4-bit row ran, but the site has no int4 weight copies")
+        return (quant_primitives.dequant_int4(packs["in4"], packs["in4_sz"], group_size, dtype),
+                quant_primitives.dequant_int4(packs["out4"], packs["out4_sz"], group_size, dtype))
+    raise ValueError(f"solc::mlp in quant='weight' mode: bits {bits} has no weight copy; valid: [4, 8, 16]")
+
+
+def lowbit_mlp(xp: Tensor, bits: int, b_in: list[Optional[Tensor]], w_in: list[Tensor], w_out: Tensor,
+               b_out: Optional[Tensor], kind: str, act: str, packs: dict, group_size: int) -> Tensor:
+    """An MLP site on (already pruned) rows xp [..., d] with the `bits` weight copies of every linear."""
+    cdt = _compute_dtype(xp)
+    wi, wo = dequantized(packs, bits, group_size, cdt)
+    pre = lowbit_linear(xp, wi, _input_bias(b_in, w_in, kind))
+    return lowbit_linear(_hidden(pre, kind, _activation(act)), wo, b_out).to(xp.dtype)
+
+
 def mlp(
     x: Tensor,
     keep: Optional[Tensor],
@@ -199,8 +257,11 @@ def mlp(
     b_out: Optional[Tensor],
     kind: str,
     act: str,
+    quant: str = "activation",
+    packs: Optional[list] = None,
+    group_size: int = 0,
 ) -> Tensor:
-    """One MLP site under per-token actions: fake_quant(down(h(prune_mlp_input(x, keep))), bits).
+    """One MLP site under per-token actions.
 
     x [..., d_in]; keep, bits [...]. kind:
       "gated"       w_in = [w_gate, w_up]:  h = act(x Wg^T + bg) * (x Wu^T + bu)
@@ -208,11 +269,18 @@ def mlp(
                                             (Phi-3 layout), h = act(gate) * up
       "plain"       w_in = [w_fc]:          h = act(x W^T + b)
     then down = h Wout^T + b_out. act: "silu", "gelu" (exact erf), "gelu_tanh", "relu".
-    Uses F.linear, so keep == 1.0 and bits == 16 match the nn.Linear module bit for bit.
+    The input is first pruned to its top-|x| channels (`prune_mlp_input(x, keep)`). Then per `quant`:
+      "activation" (the paper's): fake_quant(down(h(x_pruned)), bits)
+      "weight": rows at bits 16 run the module's weights; rows at bits 8 / 4 run every linear as
+                `lowbit_linear` with the site's int8 / int4 copies (`packs`, see runtime.ops.mlp_weights;
+                int4 groups of `group_size` input channels).
+    Uses F.linear, so keep == 1.0 and bits == 16 match the nn.Linear modules bit for bit.
     keep=None / bits=None skip that axis (same result as all-dense levels, without the work).
     """
     if kind not in MLP_KINDS:
         raise ValueError(f"unknown MLP kind {kind!r}; valid choices: {list(MLP_KINDS)}")
+    if quant not in QUANT_MODES:
+        raise ValueError(f"unknown quant mode {quant!r}; valid choices: {list(QUANT_MODES)}")
     fn = _activation(act)
     n_in = 2 if kind == "gated" else 1
     if len(w_in) != n_in or len(b_in) != n_in:
@@ -220,15 +288,36 @@ def mlp(
             f"MLP kind {kind!r} takes {n_in} input weight(s) and bias(es), got {len(w_in)} and {len(b_in)}"
         )
     xp = x if keep is None else prune_mlp_input(x, keep)
-    if kind == "gated":
-        h = fn(F.linear(xp, w_in[0], b_in[0])) * F.linear(xp, w_in[1], b_in[1])
-    elif kind == "gated_fused":
-        gate, up = F.linear(xp, w_in[0], b_in[0]).chunk(2, dim=-1)
-        h = fn(gate) * up
-    else:
-        h = fn(F.linear(xp, w_in[0], b_in[0]))
-    out = F.linear(h, w_out, b_out)
-    return out if bits is None else fake_quant(out, bits)
+
+    def dense(rows: Tensor) -> Tensor:  # exactly the modules' op sequence (bit-equal to HF)
+        if kind == "gated":
+            h = fn(F.linear(rows, w_in[0], b_in[0])) * F.linear(rows, w_in[1], b_in[1])
+        else:
+            h = _hidden(F.linear(rows, w_in[0], b_in[0]), kind, fn)
+        return F.linear(h, w_out, b_out)
+
+    if bits is None:
+        return dense(xp)
+    if quant == "activation":
+        return fake_quant(dense(xp), bits)
+    # weight mode: each row runs the copy of its level; rows are grouped by level.
+    table = mlp_weights.unpack(packs)
+    lead, d = x.shape[:-1], x.shape[-1]
+    rows = xp.reshape(-1, d)
+    row_bits = torch.broadcast_to(torch.as_tensor(bits, device=x.device), lead).reshape(-1)
+    levels = sorted({int(b) for b in row_bits.unique().tolist()})
+    out = None
+    for level in levels:
+        run = (lambda r: dense(r)) if level >= 16 else (
+            lambda r, b=level: lowbit_mlp(r, b, b_in, w_in, w_out, b_out, kind, act, table, group_size))
+        if len(levels) == 1:
+            return run(rows).reshape(*lead, -1)
+        index = (row_bits == level).nonzero().squeeze(1)
+        y = run(rows.index_select(0, index))
+        if out is None:
+            out = y.new_empty(rows.shape[0], y.shape[-1])
+        out.index_copy_(0, index, y)
+    return out.reshape(*lead, -1)
 
 
 # ---------------------------------------------------------------------------------------------------

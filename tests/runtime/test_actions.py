@@ -25,7 +25,7 @@ def test_action_defaults_dense_and_costs():
 # the default grid
 # ---------------------------------------------------------------------------------------------------
 def test_default_space_27_actions_dense_last_and_order():
-    s = ActionSpace()
+    s = ActionSpace(quant="activation")  # the paper's grid; the weight-mode default: tests/runtime/test_quant_modes.py
     assert s.axes == AXES
     assert len(s) == 27 and len(list(s)) == 27
     assert s.dense_index == 26 and s[s.dense_index].is_dense and s[-1].is_dense
@@ -37,7 +37,7 @@ def test_default_space_27_actions_dense_last_and_order():
         Action(a, m, b)
         for a in DEFAULT_LEVELS["attn"]
         for m in DEFAULT_LEVELS["mlp"]
-        for b in DEFAULT_LEVELS["quant"]
+        for b in (5, 7, 16)
     ]
     assert list(s) == expected
     for i, act in enumerate(s):
@@ -78,7 +78,7 @@ def test_tables():
         assert s.net_keep(i) == pytest.approx((a.attn + a.mlp + a.bits / 16) / 3)
     assert lt[s.dense_index].tolist() == [1.0, 1.0, 16.0]
     assert s.net_keep(s.dense_index) == 1.0
-    assert ActionSpace(["attn", "quant"]).net_keep(0) == pytest.approx((0.1 + 5 / 16) / 2)
+    assert ActionSpace(["attn", "quant"], quant="activation").net_keep(0) == pytest.approx((0.1 + 5 / 16) / 2)
 
 
 def test_index_of_foreign_action_raises():
@@ -93,7 +93,7 @@ def test_index_of_foreign_action_raises():
 # ---------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "space",
-    [ActionSpace(), ActionSpace(["mlp"]), ActionSpace(["attn", "quant"], {"quant": [3, 8, 16], "attn": [0.3, 1.0]})],
+    [ActionSpace(), ActionSpace(["mlp"]), ActionSpace(["attn", "quant"], {"quant": [3, 8, 16], "attn": [0.3, 1.0]}, quant="activation")],
 )
 def test_json_round_trip(space):
     d = space.to_dict()
@@ -164,7 +164,7 @@ def test_equality():
 )
 def test_validation_messages(axes, levels, bad, choices):
     with pytest.raises(ValueError) as e:
-        ActionSpace(axes, levels)
+        ActionSpace(axes, levels, quant="activation")  # weight-mode bit checks: tests/runtime/test_quant_modes.py
     msg = str(e.value)
     assert bad in msg, msg
     assert choices in msg, msg

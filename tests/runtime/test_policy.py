@@ -51,7 +51,7 @@ def test_config_json_round_trip_and_version():
 
 
 def test_defaults_are_the_papers():
-    config = PolicyConfig(d_base=576, space=ActionSpace().to_dict())
+    config = PolicyConfig(d_base=576, space=ActionSpace(quant="activation").to_dict())
     assert (config.d_model, config.n_heads, config.n_layers) == (512, 4, 1)
     policy = PolicyNet(config)
     hidden, emb, scalars, prev = _inputs(2, 3, torch.float32)
@@ -63,7 +63,7 @@ def test_defaults_are_the_papers():
     # untrained "anchored" policy: the quadratic prior around the needed cost, kappa = 20
     need = (scalars[..., 2:5] - scalars[..., 5:8] / (1 - scalars[..., 0:1])).clamp(0.1, 1.0)
     need = torch.maximum(need, torch.tensor([0.1, 0.4, 0.3125]))
-    costs = ActionSpace().cost_table().float()
+    costs = ActionSpace(quant="activation").cost_table().float()
     expected = -20.0 * ((costs[None, None] - need[..., None, :]) ** 2).sum(-1)
     torch.testing.assert_close(out.logits, expected, atol=1e-4, rtol=1e-5)
     price = PolicyNet(PolicyConfig(d_base=576, space=ActionSpace().to_dict(), budget_head="price"))

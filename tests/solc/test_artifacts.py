@@ -108,3 +108,30 @@ def test_exported_program_reproduces_the_runtime(exported):
     with torch.no_grad():
         expected = sol(ids, actions).logits
     torch.testing.assert_close(logits, expected, atol=1e-5, rtol=0)
+
+
+def test_manifest_records_the_quant_mode_and_the_copies_to_recompute(exported):
+    sol, _, path = exported
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert manifest["space"]["quant"] == "weight"
+    copies = manifest["mlp_copies"]
+    assert copies["storage"] == "recompute" and copies["bytes"] == sol.info["mlp_copies_bytes"]
+    names = set(copies["sha256"])
+    assert any(n.endswith("__in8") for n in names) and any(n.endswith("__in4_cpu") for n in names)
+    assert not any("solc_mlp_copy" in f for f in manifest["files"])  # not stored as files
+    sol2, _, _ = solc.load(path)
+    for name, tensor in sol.graph.named_buffers():
+        if name.startswith("solc_mlp_copy"):
+            assert torch.equal(sol2.graph.get_buffer(name), tensor)
+
+
+def test_copies_that_recompute_differently_are_named(exported, tmp_path):
+    _, _, path = exported
+    dst = _copy(path, tmp_path)
+    manifest = json.loads((dst / "manifest.json").read_text())
+    name = sorted(manifest["mlp_copies"]["sha256"])[0]
+    manifest["mlp_copies"]["sha256"][name] = "0" * 64
+    (dst / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(solc.AssetError,
+                       match=rf"recomputed on load differ from the exported ones \(1 of \d+, e.g. {name}\)"):
+        solc.load(dst)

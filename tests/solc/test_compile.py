@@ -63,15 +63,27 @@ def _teacher_forced_vs_decode(sol, vocab, dtype, prefill=4, seq=20, batch=3):
 
 
 def test_teacher_forced_equals_cached_decode_mixed_actions(compiled):
-    """DESIGN invariant 3 at the model level: same tokens, same per-row/per-step actions."""
+    """DESIGN invariant 3 at the model level: same tokens, same per-row/per-step actions.
+
+    Activation mode (fp32 end to end): the logits agree to 1e-4. Weight mode rounds activations and the
+    low-bit products to bf16, so fp32 summation-order noise between the two call shapes can flip one
+    rounding by a bf16 ulp (seen on tiny-phi3: 3.5e-4 at one step): there DESIGN's form for roundings
+    applies (mean NLL over the window, relative 1e-3), and the exact form is tested in fp64 below."""
     _, model, sol = compiled
-    forced, decoded = _teacher_forced_vs_decode(sol, model.config.vocab_size, torch.float32)
+    sol_activation = solc.compile(model, max_seq_len=64, quant="activation")
+    forced, decoded = _teacher_forced_vs_decode(sol_activation, model.config.vocab_size, torch.float32)
     torch.testing.assert_close(decoded, forced, atol=TOL, rtol=0)
+    assert sol.space.quant == "weight"
+    forced, decoded = _teacher_forced_vs_decode(sol, model.config.vocab_size, torch.float32)
+    targets = _ids(model.config.vocab_size, 3, 20, seed=2)[:, 5:]
+    nll = [torch.nn.functional.cross_entropy(x[:, 4:-1].transpose(1, 2), targets).item() for x in (forced, decoded)]
+    assert abs(nll[0] - nll[1]) <= 1e-3 * nll[0], nll
 
 
-def test_teacher_forced_equals_cached_decode_fp64_exact():
+@pytest.mark.parametrize("quant", ["weight", "activation"])
+def test_teacher_forced_equals_cached_decode_fp64_exact(quant):
     model = solc.load_model("tiny-llama", dtype=torch.float64)
-    sol = solc.compile(model, max_seq_len=64)
+    sol = solc.compile(model, max_seq_len=64, quant=quant)
     forced, decoded = _teacher_forced_vs_decode(sol, model.config.vocab_size, torch.float64)
     torch.testing.assert_close(decoded, forced, atol=1e-6, rtol=0)
 
@@ -80,7 +92,7 @@ def test_sparse_actions_change_logits(compiled):
     """Guard against a rewrite that ignores the action: the sparsest action must differ from dense."""
     _, model, sol = compiled
     ids = _ids(model.config.vocab_size, 1, 24)
-    sparsest = sol.space.index(solc.Action(attn=0.1, mlp=0.4, bits=5))
+    sparsest = sol.space.index(solc.Action(attn=0.1, mlp=0.4, bits=4))
     with torch.no_grad():
         dense = sol(ids).logits
         sparse = sol(ids, torch.full_like(ids, sparsest)).logits

@@ -19,7 +19,8 @@ def _mlp_args(rows, seed=0):
     keep = torch.linspace(0.1, 1.0, rows, dtype=torch.float64)
     bits = torch.tensor([5.0, 16.0, 7.0] * rows, dtype=torch.float64)[:rows]
     w_in = [torch.randn(f, d, generator=g) * 0.2, torch.randn(f, d, generator=g) * 0.2]
-    return x, keep, bits, w_in, [None, None], torch.randn(d, f, generator=g) * 0.2, None, "gated", "silu"
+    return (x, keep, bits, w_in, [None, None], torch.randn(d, f, generator=g) * 0.2, None, "gated", "silu",
+            "activation", [], 0)
 
 
 @pytest.mark.parametrize("rows", [3, 17])  # 17 rows: over the kernel limit, the reference runs
@@ -31,6 +32,16 @@ def test_mlp_cuda_entry_point(rows):
     dense = ref.mlp(args[0], args[1], None, *args[3:])
     step = dense.abs().amax(-1, keepdim=True) / (2 ** (args[2][:, None] - 1) - 1)
     assert ((got - expected).abs() <= step * 1.001 + 1e-5).all()
+
+
+def test_mlp_cuda_entry_point_runs_the_reference_for_weight_quant_rows():
+    from runtime.ops import mlp_weights
+
+    x, keep, _, w_in, b_in, w_out, b_out, kind, act, *_ = _mlp_args(3)
+    packs = mlp_weights.make_copies(w_in, w_out, kind, row_skip=True, bits=(8,), group_size=0)
+    bits = torch.tensor([8.0, 16.0, 8.0], dtype=torch.float64)
+    args = (x, keep, bits, w_in, b_in, w_out, b_out, kind, act, "weight", packs, 0)
+    assert torch.equal(register._mlp_cuda(*args), ref.mlp(*args))
 
 
 def _attn_args(T, seed=0, B=2, Hq=4, Hkv=2, S=40, D=16):
@@ -81,7 +92,8 @@ class _Site(nn.Module):
     def forward(self, x, q, k, v, positions, attn_keep, mlp_keep, bits):
         a = torch.ops.solc.attention(q, k, v, self.k_cache, self.v_cache, self.page_min, self.page_max,
                                      positions, attn_keep, 0.35)
-        m = torch.ops.solc.mlp(x, mlp_keep, bits, [self.wg, self.wu], [None, None], self.wo, None, "gated", "silu")
+        m = torch.ops.solc.mlp(x, mlp_keep, bits, [self.wg, self.wu], [None, None], self.wo, None, "gated", "silu",
+                               "activation", [], 0)
         return a, m
 
 

@@ -1,0 +1,125 @@
+"""The CPU fast paths of solc::mlp == reference.mlp (invariant 2), and batch invariance in weight mode."""
+import itertools
+
+import pytest
+import torch
+
+from runtime.ops import cpu_mlp, reference
+from runtime.ops.step_hints import StepHints, step_hints
+from tests.runtime.ops.mlp_sites import D, call, make_site
+
+KEEPS = (0.4, 0.8, 1.0)
+BITS = {"weight": (4, 8, 16), "activation": (5, 7, 16)}
+OP = torch.ops.solc.mlp.default
+
+
+def _levels(rows, quant, seed):
+    g = torch.Generator().manual_seed(seed)
+    actions = list(itertools.product(KEEPS, BITS[quant]))
+    pick = torch.randint(len(actions), (rows,), generator=g)
+    keep = torch.tensor([actions[i][0] for i in pick], dtype=torch.float64)
+    bits = torch.tensor([float(actions[i][1]) for i in pick], dtype=torch.float64)
+    return keep, bits
+
+
+def _close(got, want, dtype, quant, bits):
+    """fp32 paths: summation order only (1e-5). Where bf16 roundings happen (bf16 models, low-bit rows),
+    another summation order may move a rounded intermediate by one bf16 ulp (2^-8 relative), which the
+    next projection spreads over the row: allow 4 ulps of the row's largest output."""
+    got, want = got.float(), want.float()
+    low_precision = dtype == torch.bfloat16 or (quant == "weight" and bool((bits < 16).any()))
+    if not low_precision:
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        return
+    bound = want.abs().amax(-1, keepdim=True) * 2.0 ** -6
+    assert ((got - want).abs() <= bound).all(), ((got - want).abs() / bound).max()
+
+
+def _close_fake_quantized(got, want, dtype, bits):
+    """Activation mode: the quantizer turns summation-order noise into at most one quantization step
+    per element (plus the noise itself: 1e-5 in fp32, 4 bf16 ulps of the row maximum in bf16)."""
+    got, want = got.float(), want.float()
+    absmax = want.abs().amax(-1, keepdim=True)
+    noise = absmax * 2.0 ** -6 if dtype == torch.bfloat16 else 1e-5 + 1e-5 * absmax
+    step = torch.where(bits[:, None] < 16, absmax / (2 ** (bits[:, None] - 1) - 1), torch.zeros(()))
+    assert ((got - want).abs() <= step * 1.001 + noise).all()
+
+
+@pytest.mark.parametrize("quant", ["weight", "activation"])
+@pytest.mark.parametrize("kind,bias", [("gated", False), ("gated_fused", True), ("plain", True)])
+@pytest.mark.parametrize("rows", [1, 16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_mixed_levels_match_the_reference(quant, kind, bias, rows, dtype):
+    site = make_site(kind, dtype=dtype, bias=bias)
+    x = torch.randn(rows, D).to(dtype)
+    keep, bits = _levels(rows, quant, seed=rows)
+    want = call(reference.mlp, x, keep, bits, site, quant)
+    got = call(OP, x, keep, bits, site, quant)
+    assert got.dtype == dtype and got.shape == want.shape
+    if quant == "activation":
+        _close_fake_quantized(got, want, dtype, bits)
+    else:
+        _close(got, want, dtype, quant, bits)
+
+
+@pytest.mark.parametrize("quant", ["weight", "activation"])
+@pytest.mark.parametrize("keep_level", KEEPS)
+@pytest.mark.parametrize("bits_index", [0, 1, 2])
+@pytest.mark.parametrize("rows", [1, 16])
+def test_uniform_actions_with_and_without_hints_match_the_reference(quant, keep_level, bits_index, rows):
+    bits_level = BITS[quant][bits_index]
+    site = make_site("gated", seed=3)
+    x = torch.randn(rows, 1, D)
+    keep = torch.full((rows, 1), keep_level, dtype=torch.float64)
+    bits = torch.full((rows, 1), float(bits_level), dtype=torch.float64)
+    want = call(reference.mlp, x, keep, bits, site, quant)
+    plain = call(OP, x, keep, bits, site, quant)
+    with step_hints(StepHints(mlp=keep_level, bits=bits_level)):
+        hinted = call(OP, x, keep, bits, site, quant)
+    assert torch.equal(plain, hinted)  # hints pick the same path, they never change results
+    if quant == "activation":
+        _close_fake_quantized(plain, want, torch.float32, bits.reshape(rows))
+    else:
+        _close(plain, want, torch.float32, quant, bits)
+    if keep_level == 1.0 and bits_level == 16:
+        assert torch.equal(plain, want)  # the dense action is the reference's own F.linear chain
+
+
+def test_kept_channels_follow_the_reference_tie_rule():
+    x = torch.tensor([[1.0, -3.0, 3.0, 0.5, -3.0, 2.0, 3.0, 0.0]])
+    # |x| = 1 3 3 .5 3 2 3 0: keeping 3 of 8 must take the three LOWEST-index 3s (1, 2, 4), not 6
+    got = sorted(cpu_mlp.kept_channels(x, 3 / 8).tolist()[0])
+    pruned = reference.prune_mlp_input(x, 3 / 8)
+    assert got == [1, 2, 4] == pruned[0].nonzero().squeeze(1).tolist()
+
+
+def test_rows_beyond_16_and_float64_run_the_reference():
+    site = make_site("gated", dtype=torch.float64)
+    x = torch.randn(3, D, dtype=torch.float64)
+    keep, bits = _levels(3, "weight", seed=1)
+    assert not cpu_mlp.applies(x, site["w_in"], site["b_in"], site["w_out"], site["b_out"], "weight")
+    assert torch.equal(call(OP, x, keep, bits, site, "weight"), call(reference.mlp, x, keep, bits, site, "weight"))
+    site32 = make_site("gated")
+    x = torch.randn(17, D)
+    keep, bits = _levels(17, "weight", seed=2)
+    assert torch.equal(call(OP, x, keep, bits, site32, "weight"), call(reference.mlp, x, keep, bits, site32, "weight"))
+
+
+@pytest.mark.parametrize("keep_level,bits_level", list(itertools.product(KEEPS, BITS["weight"])))
+def test_weight_mode_row_is_independent_of_its_batch(keep_level, bits_level):
+    """The same row alone and inside a batch of 4 (mates at other actions) gives the same output: bit for bit
+    on the low-bit paths; at 16 bits the down projection is fp32 F.linear, whose per-row reduction order
+    depends on the row count (MKL: 1 / 2-3 / >= 4 rows), so there the rows agree to fp32 noise."""
+    site = make_site("gated", seed=5)
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(4, D, generator=g)
+    keep = torch.tensor([keep_level, 0.4, 1.0, 0.8], dtype=torch.float64)
+    bits = torch.tensor([float(bits_level), 8.0, 4.0, 16.0], dtype=torch.float64)
+    batch = call(OP, x, keep, bits, site, "weight")
+    alone = call(OP, x[:1], keep[:1], bits[:1], site, "weight")
+    same_action = call(OP, x, keep[:1].expand(4), bits[:1].expand(4), site, "weight")
+    if bits_level == 16:
+        torch.testing.assert_close(batch[0], alone[0], rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(same_action[0], alone[0], rtol=1e-6, atol=1e-6)
+    else:
+        assert torch.equal(batch[0], alone[0]) and torch.equal(same_action[0], alone[0])
