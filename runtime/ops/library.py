@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from runtime.ops import reference, step_hints
+from runtime.ops import cpu_attention, reference, step_hints
 
 
 def write_kv(k_cache: Tensor, v_cache: Tensor, k: Tensor, v: Tensor, positions: Tensor) -> None:
@@ -51,6 +51,15 @@ def attention(
     (what a decode kernel scores); positions [B, T] absolute positions of the new tokens, ascending
     within a row; keep [B, T] attention keep fraction.
     """
+    hints = step_hints.current()
+    if cpu_attention.supports(q, k_cache):  # a CPU decode step: read only what the action keeps
+        keeps, rows_pos = cpu_attention.host_levels(keep, positions, hints)
+        if len(rows_pos) <= cpu_attention.SLICE_WRITE_MAX_ROWS:
+            cpu_attention.write_and_refresh(k_cache, v_cache, page_min, page_max, k, v, rows_pos)
+        else:
+            write_kv(k_cache, v_cache, k, v, positions)
+            reference.refresh_current_page(page_min, page_max, k_cache, positions)
+        return cpu_attention.decode_attention(q, k_cache, v_cache, page_min, page_max, rows_pos, keeps, scale)
     write_kv(k_cache, v_cache, k, v, positions)
     decode = q.shape[2] == 1
     if decode:  # one new key per row: only its page's statistics change
@@ -61,7 +70,6 @@ def attention(
         page_max.copy_(high)
     # Keys past the furthest query are invisible to every query: do not score or read them.
     # A step's hints carry both facts as host numbers (no device sync); without them read the tensors.
-    hints = step_hints.current()
     visible = hints.kv_len if hints is not None and hints.kv_len is not None else int(positions.max()) + 1
     dense = hints.attn_dense if hints is not None and hints.attn_dense is not None else bool((keep >= 1).all())
     k_vis, v_vis = k_cache[:, :, :visible], v_cache[:, :, :visible]
