@@ -145,6 +145,8 @@ def test_keep_count_host_equals_the_reference():
 
 def test_prefill_and_non_cpu_inputs_take_the_reference_path():
     q = torch.randn(1, 2, 3, 8)
-    assert not cpu_attention.supports(q, torch.zeros(1, 2, 16, 8))  # T = 3: prefill
-    assert not cpu_attention.supports(q[:, :, :1], torch.zeros(1, 2, 16, 8).transpose(2, 3))  # not contiguous
-    assert cpu_attention.supports(q[:, :, :1], torch.zeros(1, 2, 16, 8))
+    cache = torch.zeros(1, 2, 16, 8)
+    assert not cpu_attention.supports(q, cache, cache)  # T = 3: prefill
+    assert not cpu_attention.supports(q[:, :, :1], cache.transpose(2, 3), cache)  # not contiguous
+    assert not cpu_attention.supports(q[:, :, :1], torch.zeros(1, 2, 4, 8), torch.zeros(1, 2, 4, 8))  # < 1 page
+    assert cpu_attention.supports(q[:, :, :1], cache, cache)
