@@ -150,3 +150,19 @@ def test_prefill_and_non_cpu_inputs_take_the_reference_path():
     assert not cpu_attention.supports(q[:, :, :1], cache.transpose(2, 3), cache)  # not contiguous
     assert not cpu_attention.supports(q[:, :, :1], torch.zeros(1, 2, 4, 8), torch.zeros(1, 2, 4, 8))  # < 1 page
     assert cpu_attention.supports(q[:, :, :1], cache, cache)
+
+
+def test_the_op_bumps_the_version_of_every_cache_it_writes_however_it_is_called():
+    """autograd and torch.compile rely on version counters to see the caches' in-place writes."""
+    k_cache, v_cache, low, high = _filled_cache(1, 2, 16, 8, torch.float32, [5], 0)
+    q, k, v = torch.randn(1, 4, 1, 8), torch.randn(1, 2, 1, 8), torch.randn(1, 2, 1, 8)
+    pos, keep = torch.tensor([[5]]), torch.ones(1, 1, dtype=torch.float64)
+    caches = (k_cache, v_cache, low, high)
+    before = [t._version for t in caches]
+    torch.ops.solc.attention(q, k, v, *caches, pos, keep, 0.3)
+    assert [t._version for t in caches] > before and all(t._version > b for t, b in zip(caches, before))
+    before = [t._version for t in caches]
+    out = torch.ops.solc.attention(q, k, v, k_cache=k_cache, v_cache=v_cache, page_min=low, page_max=high,
+                                   positions=pos, keep=keep, scale=0.3)
+    assert all(t._version > b for t, b in zip(caches, before))
+    assert out.shape == q.shape
