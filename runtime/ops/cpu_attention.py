@@ -92,20 +92,72 @@ def write_and_refresh(k_cache: Tensor, v_cache: Tensor, page_min: Tensor, page_m
 def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, page_min: Tensor, page_max: Tensor,
                      positions: list[int], keeps: list[float], scale: float) -> Tensor:
     """Attention of each row's one query q [B, Hq, 1, D] (at host `positions`, keep fractions `keeps`)
-    over its cache row; the cache and page statistics already hold the row's keys <= its position."""
+    over its cache row; the cache and page statistics already hold the row's keys <= its position.
+
+    Rows at the same position keeping the same number of pages form a group computed by one set of
+    batched ops (bmm, kthvalue, index_select, embedding_bag treat each (row, head) on its own, with the
+    same kernel as a group of one: a row's bits do not depend on its group)."""
     B = q.shape[0]
-    if B == 1 and _kept_page_count(positions[0], keeps[0]) is None:
-        return _dense(q, k_cache[:, :, :positions[0] + 1], v_cache[:, :, :positions[0] + 1], scale)
-    out = torch.empty_like(q)
+    groups: dict[tuple[int, Optional[int]], list[int]] = {}
     for b, (p, keep) in enumerate(zip(positions, keeps)):
-        k_pages = _kept_page_count(p, keep)
-        if k_pages is None:
-            # One SDPA call per row even where rows share a length: a batched call computes some rows
-            # with other bits than the same row alone (torch 2.13's CPU flash kernel).
-            out[b] = _dense(q[b:b + 1], k_cache[b:b + 1, :, :p + 1], v_cache[b:b + 1, :, :p + 1], scale)[0]
-        else:
-            out[b] = _sparse_row(q[b], k_cache, v_cache, page_min, page_max, b, p, k_pages, scale)
+        groups.setdefault((p, _kept_page_count(p, keep)), []).append(b)
+    if len(groups) == 1:  # one group of every row: views of the caches, no copies
+        (p, k_pages), = groups
+        return _group(q, k_cache, v_cache, page_min, page_max, None, p, k_pages, scale)
+    out = torch.empty_like(q)
+    for (p, k_pages), rows in groups.items():
+        sel = torch.tensor(rows)
+        out[sel] = _group(q[sel], k_cache, v_cache, page_min, page_max, rows, p, k_pages, scale)
     return out
+
+
+def _group(q: Tensor, k_cache: Tensor, v_cache: Tensor, page_min: Tensor, page_max: Tensor,
+           rows: Optional[list[int]], p: int, k_pages: Optional[int], scale: float) -> Tensor:
+    """Attention of the queries q [R, Hq, 1, D] of batch rows `rows` (None: every row, in order), all at
+    position p keeping k_pages pages (None: every visible page, i.e. dense)."""
+    if k_pages is None:
+        return _dense_rows(q, k_cache, v_cache, rows, p + 1, scale)
+    R, Hq, _, D = q.shape
+    Hkv = k_cache.shape[1]
+    G = Hq // Hkv
+    n = p // PAGE_SIZE + 1
+    cdt = _compute_dtype(q)
+    q_rows = q.reshape(R * Hkv, G, D).to(cdt)
+    low, high = page_min[:, :, :n], page_max[:, :, :n]
+    if rows is not None:
+        sel = torch.tensor(rows)
+        low, high = low.index_select(0, sel), high.index_select(0, sel)
+    low = low.reshape(R * Hkv, n, D).to(cdt)
+    high = high.reshape(R * Hkv, n, D).to(cdt)
+    # max(q*M, q*m) == q+ * M + q- * m (M >= m): the reference's page score as two matmuls per KV head
+    scores = torch.baddbmm(q_rows.clamp(max=0) @ low.transpose(-1, -2), q_rows.clamp(min=0), high.transpose(-1, -2))
+    # The reference keeps every page scoring >= the k-th best (ties at the threshold keep more than k).
+    kth = torch.kthvalue(scores, n - k_pages + 1, dim=-1, keepdim=True).values
+    kept = scores >= kth  # [R*Hkv, G, n]
+    n_kept = int(kept.sum())
+    most = k_pages if n_kept == R * Hq * k_pages else int(kept.sum(-1).max())
+    if G * most * GATHER_COST >= n:
+        out = _masked_form(q_rows, k_cache, v_cache, rows, p, kept, scale)
+    elif most == k_pages:  # no tie: every query head keeps exactly k_pages, ascending from the mask
+        index = kept.nonzero()[:, -1].view(R * Hkv, G, k_pages)
+        out = _gather_form(q_rows, k_cache, v_cache, rows, p, index, None, scale)
+    else:  # a tie: every head copies the most pages any head keeps, and masks those it does not keep
+        index = torch.topk(scores, most, dim=-1).indices.sort(dim=-1).values
+        out = _gather_form(q_rows, k_cache, v_cache, rows, p, index, ~torch.gather(kept, -1, index), scale)
+    return out.reshape(R, Hq, 1, D).to(q.dtype)
+
+
+def _dense_rows(q: Tensor, k_cache: Tensor, v_cache: Tensor, rows: Optional[list[int]], length: int,
+                scale: float) -> Tensor:
+    """Dense attention of rows at one visible length: every row's keys are one view of the cache when the
+    group is every row (or one row); a strict subset runs row by row (no copy of their caches)."""
+    if rows is None:
+        return _dense(q, k_cache[:, :, :length], v_cache[:, :, :length], scale)
+    if len(rows) == 1:
+        b = rows[0]
+        return _dense(q, k_cache[b:b + 1, :, :length], v_cache[b:b + 1, :, :length], scale)
+    return torch.cat([_dense(q[i:i + 1], k_cache[b:b + 1, :, :length], v_cache[b:b + 1, :, :length], scale)
+                      for i, b in enumerate(rows)])
 
 
 def _kept_page_count(p: int, keep: float) -> Optional[int]:
@@ -126,97 +178,68 @@ def keep_count_host(keep: float, n: int) -> int:
 
 
 def _dense(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
-    """Attention of the newest query of one row (q [1, Hq, 1, D]) over all its visible keys k, v
-    [1, Hkv, L, D]: no mask needed (every key is <= the query). The G query heads of a KV head share one
-    matmul: on this CPU a [G, D] @ [D, L] product per KV head runs 1.2x (short context) to 2x (16k)
-    faster than SDPA's flash kernel for one query. bfloat16 keeps SDPA (the reference's precision)."""
+    """Attention of the newest queries q [R, Hq, 1, D] over all their visible keys k, v [R, Hkv, L, D]
+    (views of the cache): no mask needed (every key is <= the query). The G query heads of a KV head
+    share one matmul, each (row, KV head) its own batch entry of a bmm: the same bits for a row alone or
+    in a group, and on this CPU faster than SDPA's flash kernel for one query (which also gives a row
+    other bits in a batch). bfloat16 keeps SDPA (the reference's precision)."""
     if q.dtype == torch.bfloat16:
-        return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=k.shape[1] != q.shape[1])
-    _, Hq, _, D = q.shape
-    Hkv = k.shape[1]
-    q_rows = q.reshape(Hkv, Hq // Hkv, D)
-    logits = torch.bmm(q_rows, k[0].transpose(1, 2)).mul_(scale)
-    return torch.bmm(torch.softmax(logits, dim=-1), v[0]).view(1, Hq, 1, D)
+        return torch.cat([F.scaled_dot_product_attention(q[i:i + 1], k[i:i + 1], v[i:i + 1], scale=scale,
+                                                         enable_gqa=k.shape[1] != q.shape[1])
+                          for i in range(q.shape[0])])
+    R, Hq, _, D = q.shape
+    Hkv, L = k.shape[1], k.shape[2]
+    q_rows = q.reshape(R * Hkv, Hq // Hkv, D)
+    logits = torch.bmm(q_rows, k.reshape(R * Hkv, L, D).transpose(1, 2)).mul_(scale)
+    return torch.bmm(torch.softmax(logits, dim=-1), v.reshape(R * Hkv, L, D)).view(R, Hq, 1, D)
 
 
 def _compute_dtype(q: Tensor) -> torch.dtype:
     return torch.float64 if q.dtype == torch.float64 else torch.float32
 
 
-def _sparse_row(q: Tensor, k_cache: Tensor, v_cache: Tensor, page_min: Tensor, page_max: Tensor, b: int, p: int,
-                k_pages: int, scale: float) -> Tensor:
-    """Quest attention of row b's query q [Hq, 1, D] at position p keeping k_pages (< visible) pages."""
-    Hq, _, D = q.shape
-    Hkv = k_cache.shape[1]
-    G = Hq // Hkv
-    n = p // PAGE_SIZE + 1
-    cdt = _compute_dtype(q)
-    q_rows = q.reshape(Hkv, G, D).to(cdt)
-    low = page_min[b, :, :n].to(cdt)
-    high = page_max[b, :, :n].to(cdt)
-    # max(q*M, q*m) == q+ * M + q- * m (M >= m): the reference's page score as two matmuls per KV head
-    scores = torch.baddbmm(q_rows.clamp(max=0) @ low.transpose(-1, -2), q_rows.clamp(min=0), high.transpose(-1, -2))
-    # The reference keeps every page scoring >= the k-th best (ties at the threshold keep more than k).
-    kth = torch.kthvalue(scores, n - k_pages + 1, dim=-1, keepdim=True).values
-    kept = scores >= kth  # [Hkv, G, n]
-    n_kept = int(kept.sum())
-    if n_kept == Hq * k_pages:  # no tie: every query head keeps exactly k_pages
-        if G * k_pages * GATHER_COST >= n:
-            return _masked_form(q_rows, k_cache, v_cache, b, p, kept, scale).reshape(Hq, 1, D).to(q.dtype)
-        index = kept.nonzero()[:, -1].view(Hkv, G, k_pages)  # ascending page order per head
-        return _gather_form(q_rows, k_cache, v_cache, b, p, index, None, scale).reshape(Hq, 1, D).to(q.dtype)
-    # A tie: every head copies the most pages any head keeps, and masks the ones it does not keep.
-    most = int(kept.sum(-1).max())
-    if G * most * GATHER_COST >= n:
-        return _masked_form(q_rows, k_cache, v_cache, b, p, kept, scale).reshape(Hq, 1, D).to(q.dtype)
-    index = torch.topk(scores, most, dim=-1).indices.sort(dim=-1).values
-    dropped = ~torch.gather(kept, -1, index)
-    return _gather_form(q_rows, k_cache, v_cache, b, p, index, dropped, scale).reshape(Hq, 1, D).to(q.dtype)
-
-
-def _gather_form(q_rows: Tensor, k_cache: Tensor, v_cache: Tensor, b: int, p: int, index: Tensor,
-                 dropped: Optional[Tensor], scale: float) -> Tensor:
-    """Attend over each query head's kept pages only (index [Hkv, G, m], ascending, so the softmax sums
-    in the reference's key order); `dropped` [Hkv, G, m] marks pages a head copies but does not keep
+def _gather_form(q_rows: Tensor, k_cache: Tensor, v_cache: Tensor, rows: Optional[list[int]], p: int,
+                 index: Tensor, dropped: Optional[Tensor], scale: float) -> Tensor:
+    """Attend over each query head's kept pages only (index [R*Hkv, G, m], ascending, so the softmax sums
+    in the reference's key order); `dropped` [R*Hkv, G, m] marks pages a head copies but does not keep
     (ties only). K: the kept pages are copied (one block each) and multiplied; V: `embedding_bag` sums
     the kept value rows weighted by the probabilities straight from the cache (no copy)."""
-    Hkv, G, D = q_rows.shape
-    S = k_cache.shape[2]
+    RH, G, D = q_rows.shape
+    Hkv, S = k_cache.shape[1], k_cache.shape[2]
     m = index.shape[-1]
     ps = PAGE_SIZE
     # A page's 8 tokens are one contiguous block of its KV head: in an overlapping view of the flattened
-    # cache whose row r holds tokens r..r+7, page j of KV head h of row b is row (b*Hkv + h)*S + 8j.
+    # cache whose row r holds tokens r..r+7, page j of KV head h of batch row b is row (b*Hkv + h)*S + 8j.
     current = p // ps
     # The only page that can run past the cache's end is the current one (the last visible page): its
     # block then starts at S-8, holding `shift` tokens of the page before, which are masked below.
     shift = max(current * ps + ps - S, 0)
-    rows = torch.add(_head_base(b, Hkv, S), index, alpha=ps)
+    starts = torch.add(_head_base(rows, k_cache.shape[0], Hkv, S), index, alpha=ps)
     if shift:
-        rows = rows - (index == current).to(rows.dtype) * shift
-    rows = rows.reshape(-1)
+        starts = starts - (index == current).to(starts.dtype) * shift
+    starts = starts.reshape(-1)
     flat = k_cache.shape[0] * Hkv * S
-    n_rows = rows.numel()
-    k_kept = torch.index_select(k_cache.as_strided((flat - ps + 1, ps * D), (D, 1)), 0, rows,
-                                out=_BUFFERS.get("k", n_rows * ps * D, k_cache.dtype).view(n_rows, ps * D))
+    n_blocks = starts.numel()
+    k_kept = torch.index_select(k_cache.as_strided((flat - ps + 1, ps * D), (D, 1)), 0, starts,
+                                out=_BUFFERS.get("k", n_blocks * ps * D, k_cache.dtype).view(n_blocks, ps * D))
     cdt = q_rows.dtype
-    k_kept = k_kept.view(Hkv * G, m * ps, D).to(cdt)
-    logits = torch.bmm(q_rows.reshape(Hkv * G, 1, D), k_kept.transpose(1, 2)).mul_(scale)
-    pages = logits.view(Hkv, G, m, ps)
+    k_kept = k_kept.view(RH * G, m * ps, D).to(cdt)
+    logits = torch.bmm(q_rows.reshape(RH * G, 1, D), k_kept.transpose(1, 2)).mul_(scale)
+    pages = logits.view(RH, G, m, ps)
     # Keys of the current page past p (and, with a shift, before the page) are not the query's to see.
     offset = p - current * ps + shift  # the query's slot in the current page's block
     if shift or offset < ps - 1:
         pages.masked_fill_((index == current)[..., None] & _outside(shift, offset), float("-inf"))
     if dropped is not None:
         pages.masked_fill_(dropped[..., None], float("-inf"))
-    probs = torch.softmax(logits, dim=-1)  # [Hkv*G, 1, m*ps]
+    probs = torch.softmax(logits, dim=-1)  # [RH*G, 1, m*ps]
     if v_cache.dtype == cdt:
-        tokens = (rows[:, None] + _SLOTS).reshape(-1)
-        offsets = _bag_offsets(Hkv * G, m * ps)
-        return F.embedding_bag(tokens, v_cache.view(-1, D), offsets, mode="sum",
-                               per_sample_weights=probs.reshape(-1)).view(Hkv * G, 1, D)
-    v_kept = torch.index_select(v_cache.as_strided((flat - ps + 1, ps * D), (D, 1)), 0, rows,
-                                out=_BUFFERS.get("v", n_rows * ps * D, v_cache.dtype).view(n_rows, ps * D))
-    return torch.bmm(probs, v_kept.view(Hkv * G, m * ps, D).to(cdt))  # [Hkv*G, 1, D]
+        tokens = (starts[:, None] + _SLOTS).reshape(-1)
+        return F.embedding_bag(tokens, v_cache.view(-1, D), _bag_offsets(RH * G, m * ps), mode="sum",
+                               per_sample_weights=probs.reshape(-1)).view(RH * G, 1, D)
+    v_kept = torch.index_select(v_cache.as_strided((flat - ps + 1, ps * D), (D, 1)), 0, starts,
+                                out=_BUFFERS.get("v", n_blocks * ps * D, v_cache.dtype).view(n_blocks, ps * D))
+    return torch.bmm(probs, v_kept.view(RH * G, m * ps, D).to(cdt))  # [RH*G, 1, D]
 
 
 _SLOTS = torch.arange(PAGE_SIZE)
@@ -238,7 +261,7 @@ def _bag_offsets(bags: int, size: int) -> Tensor:
     key = (bags, size)
     offsets = _OFFSETS.get(key)
     if offsets is None:
-        if len(_OFFSETS) > 4096:  # one entry per kept-page count seen: bounded anyway, but stay small
+        if len(_OFFSETS) > 4096:  # one entry per (bags, kept tokens) seen: stay small
             _OFFSETS.clear()
         offsets = _OFFSETS[key] = torch.arange(bags) * size
     return offsets
@@ -247,30 +270,39 @@ def _bag_offsets(bags: int, size: int) -> Tensor:
 _OFFSETS: dict[tuple[int, int], Tensor] = {}
 
 
-def _head_base(b: int, n_heads: int, S: int) -> Tensor:
-    """[n_heads, 1, 1] int64: the flattened cache row of token 0 of each KV head of batch row b."""
-    key = (b, n_heads, S)
+def _head_base(rows: Optional[list[int]], batch: int, n_heads: int, S: int) -> Tensor:
+    """[R*n_heads, 1, 1] int64: the flattened cache token index of token 0 of each (row, KV head)."""
+    key = (tuple(rows) if rows is not None else batch, n_heads, S)
     base = _HEAD_BASE.get(key)
     if base is None:
-        base = _HEAD_BASE[key] = ((b * n_heads + torch.arange(n_heads)) * S)[:, None, None]
+        if len(_HEAD_BASE) > 4096:
+            _HEAD_BASE.clear()
+        row_ids = torch.tensor(rows) if rows is not None else torch.arange(batch)
+        base = _HEAD_BASE[key] = ((row_ids[:, None] * n_heads + torch.arange(n_heads)) * S).reshape(-1, 1, 1)
     return base
 
 
-_HEAD_BASE: dict[tuple[int, int, int], Tensor] = {}
+_HEAD_BASE: dict[tuple, Tensor] = {}
 
 
-def _masked_form(q_rows: Tensor, k_cache: Tensor, v_cache: Tensor, b: int, p: int, kept: Tensor,
-                 scale: float) -> Tensor:
-    """One softmax over the row's visible keys with the unkept pages masked (kept [Hkv, G, n])."""
-    Hkv, G, D = q_rows.shape
+def _masked_form(q_rows: Tensor, k_cache: Tensor, v_cache: Tensor, rows: Optional[list[int]], p: int,
+                 kept: Tensor, scale: float) -> Tensor:
+    """One softmax over each row's visible keys with the unkept pages masked (kept [R*Hkv, G, n])."""
+    RH, G, D = q_rows.shape
     length = p + 1
     n = kept.shape[-1]
-    k = k_cache[b, :, :length].to(q_rows.dtype)
-    v = v_cache[b, :, :length].to(q_rows.dtype)
-    logits = (q_rows @ k.transpose(-1, -2)).mul_(scale)  # [Hkv, G, length]
-    key_kept = kept[..., None].expand(Hkv, G, n, PAGE_SIZE).reshape(Hkv, G, n * PAGE_SIZE)[..., :length]
-    probs = torch.softmax(logits.masked_fill_(~key_kept, float("-inf")), dim=-1)
-    return probs @ v  # [Hkv, G, D]
+    key_kept = kept[..., None].expand(RH, G, n, PAGE_SIZE).reshape(RH, G, n * PAGE_SIZE)[..., :length]
+    outs = []
+    batch_rows = [None] if rows is None else rows
+    per = RH // len(batch_rows)
+    for i, b in enumerate(batch_rows):  # views of the cache: the whole batch, or one row at a time
+        k = (k_cache if b is None else k_cache[b:b + 1])[:, :, :length].reshape(-1, length, D).to(q_rows.dtype)
+        v = (v_cache if b is None else v_cache[b:b + 1])[:, :, :length].reshape(-1, length, D).to(q_rows.dtype)
+        sl = slice(i * per, (i + 1) * per)
+        logits = torch.bmm(q_rows[sl], k.transpose(1, 2)).mul_(scale)  # [per, G, length]
+        probs = torch.softmax(logits.masked_fill_(~key_kept[sl], float("-inf")), dim=-1)
+        outs.append(torch.bmm(probs, v))
+    return outs[0] if len(outs) == 1 else torch.cat(outs)
 
 
 def host_levels(keep: Tensor, positions: Tensor, hints: Optional[StepHints]) -> tuple[list[float], list[int]]:
