@@ -43,6 +43,9 @@ GATHER_COST = 1.6
 # Up to this many rows, the new key/value and its page statistics are written with per-row slices (a
 # handful of ops per row); above it, with the reference's batched scatter/gather (a fixed dozen ops).
 SLICE_WRITE_MAX_ROWS = 2
+# A group that is a strict subset of the batch copies its rows' visible keys/values (to run one batched
+# call) up to this many bytes; beyond it each row runs on views of the cache.
+SUBSET_COPY_BYTES = 16 * 2**20
 
 
 class _Buffers:
@@ -149,15 +152,24 @@ def _group(q: Tensor, k_cache: Tensor, v_cache: Tensor, page_min: Tensor, page_m
 
 def _dense_rows(q: Tensor, k_cache: Tensor, v_cache: Tensor, rows: Optional[list[int]], length: int,
                 scale: float) -> Tensor:
-    """Dense attention of rows at one visible length: every row's keys are one view of the cache when the
-    group is every row (or one row); a strict subset runs row by row (no copy of their caches)."""
+    """Dense attention of rows at one visible length, as one batched call over their keys (see _row_views)."""
+    return torch.cat([_dense(q[sl], k, v, scale) for sl, k, v in _row_views(k_cache, v_cache, rows, length)])
+
+
+def _row_views(k_cache: Tensor, v_cache: Tensor, rows: Optional[list[int]], length: int):
+    """(query slice, keys, values [r, Hkv, length, D]) parts covering a group's rows: one view of the cache
+    for every row or one row; for a strict subset, one copy of the rows' visible keys/values where that is
+    small (short contexts: cheaper than a call per row), else one view per row."""
     if rows is None:
-        return _dense(q, k_cache[:, :, :length], v_cache[:, :, :length], scale)
+        return [(slice(None), k_cache[:, :, :length], v_cache[:, :, :length])]
     if len(rows) == 1:
         b = rows[0]
-        return _dense(q, k_cache[b:b + 1, :, :length], v_cache[b:b + 1, :, :length], scale)
-    return torch.cat([_dense(q[i:i + 1], k_cache[b:b + 1, :, :length], v_cache[b:b + 1, :, :length], scale)
-                      for i, b in enumerate(rows)])
+        return [(slice(None), k_cache[b:b + 1, :, :length], v_cache[b:b + 1, :, :length])]
+    per_row = 2 * k_cache.shape[1] * length * k_cache.shape[3] * k_cache.element_size()
+    if len(rows) * per_row <= SUBSET_COPY_BYTES:
+        sel = torch.tensor(rows)
+        return [(slice(None), k_cache[:, :, :length].index_select(0, sel), v_cache[:, :, :length].index_select(0, sel))]
+    return [(slice(i, i + 1), k_cache[b:b + 1, :, :length], v_cache[b:b + 1, :, :length]) for i, b in enumerate(rows)]
 
 
 def _kept_page_count(p: int, keep: float) -> Optional[int]:
@@ -292,15 +304,14 @@ def _masked_form(q_rows: Tensor, k_cache: Tensor, v_cache: Tensor, rows: Optiona
     length = p + 1
     n = kept.shape[-1]
     key_kept = kept[..., None].expand(RH, G, n, PAGE_SIZE).reshape(RH, G, n * PAGE_SIZE)[..., :length]
+    Hkv = k_cache.shape[1]
     outs = []
-    batch_rows = [None] if rows is None else rows
-    per = RH // len(batch_rows)
-    for i, b in enumerate(batch_rows):  # views of the cache: the whole batch, or one row at a time
-        k = (k_cache if b is None else k_cache[b:b + 1])[:, :, :length].reshape(-1, length, D).to(q_rows.dtype)
-        v = (v_cache if b is None else v_cache[b:b + 1])[:, :, :length].reshape(-1, length, D).to(q_rows.dtype)
-        sl = slice(i * per, (i + 1) * per)
-        logits = torch.bmm(q_rows[sl], k.transpose(1, 2)).mul_(scale)  # [per, G, length]
-        probs = torch.softmax(logits.masked_fill_(~key_kept[sl], float("-inf")), dim=-1)
+    for sl, k, v in _row_views(k_cache, v_cache, rows, length):
+        heads = slice(None) if sl.start is None else slice(sl.start * Hkv, sl.stop * Hkv)
+        k = k.reshape(-1, length, D).to(q_rows.dtype)
+        v = v.reshape(-1, length, D).to(q_rows.dtype)
+        logits = torch.bmm(q_rows[heads], k.transpose(1, 2)).mul_(scale)  # [r*Hkv, G, length]
+        probs = torch.softmax(logits.masked_fill_(~key_kept[heads], float("-inf")), dim=-1)
         outs.append(torch.bmm(probs, v))
     return outs[0] if len(outs) == 1 else torch.cat(outs)
 
