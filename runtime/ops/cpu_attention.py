@@ -4,24 +4,25 @@ The reference (`reference.quest_decode`) scores every page, builds a key mask ov
 runs a masked softmax over all keys: it reads everything the action was meant to skip. This path reads
 only what the action keeps:
 
-  dense row (keep == 1, or every visible page kept)  plain SDPA over the row's visible keys: no sort, no
-                                                     page scan, no mask
-  sparse row, gather form   score the pages from the metadata (two matmuls per row, all KV heads at
-                            once), top-k pages per query head, copy only the kept pages' K and V (a page
-                            of 8 tokens is one contiguous block of each KV head in the [B, Hkv, S, D]
-                            cache) into preallocated buffers, attend over them
-  sparse row, masked form   where a query head's kept pages are so many that copying them costs more than
-                            reading the whole visible cache once per KV head (GQA: G query heads pick
-                            their own pages), the exact dense-masked form: scores, then one masked
-                            softmax over the visible keys
+  dense rows (keep == 1, or every visible page kept)  one [G, D] @ [D, L] matmul per (row, KV head) over
+                            the visible keys, softmax, @ V: no sort, no page scan, no mask
+  sparse rows, gather form  page scores from the page min/max (two batched matmuls), the k-th best score
+                            by kthvalue, the kept pages (ascending) from the mask; the kept pages' K
+                            copied into a preallocated buffer (a page of 8 tokens is one contiguous block
+                            of each KV head in the [B, Hkv, S, D] cache) and multiplied; V summed by
+                            embedding_bag straight from the cache, the probabilities as weights
+  sparse rows, masked form  where the query heads' kept pages are so many that copying them costs more
+                            than reading the visible cache once per KV head (GQA: G query heads pick
+                            their own pages), the exact dense-masked form: the same scores and kept set,
+                            one masked softmax over the visible keys
 
 Both sparse forms keep the reference's pages (tie rule: every page scoring >= the k-th best is kept), so
 the result is the reference's up to float rounding (tests/runtime/ops/test_cpu_attention.py).
 
-Batch invariance (DESIGN invariant 6): every row is computed with shapes that depend on that row alone
-(its own visible length, its own kept pages), so a row's output is the same bits alone or in any batch.
-Dense rows too run one SDPA call each: a batched SDPA call gives some rows other bits than the same row
-alone (torch 2.13's CPU flash kernel; checked by the tests).
+Batch invariance (DESIGN invariant 6): rows that share a position and a kept-page count form a group run
+by batched ops that compute each (row, head) on its own (bmm, kthvalue, index_select, embedding_bag,
+softmax over the last dim), so a row's output has the same bits alone or in any batch (tested). SDPA is
+not used for fp32/fp64: its CPU flash kernel gives a row other bits inside a batch.
 """
 from __future__ import annotations
 
