@@ -127,10 +127,7 @@ def _group(q: Tensor, k_cache: Tensor, v_cache: Tensor, page_min: Tensor, page_m
     n = p // PAGE_SIZE + 1
     cdt = _compute_dtype(q)
     q_rows = q.reshape(R * Hkv, G, D).to(cdt)
-    low, high = page_min[:, :, :n], page_max[:, :, :n]
-    if rows is not None:
-        sel = torch.tensor(rows)
-        low, high = low.index_select(0, sel), high.index_select(0, sel)
+    low, high = _rows_of(page_min, rows)[:, :, :n], _rows_of(page_max, rows)[:, :, :n]
     low = low.reshape(R * Hkv, n, D).to(cdt)
     high = high.reshape(R * Hkv, n, D).to(cdt)
     # max(q*M, q*m) == q+ * M + q- * m (M >= m): the reference's page score as two matmuls per KV head
@@ -159,18 +156,33 @@ def _dense_rows(q: Tensor, k_cache: Tensor, v_cache: Tensor, rows: Optional[list
 
 def _row_views(k_cache: Tensor, v_cache: Tensor, rows: Optional[list[int]], length: int):
     """(query slice, keys, values [r, Hkv, length, D]) parts covering a group's rows: one view of the cache
-    for every row or one row; for a strict subset, one copy of the rows' visible keys/values where that is
-    small (short contexts: cheaper than a call per row), else one view per row."""
-    if rows is None:
-        return [(slice(None), k_cache[:, :, :length], v_cache[:, :, :length])]
-    if len(rows) == 1:
-        b = rows[0]
-        return [(slice(None), k_cache[b:b + 1, :, :length], v_cache[b:b + 1, :, :length])]
+    when the rows are consecutive (every row, one row: then (row, head) merge into one bmm batch without a
+    copy); else one copy of the rows' visible keys/values where that is small (cheaper than a call per
+    row), else one view per row."""
+    if rows is None or rows == list(range(rows[0], rows[-1] + 1)):  # one view: [b0:b1] merges (row, head)
+        k_rows, v_rows = (k_cache, v_cache) if rows is None else (k_cache[rows[0]:rows[-1] + 1], v_cache[rows[0]:rows[-1] + 1])
+        return [(slice(None), k_rows[:, :, :length], v_rows[:, :, :length])]
     per_row = 2 * k_cache.shape[1] * length * k_cache.shape[3] * k_cache.element_size()
     if len(rows) * per_row <= SUBSET_COPY_BYTES:
-        sel = torch.tensor(rows)
-        return [(slice(None), k_cache[:, :, :length].index_select(0, sel), v_cache[:, :, :length].index_select(0, sel))]
+        return [(slice(None), torch.stack([k_cache[b, :, :length] for b in rows]),
+                 torch.stack([v_cache[b, :, :length] for b in rows]))]
     return [(slice(i, i + 1), k_cache[b:b + 1, :, :length], v_cache[b:b + 1, :, :length]) for i, b in enumerate(rows)]
+
+
+def _strided_rows(t: Tensor, rows: Optional[list[int]]) -> Optional[Tensor]:
+    """t's batch rows `rows` as a view when they are evenly spaced (None: all rows), else None."""
+    if rows is None:
+        return t
+    step = rows[1] - rows[0] if len(rows) > 1 else 1
+    if step > 0 and all(b - a == step for a, b in zip(rows, rows[1:])):
+        return t[rows[0]:rows[-1] + 1:step]
+    return None
+
+
+def _rows_of(t: Tensor, rows: Optional[list[int]]) -> Tensor:
+    """t's batch rows `rows`: a view when evenly spaced, else a copy (small tensors: page statistics)."""
+    view = _strided_rows(t, rows)
+    return view if view is not None else torch.stack([t[b] for b in rows])
 
 
 def _kept_page_count(p: int, keep: float) -> Optional[int]:

@@ -80,11 +80,14 @@ def test_batch_of_16_with_mixed_levels_and_lengths_equals_the_reference(dtype, h
     _check(*_step(16, hq, hkv, 301, 8, dtype, positions, keeps, seed=4), dtype)
 
 
+@pytest.mark.parametrize("copy_limit", [cpu_attention.SUBSET_COPY_BYTES, 0], ids=["copied", "row_by_row"])
 @pytest.mark.parametrize("hq,hkv", [(9, 3), (4, 4)], ids=["gqa", "mha"])
-def test_rows_grouped_by_position_and_level_equal_the_reference(hq, hkv, sparse_form):
-    """Rows sharing a position and a kept-page count run as one group (a strict subset of the batch)."""
+def test_rows_grouped_by_position_and_level_equal_the_reference(hq, hkv, copy_limit, sparse_form, monkeypatch):
+    """Rows sharing a position and a kept-page count run as one group (a strict subset of the batch:
+    consecutive rows as a view, others copied or row by row)."""
+    monkeypatch.setattr(cpu_attention, "SUBSET_COPY_BYTES", copy_limit)
     positions = [200, 200, 200, 200, 77, 200, 77, 200]
-    keeps = [0.1, 1.0, 0.1, 0.6, 0.1, 1.0, 0.1, 0.6]
+    keeps = [0.1, 0.1, 1.0, 0.6, 0.1, 1.0, 0.1, 0.6]
     _check(*_step(8, hq, hkv, 207, 16, torch.float32, positions, keeps, seed=21), torch.float32)
     same = [150] * 6
     _check(*_step(6, hq, hkv, 160, 16, torch.float32, same, [0.25] * 6, seed=22), torch.float32)  # one group
