@@ -6,6 +6,20 @@ each beside its memory-traffic floor.
     python benchmarks/decode.py --device cuda --hf-compile       # on a GPU: compiled HF baseline, CUDA graphs
     python benchmarks/decode.py --quick                          # a few actions, few steps (smoke run)
 
+Issue 11's acceptance run (real weights, fp32, 1 and 2 threads, the whole grid, batch 16 mixed, generate):
+
+    python benchmarks/decode.py --pretrained --threads 1,2 --batch 1 --contexts 512,4096,16384 --actions all \
+        --mixed-batch 16 --mixed-contexts 512,4096 --generate 64 --no-policy --tag issue11
+
+  mixed a/dense  batch --mixed-batch whose rows alternate between action a and dense: the step takes the
+                 generic graph (per-row actions); its ratio is to the all-dense batch (dense variant)
+  mixed spread   row b runs action (7 b) mod A: a batch spread over the grid
+  generate       `sol.generate` at --generate-budget (Fixed) and dense, and HF `model.generate` (default
+                 cache), --generate new tokens after a --prompt-len random prompt, greedy, batch 1,
+                 interleaved calls; the first call of each is untimed
+The table ends with issue 11's acceptance points (those the run covers), each met or missed with its
+figure; the JSON holds them under meta.acceptance.
+
 Rows, per (batch, context):
   hf static     HF's own decode step on a transformers StaticCache (model forward + greedy argmax), the
                 step `generate(cache_implementation="static")` runs; torch.compile'd with --hf-compile.
@@ -100,7 +114,7 @@ def device_name(device: torch.device) -> str:
                 break
     except OSError:
         pass
-    return f"cpu: {cpu}, {torch.get_num_threads()} torch threads"
+    return f"cpu: {cpu}"
 
 
 class BandwidthProbe:
@@ -276,9 +290,11 @@ class Config:
     cache's key/value tensors as its storage), rows interleaved over --rounds so that drift of the
     machine hits them alike."""
 
-    def __init__(self, args, sol, model, floor, device, batch, context):
+    def __init__(self, args, sol, model, floor, device, batch, context, mixed=False):
         self.args, self.sol, self.model, self.floor = args, sol, model, floor
-        self.device, self.batch, self.context = device, batch, context
+        self.device, self.batch, self.context, self.mixed = device, batch, context, mixed
+        self.threads = torch.get_num_threads()
+        self.load_average = os.getloadavg()[0]
         self.max_len = context + max(args.warmup + args.steps, args.rounds * (args.warmup + args.steps)) + 1
         self.kv_len = context + 1  # the first timed step's query sees the context plus itself
         self.gen = torch.Generator().manual_seed(args.seed)
@@ -318,8 +334,19 @@ class Config:
         return Runner("hf static" + (" compiled" if self.args.hf_compile else ""), "hf", self.sol.space.dense_index,
                       self.greedy_loop(call))
 
-    def solc_runner(self, name, kind, action, disp, cache, direct=False) -> Runner:
-        acts = torch.full((self.batch, 1), action, dtype=torch.long, device=self.device)
+    def mixed_actions(self, action: int) -> torch.Tensor:
+        """[B, 1]: rows alternate between `action` and dense (dense first when action is dense: then
+        every row is dense and the step takes the dense variant, the row it is compared with)."""
+        dense = self.sol.space.dense_index
+        return torch.tensor([[action if b % 2 == 0 else dense] for b in range(self.batch)], device=self.device)
+
+    def spread_actions(self) -> torch.Tensor:
+        """[B, 1]: row b runs action (b * 7) mod A: a batch whose rows cover the grid."""
+        A = len(self.sol.space)
+        return torch.tensor([[(b * 7) % A] for b in range(self.batch)], device=self.device)
+
+    def solc_runner(self, name, kind, action, disp, cache, direct=False, acts=None) -> Runner:
+        acts = torch.full((self.batch, 1), action, dtype=torch.long, device=self.device) if acts is None else acts
         if direct:  # the dispatcher's own program for this key, called without the dispatcher
             def call(ids, pos, i):
                 variant = disp._variants[(action, self.batch)]  # internal: built by the dense row's first step
@@ -380,8 +407,14 @@ class Config:
             runners.append(self.hf_runner(hf_cache))
         runners.append(self.solc_runner("solc dense", "solc", dense, disp, cache))
         runners.append(self.solc_runner("solc dense, direct", "solc_direct", dense, disp, cache, direct=True))
-        runners += [self.solc_runner(f"uniform {a}", "uniform", a, disp, cache) for a in actions if a != dense]
-        if not args.no_policy:
+        if self.mixed:  # rows alternate between the action and dense: the generic (per-row) graph
+            runners += [self.solc_runner(f"mixed {a}/dense", "mixed", a, disp, cache, acts=self.mixed_actions(a))
+                        for a in actions if a != dense]
+            runners.append(self.solc_runner("mixed spread", "mixed_spread", None, disp, cache,
+                                            acts=self.spread_actions()))
+        else:
+            runners += [self.solc_runner(f"uniform {a}", "uniform", a, disp, cache) for a in actions if a != dense]
+        if not args.no_policy and not self.mixed:
             runners.append(self.policy_runner(disp, cache))
 
         # Untimed first calls build (compile, capture) every program before any timing. The policy
@@ -418,7 +451,7 @@ class Config:
                   f"read bandwidth {bw:.1f} GB/s", flush=True)
 
         for r in runners:
-            if r.kind in ("solc", "uniform", "uniform_aux") and not r.error:
+            if r.kind in ("solc", "uniform", "uniform_aux") and not r.error and r.action is not None:
                 self.latency[r.action] = statistics.median(r.times)
         for r in runners:
             self.add_row(r)
@@ -444,9 +477,9 @@ class Config:
 
     # results --------------------------------------------------------------------------------------
     def add_row(self, r: Runner) -> None:
-        row = {"row": r.name, "kind": r.kind, "batch": self.batch, "context": self.context, "action": r.action,
-               "action_label": action_label(self.sol, r.action) if r.action is not None else "",
-               "steps": len(r.times)}
+        row = {"row": r.name, "kind": r.kind, "threads": self.threads, "batch": self.batch, "context": self.context,
+               "action": r.action, "action_label": action_label(self.sol, r.action) if r.action is not None else "",
+               "steps": len(r.times), "load_average": self.load_average}
         if r.error:
             row["error"] = r.error
             self.rows.append(row)
@@ -469,6 +502,10 @@ class Config:
                        realized_net_keep=sum(realized.values()) / 3, mixed_steps=acts.shape[1] - len(uniform_steps),
                        predicted_ms=pred, predicted_ratio=mean_uniform / pred if pred else None,
                        actions_histogram=json.dumps({int(a): int((acts == a).sum()) for a in acts.unique()}))
+        elif r.kind == "mixed":
+            floor_bytes = self.floor.step_bytes(self.mixed_actions(r.action)[:, 0].tolist(), self.kv_len)
+        elif r.kind == "mixed_spread":
+            floor_bytes = self.floor.step_bytes(self.spread_actions()[:, 0].tolist(), self.kv_len)
         else:
             floor_bytes = self.floor.step_bytes([r.action] * self.batch, self.kv_len)
         row["floor_bytes"] = int(floor_bytes)  # floor_ms / floor_ratio: set in main, from the run's best bandwidth
@@ -490,25 +527,27 @@ def print_table(rows: list[dict], meta: dict) -> str:
                  f"max {bw['probe_read_gbps_max']:.1f}); copy {bw['copy_gbps']:.1f} GB/s at start. "
                  "floor = bytes read / best read bandwidth")
     lines.append(f"{meta['rounds']} rounds x ({meta['warmup']} warm-up + {meta['steps']} timed steps) per row; "
-                 f"load average {meta['load_average_start'][0]:.2f} at start, {meta['load_average_end'][0]:.2f} at end")
-    header = f"{'row':<26} {'action':<22} {'tok/s':>9} {'ms/step':>9} {'x dense':>8} {'floor ms':>9} {'/floor':>7}  notes"
-    configs = sorted({(r["batch"], r["context"]) for r in rows})
-    for batch, context in configs:
+                 f"load average {meta['load_average_start'][0]:.2f} at start, {meta['load_average_end'][0]:.2f} at end "
+                 f"on {os.cpu_count()} CPUs")
+    header = f"{'row':<26} {'action':<22} {'tok/s':>9} {'ms/step':>9} {'/dense':>7} {'floor ms':>9} {'/floor':>7}  notes"
+    configs = sorted({(r.get("threads", 0), r["batch"], r["context"]) for r in rows if r["kind"] not in GENERATE_KINDS})
+    for threads, batch, context in configs:
+        sub = [r for r in rows if (r.get("threads", 0), r["batch"], r["context"]) == (threads, batch, context)
+               and r["kind"] not in GENERATE_KINDS]
         lines.append("")
-        lines.append(f"batch {batch}, context {context}")
+        lines.append(f"{threads} thread(s), batch {batch}, context {context} (load average {sub[0].get('load_average', 0):.2f})")
         lines.append(header)
         lines.append("-" * len(header))
-        sub = [r for r in rows if (r["batch"], r["context"]) == (batch, context)]
         dense = next((r for r in sub if r["kind"] == "solc" and "step_ms_median" in r), None)
         hf = next((r for r in sub if r["kind"] == "hf" and "step_ms_median" in r), None)
         for r in sub:
             if "error" in r:
                 lines.append(f"{r['row']:<26} {r['action_label']:<22} FAILED: {r['error'][:80]}")
                 continue
-            x = dense["step_ms_median"] / r["step_ms_median"] if dense else None
+            ratio = r["step_ms_median"] / dense["step_ms_median"] if dense else None
             notes = []
             if r["kind"] == "solc" and hf:
-                notes.append(f"{hf['step_ms_median'] / r['step_ms_median']:.2f}x hf")
+                notes.append(f"{r['step_ms_median'] / hf['step_ms_median']:.2f} of hf")
             if r["kind"] == "solc_direct" and dense:
                 notes.append(f"dispatch overhead {dense['step_ms_median'] - r['step_ms_median']:+.2f} ms")
             if r["kind"] == "policy":
@@ -519,17 +558,136 @@ def print_table(rows: list[dict], meta: dict) -> str:
                 if r.get("mixed_steps"):
                     notes.append(f"{r['mixed_steps']} mixed steps")
             lines.append(f"{r['row']:<26} {r['action_label']:<22} {fmt(r['tokens_per_s'], '9.2f')} "
-                         f"{fmt(r['step_ms_median'], '9.2f')} {fmt(x, '8.2f')} {fmt(r['floor_ms'], '9.2f')} "
-                         f"{fmt(r['floor_ratio'], '7.2f')}  {'; '.join(notes)}")
+                         f"{fmt(r['step_ms_median'], '9.2f')} {fmt(ratio, '7.3f')} {fmt(r.get('floor_ms'), '9.2f')} "
+                         f"{fmt(r.get('floor_ratio'), '7.2f')}  {'; '.join(notes)}")
+    gen = [r for r in rows if r["kind"] in GENERATE_KINDS]
+    if gen:
+        lines.append("")
+        lines.append(f"generate: {gen[0]['new_tokens']} new tokens after a {gen[0]['prompt_len']}-token prompt, batch 1, greedy")
+        for r in gen:
+            if "error" in r:
+                lines.append(f"{r['threads']} thread(s)  {r['row']:<30} FAILED: {r['error'][:80]}")
+                continue
+            lines.append(f"{r['threads']} thread(s)  {r['row']:<30} {r['tokens_per_s']:8.2f} tok/s  "
+                         f"{r['call_s_median']:7.3f} s/call  (load average {r['load_average']:.2f})")
+    checks = meta.get("acceptance") or []
+    if checks:
+        lines.append("")
+        lines.append("issue 11 acceptance (ratios to solc dense in the same run unless said otherwise)")
+        for c in checks:
+            lines.append(f"  {'met   ' if c['met'] else 'MISSED'} {c['check']}: {c['value']:.3f} (target {c['op']} {c['target']:g})")
     text = "\n".join(lines)
     print(text)
     return text
 
 
-CSV_FIELDS = ["row", "kind", "batch", "context", "action", "action_label", "steps", "tokens_per_s", "step_ms_median",
+def acceptance(rows: list[dict], space) -> list[dict]:
+    """Issue 11's acceptance points 1-6 evaluated on this run's rows (those the run has)."""
+    from runtime.actions import Action
+
+    checks = []
+
+    def add(check, value, op, target):
+        checks.append({"check": check, "value": value, "op": op, "target": target,
+                       "met": value <= target if op == "<=" else value >= target})
+
+    def median(kind, threads, batch, context, action=None):
+        r = next((r for r in rows if r["kind"] == kind and r.get("threads") == threads and r["batch"] == batch
+                  and r["context"] == context and (action is None or r["action"] == action)
+                  and "step_ms_median" in r), None)
+        return r["step_ms_median"] if r else None
+
+    def index(attn, mlp, bits):
+        try:
+            return space.index(Action(attn=attn, mlp=mlp, bits=bits))
+        except (KeyError, ValueError):
+            return None
+
+    configs = sorted({(r.get("threads"), r["batch"], r["context"]) for r in rows if r["kind"] in ("solc", "uniform", "mixed")})
+    for threads, batch, context in configs:
+        where = f"{threads} thread(s), batch {batch}, context {context}"
+        dense = median("solc", threads, batch, context)
+        if dense is None:
+            continue
+        hf = median("hf", threads, batch, context)
+        if hf is not None and batch == 1:
+            add(f"1. solc dense / hf static, {where}", dense / hf, "<=", 1.0)
+        targets = {(1.0, 0.4, 512): 0.80, (0.1, 1.0, 4096): 0.80, (0.1, 1.0, 16384): 0.65,
+                   (0.1, 0.4, 512): 0.75, (0.1, 0.4, 16384): 0.55}
+        for (attn, mlp, ctx), target in targets.items():
+            a = index(attn, mlp, 16)
+            ms = median("uniform", threads, batch, context, a) if a is not None and ctx == context and batch == 1 else None
+            if ms is not None:
+                add(f"{2 if attn == 1.0 else 3 if mlp == 1.0 else 4}. attn {attn:g} / mlp {mlp:g} / 16 bit, {where}",
+                    ms / dense, "<=", target)
+        slow = [(r["step_ms_median"] / dense, r["row"]) for r in rows
+                if r["kind"] in ("uniform", "mixed", "mixed_spread") and r.get("threads") == threads
+                and r["batch"] == batch and r["context"] == context and "step_ms_median" in r]
+        if slow:
+            worst, row = max(slow)
+            add(f"5. slowest action ({row}), {where}", worst, "<=", 1.15)
+    for threads in sorted({r["threads"] for r in rows if r["kind"] in GENERATE_KINDS}):
+        gen = {r["kind"]: r for r in rows if r["kind"] in GENERATE_KINDS and r["threads"] == threads and "tokens_per_s" in r}
+        if "generate_budget" in gen and "generate_hf" in gen:
+            add(f"6. sol.generate @ {gen['generate_budget']['budget']:g} (Fixed) tok/s / HF model.generate tok/s, "
+                f"{threads} thread(s)", gen["generate_budget"]["tokens_per_s"] / gen["generate_hf"]["tokens_per_s"], ">=", 1.0)
+    return checks
+
+
+GENERATE_KINDS = ("generate_hf", "generate_budget", "generate_dense")
+
+
+@torch.no_grad()
+def run_generate(args, sol, model, device) -> list[dict]:
+    """`sol.generate` at --generate-budget (Fixed) and dense vs HF `model.generate`: --generate new tokens
+    after a --prompt-len prompt, greedy, batch 1, each called --generate-rounds times interleaved."""
+    gen = torch.Generator().manual_seed(args.seed)
+    prompt = torch.randint(0, sol.token_embedding.shape[0], (1, args.prompt_len), generator=gen).to(device)
+    n = args.generate
+    calls = [
+        ("HF model.generate", "generate_hf", lambda: hf_adapter.generate_greedy(model, prompt, n)),
+        (f"sol.generate @ {args.generate_budget:g} (Fixed)", "generate_budget",
+         lambda: sol.generate(prompt, budget=args.generate_budget, max_new_tokens=n).tokens),
+        ("sol.generate dense", "generate_dense", lambda: sol.generate(prompt, max_new_tokens=n).tokens),
+    ]
+    load = os.getloadavg()[0]
+    times = {kind: [] for _, kind, _ in calls}
+    errors = {}
+    for rnd in range(args.generate_rounds + 1):  # round 0 untimed (first calls)
+        for name, kind, fn in calls:
+            if kind in errors:
+                continue
+            t = time.perf_counter()
+            try:
+                out = fn()
+            except Exception as err:  # noqa: BLE001
+                errors[kind] = f"{type(err).__name__}: {err}".splitlines()[0][:300]
+                print(f"    {name}: FAILED ({errors[kind]})", flush=True)
+                continue
+            elapsed = time.perf_counter() - t
+            if out.shape[1] != args.prompt_len + n:
+                errors[kind] = f"returned {out.shape[1] - args.prompt_len} new tokens, expected {n}"
+            elif rnd > 0:
+                times[kind].append(elapsed)
+    rows = []
+    for name, kind, _ in calls:
+        row = {"row": name, "kind": kind, "threads": torch.get_num_threads(), "batch": 1, "context": args.prompt_len,
+               "action": None, "action_label": "", "new_tokens": n, "prompt_len": args.prompt_len,
+               "budget": args.generate_budget if kind == "generate_budget" else 1.0, "load_average": load}
+        if kind in errors:
+            row["error"] = errors[kind]
+        else:
+            med = statistics.median(times[kind])
+            row.update(call_s_median=med, call_s=times[kind], tokens_per_s=n / med, steps=len(times[kind]))
+        rows.append(row)
+    return rows
+
+
+CSV_FIELDS = ["row", "kind", "threads", "batch", "context", "action", "action_label", "steps", "tokens_per_s", "step_ms_median",
               "step_ms_mean", "step_ms_min", "step_ms_max", "floor_bytes", "floor_ms", "floor_ratio",
               "policy_ms_median", "policy_share", "realized_attn", "realized_mlp", "realized_quant",
-              "realized_net_keep", "mixed_steps", "predicted_ms", "predicted_ratio", "actions_histogram", "error"]
+              "realized_net_keep", "mixed_steps", "predicted_ms", "predicted_ratio", "actions_histogram", "load_average",
+              "new_tokens", "call_s_median", "error"]
 
 
 def write_outputs(out_dir: Path, stem: str, meta: dict, rows: list[dict], table: str) -> list[Path]:
@@ -590,14 +748,25 @@ def main(argv=None) -> int:
     p.add_argument("--budget", type=float, default=0.5, help="policy budget (every axis; net keep target)")
     p.add_argument("--policy-sample", action="store_true", help="sample the policy's actions (rows may differ) instead of greedy")
     p.add_argument("--bandwidth-mib", type=int, default=1024, help="buffer for the bandwidth measurement")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--threads", type=ints, default=None,
+                   help="comma-separated torch CPU thread counts, each measured in turn in this process (default: torch's)")
+    p.add_argument("--mixed-batch", type=ints, default=[],
+                   help="batch sizes measured with mixed rows: per action, rows alternating between it and dense "
+                        "(the generic graph), and one batch spread over the grid (issue 11: 16)")
+    p.add_argument("--mixed-contexts", type=ints, default=None, help="contexts of the mixed-batch rows (default: --contexts)")
+    p.add_argument("--generate", type=int, default=0,
+                   help="new tokens of the generate rows (sol.generate at --generate-budget and dense vs HF model.generate; "
+                        "0 = none; issue 11: 64)")
+    p.add_argument("--generate-budget", type=float, default=0.6, help="budget of the sol.generate row (Fixed scheduler)")
+    p.add_argument("--generate-rounds", type=int, default=5, help="timed calls per generate row, interleaved")
+    p.add_argument("--prompt-len", type=int, default=32, help="prompt tokens of the generate rows")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"), help="output folder")
     p.add_argument("--tag", default="", help="suffix of the output file names")
     args = p.parse_args(argv)
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args.threads = args.threads or [torch.get_num_threads()]
+    torch.set_num_threads(args.threads[0])
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           "cpu" if args.device == "auto" else args.device)
     dtype = DTYPES[args.dtype] if args.dtype != "auto" else (torch.bfloat16 if device.type == "cuda" else torch.float32)
@@ -625,7 +794,8 @@ def main(argv=None) -> int:
     args.bandwidth = measure_bandwidth(device, args.bandwidth_mib)
     args.probe = BandwidthProbe(device, args.bandwidth_mib)
 
-    max_context = max(args.contexts) + args.rounds * (args.warmup + args.steps)
+    max_context = max(args.contexts + (args.mixed_contexts or []) + [args.prompt_len + args.generate]) \
+        + args.rounds * (args.warmup + args.steps)
     if args.pretrained:
         if args.model != "smollm2-135m":
             p.error("--pretrained is available for smollm2-135m only")
@@ -660,12 +830,19 @@ def main(argv=None) -> int:
     floor = Floor(sol, model, policy_bytes)
 
     rows: list[dict] = []
-    for batch in args.batch:
-        for context in args.contexts:
-            print(f"batch {batch}, context {context}:", flush=True)
-            cfg = Config(args, sol, model, floor, device, batch, context)
+    configs = [(b, c, False) for b in args.batch for c in args.contexts]
+    configs += [(b, c, True) for b in args.mixed_batch for c in (args.mixed_contexts or args.contexts)]
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        for batch, context, mixed in configs:
+            print(f"{threads} thread(s), batch {batch}{' mixed' if mixed else ''}, context {context} "
+                  f"(load average {os.getloadavg()[0]:.2f}):", flush=True)
+            cfg = Config(args, sol, model, floor, device, batch, context, mixed=mixed)
             cfg.run(actions)
             rows += cfg.rows
+        if args.generate:
+            print(f"{threads} thread(s), generate (load average {os.getloadavg()[0]:.2f}):", flush=True)
+            rows += run_generate(args, sol, model, device)
 
     probes = args.probe.gbps or [args.bandwidth["read_gbps"]]
     bandwidth = {
@@ -701,12 +878,17 @@ def main(argv=None) -> int:
         "rounds": args.rounds,
         "actions": actions,
         "policy_params": sum(q.numel() for q in args.policy_net.parameters()) if not args.no_policy else 0,
+        "threads": args.threads,
+        "mixed_batch": args.mixed_batch,
+        "generate": {"new_tokens": args.generate, "budget": args.generate_budget, "rounds": args.generate_rounds,
+                     "prompt_len": args.prompt_len},
         "load_average_start": load_start,
         "load_average_end": os.getloadavg(),
         "bandwidth": bandwidth,
         "runtime_s": round(time.perf_counter() - t_start, 1),
         "cost_table_note": "predicted_ms: mean over timed steps of the per-action median step latency measured in this run",
     }
+    meta["acceptance"] = acceptance(rows, space)
     print()
     table = print_table(rows, meta)
     stem = f"decode_{device.type}_{args.model}" + (f"_{args.tag}" if args.tag else "")

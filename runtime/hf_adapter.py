@@ -258,3 +258,10 @@ def static_cache_decode_step(model: nn.Module, cache, compile: bool = False, com
     if compile:
         return torch.compile(step, fullgraph=True, dynamic=False, mode=compile_mode)
     return step
+
+
+def generate_greedy(model: nn.Module, input_ids, max_new_tokens: int):
+    """HF `model.generate` as a user calls it (default cache), greedy, exactly `max_new_tokens` new tokens
+    per row: returns [B, prompt + max_new_tokens] token ids."""
+    return model.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens,
+                          min_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0)

@@ -7,13 +7,14 @@ same ops (issue: Triton kernels), so a pass never needs to know which backend ru
 """
 from __future__ import annotations
 
+import warnings
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from runtime.ops import reference, step_hints
+from runtime.ops import cpu_attention, reference, step_hints
 
 
 def write_kv(k_cache: Tensor, v_cache: Tensor, k: Tensor, v: Tensor, positions: Tensor) -> None:
@@ -51,6 +52,15 @@ def attention(
     (what a decode kernel scores); positions [B, T] absolute positions of the new tokens, ascending
     within a row; keep [B, T] attention keep fraction.
     """
+    hints = step_hints.current()
+    if cpu_attention.supports(q, k_cache, v_cache):  # a CPU decode step: read only what the action keeps
+        keeps, rows_pos = cpu_attention.host_levels(keep, positions, hints)
+        if len(rows_pos) <= cpu_attention.SLICE_WRITE_MAX_ROWS:
+            cpu_attention.write_and_refresh(k_cache, v_cache, page_min, page_max, k, v, rows_pos)
+        else:
+            write_kv(k_cache, v_cache, k, v, positions)
+            reference.refresh_current_page(page_min, page_max, k_cache, positions)
+        return cpu_attention.decode_attention(q, k_cache, v_cache, page_min, page_max, rows_pos, keeps, scale)
     write_kv(k_cache, v_cache, k, v, positions)
     decode = q.shape[2] == 1
     if decode:  # one new key per row: only its page's statistics change
@@ -61,7 +71,6 @@ def attention(
         page_max.copy_(high)
     # Keys past the furthest query are invisible to every query: do not score or read them.
     # A step's hints carry both facts as host numbers (no device sync); without them read the tensors.
-    hints = step_hints.current()
     visible = hints.kv_len if hints is not None and hints.kv_len is not None else int(positions.max()) + 1
     dense = hints.attn_dense if hints is not None and hints.attn_dense is not None else bool((keep >= 1).all())
     k_vis, v_vis = k_cache[:, :, :visible], v_cache[:, :, :visible]
@@ -77,6 +86,32 @@ def attention(
 @attention.register_fake
 def _(q, k, v, k_cache, v_cache, page_min, page_max, positions, keep, scale):
     return q.new_empty(q.shape)  # contiguous, whatever q's strides (the real op returns contiguous)
+
+
+def _bump_attention_versions(keyset, *args, **kwargs):
+    """solc::attention's ADInplaceOrView kernel: bump the version counters of the four caches it writes,
+    then run the backend. torch 2.13's generic kernel (custom_ops.adinplaceorview_impl) first rebinds
+    the call against the schema (utils.fill_defaults rebuilds `schema.arguments` per argument): about
+    50 us per call, as much as a short-context attention itself. The graph passes positional args, so
+    here the written caches are args 3..6; any other call shape takes the generic rebinding."""
+    if kwargs or len(args) != len(_ATTENTION_SCHEMA.arguments):
+        all_args, _ = torch._library.utils.fill_defaults(_ATTENTION_SCHEMA, args, kwargs)
+    else:
+        all_args = args
+    for i in _ATTENTION_MUTATED:
+        torch.autograd.graph.increment_version(all_args[i])
+    return attention._opoverload.redispatch(keyset & torch._C._after_ADInplaceOrView_keyset, *args, **kwargs)
+
+
+_ATTENTION_SCHEMA = attention._opoverload._schema
+_ATTENTION_MUTATED = tuple(i for i, a in enumerate(_ATTENTION_SCHEMA.arguments) if a.alias_info is not None
+                           and a.alias_info.is_write)
+assert [_ATTENTION_SCHEMA.arguments[i].name for i in _ATTENTION_MUTATED] == ["k_cache", "v_cache", "page_min", "page_max"]
+_ATTENTION_VERSION_LIB = torch.library.Library("solc", "IMPL")  # noqa: TOR901  kept alive: owns the override
+with warnings.catch_warnings():
+    warnings.filterwarnings("ignore", message=".*Overriding a previously registered kernel.*")
+    warnings.filterwarnings("ignore", message="Warning only once for all operators")
+    _ATTENTION_VERSION_LIB.impl("attention", _bump_attention_versions, "ADInplaceOrView", with_keyset=True)
 
 
 @torch.library.custom_op("solc::mlp", mutates_args=())

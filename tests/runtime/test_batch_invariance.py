@@ -1,0 +1,76 @@
+"""DESIGN invariant 6: a row's log-probs do not depend on its batch mates (fp32, 1e-5), under every action
+of the compiled model's space (written over `sol.space`, so every action mode the space grows is covered).
+
+The same rows are decoded alone and inside a batch of 4 (dense prefill, then one decode step per token
+with the action fed per row, as the runtime's steps run): under each uniform action, and through the
+runtime's own decode loop (`runtime.generate.score`) under a schedule where rows run different actions."""
+import pytest
+import torch
+
+import solc
+from runtime.generate import score
+
+PROMPT, STEPS, BATCH = 6, 8, 4
+
+# The real model's linears (q/k/v/o projections and the LM head, aten.linear in the graph) run a GEMV
+# for one decode row and a GEMM for several: on this CPU (MKL, torch 2.13) a row's outputs then differ in
+# the last bits between batch 1 and batch 4 (rows outside full 4-row panels take another kernel), and
+# the discrete choices downstream (MLP channel top-k, fake-quant rounding, page top-k) amplify that to
+# nats: measured up to 5.1 nats/token (attn 0.1, mlp 0.4, 5 bit). With row-wise linears the same run is
+# bit-exact under every action. The fix is a graph change (a batch-invariant linear at decode, e.g.
+# embedding_bag over W^T rows: same speed at batch 1, 2.3x the GEMM at batch 16); see issue 11's report.
+_REAL_MODEL_LINEARS = pytest.mark.xfail(
+    strict=True,
+    reason="decode-step aten.linear is not batch invariant on CPU (GEMV at batch 1 vs GEMM at batch 4); "
+           "discrete actions amplify the last-bit difference",
+)
+
+
+def _ids(vocab: int, rows: int) -> torch.Tensor:
+    return torch.randint(3, vocab, (rows, PROMPT + STEPS), generator=torch.Generator().manual_seed(0))
+
+
+def _decode_log_probs(sol, ids: torch.Tensor, action: int) -> torch.Tensor:
+    """[B, STEPS] log p of ids[:, PROMPT:] decoded one step at a time under `action`, after a dense prefill
+    of ids[:, :PROMPT - 1] (the step protocol of runtime.generate)."""
+    B = ids.shape[0]
+    cache = sol.new_cache(B, PROMPT + STEPS)
+    sol(ids[:, :PROMPT - 1], None, torch.arange(PROMPT - 1).expand(B, -1), cache)
+    out = []
+    for t in range(STEPS):
+        pos = PROMPT - 1 + t
+        logits = sol(ids[:, pos:pos + 1], torch.full((B, 1), action), torch.full((B, 1), pos), cache).logits
+        out.append(torch.log_softmax(logits[:, -1].float(), -1).gather(-1, ids[:, pos + 1:pos + 2])[:, 0])
+    return torch.stack(out, 1)
+
+
+@pytest.fixture(scope="module", params=[
+    "tiny-llama",
+    "tiny-llama-mha",
+    pytest.param("smollm2-135m", marks=[pytest.mark.slow, _REAL_MODEL_LINEARS]),
+])
+def compiled(request):
+    model = solc.load_model(request.param, dtype=torch.float32)
+    return solc.compile(model, max_seq_len=PROMPT + STEPS + 8)
+
+
+def test_every_uniform_action_gives_a_row_the_same_log_probs_alone_and_in_a_batch(compiled):
+    ids = _ids(compiled.token_embedding.shape[0], BATCH)
+    with torch.no_grad():
+        for action in range(len(compiled.space)):
+            batch = _decode_log_probs(compiled, ids, action)
+            alone = _decode_log_probs(compiled, ids[:1], action)
+            torch.testing.assert_close(batch[0], alone[0], atol=1e-5, rtol=0,
+                                       msg=lambda m: f"action {compiled.space[action]}: {m}")
+
+
+def test_rows_with_different_actions_give_the_same_log_probs_alone(compiled):
+    A = len(compiled.space)
+    schedule = torch.tensor([[(7 * b + 3 * t) % A for t in range(STEPS)] for b in range(BATCH)])
+    ids = _ids(compiled.token_embedding.shape[0], BATCH)
+    with torch.no_grad():
+        batch = score(compiled, ids, PROMPT, schedule=schedule).logprobs
+        for row in range(BATCH):
+            alone = score(compiled, ids[row:row + 1], PROMPT, schedule=schedule[row:row + 1]).logprobs
+            torch.testing.assert_close(batch[row], alone[0], atol=1e-5, rtol=0,
+                                       msg=lambda m: f"row {row}, schedule {schedule[row].tolist()}: {m}")
