@@ -195,7 +195,10 @@ def check_budget(budget, batch: int) -> None:
         if unknown:
             raise ArgumentError("budget", f"budget has unknown axes {unknown}; valid axes: {list(AXES)}")
         for axis, v in budget.items():
-            check_real(f"budget[{axis!r}]", v, 0.0, 1.0, lo_open=True)
+            try:
+                check_real(f"budget[{axis!r}]", v, 0.0, 1.0, lo_open=True)
+            except ArgumentError as e:
+                raise type(e)("budget", str(e)) from None
         return
     if isinstance(budget, (bool, str, bytes)):
         fail("budget", budget, valid, type_error=True)
