@@ -1,4 +1,11 @@
-"""The measured cost table: latency of each action's decode step relative to dense, on this device.
+"""What a schedule costs: the realized budget of the actions that ran, and the measured cost table.
+
+Budget accounting lives here and only here (DESIGN invariant 4: the budget reported is the budget of
+the actions that ran). Steps are counted when `controlled` (not forced dense, not after a row
+finished); actions of -1 (nothing ran) are never counted.
+
+    realized_budget(space, actions, controlled)   # [N, 3] per row, per axis (attn, mlp, bits/16)
+    meter = BudgetMeter(space); meter.add(actions, controlled); meter.summary()   # pooled over calls
 
 A budget stated in fractions (keep, bits/16) says what the paper counts; the cost table says what a
 schedule really costs here, so a realized schedule can be priced in time (`CostTable.predict`).
@@ -10,10 +17,57 @@ import time
 from dataclasses import asdict, dataclass
 
 import torch
+from torch import Tensor
 
+from runtime.actions import AXES
 from runtime.dispatch import StepDispatcher
 
 VERSION = 1
+
+
+def step_costs(space, actions: Tensor, controlled: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-axis cost of every counted step [..., 3] (zero where not counted) and the count weights [..., 1]."""
+    costs = space.cost_table().to(actions.device)[actions.clamp(min=0)]
+    weight = (controlled & (actions >= 0)).to(torch.float64)[..., None]
+    return costs * weight, weight
+
+
+def realized_budget(space, actions: Tensor, controlled: Tensor, empty: float = 1.0) -> Tensor:
+    """[N, 3] float64 mean cost per axis over the counted steps of each row of actions [N, T]
+    (`empty` where a row has none)."""
+    costs, weight = step_costs(space, actions, controlled)
+    n = weight.sum(1)
+    return torch.where(n > 0, costs.sum(1) / n.clamp(min=1), torch.full_like(n, empty))
+
+
+class BudgetMeter:
+    """The realized budget pooled over every counted step of several calls (a task, an eval run)."""
+
+    def __init__(self, space):
+        self.space = space
+        self.cost_sum = torch.zeros(3, dtype=torch.float64)
+        self.steps = 0
+
+    def add(self, actions: Tensor, controlled: Tensor) -> "BudgetMeter":
+        costs, weight = step_costs(self.space, actions, controlled)
+        self.cost_sum += costs.reshape(-1, 3).sum(0).cpu()
+        self.steps += int(weight.sum())
+        return self
+
+    def mean(self) -> Tensor:
+        """[3] mean cost per axis (NaN before any counted step)."""
+        return self.cost_sum / self.steps if self.steps else torch.full((3,), float("nan"), dtype=torch.float64)
+
+    def summary(self, cost_table: "CostTable | None" = None, actions: Tensor | None = None,
+                controlled: Tensor | None = None) -> dict:
+        """{axis: mean cost, net_keep: mean over the enabled axes} and, given a cost table and the
+        actions, `latency`: the mean relative step latency of the counted steps."""
+        mean = self.mean()
+        out = {axis: float(mean[i]) for i, axis in enumerate(AXES)}
+        out["net_keep"] = sum(out[a] for a in self.space.axes) / len(self.space.axes)
+        if cost_table is not None and actions is not None and self.steps:
+            out["latency"] = cost_table.predict(actions, controlled & (actions >= 0))
+        return out
 
 
 @dataclass
@@ -61,9 +115,9 @@ def calibrate_costs(sol, batch: int = 1, context: int = 256, repeats: int = 10, 
     vocab = sol.token_embedding.shape[0]
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab, (batch, context + 1), generator=gen).to(device)
-    cache = sol.new_cache(batch, context + 1, device=device)
-    sol(ids[:, :context], None, torch.arange(context, device=device).expand(batch, context), cache)
     dispatcher = dispatcher or StepDispatcher(sol)
+    cache = dispatcher.cache("calibrate", batch, context + 1, device=device)
+    dispatcher.prefill(ids[:, :context], torch.arange(context, device=device).expand(batch, context), cache, kv_len=context)
     feed, pos = ids[:, context:], torch.full((batch, 1), context, device=device)
     latency = []
     for action in range(len(sol.space)):
@@ -72,7 +126,7 @@ def calibrate_costs(sol, batch: int = 1, context: int = 256, repeats: int = 10, 
         for i in range(warmup + repeats):
             _sync(device)
             start = time.perf_counter()
-            dispatcher.step(feed, acts, pos, cache)  # rewrites the same cache slot every time
+            dispatcher.step(feed, acts, pos, cache, action=action, kv_len=context + 1)  # rewrites the same slot
             _sync(device)
             if i >= warmup:
                 times.append((time.perf_counter() - start) * 1e3)

@@ -1,4 +1,4 @@
-"""The step dispatcher: one decode variant per action, owned in one place.
+"""The step dispatcher: one decode variant per action, and the caches they run on, owned in one place.
 
 A variant is the model's rewritten graph with the `actions` input replaced by a constant, so every
 solc:: op sees a fixed level (the kernels pick their specialised path, inductor folds the level
@@ -6,25 +6,40 @@ lookups). Keys are (action, batch): on CUDA each key is captured once as a CUDA 
 CPU each key is a `torch.compile(fullgraph=True)` program (or the plain graph in eager mode).
 Steps whose rows picked different actions take the generic graph, which reads a per-row action
 tensor: correct for any mix, without specialisation.
+
+Every step runs under `runtime.ops.step_hints`: a variant's levels are host constants, and the caller
+(the stepper) knows the furthest position a step writes, so the ops need not ask the device. A
+captured CUDA graph cannot depend on the step's length: it is told the whole cache is visible (the
+queries' own positions still mask what each one sees).
+
+The dispatcher also keeps the caches it runs on (`cache(slot, batch, max_len)`): a CUDA-graph variant
+is tied to the cache it was captured with, so reusing the cache across calls is what lets a capture be
+replayed instead of redone.
 """
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import torch
 import torch.fx as fx
 from torch import Tensor
 
 from runtime.kv_cache import StaticKVCache
+from runtime.ops.step_hints import StepHints, step_hints
+from runtime.signature import ACTIONS_INPUT
 
 MODES = ("eager", "compile", "cudagraph")
+_HINT_LEVELS = tuple(f.name for f in dataclasses.fields(StepHints) if f.name != "kv_len")
+_READ = object()  # step(action=...) not given: read it from the actions tensor
 
 
 def specialize(gm: fx.GraphModule, action: int) -> fx.GraphModule:
     """A copy of `gm` (sharing its weights) whose `actions` input is the constant `action`."""
     graph = copy.deepcopy(gm.graph)
-    actions = next(n for n in graph.nodes if n.op == "placeholder" and n.target == "actions")
-    ids = next(n for n in graph.nodes if n.op == "placeholder" and n.target == "input_ids")
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    actions = next(n for n in placeholders if n.target == ACTIONS_INPUT)
+    ids = placeholders[0]  # input_ids: the constant takes its [B, T] shape
     with graph.inserting_after(actions):
         const = graph.call_function(torch.ops.aten.full_like.default, (ids, action), {"dtype": torch.long})
     actions.replace_all_uses_with(const)
@@ -33,23 +48,30 @@ def specialize(gm: fx.GraphModule, action: int) -> fx.GraphModule:
     return fx.GraphModule(gm, graph, class_name=f"SOLStepAction{action}")
 
 
+def action_hints(space, action: int | None, kv_len: int | None) -> StepHints:
+    """What the host knows about a step: the levels of its one action (None: mixed), and kv_len."""
+    if action is None:
+        return StepHints(kv_len=kv_len)
+    act = space[action]
+    return StepHints(kv_len=kv_len, **{name: getattr(act, name) for name in _HINT_LEVELS if hasattr(act, name)})
+
+
 class _CudaGraphStep:
     """One captured CUDA graph: static inputs are copied in, the graph replays, outputs are static."""
 
-    def __init__(self, fn, ids: Tensor, positions: Tensor, cache: StaticKVCache):
+    def __init__(self, fn, ids: Tensor, positions: Tensor, cache: StaticKVCache, signature):
         self.ids, self.positions, self.cache = ids.clone(), positions.clone(), cache
+        args = signature.variant_args(self.ids, self.positions, cache)
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):  # warm-up outside the graph (allocator, lazy init)
-            fn(self.ids, self.positions, *cache.tensors)
+            fn(*args)
         torch.cuda.current_stream().wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            self.out = fn(self.ids, self.positions, *cache.tensors)
+            self.out = fn(*args)
 
     def __call__(self, ids: Tensor, positions: Tensor, cache: StaticKVCache):
-        if cache is not self.cache:
-            raise ValueError("a CUDA-graph step replays on the cache it was captured with")
         self.ids.copy_(ids)
         self.positions.copy_(positions)
         self.graph.replay()
@@ -65,36 +87,74 @@ class StepDispatcher:
         if mode not in MODES:
             raise ValueError(f"mode={mode!r}; valid choices: {list(MODES)}")
         self.sol, self.mode = sol, mode
+        self.signature = sol.signature
         self._variants: dict[tuple[int, int], object] = {}
         self._generic = None
+        self._caches: dict[str, StaticKVCache] = {}
 
     @property
     def keys(self) -> list[tuple[int, int]]:
         """The (action, batch) keys captured so far."""
         return sorted(self._variants)
 
+    # -- caches ------------------------------------------------------------------------------------
+    def cache(self, slot: str, batch: int, max_len: int, device=None) -> StaticKVCache:
+        """The cache of `slot` ("steps", "prefill"), reused while it has `batch` rows and at least
+        `max_len` positions; otherwise a new one (and the CUDA graphs captured on the old one go)."""
+        device = torch.device(device) if device is not None else self.sol.graph.solc_action_levels.device
+        held = self._caches.get(slot)
+        if held is not None and held.batch == batch and held.max_len >= max_len and held.tensors[0].device == device:
+            return held
+        if held is not None:
+            self._variants = {k: v for k, v in self._variants.items() if getattr(v, "cache", None) is not held}
+        self._caches[slot] = self.sol.new_cache(batch, max_len, device=device)
+        return self._caches[slot]
+
+    def release_caches(self) -> None:
+        """Drop the held caches (and the CUDA graphs captured on them)."""
+        self._caches.clear()
+        self._variants = {k: v for k, v in self._variants.items() if not hasattr(v, "cache")}
+
+    # -- steps -------------------------------------------------------------------------------------
     def _variant(self, action: int, ids: Tensor, positions: Tensor, cache: StaticKVCache):
         key = (action, ids.shape[0])
-        if key not in self._variants:
+        variant = self._variants.get(key)
+        if variant is None or (self.mode == "cudagraph" and variant.cache is not cache):
             gm = specialize(self.sol.graph, action)
             if self.mode == "compile":
                 gm = torch.compile(gm, fullgraph=True, dynamic=False)
             if self.mode == "cudagraph":
-                self._variants[key] = _CudaGraphStep(gm, ids, positions, cache)
+                variant = _CudaGraphStep(gm, ids, positions, cache, self.signature)
             else:
-                self._variants[key] = lambda i, p, c, fn=gm: fn(i, p, *c.tensors)
-        return self._variants[key]
+                variant = lambda i, p, c, fn=gm, sig=self.signature: fn(*sig.variant_args(i, p, c))  # noqa: E731
+            self._variants[key] = variant
+        return variant
 
     def _generic_step(self, ids, actions, positions, cache):
         if self._generic is None:
             fn = self.sol.graph
             self._generic = torch.compile(fn, fullgraph=True, dynamic=False) if self.mode == "compile" else fn
-        return self._generic(ids, positions, actions, *cache.tensors)
+        return self._generic(*self.signature.args(ids, positions, actions, cache))
 
-    def step(self, ids: Tensor, actions: Tensor, positions: Tensor, cache: StaticKVCache):
-        """ids/actions/positions [B, 1] -> (logits [B, 1, V], hidden [B, 1, d])."""
-        first = actions.reshape(-1)[0]
-        # The host must know the action to pick a variant: this is the one sync per step.
-        if bool((actions == first).all()):
-            return self._variant(int(first), ids, positions, cache)(ids, positions, cache)
-        return self._generic_step(ids, actions, positions, cache)
+    def step(self, ids: Tensor, actions: Tensor, positions: Tensor, cache: StaticKVCache, *,
+             action=_READ, kv_len: int | None = None):
+        """ids/actions/positions [B, 1] -> (logits [B, 1, V], hidden [B, 1, d]).
+
+        action: the one action every row runs, as the host knows it (an int), or None for a mixed
+        step; when not given it is read from `actions` (a host sync). kv_len: max(positions) + 1 if
+        the caller knows it (the ops then skip reading the positions)."""
+        if action is _READ:
+            first = actions.reshape(-1)[0]
+            action = int(first) if bool((actions == first).all()) else None
+        if self.mode == "cudagraph":
+            kv_len = cache.max_len  # a replayed graph serves every step length: let the positions mask
+        with step_hints(action_hints(self.sol.space, action, kv_len)):
+            if action is None:
+                return self._generic_step(ids, actions, positions, cache)
+            return self._variant(int(action), ids, positions, cache)(ids, positions, cache)
+
+    def prefill(self, ids: Tensor, positions: Tensor, cache: StaticKVCache, kv_len: int | None = None):
+        """A dense pass over T tokens (a prefill chunk): the plain graph, every row dense."""
+        dense = torch.full_like(ids, self.sol.space.dense_index)
+        with step_hints(action_hints(self.sol.space, self.sol.space.dense_index, kv_len)):
+            return self.sol.graph(*self.signature.args(ids, positions, dense, cache))

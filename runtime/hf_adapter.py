@@ -74,6 +74,17 @@ def config_dict(model: nn.Module) -> dict:
     return model.config.to_dict()
 
 
+def eos_token_ids(model: nn.Module) -> list[int]:
+    """The ids HF `generate` stops at: the generation config's eos_token_id (else the model config's)."""
+    gen = getattr(model, "generation_config", None)
+    eos = getattr(gen, "eos_token_id", None) if gen is not None else None
+    if eos is None:
+        eos = getattr(model.config, "eos_token_id", None)
+    if eos is None:
+        return []
+    return [int(e) for e in eos] if isinstance(eos, (list, tuple)) else [int(eos)]
+
+
 # -- saving and loading (offline) ------------------------------------------------------------------
 @contextlib.contextmanager
 def quiet_loading():

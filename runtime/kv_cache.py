@@ -44,10 +44,22 @@ class StaticKVCache:
             t.fill_({2: float("inf"), 3: float("-inf")}.get(i % len(CACHE_PARTS), 0.0))
 
 
-def repeat_rows(cache: StaticKVCache, repeats: int) -> StaticKVCache:
-    """A new cache whose rows are each of `cache`'s rows repeated `repeats` times (row-major:
-    r0,r0,..,r1,r1,..): K counterfactual schedules continue from one shared prefill."""
-    out = StaticKVCache.__new__(StaticKVCache)
-    out.batch, out.max_len = cache.batch * repeats, cache.max_len
-    out.tensors = [t.repeat_interleave(repeats, dim=0) for t in cache.tensors]
+def repeat_rows(cache: StaticKVCache, repeats: int, out: StaticKVCache | None = None, length: int | None = None) -> StaticKVCache:
+    """`cache`'s rows each repeated `repeats` times (row-major: r0,r0,..,r1,r1,..): K counterfactual
+    schedules continue from one shared prefill. With `out` (a cache of batch * repeats rows, at least as
+    long), the rows are copied into it in place, only the first `length` positions (default all) and
+    their pages: what lies past them is never visible before a later step rewrites it."""
+    if out is None:
+        out = StaticKVCache.__new__(StaticKVCache)
+        out.batch, out.max_len = cache.batch * repeats, cache.max_len
+        out.tensors = [t.repeat_interleave(repeats, dim=0) for t in cache.tensors]
+        return out
+    length = cache.max_len if length is None else length
+    if out.batch != cache.batch * repeats or out.max_len < length or length > cache.max_len:
+        raise ValueError(f"repeat_rows(out=...) copies {length} positions of {cache.max_len} into {cache.batch * repeats} "
+                         f"rows; got {out.batch} rows of {out.max_len}")
+    pages = -(-length // PAGE_SIZE)
+    for i, (src, dst) in enumerate(zip(cache.tensors, out.tensors)):
+        n = length if i % len(CACHE_PARTS) < 2 else pages
+        dst[:, :, :n].copy_(src[:, :, :n].repeat_interleave(repeats, dim=0))
     return out

@@ -137,7 +137,11 @@ class PolicyOutput(NamedTuple):
 
 
 class PolicyCache:
-    """Static per-layer key/value cache of the policy transformer for incremental stepping."""
+    """Static per-layer key/value cache of the policy transformer for incremental stepping.
+
+    The next write position is a device tensor and every step attends over the whole cache (keys past
+    the position masked), so a step has the same shapes at every position (capturable); `length` is
+    its host copy, for the bounds check."""
 
     def __init__(self, config: PolicyConfig, batch: int, max_len: int, dtype: torch.dtype, device):
         if batch < 1 or max_len < 1:
@@ -145,8 +149,13 @@ class PolicyCache:
         head_dim = config.d_model // config.n_heads
         shape = (batch, config.n_heads, max_len, head_dim)
         self.batch, self.max_len, self.length = batch, max_len, 0
+        self.position = torch.zeros((), dtype=torch.long, device=device)
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layers)]
+
+    def advance(self, steps: int) -> None:
+        self.length += steps
+        self.position.add_(steps)
 
 
 class _Block(nn.Module):
@@ -167,15 +176,14 @@ class _Block(nn.Module):
             scores = q @ k.transpose(-1, -2)
             mask = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
         else:
-            start = cache.length
-            if start + T > cache.max_len:
-                raise ValueError(f"policy cache holds {cache.max_len} steps; step {start + T} does not fit")
-            cache.keys[layer][:, :, start : start + T] = k
-            cache.values[layer][:, :, start : start + T] = v
-            k = cache.keys[layer][:, :, : start + T]
-            v = cache.values[layer][:, :, : start + T]
+            if cache.length + T > cache.max_len:
+                raise ValueError(f"policy cache holds {cache.max_len} steps; step {cache.length + T} does not fit")
+            slots = cache.position + torch.arange(T, device=x.device)  # [T] positions of the new steps
+            cache.keys[layer].index_copy_(2, slots, k.to(cache.keys[layer].dtype))
+            cache.values[layer].index_copy_(2, slots, v.to(cache.values[layer].dtype))
+            k, v = cache.keys[layer], cache.values[layer]
             scores = q @ k.transpose(-1, -2)
-            mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start)
+            mask = torch.arange(cache.max_len, device=x.device)[None, :] <= slots[:, None]  # [T, max_len]
         # Explicit softmax attention (not SDPA): the same math for the full sequence and one step.
         scores = (scores / math.sqrt(q.shape[-1])).masked_fill(~mask, float("-inf"))
         attn = torch.softmax(scores, dim=-1) @ v
@@ -251,7 +259,7 @@ class PolicyNet(nn.Module):
         for layer, block in enumerate(self.blocks):
             x = block(x, cache, layer)
         if cache is not None:
-            cache.length += x.shape[1]
+            cache.advance(x.shape[1])
         h = self.norm(x)
         budget = self.budget_head(h)
         costs = self.cost_table.to(dtype)  # [A, 3]

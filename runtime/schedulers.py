@@ -8,7 +8,9 @@ trained policy, the baselines and a fixed schedule alike:
 
 `hidden` [B, d] is the base model's last-layer hidden state of the previous token, `token_embedding`
 [B, d] the embedding of the token being fed, `dense` [B] bool marks steps that must run dense (the
-first DENSE_PREFIX positions of a sequence); a source returns the dense action there.
+first DENSE_PREFIX positions of a sequence); a source returns the dense action there, on `dense`'s
+device. A source keeps its per-step state on that device and never reads it back to the host: the
+stepper's one host read per step is the actions it returns (docs/runtime.md, "Host syncs").
 """
 from __future__ import annotations
 
@@ -101,6 +103,7 @@ class Fixed(ActionSource):
         super().reset(space, batch, torch.as_tensor(targets, dtype=torch.float64).expand(batch, 3), horizon, generator)
         self._sched = torch.tensor([self._actions(self.level_sequences(r)) for r in range(batch)], dtype=torch.long)
         self._cursor = torch.zeros(batch, dtype=torch.long)
+        self._rows = torch.arange(batch)
 
     def _actions(self, seqs: dict[str, list]) -> list[int]:
         dense = self.space[self.space.dense_index]
@@ -112,10 +115,11 @@ class Fixed(ActionSource):
 
     def next_actions(self, step, hidden, token_embedding, dense):
         # Dense steps do not consume the schedule: the budget counts controlled steps only.
-        dense = dense.cpu()
-        picked = self._sched[torch.arange(self.batch), self._cursor.clamp(max=self.horizon - 1)]
-        self._cursor += (~dense).long()
-        return self._with_dense(picked, dense).to(hidden.device)
+        if self._sched.device != dense.device:  # the schedule and cursor move to the device once
+            self._sched, self._cursor, self._rows = (t.to(dense.device) for t in (self._sched, self._cursor, self._rows))
+        picked = self._sched[self._rows, self._cursor.clamp(max=self.horizon - 1)]
+        self._cursor = self._cursor + (~dense).long()
+        return self._with_dense(picked, dense)
 
 
 class Random(Fixed):

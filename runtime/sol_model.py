@@ -6,7 +6,9 @@
     sol(next_ids, step_actions, position_ids=pos, cache=cache)     # one cached decode step
 
 Every call runs the same graph: T new tokens at `position_ids`, attending to everything the cache holds
-at earlier positions. That is why teacher forcing and decoding agree (DESIGN invariant 3).
+at earlier positions. That is why teacher forcing and decoding agree (DESIGN invariant 3). The graph's
+calling convention is `sol.signature` (runtime/signature.py). Decoding (generate, score) goes through
+runtime/stepper.py on `sol.dispatcher`, which keeps its variants and cache across calls.
 """
 from __future__ import annotations
 
@@ -16,10 +18,12 @@ import torch
 import torch.fx as fx
 from torch import Tensor, nn
 
+from runtime import hf_adapter
 from runtime.actions import ActionSpace
-from runtime.generate import generate
+from runtime.generate import generate, score
 from runtime.kv_cache import CacheSpec, StaticKVCache
 from runtime import validation
+from runtime.signature import StepSignature
 
 
 class SOLOutput(NamedTuple):
@@ -44,6 +48,9 @@ class SOLModel(nn.Module):
         object.__setattr__(self, "base_model", None)
         self.cache_specs = cache_specs
         self.info = info  # sites found, pass pipeline uuid, max_seq_len, dtype
+        self.signature = StepSignature.for_layers(len(cache_specs))
+        self.signature.check(graph)
+        object.__setattr__(self, "_dispatcher", None)  # made on first use (see `dispatcher`)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -68,9 +75,31 @@ class SOLModel(nn.Module):
     def dense_actions(self, batch: int, seq: int, device=None) -> Tensor:
         return torch.full((batch, seq), self.space.dense_index, dtype=torch.long, device=device)
 
-    def generate(self, input_ids: Tensor, **kwargs):
+    @property
+    def eos_token_ids(self) -> list[int]:
+        """The base model's EOS ids (its generation config); [] when unknown."""
+        return [] if self.base_model is None else hf_adapter.eos_token_ids(self.base_model)
+
+    @property
+    def dispatcher(self):
+        """The model's own StepDispatcher (variants and caches kept across generate/score calls); a
+        new one when the model moved to another device."""
+        from runtime.dispatch import StepDispatcher
+
+        device = self.graph.solc_action_levels.device
+        held = self._dispatcher
+        if held is None or held[0] != device:
+            held = (device, StepDispatcher(self))
+            object.__setattr__(self, "_dispatcher", held)
+        return held[1]
+
+    def generate(self, input_ids, **kwargs):
         """See runtime.generate.generate: tokens, the action of every generated token, realized budget."""
         return generate(self, input_ids, **kwargs)
+
+    def score(self, tokens: Tensor, prompt_len: int, **kwargs):
+        """See runtime.generate.score: log-probs of given tokens, each under the action of its step."""
+        return score(self, tokens, prompt_len, **kwargs)
 
     def forward(
         self,
@@ -89,5 +118,5 @@ class SOLModel(nn.Module):
             position_ids = torch.arange(seq, device=input_ids.device).expand(batch, seq)
         if cache is None:
             cache = StaticKVCache(self.cache_specs, batch, seq, self.dtype, input_ids.device)
-        logits, hidden = self.graph(input_ids, position_ids, actions, *cache.tensors)
+        logits, hidden = self.graph(*self.signature.args(input_ids, position_ids, actions, cache))
         return SOLOutput(logits, hidden)

@@ -271,15 +271,65 @@ def _check_decode(sol, prompt_len: int, steps: int) -> None:
             f"exceeds the compiled max_seq_len={sol.max_seq_len}")
 
 
-def check_generate(sol, input_ids, policy, schedule, budget, max_new_tokens, temperature, top_k, top_p,
-                   eos_token_id, seed) -> None:
-    """Every argument of generate()."""
+def _check_prompts(sol, input_ids, attention_mask) -> tuple[int, int]:
+    """input_ids as a [B, P] tensor (left-padded with its 0/1 `attention_mask` when prompts differ) or a
+    list of prompts (each a list of ints or a 1-D torch.long tensor); returns (batch, longest prompt)."""
+    if isinstance(input_ids, (list, tuple)):
+        valid = "a [batch, seq] torch.long tensor or a non-empty list of prompts (lists of ints or 1-D long tensors)"
+        if len(input_ids) == 0:
+            fail("input_ids", input_ids, valid)
+        if attention_mask is not None:
+            fail("attention_mask", attention_mask, "None with a list of prompts (the mask goes with a padded tensor)")
+        vocab = int(sol.token_embedding.shape[0])
+        longest = 0
+        for i, prompt in enumerate(input_ids):
+            name = f"input_ids[{i}]"
+            if isinstance(prompt, Tensor):
+                t = _long_tensor(name, prompt, "token ids [seq]")
+                if t.dim() != 1 or t.numel() < 1:
+                    fail(name, t, "a 1-D tensor of at least one token id")
+                _same_device(name, t, _device_of(sol))
+                _values_in(name, t, 0, vocab - 1, "token id")
+                n = t.numel()
+            elif isinstance(prompt, (list, tuple)) and len(prompt) > 0:
+                for tok in prompt:
+                    check_int(name, tok, 0, vocab - 1, "token ids of the model's vocabulary")
+                n = len(prompt)
+            else:
+                fail(name, prompt, "a non-empty list of token ids or a 1-D torch.long tensor", type_error=True)
+            longest = max(longest, n)
+        return len(input_ids), longest
     batch, prompt = check_input_ids(sol, input_ids)
+    if attention_mask is not None:
+        if not isinstance(attention_mask, Tensor) or tuple(attention_mask.shape) != (batch, prompt):
+            fail("attention_mask", attention_mask, f"a [{batch}, {prompt}] 0/1 tensor like input_ids (left padding)",
+                 type_error=not isinstance(attention_mask, Tensor))
+        if attention_mask.is_floating_point() or attention_mask.is_complex() or not bool(
+                ((attention_mask == 0) | (attention_mask == 1)).all()):
+            fail("attention_mask", attention_mask, "integer or bool values 0 (padding) and 1 (a token)")
+    return batch, prompt
+
+
+def _check_token_ids(sol, argument: str, value) -> None:
+    vocab = int(sol.token_embedding.shape[0])
+    if isinstance(value, (list, tuple)):
+        for v in value:
+            check_int(argument, v, 0, vocab - 1, "token ids of the model's vocabulary")
+    else:
+        check_int(argument, value, 0, vocab - 1, "a token id of the model's vocabulary, or a list of them")
+
+
+def check_generate(sol, input_ids, policy, schedule, budget, max_new_tokens, temperature, top_k, top_p,
+                   eos_token_id, seed, attention_mask=None, pad_token_id=None) -> None:
+    """Every argument of generate()."""
+    batch, prompt = _check_prompts(sol, input_ids, attention_mask)
     steps = check_int("max_new_tokens", max_new_tokens, 1, None)
     _check_decode(sol, prompt, steps)
     check_sampling(temperature, top_k, top_p)
     if eos_token_id is not None:
-        check_int("eos_token_id", eos_token_id, 0, int(sol.token_embedding.shape[0]) - 1)
+        _check_token_ids(sol, "eos_token_id", eos_token_id)
+    if pad_token_id is not None:
+        check_int("pad_token_id", pad_token_id, 0, int(sol.token_embedding.shape[0]) - 1)
     check_seed(seed)
     check_sources(policy, schedule, budget, batch, steps, len(sol.space))
 

@@ -48,7 +48,7 @@ class Uniform(ActionSource):
         super().reset(space, batch, targets, horizon, generator)
 
     def next_actions(self, step, hidden, token_embedding, dense):
-        return self._with_dense(torch.full((self.batch,), self.index, dtype=torch.long), dense.cpu()).to(hidden.device)
+        return self._with_dense(torch.full((self.batch,), self.index, dtype=torch.long, device=dense.device), dense)
 
 
 class CyclicSchedule(ActionSource):
@@ -67,10 +67,12 @@ class CyclicSchedule(ActionSource):
         self._cursor = torch.zeros(batch, dtype=torch.long)
 
     def next_actions(self, step, hidden, token_embedding, dense):
-        dense = dense.cpu().bool()
+        dense = dense.bool()
+        if self._cursor.device != dense.device:  # state moves to the device once: no host reads per step
+            self.schedule, self._cursor = self.schedule.to(dense.device), self._cursor.to(dense.device)
         picked = self.schedule[self._cursor % len(self.schedule)]
-        self._cursor += (~dense).long()
-        return self._with_dense(picked, dense).to(hidden.device)
+        self._cursor = self._cursor + (~dense).long()
+        return self._with_dense(picked, dense)
 
 
 class SharedRows(ActionSource):

@@ -6,8 +6,8 @@
     ep.actions     # [C*K, T] the actions that ran
     ep.budget      # [C*K, 3] realized per-axis budget, from ep.actions (DESIGN invariant 4)
 
-Step protocol (the same as runtime.generate.score, so training scores exactly what deployment runs):
-a context x_0..x_{L-1} is split at P = L - T - 1. x_0..x_{P-1} are prefilled densely ONCE per
+Step protocol (runtime/stepper.py, the one shared by generate and score, so training scores exactly
+what deployment runs): a context x_0..x_{L-1} is split at P = L - T - 1. x_0..x_{P-1} are prefilled densely ONCE per
 context; the prefilled KV cache is then repeated K times (row-major: context 0's K schedules first)
 and the K schedules of a context run batched together. Controlled step t (0..T-1) feeds x_{P+t} at
 position P+t with the action the source picked (from the previous token's hidden state and x_{P+t}'s
@@ -25,8 +25,9 @@ import torch
 from torch import Tensor
 
 from runtime.actions import AXES, ActionSpace
-from runtime.kv_cache import repeat_rows
-from runtime.schedulers import DENSE_PREFIX, ActionSource
+from runtime.costs import realized_budget  # noqa: F401  (re-exported: the one budget function)
+from runtime.schedulers import ActionSource
+from runtime.stepper import Stepper
 
 # DESIGN.md: per-context budget targets, per axis (cost units: keep fractions, bits/16).
 TARGET_RANGES: dict[str, tuple[float, float]] = {"attn": (0.1, 1.0), "mlp": (0.4, 1.0), "quant": (0.3125, 1.0)}
@@ -79,19 +80,6 @@ def sample_targets(
     return out
 
 
-def realized_budget(space: ActionSpace, actions: Tensor, controlled: Tensor) -> Tensor:
-    """[N, 3] float64 mean cost per axis over the controlled steps of each row (1.0 where none)."""
-    costs = space.cost_table().to(actions.device)[actions]  # [N, T, 3]
-    w = controlled.to(torch.float64)[..., None]
-    n = w.sum(1)
-    return torch.where(n > 0, (costs * w).sum(1) / n.clamp(min=1), torch.ones_like(n))
-
-
-def _log_probs(logits: Tensor, targets: Tensor) -> Tensor:
-    dtype = torch.promote_types(logits.dtype, torch.float32)
-    return torch.log_softmax(logits.to(dtype), dim=-1).gather(-1, targets[:, None]).squeeze(-1)
-
-
 @torch.no_grad()
 def rollout(
     sol,
@@ -102,12 +90,13 @@ def rollout(
     horizon: int = 16,
     generator=None,
     on_step: Callable[[int], None] | None = None,
+    dispatcher=None,
 ) -> Episodes:
     """Run `group` schedules from `source` on each of the C `contexts` [C, L] (teacher-forced).
 
     targets: [C, 3] per context (repeated over its schedules), [C*group, 3] per row, or [3] / [1, 3].
-    The prefill runs once for all contexts (one `sol` call with T = P); each controlled step is one
-    `sol` call with T = 1 over all C*group rows. `generator` is handed to `source.reset`.
+    A driver over runtime.stepper.Stepper: the prefill runs once for all contexts; each controlled
+    step is one step over all C*group rows. `generator` is handed to `source.reset`.
     """
     if contexts.dim() != 2:
         raise ValueError(f"contexts must be [C, L], got shape {tuple(contexts.shape)}")
@@ -128,35 +117,21 @@ def rollout(
     if targets.shape != (N, 3):
         raise ValueError(f"targets must be [3], [{C}, 3] or [{N}, 3], got {tuple(targets.shape)}")
 
-    cache = sol.new_cache(C, L - 1, device=device)
-    positions = torch.arange(P, device=device).expand(C, P)
-    hidden = sol(contexts[:, :P], sol.dense_actions(C, P, device), positions, cache).hidden[:, -1]
-    if group > 1:
-        cache = repeat_rows(cache, group)
-        hidden = hidden.repeat_interleave(group, dim=0)
+    stepper = Stepper(sol, source, dispatcher)
+    stepper.prefill(contexts[:, :P], horizon, repeats=group, targets=targets, generator=generator)
     ids = contexts.repeat_interleave(group, dim=0) if group > 1 else contexts
-
-    source.reset(sol.space, N, targets, horizon, generator)
-    table = sol.token_embedding
-    logps, acts, ctrl = [], [], []
+    logps = []
     for t in range(horizon):
-        pos = P + t
-        feed = ids[:, pos]
-        dense = torch.full((N,), pos < DENSE_PREFIX, dtype=torch.bool, device=device)
-        action = source.next_actions(t, hidden, table[feed], dense).to(device)
-        out = sol(feed[:, None], action[:, None], torch.full((N, 1), pos, device=device), cache)
-        logps.append(_log_probs(out.logits[:, -1], ids[:, pos + 1]))
-        acts.append(action)
-        ctrl.append(~dense)
-        hidden = out.hidden[:, -1]
+        out = stepper.step(ids[:, P + t])
+        logps.append(out.logprob(ids[:, P + t + 1]))
         if on_step is not None:
             on_step(t)
-    actions, controlled = torch.stack(acts, 1), torch.stack(ctrl, 1)
+    actions, controlled = stepper.actions, stepper.controlled
     return Episodes(
         logp=torch.stack(logps, 1),
         actions=actions,
         controlled=controlled,
-        budget=realized_budget(sol.space, actions, controlled).cpu(),
+        budget=stepper.budget().cpu(),
         targets=targets,
         tokens=ids[:, P + 1 : P + 1 + horizon],
         group=group,

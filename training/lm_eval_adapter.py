@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 
-from runtime.actions import AXES
+from runtime.costs import BudgetMeter
 
 try:  # pragma: no cover - exercised only where lm_eval is installed
     from lm_eval.api.model import LM as _Base
@@ -152,17 +152,14 @@ class SolcLM(_Base):
         tok = self.tokenizer
         return tok.eos_token_id if tok.eos_token_id is not None else tok.bos_token_id
 
-    def _record(self, cost_sum: torch.Tensor, steps: int) -> None:
-        mean = cost_sum / max(steps, 1)
-        self.last_budget = {a: float(mean[i]) for i, a in enumerate(AXES)}
-        self.last_budget["net_keep"] = sum(self.last_budget[a] for a in self.sol.space.axes) / len(self.sol.space.axes)
+    def _record(self, meter: BudgetMeter) -> None:
+        self.last_budget = meter.summary()
 
     # -- lm_eval interface -----------------------------------------------------------------------------
     def loglikelihood(self, requests) -> list[tuple[float, bool]]:
         from training.mc import encode, score_continuations
 
-        costs = self.sol.space.cost_table()
-        cost_sum, steps = torch.zeros(3, dtype=torch.float64), 0
+        meter = BudgetMeter(self.sol.space)
         encoded = [encode(self.tokenizer, *req.args) for req in requests]
         results: list = [None] * len(requests)
         groups: dict[tuple, list[int]] = {}
@@ -179,9 +176,8 @@ class SolcLM(_Base):
                 s = score_continuations(self.sol, list(ctx), conts[lo : lo + 64], [self._source()], [self.target])
                 for j, i in enumerate(part):
                     results[i] = (float(s.logprob[j]), bool(s.greedy[j]))
-                cost_sum += (costs[s.actions] * s.counted[..., None]).sum((0, 1))
-                steps += int(s.counted.sum())
-        self._record(cost_sum, steps)
+                meter.add(s.actions, s.counted)
+        self._record(meter)
         return results
 
     def loglikelihood_rolling(self, requests) -> list[float]:
@@ -189,8 +185,7 @@ class SolcLM(_Base):
         is predicted once, each window with as much preceding context as fits (lm-eval's semantics)."""
         from training.mc import score_continuations
 
-        costs = self.sol.space.cost_table()
-        cost_sum, steps = torch.zeros(3, dtype=torch.float64), 0
+        meter = BudgetMeter(self.sol.space)
         out = []
         for req in requests:
             (text,) = req.args[:1]
@@ -201,18 +196,17 @@ class SolcLM(_Base):
                 ctx = toks[max(0, end - self.max_length - 1) : start]  # fed: ctx + window[:-1] = max_length
                 s = score_continuations(self.sol, ctx, [toks[start:end]], [self._source()], [self.target])
                 total += float(s.logprob[0])
-                cost_sum += (costs[s.actions] * s.counted[..., None]).sum((0, 1))
-                steps += int(s.counted.sum())
+                meter.add(s.actions, s.counted)
                 start = end
             out.append(total)
-        self._record(cost_sum, steps)
+        self._record(meter)
         return out
 
     def generate_until(self, requests) -> list[str]:
         from runtime.generate import generate
 
         out = []
-        cost_sum, steps = torch.zeros(3, dtype=torch.float64), 0
+        meter = BudgetMeter(self.sol.space)
         for req in requests:
             context, kwargs = req.args[0], dict(req.args[1] if len(req.args) > 1 else {})
             until = kwargs.pop("until", None) or []
@@ -232,10 +226,8 @@ class SolcLM(_Base):
                 if stop and stop in text:
                     text = text[: text.index(stop)]
             out.append(text)
-            costs = self.sol.space.cost_table()[g.actions.clamp(min=0).cpu()]
-            cost_sum += (costs * g.controlled.cpu()[..., None]).sum((0, 1))
-            steps += int(g.controlled.sum())
-        self._record(cost_sum, steps)
+            meter.add(g.actions, g.controlled)
+        self._record(meter)
         return out
 
 

@@ -17,7 +17,7 @@ Data (prepared at set-up by solc.eval_assets.prepare_mc; never fetched here):
 Whitespace at the end of a prompt moves to the front of every continuation (lm-eval's convention),
 and the continuation tokens are those of tokenize(prompt + continuation) after tokenize(prompt).
 
-Scoring protocol (the deployment protocol: runtime.generate.score): the prompt minus its last `tail` + 1
+Scoring protocol (the deployment protocol, runtime/stepper.py, as runtime.generate.score): the prompt minus its last `tail` + 1
 tokens is prefilled densely ONCE per question; its KV cache is repeated for every (source, choice) row;
 controlled step t feeds the previous token (the prompt's tail first, then the prompt's last token and
 the continuation) with the action the row's source picked; the steps that predict continuation tokens
@@ -42,11 +42,10 @@ import torch
 from torch import Tensor
 
 from runtime.actions import AXES
-from runtime.generate import prefill
-from runtime.kv_cache import repeat_rows
-from runtime.schedulers import DENSE_PREFIX, ActionSource
+from runtime.costs import BudgetMeter, realized_budget
+from runtime.schedulers import ActionSource
+from runtime.stepper import Stepper
 from training.baselines import Composite, SharedRows, target_key
-from training.episodes import realized_budget
 
 
 @dataclass(frozen=True)
@@ -227,33 +226,19 @@ def score_continuations(sol, context: Sequence[int], continuations: Sequence[Seq
     seqs = torch.tensor([list(context[P:]) + list(c) + [c[-1]] * (width - len(c)) for c in continuations], device=device)
     feed, gold = seqs[:, :H].repeat_interleave(G, 0), seqs[:, 1:].repeat_interleave(G, 0)
 
-    cache = sol.new_cache(1, P + H, device=device)
-    if P > 0:
-        hidden = prefill(sol, torch.tensor([list(context[:-1])], device=device), cache)
-    else:
-        hidden = torch.zeros(1, sol.token_embedding.shape[1], dtype=sol.dtype, device=device)
-    cache = repeat_rows(cache, R)
-    hidden = hidden.expand(R, -1)
-
     src = Composite([s if _reads_inputs(s) else SharedRows(s) for s in sources])
     rows = torch.tensor([target_key(t) for t in targets], dtype=torch.float64).repeat(n, 1)
     for i, axis in enumerate(AXES):  # disabled axes always run dense
         if axis not in sol.space.axes:
             rows[:, i] = 1.0
-    src.reset(sol.space, R, rows, H, generator)
-    table = sol.token_embedding
-    logps, greedy, acts, ctrl = [], [], [], []
+    stepper = Stepper(sol, src)
+    stepper.prefill(torch.tensor([list(context[:P])], dtype=torch.long, device=device), H, repeats=R, targets=rows, generator=generator)
+    logps, greedy = [], []
     for t in range(H):
-        pos = P + t
-        dense = torch.full((R,), pos < DENSE_PREFIX, dtype=torch.bool, device=device)
-        action = src.next_actions(t, hidden, table[feed[:, t]], dense).to(device)
-        out = sol(feed[:, t : t + 1], action[:, None], torch.full((R, 1), pos, device=device), cache)
-        logits = out.logits[:, -1].to(torch.promote_types(out.logits.dtype, torch.float32))
-        logps.append(torch.log_softmax(logits, -1).gather(-1, gold[:, t : t + 1]).squeeze(-1))
-        greedy.append(logits.argmax(-1) == gold[:, t])
-        acts.append(action)
-        ctrl.append(~dense)
-        hidden = out.hidden[:, -1]
+        out = stepper.step(feed[:, t])
+        logps.append(out.logprob(gold[:, t]))
+        greedy.append(out.logits.argmax(-1) == gold[:, t])
+    acts, ctrl = stepper.actions, stepper.controlled
     step = torch.arange(H)[None]
     real = ((step >= tail) & (step < tail + lens[:, None])).repeat_interleave(G, 0).to(device)  # scored steps
     ran = (step < tail + lens[:, None]).repeat_interleave(G, 0).to(device)  # not padding
@@ -261,26 +246,30 @@ def score_continuations(sol, context: Sequence[int], continuations: Sequence[Seq
     return Scored(
         logprob=(logp * real).sum(1).cpu(),
         greedy=(torch.stack(greedy, 1) | ~real).all(1).cpu(),
-        actions=torch.stack(acts, 1).cpu(),
-        counted=(torch.stack(ctrl, 1) & ran).cpu(),
+        actions=acts.cpu(),
+        counted=(ctrl & ran).cpu(),
     )
 
 
 @dataclass
 class MCResult:
+    meter: BudgetMeter
     correct: list[bool] = field(default_factory=list)
     predictions: list[int] = field(default_factory=list)
-    cost_sum: Tensor = field(default_factory=lambda: torch.zeros(3, dtype=torch.float64))
-    steps: int = 0
 
     @property
     def accuracy(self) -> float:
         return sum(self.correct) / max(1, len(self.correct))
 
     @property
+    def steps(self) -> int:
+        """Controlled steps counted in the budget."""
+        return self.meter.steps
+
+    @property
     def budget(self) -> dict[str, float]:
         """Realized mean cost per axis over every counted controlled step of the task."""
-        mean = self.cost_sum / self.steps if self.steps else torch.full((3,), float("nan"), dtype=torch.float64)
+        mean = self.meter.mean()
         return {axis: float(mean[i]) for i, axis in enumerate(AXES)}
 
 
@@ -289,8 +278,7 @@ def score_task(sol, tokenizer, task: MCTask, methods: dict[str, tuple[Callable[[
     """Accuracy of every method on `task`. methods: name -> (source or source factory, target); `tail`:
     prompt tokens run under control before the answer (score_continuations)."""
     names = list(methods)
-    results = {name: MCResult() for name in names}
-    costs = sol.space.cost_table()
+    results = {name: MCResult(BudgetMeter(sol.space)) for name in names}
     for q in task.questions:
         ids = [encode(tokenizer, q.context, c) for c in q.choices]
         context = ids[0][0]
@@ -300,14 +288,12 @@ def score_task(sol, tokenizer, task: MCTask, methods: dict[str, tuple[Callable[[
         scored = score_continuations(sol, context, [c for _, c in ids], sources, [t for _, t in methods.values()], generator, tail)
         G = len(names)
         lp = scored.logprob.view(len(q.choices), G)
-        per_axis = costs[scored.actions] * scored.counted[..., None]  # [R, H, 3]
         for g, name in enumerate(names):
             pred = int(lp[:, g].argmax())
             r = results[name]
             r.predictions.append(pred)
             r.correct.append(pred == q.answer)
-            r.cost_sum += per_axis[g::G].sum((0, 1))
-            r.steps += int(scored.counted[g::G].sum())
+            r.meter.add(scored.actions[g::G], scored.counted[g::G])
         if on_question is not None:
             on_question(1)
     return results

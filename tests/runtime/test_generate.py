@@ -42,7 +42,7 @@ def test_runtime_decoding_equals_teacher_forcing_mixed_actions(sol):
 
 def test_generate_greedy_tokens_are_the_argmax_of_their_step(sol):
     prompt = _tokens(sol, 2, 9)
-    out = sol.generate(prompt, budget=0.5, max_new_tokens=12)
+    out = sol.generate(prompt, budget=0.5, max_new_tokens=12, eos_token_id=[])
     expected = _teacher_forced_logprobs(sol, out.tokens, 9, out.actions)
     torch.testing.assert_close(out.logprobs, expected, atol=TOL, rtol=0)
     # greedy: each generated token is the most likely one under its action
@@ -55,7 +55,7 @@ def test_generate_greedy_tokens_are_the_argmax_of_their_step(sol):
 
 def test_reported_budget_is_the_budget_of_the_actions_that_ran(sol):
     prompt = _tokens(sol, 2, 3)  # short prompt: the first steps fall inside DENSE_PREFIX
-    out = sol.generate(prompt, policy=Random(), budget={"attn": 0.4, "mlp": 0.7, "quant": 0.6}, max_new_tokens=24)
+    out = sol.generate(prompt, policy=Random(), budget={"attn": 0.4, "mlp": 0.7, "quant": 0.6}, max_new_tokens=24, eos_token_id=[])
     positions = torch.arange(2, 2 + 24)
     assert torch.equal(out.controlled[0], positions >= DENSE_PREFIX)
     assert (out.actions[:, ~out.controlled[0]] == sol.space.dense_index).all()
@@ -68,8 +68,8 @@ def test_reported_budget_is_the_budget_of_the_actions_that_ran(sol):
 
 def test_sampling_is_reproducible_and_respects_top_k(sol):
     prompt = _tokens(sol, 2, 8)
-    a = sol.generate(prompt, max_new_tokens=10, temperature=1.0, top_k=3, seed=7)
-    b = sol.generate(prompt, max_new_tokens=10, temperature=1.0, top_k=3, seed=7)
+    a = sol.generate(prompt, max_new_tokens=10, temperature=1.0, top_k=3, seed=7, eos_token_id=[])
+    b = sol.generate(prompt, max_new_tokens=10, temperature=1.0, top_k=3, seed=7, eos_token_id=[])
     assert torch.equal(a.tokens, b.tokens)
     with torch.no_grad():
         logits = sol(a.tokens[:, :-1]).logits[:, 7:]

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from runtime.actions import ActionSpace
+from runtime.dispatch import StepDispatcher
 from runtime.generate import score
 from runtime.policy import PolicyConfig, PolicyNet, PolicySource
 from runtime.schedulers import DENSE_PREFIX, Fixed, Random, Schedule
@@ -14,25 +15,27 @@ def _contexts(sol, n, length, seed=0):
     return torch.randint(0, sol.token_embedding.shape[0], (n, length), generator=g)
 
 
-class CountingSOL:
-    """Forwards to a SOLModel and records the sequence length of every call."""
+class CountingDispatcher(StepDispatcher):
+    """A StepDispatcher that records the shape of every prefill and step it runs."""
 
     def __init__(self, sol):
-        self._sol, self.calls = sol, []
+        super().__init__(sol, mode="eager")
+        self.calls = []
 
-    def __getattr__(self, name):
-        return getattr(self._sol, name)
-
-    def __call__(self, ids, *args, **kwargs):
+    def prefill(self, ids, *args, **kwargs):
         self.calls.append(tuple(ids.shape))
-        return self._sol(ids, *args, **kwargs)
+        return super().prefill(ids, *args, **kwargs)
+
+    def step(self, ids, *args, **kwargs):
+        self.calls.append(tuple(ids.shape))
+        return super().step(ids, *args, **kwargs)
 
 
 def test_one_prefill_serves_k_schedules(tiny_sol):
-    counting = CountingSOL(tiny_sol)
+    counting = CountingDispatcher(tiny_sol)
     ctx = _contexts(tiny_sol, 3, 30)
     sched = torch.randint(0, len(tiny_sol.space), (3 * 16, 8))
-    ep = rollout(counting, ctx, Schedule(sched), torch.full((3,), 0.5), group=16, horizon=8)
+    ep = rollout(tiny_sol, ctx, Schedule(sched), torch.full((3,), 0.5), group=16, horizon=8, dispatcher=counting)
     prefills = [c for c in counting.calls if c[1] > 1]
     assert prefills == [(3, 30 - 8 - 1)]  # ONE prefill call covering the 3 contexts
     assert counting.calls[1:] == [(48, 1)] * 8  # then one batched call per controlled step

@@ -28,11 +28,28 @@ class ByteTok:
 
 
 class FakeCache:
-    """What runtime.kv_cache.repeat_rows needs: batch, max_len and the tensors (here: the token history)."""
+    """What runtime.kv_cache.repeat_rows needs: batch, max_len and the tensors (here: the token
+    history, [B, 1, max_len, 1] like a key cache)."""
 
     def __init__(self, batch, max_len):
         self.batch, self.max_len = batch, max_len
-        self.tensors = [torch.zeros(batch, max_len, dtype=torch.long)]
+        self.tensors = [torch.zeros(batch, 1, max_len, 1, dtype=torch.long)]
+
+
+class FakeDispatcher:
+    """What the Stepper asks of a dispatcher, running the fake model."""
+
+    def __init__(self, sol):
+        self.sol = sol
+
+    def cache(self, slot, batch, max_len, device=None):
+        return self.sol.new_cache(batch, max_len)
+
+    def prefill(self, ids, positions, cache, kv_len=None):
+        return self.sol(ids, None, positions, cache)
+
+    def step(self, ids, actions, positions, cache, action=None, kv_len=None):
+        return self.sol(ids, actions, positions, cache)
 
 
 class FakeSOL:
@@ -53,8 +70,12 @@ class FakeSOL:
     def new_cache(self, batch, max_len=None, device=None):
         return FakeCache(batch, max_len or self.max_seq_len)
 
+    @property
+    def dispatcher(self):
+        return FakeDispatcher(self)
+
     def __call__(self, ids, actions, positions, cache):
-        hist = cache.tensors[0]
+        hist = cache.tensors[0][:, 0, :, 0]
         hist.scatter_(1, positions, ids)
         B, T = ids.shape
         if actions is None:
