@@ -296,7 +296,8 @@ def _check_prompts(sol, input_ids, attention_mask) -> tuple[int, int]:
                     check_int(name, tok, 0, vocab - 1, "token ids of the model's vocabulary")
                 n = len(prompt)
             else:
-                fail(name, prompt, "a non-empty list of token ids or a 1-D torch.long tensor", type_error=True)
+                fail(name, prompt, "at least one token: a non-empty list of token ids or a 1-D torch.long tensor",
+                     type_error=not isinstance(prompt, (list, tuple)))
             longest = max(longest, n)
         return len(input_ids), longest
     batch, prompt = check_input_ids(sol, input_ids)
