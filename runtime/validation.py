@@ -195,7 +195,10 @@ def check_budget(budget, batch: int) -> None:
         if unknown:
             raise ArgumentError("budget", f"budget has unknown axes {unknown}; valid axes: {list(AXES)}")
         for axis, v in budget.items():
-            check_real(f"budget[{axis!r}]", v, 0.0, 1.0, lo_open=True)
+            try:
+                check_real(f"budget[{axis!r}]", v, 0.0, 1.0, lo_open=True)
+            except ArgumentError as e:
+                raise type(e)("budget", str(e)) from None
         return
     if isinstance(budget, (bool, str, bytes)):
         fail("budget", budget, valid, type_error=True)
@@ -295,7 +298,8 @@ def _check_prompts(sol, input_ids, attention_mask) -> tuple[int, int]:
                     check_int(name, tok, 0, vocab - 1, "token ids of the model's vocabulary")
                 n = len(prompt)
             else:
-                fail(name, prompt, "a non-empty list of token ids or a 1-D torch.long tensor", type_error=True)
+                fail(name, prompt, "at least one token: a non-empty list of token ids or a 1-D torch.long tensor",
+                     type_error=not isinstance(prompt, (list, tuple)))
             longest = max(longest, n)
         return len(input_ids), longest
     batch, prompt = check_input_ids(sol, input_ids)

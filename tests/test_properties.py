@@ -328,7 +328,9 @@ def test_generate(kw):
         invalid.add("top_k")
     if kw["top_p"] is not None and not (is_real(kw["top_p"]) and 0 < kw["top_p"] <= 1):
         invalid.add("top_p")
-    if kw["eos_token_id"] is not None and not (is_int(kw["eos_token_id"]) and 0 <= kw["eos_token_id"] < VOCAB):
+    eos = kw["eos_token_id"]
+    eos_list = list(eos) if isinstance(eos, (list, tuple)) else [eos]
+    if eos is not None and not all(is_int(e) and 0 <= e < VOCAB for e in eos_list):
         invalid.add("eos_token_id")
     if not (is_int(kw["seed"]) and 0 <= kw["seed"] < 2**63):
         invalid.add("seed")
