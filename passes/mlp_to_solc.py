@@ -19,7 +19,7 @@ import torch.fx as fx
 
 from passes.base import GraphPass, MLPSite, PassContext
 from passes.graph_utils import fake_shape, is_call, module_paths, parent_path
-from runtime.errors import UnsupportedModelError
+from runtime.errors import ArgumentError, UnsupportedModelError
 from runtime.ops import library as _solc_ops  # noqa: F401  registers torch.ops.solc.*
 from runtime.ops import mlp_weights
 from runtime.ops.quant_primitives import int4_group_size
@@ -189,7 +189,10 @@ class MLPToSolcPass(GraphPass):
         bits = space.weight_bits
         row_skip = "mlp" in space.axes
         in_dims = [fake_shape(x)[-1] for _, _, x, _, _ in found] + [fake_shape(m.out_linear.args[0])[-1] for *_, m in found]
-        group_size = int4_group_size(in_dims) if 4 in bits else 0
+        try:
+            group_size = int4_group_size(in_dims) if 4 in bits else 0
+        except ValueError as e:  # the user's grid asks for int4 where this model cannot have it
+            raise ArgumentError("levels", str(e)) from None
         for site, module, x, out, m in found:
             weights = [lin.args[1] for lin in m.in_linears]
             biases = [lin.args[2] if len(lin.args) > 2 else None for lin in m.in_linears]

@@ -10,7 +10,7 @@ from passes.base import PassContext, run_passes
 from passes.capture import capture
 from passes.mlp_to_solc import MLPToSolcPass, copies_bytes
 from runtime import hf_adapter
-from runtime.actions import QUANT_MODES, ActionSpace
+from runtime.actions import ActionSpace
 from runtime import validation
 from runtime.errors import ArgumentError, ArgumentTypeError, SolcError, UnsupportedModelError
 from runtime.kv_cache import CacheSpec
@@ -80,12 +80,11 @@ def _checked_arguments(model, actions, levels, max_seq_len, verify, quant) -> tu
         raise ArgumentTypeError("actions", f"actions={actions!r} is invalid: a list of axis names, e.g. ['attn', 'mlp', 'quant']")
     if not isinstance(verify, bool):
         raise ArgumentTypeError("verify", f"verify={verify!r} is invalid: True or False")
-    if quant not in QUANT_MODES:
-        raise ArgumentError("quant", f"quant={quant!r} is invalid: one of {list(QUANT_MODES)}")
     try:
         space = ActionSpace(list(actions), levels, quant=quant)
     except ValueError as e:
-        raise ArgumentError("levels" if "level" in str(e) else "actions", str(e)) from None
+        argument = "quant" if "quant mode" in str(e) else "levels" if "level" in str(e) else "actions"
+        raise ArgumentError(argument, str(e)) from None
     max_seq_len = validation.check_max_seq_len(max_seq_len, hf_adapter.max_positions(model), hf_adapter.sliding_window(model))
     return space, max_seq_len
 
