@@ -31,6 +31,12 @@ MAX_ROWS = 16
 DTYPES = (torch.float32, torch.bfloat16)
 
 
+# Above this keep fraction the row-skipping GEMV reads little less than the dense kernel and loses to it
+# (benchmarks/mlp_cpu.py, SmolLM2 shapes, 1 thread: embedding_bag at keep 0.8 = 1.19x F.linear): such rows
+# run the dense kernel of their bit level on the pruned input, which is exactly the reference too.
+ROW_SKIP_MAX_KEEP = 0.6
+
+
 def kept_channels(x: Tensor, keep: float) -> Tensor:
     """[m, k] indices of each row's kept channels: the reference's top-|x| rule, ties to the lower index."""
     d = x.shape[-1]
@@ -43,11 +49,14 @@ def kept_channels(x: Tensor, keep: float) -> Tensor:
     return torch.sort(a, dim=-1, descending=True, stable=True).indices[:, :k]
 
 
-def _bags(x: Tensor, idx: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    m, k = idx.shape
-    flat = idx.reshape(-1)
-    weights = x.gather(1, idx).reshape(-1)
-    offsets = torch.arange(0, m * k, k, device=x.device)
+def _bags(x: Tensor, keeps: list[float], values: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
+    """embedding_bag inputs: one bag per row of x [m, d] holding its kept channels (own keep per row),
+    chosen on x (as the reference prunes) and weighted by `values` (default x)."""
+    values = x if values is None else values
+    idx = [kept_channels(x[i:i + 1], k)[0] for i, k in enumerate(keeps)]
+    flat = torch.cat(idx)
+    weights = torch.cat([values[i, j] for i, j in enumerate(idx)])
+    offsets = torch.tensor([0] + [len(j) for j in idx[:-1]], device=x.device).cumsum(0)
     return flat, offsets, weights
 
 
@@ -55,28 +64,39 @@ def _add(y: Tensor, bias: Optional[Tensor]) -> Tensor:
     return y if bias is None else y + bias.to(y.dtype)
 
 
-def _input_projection(x: Tensor, keep: float, bits: int, weight_mode: bool, w_in, b_in, kind, c, group_size) -> Tensor:
-    """[m, N_in] pre-activations of rows x [m, d] (float32, bf16-rounded first at low bits)."""
+def _pruned(x: Tensor, keeps: list[float]) -> Tensor:
+    """`reference.prune_mlp_input` with each row's own keep, selecting by topk (no full sort)."""
+    if all(k >= 1 for k in keeps):
+        return x
+    out = torch.zeros_like(x)
+    for i, k in enumerate(keeps):
+        idx = kept_channels(x[i:i + 1], k)[0]
+        out[i, idx] = x[i, idx]
+    return out
+
+
+def _input_projection(x: Tensor, keeps: list[float], bits: int, row_skip: bool, w_in, b_in, kind, c,
+                      group_size) -> Tensor:
+    """[m, N_in] pre-activations of rows x [m, d] at one bit level (16 = the model dtype)."""
     bias = reference._input_bias(b_in, w_in, kind)
-    if not weight_mode or bits >= 16:
-        flat, offsets, weights = _bags(x, kept_channels(x, keep))
+    if bits >= 16:
+        if not row_skip:
+            return reference._input_projection(_pruned(x, keeps), w_in, b_in, kind)
+        flat, offsets, weights = _bags(x, keeps)
         return _add(F.embedding_bag(flat, c["wt"], offsets, mode="sum", per_sample_weights=weights), bias)
-    xb = x.to(torch.bfloat16)
-    if bits == 8:
-        if keep >= 1:
-            return _add(torch._weight_int8pack_mm(xb, c["in8"], c["in8_scale"]).float(), bias)
-        flat, offsets, weights = _bags(xb.float(), kept_channels(x, keep))
+    if bits == 8 and row_skip:
+        flat, offsets, weights = _bags(x, keeps, values=x.to(torch.bfloat16).float())  # select on x, then round
         y = torch.ops.quantized.embedding_bag_byte_rowwise_offsets(
             c["in8_rows"], flat, offsets, False, 0, False, weights, None, False)
         return _add(quant_primitives.to_bf16_grid(y * c["in8_scale"].float(), torch.float32), bias)
-    if keep < 1:
-        xb = reference.prune_mlp_input(x, keep).to(torch.bfloat16)
-    y = torch._weight_int4pack_mm_for_cpu(xb, c["in4_cpu"], group_size, c["in4_sz"])
-    return _add(y.float(), bias)
+    xb = _pruned(x, keeps).to(torch.bfloat16)
+    if bits == 8:
+        return _add(torch._weight_int8pack_mm(xb, c["in8"], c["in8_scale"]).float(), bias)
+    return _add(torch._weight_int4pack_mm_for_cpu(xb, c["in4_cpu"], group_size, c["in4_sz"]).float(), bias)
 
 
-def _down(h: Tensor, bits: int, weight_mode: bool, w_out, b_out, c, group_size) -> Tensor:
-    if not weight_mode or bits >= 16:
+def _down(h: Tensor, bits: int, w_out, b_out, c, group_size) -> Tensor:
+    if bits >= 16:
         return F.linear(h, w_out, b_out)
     hb = h.to(torch.bfloat16)
     if bits == 8:
@@ -86,12 +106,18 @@ def _down(h: Tensor, bits: int, weight_mode: bool, w_out, b_out, c, group_size) 
     return _add(y.float(), b_out)
 
 
-def _needs(c: dict, keep: float, bits: int, weight_mode: bool) -> tuple[str, ...]:
-    if weight_mode and bits == 8:
-        return ("in8", "in8_scale", "out8", "out8_scale") + (("in8_rows",) if keep < 1 else ())
-    if weight_mode and bits == 4:
+def kernel_of(keep: float, bits: int) -> tuple[int, bool]:
+    """(bit level, row-skipping?) of an action's kernel; rows sharing it run in one call. A given action
+    always gets the same kernel, whatever its batch mates (a row's result does not depend on them)."""
+    return bits, bits != 4 and keep <= ROW_SKIP_MAX_KEEP
+
+
+def _needs(bits: int, row_skip: bool) -> tuple[str, ...]:
+    if bits == 8:
+        return ("in8_scale", "out8", "out8_scale") + (("in8_rows",) if row_skip else ("in8",))
+    if bits == 4:
         return ("in4_cpu", "in4_sz", "out4_cpu", "out4_sz")
-    return ("wt",) if keep < 1 else ()
+    return ("wt",) if row_skip else ()
 
 
 def applies(x: Tensor, w_in, b_in, w_out, b_out, quant: str) -> bool:
@@ -121,24 +147,26 @@ def mlp_cpu(x, keep, bits, w_in, b_in, w_out, b_out, kind, act, quant, packs, gr
         return reference.mlp(x, None, None, w_in, b_in, w_out, b_out, kind, act).contiguous()
     c = mlp_weights.unpack(packs)
     weight_mode = quant == "weight"
-    if any(c[name] is None for k, b in set(actions) for name in _needs(c, k, b, weight_mode)):
+    # In activation mode every row computes at 16 bits; its bits only pick the output quantizer.
+    row_kernels = [kernel_of(k, b if weight_mode else 16) for k, b in actions]
+    if any(c[name] is None for kern in set(row_kernels) for name in _needs(*kern)):
         return library.mlp._init_fn(x, keep, bits, w_in, b_in, w_out, b_out, kind, act, quant, packs, group_size)
     rows = x.reshape(-1, d)
     fn = reference._activation(act)
+    groups: dict[tuple[int, bool], list[int]] = {}
+    for i, kern in enumerate(row_kernels):
+        groups.setdefault(kern, []).append(i)
     out = None
-    groups: dict[tuple[float, int], list[int]] = {}
-    for i, a in enumerate(actions):
-        groups.setdefault(a, []).append(i)
-    for (k, b), members in groups.items():
+    for (b, row_skip), members in groups.items():
         xs = rows if len(groups) == 1 else rows[members]
-        if k >= 1 and (b >= 16 or not weight_mode):  # the dense MLP: the reference's own op sequence
+        keeps = [actions[i][0] for i in members]
+        if b >= 16 and not row_skip and all(k >= 1 for k in keeps):  # the dense MLP: the reference's ops
             y = reference.mlp(xs, None, None, w_in, b_in, w_out, b_out, kind, act)
         else:
-            low_bit = weight_mode and b < 16
-            pre = _input_projection(xs.float() if low_bit else xs, k, b, weight_mode, w_in, b_in, kind, c, group_size)
-            y = _down(reference._hidden(pre, kind, fn), b, weight_mode, w_out, b_out, c, group_size).to(x.dtype)
-        if not weight_mode and b < 16:
-            y = reference.fake_quant(y, torch.full(y.shape[:-1], b, device=y.device))
+            pre = _input_projection(xs.float() if b < 16 else xs, keeps, b, row_skip, w_in, b_in, kind, c, group_size)
+            y = _down(reference._hidden(pre, kind, fn), b, w_out, b_out, c, group_size).to(x.dtype)
+        if not weight_mode:
+            y = reference.fake_quant(y, torch.tensor([float(actions[i][1]) for i in members], device=y.device))
         if len(groups) == 1:
             return y.reshape(*lead, -1).contiguous()
         if out is None:
