@@ -132,7 +132,7 @@ class Stepper:
         if len(lengths) != rows or any(not 0 <= n <= width for n in lengths):
             raise ValueError(f"lengths must be {rows} numbers in 0..{width}, got {lengths}")
         longest = max(lengths)
-        need = max(longest + steps, longest)
+        need = longest + steps
         if need > self.sol.max_seq_len:
             raise ValueError(f"a prefix of {longest} tokens + {steps} steps needs {need} positions; "
                              f"exceeds max_seq_len={self.sol.max_seq_len}")

@@ -26,8 +26,8 @@ testable offline either way. Arguments (all also accepted as strings, as lm_eval
   sample     sample the policy at its temperature instead of argmax (default False)
   max_length longest sequence scored at once (default: the compiled max_seq_len)
 
-Protocols (the same as the evaluation, training/mc.py and runtime/generate.py): the context minus its
-last token is prefilled densely; every continuation / generated token is produced by one controlled
+Protocols (runtime/stepper.py, through training/mc.py and runtime/generate.py, as in the evaluation):
+the context minus its last token is prefilled densely; every continuation / generated token is produced by one controlled
 decode step whose action the source picks. Requests with the same context share one prefill.
 `self.last_budget` holds the realized per-axis budget of the last call (from the actions that ran).
 """
