@@ -94,12 +94,12 @@ def load_model(name_or_path: str = BUILTIN, dtype=None, device=None, seed: int =
 
 
 def load_compiled(name_or_path: str = BUILTIN, dtype=None, device=None, actions=("attn", "mlp", "quant"),
-                  levels: dict | None = None, max_seq_len: int | None = None):
+                  levels: dict | None = None, max_seq_len: int | None = None, quant: str = "weight"):
     """load_model then solc.compile: the base model, frozen, compiled for the given action space."""
     from solc.compile import compile as compile_model
 
     model = load_model(name_or_path, dtype=dtype, device=device)
-    return compile_model(model, actions=actions, levels=levels, max_seq_len=max_seq_len)
+    return compile_model(model, actions=actions, levels=levels, max_seq_len=max_seq_len, quant=quant)
 
 
 def load_tokenizer(name_or_path: str = BUILTIN):

@@ -29,8 +29,18 @@ from runtime.costs import realized_budget  # noqa: F401  (re-exported: the one b
 from runtime.schedulers import ActionSource
 from runtime.stepper import Stepper
 
-# DESIGN.md: per-context budget targets, per axis (cost units: keep fractions, bits/16).
+# DESIGN.md: per-context budget targets, per axis (cost units: keep fractions, bits/16). The paper's
+# ranges start at its grid's cheapest level on each axis; the quant axis follows the space's grid (4 bits
+# in weight mode: 0.25), see `default_target_ranges`.
 TARGET_RANGES: dict[str, tuple[float, float]] = {"attn": (0.1, 1.0), "mlp": (0.4, 1.0), "quant": (0.3125, 1.0)}
+
+
+def default_target_ranges(space: ActionSpace) -> dict[str, tuple[float, float]]:
+    """TARGET_RANGES with the quant range starting at the space's cheapest bits/16 (what its grid can meet)."""
+    ranges = dict(TARGET_RANGES)
+    if "quant" in space.axes:
+        ranges["quant"] = (space.cheapest_cost["quant"], 1.0)
+    return ranges
 
 
 @dataclass
@@ -67,10 +77,10 @@ def sample_targets(
     generator: torch.Generator | None = None,
     ranges: dict[str, Sequence[float]] | None = None,
 ) -> Tensor:
-    """[n, 3] float64 per-context targets: U[lo, hi] on each enabled axis (DESIGN ranges by default),
+    """[n, 3] float64 per-context targets: U[lo, hi] on each enabled axis (`default_target_ranges`),
     1.0 on disabled axes. Three uniforms are drawn per row whatever the axes, so enabling an axis does
     not shift the other axes' draws."""
-    ranges = {**TARGET_RANGES, **(ranges or {})}
+    ranges = {**default_target_ranges(space), **(ranges or {})}
     u = torch.rand(n, 3, generator=generator, dtype=torch.float64)
     out = torch.ones(n, 3, dtype=torch.float64)
     for i, axis in enumerate(AXES):

@@ -288,7 +288,8 @@ def build(cfg: EvalConfig):
     device = resolve_device(cfg.device, argument="--device")
     kwargs = {}
     if policy is not None:
-        kwargs = {"actions": list(policy.space.axes), "levels": {a: list(v) for a, v in policy.space.levels.items()}}
+        kwargs = {"actions": list(policy.space.axes), "levels": {a: list(v) for a, v in policy.space.levels.items()},
+                  "quant": policy.space.quant}
     sol = load_compiled(cfg.model, dtype=resolve_dtype(cfg.dtype), device=device, **kwargs)
     if cfg.context_length > sol.max_seq_len:
         raise ArgumentError("--context-length", f"--context-length {cfg.context_length} is invalid: --model {cfg.model} "

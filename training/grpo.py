@@ -76,7 +76,8 @@ class GRPOConfig:
     # model and data
     model: str = _opt("smollm2-135m", "base model: a solc.load_model name (smollm2-135m, tiny-llama, ...) or a local HF path")
     actions: list = _opt(["attn", "mlp", "quant"], "enabled efficiency axes, comma separated (attn,mlp,quant)")
-    levels: dict = _opt({}, 'per-axis level grids as JSON, e.g. \'{"quant": [4, 8, 16]}\'; {} = the paper\'s grid')
+    levels: dict = _opt({}, 'per-axis level grids as JSON, e.g. \'{"quant": [4, 8]}\'; {} = the default grid')
+    quant: str = _opt("weight", "quant axis mode: weight (int8/int4 MLP weights, bits 4/8/16) or activation (the paper's, 5/7/16)")
     corpus: str = _opt("shakespeare", "training corpus for solc.data.get_contexts ('random' = uniform random tokens, for tests)")
     context_length: int = _opt(256, "tokens per context: dense prefill of L - T - 1 tokens, then T controlled steps")
     max_contexts: int = _opt(0, "use at most this many training contexts (0 = all)")
@@ -89,7 +90,7 @@ class GRPOConfig:
     rollout_batch: int = _opt(4, "contexts per rollout call (their K schedules are batched together)")
     target_attn: list = _opt(list(TARGET_RANGES["attn"]), "range lo,hi of the sampled attn keep target")
     target_mlp: list = _opt(list(TARGET_RANGES["mlp"]), "range lo,hi of the sampled mlp keep target")
-    target_quant: list = _opt(list(TARGET_RANGES["quant"]), "range lo,hi of the sampled bits/16 target")
+    target_quant: list = _opt([], "range lo,hi of the sampled bits/16 target (empty: the grid's cheapest bits/16 to 1)")
     # reward
     gamma: float = _opt(0.85, "discount of the per-step log-likelihood rewards")
     alpha_attn: float = _opt(100.0, "budget penalty weight, attn axis")
@@ -139,12 +140,14 @@ class GRPOConfig:
             _bad("actions" if not isinstance(self.actions, list) else "levels", self.actions if not isinstance(self.actions, list)
                  else self.levels, "actions: axis names a,b; levels: a JSON object", type_error=True)
         try:
-            ActionSpace(self.actions, self.levels or None)
+            ActionSpace(self.actions, self.levels or None, quant=self.quant)
         except ValueError as e:
-            name = "levels" if self.levels and "level" in str(e) else "actions"
-            raise ArgumentError(name, f"--{name}: {e}") from None
+            name = "quant" if "quant mode" in str(e) else "levels" if self.levels and "level" in str(e) else "actions"
+            raise ArgumentError(_flag(name), f"{_flag(name)}: {e}") from None
         for name in ("target_attn", "target_mlp", "target_quant"):
             v = getattr(self, name)
+            if name == "target_quant" and v in ([], "", ()):
+                continue  # the grid's cheapest bits/16 to 1 (training.episodes.default_target_ranges)
             try:
                 v = [float(x) for x in (v.split(",") if isinstance(v, str) else v)]
             except (TypeError, ValueError):
@@ -187,7 +190,8 @@ class GRPOConfig:
 
     @property
     def target_ranges(self) -> dict[str, list[float]]:
-        return {"attn": self.target_attn, "mlp": self.target_mlp, "quant": self.target_quant}
+        ranges = {"attn": self.target_attn, "mlp": self.target_mlp}
+        return {**ranges, "quant": self.target_quant} if self.target_quant else ranges
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -382,7 +386,7 @@ def build_model(cfg: GRPOConfig, device=None):
     device = device or _device(cfg.device)
     try:
         return load_compiled(cfg.model, dtype=resolve_dtype(cfg.dtype), device=device, actions=cfg.actions,
-                             levels=cfg.levels or None, max_seq_len=cfg.context_length)
+                             levels=cfg.levels or None, max_seq_len=cfg.context_length, quant=cfg.quant)
     except ArgumentError as e:
         if e.argument != "max_seq_len":
             raise

@@ -124,7 +124,8 @@ class SolcLM(_Base):
             base = solc.load_model(model, dtype=dt).to(device)
             kwargs = {}
             if self.policy is not None:
-                kwargs = {"actions": list(self.policy.space.axes), "levels": {a: list(v) for a, v in self.policy.space.levels.items()}}
+                kwargs = {"actions": list(self.policy.space.axes), "levels": {a: list(v) for a, v in self.policy.space.levels.items()},
+                          "quant": self.policy.space.quant}
             self.sol = solc.compile(base, max_seq_len=max_length or 2048, **kwargs)
             self.tokenizer = tokenizer or solc.load_tokenizer(model)
         else:

@@ -108,11 +108,13 @@ def test_fixed_and_random_baselines_roll_out_at_their_budget(tiny_sol):
         assert (ep.budget - ep.targets).abs().max() <= 0.5 * 0.5 / 16 + 1e-9
 
 
-def test_sample_targets():
+@pytest.mark.parametrize("quant, quant_lo", [("activation", 5 / 16), ("weight", 4 / 16)])
+def test_sample_targets(quant, quant_lo):
     g = torch.Generator().manual_seed(0)
-    t = sample_targets(ActionSpace(), 2000, g)
+    t = sample_targets(ActionSpace(quant=quant), 2000, g)
+    assert TARGET_RANGES["quant"] == (5 / 16, 1.0)  # the paper's range: its grid's cheapest bits/16
     for i, axis in enumerate(("attn", "mlp", "quant")):
-        lo, hi = TARGET_RANGES[axis]
+        lo, hi = TARGET_RANGES[axis] if axis != "quant" else (quant_lo, 1.0)
         assert t[:, i].min() >= lo and t[:, i].max() <= hi
         assert t[:, i].min() < lo + 0.01 and t[:, i].max() > hi - 0.01
     only_mlp = sample_targets(ActionSpace(["mlp"]), 5, torch.Generator().manual_seed(0))

@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+import training.episodes as training_episodes
 import training.grpo as grpo
 from runtime.policy import PolicyNet
 from training.episodes import Episodes
@@ -186,3 +187,20 @@ def test_cli_help_config_file_and_overrides(tmp_path):
     assert config_from_args([]).model == "smollm2-135m" and config_from_args([]).context_length == 256
     with pytest.raises(ValueError, match="unknown config keys"):
         GRPOConfig.from_dict({"learning_rate": 1})
+
+
+def test_quant_mode_option_picks_the_grid_and_the_quant_target_range():
+    from runtime.actions import ActionSpace
+    from runtime.errors import ArgumentError
+
+    paper = GRPOConfig(quant="activation", levels={"quant": [5, 7, 16]})
+    assert "quant" not in paper.target_ranges  # derived from the grid: 5/16
+    assert GRPOConfig(target_quant="0.5,1").target_ranges["quant"] == [0.5, 1.0]
+    with pytest.raises(ArgumentError, match="--levels") as bad_levels:
+        GRPOConfig(levels={"quant": [5, 7, 16]})  # weight mode has bits 4/8/16 only
+    assert bad_levels.value.argument == "--levels"
+    with pytest.raises(ArgumentError, match="quant mode") as bad_mode:
+        GRPOConfig(quant="fp8")
+    assert bad_mode.value.argument == "--quant"
+    targets = training_episodes.sample_targets(ActionSpace(quant="weight"), 500, torch.Generator().manual_seed(0))
+    assert 0.25 <= targets[:, 2].min() < 0.26
