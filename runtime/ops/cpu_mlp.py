@@ -139,7 +139,7 @@ def _row_actions(keep: Tensor, bits: Tensor, lead) -> list[tuple[float, int]]:
 
 
 def mlp_cpu(x, keep, bits, w_in, b_in, w_out, b_out, kind, act, quant, packs, group_size):
-    if not applies(x, w_in, b_in, w_out, b_out, quant):
+    if not library.cpu_fast_paths() or not applies(x, w_in, b_in, w_out, b_out, quant):
         return library.mlp._init_fn(x, keep, bits, w_in, b_in, w_out, b_out, kind, act, quant, packs, group_size)
     lead, d = x.shape[:-1], x.shape[-1]
     actions = _row_actions(keep, bits, lead)

@@ -7,6 +7,8 @@ same ops (issue: Triton kernels), so a pass never needs to know which backend ru
 """
 from __future__ import annotations
 
+import os
+
 import warnings
 from typing import Optional
 
@@ -15,6 +17,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from runtime.ops import cpu_attention, reference, step_hints
+
+
+def cpu_fast_paths() -> bool:
+    """Whether the CPU fast paths (cpu_attention, cpu_mlp) run; SOLC_CPU_FAST=0 runs the reference on CPU.
+    They read their data-dependent sizes (kept pages, top-k ties) on the host, free on a CPU; the sync
+    budget of the decode protocol is checked with them off, as on CUDA the kernels replace them."""
+    return os.environ.get("SOLC_CPU_FAST", "1") != "0"
 
 
 def write_kv(k_cache: Tensor, v_cache: Tensor, k: Tensor, v: Tensor, positions: Tensor) -> None:
@@ -53,7 +62,7 @@ def attention(
     within a row; keep [B, T] attention keep fraction.
     """
     hints = step_hints.current()
-    if cpu_attention.supports(q, k_cache, v_cache):  # a CPU decode step: read only what the action keeps
+    if cpu_fast_paths() and cpu_attention.supports(q, k_cache, v_cache):  # a CPU decode step: read only what the action keeps
         keeps, rows_pos = cpu_attention.host_levels(keep, positions, hints)
         if len(rows_pos) <= cpu_attention.SLICE_WRITE_MAX_ROWS:
             cpu_attention.write_and_refresh(k_cache, v_cache, page_min, page_max, k, v, rows_pos)
@@ -142,6 +151,8 @@ def dense_axes_skipped(keep: Tensor, bits: Tensor):
     hints = step_hints.current()
     keep_dense = hints.mlp_dense if hints is not None and hints.mlp_dense is not None else bool((keep >= 1).all())
     bits_dense = hints.bits_dense if hints is not None and hints.bits_dense is not None else bool((bits >= 16).all())
+    if not bits_dense and hints is not None and hints.bits is not None:
+        bits = int(hints.bits)  # one level for every row, known on the host
     return (None if keep_dense else keep), (None if bits_dense else bits)
 
 

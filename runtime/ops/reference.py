@@ -263,7 +263,7 @@ def mlp(
 ) -> Tensor:
     """One MLP site under per-token actions.
 
-    x [..., d_in]; keep, bits [...]. kind:
+    x [..., d_in]; keep, bits [...] (bits may be one int: the level of every row). kind:
       "gated"       w_in = [w_gate, w_up]:  h = act(x Wg^T + bg) * (x Wu^T + bu)
       "gated_fused" w_in = [w_gate_up]:     gate = first half of the output features, up = second half
                                             (Phi-3 layout), h = act(gate) * up
@@ -305,7 +305,8 @@ def mlp(
     lead, d = x.shape[:-1], x.shape[-1]
     rows = xp.reshape(-1, d)
     row_bits = torch.broadcast_to(torch.as_tensor(bits, device=x.device), lead).reshape(-1)
-    levels = sorted({int(b) for b in row_bits.unique().tolist()})
+    # An int `bits` is one level for every row, known on the host (no device read to find the levels).
+    levels = [int(bits)] if isinstance(bits, int) else sorted({int(b) for b in row_bits.unique().tolist()})
     out = None
     for level in levels:
         run = (lambda r: dense(r)) if level >= 16 else (

@@ -44,14 +44,19 @@ def _decode_log_probs(sol, ids: torch.Tensor, action: int) -> torch.Tensor:
     return torch.stack(out, 1)
 
 
+# Weight mode rounds the MLP input to bf16 before the int8/int4 product: the same last-bit difference
+# from the linears flips a bf16 rounding there too (tiny-llama, attn 0.1 / mlp 0.8 / 4 bit: 2e-5).
 @pytest.fixture(scope="module", params=[
-    "tiny-llama",
-    "tiny-llama-mha",
-    pytest.param("smollm2-135m", marks=[pytest.mark.slow, _REAL_MODEL_LINEARS]),
-])
+    ("tiny-llama", "activation"),
+    ("tiny-llama-mha", "activation"),
+    pytest.param(("tiny-llama", "weight"), marks=pytest.mark.xfail(strict=False, reason=_REAL_MODEL_LINEARS.kwargs["reason"])),
+    ("tiny-llama-mha", "weight"),
+    pytest.param(("smollm2-135m", "activation"), marks=[pytest.mark.slow, _REAL_MODEL_LINEARS]),
+], ids=lambda p: "-".join(p))
 def compiled(request):
-    model = solc.load_model(request.param, dtype=torch.float32)
-    return solc.compile(model, max_seq_len=PROMPT + STEPS + 8)
+    name, quant = request.param
+    model = solc.load_model(name, dtype=torch.float32)
+    return solc.compile(model, max_seq_len=PROMPT + STEPS + 8, quant=quant)
 
 
 def test_every_uniform_action_gives_a_row_the_same_log_probs_alone_and_in_a_batch(compiled):

@@ -166,7 +166,11 @@ def _reads_per_step(run, steps):
     return (long["n"] - short["n"]) / steps
 
 
-def test_uniform_action_steps_read_the_host_at_most_once(sol32):
+def test_uniform_action_steps_read_the_host_at_most_once(sol32, monkeypatch):
+    # The protocol's budget (stepper, sources, sampling, dispatcher, the ops' path choice): the CPU-only
+    # fast paths read their data-dependent sizes on the host, which a CPU pays nothing for and which the
+    # CUDA kernels do not do, so they are switched off here (runtime.ops.library.cpu_fast_paths).
+    monkeypatch.setenv("SOLC_CPU_FAST", "0")
     sol = sol32
     prompt = _tokens(sol, 2, 9)
     eos = [int(sol.token_embedding.shape[0]) - 1]  # an EOS that stays active on every step

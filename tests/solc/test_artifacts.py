@@ -128,10 +128,8 @@ def test_manifest_records_the_quant_mode_and_the_copies_to_recompute(exported):
 def test_copies_that_recompute_differently_are_named(exported, tmp_path):
     _, _, path = exported
     dst = _copy(path, tmp_path)
-    manifest = json.loads((dst / "manifest.json").read_text())
-    name = sorted(manifest["mlp_copies"]["sha256"])[0]
-    manifest["mlp_copies"]["sha256"][name] = "0" * 64
-    (dst / "manifest.json").write_text(json.dumps(manifest))
+    name = sorted(json.loads((dst / "manifest.json").read_text())["mlp_copies"]["sha256"])[0]
+    _rewrite_manifest(dst, lambda m: m["mlp_copies"]["sha256"].__setitem__(name, "0" * 64))
     with pytest.raises(solc.AssetError,
                        match=rf"recomputed on load differ from the exported ones \(1 of \d+, e.g. {name}\)"):
         solc.load(dst)
