@@ -55,8 +55,9 @@ def _check_three_drivers_agree(sol, prompt_len=8, batch=2, actions=None):
 
 @pytest.mark.parametrize("name", MODELS)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_rollout_score_and_generate_are_bit_identical(name, dtype):
-    sol = solc.compile(solc.load_model(name, dtype=dtype), max_seq_len=40)
+@pytest.mark.parametrize("quant", ["weight", "activation"])
+def test_rollout_score_and_generate_are_bit_identical(name, dtype, quant):
+    sol = solc.compile(solc.load_model(name, dtype=dtype), max_seq_len=40, quant=quant)
     assert prompt_fits(sol)
     _check_three_drivers_agree(sol)
 
