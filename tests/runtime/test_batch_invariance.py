@@ -26,6 +26,13 @@ _REAL_MODEL_LINEARS = pytest.mark.xfail(
 )
 
 
+@pytest.fixture(autouse=True)
+def _cpu_fast_paths_on(monkeypatch):
+    # The CPU fast paths compute each row with the same kernels whatever its batch (the reference's SDPA
+    # does not); they are opt-in (runtime.ops.library.cpu_fast_paths), so this measures them.
+    monkeypatch.setenv("SOLC_CPU_FAST", "1")
+
+
 def _ids(vocab: int, rows: int) -> torch.Tensor:
     return torch.randint(3, vocab, (rows, PROMPT + STEPS), generator=torch.Generator().manual_seed(0))
 

@@ -61,7 +61,7 @@ class FakeSOL:
     LOW_PREF = {"1": "A", "2": "C", "3": "C"}
 
     def __init__(self):
-        self.space = ActionSpace()
+        self.space = ActionSpace(quant="activation")  # the paper's grid: the lowest bits/16 is 0.3125
         self.dtype = torch.float32
         self.max_seq_len = 64
         self.token_embedding = torch.zeros(V, 4)

@@ -8,6 +8,11 @@ from runtime.ops import cpu_mlp, reference
 from runtime.ops.step_hints import StepHints, step_hints
 from tests.runtime.ops.mlp_sites import D, call, make_site
 
+@pytest.fixture(autouse=True)
+def _cpu_fast_paths_on(monkeypatch):
+    monkeypatch.setenv("SOLC_CPU_FAST", "1")  # opt-in (runtime.ops.library.cpu_fast_paths)
+
+
 KEEPS = (0.4, 0.8, 1.0)
 BITS = {"weight": (4, 8, 16), "activation": (5, 7, 16)}
 OP = torch.ops.solc.mlp.default
