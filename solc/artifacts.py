@@ -200,6 +200,11 @@ def _write(sol, policy, tokenizer, programs: bool, out: Path) -> None:
         "mlp_copies": {"storage": "recompute", "bytes": sol.info["mlp_copies_bytes"], "sha256": copy_digests(sol.graph)},
         "files": {str(p.relative_to(out)): {"sha256": sha256_file(p), "bytes": p.stat().st_size} for p in files},
     }
+    write_manifest(out, manifest)
+
+
+def write_manifest(out: Path, manifest: dict) -> None:
+    """manifest.json and the seal over its exact bytes (load refuses a manifest the seal does not match)."""
     text = json.dumps(manifest, indent=2).encode()
     (out / MANIFEST).write_bytes(text)
     (out / MANIFEST_HASH).write_text(sha256_bytes(text) + "\n")

@@ -563,6 +563,20 @@ def run_cli(parse, argv):
     return cfg, error, ""
 
 
+def parsed_or_refused(config_from_args, argv, chosen):
+    """The config a command line parses to, or None after checking its refusal names a chosen flag (argparse's
+    usage error or solc's own)."""
+    cfg, error, usage = run_cli(config_from_args, argv)
+    event("argparse" if usage else "error" if error is not None else "accepted")
+    if usage:
+        assert any(flag in usage for flag in chosen), usage
+        return None
+    if error is not None:
+        assert named(error, set(chosen)), (argv, error)
+        return None
+    return cfg
+
+
 @fast(300)
 @given(st.data())
 def test_grpo_command_line(data):
@@ -573,13 +587,8 @@ def test_grpo_command_line(data):
     argv = []
     for flag in chosen:
         argv += [flag] if flags[flag] is None else [flag, data.draw(flags[flag])]
-    cfg, error, usage = run_cli(grpo.config_from_args, argv)
-    event("argparse" if usage else "error" if error is not None else "accepted")
-    if usage:
-        assert any(flag in usage for flag in chosen), usage
-        return
-    if error is not None:
-        assert named(error, set(chosen)), (argv, error)
+    cfg = parsed_or_refused(grpo.config_from_args, argv, chosen)
+    if cfg is None:
         return
     # accepted: every value is valid
     assert cfg.checkpoint_every >= 1 and cfg.max_updates >= 1 and cfg.horizon >= 1 and cfg.group_size >= 2
@@ -602,13 +611,8 @@ def test_evaluate_command_line(data):
     for flag in chosen:
         extra = st.sampled_from(["0.5,0.7", "0.4/0.5/0.6", "0,13,dense", "policy,fixed", "bigbench:x"])
         argv += [flag] if flags[flag] is None else [flag, data.draw(st.one_of(flags[flag], extra))]
-    cfg, error, usage = run_cli(evaluate.config_from_args, argv)
-    event("argparse" if usage else "error" if error is not None else "accepted")
-    if usage:
-        assert any(flag in usage for flag in chosen), usage
-        return
-    if error is not None:
-        assert named(error, set(chosen)), (argv, error)
+    cfg = parsed_or_refused(evaluate.config_from_args, argv, chosen)
+    if cfg is None:
         return
     from training.baselines import target_key
 

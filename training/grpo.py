@@ -56,7 +56,7 @@ from runtime import validation
 from runtime.actions import AXES, ActionSpace
 from runtime.errors import ArgumentError, ArgumentTypeError, SolcError
 from runtime.policy import BUDGET_HEADS, PolicyConfig, PolicyNet, PolicySource, Trajectory, sequence_log_probs
-from solc.cache import atomic_torch_save, remove_stale_temporaries
+from solc.cache import atomic_torch_save, pid_alive, remove_stale_temporaries
 from solc.models import DTYPES, resolve_device, resolve_dtype
 from training.episodes import TARGET_RANGES, Episodes, rollout, sample_targets
 
@@ -345,18 +345,8 @@ def _remove_stale_checkpoint_temporaries(out: Path) -> None:
         remove_stale_temporaries(out / name)
         for legacy in out.glob(f"{name}.tmp*"):
             pid = legacy.name.removeprefix(f"{name}.tmp")
-            if pid.isdigit() and not _pid_alive(int(pid)):
+            if pid.isdigit() and not pid_alive(int(pid)):
                 legacy.unlink(missing_ok=True)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    return True
 
 
 def corpus_contexts(model: str, corpus: str, split: str, length: int, vocab_size: int, seed: int,

@@ -1,5 +1,4 @@
 """solc.export / solc.load: round trip, integrity checks, the exported program."""
-import hashlib
 import json
 import shutil
 
@@ -7,6 +6,7 @@ import pytest
 import torch
 
 import solc
+from solc import artifacts
 from runtime.policy import PolicyConfig, PolicyNet, PolicySource
 
 
@@ -79,9 +79,7 @@ def _rewrite_manifest(dst, edit):
     """Edit the manifest and re-seal it, as an export by another version would have written it."""
     manifest = json.loads((dst / "manifest.json").read_text())
     edit(manifest)
-    text = json.dumps(manifest).encode()
-    (dst / "manifest.json").write_bytes(text)
-    (dst / "manifest.sha256").write_text(hashlib.sha256(text).hexdigest())
+    artifacts.write_manifest(dst, manifest)
 
 
 def test_version_mismatch_is_named(exported, tmp_path):

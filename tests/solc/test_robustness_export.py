@@ -1,6 +1,5 @@
 """solc.export never loses data: it refuses foreign directories, replaces artifacts atomically, survives
 kill -9 at any point, stores each weight once and seals its manifest."""
-import hashlib
 import json
 import os
 import random
@@ -124,9 +123,7 @@ def test_artifact_directories_have_the_usual_mode(sol, tmp_path):
 def _reseal(path, edit):
     manifest = json.loads((path / "manifest.json").read_text())
     edit(manifest)
-    text = json.dumps(manifest).encode()
-    (path / "manifest.json").write_bytes(text)
-    (path / "manifest.sha256").write_text(hashlib.sha256(text).hexdigest())
+    artifacts.write_manifest(path, manifest)
 
 
 @pytest.fixture(scope="module")
