@@ -55,6 +55,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from runtime.actions import AXES, ActionSpace
+from runtime.budget import BudgetSpec
 from runtime.schedulers import ActionSource
 
 POLICY_VERSION = 1
@@ -76,6 +77,7 @@ class PolicyConfig:
     temperature: float = 1.0  # default divisor of the logits (rollouts pass their own)
     budget_head: str = "anchored"  # "anchored" | "price" (see the module docstring)
     anchor_sharpness: float = 20.0  # initial kappa of the anchored prior (nats per squared cost unit)
+    budget: dict | None = None  # runtime.budget.BudgetSpec dict: what a target means (None: per-axis)
     version: int = POLICY_VERSION
 
     def __post_init__(self):
@@ -94,6 +96,13 @@ class PolicyConfig:
         if isinstance(self.space, ActionSpace):
             self.space = self.space.to_dict()
         ActionSpace.from_dict(self.space)  # validates
+        if isinstance(self.budget, BudgetSpec):
+            self.budget = self.budget.to_dict()
+        BudgetSpec.from_dict(self.budget)  # validates
+
+    @property
+    def budget_spec(self) -> BudgetSpec:
+        return BudgetSpec.from_dict(self.budget)
 
     @property
     def action_space(self) -> ActionSpace:
@@ -211,11 +220,13 @@ class PolicyNet(nn.Module):
         for head in (self.action_head, self.budget_head):
             nn.init.zeros_(head.weight)
             nn.init.zeros_(head.bias)
-        self.register_buffer("cost_table", space.cost_table().to(torch.float32), persistent=False)
-        enabled = torch.tensor([axis in space.axes for axis in AXES])
+        table = config.budget_spec.table(space)  # [A, 3]: per-axis costs, or the relative cost in column 0
+        self.register_buffer("cost_table", table.to(torch.float32), persistent=False)
+        self.cost_table64 = table  # float64 on the host (not a buffer: .to(dtype) must not round it)
+        enabled = torch.tensor(config.budget_spec.enabled(space))
         self.register_buffer("enabled_axes", enabled, persistent=False)
-        lo = space.cost_table().min(0).values.float()
-        hi = space.cost_table().max(0).values.float()
+        lo = table.min(0).values.float()
+        hi = table.max(0).values.float()
         self.register_buffer("cost_lo", lo, persistent=False)
         self.register_buffer("cost_hi", hi, persistent=False)
         # kappa = softplus(raw): start at anchor_sharpness
@@ -332,6 +343,11 @@ class PolicySource(ActionSource):
         self.policy, self.greedy, self.record = policy, greedy, record
         self.temperature = policy.config.temperature if temperature is None else temperature
 
+    @property
+    def budget_spec(self) -> BudgetSpec:
+        """What this policy's targets mean (a cost fraction or per-axis keeps): callers price with it."""
+        return self.policy.config.budget_spec
+
     def reset(self, space: ActionSpace, batch: int, targets: Tensor, horizon: int, generator=None) -> None:
         if space != self.policy.space:
             raise ValueError(f"the policy was trained for {self.policy.space}, not {space}")
@@ -339,7 +355,7 @@ class PolicySource(ActionSource):
         super().reset(space, batch, targets, horizon, generator)
         self.device = next(self.policy.parameters()).device
         self.cache = self.policy.new_cache(batch, horizon)
-        self.costs = space.cost_table().to(self.device)
+        self.costs = self.policy.cost_table64.to(self.device)
         self._targets = targets.to(self.device)
         self.deviations = torch.zeros(batch, 3, dtype=torch.float64, device=self.device)
         self.prev = torch.full((batch,), self.policy.start_action, dtype=torch.long, device=self.device)

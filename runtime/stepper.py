@@ -37,7 +37,8 @@ import torch
 from torch import Tensor
 
 from runtime.actions import AXES
-from runtime.costs import BudgetMeter, realized_budget
+from runtime.budget import BudgetSpec
+from runtime.costs import BudgetMeter
 from runtime.kv_cache import repeat_rows
 from runtime.schedulers import DENSE_PREFIX, ActionSource, Fixed, Schedule
 from runtime.signature import StepSignature  # noqa: F401  (re-exported: the graph's calling convention)
@@ -102,9 +103,12 @@ class Stepper:
     """Owns one decode session: its cache and positions, the dense prefix, the action source and the
     dispatcher that runs the steps, the log-prob dtype and the record of the actions that ran."""
 
-    def __init__(self, sol, source: ActionSource | None = None, dispatcher=None):
+    def __init__(self, sol, source: ActionSource | None = None, dispatcher=None, budget_spec: BudgetSpec | None = None):
         self.sol = sol
         self.source = source
+        # what a target means and how the realized budget is priced: given, else the source's own (a
+        # trained policy's), else the paper's per-axis budget
+        self.budget_spec = budget_spec or getattr(source, "budget_spec", None) or BudgetSpec.per_axis()
         self.dispatcher = dispatcher if dispatcher is not None else sol.dispatcher
         self.dtype = logprob_dtype(sol.dtype)
         self.device = sol.token_embedding.device
@@ -159,11 +163,15 @@ class Stepper:
         self._last_start = max(lengths)  # so kv_len of step t is host-known: last_start + t + 1
         if self.source is None:
             self.source = resolve_source(self.sol.space, None, None, None, steps)
-        targets = budget_targets(1.0 if targets is None else targets, batch)
+        if isinstance(targets, Tensor) and targets.shape == (batch, 3):
+            targets = targets.to(torch.float64)
+        else:
+            targets = self.budget_spec.targets(1.0 if targets is None else targets, batch, self.sol.space)
         self.source.reset(self.sol.space, batch, targets, steps, generator)
         self.targets = targets
         self._actions: list[Tensor] = []
         self._controlled: list[Tensor] = []
+        self._kv_lens: list[Tensor] = []
 
     # -- steps -------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -193,6 +201,7 @@ class Stepper:
             actions = torch.where(active, actions, torch.full_like(actions, -1))
         self._actions.append(actions)
         self._controlled.append(controlled)
+        self._kv_lens.append(positions + 1)
         self.hidden = hidden[:, -1]
         self.t = t + 1
         return StepOut(logits[:, -1].to(self.dtype), self.hidden, actions, controlled)
@@ -208,12 +217,26 @@ class Stepper:
         """[B, steps run] bool: counted in the budget."""
         return torch.stack(self._controlled, 1)
 
+    @property
+    def kv_lens(self) -> Tensor:
+        """[B, steps run] keys each step attended (its own included): what its cost is priced at."""
+        return torch.stack(self._kv_lens, 1)
+
     def budget(self, empty: float = 1.0) -> Tensor:
-        """[B, 3] realized per-axis budget of each row (`empty` for a row without controlled steps)."""
-        return realized_budget(self.sol.space, self.actions, self.controlled, empty)
+        """[B, 3] realized budget of each row in the spec's columns (`empty` for a row without
+        controlled steps): per-axis means, or the realized cost fraction in column 0."""
+        return self.budget_spec.realized(self.sol.space, self.actions, self.controlled, self.kv_lens, empty)
 
     def budget_summary(self) -> dict:
-        """Pooled realized budget: per-axis mean cost over the controlled steps, net_keep and, when
-        the model has a measured cost table, the relative latency."""
-        return BudgetMeter(self.sol.space).add(self.actions, self.controlled).summary(
+        """Pooled realized budget: per-axis mean cost over the controlled steps, net_keep, `cost` (the
+        realized cost fraction, pooled over rows) in cost mode and, when the model has a measured cost
+        table, the relative latency."""
+        out = BudgetMeter(self.sol.space).add(self.actions, self.controlled).summary(
             self.sol.cost_table, self.actions, self.controlled)
+        out["budget_mode"] = self.budget_spec.mode
+        if self.budget_spec.is_cost:
+            flat = lambda t: t.reshape(1, -1)  # noqa: E731  pool every row's steps into one
+            pooled = self.budget_spec.realized(self.sol.space, flat(self.actions), flat(self.controlled),
+                                               flat(self.kv_lens), float("nan"))
+            out["cost"] = float(pooled[0, 0])
+        return out

@@ -90,6 +90,18 @@ def sample_targets(
     return out
 
 
+def sample_cost_targets(spec, space: ActionSpace, n: int, generator: torch.Generator | None = None,
+                        cost_range: Sequence[float] | None = None) -> Tensor:
+    """[n, 3] float64 cost-budget targets: column 0 ~ U[lo, hi] (default: the cheapest action's cost
+    at the spec's context to 1), columns 1 and 2 are 1.0. Three uniforms are drawn per row, as in
+    `sample_targets`."""
+    lo, hi = cost_range if cost_range else spec.feasible_range(space)
+    u = torch.rand(n, 3, generator=generator, dtype=torch.float64)
+    out = torch.ones(n, 3, dtype=torch.float64)
+    out[:, 0] = lo + (hi - lo) * u[:, 0]
+    return out
+
+
 @torch.no_grad()
 def rollout(
     sol,

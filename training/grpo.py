@@ -58,7 +58,9 @@ from runtime.errors import ArgumentError, ArgumentTypeError, SolcError
 from runtime.policy import BUDGET_HEADS, PolicyConfig, PolicyNet, PolicySource, Trajectory, sequence_log_probs
 from solc.cache import atomic_torch_save, pid_alive, remove_stale_temporaries
 from solc.models import DTYPES, resolve_device, resolve_dtype
-from training.episodes import TARGET_RANGES, Episodes, rollout, sample_targets
+from runtime.budget import BUDGET_MODES, BudgetSpec
+from runtime.cost_model import BytesCostModel, cost_model_from_dict
+from training.episodes import TARGET_RANGES, Episodes, rollout, sample_cost_targets, sample_targets
 
 CHECKPOINT_VERSION = 1
 
@@ -77,6 +79,8 @@ class GRPOConfig:
     model: str = _opt("smollm2-135m", "base model: a solc.load_model name (smollm2-135m, tiny-llama, ...) or a local HF path")
     actions: list = _opt(["attn", "mlp", "quant"], "enabled efficiency axes, comma separated (attn,mlp,quant)")
     levels: dict = _opt({}, 'per-axis level grids as JSON, e.g. \'{"quant": [4, 8]}\'; {} = the default grid')
+    budget_mode: str = _opt("cost", "what a budget target means: cost (one number, the fraction of the dense decode cost; the policy picks the split) | per-axis (the paper's attn/mlp/bits targets)")
+    cost_model: str = _opt("bytes", "cost model of a cost budget: bytes (analytic bytes a batch-1 step reads) or the path of a cost model JSON (runtime.cost_model to_dict, e.g. a measured table)")
     quant: str = _opt("weight", "quant axis mode: weight (int8/int4 MLP weights, bits 4/8/16) or activation (the paper's, 5/7/16)")
     corpus: str = _opt("shakespeare", "training corpus for solc.data.get_contexts ('random' = uniform random tokens, for tests)")
     context_length: int = _opt(256, "tokens per context: dense prefill of L - T - 1 tokens, then T controlled steps")
@@ -91,11 +95,13 @@ class GRPOConfig:
     target_attn: list = _opt(list(TARGET_RANGES["attn"]), "range lo,hi of the sampled attn keep target")
     target_mlp: list = _opt(list(TARGET_RANGES["mlp"]), "range lo,hi of the sampled mlp keep target")
     target_quant: list = _opt([], "range lo,hi of the sampled bits/16 target (empty: the grid's cheapest bits/16 to 1)")
+    target_cost: list = _opt([], "range lo,hi of the sampled cost target (empty: the cheapest action's cost to 1)")
     # reward
     gamma: float = _opt(0.85, "discount of the per-step log-likelihood rewards")
     alpha_attn: float = _opt(100.0, "budget penalty weight, attn axis")
     alpha_mlp: float = _opt(100.0, "budget penalty weight, mlp axis")
     alpha_quant: float = _opt(200.0, "budget penalty weight, quant axis")
+    alpha_cost: float = _opt(200.0, "budget penalty weight of a cost budget (the one penalty term)")
     budget_tolerance: float = _opt(0.02, "penalty-free band around each target: alpha*max(|mean-target|-tol,0)^2")
     # optimisation
     temperature: float = _opt(1.3, "rollout temperature (the PPO ratio and entropy use the same one)")
@@ -144,9 +150,15 @@ class GRPOConfig:
         except ValueError as e:
             name = "quant" if "quant mode" in str(e) else "levels" if self.levels and "level" in str(e) else "actions"
             raise ArgumentError(_flag(name), f"{_flag(name)}: {e}") from None
-        for name in ("target_attn", "target_mlp", "target_quant"):
+        if self.budget_mode not in BUDGET_MODES:
+            _bad("budget_mode", self.budget_mode, f"one of {list(BUDGET_MODES)}")
+        if not isinstance(self.cost_model, str) or not self.cost_model:
+            _bad("cost_model", self.cost_model, "bytes or the path of a cost model JSON file", type_error=True)
+        if self.cost_model != "bytes" and not Path(self.cost_model).is_file():
+            _bad("cost_model", self.cost_model, "bytes or the path of an existing cost model JSON file")
+        for name in ("target_attn", "target_mlp", "target_quant", "target_cost"):
             v = getattr(self, name)
-            if name == "target_quant" and v in ([], "", ()):
+            if name in ("target_quant", "target_cost") and v in ([], "", ()):
                 continue  # the grid's cheapest bits/16 to 1 (training.episodes.default_target_ranges)
             try:
                 v = [float(x) for x in (v.split(",") if isinstance(v, str) else v)]
@@ -165,6 +177,7 @@ class GRPOConfig:
              why=f"at least --horizon + 2 = {self.horizon + 2} and {validation.MIN_SEQ_LEN}")
         for name, lo, lo_open, hi in (("gamma", 0.0, False, 1.0), ("alpha_attn", 0.0, False, None),
                                       ("alpha_mlp", 0.0, False, None), ("alpha_quant", 0.0, False, None),
+                                      ("alpha_cost", 0.0, False, None),
                                       ("budget_tolerance", 0.0, False, 1.0), ("temperature", 0.0, True, None),
                                       ("clip", 0.0, True, None), ("entropy_coef", 0.0, False, None), ("lr", 0.0, True, None),
                                       ("weight_decay", 0.0, False, None), ("grad_clip", 0.0, True, None),
@@ -186,6 +199,9 @@ class GRPOConfig:
 
     @property
     def alphas(self) -> list[float]:
+        """Penalty weight per budget column (cost mode: column 0 is the cost)."""
+        if self.budget_mode == "cost":
+            return [self.alpha_cost, 0.0, 0.0]
         return [self.alpha_attn, self.alpha_mlp, self.alpha_quant]
 
     @property
@@ -236,10 +252,13 @@ def discounted_returns(rewards: Tensor, gamma: float) -> Tensor:
     return out
 
 
-def budget_penalty(budget: Tensor, targets: Tensor, alphas: Sequence[float], tolerance: float, axes: Sequence[str] = AXES) -> Tensor:
-    """[N] sum over the enabled `axes` of alpha * max(|budget - target| - tolerance, 0)^2."""
+def budget_penalty(budget: Tensor, targets: Tensor, alphas: Sequence[float], tolerance: float,
+                   axes: Sequence[str] | Sequence[bool] = AXES) -> Tensor:
+    """[N] sum over the enabled columns of alpha * max(|budget - target| - tolerance, 0)^2. `axes`:
+    the enabled axis names (per-axis budget) or one bool per column (BudgetSpec.enabled)."""
     excess = ((budget - targets).abs() - tolerance).clamp(min=0) ** 2  # [N, 3]
-    weights = torch.tensor([a if axis in axes else 0.0 for a, axis in zip(alphas, AXES)], dtype=excess.dtype)
+    enabled = list(axes) if axes and isinstance(list(axes)[0], bool) else [axis in axes for axis in AXES]
+    weights = torch.tensor([a if on else 0.0 for a, on in zip(alphas, enabled)], dtype=excess.dtype)
     return (excess * weights).sum(-1)
 
 
@@ -271,7 +290,7 @@ def whiten(values: Tensor, mask: Tensor, eps: float = 1e-8) -> Tensor:
     return torch.where(mask, (v - mean) / (var.sqrt() + eps), torch.zeros_like(v)).to(values.dtype)
 
 
-def grpo_advantages(ep: Episodes, cfg: GRPOConfig, axes: Sequence[str]) -> dict[str, Tensor]:
+def grpo_advantages(ep: Episodes, cfg: GRPOConfig, axes: Sequence[str] | Sequence[bool]) -> dict[str, Tensor]:
     """Rewards, returns, penalties and whitened advantages of a batch of episodes."""
     rewards = ep.logp.to(torch.float64).cpu()
     returns = discounted_returns(rewards, cfg.gamma)
@@ -384,11 +403,27 @@ def build_model(cfg: GRPOConfig, device=None):
                                                 f"{cfg.model}: {e}") from None
 
 
+def budget_spec(cfg: GRPOConfig, sol) -> BudgetSpec:
+    """What the run's targets mean: the paper's per-axis budget, or a cost fraction priced by the
+    configured cost model at the training context length."""
+    if cfg.budget_mode == "per-axis":
+        return BudgetSpec.per_axis()
+    if cfg.cost_model == "bytes":
+        model = BytesCostModel.for_model(sol)
+    else:
+        try:
+            model = cost_model_from_dict(json.loads(Path(cfg.cost_model).read_text()))
+        except (OSError, ValueError, TypeError, KeyError, SolcError) as e:
+            raise ArgumentError("--cost-model", f"--cost-model {cfg.cost_model}: not a cost model JSON ({e})") from None
+    return BudgetSpec.cost(model, context=cfg.context_length)
+
+
 def build_policy(cfg: GRPOConfig, sol) -> PolicyNet:
     torch.manual_seed(derive_seed(cfg.seed, 3))
     config = PolicyConfig.for_model(
         sol, d_model=cfg.policy_d_model, n_heads=cfg.policy_heads, n_layers=cfg.policy_layers, mlp_ratio=cfg.policy_mlp_ratio,
         budget_head=cfg.policy_budget_head, anchor_sharpness=cfg.policy_anchor_sharpness,
+        budget=budget_spec(cfg, sol).to_dict(),
     )
     dtype = torch.float64 if cfg.dtype == "float64" else torch.float32
     return PolicyNet(config).to(device=sol.token_embedding.device, dtype=dtype)
@@ -437,6 +472,7 @@ class Trainer:
         if self.contexts.shape[1] != cfg.context_length:
             raise ValueError(f"contexts have length {self.contexts.shape[1]}, config says {cfg.context_length}")
         self.policy = build_policy(cfg, self.sol)
+        self.spec = self.policy.config.budget_spec
         self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.out = Path(cfg.out)
         self.update = 0
@@ -500,7 +536,11 @@ class Trainer:
     def collect(self, update: int) -> tuple[Episodes, Trajectory, list[int]]:
         cfg = self.cfg
         ids = update_contexts(len(self.contexts), cfg.seed, update, cfg.contexts_per_update)
-        targets = sample_targets(self.space, cfg.contexts_per_update, _generator(cfg.seed, 4, update), cfg.target_ranges)
+        gen = _generator(cfg.seed, 4, update)
+        if self.spec.is_cost:
+            targets = sample_cost_targets(self.spec, self.space, cfg.contexts_per_update, gen, cfg.target_cost or None)
+        else:
+            targets = sample_targets(self.space, cfg.contexts_per_update, gen, cfg.target_ranges)
         local = list(range(cfg.contexts_per_update))[self.local_slice()]
         eps, trajs = [], []
         self.policy.eval()
@@ -576,7 +616,7 @@ class Trainer:
         t0 = time.perf_counter()
         ep, traj, local = self.collect(update)
         t1 = time.perf_counter()
-        r = grpo_advantages(ep, cfg, self.space.axes)
+        r = grpo_advantages(ep, cfg, self.spec.enabled(self.space))
         finite = torch.tensor([float(torch.isfinite(r["rewards"]).all() and torch.isfinite(r["penalty"]).all() and torch.isfinite(r["advantages"]).all())])
         if float(_all_sum(finite)) < self.world:
             raise TrainingDiverged(f"non-finite reward at update {update} (log-likelihood or budget penalty is NaN/inf)")
@@ -586,7 +626,7 @@ class Trainer:
         n_ep = ep.logp.shape[0]
         ctrl = ep.controlled.cpu().double()
         task = (r["rewards"] * ctrl).sum(1) / ctrl.sum(1).clamp(min=1)
-        cols = [AXES.index(a) for a in self.space.axes]
+        cols = self.spec.columns(self.space)
         net = ep.budget[:, cols].mean(1)
         vec = torch.cat([
             torch.tensor([n_ep, task.sum(), r["penalty"].sum(), net.sum(), ep.targets[:, cols].mean(1).sum()], dtype=torch.float64),
@@ -604,8 +644,9 @@ class Trainer:
             "perf/rollout_s": t1 - t0,
             "perf/update_s": t2 - t1,
         }
-        for i, axis in enumerate(AXES):
-            if axis in self.space.axes:
+        names = ["cost", "", ""] if self.spec.is_cost else AXES
+        for i, axis in enumerate(names):
+            if i in cols:
                 out[f"budget/{axis}/realized"] = float(vec[5 + i] / n)
                 out[f"budget/{axis}/target"] = float(vec[8 + i] / n)
                 out[f"budget/{axis}/abs_error"] = float(vec[11 + i] / n)
