@@ -56,8 +56,12 @@ def test_advantages_hand_computed():
     targets = torch.tensor([[0.5, 1, 1]] * 4, dtype=torch.float64)
     ep = Episodes(logp=logp, actions=torch.zeros(4, 2, dtype=torch.long), controlled=torch.ones(4, 2, dtype=torch.bool),
                   budget=budget, targets=targets, tokens=torch.zeros(4, 2, dtype=torch.long), group=2, prefill_len=5)
-    cfg = GRPOConfig(gamma=0.5, alpha_attn=100, budget_tolerance=0.02)
+    cfg = GRPOConfig(gamma=0.5, alpha_attn=100, budget_tolerance=0.02, budget_mode="per-axis")
     out = grpo_advantages(ep, cfg, ("attn", "mlp", "quant"))
+    # a cost budget: column 0 is the cost, one penalty weighted by alpha_cost, the other columns ignored
+    cost_cfg = GRPOConfig(gamma=0.5, alpha_cost=100, alpha_mlp=1e6, budget_tolerance=0.02, budget_mode="cost")
+    cost_out = grpo_advantages(ep, cost_cfg, (True, False, False))
+    torch.testing.assert_close(cost_out["penalty"], torch.tensor([0, 0, 0, 7.84], dtype=torch.float64))
     # returns: [-2, -2], [-4, -2], [-1.5, -1], [-1.5, -1]; penalty of row 3: 100*(0.3-0.02)^2 = 7.84
     torch.testing.assert_close(out["returns"], torch.tensor([[-2.0, -2.0], [-4.0, -2.0], [-1.5, -1.0], [-1.5, -1.0]], dtype=torch.float64))
     torch.testing.assert_close(out["penalty"], torch.tensor([0, 0, 0, 7.84], dtype=torch.float64))
@@ -102,16 +106,18 @@ def test_tiny_end_to_end_writes_checkpoints_and_tensorboard(tmp_path, tiny_sol):
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
     for tag in ("reward/total", "reward/task", "reward/penalty", "policy/entropy", "policy/clip_fraction",
-                "optim/grad_norm", "perf/episodes_per_s", "budget/attn/realized", "budget/attn/target",
-                "budget/mlp/realized", "budget/quant/target"):
+                "optim/grad_norm", "perf/episodes_per_s", "budget/cost/realized", "budget/cost/target",
+                "budget/cost/abs_error"):
         assert tag in tags, tag
     assert [e.step for e in acc.Scalars("reward/task")] == [1, 2, 3]
     task = [e.value for e in acc.Scalars("reward/task")]
     assert all(-20 < v < 0 for v in task)
     ent = acc.Scalars("policy/entropy")[0].value
     assert 0 < ent <= torch.log(torch.tensor(27.0)).item() + 1e-4
-    realized = acc.Scalars("budget/attn/realized")[0].value
-    assert 0.1 <= realized <= 1.0
+    # the default budget is one cost fraction: what ran lies between the cheapest action's cost and dense
+    lo, hi = trainer.spec.feasible_range(trainer.space)
+    realized = acc.Scalars("budget/cost/realized")[0].value
+    assert lo - 1e-6 <= realized <= hi + 1e-6
 
 
 def test_resume_reproduces_uninterrupted_run(tmp_path, tiny_sol):
