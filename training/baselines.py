@@ -17,6 +17,13 @@ Methods (`METHODS`; the registry name -> ActionSource factory is `build_source`)
                  split). One search per budget target.
   uniform:<i>    action i of the action space on every controlled step (index, see ActionSpace).
 
+Cost-budget baselines (a target is one cost fraction, runtime/budget.py; matched to the policy's
+realized cost, training/cost_eval.py):
+  best static    `lower_hull` of the uniform actions (cost vs validation NLL, `uniform_nll`); `HullMix`
+                 interleaves the two hull actions around the target so the mix costs exactly it.
+  fixed / random `AtCost(Fixed() | Random(), costs)`: the paper's schedules at the equal per-axis target
+                 whose Fixed schedule costs closest to the request (`equal_keep_costs`).
+
 `Composite` runs several sources side by side in one batch (row r is served by source r % G), so one
 shared-prefill rollout (training/episodes.py, group=G) scores every method and budget on the same
 contexts. `SharedRows` makes a row-independent source pick one schedule for all its rows.
@@ -229,6 +236,110 @@ def matched_baselines(sol, contexts: Tensor, budgets: Tensor, horizon: int, rand
         if on_progress is not None:
             on_progress(c)
     return MatchedBaselines(ll[..., 0], ll[..., 1:].mean(-1), realized[:, :, 0], realized[:, :, 1:].mean(2))
+
+
+# -- cost-budget baselines -------------------------------------------------------------------------
+def lower_hull(costs: Tensor, losses: Tensor) -> list[int]:
+    """Indices of the lower convex hull of the points (costs[i], losses[i]), cost ascending, from the
+    cheapest point to the costliest. Any cost between two hull vertices is met, at the lowest loss a mix
+    of whole actions can reach, by mixing those two (the best static schedule at that cost)."""
+    c, l = torch.as_tensor(costs, dtype=torch.float64), torch.as_tensor(losses, dtype=torch.float64)
+    if c.shape != l.shape or c.dim() != 1 or c.numel() == 0:
+        raise ValueError(f"costs and losses must be two [N] tensors, got {tuple(c.shape)} and {tuple(l.shape)}")
+    order = sorted(range(len(c)), key=lambda i: (float(c[i]), float(l[i])))
+    hull: list[int] = []
+    for i in order:
+        if hull and float(c[hull[-1]]) == float(c[i]):
+            continue  # same cost, higher loss: never on the lower hull
+        while len(hull) >= 2:
+            a, b = hull[-2], hull[-1]
+            # b lies on or above the segment a -> i: drop it
+            cross = (c[b] - c[a]) * (l[i] - l[a]) - (l[b] - l[a]) * (c[i] - c[a])
+            if float(cross) <= 0:
+                hull.pop()
+            else:
+                break
+        hull.append(i)
+    return hull
+
+
+def hull_mix(hull: Sequence[int], costs: Tensor, target: float) -> tuple[int, int, float]:
+    """(cheaper action, costlier action, fraction of steps on the costlier) mixing the two hull vertices
+    around `target`; targets outside the hull clamp to its ends."""
+    hc = [float(costs[i]) for i in hull]
+    if target <= hc[0]:
+        return hull[0], hull[0], 0.0
+    if target >= hc[-1]:
+        return hull[-1], hull[-1], 0.0
+    j = next(k for k, v in enumerate(hc) if v >= target)
+    return hull[j - 1], hull[j], (target - hc[j - 1]) / (hc[j] - hc[j - 1])
+
+
+class HullMix(ActionSource):
+    """Best static schedule at a cost budget: per row, the two lower-hull actions around its target
+    (column 0 of targets, a cost fraction), interleaved evenly so that round(w * n) of any n controlled
+    steps run the costlier one. Like Fixed, forced-dense steps do not consume the schedule."""
+
+    def __init__(self, hull: Sequence[int], costs: Tensor):
+        self.hull, self.costs = list(hull), torch.as_tensor(costs, dtype=torch.float64)
+        if not self.hull:
+            raise ValueError("HullMix needs a non-empty hull")
+
+    def reset(self, space, batch, targets, horizon, generator=None):
+        targets = torch.as_tensor(targets, dtype=torch.float64).expand(batch, 3)
+        super().reset(space, batch, targets, horizon, generator)
+        mixes = [hull_mix(self.hull, self.costs, float(t)) for t in targets[:, 0]]
+        self._lo = torch.tensor([m[0] for m in mixes], dtype=torch.long)
+        self._hi = torch.tensor([m[1] for m in mixes], dtype=torch.long)
+        self._w = torch.tensor([m[2] for m in mixes], dtype=torch.float64)
+        self._cursor = torch.zeros(batch, dtype=torch.float64)
+
+    def next_actions(self, step, hidden, token_embedding, dense):
+        dense = dense.bool()
+        if self._lo.device != dense.device:
+            self._lo, self._hi, self._w, self._cursor = (t.to(dense.device) for t in (self._lo, self._hi, self._w, self._cursor))
+        k = self._cursor
+        costlier = torch.floor((k + 1) * self._w + 0.5) > torch.floor(k * self._w + 0.5)
+        self._cursor = k + (~dense).double()
+        return self._with_dense(torch.where(costlier, self._hi, self._lo), dense)
+
+
+def equal_keep_costs(space: ActionSpace, costs: Tensor, horizon: int, resolution: int = 1000) -> tuple[Tensor, Tensor]:
+    """(r [R], cost [R]): the mean cost (under `costs` [A], e.g. BudgetSpec.table(space)[:, 0]) of the
+    paper's Fixed schedule at the same per-axis target r on every axis, for r on a grid over [0, 1]."""
+    r = torch.linspace(0, 1, resolution + 1, dtype=torch.float64)
+    src = Fixed()
+    src.reset(space, len(r), r[:, None].expand(-1, 3), horizon)
+    sched = src._sched
+    return r, torch.as_tensor(costs, dtype=torch.float64)[sched].mean(1)
+
+
+class AtCost(ActionSource):
+    """The paper's Fixed or Random at a cost budget: each row's cost target (column 0) becomes the equal
+    per-axis target r whose Fixed schedule costs closest to it (`equal_keep_costs`); Random shuffles
+    the same levels, so both realize the same cost."""
+
+    def __init__(self, inner: Fixed, costs: Tensor):
+        self.inner, self.costs = inner, torch.as_tensor(costs, dtype=torch.float64)
+
+    def reset(self, space, batch, targets, horizon, generator=None):
+        targets = torch.as_tensor(targets, dtype=torch.float64).expand(batch, 3)
+        super().reset(space, batch, targets, horizon, generator)
+        r, cost = equal_keep_costs(space, self.costs, horizon)
+        pick = (cost[None, :] - targets[:, :1]).abs().argmin(1)
+        self.inner.reset(space, batch, r[pick][:, None].expand(-1, 3).contiguous(), horizon, generator)
+
+    def next_actions(self, step, hidden, token_embedding, dense):
+        return self.inner.next_actions(step, hidden, token_embedding, dense)
+
+
+@torch.no_grad()
+def uniform_nll(sol, contexts: Tensor, horizon: int, max_rows: int = 160,
+                on_progress: Callable[[int], None] | None = None) -> Tensor:
+    """[A] mean NLL (nats/token) of each uniform action on `contexts` (the episode protocol)."""
+    A = len(sol.space)
+    schedules = torch.arange(A)[:, None].expand(A, horizon)
+    return -score_schedules(sol, contexts, schedules, horizon, max_rows, on_progress)
 
 
 # -- registry ---------------------------------------------------------------------------------------

@@ -113,12 +113,15 @@ def rollout(
     generator=None,
     on_step: Callable[[int], None] | None = None,
     dispatcher=None,
+    budget_spec=None,
 ) -> Episodes:
     """Run `group` schedules from `source` on each of the C `contexts` [C, L] (teacher-forced).
 
     targets: [C, 3] per context (repeated over its schedules), [C*group, 3] per row, or [3] / [1, 3].
     A driver over runtime.stepper.Stepper: the prefill runs once for all contexts; each controlled
-    step is one step over all C*group rows. `generator` is handed to `source.reset`.
+    step is one step over all C*group rows. `generator` is handed to `source.reset`. `budget_spec`
+    (runtime.budget.BudgetSpec) prices `Episodes.budget`: by default the source's own (a policy's),
+    else per axis; in cost mode column 0 is the realized cost fraction.
     """
     if contexts.dim() != 2:
         raise ValueError(f"contexts must be [C, L], got shape {tuple(contexts.shape)}")
@@ -139,7 +142,7 @@ def rollout(
     if targets.shape != (N, 3):
         raise ValueError(f"targets must be [3], [{C}, 3] or [{N}, 3], got {tuple(targets.shape)}")
 
-    stepper = Stepper(sol, source, dispatcher)
+    stepper = Stepper(sol, source, dispatcher, budget_spec)
     stepper.prefill(contexts[:, :P], horizon, repeats=group, targets=targets, generator=generator)
     ids = contexts.repeat_interleave(group, dim=0) if group > 1 else contexts
     logps = []

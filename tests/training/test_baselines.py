@@ -136,3 +136,60 @@ def test_matched_baselines_run_fixed_and_random_at_each_episodes_budget(tiny_sol
     assert (res.random_loglik - res.fixed_loglik).abs().max() > 1e-4
     with pytest.raises(ValueError, match="random_draws must be >= 1"):
         baselines.matched_baselines(tiny_sol, ctx, budgets, horizon=8, random_draws=0)
+
+
+# -- cost-budget baselines ----------------------------------------------------------------------
+def test_lower_hull_by_hand():
+    # points (cost, loss): 0 (0.2, 5), 1 (0.4, 4.5) above the chord 0->3, 2 (0.5, 3), 3 (0.6, 2.8) below
+    # the chord 2->4? (0.5,3)->(1,2): at 0.6 the chord gives 2.8 -> collinear, dropped; 4 (1.0, 2); 5 (0.2, 6) dominated
+    costs = torch.tensor([0.2, 0.4, 0.5, 0.6, 1.0, 0.2])
+    losses = torch.tensor([5.0, 4.5, 3.0, 2.8, 2.0, 6.0])
+    assert baselines.lower_hull(costs, losses) == [0, 2, 4]
+    assert baselines.hull_mix([0, 2, 4], costs, 0.75) == (2, 4, pytest.approx(0.5))
+    assert baselines.hull_mix([0, 2, 4], costs, 0.1) == (0, 0, 0.0)
+    with pytest.raises(ValueError, match="two \\[N\\] tensors"):
+        baselines.lower_hull(costs, losses[:3])
+
+
+def test_hull_mix_realizes_the_cost_target_within_one_step(tiny_sol):
+    from runtime.budget import BudgetSpec
+    from runtime.cost_model import BytesCostModel
+
+    spec = BudgetSpec.cost(BytesCostModel.for_model(tiny_sol, quant_mode="weight"), context=28)
+    costs = spec.table(tiny_sol.space)[:, 0]
+    losses = -torch.tensor([tiny_sol.space.net_keep(i) for i in range(len(tiny_sol.space))], dtype=torch.float64)
+    hull = baselines.lower_hull(costs, losses)
+    lo = float(costs.min())
+    budgets = torch.tensor([lo, 0.55, 0.7, 0.85, 1.0], dtype=torch.float64).clamp(min=lo)
+    targets = torch.ones(len(budgets), 3, dtype=torch.float64)
+    targets[:, 0] = budgets
+    ep = rollout(tiny_sol, _contexts(len(budgets)), baselines.HullMix(hull, costs), targets, group=1, horizon=T,
+                 budget_spec=spec)
+    step = max(float(costs[b] - costs[a]) for a, b in zip(hull, hull[1:])) / T
+    # realized prices each step at the keys it attended (not the table's context): allow one step plus that
+    assert float((ep.budget[:, 0] - budgets).abs().max()) <= step + 0.01
+    # the schedule only uses the two hull actions around each target
+    for row, b in enumerate(budgets.tolist()):
+        a, c, _ = baselines.hull_mix(hull, costs, b)
+        assert set(ep.actions[row].tolist()) <= {a, c}
+
+
+def test_fixed_and_random_at_cost_share_levels_and_cost(tiny_sol):
+    from runtime.budget import BudgetSpec
+    from runtime.cost_model import BytesCostModel
+
+    spec = BudgetSpec.cost(BytesCostModel.for_model(tiny_sol, quant_mode="weight"), context=28)
+    costs = spec.table(tiny_sol.space)[:, 0]
+    targets = torch.ones(4, 3, dtype=torch.float64)
+    targets[:, 0] = torch.tensor([0.6, 0.7, 0.8, 0.9])
+    fixed = rollout(tiny_sol, _contexts(4), baselines.AtCost(Fixed(), costs), targets, group=1, horizon=T, budget_spec=spec)
+    rand = rollout(tiny_sol, _contexts(4), baselines.AtCost(Random(), costs), targets, group=1, horizon=T,
+                   budget_spec=spec, generator=torch.Generator().manual_seed(0))
+    # Random shuffles each axis's levels independently: per row and axis, the same multiset of levels
+    # as Fixed (so the same per-axis keep); the joint actions differ, so the cost is close, not equal
+    lv = tiny_sol.space.level_table()
+    for f_row, r_row in zip(fixed.actions, rand.actions):
+        for axis in range(lv.shape[1]):
+            assert lv[f_row, axis].sort().values.tolist() == lv[r_row, axis].sort().values.tolist()
+    assert float((fixed.budget[:, 0] - targets[:, 0]).abs().max()) <= 0.05
+    assert float((rand.budget[:, 0] - targets[:, 0]).abs().max()) <= 0.08
