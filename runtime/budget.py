@@ -107,7 +107,14 @@ class BudgetSpec:
         if isinstance(budget, dict):
             raise CostModelError(f"{argument}={budget!r}: a cost budget is one number (the fraction of the dense "
                                  "decode cost); pass budget_mode='per-axis' for per-axis targets")
-        t = torch.as_tensor(budget, dtype=torch.float64).reshape(-1)
+        if isinstance(budget, (bool, str, bytes)) or budget is None:
+            raise CostModelError(f"{argument}={budget!r}: a cost budget is a number (or [{batch}] numbers) in the "
+                                 f"feasible cost range")
+        try:
+            t = torch.as_tensor(budget, dtype=torch.float64).reshape(-1)
+        except (TypeError, ValueError, RuntimeError, OverflowError):
+            raise CostModelError(f"{argument}={budget!r}: a cost budget is a number (or [{batch}] numbers) in the "
+                                 f"feasible cost range") from None
         if t.numel() == 1:
             t = t.expand(batch)
         if t.shape != (batch,):
@@ -168,3 +175,63 @@ def resolve_spec(sol, budget_mode: str | None, source=None) -> BudgetSpec:
     if budget_mode == "per-axis":
         return BudgetSpec.per_axis()
     raise ValueError(f"budget_mode={budget_mode!r} is invalid: one of {list(BUDGET_MODES)}")
+
+
+def is_per_axis_request(budget) -> bool:
+    """A dict over axes, or three numbers per row ([3] / [B, 3]): the paper's per-axis budget."""
+    if isinstance(budget, dict):
+        return True
+    if isinstance(budget, (list, tuple, Tensor)) and not isinstance(budget, (str, bytes)):
+        try:
+            t = torch.as_tensor(budget, dtype=torch.float64)
+        except (TypeError, ValueError, RuntimeError):
+            return False
+        return t.dim() == 2 or (t.dim() == 1 and t.shape[0] == 3)
+    return False
+
+
+def is_cost_request(policy, budget, budget_mode: str | None) -> bool:
+    """Whether `budget` of a generate/score call is a cost fraction (checked against the cost model's
+    feasible range) rather than per-axis keeps (checked against (0, 1])."""
+    own = getattr(policy, "budget_spec", None)
+    if budget is None or budget_mode == "per-axis" or (own is not None and not own.is_cost):
+        return False
+    if budget_mode == "cost" or own is not None:
+        return True
+    # a baseline source (Fixed, Random, ...) reads per-axis targets unless told otherwise
+    return policy is None and not is_per_axis_request(budget)
+
+
+def resolve_budget(sol, policy, schedule, budget, budget_mode: str | None, steps: int, batch: int,
+                   force: bool = False):
+    """(source, spec) of one generate/score call. Who picks the actions: `policy`, else `schedule`, else
+    a static schedule at `budget` (cost mode: the lower-hull mix of the two actions around the cost,
+    `cost_fixed`; per-axis: the paper's Fixed), else dense. What the budget means: the policy's own
+    spec, else `budget_mode`, else per-axis for a per-axis request (a dict or three numbers) and a cost
+    fraction for one number. A measured cost model is only used on the device and batch it was
+    calibrated for, unless force=True. Without a policy the cost table is priced at the default context
+    (DEFAULT_COST_CONTEXT keys, like the policy's), never at the call's own lengths: a row's schedule must
+    not depend on its batch mates (the realized cost still prices each step at the keys it attended)."""
+    from runtime.schedulers import cost_fixed
+    from runtime.stepper import resolve_source
+
+    if budget_mode is not None and budget_mode not in BUDGET_MODES:
+        raise ValueError(f"budget_mode={budget_mode!r} is invalid: one of {list(BUDGET_MODES)}")
+    if budget_mode is None and not is_cost_request(policy, budget, budget_mode) and \
+            getattr(policy, "budget_spec", None) is None and (policy is not None or budget is not None):
+        budget_mode = "per-axis"
+    if policy is None and budget_mode in (None, "cost"):
+        spec = default_cost_spec(sol)
+    else:
+        spec = resolve_spec(sol, budget_mode, policy)
+    if spec.is_cost:
+        model = spec.model()
+        if hasattr(model, "check"):
+            from runtime.cost_model import device_name
+
+            model.check(device_name(sol.token_embedding.device), batch, force)
+        if budget is not None:
+            spec.targets(budget, batch, sol.space)  # the feasible-range error, before any work
+        if policy is None and schedule is None and budget is not None:
+            return cost_fixed(sol.space, spec.table(sol.space)[:, 0]), spec
+    return resolve_source(sol.space, policy, schedule, budget, steps), spec

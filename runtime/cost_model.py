@@ -168,6 +168,14 @@ class MeasuredCostModel:
         return cls(**{k: v for k, v in d.items() if k not in ("kind", "version")})
 
 
+def device_name(device) -> str:
+    """What a measured table is tied to: the GPU's name, or the CPU and its thread count."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({torch.get_num_threads()} threads)"
+
+
 def _check_version(d: dict, kind: str) -> None:
     if not isinstance(d, dict) or d.get("kind") != kind:
         raise CostModelError(f"expected a {kind!r} cost model dict, got kind={d.get('kind') if isinstance(d, dict) else d!r}")

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from runtime.actions import AXES
+from runtime.cost_model import device_name
 from runtime.dispatch import StepDispatcher
 
 VERSION = 1
@@ -131,7 +132,56 @@ def calibrate_costs(sol, batch: int = 1, context: int = 256, repeats: int = 10, 
             if i >= warmup:
                 times.append((time.perf_counter() - start) * 1e3)
         latency.append(statistics.median(times))
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+    name = device_name(device)
     table = CostTable(name, batch, context, latency)
     sol.cost_table = table
     return table
+
+
+def calibrate_cost_model(sol, contexts=(256, 1024, 4096), batch: int = 1, rounds: int = 7, warmup: int = 2,
+                         dispatcher: StepDispatcher | None = None, seed: int = 0, progress: bool = False):
+    """Measure the cost model a cost budget is priced with on this device: the median latency of one
+    decode step per action at each context bucket (kv_len). Rounds interleave the actions (every round
+    times each action once) so that drift on a shared machine hits all actions alike. Buckets beyond
+    the compiled max_seq_len are dropped. Stores the runtime.cost_model.MeasuredCostModel on
+    `sol.cost_model`, which generate/score/export then use; it is refused on another device or batch."""
+    from runtime.cost_model import MeasuredCostModel
+
+    if not isinstance(batch, int) or isinstance(batch, bool) or batch < 1:
+        raise ValueError(f"batch must be an int >= 1, got {batch!r}")
+    if not isinstance(rounds, int) or rounds < 1:
+        raise ValueError(f"rounds must be an int >= 1, got {rounds!r}")
+    buckets = sorted({int(c) for c in contexts if int(c) + 1 <= sol.max_seq_len})
+    if not buckets:
+        raise ValueError(f"contexts={list(contexts)}: none fits max_seq_len={sol.max_seq_len} (a bucket needs "
+                         "context + 1 positions)")
+    device = sol.graph.solc_action_levels.device
+    vocab = sol.token_embedding.shape[0]
+    gen = torch.Generator().manual_seed(seed)
+    dispatcher = dispatcher or StepDispatcher(sol)
+    n_actions = len(sol.space)
+    latency = [[0.0] * len(buckets) for _ in range(n_actions)]
+    for j, context in enumerate(buckets):
+        ids = torch.randint(0, vocab, (batch, context + 1), generator=gen).to(device)
+        cache = dispatcher.cache("calibrate", batch, context + 1, device=device)
+        dispatcher.prefill(ids[:, :context], torch.arange(context, device=device).expand(batch, context), cache,
+                           kv_len=context)
+        feed, pos = ids[:, context:], torch.full((batch, 1), context, device=device)
+        times: list[list[float]] = [[] for _ in range(n_actions)]
+        for r in range(warmup + rounds):
+            for action in range(n_actions):
+                acts = torch.full((batch, 1), action, device=device)
+                _sync(device)
+                start = time.perf_counter()
+                dispatcher.step(feed, acts, pos, cache, action=action, kv_len=context + 1)  # rewrites one slot
+                _sync(device)
+                if r >= warmup:
+                    times[action].append((time.perf_counter() - start) * 1e3)
+        for action in range(n_actions):
+            latency[action][j] = statistics.median(times[action])
+        if progress:
+            print(f"calibrate: {context} keys, dense {latency[-1][j]:.2f} ms/step", flush=True)
+
+    model = MeasuredCostModel(device_name(device), batch, buckets, latency)
+    sol.cost_model = model
+    return model

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from runtime import validation
+from runtime.budget import is_cost_request, resolve_budget
 from runtime.costs import realized_budget
 from runtime.dispatch import StepDispatcher
 from runtime.schedulers import ActionSource
@@ -115,10 +116,17 @@ def generate(
     dispatcher: StepDispatcher | None = None,
     attention_mask: Tensor | None = None,
     pad_token_id: int | None = None,
+    budget_mode: str | None = None,
+    force: bool = False,
 ) -> GenerateOutput:
     """Generate `max_new_tokens` per row. Who picks the actions: `policy` (an ActionSource: a trained
     policy or a baseline), else `schedule` ([B, N] or [N] action indices), else Fixed at `budget`,
-    else dense. `budget` (default 1.0) is also what the policy is asked to meet. Greedy when
+    else dense. `budget` (default 1.0) is also what the policy is asked to meet: one number is a cost
+    fraction of the dense decode step under the model's cost model (its measured one when calibrated,
+    else the bytes model); a dict over axes or three numbers, or budget_mode="per-axis", is the paper's
+    per-axis budget. Without a policy, a cost budget runs the static mix of the two actions around it
+    (runtime.schedulers.cost_fixed); a per-axis one runs Fixed. A measured cost model calibrated for
+    another device or batch is refused unless force=True. Greedy when
     temperature == 0, else sampling with optional top_k / top_p, reproducible from `seed`.
 
     input_ids: [B, P] (left-padded with `attention_mask` when prompts differ in length) or a list of
@@ -126,8 +134,12 @@ def generate(
     first EOS id, and carries its attention_mask). A row stops at EOS: `eos_token_id` (an id or a
     list), by default the model's generation config; [] never stops. Reuses the model's dispatcher and
     cache across calls unless `dispatcher` is given."""
-    validation.check_generate(sol, input_ids, policy, schedule, budget, max_new_tokens, temperature, top_k, top_p,
-                              eos_token_id, seed, attention_mask, pad_token_id)
+    cost = is_cost_request(policy, budget, budget_mode)
+    validation.check_generate(sol, input_ids, policy, schedule, None if cost else budget, max_new_tokens, temperature,
+                              top_k, top_p, eos_token_id, seed, attention_mask, pad_token_id)
+    if cost and schedule is not None:
+        raise ValueError("pass either schedule= or budget=, not both: a schedule fixes every action, so there is "
+                         "no budget for it to meet")
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
     if max_new_tokens < 1:
@@ -141,8 +153,8 @@ def generate(
     device = sol.token_embedding.device
     packed = packed.to(device)
     generator = torch.Generator().manual_seed(seed)
-    source = resolve_source(sol.space, policy, schedule, budget, steps)
-    stepper = Stepper(sol, source, dispatcher)
+    source, spec = resolve_budget(sol, policy, schedule, budget, budget_mode, steps, batch, force=force)
+    stepper = Stepper(sol, source, dispatcher, spec)
     stepper.prefill(packed, steps, lengths=[n - 1 for n in lengths], targets=1.0 if budget is None else budget,
                     generator=generator)
     feed = packed.gather(1, torch.tensor(lengths, device=device)[:, None] - 1)[:, 0]
@@ -179,16 +191,23 @@ def score(
     budget=None,
     seed: int = 0,
     dispatcher: StepDispatcher | None = None,
+    budget_mode: str | None = None,
+    force: bool = False,
 ) -> GenerateOutput:
     """Decode the given `tokens` [B, L] (teacher forcing through the runtime): the first `prompt_len`
-    are the prompt, each later token is scored by the controlled step that produces it."""
-    validation.check_score(sol, tokens, prompt_len, policy, schedule, budget, seed)
+    are the prompt, each later token is scored by the controlled step that produces it. `budget`,
+    `budget_mode` and `force` mean what they mean in `generate`."""
+    cost = is_cost_request(policy, budget, budget_mode)
+    validation.check_score(sol, tokens, prompt_len, policy, schedule, None if cost else budget, seed)
+    if cost and schedule is not None:
+        raise ValueError("pass either schedule= or budget=, not both")
     if not 1 <= prompt_len < tokens.shape[1]:
         raise ValueError(f"prompt_len must be in 1..{tokens.shape[1] - 1}, got {prompt_len}")
     device = sol.token_embedding.device
     tokens = tokens.to(device)
     steps = tokens.shape[1] - prompt_len
-    stepper = Stepper(sol, resolve_source(sol.space, policy, schedule, budget, steps), dispatcher)
+    source, spec = resolve_budget(sol, policy, schedule, budget, budget_mode, steps, tokens.shape[0], force=force)
+    stepper = Stepper(sol, source, dispatcher, spec)
     stepper.prefill(tokens[:, : prompt_len - 1], steps, targets=1.0 if budget is None else budget,
                     generator=torch.Generator().manual_seed(seed))
     logps = [stepper.step(tokens[:, prompt_len - 1 + t]).logprob(tokens[:, prompt_len + t]) for t in range(steps)]

@@ -43,6 +43,9 @@ class SOLModel(nn.Module):
         self.graph = graph
         self.space = space
         self.cost_table = None  # runtime.costs.CostTable once measured (calibrate_costs) or loaded
+        # runtime.cost_model.MeasuredCostModel once calibrated (calibrate_cost_model) or loaded: what a
+        # cost budget is priced with; None = the analytic bytes model
+        self.cost_model = None
         # The frozen base model the graph shares its weights with (what export writes). Kept out of
         # the module tree so state_dict/.to() see every weight once, through the graph.
         object.__setattr__(self, "base_model", None)

@@ -9,7 +9,7 @@ import runtime.quiet  # noqa: F401  first: filters dependency import noise befor
 from runtime.actions import Action, ActionSpace
 from runtime.errors import ArgumentError, ArgumentTypeError, AssetError, SolcError, UnsupportedModelError
 from runtime.sol_model import SOLModel, SOLOutput
-from runtime.costs import CostTable, calibrate_costs
+from runtime.costs import CostTable, calibrate_cost_model, calibrate_costs
 from runtime.schedulers import Fixed, Random, Schedule
 from solc.artifacts import export, load, load_program
 from solc.compile import compile
@@ -31,6 +31,7 @@ __all__ = [
     "load",
     "load_program",
     "calibrate_costs",
+    "calibrate_cost_model",
     "CostTable",
     "Fixed",
     "Random",

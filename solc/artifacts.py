@@ -34,6 +34,8 @@ from safetensors.torch import load_file, save_file
 from passes.mlp_to_solc import copy_digests
 from runtime import hf_adapter
 from runtime.actions import ActionSpace
+from runtime.budget import default_cost_spec
+from runtime.cost_model import CostModelError, cost_model_from_dict
 from runtime.costs import CostTable
 from runtime.errors import ArgumentError, ArgumentTypeError, AssetError
 from runtime.kv_cache import CACHE_PARTS
@@ -194,6 +196,8 @@ def _write(sol, policy, tokenizer, programs: bool, out: Path) -> None:
         "model_config": hf_adapter.config_dict(sol.base_model),
         "policy": policy.config.to_dict() if policy is not None else None,
         "cost_table": sol.cost_table.to_dict() if sol.cost_table is not None else None,
+        # what a cost budget is priced with: the calibrated table, else the analytic bytes model
+        "cost_model": default_cost_spec(sol).cost_model,
         "program": program,
         # The MLP weight copies (row-skipping W^T, int8/int4) are not stored: load recomputes them from
         # model/ with the same passes and checks their bytes against these digests.
@@ -262,6 +266,17 @@ def _field(manifest: dict, key: str, parse):
         raise AssetError(f"{MANIFEST}: field {key!r} is invalid ({e}); re-export the artifact") from e
 
 
+def _measured_cost_model(d):
+    """The manifest's calibrated cost model (None for the bytes model, recomputed from the weights)."""
+    if d is None:
+        return None
+    try:
+        model = cost_model_from_dict(d)
+    except CostModelError as e:
+        raise ValueError(str(e)) from None
+    return model if d.get("kind") == "measured" else None
+
+
 def _dtype(name) -> torch.dtype:
     dtype = getattr(torch, name, None) if isinstance(name, str) else None
     if not isinstance(dtype, torch.dtype):
@@ -294,6 +309,8 @@ def load(path, device=None, check_versions: bool = True):
     space = _field(manifest, "space", ActionSpace.from_dict)
     policy_config = _field(manifest, "policy", lambda d: None if d is None else PolicyConfig.from_dict(d))
     cost_table = _field(manifest, "cost_table", lambda d: None if d is None else CostTable.from_dict(d))
+    # absent in artifacts written before cost budgets; a bytes model is recomputed from the model itself
+    cost_model = _field(manifest, "cost_model", _measured_cost_model) if "cost_model" in manifest else None
     max_seq_len = _field(manifest, "max_seq_len", _positive_int)
     model = hf_adapter.load_pretrained(str(path / "model"), dtype=dtype, device=device)
     sol = compile_model(model, actions=list(space.axes), levels=space.levels, max_seq_len=max_seq_len,
@@ -302,6 +319,7 @@ def load(path, device=None, check_versions: bool = True):
     if sol.info["pipeline_uuid"] != manifest["pipeline_uuid"]:
         sol.info["pipeline_changed_since_export"] = manifest["pipeline_uuid"]
     sol.cost_table = cost_table
+    sol.cost_model = cost_model
     policy = None
     if policy_config is not None:
         policy = PolicyNet(policy_config)

@@ -194,9 +194,40 @@ def test_forward(args):
 
 
 # -- generate and score ----------------------------------------------------------------------------
-def budget_ok(b, batch) -> bool:
+def cost_request(b, policy) -> bool:
+    """One number (or one per row) with no policy: a cost fraction; a dict, three numbers per row or a
+    baseline source (Fixed, Random): the paper's per-axis keeps."""
+    if b is None or policy is not None or isinstance(b, dict):
+        return False
+    try:
+        t = torch.as_tensor(b, dtype=torch.float64) if not isinstance(b, (str, bytes, bool)) else None
+    except (TypeError, ValueError, RuntimeError, OverflowError):
+        return True
+    return t is None or not (t.dim() == 2 or (t.dim() == 1 and t.shape[0] == 3))
+
+
+def cost_budget_ok(b, batch) -> bool:
+    """A cost fraction in [cheapest action's cost, 1] (under the tiny model's bytes cost model)."""
+    from runtime.budget import default_cost_spec
+
+    sol, _ = tiny()
+    lo, hi = default_cost_spec(sol).feasible_range(sol.space)
+    if isinstance(b, (bool, str, bytes)):
+        return False
+    try:
+        t = torch.as_tensor(b, dtype=torch.float64).reshape(-1)
+    except (TypeError, ValueError, RuntimeError, OverflowError):
+        return False
+    if isinstance(b, torch.Tensor) and (b.dtype == torch.bool or b.is_complex()):
+        return False
+    return t.numel() in (1, batch) and bool(((t >= lo - 1e-9) & (t <= hi + 1e-9)).all())
+
+
+def budget_ok(b, batch, policy=None) -> bool:
     if b is None:
         return True
+    if cost_request(b, policy):
+        return cost_budget_ok(b, batch)
     if isinstance(b, dict):
         return all(k in AXES for k in b) and all(is_real(v) and 0 < v <= 1 for v in b.values())
     if isinstance(b, (bool, str)):
@@ -257,7 +288,7 @@ def sources_invalid(policy, schedule, budget, batch, steps) -> set:
         invalid |= {"schedule", "budget"}
     if schedule is not None and not schedule_ok(schedule, batch, steps):
         invalid.add("schedule")
-    if not budget_ok(budget, batch):
+    if not budget_ok(budget, batch, policy):
         invalid.add("budget")
     return invalid
 
@@ -267,6 +298,8 @@ def valid_source(draw, batch, steps):
     _, policy = tiny()
     kind = draw(st.sampled_from(["dense", "budget", "policy", "schedule", "fixed"]))
     budget = draw(st.one_of(st.floats(0.1, 1.0), st.just({"attn": 0.5}), st.just([0.5, 0.8, 0.5])))
+    if kind == "budget" and not isinstance(budget, (dict, list)):
+        budget = draw(st.floats(0.45, 1.0))  # a cost fraction: the tiny model's cheapest action costs 0.44
     if kind == "schedule":
         return None, valid_tensor(draw, (steps,), N_ACTIONS), None
     return {"dense": (None, None, None), "budget": (None, None, budget), "policy": (PolicySource(policy), None, budget),

@@ -19,8 +19,9 @@ Methods (`METHODS`; the registry name -> ActionSource factory is `build_source`)
 
 Cost-budget baselines (a target is one cost fraction, runtime/budget.py; matched to the policy's
 realized cost, training/cost_eval.py):
-  best static    `lower_hull` of the uniform actions (cost vs validation NLL, `uniform_nll`); `HullMix`
-                 interleaves the two hull actions around the target so the mix costs exactly it.
+  best static    `lower_hull` (runtime.schedulers) of the uniform actions (cost vs validation NLL,
+                 `uniform_nll`); `HullMix` interleaves the two hull actions around the target so the
+                 mix costs exactly it.
   fixed / random `AtCost(Fixed() | Random(), costs)`: the paper's schedules at the equal per-axis target
                  whose Fixed schedule costs closest to the request (`equal_keep_costs`).
 
@@ -37,7 +38,7 @@ import torch
 from torch import Tensor
 
 from runtime.actions import AXES, ActionSpace
-from runtime.schedulers import ActionSource, Fixed, Random, Schedule
+from runtime.schedulers import ActionSource, Fixed, HullMix, Random, Schedule, hull_mix, lower_hull  # noqa: F401  (re-exported)
 from training.episodes import rollout
 
 METHODS = ("policy", "fixed", "random", "random-search", "uniform:<index>")
@@ -239,71 +240,6 @@ def matched_baselines(sol, contexts: Tensor, budgets: Tensor, horizon: int, rand
 
 
 # -- cost-budget baselines -------------------------------------------------------------------------
-def lower_hull(costs: Tensor, losses: Tensor) -> list[int]:
-    """Indices of the lower convex hull of the points (costs[i], losses[i]), cost ascending, from the
-    cheapest point to the costliest. Any cost between two hull vertices is met, at the lowest loss a mix
-    of whole actions can reach, by mixing those two (the best static schedule at that cost)."""
-    c, l = torch.as_tensor(costs, dtype=torch.float64), torch.as_tensor(losses, dtype=torch.float64)
-    if c.shape != l.shape or c.dim() != 1 or c.numel() == 0:
-        raise ValueError(f"costs and losses must be two [N] tensors, got {tuple(c.shape)} and {tuple(l.shape)}")
-    order = sorted(range(len(c)), key=lambda i: (float(c[i]), float(l[i])))
-    hull: list[int] = []
-    for i in order:
-        if hull and float(c[hull[-1]]) == float(c[i]):
-            continue  # same cost, higher loss: never on the lower hull
-        while len(hull) >= 2:
-            a, b = hull[-2], hull[-1]
-            # b lies on or above the segment a -> i: drop it
-            cross = (c[b] - c[a]) * (l[i] - l[a]) - (l[b] - l[a]) * (c[i] - c[a])
-            if float(cross) <= 0:
-                hull.pop()
-            else:
-                break
-        hull.append(i)
-    return hull
-
-
-def hull_mix(hull: Sequence[int], costs: Tensor, target: float) -> tuple[int, int, float]:
-    """(cheaper action, costlier action, fraction of steps on the costlier) mixing the two hull vertices
-    around `target`; targets outside the hull clamp to its ends."""
-    hc = [float(costs[i]) for i in hull]
-    if target <= hc[0]:
-        return hull[0], hull[0], 0.0
-    if target >= hc[-1]:
-        return hull[-1], hull[-1], 0.0
-    j = next(k for k, v in enumerate(hc) if v >= target)
-    return hull[j - 1], hull[j], (target - hc[j - 1]) / (hc[j] - hc[j - 1])
-
-
-class HullMix(ActionSource):
-    """Best static schedule at a cost budget: per row, the two lower-hull actions around its target
-    (column 0 of targets, a cost fraction), interleaved evenly so that round(w * n) of any n controlled
-    steps run the costlier one. Like Fixed, forced-dense steps do not consume the schedule."""
-
-    def __init__(self, hull: Sequence[int], costs: Tensor):
-        self.hull, self.costs = list(hull), torch.as_tensor(costs, dtype=torch.float64)
-        if not self.hull:
-            raise ValueError("HullMix needs a non-empty hull")
-
-    def reset(self, space, batch, targets, horizon, generator=None):
-        targets = torch.as_tensor(targets, dtype=torch.float64).expand(batch, 3)
-        super().reset(space, batch, targets, horizon, generator)
-        mixes = [hull_mix(self.hull, self.costs, float(t)) for t in targets[:, 0]]
-        self._lo = torch.tensor([m[0] for m in mixes], dtype=torch.long)
-        self._hi = torch.tensor([m[1] for m in mixes], dtype=torch.long)
-        self._w = torch.tensor([m[2] for m in mixes], dtype=torch.float64)
-        self._cursor = torch.zeros(batch, dtype=torch.float64)
-
-    def next_actions(self, step, hidden, token_embedding, dense):
-        dense = dense.bool()
-        if self._lo.device != dense.device:
-            self._lo, self._hi, self._w, self._cursor = (t.to(dense.device) for t in (self._lo, self._hi, self._w, self._cursor))
-        k = self._cursor
-        costlier = torch.floor((k + 1) * self._w + 0.5) > torch.floor(k * self._w + 0.5)
-        self._cursor = k + (~dense).double()
-        return self._with_dense(torch.where(costlier, self._hi, self._lo), dense)
-
-
 def equal_keep_costs(space: ActionSpace, costs: Tensor, horizon: int, resolution: int = 1000) -> tuple[Tensor, Tensor]:
     """(r [R], cost [R]): the mean cost (under `costs` [A], e.g. BudgetSpec.table(space)[:, 0]) of the
     paper's Fixed schedule at the same per-axis target r on every axis, for r on a grid over [0, 1]."""

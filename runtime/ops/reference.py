@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Optional, Union
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -34,7 +36,11 @@ def keep_count(keep: Union[Tensor, float], n: Union[Tensor, int]) -> Union[Tenso
     `keep` and `n` may be tensors (broadcast; returns int64) or Python numbers (returns an int).
     """
     if not isinstance(keep, Tensor) and not isinstance(n, Tensor):
-        return int(keep_count(torch.tensor(float(keep), dtype=torch.float64), torch.tensor(int(n))).item())
+        # the same float64 arithmetic in Python (round is half-to-even in both): no tensor, so host-side
+        # accounting (the cost models) never reads a tensor back
+        n = int(n)
+        count = math.ceil(round(float(keep) * 1e6) / 1e6 * n - 1e-9)
+        return min(max(count, 1), n)
     keep_t = torch.as_tensor(keep)
     n_t = torch.as_tensor(n, device=keep_t.device)
     snapped = torch.round(keep_t.to(torch.float64) * 1e6) / 1e6

@@ -86,7 +86,8 @@ def _sources(sol):
     policy = PolicyNet(PolicyConfig.for_model(sol, d_model=32, n_heads=2))
     return {
         "dense": dict(),
-        "fixed@0.6": dict(budget=0.6),
+        "fixed@0.6": dict(budget=0.6, budget_mode="per-axis"),
+        "cost@0.6": dict(budget=0.6),  # the default: the cost-hull mix
         "policy@0.6": dict(policy=PolicySource(policy, greedy=True), budget=0.6),
     }
 
@@ -175,7 +176,8 @@ def test_uniform_action_steps_read_the_host_at_most_once(sol32, monkeypatch):
     sol = sol32
     prompt = _tokens(sol, 2, 9)
     eos = [int(sol.token_embedding.shape[0]) - 1]  # an EOS that stays active on every step
-    for kwargs in (dict(budget=0.6), dict(budget=0.6, temperature=1.0, top_k=5, top_p=0.9), dict()):
+    for kwargs in (dict(budget=0.6), dict(budget=0.6, budget_mode="per-axis"),
+                   dict(budget=0.6, temperature=1.0, top_k=5, top_p=0.9), dict()):
         per_step = _reads_per_step(lambda n: generate(sol, prompt, max_new_tokens=n, eos_token_id=eos, **kwargs), 8)
         assert per_step <= 1, (kwargs, per_step)
     policy = PolicySource(PolicyNet(PolicyConfig.for_model(sol, d_model=32, n_heads=2)), greedy=False)

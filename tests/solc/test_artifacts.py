@@ -15,6 +15,7 @@ def exported(tmp_path_factory):
     torch.manual_seed(0)
     sol = solc.compile(solc.load_model("tiny-llama"), max_seq_len=48)
     solc.calibrate_costs(sol, context=16, repeats=2, warmup=1)
+    solc.calibrate_cost_model(sol, contexts=(16, 32), rounds=2, warmup=1)
     policy = PolicyNet(PolicyConfig.for_model(sol, d_model=32, n_heads=4, scalar_hidden=16)).eval()
     path = solc.export(sol, policy, tmp_path_factory.mktemp("art") / "tiny-sol")
     return sol, policy, path
@@ -36,6 +37,7 @@ def test_round_trip_gives_identical_tokens_and_actions(exported):
     assert torch.equal(before.actions, after.actions)
     assert len(set(before.actions[before.controlled].tolist())) > 1  # the policy really chose
     assert sol2.cost_table == sol.cost_table
+    assert sol2.cost_model == sol.cost_model and sol2.cost_model.contexts == [16, 32]
     assert sol2.space == sol.space and tokenizer is None
 
 
@@ -48,6 +50,7 @@ def test_manifest_records_versions_grid_and_files(exported):
     assert manifest["space"] == sol.space.to_dict()
     assert manifest["dtype"] == "float32" and manifest["max_seq_len"] == 48
     assert manifest["policy"] == policy.config.to_dict()
+    assert manifest["cost_model"] == sol.cost_model.to_dict() and manifest["cost_model"]["kind"] == "measured"
     assert {"policy.safetensors", "programs/step.pt2"} <= set(manifest["files"])
     assert any(name.startswith("model/") and name.endswith(".safetensors") for name in manifest["files"])
 

@@ -1,0 +1,145 @@
+"""Wall time of `sol.generate` at a cost budget against dense, and what the cost models predicted.
+
+    python benchmarks/generate_cost.py --policy runs/default/policy.pt --budget 0.6
+
+Issue 13, acceptance 3: batch 1, a --prompt-len token prompt (held-out Shakespeare), --new-tokens greedy
+new tokens. Rows, interleaved call by call (--repeats timed rounds after one untimed round), so drift
+of the shared machine hits every row alike:
+  dense     generate without a budget (every step dense)
+  policy    generate under the trained policy at --budget (greedy actions)
+  static    generate at --budget without a policy: the cost-hull mix (runtime.schedulers.cost_fixed)
+  prefill   generate of one token (prefill + one dense step): the part no action changes
+Each budget row's realized cost is priced twice: by the bytes model (what the policy was trained with)
+and by a measured cost model calibrated here first (solc.calibrate_cost_model at the prompt's length
+and at its end). The predicted wall time of a row = prefill + (dense - prefill) x its realized cost;
+invariant 5 asks the prediction to be within 10% of the measurement.
+
+Prints a table and writes JSON + CSV (with the command) under --out.
+"""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("SOLC_CPU_FAST", "1")  # measure the CPU fast paths (opt-in in the library)
+
+import argparse  # noqa: E402
+import csv  # noqa: E402
+import json  # noqa: E402
+import shlex  # noqa: E402
+import statistics  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from datetime import datetime, timezone  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run as a script from a checkout
+
+from runtime.cost_model import BytesCostModel, device_name, realized_cost  # noqa: E402
+from runtime.policy import PolicyNet, PolicySource  # noqa: E402
+
+
+def main(argv=None) -> int:
+    import solc
+    from training.grpo import GRPOConfig, build_model, load_training_contexts
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--policy", required=True, help="a cost-budget policy.pt (training.grpo's default)")
+    p.add_argument("--budget", type=float, default=0.6)
+    p.add_argument("--prompt-len", type=int, default=256)
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--calibration-rounds", type=int, default=7)
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    p.add_argument("--tag", default="")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    policy = PolicyNet.load(args.policy).eval()
+    space = policy.space
+    cfg = GRPOConfig(actions=list(space.axes), levels={a: list(v) for a, v in space.levels.items()}, quant=space.quant,
+                     context_length=args.prompt_len)
+    sol = build_model(cfg)
+    prompt = load_training_contexts(cfg, sol.token_embedding.shape[0], split="test")[:1]
+    end = args.prompt_len + args.new_tokens
+    measured = solc.calibrate_cost_model(sol, contexts=(args.prompt_len, end), rounds=args.calibration_rounds)
+    sol.cost_model = None  # generate prices with the policy's (bytes) model; the measured one re-prices below
+    bytes_model = BytesCostModel.for_model(sol)
+
+    src = PolicySource(policy, greedy=True)
+    calls = {
+        "dense": lambda: sol.generate(prompt, max_new_tokens=args.new_tokens, eos_token_id=[]),
+        "policy": lambda: sol.generate(prompt, policy=src, budget=args.budget, max_new_tokens=args.new_tokens,
+                                       eos_token_id=[]),
+        "static": lambda: sol.generate(prompt, budget=args.budget, max_new_tokens=args.new_tokens, eos_token_id=[]),
+        "prefill": lambda: sol.generate(prompt, max_new_tokens=1, eos_token_id=[]),
+    }
+    times: dict[str, list[float]] = {k: [] for k in calls}
+    outs = {}
+    with torch.no_grad():
+        for r in range(args.repeats + 1):
+            for name, call in calls.items():
+                t0 = time.perf_counter()
+                outs[name] = call()
+                dt = time.perf_counter() - t0
+                if r:
+                    times[name].append(dt)
+            print(f"round {r}: " + ", ".join(f"{k} {v[-1] * 1e3:.0f} ms" for k, v in times.items() if v), flush=True)
+
+    med = {k: statistics.median(v) for k, v in times.items()}
+    decode = med["dense"] - med["prefill"]
+    rows = []
+    for name in ("dense", "policy", "static"):
+        out = outs[name]
+        kv = (torch.arange(out.actions.shape[1]) + args.prompt_len).expand_as(out.actions)
+        cost_b = float(realized_cost(bytes_model, list(space), out.actions, kv, out.controlled).mean())
+        cost_m = float(realized_cost(measured, list(space), out.actions, kv, out.controlled).mean())
+        pred_b, pred_m = med["prefill"] + decode * cost_b, med["prefill"] + decode * cost_m
+        rows.append({"row": name, "wall_ms": med[name] * 1e3, "ratio_to_dense": med[name] / med["dense"],
+                     "decode_ratio": (med[name] - med["prefill"]) / decode,
+                     "cost_bytes": cost_b, "cost_measured": cost_m,
+                     "predicted_ms_bytes": pred_b * 1e3, "predicted_ms_measured": pred_m * 1e3,
+                     "prediction_error_bytes": pred_b / med[name] - 1, "prediction_error_measured": pred_m / med[name] - 1,
+                     "actions": sorted({str(space[a]) for a in out.actions[out.controlled].tolist()}),
+                     "wall_ms_all": [t * 1e3 for t in times[name]]})
+    head = ["row", "wall ms", "/ dense", "decode / dense", "cost (bytes)", "cost (measured)",
+            "pred. err (bytes)", "pred. err (measured)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        lines.append(f"| {r['row']} | {r['wall_ms']:.0f} | {r['ratio_to_dense']:.3f} | {r['decode_ratio']:.3f} | "
+                     f"{r['cost_bytes']:.3f} | {r['cost_measured']:.3f} | {r['prediction_error_bytes']:+.1%} | "
+                     f"{r['prediction_error_measured']:+.1%} |")
+    lines.append(f"| prefill (+1 step) | {med['prefill'] * 1e3:.0f} | {med['prefill'] / med['dense']:.3f} | | | | | |")
+    table = "\n".join(lines)
+    pol = next(r for r in rows if r["row"] == "policy")
+    verdict = [f"acceptance 3a: policy / dense wall time = {pol['ratio_to_dense']:.3f} (target <= 0.70): "
+               f"{'met' if pol['ratio_to_dense'] <= 0.70 else 'MISSED'}",
+               f"acceptance 3b: cost-model prediction error = {pol['prediction_error_bytes']:+.1%} (bytes), "
+               f"{pol['prediction_error_measured']:+.1%} (measured) (target within 10%): "
+               f"{'met' if min(abs(pol['prediction_error_bytes']), abs(pol['prediction_error_measured'])) <= 0.10 else 'MISSED'}"]
+    print(table)
+    print("\n".join(verdict))
+    meta = {"command": "python benchmarks/generate_cost.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
+            "device": device_name("cpu"), "torch": torch.__version__,
+            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "args": vars(args),
+            "measured_cost_model": measured.to_dict(), "verdict": verdict}
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = "generate_cost_cpu" + (f"_{args.tag}" if args.tag else "")
+    (out_dir / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows, "table": table}, indent=2) + "\n")
+    with open(out_dir / f"{stem}.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow([f"# {meta['command']} ({meta['device']}, {meta['date']})"])
+        keys = [k for k in rows[0] if k not in ("actions", "wall_ms_all")]
+        w.writerow(keys)
+        for r in rows:
+            w.writerow([r[k] for k in keys])
+    print(f"wrote {out_dir / stem}.json/.csv")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
