@@ -1,0 +1,52 @@
+"""training.cost_eval: the cost-budget comparison's figures are what its rollouts realized."""
+import pytest
+import torch
+
+import solc
+from runtime.budget import BudgetSpec
+from runtime.cost_model import BytesCostModel
+from runtime.policy import PolicyConfig, PolicyNet
+from training import cost_eval
+
+
+@pytest.fixture(scope="module")
+def weight_sol():
+    return solc.compile(solc.load_model("tiny-llama"), max_seq_len=64)
+
+
+def _policy(sol, seed):
+    torch.manual_seed(seed)
+    spec = BudgetSpec.cost(BytesCostModel.for_model(sol), context=28)
+    return PolicyNet(PolicyConfig.for_model(sol, d_model=32, n_heads=2, budget=spec)).eval()
+
+
+def test_rows_pair_each_policy_episode_with_baselines_at_its_realized_cost(weight_sol):
+    sol = weight_sol
+    g = torch.Generator().manual_seed(0)
+    contexts = torch.randint(0, 256, (6, 28), generator=g)
+    val = torch.randint(0, 256, (3, 28), generator=g)
+    budgets = [0.7, 0.9]
+    res = cost_eval.evaluate(sol, [_policy(sol, 0), _policy(sol, 1)], contexts, val, budgets, horizon=12,
+                             random_draws=2, chunk=4, progress=False)
+    rows = res["rows"]
+    assert [(r["policy"], r["budget"]) for r in rows] == [(0, 0.7), (0, 0.9), (1, 0.7), (1, 0.9)]
+    hull_costs = [h["cost"] for h in res["hull"]]
+    step = max(b - a for a, b in zip(hull_costs, hull_costs[1:]))
+    for r in rows:
+        # the best static mix is matched to the policy's realized cost (to within one step of the mix,
+        # plus the pricing at the keys really attended)
+        assert abs(r["static_cost"] - r["policy_cost"]) <= step / 12 * 2 + 0.05
+        assert r["static_minus_policy"]["mean"] == pytest.approx(r["static_nll"] - r["policy_nll"], abs=1e-9)
+        assert r["adherence"] >= abs(r["policy_cost"] - r["budget"]) - 1e-12  # mean |x| >= |mean x|
+    # the hull is cost-ascending and ends at dense; uniform references carry their own cost
+    assert hull_costs == sorted(hull_costs) and res["hull"][-1]["cost"] == pytest.approx(1.0)
+    dense = next(x for x in res["references"] if x["name"] == "dense")
+    assert dense["cost"] == pytest.approx(1.0) and dense["net_keep"] == 1.0
+    assert cost_eval.wins(rows, 0, z=float("-inf")) == 2
+
+
+def test_per_axis_policies_are_refused(weight_sol):
+    per_axis = PolicyNet(PolicyConfig.for_model(weight_sol, d_model=32, n_heads=2)).eval()
+    ctx = torch.zeros(2, 28, dtype=torch.long)
+    with pytest.raises(ValueError, match="per-axis budgets: use training.compare_baselines"):
+        cost_eval.evaluate(weight_sol, [per_axis], ctx, ctx, [0.8], horizon=4, progress=False)
