@@ -23,6 +23,7 @@ import os
 os.environ.setdefault("SOLC_CPU_FAST", "1")  # measure the CPU fast paths (opt-in in the library)
 
 import argparse  # noqa: E402
+import dataclasses  # noqa: E402
 import csv  # noqa: E402
 import json  # noqa: E402
 import shlex  # noqa: E402
@@ -62,9 +63,9 @@ def main(argv=None) -> int:
     space = policy.space
     cfg = GRPOConfig(actions=list(space.axes), levels={a: list(v) for a, v in space.levels.items()}, quant=space.quant,
                      context_length=args.prompt_len)
-    sol = build_model(cfg)
-    prompt = load_training_contexts(cfg, sol.token_embedding.shape[0], split="test")[:1]
     end = args.prompt_len + args.new_tokens
+    sol = build_model(dataclasses.replace(cfg, context_length=end + 1))  # room for the new tokens
+    prompt = load_training_contexts(cfg, sol.token_embedding.shape[0], split="test")[:1]
     measured = solc.calibrate_cost_model(sol, contexts=(args.prompt_len, end), rounds=args.calibration_rounds)
     sol.cost_model = None  # generate prices with the policy's (bytes) model; the measured one re-prices below
     bytes_model = BytesCostModel.for_model(sol)

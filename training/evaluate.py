@@ -612,10 +612,26 @@ def config_from_args(argv=None) -> EvalConfig:
     )
 
 
+def _refuse_cost_policy(cfg: EvalConfig) -> None:
+    """This evaluation's baselines match per-axis budgets; a cost-budget policy (training.grpo's default)
+    is compared at matched realized cost by training.cost_eval, so say so instead of mismatching."""
+    if not cfg.policy:
+        return
+    from runtime.policy import PolicyNet
+
+    spec = PolicyNet.load(cfg.policy).config.budget_spec
+    if spec.is_cost:
+        budgets = ",".join(str(b[0] if isinstance(b, (list, tuple)) else b) for b in cfg.budgets)
+        raise ArgumentError("--policy", f"--policy {cfg.policy} was trained for a cost budget; its matched comparison "
+                                        f"(best static, Fixed and Random at its realized cost) is: python -m "
+                                        f"training.cost_eval --policies {cfg.policy} --budgets {budgets}")
+
+
 def _run_cli(cfg: EvalConfig, argv) -> int:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     command = "python -m training.evaluate " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    _refuse_cost_policy(cfg)
     t0 = time.perf_counter()
     result = run(cfg)
     out = Path(cfg.out)

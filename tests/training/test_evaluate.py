@@ -84,3 +84,17 @@ def test_run_with_multiple_choice(tiny_sol, tiny_policy, tmp_path, monkeypatch):
     text = evaluate.report(result, cfg, "cmd")
     assert "### mmlu:m/1shot: 3 questions" in text and "## Perplexity" not in text
     evaluate.plot_pareto(result["rows"], tmp_path / "p.png")
+
+
+def test_a_cost_budget_policy_is_sent_to_cost_eval(tiny_sol, tmp_path, capsys):
+    from runtime.budget import BudgetSpec
+    from runtime.cost_model import BytesCostModel
+
+    spec = BudgetSpec.cost(BytesCostModel.for_model(tiny_sol), context=28)
+    path = tmp_path / "cost_policy.pt"
+    PolicyNet(PolicyConfig.for_model(tiny_sol, d_model=32, n_heads=2, budget=spec)).save(path)
+    rc = evaluate.main(["--policy", str(path), "--model", "tiny-llama", "--corpus", "random", "--budgets", "0.7",
+                        "--test-contexts", "2", "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert rc == 2 and f"python -m training.cost_eval --policies {path} --budgets 0.7" in err
+    assert not (tmp_path / "out").exists()
