@@ -147,6 +147,8 @@ def evaluate(sol, policies: list[PolicyNet], contexts: torch.Tensor, val_context
                    "adherence": float((pol_cost[:, g] - b).abs().mean())}
             splits = {"static": [0], "fixed": [1], "random": list(range(2, base_per))}
             for name, cols in splits.items():
+                if not cols:  # random_draws=0
+                    continue
                 nll = base_nll[:, g, cols].mean(-1)
                 row[f"{name}_nll"] = float(nll.mean())
                 row[f"{name}_cost"] = float(base_cost[:, g, cols].mean())
@@ -175,7 +177,7 @@ def table(result: dict) -> str:
              "static - policy (SE) | fixed - policy (SE) | random - policy (SE) | policy net keep |",
              "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in result["rows"]:
-        d = lambda k: f"{r[k]['mean']:+.4f} ({r[k]['stderr']:.4f})"  # noqa: E731
+        d = lambda k: f"{r[k]['mean']:+.4f} ({r[k]['stderr']:.4f})" if k in r else "n/a"  # noqa: E731
         lines.append(f"| {r['policy']} | {r['budget']:.2f} | {r['policy_cost']:.3f} | {r['adherence']:.3f} | "
                      f"{r['policy_nll']:.4f} | {r['static_nll']:.4f} ({r['static_cost']:.3f}) | {d('static_minus_policy')} | "
                      f"{d('fixed_minus_policy')} | {d('random_minus_policy')} | {r['policy_net_keep']:.3f} |")

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import math
 import shlex
 import sys
@@ -612,26 +613,50 @@ def config_from_args(argv=None) -> EvalConfig:
     )
 
 
-def _refuse_cost_policy(cfg: EvalConfig) -> None:
-    """This evaluation's baselines match per-axis budgets; a cost-budget policy (training.grpo's default)
-    is compared at matched realized cost by training.cost_eval, so say so instead of mismatching."""
+def _cost_policy(cfg: EvalConfig):
+    """The policy when it was trained for a cost budget (training.grpo's default), else None."""
     if not cfg.policy:
-        return
-    from runtime.policy import PolicyNet
+        return None
+    policy = load_policy(cfg.policy)
+    return policy if policy.config.budget_spec.is_cost else None
 
-    spec = PolicyNet.load(cfg.policy).config.budget_spec
-    if spec.is_cost:
-        budgets = ",".join(str(b[0] if isinstance(b, (list, tuple)) else b) for b in cfg.budgets)
-        raise ArgumentError("--policy", f"--policy {cfg.policy} was trained for a cost budget; its matched comparison "
-                                        f"(best static, Fixed and Random at its realized cost) is: python -m "
-                                        f"training.cost_eval --policies {cfg.policy} --budgets {budgets}")
+
+def _run_cost_cli(cfg: EvalConfig, command: str) -> int:
+    """A cost-budget policy: each budget is a cost fraction, and the comparison is training.cost_eval's
+    (best static hull mix, Fixed and Random at each episode's realized cost, paired per context)."""
+    from training import cost_eval
+
+    if cfg.mc_tasks:
+        raise ArgumentError("--mc-tasks", "multiple choice is not wired for cost-budget policies yet; pass --mc-tasks ''")
+    if cfg.test_contexts < 1:
+        raise ArgumentError("--test-contexts", "a cost-budget policy is evaluated on perplexity contexts: >= 1")
+    t0 = time.perf_counter()
+    sol, policy, _ = build(cfg)
+    vocab = sol.token_embedding.shape[0]
+    test = load_contexts(cfg, "test", cfg.test_contexts, vocab)
+    val = load_contexts(cfg, "validation", max(cfg.val_contexts, 1), vocab)
+    budgets = [target_key(b)[0] for b in cfg.budgets]
+    result = cost_eval.evaluate(sol, [policy], test, val, budgets, cfg.horizon, random_draws=cfg.matched_draws,
+                                seed=cfg.seed, progress=cfg.progress)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    text = (f"# Cost-budget evaluation\n\n{command}\n\nBudgets are cost fractions ({cfg.policy} was trained for a "
+            f"cost budget); baselines run at each episode's realized cost (training.cost_eval).\n\n"
+            + cost_eval.table(result))
+    (out / "report.md").write_text(text + f"\n\n({time.perf_counter() - t0:.0f}s)\n")
+    (out / "results.json").write_text(json.dumps({"command": command, "result": result}, indent=2) + "\n")
+    (out / "command.txt").write_text(command + "\n")
+    print(text)
+    print(f"evaluate: wrote {out}/report.md, results.json ({time.perf_counter() - t0:.0f}s)")
+    return 0
 
 
 def _run_cli(cfg: EvalConfig, argv) -> int:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     command = "python -m training.evaluate " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
-    _refuse_cost_policy(cfg)
+    if _cost_policy(cfg) is not None:
+        return _run_cost_cli(cfg, command)
     t0 = time.perf_counter()
     result = run(cfg)
     out = Path(cfg.out)

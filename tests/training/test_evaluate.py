@@ -86,15 +86,23 @@ def test_run_with_multiple_choice(tiny_sol, tiny_policy, tmp_path, monkeypatch):
     evaluate.plot_pareto(result["rows"], tmp_path / "p.png")
 
 
-def test_a_cost_budget_policy_is_sent_to_cost_eval(tiny_sol, tmp_path, capsys):
+def test_a_cost_budget_policy_is_compared_at_matched_cost(tiny_sol, tmp_path, capsys):
     from runtime.budget import BudgetSpec
     from runtime.cost_model import BytesCostModel
 
     spec = BudgetSpec.cost(BytesCostModel.for_model(tiny_sol), context=28)
     path = tmp_path / "cost_policy.pt"
+    torch.manual_seed(0)
     PolicyNet(PolicyConfig.for_model(tiny_sol, d_model=32, n_heads=2, budget=spec)).save(path)
-    rc = evaluate.main(["--policy", str(path), "--model", "tiny-llama", "--corpus", "random", "--budgets", "0.7",
-                        "--test-contexts", "2", "--out", str(tmp_path / "out")])
-    err = capsys.readouterr().err
-    assert rc == 2 and f"python -m training.cost_eval --policies {path} --budgets 0.7" in err
-    assert not (tmp_path / "out").exists()
+    out = tmp_path / "out"
+    argv = ["--policy", str(path), "--model", "tiny-llama", "--corpus", "random", "--budgets", "0.8",
+            "--context-length", "28", "--horizon", "6", "--test-contexts", "3", "--val-contexts", "2",
+            "--matched-draws", "1", "--mc-tasks", "", "--no-progress", "--out", str(out)]
+    assert evaluate.main(argv) == 0
+    res = json.loads((out / "results.json").read_text())["result"]
+    (row,) = res["rows"]
+    assert row["budget"] == 0.8 and row["policy"] == 0
+    assert row["static_minus_policy"]["mean"] == pytest.approx(row["static_nll"] - row["policy_nll"], abs=1e-9)
+    assert "Budgets are cost fractions" in (out / "report.md").read_text()
+    assert evaluate.main(argv[:-1] + [str(tmp_path / "o2"), "--mc-tasks", "bigbench:x"]) == 2
+    assert "--mc-tasks" in capsys.readouterr().err

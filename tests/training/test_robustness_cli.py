@@ -135,7 +135,8 @@ def test_single_file_corpus_trains_and_evaluates(tmp_path, capsys):
     out = tmp_path / "run"
     argv = ["--corpus", str(corpus), "--context-length", "64", "--horizon", "4", "--group-size", "2", "--contexts-per-update", "1",
             "--rollout-batch", "1", "--policy-d-model", "16", "--policy-heads", "2", "--ppo-epochs", "1", "--ppo-minibatches", "1",
-            "--max-updates", "1", "--max-minutes", "0", "--no-progress", "--device", "cpu", "--out", str(out)]
+            "--max-updates", "1", "--max-minutes", "0", "--no-progress", "--device", "cpu", "--out", str(out),
+            "--budget-mode", "per-axis"]  # the per-axis evaluation below (methods, random search, results.csv)
     assert grpo.main(argv) == 0
     assert grpo.main(argv) == 2  # and the run is not overwritten by a second call
     rc = evaluate.main(["--policy", str(out / "policy.pt"), "--corpus", str(corpus), "--budgets", "0.6", "--context-length", "64",
