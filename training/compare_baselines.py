@@ -129,6 +129,9 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     policy = PolicyNet.load(args.policy)
+    if policy.config.budget_spec.is_cost:
+        p.error(f"--policy {args.policy} was trained for a cost budget: compare it at matched cost with "
+                f"python -m training.cost_eval --policies {args.policy} --budgets {args.budget}")
     space = policy.space
     cfg = GRPOConfig(model=args.model, corpus=args.corpus, context_length=args.context_length, actions=list(space.axes),
                      levels={a: list(v) for a, v in space.levels.items()}, horizon=args.horizon)
