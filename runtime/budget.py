@@ -217,13 +217,12 @@ def resolve_budget(sol, policy, schedule, budget, budget_mode: str | None, steps
 
     if budget_mode is not None and budget_mode not in BUDGET_MODES:
         raise ValueError(f"budget_mode={budget_mode!r} is invalid: one of {list(BUDGET_MODES)}")
-    if budget_mode is None and not is_cost_request(policy, budget, budget_mode) and \
-            getattr(policy, "budget_spec", None) is None and (policy is not None or budget is not None):
-        budget_mode = "per-axis"
-    if policy is None and budget_mode in (None, "cost"):
-        spec = default_cost_spec(sol)
-    else:
+    if getattr(policy, "budget_spec", None) is not None:
         spec = resolve_spec(sol, budget_mode, policy)
+    elif budget_mode == "cost" or (budget_mode is None and policy is None and not is_per_axis_request(budget)):
+        spec = default_cost_spec(sol)
+    else:  # a per-axis request, or a baseline source (Fixed, Random, ...): they read per-axis targets
+        spec = BudgetSpec.per_axis()
     if spec.is_cost:
         model = spec.model()
         if hasattr(model, "check"):

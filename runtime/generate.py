@@ -134,12 +134,9 @@ def generate(
     first EOS id, and carries its attention_mask). A row stops at EOS: `eos_token_id` (an id or a
     list), by default the model's generation config; [] never stops. Reuses the model's dispatcher and
     cache across calls unless `dispatcher` is given."""
-    cost = is_cost_request(policy, budget, budget_mode)
-    validation.check_generate(sol, input_ids, policy, schedule, None if cost else budget, max_new_tokens, temperature,
-                              top_k, top_p, eos_token_id, seed, attention_mask, pad_token_id)
-    if cost and schedule is not None:
-        raise ValueError("pass either schedule= or budget=, not both: a schedule fixes every action, so there is "
-                         "no budget for it to meet")
+    validation.check_generate(sol, input_ids, policy, schedule, budget, max_new_tokens, temperature, top_k, top_p,
+                              eos_token_id, seed, attention_mask, pad_token_id,
+                              cost_budget=is_cost_request(policy, budget, budget_mode))
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
     if max_new_tokens < 1:
@@ -197,10 +194,8 @@ def score(
     """Decode the given `tokens` [B, L] (teacher forcing through the runtime): the first `prompt_len`
     are the prompt, each later token is scored by the controlled step that produces it. `budget`,
     `budget_mode` and `force` mean what they mean in `generate`."""
-    cost = is_cost_request(policy, budget, budget_mode)
-    validation.check_score(sol, tokens, prompt_len, policy, schedule, None if cost else budget, seed)
-    if cost and schedule is not None:
-        raise ValueError("pass either schedule= or budget=, not both")
+    validation.check_score(sol, tokens, prompt_len, policy, schedule, budget, seed,
+                           cost_budget=is_cost_request(policy, budget, budget_mode))
     if not 1 <= prompt_len < tokens.shape[1]:
         raise ValueError(f"prompt_len must be in 1..{tokens.shape[1] - 1}, got {prompt_len}")
     device = sol.token_embedding.device

@@ -247,8 +247,9 @@ def check_schedule(schedule, batch: int, steps: int, n_actions: int) -> None:
     _values_in("schedule", t, 0, n_actions - 1, "action index")
 
 
-def check_sources(policy, schedule, budget, batch: int, steps: int, n_actions: int) -> None:
-    """Who picks the actions: a policy (ActionSource), a schedule, a budget (Fixed), or nothing (dense)."""
+def check_sources(policy, schedule, budget, batch: int, steps: int, n_actions: int, cost_budget: bool = False) -> None:
+    """Who picks the actions: a policy (ActionSource), a schedule, a budget (Fixed), or nothing (dense).
+    A cost budget's range is the cost model's (runtime.budget.BudgetSpec.targets checks it), not (0, 1]."""
     from runtime.schedulers import ActionSource
 
     if policy is not None and not isinstance(policy, ActionSource):
@@ -261,7 +262,8 @@ def check_sources(policy, schedule, budget, batch: int, steps: int, n_actions: i
                                       "so there is no budget for it to meet")
     if schedule is not None:
         check_schedule(schedule, batch, steps, n_actions)
-    check_budget(budget, batch)
+    if not cost_budget:
+        check_budget(budget, batch)
 
 
 def _check_decode(sol, prompt_len: int, steps: int) -> None:
@@ -323,7 +325,7 @@ def _check_token_ids(sol, argument: str, value) -> None:
 
 
 def check_generate(sol, input_ids, policy, schedule, budget, max_new_tokens, temperature, top_k, top_p,
-                   eos_token_id, seed, attention_mask=None, pad_token_id=None) -> None:
+                   eos_token_id, seed, attention_mask=None, pad_token_id=None, cost_budget: bool = False) -> None:
     """Every argument of generate()."""
     batch, prompt = _check_prompts(sol, input_ids, attention_mask)
     steps = check_int("max_new_tokens", max_new_tokens, 1, None)
@@ -334,10 +336,10 @@ def check_generate(sol, input_ids, policy, schedule, budget, max_new_tokens, tem
     if pad_token_id is not None:
         check_int("pad_token_id", pad_token_id, 0, int(sol.token_embedding.shape[0]) - 1)
     check_seed(seed)
-    check_sources(policy, schedule, budget, batch, steps, len(sol.space))
+    check_sources(policy, schedule, budget, batch, steps, len(sol.space), cost_budget)
 
 
-def check_score(sol, tokens, prompt_len, policy, schedule, budget, seed) -> None:
+def check_score(sol, tokens, prompt_len, policy, schedule, budget, seed, cost_budget: bool = False) -> None:
     """Every argument of score()."""
     batch, length = check_input_ids(sol, tokens, argument="tokens")
     if length < 2:
@@ -345,4 +347,4 @@ def check_score(sol, tokens, prompt_len, policy, schedule, budget, seed) -> None
     prompt_len = check_int("prompt_len", prompt_len, 1, length - 1)
     _check_decode(sol, prompt_len, length - prompt_len)
     check_seed(seed)
-    check_sources(policy, schedule, budget, batch, length - prompt_len, len(sol.space))
+    check_sources(policy, schedule, budget, batch, length - prompt_len, len(sol.space), cost_budget)
