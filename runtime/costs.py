@@ -107,33 +107,38 @@ def _sync(device: torch.device) -> None:
 
 
 @torch.no_grad()
-def calibrate_costs(sol, batch: int = 1, context: int = 256, repeats: int = 10, warmup: int = 2,
-                    dispatcher: StepDispatcher | None = None, seed: int = 0) -> CostTable:
-    """Time one decode step per action at `context` tokens of cache; stores the table on `sol`."""
-    if context + 1 > sol.max_seq_len:
-        raise ValueError(f"context={context} needs max_seq_len > {context}, compiled with {sol.max_seq_len}")
+def _step_latencies(sol, dispatcher: StepDispatcher, batch: int, context: int, rounds: int, warmup: int,
+                    gen: torch.Generator) -> list[float]:
+    """Median latency (ms) of one decode step per action with `context` tokens of (random) cache. Rounds
+    interleave the actions (each round times every action once), so drift on a shared machine hits all
+    actions alike."""
     device = sol.graph.solc_action_levels.device
-    vocab = sol.token_embedding.shape[0]
-    gen = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, vocab, (batch, context + 1), generator=gen).to(device)
-    dispatcher = dispatcher or StepDispatcher(sol)
+    ids = torch.randint(0, sol.token_embedding.shape[0], (batch, context + 1), generator=gen).to(device)
     cache = dispatcher.cache("calibrate", batch, context + 1, device=device)
     dispatcher.prefill(ids[:, :context], torch.arange(context, device=device).expand(batch, context), cache, kv_len=context)
     feed, pos = ids[:, context:], torch.full((batch, 1), context, device=device)
-    latency = []
-    for action in range(len(sol.space)):
-        acts = torch.full((batch, 1), action, device=device)
-        times = []
-        for i in range(warmup + repeats):
+    times: list[list[float]] = [[] for _ in sol.space]
+    for r in range(warmup + rounds):
+        for action in range(len(sol.space)):
+            acts = torch.full((batch, 1), action, device=device)
             _sync(device)
             start = time.perf_counter()
             dispatcher.step(feed, acts, pos, cache, action=action, kv_len=context + 1)  # rewrites the same slot
             _sync(device)
-            if i >= warmup:
-                times.append((time.perf_counter() - start) * 1e3)
-        latency.append(statistics.median(times))
-    name = device_name(device)
-    table = CostTable(name, batch, context, latency)
+            if r >= warmup:
+                times[action].append((time.perf_counter() - start) * 1e3)
+    return [statistics.median(t) for t in times]
+
+
+def calibrate_costs(sol, batch: int = 1, context: int = 256, repeats: int = 10, warmup: int = 2,
+                    dispatcher: StepDispatcher | None = None, seed: int = 0) -> CostTable:
+    """Time one decode step per action at `context` tokens of cache (`repeats` interleaved rounds);
+    stores the table on `sol`."""
+    if context + 1 > sol.max_seq_len:
+        raise ValueError(f"context={context} needs max_seq_len > {context}, compiled with {sol.max_seq_len}")
+    latency = _step_latencies(sol, dispatcher or StepDispatcher(sol), batch, context, repeats, warmup,
+                              torch.Generator().manual_seed(seed))
+    table = CostTable(device_name(sol.graph.solc_action_levels.device), batch, context, latency)
     sol.cost_table = table
     return table
 
@@ -141,10 +146,9 @@ def calibrate_costs(sol, batch: int = 1, context: int = 256, repeats: int = 10, 
 def calibrate_cost_model(sol, contexts=(256, 1024, 4096), batch: int = 1, rounds: int = 7, warmup: int = 2,
                          dispatcher: StepDispatcher | None = None, seed: int = 0, progress: bool = False):
     """Measure the cost model a cost budget is priced with on this device: the median latency of one
-    decode step per action at each context bucket (kv_len). Rounds interleave the actions (every round
-    times each action once) so that drift on a shared machine hits all actions alike. Buckets beyond
-    the compiled max_seq_len are dropped. Stores the runtime.cost_model.MeasuredCostModel on
-    `sol.cost_model`, which generate/score/export then use; it is refused on another device or batch."""
+    decode step per action at each context bucket (kv_len), rounds interleaved (`_step_latencies`).
+    Buckets beyond the compiled max_seq_len are dropped. Stores the runtime.cost_model.MeasuredCostModel
+    on `sol.cost_model`, which generate/score/export then use; it is refused on another device or batch."""
     from runtime.cost_model import MeasuredCostModel
 
     if not isinstance(batch, int) or isinstance(batch, bool) or batch < 1:
@@ -156,32 +160,14 @@ def calibrate_cost_model(sol, contexts=(256, 1024, 4096), batch: int = 1, rounds
         raise ValueError(f"contexts={list(contexts)}: none fits max_seq_len={sol.max_seq_len} (a bucket needs "
                          "context + 1 positions)")
     device = sol.graph.solc_action_levels.device
-    vocab = sol.token_embedding.shape[0]
     gen = torch.Generator().manual_seed(seed)
     dispatcher = dispatcher or StepDispatcher(sol)
-    n_actions = len(sol.space)
-    latency = [[0.0] * len(buckets) for _ in range(n_actions)]
-    for j, context in enumerate(buckets):
-        ids = torch.randint(0, vocab, (batch, context + 1), generator=gen).to(device)
-        cache = dispatcher.cache("calibrate", batch, context + 1, device=device)
-        dispatcher.prefill(ids[:, :context], torch.arange(context, device=device).expand(batch, context), cache,
-                           kv_len=context)
-        feed, pos = ids[:, context:], torch.full((batch, 1), context, device=device)
-        times: list[list[float]] = [[] for _ in range(n_actions)]
-        for r in range(warmup + rounds):
-            for action in range(n_actions):
-                acts = torch.full((batch, 1), action, device=device)
-                _sync(device)
-                start = time.perf_counter()
-                dispatcher.step(feed, acts, pos, cache, action=action, kv_len=context + 1)  # rewrites one slot
-                _sync(device)
-                if r >= warmup:
-                    times[action].append((time.perf_counter() - start) * 1e3)
-        for action in range(n_actions):
-            latency[action][j] = statistics.median(times[action])
+    per_bucket = []
+    for context in buckets:
+        per_bucket.append(_step_latencies(sol, dispatcher, batch, context, rounds, warmup, gen))
         if progress:
-            print(f"calibrate: {context} keys, dense {latency[-1][j]:.2f} ms/step", flush=True)
-
+            print(f"calibrate: {context} keys, dense {per_bucket[-1][-1]:.2f} ms/step", flush=True)
+    latency = [list(row) for row in zip(*per_bucket)]  # [action][bucket]
     model = MeasuredCostModel(device_name(device), batch, buckets, latency)
     sol.cost_model = model
     return model
