@@ -15,12 +15,9 @@ This is a small sanity comparison; the evaluation command with Pareto fronts is 
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import shlex
 import sys
 import time
-from pathlib import Path
 
 import torch
 
@@ -28,6 +25,7 @@ from runtime.actions import AXES
 from runtime.generate import budget_targets
 from runtime.policy import PolicyNet, PolicySource
 from training.baselines import matched_baselines
+from training.cli import command_line, write_json
 from training.episodes import rollout
 
 
@@ -145,12 +143,11 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     results = compare(sol, policy, contexts, targets, args.horizon, [m.strip() for m in args.modes.split(",")],
                       args.samples, args.temperature, args.random_draws, args.seed)
-    command = "python -m training.compare_baselines " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    command = command_line("training.compare_baselines", argv)
     print(_table(results))
     print(f"({len(contexts)} held-out {args.split} contexts, {time.perf_counter() - t0:.0f}s)")
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({"command": command, "args": vars(args), "results": results}, indent=2) + "\n")
+        write_json(args.json, {"command": command, "args": vars(args), "results": results})
     return 0
 
 

@@ -7,7 +7,7 @@ Protocol (the training episodes, training/episodes.py: one dense prefill of P to
 teacher-forced steps; the budget is one cost fraction priced by the policies' cost model):
   1. Best static. Every uniform action is scored on `--val-contexts` validation contexts; the lower
      convex hull of (cost, NLL) is the best a static mix of whole actions can do at each cost
-     (training.baselines.lower_hull).
+     (runtime.schedulers.lower_hull).
   2. Policy. On `--contexts` held-out test contexts, each policy runs greedily at each budget. Its
      REALIZED cost per episode (what ran, priced at the keys each step attended) is reported, and
      |realized - budget| is the adherence figure.
@@ -21,36 +21,30 @@ teacher-forced steps; the budget is one cost fraction priced by the policies' co
      low-bit MLP weights) and TEAL-like uniform MLP sparsity at keep 0.4 / 0.6 / 0.8.
 
 Net keep (the paper's x-axis, mean of attn keep, mlp keep and bits/16 over controlled steps) is reported
-next to cost for every row. Measured wall time is benchmarks/decode_cost.py's job (it needs a quiet
+next to cost for every row. Measured wall time is benchmarks/generate_cost.py's job (it needs a quiet
 machine, not an evaluation batch).
 """
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import shlex
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-from runtime.actions import Action
+from runtime.actions import AXES, Action
+from runtime.costs import realized_budget
 from runtime.policy import PolicyNet, PolicySource
 from runtime.schedulers import Fixed, Random
 from training.baselines import AtCost, Composite, HullMix, Uniform, hull_mix, lower_hull, uniform_nll
+from training.cli import command_line, write_json
 from training.episodes import rollout
-
-BASELINES = ("static", "fixed", "random")
 
 
 def _net_keep(space, actions: torch.Tensor, controlled: torch.Tensor) -> torch.Tensor:
-    """[N] the paper's net keep of each episode: mean over controlled steps of the action's mean
-    per-axis keep (attn, mlp, bits/16 of the enabled axes)."""
-    keep = torch.tensor([space.net_keep(i) for i in range(len(space))], dtype=torch.float64)
-    c = controlled.double()
-    return (keep[actions.cpu()] * c).sum(1) / c.sum(1).clamp(min=1)
+    """[N] the paper's net keep of each episode: the mean realized per-axis keep over the enabled axes."""
+    return realized_budget(space, actions.cpu(), controlled.cpu())[:, [AXES.index(a) for a in space.axes]].mean(1)
 
 
 def reference_actions(space) -> dict[str, int]:
@@ -230,14 +224,13 @@ def main(argv=None) -> int:
 
     contexts, val = pick("test", args.contexts, 0), pick("validation", args.val_contexts, 1)
     result = evaluate(sol, policies, contexts, val, budgets, args.horizon, args.random_draws, args.chunk, args.seed)
-    command = "python -m training.cost_eval " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    command = command_line("training.cost_eval", argv)
     print(table(result))
     for i in range(len(policies)):
         print(f"policy {i}: beats best static by >= 2 SE at {wins(result['rows'], i)}/{len(budgets)} budgets; "
               f"max mean |realized - budget| = {max(r['adherence'] for r in result['rows'] if r['policy'] == i):.3f}")
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({"command": command, "args": vars(args), "result": result}, indent=2) + "\n")
+        write_json(args.json, {"command": command, "args": vars(args), "result": result})
     return 0
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -27,6 +26,7 @@ from solc.models import load_compiled
 from runtime.schedulers import DENSE_PREFIX
 from training import cost_eval
 from training.compare_baselines import _table, compare
+from training.cli import command_line
 from training.grpo import GRPOConfig, load_training_contexts, train
 
 
@@ -62,7 +62,7 @@ def main(argv=None) -> None:
 
 
 def _run(args, argv) -> None:
-    command = "python -m training.demo " + " ".join(map(shlex.quote, sys.argv[1:] if argv is None else argv))
+    command = command_line("training.demo", argv)
     start = time.time()
     out = Path(args.out)
 

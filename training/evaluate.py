@@ -30,7 +30,6 @@ import argparse
 import csv
 import json
 import math
-import shlex
 import sys
 import time
 from dataclasses import dataclass, field
@@ -45,6 +44,7 @@ from runtime.actions import AXES
 from runtime.errors import ArgumentError, ArgumentTypeError, SolcError
 from solc.models import DTYPES, resolve_device, resolve_dtype
 from training.baselines import Composite, axis_targets, build_source, matched_baselines, random_search, target_key
+from training.cli import command_line
 from training.episodes import rollout
 
 DEFAULT_METHODS = ("policy", "fixed", "random", "random-search")
@@ -654,7 +654,7 @@ def _run_cost_cli(cfg: EvalConfig, command: str) -> int:
 def _run_cli(cfg: EvalConfig, argv) -> int:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    command = "python -m training.evaluate " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    command = command_line("training.evaluate", argv)
     if _cost_policy(cfg) is not None:
         return _run_cost_cli(cfg, command)
     t0 = time.perf_counter()

@@ -10,14 +10,13 @@ from __future__ import annotations
 import argparse
 import csv
 import math
-import shlex
-import sys
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 import solc
+from training.cli import command_line
 
 DENSE_PREFIX = 7  # DESIGN: the first Ts+Tw+1 positions of an episode always run dense
 
@@ -65,7 +64,7 @@ def main(argv=None) -> None:
             "attn_keep": action.attn, "mlp_keep": action.mlp, "bits": action.bits,
             "net_keep": round(sol.space.net_keep(index), 4), "ppl": round(math.exp(total / count), 2), "tokens": count,
         })
-    command = "python -m training.uniform_ppl " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    command = command_line("training.uniform_ppl", argv)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out.with_suffix(".csv"), "w", newline="") as f:
