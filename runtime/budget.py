@@ -29,6 +29,7 @@ from torch import Tensor
 from runtime.actions import AXES, ActionSpace
 from runtime.cost_model import CostModelError, cost_model_from_dict, realized_cost, relative_costs
 from runtime.costs import realized_budget
+from runtime.errors import ArgumentError, ArgumentTypeError
 
 VERSION = 1
 BUDGET_MODES = ("cost", "per-axis")
@@ -216,7 +217,9 @@ def resolve_budget(sol, policy, schedule, budget, budget_mode: str | None, steps
     from runtime.stepper import resolve_source
 
     if budget_mode is not None and budget_mode not in BUDGET_MODES:
-        raise ValueError(f"budget_mode={budget_mode!r} is invalid: one of {list(BUDGET_MODES)}")
+        raise ArgumentError("budget_mode", f"budget_mode={budget_mode!r} is invalid: one of {list(BUDGET_MODES)}")
+    if not isinstance(force, bool):
+        raise ArgumentTypeError("force", f"force={force!r} is invalid: True or False")
     if getattr(policy, "budget_spec", None) is not None:
         spec = resolve_spec(sol, budget_mode, policy)
     elif budget_mode == "cost" or (budget_mode is None and policy is None and not is_per_axis_request(budget)):

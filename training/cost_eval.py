@@ -204,7 +204,10 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    budgets = [float(x) for x in args.budgets.split(",")]
+    try:
+        budgets = [float(x) for x in args.budgets.split(",")]
+    except ValueError:
+        p.error(f"--budgets {args.budgets!r}: comma-separated cost fractions, e.g. 0.5,0.6")
     policies = [PolicyNet.load(x.strip()) for x in args.policies.split(",")]
     space = policies[0].space
     cfg = GRPOConfig(model=args.model, corpus=args.corpus, context_length=args.context_length, actions=list(space.axes),

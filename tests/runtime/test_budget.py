@@ -92,3 +92,10 @@ def test_cost_fixed_hull_runs_from_the_cheapest_to_dense(sol):
     hull = cost_fixed(sol.space, costs).hull
     assert hull[-1] == sol.space.dense_index and float(costs[hull[0]]) == float(costs.min())
     assert all(float(costs[a]) < float(costs[b]) for a, b in zip(hull, hull[1:]))
+
+
+def test_bad_budget_mode_and_force_are_named(sol):
+    with pytest.raises(solc.ArgumentError, match="budget_mode='paper' is invalid"):
+        sol.generate(_prompt(), budget=0.8, budget_mode="paper", max_new_tokens=2)
+    with pytest.raises(solc.ArgumentTypeError, match="force='yes' is invalid: True or False"):
+        sol.score(_prompt(length=24), 20, budget=0.8, force="yes")
