@@ -8,6 +8,7 @@ from passes.action_levels import ActionLevelsPass
 from passes.attention_to_solc import AttentionToSolcPass
 from passes.base import PassContext, run_passes
 from passes.capture import capture
+from passes.linear_to_solc import LinearToSolcPass
 from passes.mlp_to_solc import MLPToSolcPass, copies_bytes
 from runtime import hf_adapter
 from runtime.actions import ActionSpace
@@ -16,7 +17,7 @@ from runtime.errors import ArgumentError, ArgumentTypeError, SolcError, Unsuppor
 from runtime.kv_cache import CacheSpec
 from runtime.sol_model import SOLModel
 
-PIPELINE = (ActionLevelsPass, AttentionToSolcPass, MLPToSolcPass)
+PIPELINE = (ActionLevelsPass, AttentionToSolcPass, MLPToSolcPass, LinearToSolcPass)
 # The compile-time self-check: the dense rewritten graph must reproduce the base model.
 VERIFY_TOLERANCE = {torch.float64: 1e-8, torch.float32: 1e-3, torch.bfloat16: 0.25, torch.float16: 0.1}
 

@@ -1,10 +1,10 @@
-"""The CPU implementation of `solc::mlp` for decode batches (1..16 rows): each row reads only what its
-action keeps. `reference.mlp` is the definition; every path here equals it up to summation order.
+"""The CPU implementation of `solc::mlp` for decode steps (T == 1, any batch, in calls of at most 16 rows):
+each row reads only what its action keeps. `reference.mlp` is the definition; every path here equals it up to summation order.
 
 Per row action (mlp keep k, bits b); rows sharing an action run together:
-  k = 1, b = 16      F.linear, exactly the reference (the dense action pays for no selection)
+  k = 1, b = 16      runtime.ops.cpu_linear (the dense action pays for no selection)
   k < 1, b = 16      gate/up: F.embedding_bag over the rows of W_in^T (`wt`) at the row's kept channels,
-                     weighted by their values: a row-skipping GEMV; down: F.linear
+                     weighted by their values: a row-skipping GEMV; down: cpu_linear
   b = 8, k = 1       torch._weight_int8pack_mm with bf16 activations, for gate/up and down
   b = 8, k < 1       gate/up: the quantized byte-rowwise embedding_bag over `in8_rows` (uint8 rows, row
                      scale 1 and bias -128, so a row is its int8 values exactly), per-output-channel
@@ -13,9 +13,10 @@ Per row action (mlp keep k, bits b); rows sharing an action run together:
                      row-skipping int4 kernel exists on CPU: pruning saves nothing at 4 bits here)
   activation mode    the 16-bit paths above, then the reference fake quantizer
 Every reduction of a row runs over that row alone in a fixed order (embedding_bag sums each bag on
-its own; the int8/int4 kernels reduce each row alike whatever the row count), so in weight mode a row's
-MLP output does not depend on its batch mates. Dense fp32 rows use F.linear, as the reference does.
-Other inputs (more rows, float64, mismatched dtypes, missing copies) run the reference.
+its own; the int8/int4 kernels reduce each row alike whatever the row count; cpu_linear by construction),
+so a row's MLP output does not depend on its batch mates (fp32 and, in weight mode, the low-bit paths).
+Prefill / teacher forcing (T > 1) runs the reference one batch row at a time. Other inputs (float64,
+mismatched dtypes, missing copies) run the reference.
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from runtime.ops import library, mlp_weights, quant_primitives, reference, step_hints
+from runtime.ops import cpu_linear, library, mlp_weights, quant_primitives, reference, step_hints
 
 MAX_ROWS = 16
 DTYPES = (torch.float32, torch.bfloat16)
@@ -81,7 +82,7 @@ def _input_projection(x: Tensor, keeps: list[float], bits: int, row_skip: bool, 
     bias = reference._input_bias(b_in, w_in, kind)
     if bits >= 16:
         if not row_skip:
-            return reference._input_projection(_pruned(x, keeps), w_in, b_in, kind)
+            return _dense_input_projection(_pruned(x, keeps), w_in, b_in, kind)
         flat, offsets, weights = _bags(x, keeps)
         return _add(F.embedding_bag(flat, c["wt"], offsets, mode="sum", per_sample_weights=weights), bias)
     if bits == 8 and row_skip:
@@ -95,9 +96,21 @@ def _input_projection(x: Tensor, keeps: list[float], bits: int, row_skip: bool, 
     return _add(torch._weight_int4pack_mm_for_cpu(xb, c["in4_cpu"], group_size, c["in4_sz"]).float(), bias)
 
 
+def _dense_input_projection(x: Tensor, w_in, b_in, kind) -> Tensor:
+    """reference._input_projection of rows x [m, d], each row on its own (cpu_linear)."""
+    if kind == "gated":
+        return torch.cat([cpu_linear.linear(x, w_in[0], b_in[0]), cpu_linear.linear(x, w_in[1], b_in[1])], dim=-1)
+    return cpu_linear.linear(x, w_in[0], b_in[0])
+
+
+def _dense_mlp(x: Tensor, w_in, b_in, w_out, b_out, kind, fn) -> Tensor:
+    """The dense MLP of rows x [m, d] (reference.mlp's dense), each row on its own."""
+    return cpu_linear.linear(reference._hidden(_dense_input_projection(x, w_in, b_in, kind), kind, fn), w_out, b_out)
+
+
 def _down(h: Tensor, bits: int, w_out, b_out, c, group_size) -> Tensor:
     if bits >= 16:
-        return F.linear(h, w_out, b_out)
+        return cpu_linear.linear(h, w_out, b_out)
     hb = h.to(torch.bfloat16)
     if bits == 8:
         y = torch._weight_int8pack_mm(hb, c["out8"], c["out8_scale"])
@@ -123,7 +136,7 @@ def _needs(bits: int, row_skip: bool) -> tuple[str, ...]:
 def applies(x: Tensor, w_in, b_in, w_out, b_out, quant: str) -> bool:
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
     tensors = [*w_in, *[b for b in b_in if b is not None], w_out, *([b_out] if b_out is not None else [])]
-    return 1 <= rows <= MAX_ROWS and x.dtype in DTYPES and all(t.dtype == x.dtype for t in tensors)
+    return rows >= 1 and x.dtype in DTYPES and all(t.dtype == x.dtype for t in tensors)
 
 
 def _row_actions(keep: Tensor, bits: Tensor, lead) -> list[tuple[float, int]]:
@@ -139,12 +152,43 @@ def _row_actions(keep: Tensor, bits: Tensor, lead) -> list[tuple[float, int]]:
 
 
 def mlp_cpu(x, keep, bits, w_in, b_in, w_out, b_out, kind, act, quant, packs, group_size):
-    if not library.cpu_fast_paths() or not applies(x, w_in, b_in, w_out, b_out, quant):
+    if not library.cpu_fast_paths():
         return library.mlp._init_fn(x, keep, bits, w_in, b_in, w_out, b_out, kind, act, quant, packs, group_size)
+    lead = x.shape[:-1]
+    if len(lead) >= 2 and lead[-1] > 1:
+        # T > 1 (prefill, teacher forcing): the reference, one batch row at a time, so that a row's
+        # result is the same whatever its batch mates (the reference's GEMM over all rows sums in a
+        # shape-dependent order). The fast paths are for decode steps.
+        if x.numel() // (lead[-1] * x.shape[-1]) == 1:
+            return library.mlp._init_fn(x, keep, bits, w_in, b_in, w_out, b_out, kind, act, quant, packs, group_size)
+        keep, bits = torch.broadcast_to(keep, lead), torch.broadcast_to(bits, lead)
+        xs = x.reshape(-1, *x.shape[-2:])
+        keeps, bitss = keep.reshape(-1, lead[-1]), bits.reshape(-1, lead[-1])
+        rows = [library.mlp._init_fn(xs[i:i + 1], keeps[i:i + 1], bitss[i:i + 1], w_in, b_in, w_out, b_out, kind, act,
+                                     quant, packs, group_size) for i in range(xs.shape[0])]
+        return torch.cat(rows).reshape(*lead, -1)
+    if not applies(x, w_in, b_in, w_out, b_out, quant):
+        return library.mlp._init_fn(x, keep, bits, w_in, b_in, w_out, b_out, kind, act, quant, packs, group_size)
+    rows = x.reshape(-1, x.shape[-1])
+    if rows.shape[0] > MAX_ROWS and (len(lead) < 2 or lead[-1] == 1):
+        # A decode step over more rows than one call takes: every path below computes a row alone, so
+        # calls of MAX_ROWS rows give each row what one call would.
+        keep, bits = torch.broadcast_to(keep, lead).reshape(-1, 1), torch.broadcast_to(bits, lead).reshape(-1, 1)
+        parts = [_mlp_rows(rows[i:i + MAX_ROWS, None], keep[i:i + MAX_ROWS], bits[i:i + MAX_ROWS], w_in, b_in, w_out,
+                           b_out, kind, act, quant, packs, group_size) for i in range(0, rows.shape[0], MAX_ROWS)]
+        return torch.cat(parts).reshape(*lead, -1)
+    if rows.shape[0] > MAX_ROWS:
+        return library.mlp._init_fn(x, keep, bits, w_in, b_in, w_out, b_out, kind, act, quant, packs, group_size)
+    return _mlp_rows(x, keep, bits, w_in, b_in, w_out, b_out, kind, act, quant, packs, group_size)
+
+
+def _mlp_rows(x, keep, bits, w_in, b_in, w_out, b_out, kind, act, quant, packs, group_size):
+    """The fast paths for x [..., d] of at most MAX_ROWS rows."""
     lead, d = x.shape[:-1], x.shape[-1]
     actions = _row_actions(keep, bits, lead)
+    fn = reference._activation(act)
     if all(k >= 1 and b >= 16 for k, b in actions):  # dense: no machinery at all
-        return reference.mlp(x, None, None, w_in, b_in, w_out, b_out, kind, act).contiguous()
+        return _dense_mlp(x.reshape(-1, d), w_in, b_in, w_out, b_out, kind, fn).reshape(*lead, -1)
     c = mlp_weights.unpack(packs)
     weight_mode = quant == "weight"
     # In activation mode every row computes at 16 bits; its bits only pick the output quantizer.
@@ -152,7 +196,6 @@ def mlp_cpu(x, keep, bits, w_in, b_in, w_out, b_out, kind, act, quant, packs, gr
     if any(c[name] is None for kern in set(row_kernels) for name in _needs(*kern)):
         return library.mlp._init_fn(x, keep, bits, w_in, b_in, w_out, b_out, kind, act, quant, packs, group_size)
     rows = x.reshape(-1, d)
-    fn = reference._activation(act)
     groups: dict[tuple[int, bool], list[int]] = {}
     for i, kern in enumerate(row_kernels):
         groups.setdefault(kern, []).append(i)
@@ -160,8 +203,8 @@ def mlp_cpu(x, keep, bits, w_in, b_in, w_out, b_out, kind, act, quant, packs, gr
     for (b, row_skip), members in groups.items():
         xs = rows if len(groups) == 1 else rows[members]
         keeps = [actions[i][0] for i in members]
-        if b >= 16 and not row_skip and all(k >= 1 for k in keeps):  # the dense MLP: the reference's ops
-            y = reference.mlp(xs, None, None, w_in, b_in, w_out, b_out, kind, act)
+        if b >= 16 and not row_skip and all(k >= 1 for k in keeps):  # the dense MLP
+            y = _dense_mlp(xs, w_in, b_in, w_out, b_out, kind, fn)
         else:
             pre = _input_projection(xs.float() if b < 16 else xs, keeps, b, row_skip, w_in, b_in, kind, c, group_size)
             y = _down(reference._hidden(pre, kind, fn), b, w_out, b_out, c, group_size).to(x.dtype)

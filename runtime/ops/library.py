@@ -164,5 +164,18 @@ def _(x, keep, bits, w_in, b_in, w_out, b_out, kind, act, quant, packs, group_si
     return x.new_empty((*x.shape[:-1], w_out.shape[0]))
 
 
+@torch.library.custom_op("solc::linear", mutates_args=())
+def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """F.linear whose rows do not depend on their batch mates on CPU (runtime.ops.cpu_linear); the
+    graph's linears outside the MLP sites (attention projections, LM head) run through it."""
+    return F.linear(x, weight, bias)
+
+
+@linear.register_fake
+def _(x, weight, bias):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
 import runtime.ops.cpu_mlp  # noqa: E402,F401  the CPU fast paths of solc::mlp
+import runtime.ops.cpu_linear  # noqa: E402,F401  the batch-invariant CPU solc::linear
 import runtime.kernels.register  # noqa: E402,F401  CUDA implementations (Triton kernels)

@@ -5,13 +5,14 @@ import solc
 from passes.action_levels import ActionLevelsPass
 from passes.attention_to_solc import AttentionToSolcPass
 from passes.base import GraphPass
+from passes.linear_to_solc import LinearToSolcPass
 from passes.mlp_to_solc import MLPToSolcPass
 from solc.compile import PIPELINE
 
 
 def test_pass_uuids_are_stable_and_distinct():
     uuids = [p.uuid() for p in PIPELINE]
-    assert uuids == [p.uuid() for p in (ActionLevelsPass, AttentionToSolcPass, MLPToSolcPass)]
+    assert uuids == [p.uuid() for p in (ActionLevelsPass, AttentionToSolcPass, MLPToSolcPass, LinearToSolcPass)]
     assert len(set(uuids)) == len(uuids)
     assert all(len(u) == 16 and int(u, 16) >= 0 for u in uuids)
 
@@ -53,3 +54,15 @@ def test_actions_are_a_graph_input():
     assert names[3:7] == ["k_cache_0", "v_cache_0", "page_min_0", "page_max_0"]
     assert len(names) == 3 + 4 * 2
     assert sol.graph.solc_action_levels.dtype == torch.float64
+
+
+def test_every_linear_outside_the_mlp_sites_becomes_solc_linear():
+    """The attention projections and the LM head run solc::linear (batch invariant on CPU); no aten.linear
+    is left for a decode step to run as a batch-dependent GEMM."""
+    model = solc.load_model("tiny-llama", dtype=torch.float32)
+    sol = solc.compile(model, max_seq_len=32)
+    targets = [n.target for n in sol.graph.graph.nodes if n.op == "call_function"]
+    assert torch.ops.aten.linear.default not in targets
+    n_layers = model.config.num_hidden_layers
+    assert targets.count(torch.ops.solc.linear.default) == 4 * n_layers + 1  # q, k, v, o per layer + LM head
+    assert targets.count(torch.ops.solc.mlp.default) == n_layers

@@ -12,18 +12,10 @@ from runtime.generate import score
 
 PROMPT, STEPS, BATCH = 6, 8, 4
 
-# The real model's linears (q/k/v/o projections and the LM head, aten.linear in the graph) run a GEMV
-# for one decode row and a GEMM for several: on this CPU (MKL, torch 2.13) a row's outputs then differ in
-# the last bits between batch 1 and batch 4 (rows outside full 4-row panels take another kernel), and
-# the discrete choices downstream (MLP channel top-k, fake-quant rounding, page top-k) amplify that to
-# nats: measured up to 5.1 nats/token (attn 0.1, mlp 0.4, 5 bit). With row-wise linears the same run is
-# bit-exact under every action. The fix is a graph change (a batch-invariant linear at decode, e.g.
-# embedding_bag over W^T rows: same speed at batch 1, 2.3x the GEMM at batch 16); see issue 11's report.
-_REAL_MODEL_LINEARS = pytest.mark.xfail(
-    strict=True,
-    reason="decode-step aten.linear is not batch invariant on CPU (GEMV at batch 1 vs GEMM at batch 4); "
-           "discrete actions amplify the last-bit difference",
-)
+# Every matmul of a decode step sums a row in an order that does not depend on the batch: the graph's
+# linears are solc::linear (runtime.ops.cpu_linear) and the MLP fast paths compute each row alone. Before
+# that, MKL's GEMV (batch 1) and GEMM (batch 4) differed in the last bits and the discrete choices
+# downstream (MLP top-k, quantizer roundings, page top-k) amplified it to 5.1 nats/token on SmolLM2.
 
 
 @pytest.fixture(autouse=True)
@@ -51,14 +43,13 @@ def _decode_log_probs(sol, ids: torch.Tensor, action: int) -> torch.Tensor:
     return torch.stack(out, 1)
 
 
-# Weight mode rounds the MLP input to bf16 before the int8/int4 product: the same last-bit difference
-# from the linears flips a bf16 rounding there too (tiny-llama, attn 0.1 / mlp 0.8 / 4 bit: 2e-5).
 @pytest.fixture(scope="module", params=[
     ("tiny-llama", "activation"),
     ("tiny-llama-mha", "activation"),
-    pytest.param(("tiny-llama", "weight"), marks=pytest.mark.xfail(strict=False, reason=_REAL_MODEL_LINEARS.kwargs["reason"])),
+    ("tiny-llama", "weight"),
     ("tiny-llama-mha", "weight"),
-    pytest.param(("smollm2-135m", "activation"), marks=[pytest.mark.slow, _REAL_MODEL_LINEARS]),
+    pytest.param(("smollm2-135m", "activation"), marks=pytest.mark.slow),
+    pytest.param(("smollm2-135m", "weight"), marks=pytest.mark.slow),
 ], ids=lambda p: "-".join(p))
 def compiled(request):
     name, quant = request.param

@@ -62,9 +62,6 @@ def _teacher_forced_vs_decode(sol, vocab, dtype, prefill=4, seq=20, batch=3):
     return forced, torch.cat(steps, dim=1)
 
 
-@pytest.mark.xfail(strict=False, reason="CPU fast paths (SOLC_CPU_FAST) sum decode steps in another order than the "
-                   "teacher-forced reference; MLP top-k/quant roundings amplify it past 1e-4 in fp32 on some archs "
-                   "(tiny-llama 8.6e-4). Open in issue 11/12: invariant 3 must hold exactly on tiny fp32 models.")
 def test_teacher_forced_equals_cached_decode_mixed_actions(compiled):
     """DESIGN invariant 3 at the model level: same tokens, same per-row/per-step actions.
 

@@ -1,4 +1,4 @@
-"""The CPU fast paths of solc::mlp == reference.mlp (invariant 2), and batch invariance in weight mode."""
+"""The CPU fast paths of solc::mlp == reference.mlp (invariant 2), and batch invariance in both modes."""
 import itertools
 
 import pytest
@@ -86,8 +86,8 @@ def test_uniform_actions_with_and_without_hints_match_the_reference(quant, keep_
         _close_fake_quantized(plain, want, torch.float32, bits.reshape(rows))
     else:
         _close(plain, want, torch.float32, quant, bits)
-    if keep_level == 1.0 and bits_level == 16:
-        assert torch.equal(plain, want)  # the dense action is the reference's own F.linear chain
+    alone = call(OP, x[:1], keep[:1], bits[:1], site, quant)
+    assert torch.equal(plain[:1], alone)  # DESIGN invariant 6: bit for bit, whatever the batch
 
 
 def test_kept_channels_follow_the_reference_tie_rule():
@@ -98,36 +98,52 @@ def test_kept_channels_follow_the_reference_tie_rule():
     assert got == [1, 2, 4] == pruned[0].nonzero().squeeze(1).tolist()
 
 
-def test_rows_beyond_16_and_float64_run_the_reference():
+def test_float64_runs_the_reference_and_decode_rows_beyond_16_run_in_calls_of_16():
     site = make_site("gated", dtype=torch.float64)
     x = torch.randn(3, D, dtype=torch.float64)
     keep, bits = _levels(3, "weight", seed=1)
     assert not cpu_mlp.applies(x, site["w_in"], site["b_in"], site["w_out"], site["b_out"], "weight")
     assert torch.equal(call(OP, x, keep, bits, site, "weight"), call(reference.mlp, x, keep, bits, site, "weight"))
     site32 = make_site("gated")
-    x = torch.randn(17, D)
-    keep, bits = _levels(17, "weight", seed=2)
-    assert torch.equal(call(OP, x, keep, bits, site32, "weight"), call(reference.mlp, x, keep, bits, site32, "weight"))
+    for quant in ("weight", "activation"):
+        x = torch.randn(37, 1, D)
+        keep, bits = _levels(37, quant, seed=2)
+        keep, bits = keep[:, None], bits[:, None]
+        got = call(OP, x, keep, bits, site32, quant)
+        one_by_one = torch.cat([call(OP, x[i:i + 1], keep[i:i + 1], bits[i:i + 1], site32, quant) for i in range(37)])
+        assert torch.equal(got, one_by_one)  # each row as if alone
+        want = call(reference.mlp, x, keep, bits, site32, quant)
+        if quant == "activation":
+            _close_fake_quantized(got[:, 0], want[:, 0], torch.float32, bits[:, 0])
+        else:
+            _close(got[:, 0], want[:, 0], torch.float32, quant, bits[:, 0])
 
 
-@pytest.mark.parametrize("keep_level,bits_level", list(itertools.product(KEEPS, BITS["weight"])))
-def test_weight_mode_row_is_independent_of_its_batch(keep_level, bits_level):
-    """The same row alone and inside a batch of 4 (mates at other actions) gives the same output: bit for bit
-    on the low-bit paths; at 16 bits the down projection is fp32 F.linear, whose per-row reduction order
-    depends on the row count (MKL: 1 / 2-3 / >= 4 rows), so there the rows agree to fp32 noise."""
+def test_prefill_runs_the_reference_one_batch_row_at_a_time():
+    site = make_site("gated", seed=4)
+    x = torch.randn(3, 5, D)
+    keep, bits = _levels(15, "weight", seed=3)
+    keep, bits = keep.reshape(3, 5), bits.reshape(3, 5)
+    got = call(OP, x, keep, bits, site, "weight")
+    for i in range(3):
+        assert torch.equal(got[i:i + 1], call(reference.mlp, x[i:i + 1], keep[i:i + 1], bits[i:i + 1], site, "weight"))
+
+
+@pytest.mark.parametrize("quant", ["weight", "activation"])
+@pytest.mark.parametrize("action", range(9))
+def test_a_row_is_independent_of_its_batch(quant, action):
+    """The same row alone, inside a batch of 4 with mates at other actions, and inside a batch at its own
+    action gives the same output bit for bit (DESIGN invariant 6), at every level of both modes."""
+    keep_level, bits_level = list(itertools.product(KEEPS, BITS[quant]))[action]
     site = make_site("gated", seed=5)
     g = torch.Generator().manual_seed(7)
     x = torch.randn(4, D, generator=g)
     keep = torch.tensor([keep_level, 0.4, 1.0, 0.8], dtype=torch.float64)
-    bits = torch.tensor([float(bits_level), 8.0, 4.0, 16.0], dtype=torch.float64)
-    batch = call(OP, x, keep, bits, site, "weight")
-    alone = call(OP, x[:1], keep[:1], bits[:1], site, "weight")
-    same_action = call(OP, x, keep[:1].expand(4), bits[:1].expand(4), site, "weight")
-    if bits_level == 16:
-        torch.testing.assert_close(batch[0], alone[0], rtol=1e-5, atol=1e-5)  # DESIGN invariant 6 (fp32)
-        torch.testing.assert_close(same_action[0], alone[0], rtol=1e-5, atol=1e-5)
-    else:
-        assert torch.equal(batch[0], alone[0]) and torch.equal(same_action[0], alone[0])
+    bits = torch.tensor([float(bits_level), *(float(b) for b in BITS[quant])], dtype=torch.float64)
+    batch = call(OP, x, keep, bits, site, quant)
+    alone = call(OP, x[:1], keep[:1], bits[:1], site, quant)
+    same_action = call(OP, x, keep[:1].expand(4), bits[:1].expand(4), site, quant)
+    assert torch.equal(batch[0], alone[0]) and torch.equal(same_action[0], alone[0])
 
 
 def test_int8_row_skip_selects_channels_before_rounding_to_bf16():

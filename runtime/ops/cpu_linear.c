@@ -1,0 +1,65 @@
+/* Batch-invariant fp32 linear: y[r, n] = sum_k x[r, k] * w[n, k] (+ bias[n]).
+
+Every output element is summed in one fixed order whatever the row count, the row's place in the batch,
+the thread count's split of the outputs or the register tile it lands in: 16 lane sums over k in steps of
+16 (lane l takes k = l, l + 16, ...), a scalar tail over the last K mod 16 terms, then a fixed pairwise
+tree over the lanes. Built with -ffp-contract=off so no code path fuses a multiply-add that another path
+does not: a row's result is a function of that row alone. */
+#include <stddef.h>
+
+#define LANES 16
+#define ROW_TILE 4
+#define COL_TILE 4
+#define COL_BLOCK 32
+
+static inline float finish(const float *acc, float tail) {
+    float s8[8], s4[4];
+    for (int i = 0; i < 8; ++i) s8[i] = acc[i] + acc[i + 8];
+    for (int i = 0; i < 4; ++i) s4[i] = s8[i] + s8[i + 4];
+    return ((s4[0] + s4[2]) + (s4[1] + s4[3])) + tail;
+}
+
+/* out[r * ldo + c] for rows r < rows of x and weight rows c < cols of w. The full 4 x 4 tile and the
+edge tiles run the same per-element sequence (acc[l] += x * w over k, then finish), so where an
+element lands does not change its value. */
+static inline void tile(const float *x, long ldx, int rows, const float *w, long K, int cols, long K16,
+                        float *out, long ldo) {
+    float acc[ROW_TILE][COL_TILE][LANES] = {{{0}}};
+    if (rows == ROW_TILE && cols == COL_TILE) {
+        for (long k = 0; k < K16; k += LANES)
+            for (int r = 0; r < ROW_TILE; ++r)
+                for (int c = 0; c < COL_TILE; ++c)
+                    for (int l = 0; l < LANES; ++l) acc[r][c][l] += x[r * ldx + k + l] * w[c * K + k + l];
+    } else {
+        for (int r = 0; r < rows; ++r)
+            for (int c = 0; c < cols; ++c)
+                for (long k = 0; k < K16; k += LANES)
+                    for (int l = 0; l < LANES; ++l) acc[r][c][l] += x[r * ldx + k + l] * w[c * K + k + l];
+    }
+    for (int r = 0; r < rows; ++r)
+        for (int c = 0; c < cols; ++c) {
+            float tail = 0;
+            for (long k = K16; k < K; ++k) tail += x[r * ldx + k] * w[c * K + k];
+            out[r * ldo + c] = finish(acc[r][c], tail);
+        }
+}
+
+void solc_linear_f32(const float *x, long ldx, const float *w, const float *bias, float *y,
+                     long M, long N, long K, int threads) {
+    long K16 = K - K % LANES;
+    long blocks = (N + COL_BLOCK - 1) / COL_BLOCK;
+#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
+    for (long blk = 0; blk < blocks; ++blk) {
+        long n0 = blk * COL_BLOCK, n1 = n0 + COL_BLOCK < N ? n0 + COL_BLOCK : N;
+        for (long r0 = 0; r0 < M; r0 += ROW_TILE) {
+            int rows = M - r0 < ROW_TILE ? (int)(M - r0) : ROW_TILE;
+            for (long c0 = n0; c0 < n1; c0 += COL_TILE) {
+                int cols = n1 - c0 < COL_TILE ? (int)(n1 - c0) : COL_TILE;
+                tile(x + r0 * ldx, ldx, rows, w + c0 * K, K, cols, K16, y + r0 * N + c0, N);
+            }
+        }
+    }
+    if (bias)
+        for (long r = 0; r < M; ++r)
+            for (long n = 0; n < N; ++n) y[r * N + n] += bias[n];
+}

@@ -1,0 +1,128 @@
+"""The CPU implementation of `solc::linear`: a linear layer whose rows do not depend on their batch mates.
+
+Why: MKL runs a one-row linear as a GEMV and several rows as a GEMM, and the two sum in different orders.
+The last-bit difference is harmless by itself, but the discrete choices downstream (MLP channel top-k,
+page top-k, quantizer roundings) amplify it: a row's log-probs moved by up to 5 nats/token between
+batch 1 and batch 4 (DESIGN invariant 6). So every row's result here is a function of that row alone:
+  T == 1 (a decode step, any batch)   `cpu_linear.c`: each output summed in one fixed order (16 lane sums,
+                                      a scalar tail, a fixed tree) whatever the row count, tile or thread
+                                      split; fp32 only. Built once per machine with the C compiler into
+                                      the solc cache; without a compiler, one F.linear per row (also exact,
+                                      B times the weight reads).
+  T > 1 (prefill, teacher forcing)    one F.linear per batch row over its T positions: a row's call is
+                                      the same alone or in a batch, and stays a GEMM.
+Other dtypes (bf16, fp64) run F.linear on the whole batch: batch invariance is claimed for fp32 only.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import subprocess
+import sysconfig
+import threading
+import warnings
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+SOURCE = Path(__file__).with_name("cpu_linear.c")
+# -ffp-contract=off: no path may fuse a multiply-add that another path does not (see the source).
+CFLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-fPIC", "-shared")
+_lock = threading.Lock()
+_kernel = None  # the loaded C function, False once building failed
+
+
+def library_path() -> Path:
+    """Where this machine's build lives: keyed by the source, the flags and the compiler target."""
+    from solc.cache import cache_root
+
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(CFLAGS).encode()
+                         + (sysconfig.get_platform() + os.uname().machine).encode()).hexdigest()[:16]
+    return cache_root() / "kernels" / f"cpu_linear-{key}.so"
+
+
+def _build(target: Path) -> None:
+    from solc.cache import temp_sibling
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_sibling(target)
+    compiler = os.environ.get("CC", "cc")
+    try:
+        subprocess.run([compiler, *CFLAGS, str(SOURCE), "-o", str(tmp)], check=True, capture_output=True, text=True)
+        os.replace(tmp, target)  # atomic: a concurrent process loads either nothing or a whole library
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def kernel():
+    """The C kernel (built on first use), or None where it cannot be built (a warning says why)."""
+    global _kernel
+    if _kernel is None:
+        with _lock:
+            if _kernel is None:
+                try:
+                    path = library_path()
+                    if not path.exists():
+                        _build(path)
+                    fn = ctypes.CDLL(str(path)).solc_linear_f32
+                    fn.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                                   ctypes.c_long, ctypes.c_long, ctypes.c_long, ctypes.c_int]
+                    fn.restype = None
+                    _kernel = fn
+                except (OSError, subprocess.CalledProcessError) as e:
+                    detail = e.stderr.strip()[-300:] if isinstance(e, subprocess.CalledProcessError) else str(e)
+                    warnings.warn(f"solc: could not build the batch-invariant CPU linear ({detail}); decode steps "
+                                  "run one F.linear per row instead (exact, slower at batch > 1)", RuntimeWarning)
+                    _kernel = False
+    return _kernel or None
+
+
+def rows_linear(x: Tensor, w: Tensor, b: Optional[Tensor]) -> Tensor:
+    """x [M, K] @ w[N, K]^T (+ b) with each row summed in the kernel's fixed order (fp32, contiguous w)."""
+    fn = kernel()
+    if fn is None:
+        return torch.cat([F.linear(x[i:i + 1], w, b) for i in range(x.shape[0])])
+    x = x.contiguous()
+    y = torch.empty(x.shape[0], w.shape[0], dtype=x.dtype, device=x.device)
+    fn(x.data_ptr(), x.shape[1], w.data_ptr(), b.data_ptr() if b is not None else None, y.data_ptr(),
+       x.shape[0], w.shape[0], x.shape[1], torch.get_num_threads())
+    return y
+
+
+def supports(x: Tensor, w: Tensor, b: Optional[Tensor]) -> bool:
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and w.dtype == torch.float32 and w.is_contiguous()
+            and (b is None or (b.dtype == torch.float32 and b.is_contiguous())) and x.shape[-1] == w.shape[1])
+
+
+def linear(x: Tensor, w: Tensor, b: Optional[Tensor] = None) -> Tensor:
+    """F.linear(x, w, b), each batch row computed on its own (see the module doc). x [..., T, K]: the
+    leading dims are batch rows, T their positions; x [M, K]: M independent rows (a decode step's)."""
+    if not supports(x, w, b) or x.numel() == 0:
+        return F.linear(x, w, b)
+    if x.dim() >= 3 and x.shape[-2] > 1:  # T > 1: one GEMM per batch row
+        rows = x.reshape(-1, *x.shape[-2:])
+        if rows.shape[0] == 1:
+            return F.linear(x, w, b)
+        return torch.stack([F.linear(r, w, b) for r in rows]).reshape(*x.shape[:-1], w.shape[0])
+    return rows_linear(x.reshape(-1, x.shape[-1]), w, b).reshape(*x.shape[:-1], w.shape[0])
+
+
+def linear_cpu(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    from runtime.ops import library
+
+    if not library.cpu_fast_paths():
+        return F.linear(x, weight, bias)
+    return linear(x, weight, bias)
+
+
+def _register() -> None:
+    from runtime.ops import library
+
+    library.linear.register_kernel("cpu")(linear_cpu)
+
+
+_register()

@@ -1,0 +1,104 @@
+"""runtime.ops.cpu_linear (the CPU kernel of solc::linear): equal to F.linear up to summation order, and a
+row's bits do not depend on its batch mates, the row count, its tile or the thread count's split."""
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from runtime.ops import cpu_linear
+
+# (N, K): a K with a scalar tail (K mod 16 != 0), N not a multiple of the 4-column tile or 32-column block.
+SHAPES = [(64, 64), (37, 100), (130, 17), (5, 3)]
+
+
+@pytest.fixture(autouse=True)
+def _cpu_fast_paths_on(monkeypatch):
+    monkeypatch.setenv("SOLC_CPU_FAST", "1")
+
+
+def _data(n, k, rows, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(rows, k, generator=g), torch.randn(n, k, generator=g) * 0.1, torch.randn(n, generator=g)
+
+
+@pytest.mark.parametrize("n,k", SHAPES)
+@pytest.mark.parametrize("bias", [False, True])
+def test_rows_equal_f_linear_up_to_summation_order(n, k, bias):
+    x, w, b = _data(n, k, 9)
+    b = b if bias else None
+    torch.testing.assert_close(cpu_linear.rows_linear(x, w, b), F.linear(x, w, b), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("n,k", SHAPES)
+def test_a_row_has_the_same_bits_alone_and_in_any_batch(threads, n, k):
+    x, w, b = _data(n, k, 37, seed=1)
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        alone = torch.cat([cpu_linear.rows_linear(x[i:i + 1], w, b) for i in range(x.shape[0])])
+        for rows in (2, 3, 4, 5, 16, 37):  # full and partial 4-row tiles
+            assert torch.equal(cpu_linear.rows_linear(x[:rows], w, b), alone[:rows]), rows
+        # a row's place in the batch does not matter either
+        perm = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(2))
+        assert torch.equal(cpu_linear.rows_linear(x[perm], w, b), alone[perm])
+    finally:
+        torch.set_num_threads(old)
+
+
+def test_prefill_rows_run_one_gemm_per_batch_row():
+    """x [B, T, K] with T > 1: row b's result is its own F.linear over its T positions, alone or in a batch."""
+    x, w, b = _data(48, 40, 4 * 7, seed=3)
+    x = x.reshape(4, 7, 40)
+    batch = cpu_linear.linear(x, w, b)
+    for i in range(4):
+        assert torch.equal(batch[i], F.linear(x[i], w, b))
+        assert torch.equal(cpu_linear.linear(x[i:i + 1], w, b)[0], batch[i])
+
+
+def test_decode_step_shape_runs_the_kernel():
+    x, w, b = _data(48, 40, 6, seed=4)
+    got = cpu_linear.linear(x[:, None, :], w, b)  # [B, 1, K]: a decode step
+    assert got.shape == (6, 1, 48)
+    assert torch.equal(got[:, 0], cpu_linear.rows_linear(x, w, b))
+
+
+def test_other_dtypes_and_layouts_run_f_linear():
+    x, w, b = _data(16, 32, 3, seed=5)
+    assert not cpu_linear.supports(x.double(), w.double(), b.double())
+    assert not cpu_linear.supports(x, w.t().contiguous().t(), b)  # a non-contiguous weight
+    assert torch.equal(cpu_linear.linear(x.double(), w.double(), b.double()), F.linear(x.double(), w.double(), b.double()))
+
+
+def test_op_runs_the_kernel_and_the_reference_when_fast_paths_are_off(monkeypatch):
+    x, w, b = _data(24, 32, 5, seed=6)
+    x = x[:, None, :]
+    assert torch.equal(torch.ops.solc.linear(x, w, b), cpu_linear.linear(x, w, b))
+    monkeypatch.setenv("SOLC_CPU_FAST", "0")
+    assert torch.equal(torch.ops.solc.linear(x, w, b), F.linear(x, w, b))
+
+
+def test_without_a_compiler_rows_fall_back_to_one_f_linear_each(monkeypatch, tmp_path):
+    """A machine where the kernel cannot be built warns once, names the failure, and stays exact and batch
+    invariant (one GEMV per row)."""
+    monkeypatch.setenv("SOLC_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setattr(cpu_linear, "_kernel", None)
+    x, w, b = _data(24, 32, 5, seed=7)
+    with pytest.warns(RuntimeWarning, match="could not build the batch-invariant CPU linear"):
+        got = cpu_linear.rows_linear(x, w, b)
+    assert torch.equal(got, torch.cat([F.linear(x[i:i + 1], w, b) for i in range(5)]))
+    assert not list(tmp_path.glob("kernels/*.so"))  # nothing half-built left behind
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the failure is remembered: no second build, no second warning
+        cpu_linear.rows_linear(x, w, b)
+    monkeypatch.setattr(cpu_linear, "_kernel", None)  # the next test loads the real build again
+
+
+def test_the_build_is_cached_per_source_and_flags(monkeypatch, tmp_path):
+    monkeypatch.setenv("SOLC_CACHE", str(tmp_path))
+    path = cpu_linear.library_path()
+    assert path.parent == tmp_path / "kernels" and path.name.startswith("cpu_linear-")
+    monkeypatch.setattr(cpu_linear, "CFLAGS", cpu_linear.CFLAGS + ("-DSOLC_TEST",))
+    assert cpu_linear.library_path() != path
