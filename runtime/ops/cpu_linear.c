@@ -1,10 +1,12 @@
 /* Batch-invariant fp32 linear: y[r, n] = sum_k x[r, k] * w[n, k] (+ bias[n]).
 
 Every output element is summed in one fixed order whatever the row count, the row's place in the batch,
-the thread count's split of the outputs or the register tile it lands in: 16 lane sums over k in steps of
-16 (lane l takes k = l, l + 16, ...), a scalar tail over the last K mod 16 terms, then a fixed pairwise
-tree over the lanes. Built with -ffp-contract=off so no code path fuses a multiply-add that another path
-does not: a row's result is a function of that row alone. */
+the thread count's split of the outputs or the tile it lands in: 16 lane sums over k in steps of 16
+(lane l takes k = l, l + 16, ...; each step one fused multiply-add, written out as fmaf), a scalar fmaf
+tail over the last K mod 16 terms, then a fixed pairwise tree over the lanes. Built with
+-ffp-contract=off so the compiler fuses nothing else: a row's result is a function of that row alone.
+The paths below (one row: 16 weight rows at a time, which streams the weights as fast as MKL's GEMV;
+several rows: 4 x 4 register tiles) differ only in which elements they compute together. */
 #include <stddef.h>
 
 #define LANES 16
@@ -20,28 +22,55 @@ static inline float finish(const float *acc, float tail) {
 }
 
 /* out[r * ldo + c] for rows r < rows of x and weight rows c < cols of w. The full 4 x 4 tile and the
-edge tiles run the same per-element sequence (acc[l] += x * w over k, then finish), so where an
+edge tiles run the same per-element sequence (acc[l] = fmaf(x, w, acc[l]) over k, then finish), so where an
 element lands does not change its value. */
 static inline void tile(const float *x, long ldx, int rows, const float *w, long K, int cols, long K16,
                         float *out, long ldo) {
     float acc[ROW_TILE][COL_TILE][LANES] = {{{0}}};
-    if (rows == ROW_TILE && cols == COL_TILE) {
+    if (rows == 1 && cols == COL_TILE) {
+        for (long k = 0; k < K16; k += LANES)
+            for (int c = 0; c < COL_TILE; ++c)
+                for (int l = 0; l < LANES; ++l) acc[0][c][l] = __builtin_fmaf(x[k + l], w[c * K + k + l], acc[0][c][l]);
+    } else if (rows == ROW_TILE && cols == COL_TILE) {
         for (long k = 0; k < K16; k += LANES)
             for (int r = 0; r < ROW_TILE; ++r)
                 for (int c = 0; c < COL_TILE; ++c)
-                    for (int l = 0; l < LANES; ++l) acc[r][c][l] += x[r * ldx + k + l] * w[c * K + k + l];
+                    for (int l = 0; l < LANES; ++l) acc[r][c][l] = __builtin_fmaf(x[r * ldx + k + l], w[c * K + k + l], acc[r][c][l]);
     } else {
         for (int r = 0; r < rows; ++r)
             for (int c = 0; c < cols; ++c)
                 for (long k = 0; k < K16; k += LANES)
-                    for (int l = 0; l < LANES; ++l) acc[r][c][l] += x[r * ldx + k + l] * w[c * K + k + l];
+                    for (int l = 0; l < LANES; ++l) acc[r][c][l] = __builtin_fmaf(x[r * ldx + k + l], w[c * K + k + l], acc[r][c][l]);
     }
     for (int r = 0; r < rows; ++r)
         for (int c = 0; c < cols; ++c) {
             float tail = 0;
-            for (long k = K16; k < K; ++k) tail += x[r * ldx + k] * w[c * K + k];
+            for (long k = K16; k < K; ++k) tail = __builtin_fmaf(x[r * ldx + k], w[c * K + k], tail);
             out[r * ldo + c] = finish(acc[r][c], tail);
         }
+}
+
+/* y[n0:n1] for a single row x (a batch-1 decode step). */
+static void gemv_block(const float *x, const float *w, long K, long K16, long n0, long n1, float *y) {
+    long n = n0;
+    for (; n + 16 <= n1; n += 16) {
+        float acc[16][LANES] = {{0}};
+        for (long k = 0; k < K16; k += LANES)
+            for (int c = 0; c < 16; ++c)
+                for (int l = 0; l < LANES; ++l) acc[c][l] = __builtin_fmaf(x[k + l], w[(n + c) * K + k + l], acc[c][l]);
+        for (int c = 0; c < 16; ++c) {
+            float tail = 0;
+            for (long k = K16; k < K; ++k) tail = __builtin_fmaf(x[k], w[(n + c) * K + k], tail);
+            y[n + c] = finish(acc[c], tail);
+        }
+    }
+    for (; n < n1; ++n) {
+        float acc[LANES] = {0}, tail = 0;
+        for (long k = 0; k < K16; k += LANES)
+            for (int l = 0; l < LANES; ++l) acc[l] = __builtin_fmaf(x[k + l], w[n * K + k + l], acc[l]);
+        for (long k = K16; k < K; ++k) tail = __builtin_fmaf(x[k], w[n * K + k], tail);
+        y[n] = finish(acc, tail);
+    }
 }
 
 void solc_linear_f32(const float *x, long ldx, const float *w, const float *bias, float *y,
@@ -51,6 +80,7 @@ void solc_linear_f32(const float *x, long ldx, const float *w, const float *bias
 #pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
     for (long blk = 0; blk < blocks; ++blk) {
         long n0 = blk * COL_BLOCK, n1 = n0 + COL_BLOCK < N ? n0 + COL_BLOCK : N;
+        if (M == 1) { gemv_block(x, w, K, K16, n0, n1, y); continue; }
         for (long r0 = 0; r0 < M; r0 += ROW_TILE) {
             int rows = M - r0 < ROW_TILE ? (int)(M - r0) : ROW_TILE;
             for (long c0 = n0; c0 < n1; c0 += COL_TILE) {

@@ -4,7 +4,7 @@ Why: MKL runs a one-row linear as a GEMV and several rows as a GEMM, and the two
 The last-bit difference is harmless by itself, but the discrete choices downstream (MLP channel top-k,
 page top-k, quantizer roundings) amplify it: a row's log-probs moved by up to 5 nats/token between
 batch 1 and batch 4 (DESIGN invariant 6). So every row's result here is a function of that row alone:
-  T == 1 (a decode step, any batch)   `cpu_linear.c`: each output summed in one fixed order (16 lane sums,
+  T == 1 (a decode step, any batch)   `cpu_linear.c`: each output summed in one fixed order (16 lane fma sums,
                                       a scalar tail, a fixed tree) whatever the row count, tile or thread
                                       split; fp32 only. Built once per machine with the C compiler into
                                       the solc cache; without a compiler, one F.linear per row (also exact,
