@@ -24,6 +24,8 @@ realized cost, training/cost_eval.py):
                  mix costs exactly it.
   fixed / random `AtCost(Fixed() | Random(), costs)`: the paper's schedules at the equal per-axis target
                  whose Fixed schedule costs closest to the request (`equal_keep_costs`).
+  search         `search_at_cost`: the best of N random two-action schedules at the cost
+                 (`cost_schedules`), chosen on validation contexts, then run as a fixed schedule.
 
 `Composite` runs several sources side by side in one batch (row r is served by source r % G), so one
 shared-prefill rollout (training/episodes.py, group=G) scores every method and budget on the same
@@ -194,6 +196,41 @@ def random_search(sol, contexts: Tensor, targets: Sequence, n: int = 30, horizon
     cands = [random_schedules(sol.space, key, n, horizon, gen) for key in keys]
     scores = score_schedules(sol, contexts, torch.cat(cands), horizon, max_rows, on_progress).view(len(keys), n)
     return {key: SearchResult(key, cand, s, int(s.argmax())) for key, cand, s in zip(keys, cands, scores)}
+
+
+def cost_schedules(costs: Tensor, target: float, n: int, horizon: int,
+                   generator: torch.Generator | None = None) -> Tensor:
+    """[n, horizon] random schedules whose mean cost (under `costs` [A]) is `target` to within one step:
+    each mixes a random action at or below the target with a random one at or above it, as many steps
+    of each as hit the target, in a random order. Unlike the hull mix, any pair of actions can be drawn,
+    so a search over them can find pairs whose NLL is better than the hull's (NLL is not additive)."""
+    costs = torch.as_tensor(costs, dtype=torch.float64)
+    lo_cost, hi_cost = float(costs.min()), float(costs.max())
+    if not lo_cost - 1e-9 <= target <= hi_cost + 1e-9:
+        raise ValueError(f"target cost {target:.4f} outside the actions' range [{lo_cost:.4f}, {hi_cost:.4f}]")
+    below = torch.nonzero(costs <= target + 1e-12).flatten()
+    above = torch.nonzero(costs >= target - 1e-12).flatten()
+    out = torch.empty(n, horizon, dtype=torch.long)
+    for i in range(n):
+        lo = int(below[torch.randint(len(below), (1,), generator=generator)])
+        hi = int(above[torch.randint(len(above), (1,), generator=generator)])
+        span = float(costs[hi] - costs[lo])
+        k_hi = round(horizon * (target - float(costs[lo])) / span) if span > 0 else 0
+        row = torch.tensor([hi] * k_hi + [lo] * (horizon - k_hi))
+        out[i] = row[torch.randperm(horizon, generator=generator)]
+    return out
+
+
+def search_at_cost(sol, contexts: Tensor, costs: Tensor, targets: Sequence[float], n: int = 16, horizon: int = 16,
+                   seed: int = 0, max_rows: int = 160, on_progress: Callable[[int], None] | None = None) -> list[SearchResult]:
+    """Random search over schedules at a cost: per target, the best of `n` `cost_schedules` by mean
+    log-likelihood on `contexts` (the validation split). All candidates share each context's prefill."""
+    if n < 1:
+        raise ValueError(f"random search needs n >= 1 candidates, got {n}")
+    gen = torch.Generator().manual_seed(seed)
+    cands = [cost_schedules(costs, float(t), n, horizon, gen) for t in targets]
+    scores = score_schedules(sol, contexts, torch.cat(cands), horizon, max_rows, on_progress).view(len(cands), n)
+    return [SearchResult((float(t), 1.0, 1.0), c, s, int(s.argmax())) for t, c, s in zip(targets, cands, scores)]
 
 
 # -- baselines matched to realized budgets ---------------------------------------------------------

@@ -14,7 +14,11 @@ teacher-forced steps; the budget is one cost fraction priced by the policies' co
   3. Matched baselines, on the same contexts, each at the policy episode's realized cost:
        best static  HullMix: the two hull actions around that cost, interleaved;
        fixed        the paper's Fixed at the equal per-axis target of that cost (AtCost);
-       random       the same levels shuffled (AtCost(Random)), `--random-draws` draws averaged.
+       random       the same levels shuffled (AtCost(Random)), `--random-draws` draws averaged;
+       search       random search over schedules at a cost (`--search` candidates, 0 = off): per policy
+                    and budget, the best of N random two-action schedules at the policy's mean realized
+                    cost, chosen on the validation contexts, then run on the test contexts (one fixed
+                    schedule, so it is matched to the mean cost, not per episode).
      A paired per-context difference of NLL (baseline - policy; > 0 means the policy wins) with its
      standard error is reported per policy and budget; a win is a lead of >= 2 standard errors.
   4. Reference points (no budget): dense, the uniform int8 / int4 weight-only actions (static torchao
@@ -37,7 +41,8 @@ from runtime.actions import AXES, Action
 from runtime.costs import realized_budget
 from runtime.policy import PolicyNet, PolicySource
 from runtime.schedulers import Fixed, Random
-from training.baselines import AtCost, Composite, HullMix, Uniform, hull_mix, lower_hull, uniform_nll
+from runtime.schedulers import Schedule
+from training.baselines import AtCost, Composite, HullMix, Uniform, hull_mix, lower_hull, search_at_cost, uniform_nll
 from training.cli import command_line, write_json
 from training.episodes import rollout
 
@@ -69,7 +74,7 @@ def _paired(diff: torch.Tensor) -> dict:
 @torch.no_grad()
 def evaluate(sol, policies: list[PolicyNet], contexts: torch.Tensor, val_contexts: torch.Tensor,
              budgets: list[float], horizon: int, random_draws: int = 2, chunk: int = 8, seed: int = 0,
-             progress: bool = True) -> dict:
+             progress: bool = True, search: int = 0) -> dict:
     space = sol.space
     spec = policies[0].config.budget_spec
     if not spec.is_cost:
@@ -131,6 +136,25 @@ def evaluate(sol, policies: list[PolicyNet], contexts: torch.Tensor, val_context
         if progress:
             print(f"  {start + n}/{C} contexts ({time.perf_counter() - t0:.0f}s)", flush=True)
 
+    searched = None
+    if search > 0:
+        searched = search_at_cost(sol, val_contexts, costs, [float(pol_cost[:, g].mean()) for g in range(G)], search,
+                                  horizon, seed)
+        schedules = torch.stack([r.schedule for r in searched])  # [G, horizon]
+        search_nll = torch.empty(C, G, dtype=torch.float64)
+        search_cost = torch.empty(C, G, dtype=torch.float64)
+        search_keep = torch.empty(C, G, dtype=torch.float64)
+        for start in range(0, C, chunk):
+            ctx = contexts[start:start + chunk]
+            n = len(ctx)
+            ep = rollout(sol, ctx, Schedule(schedules.repeat(n, 1)), torch.ones(n * G, 3, dtype=torch.float64),
+                         group=G, horizon=horizon, budget_spec=spec)
+            search_nll[start:start + n] = -ep.mean_logp().double().cpu().view(n, G)
+            search_cost[start:start + n] = ep.budget[:, 0].cpu().view(n, G)
+            search_keep[start:start + n] = _net_keep(space, ep.actions, ep.controlled).view(n, G)
+        if progress:
+            print(f"  random search at cost: {search} candidates x {G} rows ({time.perf_counter() - t0:.0f}s)", flush=True)
+
     rows = []
     for pi in range(P):
         for bi, b in enumerate(budgets):
@@ -148,6 +172,12 @@ def evaluate(sol, policies: list[PolicyNet], contexts: torch.Tensor, val_context
                 row[f"{name}_cost"] = float(base_cost[:, g, cols].mean())
                 row[f"{name}_net_keep"] = float(base_keep[:, g, cols].mean())
                 row[f"{name}_minus_policy"] = _paired(nll - pol_nll[:, g])
+            if searched is not None:
+                row["search_nll"] = float(search_nll[:, g].mean())
+                row["search_cost"] = float(search_cost[:, g].mean())
+                row["search_net_keep"] = float(search_keep[:, g].mean())
+                row["search_minus_policy"] = _paired(search_nll[:, g] - pol_nll[:, g])
+                row["search_schedule"] = [str(space[a]) for a in searched[g].schedule.tolist()]
             lo, hi, w = hull_mix(hull, costs, row["policy_cost"])
             row["static_mix"] = f"{space[lo]} / {space[hi]} (w={w:.2f})"
             rows.append(row)
@@ -168,13 +198,13 @@ def wins(rows: list[dict], policy: int, baseline: str = "static", z: float = 2.0
 
 def table(result: dict) -> str:
     lines = ["| policy | budget | realized cost | |realized - budget| | policy NLL | static NLL (cost) | "
-             "static - policy (SE) | fixed - policy (SE) | random - policy (SE) | policy net keep |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "static - policy (SE) | fixed - policy (SE) | random - policy (SE) | search - policy (SE) | policy net keep |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in result["rows"]:
         d = lambda k: f"{r[k]['mean']:+.4f} ({r[k]['stderr']:.4f})" if k in r else "n/a"  # noqa: E731
         lines.append(f"| {r['policy']} | {r['budget']:.2f} | {r['policy_cost']:.3f} | {r['adherence']:.3f} | "
                      f"{r['policy_nll']:.4f} | {r['static_nll']:.4f} ({r['static_cost']:.3f}) | {d('static_minus_policy')} | "
-                     f"{d('fixed_minus_policy')} | {d('random_minus_policy')} | {r['policy_net_keep']:.3f} |")
+                     f"{d('fixed_minus_policy')} | {d('random_minus_policy')} | {d('search_minus_policy')} | {r['policy_net_keep']:.3f} |")
     lines += ["", "| reference (uniform) | action | cost | net keep | NLL |", "|---|---|---:|---:|---:|"]
     for ref in result["references"]:
         lines.append(f"| {ref['name']} | {ref['action']} | {ref['cost']:.3f} | {ref['net_keep']:.3f} | {ref['nll']:.4f} |")
@@ -197,6 +227,8 @@ def main(argv=None) -> int:
     p.add_argument("--context-length", type=int, default=256)
     p.add_argument("--horizon", type=int, default=16)
     p.add_argument("--random-draws", type=int, default=2)
+    p.add_argument("--search", type=int, default=16,
+                   help="random-search candidates per policy and budget, scored on the validation contexts (0: off)")
     p.add_argument("--chunk", type=int, default=8, help="contexts per rollout (memory: chunk x rows x cache)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
@@ -208,6 +240,8 @@ def main(argv=None) -> int:
         budgets = [float(x) for x in args.budgets.split(",")]
     except ValueError:
         p.error(f"--budgets {args.budgets!r}: comma-separated cost fractions, e.g. 0.5,0.6")
+    if args.search < 0:
+        p.error(f"--search {args.search}: the number of random-search candidates must be >= 0 (0: off)")
     policies = [PolicyNet.load(x.strip()) for x in args.policies.split(",")]
     space = policies[0].space
     cfg = GRPOConfig(model=args.model, corpus=args.corpus, context_length=args.context_length, actions=list(space.axes),
@@ -226,7 +260,8 @@ def main(argv=None) -> int:
         return pool[torch.randperm(len(pool), generator=torch.Generator().manual_seed(args.seed + salt))[:n]]
 
     contexts, val = pick("test", args.contexts, 0), pick("validation", args.val_contexts, 1)
-    result = evaluate(sol, policies, contexts, val, budgets, args.horizon, args.random_draws, args.chunk, args.seed)
+    result = evaluate(sol, policies, contexts, val, budgets, args.horizon, args.random_draws, args.chunk, args.seed,
+                      search=args.search)
     command = command_line("training.cost_eval", argv)
     print(table(result))
     for i in range(len(policies)):

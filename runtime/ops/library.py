@@ -20,10 +20,8 @@ from runtime.ops import cpu_attention, reference, step_hints
 
 
 def cpu_fast_paths() -> bool:
-    """Whether the CPU fast paths (cpu_attention, cpu_mlp) run; SOLC_CPU_FAST=0 runs the reference on CPU.
-    Known gap: with them on, a decode step sums in another order than the teacher-forced reference, and
-    the MLP top-k / quant roundings amplify that to 8.6e-4 on tiny-llama fp32 (invariant 3 wants exact;
-    tests/solc/test_compile.py mixed actions, xfail). With them off, rows are not batch invariant.
+    """Whether the CPU fast paths (cpu_attention, cpu_mlp, cpu_linear) run; SOLC_CPU_FAST=0 runs the
+    reference on CPU, whose rows are not batch invariant (MKL's GEMV vs GEMM; see cpu_linear).
     They read their data-dependent sizes (kept pages, top-k ties) on the host, free on a CPU; the sync
     budget of the decode protocol is checked with them off, as on CUDA the kernels replace them."""
     return os.environ.get("SOLC_CPU_FAST", "1") != "0"

@@ -50,3 +50,49 @@ def test_per_axis_policies_are_refused(weight_sol):
     ctx = torch.zeros(2, 28, dtype=torch.long)
     with pytest.raises(ValueError, match="per-axis budgets: use training.compare_baselines"):
         cost_eval.evaluate(weight_sol, [per_axis], ctx, ctx, [0.8], horizon=4, progress=False)
+
+
+def test_cost_schedules_hit_the_target_to_within_one_step():
+    from training.baselines import cost_schedules
+
+    costs = torch.tensor([0.3, 0.45, 0.5, 0.8, 1.0], dtype=torch.float64)
+    horizon = 12
+    for target in (0.3, 0.47, 0.62, 0.9, 1.0):
+        s = cost_schedules(costs, target, 20, horizon, torch.Generator().manual_seed(1))
+        assert s.shape == (20, horizon) and s.min() >= 0 and s.max() < len(costs)
+        mean = costs[s].mean(1)
+        # each row mixes at most two actions, one at or below and one at or above the target
+        for row, m in zip(s, mean):
+            used = sorted(set(row.tolist()), key=lambda a: float(costs[a]))
+            assert len(used) <= 2
+            if len(used) == 2:
+                assert costs[used[0]] <= target + 1e-12 and costs[used[1]] >= target - 1e-12
+                assert abs(float(m) - target) <= float(costs[used[1]] - costs[used[0]]) / (2 * horizon) + 1e-12
+            assert abs(float(m) - target) <= float(costs.max() - costs.min()) / (2 * horizon) + 1e-12
+        again = cost_schedules(costs, target, 20, horizon, torch.Generator().manual_seed(1))
+        assert torch.equal(s, again)
+    with pytest.raises(ValueError, match=r"target cost 0.2000 outside the actions' range \[0.3000, 1.0000\]"):
+        cost_schedules(costs, 0.2, 4, horizon)
+
+
+def test_random_search_row_runs_the_schedule_that_won_on_validation(weight_sol):
+    from training.baselines import score_schedules, search_at_cost
+
+    sol = weight_sol
+    g = torch.Generator().manual_seed(3)
+    contexts = torch.randint(0, 256, (4, 28), generator=g)
+    val = torch.randint(0, 256, (3, 28), generator=g)
+    policy = _policy(sol, 0)
+    res = cost_eval.evaluate(sol, [policy], contexts, val, [0.8], horizon=10, random_draws=0, chunk=4,
+                             progress=False, search=3, seed=5)
+    row = res["rows"][0]
+    costs = policy.config.budget_spec.table(sol.space)[:, 0]
+    # the same candidates, rescored here: the row's schedule is the validation winner ...
+    found = search_at_cost(sol, val, costs, [row["policy_cost"]], n=3, horizon=10, seed=5)[0]
+    assert row["search_schedule"] == [str(sol.space[a]) for a in found.schedule.tolist()]
+    assert found.best == int(score_schedules(sol, val, found.schedules, 10).argmax())
+    # ... and its NLL is that schedule's on the test contexts
+    test_nll = -float(score_schedules(sol, contexts, found.schedule[None], 10)[0])
+    assert row["search_nll"] == pytest.approx(test_nll, abs=1e-6)
+    assert row["search_minus_policy"]["mean"] == pytest.approx(row["search_nll"] - row["policy_nll"], abs=1e-9)
+    assert abs(row["search_cost"] - row["policy_cost"]) <= 0.1
