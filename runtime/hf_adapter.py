@@ -57,6 +57,15 @@ def max_positions(model: nn.Module) -> int:
     return int(getattr(model.config, "max_position_embeddings", None) or 4096)
 
 
+def extend_positions(model: nn.Module, positions: int) -> bool:
+    """Let `model` take `positions` positions (speed benchmarks past the trained length: rotary embeddings
+    are computed, not tabulated, so only the config's bound moves). Returns whether it was raised."""
+    if max_positions(model) >= positions:
+        return False
+    model.config.max_position_embeddings = int(positions)
+    return True
+
+
 def sliding_window(model: nn.Module) -> int | None:
     """The attention window if the model limits it (Mistral-style), else None."""
     cfg = model.config
