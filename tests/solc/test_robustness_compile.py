@@ -33,3 +33,15 @@ def test_sliding_window_advice_leads_to_a_working_compile():
 def test_window_shorter_than_the_smallest_context_is_unsupported():
     with pytest.raises(UnsupportedModelError, match=r"window of 8 tokens, shorter than the smallest max_seq_len solc compiles \(16\)"):
         solc.compile(_mistral(8))
+
+
+def test_extended_positions_let_a_speed_benchmark_compile_past_the_trained_length():
+    """benchmarks/decode.py --pretrained at 16k contexts: the model's bound moves, compile then accepts it."""
+    from runtime import hf_adapter
+
+    model = solc.load_model("tiny-llama")
+    assert not hf_adapter.extend_positions(model, 1000)  # within the bound: unchanged
+    assert hf_adapter.max_positions(model) == 1024
+    assert hf_adapter.extend_positions(model, 1100)
+    sol = solc.compile(model, max_seq_len=1100)
+    assert sol.max_seq_len == 1100
