@@ -623,7 +623,8 @@ def _cost_policy(cfg: EvalConfig):
 
 def _run_cost_cli(cfg: EvalConfig, command: str) -> int:
     """A cost-budget policy: each budget is a cost fraction, and the comparison is training.cost_eval's
-    (best static hull mix, Fixed and Random at each episode's realized cost, paired per context)."""
+    (best static hull mix, Fixed and Random at each episode's realized cost, paired per context; with
+    "random-search" among the methods, the best of --search-n schedules at the policy's mean cost)."""
     from training import cost_eval
 
     if cfg.mc_tasks:
@@ -636,8 +637,9 @@ def _run_cost_cli(cfg: EvalConfig, command: str) -> int:
     test = load_contexts(cfg, "test", cfg.test_contexts, vocab)
     val = load_contexts(cfg, "validation", max(cfg.val_contexts, 1), vocab)
     budgets = [target_key(b)[0] for b in cfg.budgets]
+    search = cfg.search_n if "random-search" in cfg.methods else 0  # random search at a cost, on validation
     result = cost_eval.evaluate(sol, [policy], test, val, budgets, cfg.horizon, random_draws=cfg.matched_draws,
-                                seed=cfg.seed, progress=cfg.progress)
+                                seed=cfg.seed, progress=cfg.progress, search=search)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     text = (f"# Cost-budget evaluation\n\n{command}\n\nBudgets are cost fractions ({cfg.policy} was trained for a "

@@ -97,12 +97,15 @@ def test_a_cost_budget_policy_is_compared_at_matched_cost(tiny_sol, tmp_path, ca
     out = tmp_path / "out"
     argv = ["--policy", str(path), "--model", "tiny-llama", "--corpus", "random", "--budgets", "0.8",
             "--context-length", "28", "--horizon", "6", "--test-contexts", "3", "--val-contexts", "2",
-            "--matched-draws", "1", "--mc-tasks", "", "--no-progress", "--out", str(out)]
+            "--matched-draws", "1", "--search-n", "2", "--mc-tasks", "", "--no-progress", "--out", str(out)]
     assert evaluate.main(argv) == 0
     res = json.loads((out / "results.json").read_text())["result"]
     (row,) = res["rows"]
     assert row["budget"] == 0.8 and row["policy"] == 0
     assert row["static_minus_policy"]["mean"] == pytest.approx(row["static_nll"] - row["policy_nll"], abs=1e-9)
+    # random-search (a default method) runs at a cost: a fixed schedule of the horizon's length
+    assert len(row["search_schedule"]) == 6
+    assert row["search_minus_policy"]["mean"] == pytest.approx(row["search_nll"] - row["policy_nll"], abs=1e-9)
     assert "Budgets are cost fractions" in (out / "report.md").read_text()
     assert evaluate.main(argv[:-1] + [str(tmp_path / "o2"), "--mc-tasks", "bigbench:x"]) == 2
     assert "--mc-tasks" in capsys.readouterr().err
