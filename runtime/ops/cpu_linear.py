@@ -18,6 +18,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
+import platform
 import subprocess
 import sysconfig
 import threading
@@ -36,12 +37,22 @@ _lock = threading.Lock()
 _kernel = None  # the loaded C function, False once building failed
 
 
+def _cpu_features() -> str:
+    """The CPU's instruction-set flags: -march=native code from one machine may not run on another (a
+    cache directory shared over NFS), so they are part of the build's key."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        return platform.processor()
+
+
 def library_path() -> Path:
-    """Where this machine's build lives: keyed by the source, the flags and the compiler target."""
+    """Where this machine's build lives: keyed by the source, the flags, the target and the CPU features."""
     from solc.cache import cache_root
 
     key = hashlib.sha256(SOURCE.read_bytes() + " ".join(CFLAGS).encode()
-                         + (sysconfig.get_platform() + os.uname().machine).encode()).hexdigest()[:16]
+                         + (sysconfig.get_platform() + os.uname().machine + _cpu_features()).encode()).hexdigest()[:16]
     return cache_root() / "kernels" / f"cpu_linear-{key}.so"
 
 

@@ -102,3 +102,11 @@ def test_the_build_is_cached_per_source_and_flags(monkeypatch, tmp_path):
     assert path.parent == tmp_path / "kernels" and path.name.startswith("cpu_linear-")
     monkeypatch.setattr(cpu_linear, "CFLAGS", cpu_linear.CFLAGS + ("-DSOLC_TEST",))
     assert cpu_linear.library_path() != path
+
+
+def test_another_cpu_gets_another_build(monkeypatch, tmp_path):
+    """-march=native code is only safe on the CPU that built it: a shared cache keys builds by CPU flags."""
+    monkeypatch.setenv("SOLC_CACHE", str(tmp_path))
+    here = cpu_linear.library_path()
+    monkeypatch.setattr(cpu_linear, "_cpu_features", lambda: "flags : sse2")
+    assert cpu_linear.library_path() != here
