@@ -40,8 +40,7 @@ import torch
 from runtime.actions import AXES, Action
 from runtime.costs import realized_budget
 from runtime.policy import PolicyNet, PolicySource
-from runtime.schedulers import Fixed, Random
-from runtime.schedulers import Schedule
+from runtime.schedulers import Fixed, Random, Schedule
 from training.baselines import AtCost, Composite, HullMix, Uniform, hull_mix, lower_hull, search_at_cost, uniform_nll
 from training.cli import command_line, write_json
 from training.episodes import rollout

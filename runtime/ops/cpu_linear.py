@@ -109,16 +109,25 @@ def supports(x: Tensor, w: Tensor, b: Optional[Tensor]) -> bool:
             and (b is None or (b.dtype == torch.float32 and b.is_contiguous())) and x.shape[-1] == w.shape[1])
 
 
+def per_batch_row(fn, x: Tensor, *aligned: Tensor) -> Tensor:
+    """fn over each batch row of x [..., T, d] on its own, as fn(x_row [1, T, d], *aligned_rows [1, T]),
+    concatenated: a row's call is the same alone or in a batch. `aligned` broadcast to x.shape[:-1]."""
+    lead, T = x.shape[:-2], x.shape[-2]
+    xs = x.reshape(-1, T, x.shape[-1])
+    if xs.shape[0] == 1:
+        return fn(x, *aligned)
+    parts = [torch.broadcast_to(a, x.shape[:-1]).reshape(-1, T) for a in aligned]
+    out = torch.cat([fn(xs[i:i + 1], *(a[i:i + 1] for a in parts)) for i in range(xs.shape[0])])
+    return out.reshape(*lead, T, -1)
+
+
 def linear(x: Tensor, w: Tensor, b: Optional[Tensor] = None) -> Tensor:
     """F.linear(x, w, b), each batch row computed on its own (see the module doc). x [..., T, K]: the
     leading dims are batch rows, T their positions; x [M, K]: M independent rows (a decode step's)."""
     if not supports(x, w, b) or x.numel() == 0:
         return F.linear(x, w, b)
     if x.dim() >= 3 and x.shape[-2] > 1:  # T > 1: one GEMM per batch row
-        rows = x.reshape(-1, *x.shape[-2:])
-        if rows.shape[0] == 1:
-            return F.linear(x, w, b)
-        return torch.stack([F.linear(r, w, b) for r in rows]).reshape(*x.shape[:-1], w.shape[0])
+        return per_batch_row(lambda r: F.linear(r, w, b), x)
     return rows_linear(x.reshape(-1, x.shape[-1]), w, b).reshape(*x.shape[:-1], w.shape[0])
 
 

@@ -1,5 +1,6 @@
-"""The CPU implementation of `solc::mlp` for decode steps (T == 1, any batch, in calls of at most 16 rows):
-each row reads only what its action keeps. `reference.mlp` is the definition; every path here equals it up to summation order.
+"""The CPU implementation of `solc::mlp` for decode steps (T == 1, any batch, in calls of at most 16
+rows): each row reads only what its action keeps. `reference.mlp` is the definition; every path here
+equals it up to summation order.
 
 Per row action (mlp keep k, bits b); rows sharing an action run together:
   k = 1, b = 16      runtime.ops.cpu_linear (the dense action pays for no selection)
@@ -159,26 +160,19 @@ def mlp_cpu(x, keep, bits, w_in, b_in, w_out, b_out, kind, act, quant, packs, gr
         # T > 1 (prefill, teacher forcing): the reference, one batch row at a time, so that a row's
         # result is the same whatever its batch mates (the reference's GEMM over all rows sums in a
         # shape-dependent order). The fast paths are for decode steps.
-        if x.numel() // (lead[-1] * x.shape[-1]) == 1:
-            return library.mlp._init_fn(x, keep, bits, w_in, b_in, w_out, b_out, kind, act, quant, packs, group_size)
-        keep, bits = torch.broadcast_to(keep, lead), torch.broadcast_to(bits, lead)
-        xs = x.reshape(-1, *x.shape[-2:])
-        keeps, bitss = keep.reshape(-1, lead[-1]), bits.reshape(-1, lead[-1])
-        rows = [library.mlp._init_fn(xs[i:i + 1], keeps[i:i + 1], bitss[i:i + 1], w_in, b_in, w_out, b_out, kind, act,
-                                     quant, packs, group_size) for i in range(xs.shape[0])]
-        return torch.cat(rows).reshape(*lead, -1)
+        return cpu_linear.per_batch_row(
+            lambda xr, kr, br: library.mlp._init_fn(xr, kr, br, w_in, b_in, w_out, b_out, kind, act, quant, packs,
+                                                    group_size), x, keep, bits)
     if not applies(x, w_in, b_in, w_out, b_out, quant):
         return library.mlp._init_fn(x, keep, bits, w_in, b_in, w_out, b_out, kind, act, quant, packs, group_size)
     rows = x.reshape(-1, x.shape[-1])
-    if rows.shape[0] > MAX_ROWS and (len(lead) < 2 or lead[-1] == 1):
+    if rows.shape[0] > MAX_ROWS:
         # A decode step over more rows than one call takes: every path below computes a row alone, so
         # calls of MAX_ROWS rows give each row what one call would.
         keep, bits = torch.broadcast_to(keep, lead).reshape(-1, 1), torch.broadcast_to(bits, lead).reshape(-1, 1)
         parts = [_mlp_rows(rows[i:i + MAX_ROWS, None], keep[i:i + MAX_ROWS], bits[i:i + MAX_ROWS], w_in, b_in, w_out,
                            b_out, kind, act, quant, packs, group_size) for i in range(0, rows.shape[0], MAX_ROWS)]
         return torch.cat(parts).reshape(*lead, -1)
-    if rows.shape[0] > MAX_ROWS:
-        return library.mlp._init_fn(x, keep, bits, w_in, b_in, w_out, b_out, kind, act, quant, packs, group_size)
     return _mlp_rows(x, keep, bits, w_in, b_in, w_out, b_out, kind, act, quant, packs, group_size)
 
 
