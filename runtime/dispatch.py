@@ -26,6 +26,7 @@ import torch.fx as fx
 from torch import Tensor
 
 from runtime.kv_cache import StaticKVCache
+from runtime.ops import library
 from runtime.ops.step_hints import StepHints, step_hints
 from runtime.signature import ACTIONS_INPUT
 
@@ -46,6 +47,29 @@ def specialize(gm: fx.GraphModule, action: int) -> fx.GraphModule:
     graph.erase_node(actions)
     graph.lint()
     return fx.GraphModule(gm, graph, class_name=f"SOLStepAction{action}")
+
+
+def direct_cpu_calls(gm: fx.GraphModule) -> fx.GraphModule:
+    """A copy of `gm` (sharing its weights) whose solc:: nodes call the ops' CPU implementations
+    directly (`library.CPU_IMPLS`): the functions the op dispatch reaches on CPU anyway, without its
+    Python machinery (autograd wrapper, redispatch, version bumps, aliasing check), which cost a sixth
+    of a SmolLM2 decode step. For steps without autograd: the ops' wrappers are what autograd needs."""
+    graph = copy.deepcopy(gm.graph)
+    for node in graph.nodes:
+        if node.op == "call_function" and node.target in library.CPU_IMPLS:
+            node.target = library.CPU_IMPLS[node.target]
+    graph.lint()
+    return fx.GraphModule(gm, graph, class_name=type(gm).__name__ + "DirectCPU")
+
+
+class _EagerCPU:
+    """An eager CPU program: the direct-call copy when autograd is off (decoding), else the op graph."""
+
+    def __init__(self, gm: fx.GraphModule):
+        self.gm, self.direct = gm, direct_cpu_calls(gm)
+
+    def __call__(self, *args):
+        return (self.gm if torch.is_grad_enabled() else self.direct)(*args)
 
 
 def action_hints(space, action: int | None, kv_len: int | None) -> StepHints:
@@ -91,6 +115,8 @@ class StepDispatcher:
         self._variants: dict[tuple[int, int], object] = {}
         self._generic = None
         self._caches: dict[str, StaticKVCache] = {}
+        self._eager_cpu = mode == "eager" and not sol.graph.solc_action_levels.is_cuda
+        self._prefill = None
 
     @property
     def keys(self) -> list[tuple[int, int]]:
@@ -123,6 +149,8 @@ class StepDispatcher:
             gm = specialize(self.sol.graph, action)
             if self.mode == "compile":
                 gm = torch.compile(gm, fullgraph=True, dynamic=False)
+            elif self._eager_cpu:
+                gm = _EagerCPU(gm)
             if self.mode == "cudagraph":
                 variant = _CudaGraphStep(gm, ids, positions, cache, self.signature)
             else:
@@ -133,7 +161,11 @@ class StepDispatcher:
     def _generic_step(self, ids, actions, positions, cache):
         if self._generic is None:
             fn = self.sol.graph
-            self._generic = torch.compile(fn, fullgraph=True, dynamic=False) if self.mode == "compile" else fn
+            if self.mode == "compile":
+                fn = torch.compile(fn, fullgraph=True, dynamic=False)
+            elif self._eager_cpu:
+                fn = _EagerCPU(fn)
+            self._generic = fn
         return self._generic(*self.signature.args(ids, positions, actions, cache))
 
     def step(self, ids: Tensor, actions: Tensor, positions: Tensor, cache: StaticKVCache, *,
@@ -156,5 +188,7 @@ class StepDispatcher:
     def prefill(self, ids: Tensor, positions: Tensor, cache: StaticKVCache, kv_len: int | None = None):
         """A dense pass over T tokens (a prefill chunk): the plain graph, every row dense."""
         dense = torch.full_like(ids, self.sol.space.dense_index)
+        if self._prefill is None:
+            self._prefill = _EagerCPU(self.sol.graph) if self._eager_cpu else self.sol.graph
         with step_hints(action_hints(self.sol.space, self.sol.space.dense_index, kv_len)):
-            return self.sol.graph(*self.signature.args(ids, positions, dense, cache))
+            return self._prefill(*self.signature.args(ids, positions, dense, cache))

@@ -142,7 +142,7 @@ def linear_cpu(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
 def _register() -> None:
     from runtime.ops import library
 
-    library.linear.register_kernel("cpu")(linear_cpu)
+    library.register_cpu(library.linear, linear_cpu)
 
 
 _register()

@@ -212,4 +212,4 @@ def _mlp_rows(x, keep, bits, w_in, b_in, w_out, b_out, kind, act, quant, packs, 
     return out.reshape(*lead, -1)
 
 
-library.mlp.register_kernel("cpu")(mlp_cpu)
+library.register_cpu(library.mlp, mlp_cpu)

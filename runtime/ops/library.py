@@ -19,6 +19,21 @@ from torch import Tensor
 from runtime.ops import cpu_attention, reference, step_hints
 
 
+# The CPU implementation of each solc:: op as a plain function (op overload -> function), for the eager
+# CPU decode step (runtime.dispatch.direct_cpu_calls). Calling an op through torch.library runs its
+# autograd wrapper, a redispatch, the version-counter kernel and an aliasing check in Python, 50-90 us
+# per call: with 6 ops per layer that was a sixth of a SmolLM2 decode step. The graph passes, export and
+# torch.compile still see the ops; only an eager step that needs no autograd calls these directly.
+CPU_IMPLS: dict = {}
+
+
+def register_cpu(op, fn):
+    """Register `fn` as op's CPU kernel and as its direct implementation (CPU_IMPLS)."""
+    op.register_kernel("cpu")(fn)
+    CPU_IMPLS[op._opoverload] = fn
+    return fn
+
+
 def cpu_fast_paths() -> bool:
     """Whether the CPU fast paths (cpu_attention, cpu_mlp, cpu_linear) run; SOLC_CPU_FAST=0 runs the
     reference on CPU, whose rows are not batch invariant (MKL's GEMV vs GEMM; see cpu_linear).
@@ -42,8 +57,7 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor, positions: Tensor, scale: 
     )
 
 
-@torch.library.custom_op("solc::attention", mutates_args=("k_cache", "v_cache", "page_min", "page_max"))
-def attention(
+def attention_impl(
     q: Tensor,
     k: Tensor,
     v: Tensor,
@@ -93,6 +107,10 @@ def attention(
     return out.contiguous()
 
 
+attention = torch.library.custom_op("solc::attention", mutates_args=("k_cache", "v_cache", "page_min", "page_max"))(
+    attention_impl)
+
+
 @attention.register_fake
 def _(q, k, v, k_cache, v_cache, page_min, page_max, positions, keep, scale):
     return q.new_empty(q.shape)  # contiguous, whatever q's strides (the real op returns contiguous)
@@ -113,6 +131,7 @@ def _bump_attention_versions(keyset, *args, **kwargs):
     return attention._opoverload.redispatch(keyset & torch._C._after_ADInplaceOrView_keyset, *args, **kwargs)
 
 
+CPU_IMPLS[attention._opoverload] = attention_impl  # its one implementation serves the CPU
 _ATTENTION_SCHEMA = attention._opoverload._schema
 _ATTENTION_MUTATED = tuple(i for i, a in enumerate(_ATTENTION_SCHEMA.arguments) if a.alias_info is not None
                            and a.alias_info.is_write)
