@@ -55,11 +55,36 @@ def direct_cpu_calls(gm: fx.GraphModule) -> fx.GraphModule:
     Python machinery (autograd wrapper, redispatch, version bumps, aliasing check), which cost a sixth
     of a SmolLM2 decode step. For steps without autograd: the ops' wrappers are what autograd needs."""
     graph = copy.deepcopy(gm.graph)
-    for node in graph.nodes:
-        if node.op == "call_function" and node.target in library.CPU_IMPLS:
+    casts_known = _dtypes_as_traced(gm)
+    for node in list(graph.nodes):
+        if node.op != "call_function":
+            continue
+        if node.target in library.CPU_IMPLS:
             node.target = library.CPU_IMPLS[node.target]
+        elif node.target is torch.ops.aten._assert_tensor_metadata.default:
+            graph.erase_node(node)  # export's shape/dtype checks: a compiled program drops them too
+        elif casts_known and node.target is torch.ops.aten.to.dtype and not node.kwargs and _dtype(node.args[0]) == node.args[1]:
+            node.replace_all_uses_with(node.args[0])  # a cast to the dtype the value has: x.to() returns x
+            graph.erase_node(node)
     graph.lint()
     return fx.GraphModule(gm, graph, class_name=type(gm).__name__ + "DirectCPU")
+
+
+def _dtype(node):
+    val = node.meta.get("val") if isinstance(node, fx.Node) else None
+    return getattr(val, "dtype", None)
+
+
+def _dtypes_as_traced(gm: fx.GraphModule) -> bool:
+    """Whether the weights still have the dtypes they were traced with (the node metadata is current)."""
+    for node in gm.graph.nodes:
+        if node.op == "get_attr" and _dtype(node) is not None:
+            value = gm
+            for part in node.target.split("."):
+                value = getattr(value, part, None)
+            if isinstance(value, torch.Tensor) and value.dtype != _dtype(node):
+                return False
+    return True
 
 
 class _EagerCPU:

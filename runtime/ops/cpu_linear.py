@@ -30,11 +30,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-SOURCE = Path(__file__).with_name("cpu_linear.c")
-# -ffp-contract=off: no path may fuse a multiply-add that another path does not (see the source).
+# One library of fixed-order kernels: this module's linear and solc::mlp's (runtime/ops/cpu_mlp.py).
+SOURCES = (Path(__file__).with_name("cpu_linear.c"), Path(__file__).with_name("cpu_mlp.c"))
+# -ffp-contract=off: no path may fuse a multiply-add that another path does not (see the sources).
 CFLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-fPIC", "-shared")
 _lock = threading.Lock()
-_kernel = None  # the loaded C function, False once building failed
+_library = None  # the loaded ctypes library, False once building failed
+
+_P, _L, _I = ctypes.c_void_p, ctypes.c_long, ctypes.c_int
+SIGNATURES = {  # C function -> argument types (all return void)
+    "solc_linear_f32": [_P, _L, _P, _P, _P, _L, _L, _L, _I],
+    "solc_int8_linear": [_P, _L, _P, _P, _P, _L, _L, _L, _I],
+}
 
 
 def _cpu_features() -> str:
@@ -48,10 +55,10 @@ def _cpu_features() -> str:
 
 
 def library_path() -> Path:
-    """Where this machine's build lives: keyed by the source, the flags, the target and the CPU features."""
+    """Where this machine's build lives: keyed by the sources, the flags, the target and the CPU features."""
     from solc.cache import cache_root
 
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(CFLAGS).encode()
+    key = hashlib.sha256(b"".join(src.read_bytes() for src in SOURCES) + " ".join(CFLAGS).encode()
                          + (sysconfig.get_platform() + os.uname().machine + _cpu_features()).encode()).hexdigest()[:16]
     return cache_root() / "kernels" / f"cpu_linear-{key}.so"
 
@@ -63,33 +70,41 @@ def _build(target: Path) -> None:
     tmp = temp_sibling(target)
     compiler = os.environ.get("CC", "cc")
     try:
-        subprocess.run([compiler, *CFLAGS, str(SOURCE), "-o", str(tmp)], check=True, capture_output=True, text=True)
+        subprocess.run([compiler, *CFLAGS, *map(str, SOURCES), "-o", str(tmp)], check=True, capture_output=True,
+                       text=True)
         os.replace(tmp, target)  # atomic: a concurrent process loads either nothing or a whole library
     finally:
         tmp.unlink(missing_ok=True)
 
 
-def kernel():
-    """The C kernel (built on first use), or None where it cannot be built (a warning says why)."""
-    global _kernel
-    if _kernel is None:
+def library():
+    """The kernels' ctypes library (built on first use), or None where it cannot be built (a warning
+    says why; callers then run their exact fallbacks)."""
+    global _library
+    if _library is None:
         with _lock:
-            if _kernel is None:
+            if _library is None:
                 try:
                     path = library_path()
                     if not path.exists():
                         _build(path)
-                    fn = ctypes.CDLL(str(path)).solc_linear_f32
-                    fn.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
-                                   ctypes.c_long, ctypes.c_long, ctypes.c_long, ctypes.c_int]
-                    fn.restype = None
-                    _kernel = fn
+                    lib = ctypes.CDLL(str(path))
+                    for name, argtypes in SIGNATURES.items():
+                        fn = getattr(lib, name)
+                        fn.argtypes, fn.restype = argtypes, None
+                    _library = lib
                 except (OSError, subprocess.CalledProcessError) as e:
                     detail = e.stderr.strip()[-300:] if isinstance(e, subprocess.CalledProcessError) else str(e)
                     warnings.warn(f"solc: could not build the batch-invariant CPU linear ({detail}); decode steps "
                                   "run one F.linear per row instead (exact, slower at batch > 1)", RuntimeWarning)
-                    _kernel = False
-    return _kernel or None
+                    _library = False
+    return _library or None
+
+
+def kernel():
+    """The C linear (built on first use), or None where the library cannot be built."""
+    lib = library()
+    return None if lib is None else lib.solc_linear_f32
 
 
 def rows_linear(x: Tensor, w: Tensor, b: Optional[Tensor]) -> Tensor:

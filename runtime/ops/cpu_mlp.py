@@ -4,17 +4,19 @@ equals it up to summation order.
 
 Per row action (mlp keep k, bits b); rows sharing an action run together:
   k = 1, b = 16      runtime.ops.cpu_linear (the dense action pays for no selection)
-  k < 1, b = 16      gate/up: F.embedding_bag over the rows of W_in^T (`wt`) at the row's kept channels,
-                     weighted by their values: a row-skipping GEMV; down: cpu_linear
-  b = 8, k = 1       torch._weight_int8pack_mm with bf16 activations, for gate/up and down
+  k < 1, b = 16      gate/up: F.embedding_bag over the rows of W_in^T (`wt`) at the row's kept channels
+                     (ascending), weighted by their values: a row-skipping GEMV; down: cpu_linear
+  b = 8, k = 1       cpu_mlp.c's int8 linear (fixed order, bf16-rounded activations), gate/up and down;
+                     torch._weight_int8pack_mm where the C kernels cannot be built
   b = 8, k < 1       gate/up: the quantized byte-rowwise embedding_bag over `in8_rows` (uint8 rows, row
                      scale 1 and bias -128, so a row is its int8 values exactly), per-output-channel
-                     scale after the sum; down: _weight_int8pack_mm
+                     scale after the sum; down: the int8 linear
   b = 4              torch._weight_int4pack_mm_for_cpu with bf16 activations on the pruned input (no
                      row-skipping int4 kernel exists on CPU: pruning saves nothing at 4 bits here)
   activation mode    the 16-bit paths above, then the reference fake quantizer
 Every reduction of a row runs over that row alone in a fixed order (embedding_bag sums each bag on
-its own; the int8/int4 kernels reduce each row alike whatever the row count; cpu_linear by construction),
+its own; the int8 linear and cpu_linear by construction; the int4 kernel reduces each row alike whatever
+the row count),
 so a row's MLP output does not depend on its batch mates (fp32 and, in weight mode, the low-bit paths).
 Prefill / teacher forcing (T > 1) runs the reference one batch row at a time. Other inputs (float64,
 mismatched dtypes, missing copies) run the reference.
@@ -52,14 +54,51 @@ def kept_channels(x: Tensor, keep: float) -> Tensor:
 
 
 def _bags(x: Tensor, keeps: list[float], values: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
-    """embedding_bag inputs: one bag per row of x [m, d] holding its kept channels (own keep per row),
-    chosen on x (as the reference prunes) and weighted by `values` (default x)."""
+    """Row-skipping GEMV inputs: (kept channel indices, flat; offsets [m + 1]; weights), one bag per row
+    of x [m, d] holding its kept channels (own keep per row) in ascending order, chosen on x (as the
+    reference prunes) and weighted by `values` (default x). Ascending order makes a row's sum order a
+    function of its kept set alone, whichever selection path found the set."""
     values = x if values is None else values
-    idx = [kept_channels(x[i:i + 1], k)[0] for i, k in enumerate(keeps)]
-    flat = torch.cat(idx)
-    weights = torch.cat([values[i, j] for i, j in enumerate(idx)])
-    offsets = torch.tensor([0] + [len(j) for j in idx[:-1]], device=x.device).cumsum(0)
-    return flat, offsets, weights
+    m = x.shape[0]
+    if len(set(keeps)) == 1:
+        idx = kept_channels(x, keeps[0]).sort(dim=-1).values
+        k = idx.shape[1]
+        offsets = torch.arange(0, (m + 1) * k, k, device=x.device)
+        return idx.reshape(-1), offsets, values.gather(1, idx).reshape(-1)
+    idx = [kept_channels(x[i:i + 1], k)[0].sort().values for i, k in enumerate(keeps)]
+    offsets = torch.tensor([0] + [len(j) for j in idx], device=x.device).cumsum(0)
+    return torch.cat(idx), offsets, torch.cat([values[i, j] for i, j in enumerate(idx)])
+
+
+def _rowskip(x: Tensor, keeps: list[float], wt: Tensor, values: Optional[Tensor] = None) -> Tensor:
+    """[m, N] = each row's kept channels of x [m, d] times their rows of wt [d, N], summed: embedding_bag
+    sums each bag on its own, in the bag's (ascending) order. (A plain C loop over the kept rows ran at
+    ~1.4x its time: FBGEMM's kernel is hard to beat here.)"""
+    flat, offsets, weights = _bags(x, keeps, values)
+    return F.embedding_bag(flat, wt, offsets[:-1], mode="sum", per_sample_weights=weights)
+
+
+def _rowskip_int8(x: Tensor, keeps: list[float], rows: Tensor, scale: Tensor) -> Tensor:
+    """[m, N]: the int8 row-skipping GEMV: FBGEMM's byte-rowwise embedding_bag over `rows`
+    (`quant_primitives.int8_rows`: row scale 1 and bias -128 hold int8 rows exactly), rows selected on x
+    and weighted by x rounded to bf16; times the output channel scale, rounded to bf16 (fp32)."""
+    flat, offsets, weights = _bags(x, keeps, values=quant_primitives.to_bf16_grid(x, torch.float32))
+    y = torch.ops.quantized.embedding_bag_byte_rowwise_offsets(rows, flat, offsets[:-1], False, 0, False, weights,
+                                                               None, False)
+    return quant_primitives.to_bf16_grid(y * scale.float(), torch.float32)
+
+
+def _int8_linear(x: Tensor, q: Tensor, scale: Tensor) -> Tensor:
+    """[m, N] = (x rounded to bf16) @ (q [N, K] int8 * scale)^T, rounded to bf16, in fp32."""
+    lib = cpu_linear.library()
+    if lib is None:
+        return torch._weight_int8pack_mm(x.to(torch.bfloat16), q, scale).float()
+    xb = quant_primitives.to_bf16_grid(x, torch.float32).contiguous()
+    q, scale = q.contiguous(), scale.float().contiguous()  # held: the C call reads their memory
+    y = torch.empty(x.shape[0], q.shape[0], dtype=torch.float32)
+    lib.solc_int8_linear(xb.data_ptr(), xb.shape[1], q.data_ptr(), scale.data_ptr(), y.data_ptr(), x.shape[0],
+                         q.shape[0], x.shape[1], torch.get_num_threads())
+    return y
 
 
 def _add(y: Tensor, bias: Optional[Tensor]) -> Tensor:
@@ -84,16 +123,12 @@ def _input_projection(x: Tensor, keeps: list[float], bits: int, row_skip: bool, 
     if bits >= 16:
         if not row_skip:
             return _dense_input_projection(_pruned(x, keeps), w_in, b_in, kind)
-        flat, offsets, weights = _bags(x, keeps)
-        return _add(F.embedding_bag(flat, c["wt"], offsets, mode="sum", per_sample_weights=weights), bias)
+        return _add(_rowskip(x, keeps, c["wt"]), bias)
     if bits == 8 and row_skip:
-        flat, offsets, weights = _bags(x, keeps, values=x.to(torch.bfloat16).float())  # select on x, then round
-        y = torch.ops.quantized.embedding_bag_byte_rowwise_offsets(
-            c["in8_rows"], flat, offsets, False, 0, False, weights, None, False)
-        return _add(quant_primitives.to_bf16_grid(y * c["in8_scale"].float(), torch.float32), bias)
-    xb = _pruned(x, keeps).to(torch.bfloat16)
+        return _add(_rowskip_int8(x, keeps, c["in8_rows"], c["in8_scale"]), bias)
     if bits == 8:
-        return _add(torch._weight_int8pack_mm(xb, c["in8"], c["in8_scale"]).float(), bias)
+        return _add(_int8_linear(_pruned(x, keeps), c["in8"], c["in8_scale"]), bias)
+    xb = _pruned(x, keeps).to(torch.bfloat16)
     return _add(torch._weight_int4pack_mm_for_cpu(xb, c["in4_cpu"], group_size, c["in4_sz"]).float(), bias)
 
 
@@ -112,11 +147,9 @@ def _dense_mlp(x: Tensor, w_in, b_in, w_out, b_out, kind, fn) -> Tensor:
 def _down(h: Tensor, bits: int, w_out, b_out, c, group_size) -> Tensor:
     if bits >= 16:
         return cpu_linear.linear(h, w_out, b_out)
-    hb = h.to(torch.bfloat16)
     if bits == 8:
-        y = torch._weight_int8pack_mm(hb, c["out8"], c["out8_scale"])
-    else:
-        y = torch._weight_int4pack_mm_for_cpu(hb, c["out4_cpu"], group_size, c["out4_sz"])
+        return _add(_int8_linear(h, c["out8"], c["out8_scale"]), b_out)
+    y = torch._weight_int4pack_mm_for_cpu(h.to(torch.bfloat16), c["out4_cpu"], group_size, c["out4_sz"])
     return _add(y.float(), b_out)
 
 

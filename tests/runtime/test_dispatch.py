@@ -85,3 +85,26 @@ def test_dispatcher_eager_cpu_is_the_default_on_cpu(sol):
     disp = StepDispatcher(sol)
     assert disp.mode == "eager" and disp._eager_cpu
     assert not StepDispatcher(sol, mode="compile")._eager_cpu
+
+
+def _count(gm, target):
+    return sum(n.target is target for n in gm.graph.nodes)
+
+
+def test_checks_and_no_op_casts_are_dropped_only_while_the_traced_dtypes_hold(sol):
+    to, check = torch.ops.aten.to.dtype, torch.ops.aten._assert_tensor_metadata.default
+    direct = direct_cpu_calls(sol.graph)
+    assert _count(sol.graph, check) > 0 and _count(direct, check) == 0
+    assert _count(direct, to) < _count(sol.graph, to)
+    node = next(n for n in sol.graph.graph.nodes if n.op == "get_attr" and "weight" in n.target)
+    *path, name = node.target.split(".")
+    owner = sol.graph
+    for part in path:
+        owner = getattr(owner, part)
+    weight = getattr(owner, name)
+    saved = weight.data
+    try:
+        weight.data = saved.double()  # the metadata no longer says what runs: keep every cast
+        assert _count(direct_cpu_calls(sol.graph), to) == _count(sol.graph, to)
+    finally:
+        weight.data = saved

@@ -84,7 +84,7 @@ def test_without_a_compiler_rows_fall_back_to_one_f_linear_each(monkeypatch, tmp
     invariant (one GEMV per row)."""
     monkeypatch.setenv("SOLC_CACHE", str(tmp_path))
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
-    monkeypatch.setattr(cpu_linear, "_kernel", None)
+    monkeypatch.setattr(cpu_linear, "_library", None)
     x, w, b = _data(24, 32, 5, seed=7)
     with pytest.warns(RuntimeWarning, match="could not build the batch-invariant CPU linear"):
         got = cpu_linear.rows_linear(x, w, b)
@@ -93,7 +93,7 @@ def test_without_a_compiler_rows_fall_back_to_one_f_linear_each(monkeypatch, tmp
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the failure is remembered: no second build, no second warning
         cpu_linear.rows_linear(x, w, b)
-    monkeypatch.setattr(cpu_linear, "_kernel", None)  # the next test loads the real build again
+    monkeypatch.setattr(cpu_linear, "_library", None)  # the next test loads the real build again
 
 
 def test_the_build_is_cached_per_source_and_flags(monkeypatch, tmp_path):

@@ -1,0 +1,91 @@
+"""The kernels behind solc::mlp's CPU paths (runtime/ops/cpu_mlp.py, cpu_mlp.c): each equals its
+definition, a row's bits do not depend on its batch mates or the thread count, and without a compiler
+torch's int8 kernel runs instead."""
+import pytest
+import torch
+
+from runtime.ops import cpu_linear, cpu_mlp, quant_primitives as qp
+
+SHAPES = [(64, 96), (70, 45), (576, 3072)]  # (K, N): K with and without a tail past the 16-lane sums
+
+
+def _data(K, N, rows, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, K, generator=g)
+    q = torch.randint(-127, 128, (N, K), generator=g, dtype=torch.int8)
+    scale = (torch.rand(N, generator=g) * 0.02 + 0.001).to(torch.bfloat16)
+    wt = torch.randn(K, N, generator=g)
+    return x, q, scale, wt
+
+
+def _bf16_ulps(got, want):
+    """|got - want| in bf16 ulps of want's row maximum (2^-8 relative)."""
+    return ((got - want).abs() / (want.abs().amax(-1, keepdim=True) * 2.0 ** -8)).max().item()
+
+
+def _threads(n):
+    class _Set:
+        def __enter__(self):
+            self.old = torch.get_num_threads()
+            torch.set_num_threads(n)
+
+        def __exit__(self, *exc):
+            torch.set_num_threads(self.old)
+    return _Set()
+
+
+@pytest.mark.parametrize("K,N", SHAPES)
+def test_int8_linear_is_the_reference_and_row_independent(K, N):
+    x, q, scale, _ = _data(K, N, rows=16)
+    want = qp.to_bf16_grid(qp.to_bf16_grid(x, torch.float32) @ qp.dequant_int8(q, scale, torch.float32).t(),
+                           torch.float32)
+    got = cpu_mlp._int8_linear(x, q, scale)
+    assert got.dtype == torch.float32 and torch.equal(got, qp.to_bf16_grid(got, torch.float32))  # on the bf16 grid
+    assert _bf16_ulps(got, want) <= 1.0
+    alone = torch.cat([cpu_mlp._int8_linear(x[i:i + 1], q, scale) for i in range(16)])
+    assert torch.equal(got, alone)
+    with _threads(1):
+        assert torch.equal(cpu_mlp._int8_linear(x, q, scale), got)
+
+
+@pytest.mark.parametrize("K,N", SHAPES)
+@pytest.mark.parametrize("keep", [0.4, 0.6])
+def test_row_skipping_gemv_is_the_pruned_product_and_row_independent(K, N, keep):
+    x, _, _, wt = _data(K, N, rows=5, seed=1)
+    kept = cpu_mlp._pruned(x, [keep] * 5)
+    got = cpu_mlp._rowskip(x, [keep] * 5, wt)
+    # fp32 summation-order error bound: 2 n u sum|x_j w_j| over the n kept terms (u = 2^-24)
+    n = int((kept != 0).sum(-1).max())
+    assert ((got - kept @ wt).abs() <= 2 * n * 2.0 ** -24 * (kept.abs() @ wt.abs())).all()
+    alone = torch.cat([cpu_mlp._rowskip(x[i:i + 1], [keep], wt) for i in range(5)])
+    assert torch.equal(got, alone)
+    mixed = cpu_mlp._rowskip(x, [keep, 0.4, 0.6, keep, 0.5], wt)  # own keep per row
+    assert torch.equal(mixed[0], got[0]) and torch.equal(mixed[3], got[3])
+    with _threads(1):
+        assert torch.equal(cpu_mlp._rowskip(x, [keep] * 5, wt), got)
+
+
+@pytest.mark.parametrize("K,N", SHAPES)
+def test_int8_row_skipping_gemv_is_the_pruned_low_bit_product(K, N):
+    x, q, scale, _ = _data(K, N, rows=4, seed=2)
+    rows = qp.int8_rows(q)
+    got = cpu_mlp._rowskip_int8(x, [0.4] * 4, rows, scale)
+    pruned = qp.to_bf16_grid(cpu_mlp._pruned(x, [0.4] * 4), torch.float32)
+    defined = qp.to_bf16_grid(pruned @ qp.dequant_int8(q, scale, torch.float32).t(), torch.float32)
+    assert _bf16_ulps(got, defined) <= 1.0
+    assert torch.equal(got, torch.cat([cpu_mlp._rowskip_int8(x[i:i + 1], [0.4], rows, scale) for i in range(4)]))
+
+
+def test_without_a_compiler_the_torch_kernels_run(monkeypatch):
+    x, q, scale, _ = _data(64, 96, rows=3, seed=3)
+    monkeypatch.setattr(cpu_linear, "library", lambda: None)
+    assert torch.equal(cpu_mlp._int8_linear(x, q, scale), torch._weight_int8pack_mm(x.bfloat16(), q, scale).float())
+
+
+def test_bags_hold_each_rows_kept_channels_in_ascending_order():
+    x = torch.tensor([[0.1, -3.0, 2.0, 0.5], [4.0, 0.2, -0.3, 1.0]])
+    flat, offsets, weights = cpu_mlp._bags(x, [0.5, 0.5])
+    assert flat.tolist() == [1, 2, 0, 3] and offsets.tolist() == [0, 2, 4]
+    assert weights.tolist() == [-3.0, 2.0, 4.0, 1.0]
+    flat, offsets, _ = cpu_mlp._bags(x, [0.25, 0.75])
+    assert flat.tolist() == [1, 0, 2, 3] and offsets.tolist() == [0, 1, 4]
