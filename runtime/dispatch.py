@@ -97,6 +97,22 @@ class _EagerCPU:
         return (self.gm if torch.is_grad_enabled() else self.direct)(*args)
 
 
+def hidden_only(gm: fx.GraphModule) -> fx.GraphModule:
+    """A copy of `gm` (sharing its weights) that returns only the hidden states [B, T, d]: the LM head
+    and whatever feeds only the logits are dropped. A prefill chunk's logits are never read (the first
+    controlled step scores the next token), and at T = 256 the LM head is 49152 x 576 x 256 MACs a row.
+    The cache writes stay: solc::attention mutates its caches, so dead-code elimination keeps it."""
+    graph = copy.deepcopy(gm.graph)
+    out = next(n for n in graph.nodes if n.op == "output")
+    logits, hidden = out.args[0]
+    out.args = ((hidden,),)
+    program = fx.GraphModule(gm, graph, class_name=type(gm).__name__ + "HiddenOnly")
+    program.graph.eliminate_dead_code()  # needs the owning module (purity checks)
+    program.graph.lint()
+    program.recompile()
+    return program
+
+
 def action_hints(space, action: int | None, kv_len: int | None) -> StepHints:
     """What the host knows about a step: the levels of its one action (None: mixed), and kv_len."""
     if action is None:
@@ -210,10 +226,12 @@ class StepDispatcher:
                 return self._generic_step(ids, actions, positions, cache)
             return self._variant(int(action), ids, positions, cache)(ids, positions, cache)
 
-    def prefill(self, ids: Tensor, positions: Tensor, cache: StaticKVCache, kv_len: int | None = None):
-        """A dense pass over T tokens (a prefill chunk): the plain graph, every row dense."""
+    def prefill(self, ids: Tensor, positions: Tensor, cache: StaticKVCache, kv_len: int | None = None) -> Tensor:
+        """A dense pass over T tokens (a prefill chunk), every row dense: fills the cache and returns the
+        hidden states [B, T, d] (no logits: `hidden_only`)."""
         dense = torch.full_like(ids, self.sol.space.dense_index)
         if self._prefill is None:
-            self._prefill = _EagerCPU(self.sol.graph) if self._eager_cpu else self.sol.graph
+            gm = hidden_only(self.sol.graph)
+            self._prefill = _EagerCPU(gm) if self._eager_cpu else gm
         with step_hints(action_hints(self.sol.space, self.sol.space.dense_index, kv_len)):
-            return self._prefill(*self.signature.args(ids, positions, dense, cache))
+            return self._prefill(*self.signature.args(ids, positions, dense, cache))[0]

@@ -149,7 +149,7 @@ class Stepper:
         for lo in range(0, longest, PREFILL_CHUNK):
             hi = min(lo + PREFILL_CHUNK, longest)
             pos = torch.arange(lo, hi, device=self.device).expand(rows, hi - lo)
-            chunk = self.dispatcher.prefill(ids[:, lo:hi], pos, cache, kv_len=hi)[1]  # [B0, T, d]
+            chunk = self.dispatcher.prefill(ids[:, lo:hi], pos, cache, kv_len=hi)  # hidden [B0, T, d]
             at = (last - lo).clamp(0, hi - lo - 1)
             picked = chunk.gather(1, at[:, None, None].expand(rows, 1, chunk.shape[-1]))[:, 0]
             hidden = torch.where(((last >= lo) & (last < hi))[:, None], picked, hidden)

@@ -108,3 +108,23 @@ def test_checks_and_no_op_casts_are_dropped_only_while_the_traced_dtypes_hold(so
         assert _count(direct_cpu_calls(sol.graph), to) == _count(sol.graph, to)
     finally:
         weight.data = saved
+
+
+def test_prefill_returns_the_hidden_states_of_the_full_graph_without_the_lm_head(sol):
+    from runtime.dispatch import hidden_only
+
+    program = hidden_only(sol.graph)
+    lin, attn = torch.ops.solc.linear.default, torch.ops.solc.attention.default
+    assert _count(program, attn) == _count(sol.graph, attn)  # the cache writes stay
+    assert _count(program, lin) == _count(sol.graph, lin) - 1  # the LM head is gone
+    g = torch.Generator().manual_seed(5)
+    B, T = 2, 13
+    ids = torch.randint(0, sol.token_embedding.shape[0], (B, T), generator=g)
+    pos = torch.arange(T).expand(B, T)
+    caches = [sol.new_cache(B, 32), sol.new_cache(B, 32)]
+    with torch.no_grad():
+        _, want = _run(sol.graph, sol, ids, pos, torch.full((B, T), sol.space.dense_index), caches[0])
+        got = StepDispatcher(sol).prefill(ids, pos, caches[1], kv_len=T)
+    assert torch.equal(got, want)
+    for a, b in zip(caches[0].tensors, caches[1].tensors):
+        assert torch.equal(a, b)
