@@ -46,7 +46,7 @@ class FakeDispatcher:
         return self.sol.new_cache(batch, max_len)
 
     def prefill(self, ids, positions, cache, kv_len=None):
-        return self.sol(ids, None, positions, cache)
+        return self.sol(ids, None, positions, cache).hidden  # StepDispatcher.prefill returns the hidden states
 
     def step(self, ids, actions, positions, cache, action=None, kv_len=None):
         return self.sol(ids, actions, positions, cache)
