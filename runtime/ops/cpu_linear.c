@@ -9,17 +9,10 @@ The paths below (one row: 16 weight rows at a time, which streams the weights as
 several rows: 4 x 4 register tiles) differ only in which elements they compute together. */
 #include <stddef.h>
 
-#define LANES 16
+#include "cpu_fixed_order.h"
+
 #define ROW_TILE 4
 #define COL_TILE 4
-#define COL_BLOCK 32
-
-static inline float finish(const float *acc, float tail) {
-    float s8[8], s4[4];
-    for (int i = 0; i < 8; ++i) s8[i] = acc[i] + acc[i + 8];
-    for (int i = 0; i < 4; ++i) s4[i] = s8[i] + s8[i + 4];
-    return ((s4[0] + s4[2]) + (s4[1] + s4[3])) + tail;
-}
 
 /* out[r * ldo + c] for rows r < rows of x and weight rows c < cols of w. The full 4 x 4 tile and the
 edge tiles run the same per-element sequence (acc[l] = fmaf(x, w, acc[l]) over k, then finish), so where an

@@ -32,6 +32,7 @@ from torch import Tensor
 
 # One library of fixed-order kernels: this module's linear and solc::mlp's (runtime/ops/cpu_mlp.py).
 SOURCES = (Path(__file__).with_name("cpu_linear.c"), Path(__file__).with_name("cpu_mlp.c"))
+HEADERS = (Path(__file__).with_name("cpu_fixed_order.h"),)  # included by both: part of the build's key
 # -ffp-contract=off: no path may fuse a multiply-add that another path does not (see the sources).
 CFLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-fPIC", "-shared")
 _lock = threading.Lock()
@@ -58,7 +59,7 @@ def library_path() -> Path:
     """Where this machine's build lives: keyed by the sources, the flags, the target and the CPU features."""
     from solc.cache import cache_root
 
-    key = hashlib.sha256(b"".join(src.read_bytes() for src in SOURCES) + " ".join(CFLAGS).encode()
+    key = hashlib.sha256(b"".join(src.read_bytes() for src in SOURCES + HEADERS) + " ".join(CFLAGS).encode()
                          + (sysconfig.get_platform() + os.uname().machine + _cpu_features()).encode()).hexdigest()[:16]
     return cache_root() / "kernels" / f"cpu_linear-{key}.so"
 

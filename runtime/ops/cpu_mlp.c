@@ -13,15 +13,7 @@ Built with -ffp-contract=off (cpu_linear.py builds both sources into one library
 #include <immintrin.h>
 #endif
 
-#define LANES 16
-#define COL_BLOCK 32
-
-static inline float finish(const float *acc, float tail) {
-    float s8[8], s4[4];
-    for (int i = 0; i < 8; ++i) s8[i] = acc[i] + acc[i + 8];
-    for (int i = 0; i < 4; ++i) s4[i] = s8[i] + s8[i + 4];
-    return ((s4[0] + s4[2]) + (s4[1] + s4[3])) + tail;
-}
+#include "cpu_fixed_order.h"
 
 /* fp32 -> the nearest bfloat16 (ties to even), returned as fp32; NaN stays NaN. */
 static inline float bf16_round(float v) {
