@@ -4,6 +4,13 @@ place so that the kernels cannot drift apart: a row's result must not depend on 
 #ifndef SOLC_CPU_FIXED_ORDER_H
 #define SOLC_CPU_FIXED_ORDER_H
 
+/* The AVX2 (no AVX-512) builds get hand-written loops: there, GCC spills the 16-lane sums of the
+generic loops (16 registers). Every path runs the same per-lane fmaf sequence, so the same bits. */
+#if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
+#define SOLC_AVX2 1
+#include <immintrin.h>
+#endif
+
 #define LANES 16
 #define COL_BLOCK 32
 

@@ -14,11 +14,75 @@ several rows: 4 x 4 register tiles) differ only in which elements they compute t
 #define ROW_TILE 4
 #define COL_TILE 4
 
+#ifdef SOLC_AVX2
+/* With AVX-512, GCC keeps the lane sums of gemv_block (16 x 16) and tile (4 x 4 x 16) in its 32
+registers; with AVX2's 16 registers it spills them every step (1.7x MKL's time on SmolLM2's 576 x 576).
+These kernels hold fewer outputs at once, each output's 16 lanes in two registers: the same per-lane
+fmaf sequence, so the same bits (tests/runtime/ops/test_cpu_linear.py builds each path and compares). */
+#define AVX2_ROWS 4
+static long gemv_rows_avx2(const float *x, const float *w, long K, long K16, long n, long n1, float *y) {
+    for (; n + AVX2_ROWS <= n1; n += AVX2_ROWS) {
+        __m256 lo[AVX2_ROWS], hi[AVX2_ROWS];
+        for (int c = 0; c < AVX2_ROWS; ++c) lo[c] = hi[c] = _mm256_setzero_ps();
+        for (long k = 0; k < K16; k += LANES) {
+            __m256 x0 = _mm256_loadu_ps(x + k), x1 = _mm256_loadu_ps(x + k + 8);
+            for (int c = 0; c < AVX2_ROWS; ++c) {
+                const float *wr = w + (n + c) * K + k;
+                lo[c] = _mm256_fmadd_ps(x0, _mm256_loadu_ps(wr), lo[c]);
+                hi[c] = _mm256_fmadd_ps(x1, _mm256_loadu_ps(wr + 8), hi[c]);
+            }
+        }
+        for (int c = 0; c < AVX2_ROWS; ++c) {
+            float acc[LANES], tail = 0;
+            _mm256_storeu_ps(acc, lo[c]);
+            _mm256_storeu_ps(acc + 8, hi[c]);
+            for (long k = K16; k < K; ++k) tail = __builtin_fmaf(x[k], w[(n + c) * K + k], tail);
+            y[n + c] = finish(acc, tail);
+        }
+    }
+    return n;
+}
+
+/* out[r, c] for rows r0, r0 + 1 of x and weight rows c0, c0 + 1 of w (a full tile's 2 x 2 quarter): 8
+registers of lane sums, the x and w vectors each loaded once per step for two outputs. */
+static void quarter_avx2(const float *x, long ldx, const float *w, long K, long K16, float *out, long ldo) {
+    __m256 lo[2][2], hi[2][2];
+    for (int r = 0; r < 2; ++r)
+        for (int c = 0; c < 2; ++c) lo[r][c] = hi[r][c] = _mm256_setzero_ps();
+    for (long k = 0; k < K16; k += LANES) {
+        __m256 w0 = _mm256_loadu_ps(w + k), w1 = _mm256_loadu_ps(w + k + 8);
+        __m256 v0 = _mm256_loadu_ps(w + K + k), v1 = _mm256_loadu_ps(w + K + k + 8);
+        for (int r = 0; r < 2; ++r) {
+            __m256 x0 = _mm256_loadu_ps(x + r * ldx + k), x1 = _mm256_loadu_ps(x + r * ldx + k + 8);
+            lo[r][0] = _mm256_fmadd_ps(x0, w0, lo[r][0]);
+            hi[r][0] = _mm256_fmadd_ps(x1, w1, hi[r][0]);
+            lo[r][1] = _mm256_fmadd_ps(x0, v0, lo[r][1]);
+            hi[r][1] = _mm256_fmadd_ps(x1, v1, hi[r][1]);
+        }
+    }
+    for (int r = 0; r < 2; ++r)
+        for (int c = 0; c < 2; ++c) {
+            float acc[LANES], tail = 0;
+            _mm256_storeu_ps(acc, lo[r][c]);
+            _mm256_storeu_ps(acc + 8, hi[r][c]);
+            for (long k = K16; k < K; ++k) tail = __builtin_fmaf(x[r * ldx + k], w[c * K + k], tail);
+            out[r * ldo + c] = finish(acc, tail);
+        }
+}
+#endif
+
 /* out[r * ldo + c] for rows r < rows of x and weight rows c < cols of w. The full 4 x 4 tile and the
 edge tiles run the same per-element sequence (acc[l] = fmaf(x, w, acc[l]) over k, then finish), so where an
 element lands does not change its value. */
 static inline void tile(const float *x, long ldx, int rows, const float *w, long K, int cols, long K16,
                         float *out, long ldo) {
+#ifdef SOLC_AVX2
+    if (rows == ROW_TILE && cols == COL_TILE) {
+        for (int r = 0; r < ROW_TILE; r += 2)
+            for (int c = 0; c < COL_TILE; c += 2) quarter_avx2(x + r * ldx, ldx, w + c * K, K, K16, out + r * ldo + c, ldo);
+        return;
+    }
+#endif
     float acc[ROW_TILE][COL_TILE][LANES] = {{{0}}};
     if (rows == 1 && cols == COL_TILE) {
         for (long k = 0; k < K16; k += LANES)
@@ -43,9 +107,13 @@ static inline void tile(const float *x, long ldx, int rows, const float *w, long
         }
 }
 
+
 /* y[n0:n1] for a single row x (a batch-1 decode step). */
 static void gemv_block(const float *x, const float *w, long K, long K16, long n0, long n1, float *y) {
     long n = n0;
+#ifdef SOLC_AVX2
+    n = gemv_rows_avx2(x, w, K, K16, n, n1, y);
+#endif
     for (; n + 16 <= n1; n += 16) {
         float acc[16][LANES] = {{0}};
         for (long k = 0; k < K16; k += LANES)

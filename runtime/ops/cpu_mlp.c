@@ -26,10 +26,41 @@ static inline float bf16_round(float v) {
     return v;
 }
 
+#ifdef SOLC_AVX2
+/* int8_block's loop for AVX2 (16 registers): 4 weight rows at a time, each row's 16 lanes in two
+registers, 16 int8 weights widened per row and step. */
+static long int8_rows_avx2(const float *x, const int8_t *q, const float *scale, long K, long K16, long n, long n1,
+                           float *y) {
+    for (; n + 4 <= n1; n += 4) {
+        __m256 lo[4], hi[4];
+        for (int c = 0; c < 4; ++c) lo[c] = hi[c] = _mm256_setzero_ps();
+        for (long k = 0; k < K16; k += LANES) {
+            __m256 x0 = _mm256_loadu_ps(x + k), x1 = _mm256_loadu_ps(x + k + 8);
+            for (int c = 0; c < 4; ++c) {
+                __m128i b = _mm_loadu_si128((const __m128i *)(q + (n + c) * K + k));
+                lo[c] = _mm256_fmadd_ps(x0, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b)), lo[c]);
+                hi[c] = _mm256_fmadd_ps(x1, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(b, 8))), hi[c]);
+            }
+        }
+        for (int c = 0; c < 4; ++c) {
+            float acc[LANES], tail = 0;
+            _mm256_storeu_ps(acc, lo[c]);
+            _mm256_storeu_ps(acc + 8, hi[c]);
+            for (long k = K16; k < K; ++k) tail = __builtin_fmaf(x[k], (float)q[(n + c) * K + k], tail);
+            y[n + c] = bf16_round(finish(acc, tail) * scale[n + c]);
+        }
+    }
+    return n;
+}
+#endif
+
 /* y[n0:n1] = bf16(scale[n] * sum_k x[k] * q[n, k]) for one row x. */
 static void int8_block(const float *x, const int8_t *q, const float *scale, long K, long K16, long n0, long n1,
                        float *y) {
     long n = n0;
+#ifdef SOLC_AVX2
+    n = int8_rows_avx2(x, q, scale, K, K16, n, n1, y);
+#endif
     for (; n + 16 <= n1; n += 16) {
         float acc[16][LANES] = {{0}};
 #ifdef __AVX512F__

@@ -1,5 +1,9 @@
 """runtime.ops.cpu_linear (the CPU kernel of solc::linear): equal to F.linear up to summation order, and a
 row's bits do not depend on its batch mates, the row count, its tile or the thread count's split."""
+import ctypes
+import os
+import platform
+import subprocess
 import warnings
 
 import pytest
@@ -110,3 +114,62 @@ def test_another_cpu_gets_another_build(monkeypatch, tmp_path):
     here = cpu_linear.library_path()
     monkeypatch.setattr(cpu_linear, "_cpu_features", lambda: "flags : sse2")
     assert cpu_linear.library_path() != here
+
+
+def _isa_builds():
+    """-march targets this CPU can run, each selecting another code path of the kernels: the generic
+    loops without fused multiply-add hardware (x86-64: fmaf in software), AVX2's hand-written loops
+    (x86-64-v3), AVX-512 (x86-64-v4)."""
+    if platform.machine() != "x86_64":
+        return []
+    flags = set(cpu_linear._cpu_features().split())
+    marches = ["x86-64"]
+    if {"avx2", "fma"} <= flags:
+        marches.append("x86-64-v3")
+    if {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags:
+        marches.append("x86-64-v4")
+    return marches
+
+
+def _build_for(march, tmp_path):
+    out = tmp_path / f"kernels-{march}.so"
+    flags = [f if f != "-march=native" else f"-march={march}" for f in cpu_linear.CFLAGS]
+    try:
+        subprocess.run([os.environ.get("CC", "cc"), *flags, *map(str, cpu_linear.SOURCES), "-o", str(out)],
+                       check=True, capture_output=True)
+    except (OSError, subprocess.CalledProcessError) as e:
+        pytest.skip(f"no C compiler for -march={march}: {e}")
+    lib = ctypes.CDLL(str(out))
+    for name, argtypes in cpu_linear.SIGNATURES.items():
+        getattr(lib, name).argtypes, getattr(lib, name).restype = argtypes, None
+    return lib
+
+
+def test_every_instruction_set_path_gives_the_same_bits(tmp_path):
+    """The machine a row runs on must not change its result: each -march build of the kernels (generic,
+    AVX2, AVX-512 loops) gives the same bits for the fp32 linear (one row, full and edge tiles) and the
+    int8 linear, with K tails."""
+    marches = _isa_builds()
+    if len(marches) < 2:
+        pytest.skip("needs an x86-64 CPU with AVX2 (two code paths to compare)")
+    g = torch.Generator().manual_seed(7)
+    results = {}
+    for march in marches:
+        lib = _build_for(march, tmp_path)
+        got = []
+        for rows, n, k in [(1, 70, 600), (1, 64, 576), (9, 37, 100), (16, 32, 64)]:
+            x, w = torch.randn(rows, k, generator=g), torch.randn(n, k, generator=g)
+            y = torch.empty(rows, n)
+            lib.solc_linear_f32(x.data_ptr(), k, w.data_ptr(), None, y.data_ptr(), rows, n, k, 1)
+            q = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
+            scale = torch.rand(n, generator=g) * 0.02
+            xb = x.to(torch.bfloat16).float()
+            y8 = torch.empty(rows, n)
+            lib.solc_int8_linear(xb.data_ptr(), k, q.data_ptr(), scale.data_ptr(), y8.data_ptr(), rows, n, k, 1)
+            got += [y, y8]
+        g.manual_seed(7)  # the next build sees the same inputs
+        results[march] = got
+    first = results[marches[0]]
+    for march in marches[1:]:
+        for i, (a, b) in enumerate(zip(first, results[march])):
+            assert torch.equal(a, b), f"-march={march} differs from -march={marches[0]} in result {i}"
