@@ -50,7 +50,10 @@ the start and probed once per round beside the rows; the floors use the best ove
     key min/max of every visible page;
   policy rows add the policy network's parameters.
 It is a lower bound: with GQA each query head picks its own pages and at batch > 1 rows keep different
-MLP columns, so the union read can be larger; quant (bits) changes no bytes read (activations only).
+MLP columns, so the union read can be larger. In weight-quant mode (the default) a row at b < 16 bits
+reads the MLP's b-bit copies instead of its fp32 weights (int8: 1 byte an element + per-channel scales;
+int4: half a byte + per-group scale/zero; `runtime.cost_model.BytesCostModel`'s count); a batch whose rows
+use several bit-widths reads each copy once. In activation mode bits change no bytes read.
 
 Prints a table and writes JSON + CSV (command, device, torch version, date, bandwidth in both) under --out.
 """
@@ -78,6 +81,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import solc  # noqa: E402
 from runtime import hf_adapter  # noqa: E402
+from runtime.cost_model import BytesCostModel  # noqa: E402
 from runtime.dispatch import StepDispatcher  # noqa: E402
 from runtime.generate import budget_targets  # noqa: E402
 from runtime.ops.reference import PAGE_SIZE, keep_count, page_stats  # noqa: E402
@@ -188,17 +192,24 @@ class Floor:
         self.untied_embedding = 0 if shape["tie_word_embeddings"] else sol.token_embedding.numel() * self.itemsize
         self.dense_weights = dense_weights
         self.mlp_sites = sol.info["mlp_sites"]
+        self.bytes_model = BytesCostModel.for_model(sol)  # its MLP byte count (fp32 and low-bit copies)
         self.attn_sites = sol.info["attention_sites"]
         self.policy_bytes = policy_bytes
 
-    def weights(self, mlp_keeps: list[float], batch: int) -> int:
-        """Weights read by one step whose rows keep these MLP fractions (the widest row's columns:
-        a lower bound on the union)."""
+    def weights(self, acts: list, batch: int) -> int:
+        """Weights read by one step whose rows run these actions: per MLP weight copy used (fp32, or the
+        b-bit copy in weight-quant mode), the widest row's kept columns (a lower bound on the union)."""
         total = self.dense_weights - self.untied_embedding + batch * self.d * self.itemsize
-        for site in self.mlp_sites:
-            kept = max(keep_count(k, site.d_in) for k in mlp_keeps)
-            total -= (site.d_in - kept) * site.d_hidden * MLP_IN_FACTOR[site.kind] * self.itemsize
-        return total
+        for site in self.mlp_sites:  # the fp32 MLP weights, re-added below per copy the rows read
+            total -= site.d_in * site.d_hidden * (MLP_IN_FACTOR[site.kind] + 1) * self.itemsize
+        low_bit = self.bytes_model.quant_mode == "weight"
+        copies: dict[int, float] = {}  # bits of the copy -> widest keep of the rows reading it
+        for a in acts:
+            bits = a.bits if low_bit and a.bits < 16 else 16
+            copies[bits] = max(copies.get(bits, 0.0), a.mlp)
+        for bits, keep in copies.items():
+            total += sum(self.bytes_model._mlp_bytes(layer, keep, bits) for layer in self.bytes_model.layers)
+        return int(total)
 
     def kv(self, attn_keep: float, kv_len: int) -> int:
         """KV-cache bytes one row reads at this attention keep."""
@@ -218,7 +229,7 @@ class Floor:
     def step_bytes(self, actions: list[int], kv_len: int, with_policy: bool = False) -> int:
         """Bytes of one step whose rows run `actions` (one action index per row)."""
         acts = [self.sol.space[a] for a in actions]
-        total = self.weights([a.mlp for a in acts], len(acts)) + sum(self.kv(a.attn, kv_len) for a in acts)
+        total = self.weights(acts, len(acts)) + sum(self.kv(a.attn, kv_len) for a in acts)
         return total + (self.policy_bytes if with_policy else 0)
 
 
