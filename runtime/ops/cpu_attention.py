@@ -41,6 +41,9 @@ from runtime.ops.step_hints import StepHints
 # streamed read per page (measured on the development CPU, SmolLM2 shapes: the crossover sits near
 # G * k = 0.6 n), so the gather form runs while G * k * GATHER_COST < n.
 GATHER_COST = 1.6
+# fp32 steps run the C kernel (cpu_attention.c) when the kernel library builds; the torch forms below
+# run for fp64 / bf16, without a compiler, and when this is False (tests pin each form).
+C_KERNEL = True
 # Up to this many rows, the new key/value and its page statistics are written with per-row slices (a
 # handful of ops per row); above it, with the reference's batched scatter/gather (a fixed dozen ops).
 SLICE_WRITE_MAX_ROWS = 2
@@ -101,6 +104,10 @@ def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, page_min: Tens
     Rows at the same position keeping the same number of pages form a group computed by one set of
     batched ops (bmm, kthvalue, index_select, embedding_bag treat each (row, head) on its own, with the
     same kernel as a group of one: a row's bits do not depend on its group)."""
+    if C_KERNEL and _c_kernel_supports(q, k_cache, v_cache, page_min, page_max):
+        fn = _c_kernel()
+        if fn is not None:
+            return _c_attention(fn, q, k_cache, v_cache, page_min, page_max, positions, keeps, scale)
     B = q.shape[0]
     groups: dict[tuple[int, Optional[int]], list[int]] = {}
     for b, (p, keep) in enumerate(zip(positions, keeps)):
@@ -112,6 +119,35 @@ def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, page_min: Tens
     for (p, k_pages), rows in groups.items():
         sel = torch.tensor(rows)
         out[sel] = _group(q[sel], k_cache, v_cache, page_min, page_max, rows, p, k_pages, scale)
+    return out
+
+
+def _c_kernel():
+    from runtime.ops import cpu_linear  # the library of every CPU kernel
+
+    lib = cpu_linear.library()
+    return None if lib is None else lib.solc_decode_attention
+
+
+def _c_kernel_supports(q, k_cache, v_cache, page_min, page_max) -> bool:
+    return (all(t.dtype == torch.float32 and t.is_contiguous() for t in (q, k_cache, v_cache, page_min, page_max))
+            and q.shape[1] % k_cache.shape[1] == 0)
+
+
+def _c_attention(fn, q: Tensor, k_cache: Tensor, v_cache: Tensor, page_min: Tensor, page_max: Tensor,
+                 positions: list[int], keeps: list[float], scale: float) -> Tensor:
+    """Every row in one call of the C kernel (cpu_attention.c): dense or sparse per row, from the cache."""
+    B, Hq, _, D = q.shape
+    Hkv, S, P = k_cache.shape[1], k_cache.shape[2], page_min.shape[2]
+    G = Hq // Hkv
+    kept = torch.tensor([_kept_page_count(p, keep) or 0 for p, keep in zip(positions, keeps)], dtype=torch.int64)
+    pos = torch.tensor(positions, dtype=torch.int64)
+    per_task = G * (S + P) + 2 * P + S
+    scratch = _BUFFERS.get("c_scratch", B * Hkv * per_task, torch.float32)
+    out = torch.empty_like(q)
+    fn(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), page_min.data_ptr(), page_max.data_ptr(), pos.data_ptr(),
+       kept.data_ptr(), B, Hq, Hkv, S, P, D, scale, out.data_ptr(), scratch.data_ptr(), per_task,
+       torch.get_num_threads())
     return out
 
 

@@ -30,8 +30,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-# One library of fixed-order kernels: this module's linear and solc::mlp's (runtime/ops/cpu_mlp.py).
-SOURCES = (Path(__file__).with_name("cpu_linear.c"), Path(__file__).with_name("cpu_mlp.c"))
+# One library of the CPU kernels: this module's linear, solc::mlp's (runtime/ops/cpu_mlp.py) and
+# solc::attention's decode kernel (runtime/ops/cpu_attention.py).
+SOURCES = tuple(Path(__file__).with_name(name) for name in ("cpu_linear.c", "cpu_mlp.c", "cpu_attention.c"))
 HEADERS = (Path(__file__).with_name("cpu_fixed_order.h"),)  # included by both: part of the build's key
 # -ffp-contract=off: no path may fuse a multiply-add that another path does not (see the sources).
 CFLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-fPIC", "-shared")
@@ -42,6 +43,7 @@ _P, _L, _I = ctypes.c_void_p, ctypes.c_long, ctypes.c_int
 SIGNATURES = {  # C function -> argument types (all return void)
     "solc_linear_f32": [_P, _L, _P, _P, _P, _L, _L, _L, _I],
     "solc_int8_linear": [_P, _L, _P, _P, _P, _L, _L, _L, _I],
+    "solc_decode_attention": [_P, _P, _P, _P, _P, _P, _P, _L, _L, _L, _L, _L, _L, ctypes.c_float, _P, _P, _L, _I],
 }
 
 

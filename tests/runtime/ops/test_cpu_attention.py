@@ -58,9 +58,15 @@ def _check(out, caches, expected, exp_caches, dtype):
         assert torch.equal(got[visible], exp[visible])
 
 
-@pytest.fixture(params=["gather", "masked", "rule"])
+@pytest.fixture(params=["c_kernel", "gather", "masked", "rule"])
 def sparse_form(request, monkeypatch):
-    """Pin the sparse form (or leave the rule choosing) so that both forms meet every case."""
+    """Pin the path: fp32's C kernel (cpu_attention.c), or the torch forms with the sparse form pinned (or
+    the rule choosing), so that every path meets every case."""
+    if request.param == "c_kernel":
+        if cpu_attention._c_kernel() is None:
+            pytest.skip("no C compiler: the kernel library does not build")
+        return request.param
+    monkeypatch.setattr(cpu_attention, "C_KERNEL", False)
     cost = {"gather": 0.0, "masked": math.inf, "rule": cpu_attention.GATHER_COST}[request.param]
     monkeypatch.setattr(cpu_attention, "GATHER_COST", cost)
     return request.param

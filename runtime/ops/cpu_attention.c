@@ -1,0 +1,198 @@
+/* solc::attention's CPU decode kernel (runtime/ops/cpu_attention.py): each row's one new query over its
+cache row, dense or Quest-sparse, reading only what the row's action keeps, in one call for the batch.
+
+Per (row, KV head), for its G query heads:
+  dense (kept == 0)  scores over the visible keys 0..p (each key row read once for the G heads), softmax,
+                     the probability-weighted sum of the value rows;
+  sparse (kept = k)  page scores sum_d max(q_d * max_d, q_d * min_d) from the page statistics, the k-th
+                     best score (ties at it keep every tied page: the reference's rule), then the same
+                     attention over the kept pages' keys <= p only, straight from the cache (no copies).
+Every (row, KV head) is computed on its own by the same code whatever the batch, the other rows' actions
+or the thread split, so a row's output has the same bits alone or in any batch (DESIGN invariant 6).
+The reference (reference.quest_decode) is the definition; this equals it up to float rounding
+(tests/runtime/ops/test_cpu_attention.py). fp32 only. */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#define PAGE 8
+
+typedef float v8f __attribute__((vector_size(32)));
+typedef int32_t v8i __attribute__((vector_size(32)));
+
+/* exp(x) for x <= 0 (scores minus their maximum), 8 at a time: Cephes' expf (range reduction by ln 2
+in two parts, a degree-6 polynomial, the exponent built in the bits), within 2 ulp of expf; below
+-87 it flushes to 0, as expf underflows. GCC's vector extensions compile it for the machine's width. */
+static inline v8f exp8(v8f x) {
+    const v8f lo = (v8f){0} - 87.0f;
+    v8i under = x < lo;
+    x = (v8f)(((v8i)x & ~under) | ((v8i)lo & under));
+    v8f n = x * 1.44269504088896341f + 12582912.0f;  /* round to nearest: 1.5 * 2^23 */
+    n = n - 12582912.0f;
+    v8f r = x - n * 0.693359375f;
+    r = r - n * -2.12194440e-4f;
+    v8f p = (v8f){0} + 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    v8f y = p * (r * r) + r + 1.0f;
+    v8i bits = (__builtin_convertvector(n, v8i) + 127) << 23;
+    y = y * (v8f)bits;
+    return (v8f)((v8i)y & ~under);
+}
+
+static inline float dot(const float *a, const float *b, long D) {
+    float acc[8] = {0};
+    long d = 0;
+    for (; d + 8 <= D; d += 8)
+        for (int l = 0; l < 8; ++l) acc[l] += a[d + l] * b[d + l];
+    float s = ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7]));
+    for (; d < D; ++d) s += a[d] * b[d];
+    return s;
+}
+
+/* Softmax of s[0:n] in place (unnormalised: exp(s - max)); returns the sum. */
+static float softmax_unnormalised(float *s, long n) {
+    float m = -INFINITY;
+    for (long t = 0; t < n; ++t) m = s[t] > m ? s[t] : m;
+    float sum8[8] = {0}, sum = 0;
+    long t = 0;
+    for (; t + 8 <= n; t += 8) {
+        v8f x;
+        memcpy(&x, s + t, sizeof x);
+        x = exp8(x - m);
+        memcpy(s + t, &x, sizeof x);
+        for (int l = 0; l < 8; ++l) sum8[l] += x[l];
+    }
+    if (t < n) {
+        v8f x = (v8f){0} - 88.0f;
+        memcpy(&x, s + t, (n - t) * sizeof(float));
+        for (long i = n - t; i < 8; ++i) x[i] = m - 88.0f;
+        x = exp8(x - m);
+        memcpy(s + t, &x, (n - t) * sizeof(float));
+        for (long i = 0; i < n - t; ++i) sum += x[i];
+    }
+    for (int l = 0; l < 8; ++l) sum += sum8[l];
+    return sum;
+}
+
+/* The k-th largest of v[0:n] (k >= 1), by quickselect on a copy in tmp. */
+static float kth_largest(const float *v, long n, long k, float *tmp) {
+    memcpy(tmp, v, n * sizeof(float));
+    long lo = 0, hi = n - 1, want = k - 1;
+    while (lo < hi) {
+        float pivot = tmp[lo + (hi - lo) / 2];
+        long i = lo, j = hi;
+        while (i <= j) {
+            while (tmp[i] > pivot) ++i;
+            while (tmp[j] < pivot) --j;
+            if (i <= j) {
+                float t = tmp[i];
+                tmp[i] = tmp[j];
+                tmp[j] = t;
+                ++i;
+                --j;
+            }
+        }
+        if (want <= j) hi = j;
+        else if (want >= i) lo = i;
+        else break;
+    }
+    return tmp[want];
+}
+
+/* A page's rows of one KV head (PAGE * D floats, contiguous) into the cache ahead of use. */
+static inline void prefetch_page(const float *rows, long D) {
+    for (long i = 0; i < PAGE * D; i += 16) __builtin_prefetch(rows + i);
+}
+
+/* out[D] = sum_t p[t] * v[keys[t]] * inv. */
+static void weighted_values(const float *p, const int32_t *keys, long n, const float *v, long D, float inv,
+                            float *out) {
+    for (long d = 0; d < D; ++d) out[d] = 0;
+    for (long t = 0; t < n; ++t) {
+        if (t % PAGE == 0 && t + PAGE < n) prefetch_page(v + (long)keys[t + PAGE] * D, D);
+        const float *row = v + keys[t] * D;
+        float w = p[t];
+        for (long d = 0; d < D; ++d) out[d] += w * row[d];
+    }
+    for (long d = 0; d < D; ++d) out[d] *= inv;
+}
+
+/* The dense form for the G heads at once: each value row read once. out[g, D] = sum_t p[g, t] v[t] * inv[g]. */
+static void weighted_values_heads(const float *p, long ldp, long G, long n, const float *v, long D, const float *inv,
+                                  float *out) {
+    for (long i = 0; i < G * D; ++i) out[i] = 0;
+    for (long t = 0; t < n; ++t) {
+        const float *row = v + t * D;
+        for (long g = 0; g < G; ++g) {
+            float w = p[g * ldp + t], *og = out + g * D;
+            for (long d = 0; d < D; ++d) og[d] += w * row[d];
+        }
+    }
+    for (long g = 0; g < G; ++g)
+        for (long d = 0; d < D; ++d) out[g * D + d] *= inv[g];
+}
+
+/* q [B, Hq, D]; caches [B, Hkv, S, D]; page stats [B, Hkv, P, D]; positions, kept_pages [B] (0: dense);
+out [B, Hq, D]. scratch: B * Hkv * scratch_per_task floats, scratch_per_task >= G * (S + P) + 2 * P + S. */
+void solc_decode_attention(const float *q, const float *k_cache, const float *v_cache, const float *page_min,
+                           const float *page_max, const int64_t *positions, const int64_t *kept_pages, long B,
+                           long Hq, long Hkv, long S, long P, long D, float scale, float *out, float *scratch,
+                           long scratch_per_task, int threads) {
+    long G = Hq / Hkv;
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 1) if (threads > 1)
+    for (long task = 0; task < B * Hkv; ++task) {
+        long b = task / Hkv, h = task % Hkv;
+        long p = positions[b], L = p + 1, n_pages = p / PAGE + 1, k = kept_pages[b];
+        const float *K = k_cache + task * S * D, *V = v_cache + task * S * D;
+        const float *qh = q + (b * Hq + h * G) * D;
+        float *o = out + (b * Hq + h * G) * D;
+        float *s = scratch + task * scratch_per_task;  /* [G, S] scores */
+        if (k == 0) {
+            for (long t = 0; t < L; ++t)
+                for (long g = 0; g < G; ++g) s[g * S + t] = dot(qh + g * D, K + t * D, D) * scale;
+            float inv[G];
+            for (long g = 0; g < G; ++g) inv[g] = 1.0f / softmax_unnormalised(s + g * S, L);
+            weighted_values_heads(s, S, G, L, V, D, inv, o);
+            continue;
+        }
+        float *page_score = s + G * S;           /* [G, P] */
+        float *tmp = page_score + G * P;         /* [P] */
+        int32_t *keys = (int32_t *)(tmp + P);    /* [S] kept keys, then [P] kept pages */
+        const float *hi_stats = page_max + task * P * D, *lo_stats = page_min + task * P * D;
+        /* max(q * M, q * m) == max(q, 0) * M + min(q, 0) * m (M >= m): the G heads' page scores in one
+        pass over the statistics. */
+        float qpos[G * D], qneg[G * D];
+        for (long i = 0; i < G * D; ++i) {
+            qpos[i] = qh[i] > 0 ? qh[i] : 0;
+            qneg[i] = qh[i] < 0 ? qh[i] : 0;
+        }
+        for (long j = 0; j < n_pages; ++j)
+            for (long g = 0; g < G; ++g)
+                page_score[g * P + j] = dot(qpos + g * D, hi_stats + j * D, D) + dot(qneg + g * D, lo_stats + j * D, D);
+        for (long g = 0; g < G; ++g) {
+            const float *qg = qh + g * D;
+            const float *ps = page_score + g * P;
+            float kth = kth_largest(ps, n_pages, k, tmp);
+            long n = 0;
+            float *sg = s + g * S;
+            long m = 0;  /* the kept pages, ascending (the softmax sums in the reference's key order) */
+            int32_t *pages = keys + S;  /* [P] */
+            for (long j = 0; j < n_pages; ++j)
+                if (ps[j] >= kth) pages[m++] = (int32_t)j;
+            for (long i = 0; i < m; ++i) {
+                if (i + 1 < m) prefetch_page(K + (long)pages[i + 1] * PAGE * D, D);  /* scattered pages: */
+                long j = pages[i], end = (j + 1) * PAGE < L ? (j + 1) * PAGE : L;  /* the prefetcher can't */
+                for (long t = j * PAGE; t < end; ++t) {
+                    keys[n] = (int32_t)t;
+                    sg[n++] = dot(qg, K + t * D, D) * scale;
+                }
+            }
+            float sum = softmax_unnormalised(sg, n);
+            weighted_values(sg, keys, n, V, D, 1.0f / sum, o + g * D);
+        }
+    }
+}
