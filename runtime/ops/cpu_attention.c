@@ -196,3 +196,24 @@ void solc_decode_attention(const float *q, const float *k_cache, const float *v_
         }
     }
 }
+
+/* Each row's new key/value (k, v [B, Hkv, D]) into the cache at its position, and the statistics of the
+page holding it recomputed over that page's keys <= the position (reference.write_kv then
+refresh_current_page; min/max are exact, so the same bits). */
+void solc_write_kv(const float *k, const float *v, float *k_cache, float *v_cache, float *page_min, float *page_max,
+                   const int64_t *positions, long B, long Hkv, long S, long P, long D) {
+    for (long task = 0; task < B * Hkv; ++task) {
+        long p = positions[task / Hkv], start = p - p % PAGE;
+        float *K = k_cache + task * S * D;
+        memcpy(K + p * D, k + task * D, D * sizeof(float));
+        memcpy(v_cache + (task * S + p) * D, v + task * D, D * sizeof(float));
+        float *mn = page_min + (task * P + p / PAGE) * D, *mx = page_max + (task * P + p / PAGE) * D;
+        for (long d = 0; d < D; ++d) mn[d] = mx[d] = K[start * D + d];
+        for (long t = start + 1; t <= p; ++t)
+            for (long d = 0; d < D; ++d) {
+                float x = K[t * D + d];
+                mn[d] = x < mn[d] || x != x ? x : mn[d];  /* NaN propagates, as in amin/amax */
+                mx[d] = x > mx[d] || x != x ? x : mx[d];
+            }
+    }
+}

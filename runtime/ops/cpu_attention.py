@@ -82,6 +82,32 @@ def supports(q: Tensor, k_cache: Tensor, v_cache: Tensor) -> bool:
     )
 
 
+def write_step(k_cache: Tensor, v_cache: Tensor, page_min: Tensor, page_max: Tensor, k: Tensor, v: Tensor,
+               positions: list[int], position_tensor: Tensor) -> None:
+    """A decode step's cache write: each row's new key/value at its position, and the statistics of the
+    page that holds it refreshed (reference.write_kv + refresh_current_page): one C call for fp32, else
+    per-row slices for few rows, the reference's batched ops for more."""
+    if C_KERNEL and all(t.dtype == torch.float32 and t.is_contiguous()
+                        for t in (k_cache, v_cache, page_min, page_max, k, v)):
+        from runtime.ops import cpu_linear
+
+        lib = cpu_linear.library()
+        if lib is not None:
+            pos = torch.tensor(positions, dtype=torch.int64)
+            B, Hkv, S, D = k_cache.shape
+            lib.solc_write_kv(k.data_ptr(), v.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), page_min.data_ptr(),
+                              page_max.data_ptr(), pos.data_ptr(), B, Hkv, S, page_min.shape[2], D)
+            return
+    if len(positions) <= SLICE_WRITE_MAX_ROWS:
+        write_and_refresh(k_cache, v_cache, page_min, page_max, k, v, positions)
+    else:
+        from runtime.ops.library import write_kv
+        from runtime.ops.reference import refresh_current_page
+
+        write_kv(k_cache, v_cache, k, v, position_tensor)
+        refresh_current_page(page_min, page_max, k_cache, position_tensor)
+
+
 def write_and_refresh(k_cache: Tensor, v_cache: Tensor, page_min: Tensor, page_max: Tensor, k: Tensor, v: Tensor,
                       positions: list[int], page_size: int = PAGE_SIZE) -> None:
     """Store one new key/value per row at its position and recompute the statistics of the page that

@@ -44,6 +44,7 @@ SIGNATURES = {  # C function -> argument types (all return void)
     "solc_linear_f32": [_P, _L, _P, _P, _P, _L, _L, _L, _I],
     "solc_int8_linear": [_P, _L, _P, _P, _P, _L, _L, _L, _I],
     "solc_decode_attention": [_P, _P, _P, _P, _P, _P, _P, _L, _L, _L, _L, _L, _L, ctypes.c_float, _P, _P, _L, _I],
+    "solc_write_kv": [_P, _P, _P, _P, _P, _P, _P, _L, _L, _L, _L, _L],
 }
 
 

@@ -79,11 +79,7 @@ def attention_impl(
     hints = step_hints.current()
     if cpu_fast_paths() and cpu_attention.supports(q, k_cache, v_cache):  # a CPU decode step: read only what the action keeps
         keeps, rows_pos = cpu_attention.host_levels(keep, positions, hints)
-        if len(rows_pos) <= cpu_attention.SLICE_WRITE_MAX_ROWS:
-            cpu_attention.write_and_refresh(k_cache, v_cache, page_min, page_max, k, v, rows_pos)
-        else:
-            write_kv(k_cache, v_cache, k, v, positions)
-            reference.refresh_current_page(page_min, page_max, k_cache, positions)
+        cpu_attention.write_step(k_cache, v_cache, page_min, page_max, k, v, rows_pos, positions)
         return cpu_attention.decode_attention(q, k_cache, v_cache, page_min, page_max, rows_pos, keeps, scale)
     write_kv(k_cache, v_cache, k, v, positions)
     decode = q.shape[2] == 1
