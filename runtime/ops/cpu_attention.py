@@ -2,7 +2,15 @@
 
 The reference (`reference.quest_decode`) scores every page, builds a key mask over the whole cache and
 runs a masked softmax over all keys: it reads everything the action was meant to skip. This path reads
-only what the action keeps:
+only what the action keeps.
+
+fp32 (the CPU default) runs the C kernel `cpu_attention.c` (built into the library of `cpu_linear`): the
+whole batch in one call, each (row, KV head) on its own, dense or sparse per row; the cache write and the
+page-statistics refresh are one more C call (`write_step`). Sparse rows score the pages from their
+min/max for the G query heads in one pass, take the k-th best score by quickselect (ties kept), and
+attend over the kept pages' keys straight from the cache, prefetching the next kept page (scattered
+2 KB blocks defeat the hardware prefetcher). Its softmax uses a vectorised exp within 2 ulp of expf.
+fp64, bf16, and machines without a C compiler run the torch forms:
 
   dense rows (keep == 1, or every visible page kept)  one [G, D] @ [D, L] matmul per (row, KV head) over
                             the visible keys, softmax, @ V: no sort, no page scan, no mask
