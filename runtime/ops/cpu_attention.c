@@ -11,6 +11,8 @@ Every (row, KV head) is computed on its own by the same code whatever the batch,
 or the thread split, so a row's output has the same bits alone or in any batch (DESIGN invariant 6).
 The reference (reference.quest_decode) is the definition; this equals it up to float rounding
 (tests/runtime/ops/test_cpu_attention.py). fp32 only. */
+#pragma GCC optimize("fp-contract=fast")  /* fused multiply-adds: this kernel is checked against the
+                                            reference within a tolerance, not bit for bit */
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
@@ -121,16 +123,46 @@ static void weighted_values(const float *p, const int32_t *keys, long n, const f
     for (long d = 0; d < D; ++d) out[d] *= inv;
 }
 
-/* The dense form for the G heads at once: each value row read once. out[g, D] = sum_t p[g, t] v[t] * inv[g]. */
+/* The dense form for up to 4 heads at once, in chunks of 32 channels: each value row is read once, and a
+chunk's sums (NH x 4 vectors) stay in registers over all the tokens. out[g, D] = sum_t p[g, t] v[t] * inv[g]. */
+#define VALUE_HEADS(NH)                                                                                      \
+    static void values_##NH(const float *p, long ldp, long n, const float *v, long D, long d0, float *out) { \
+        v8f acc[NH][4] = {{{0}}};                                                                            \
+        for (long t = 0; t < n; ++t) {                                                                       \
+            v8f row[4];                                                                                      \
+            memcpy(row, v + t * D + d0, sizeof row);                                                         \
+            for (int g = 0; g < NH; ++g) {                                                                   \
+                float w = p[g * ldp + t];                                                                    \
+                for (int c = 0; c < 4; ++c) acc[g][c] += w * row[c];                                         \
+            }                                                                                                \
+        }                                                                                                    \
+        for (int g = 0; g < NH; ++g) memcpy(out + g * D + d0, acc[g], sizeof acc[g]);                        \
+    }
+VALUE_HEADS(1)
+VALUE_HEADS(2)
+VALUE_HEADS(3)
+VALUE_HEADS(4)
+
 static void weighted_values_heads(const float *p, long ldp, long G, long n, const float *v, long D, const float *inv,
                                   float *out) {
-    for (long i = 0; i < G * D; ++i) out[i] = 0;
-    for (long t = 0; t < n; ++t) {
-        const float *row = v + t * D;
-        for (long g = 0; g < G; ++g) {
-            float w = p[g * ldp + t], *og = out + g * D;
-            for (long d = 0; d < D; ++d) og[d] += w * row[d];
+    long g0 = 0;
+    if (D % 32 == 0)
+        for (; g0 < G; g0 += 4) {
+            long nh = G - g0 < 4 ? G - g0 : 4;
+            for (long d0 = 0; d0 < D; d0 += 32) {
+                const float *pg = p + g0 * ldp;
+                float *og = out + g0 * D;
+                if (nh == 1) values_1(pg, ldp, n, v, D, d0, og);
+                else if (nh == 2) values_2(pg, ldp, n, v, D, d0, og);
+                else if (nh == 3) values_3(pg, ldp, n, v, D, d0, og);
+                else values_4(pg, ldp, n, v, D, d0, og);
+            }
         }
+    for (long g = g0; g < G; ++g) {  /* head dims that are not a multiple of 32 */
+        float *og = out + g * D;
+        for (long d = 0; d < D; ++d) og[d] = 0;
+        for (long t = 0; t < n; ++t)
+            for (long d = 0; d < D; ++d) og[d] += p[g * ldp + t] * v[t * D + d];
     }
     for (long g = 0; g < G; ++g)
         for (long d = 0; d < D; ++d) out[g * D + d] *= inv[g];
