@@ -122,3 +122,46 @@ void solc_int8_linear(const float *x, long ldx, const int8_t *q, const float *sc
         for (long r = 0; r < M; ++r) int8_block(x + r * ldx, q, scale, K, K16, n0, n1, y + r * N);
     }
 }
+
+/* Row-skipping GEMVs for pruned MLP inputs: y[r, :N] = sum over row r's kept channels k (idx[off[r] ..
+off[r + 1]), ascending) of x[r, k] * W^T[k, :N]. Each output element is one multiply-then-add chain in
+the bag's order, for every row alike (a row's result is a function of that row alone, on any machine).
+Each kept weight row is one contiguous stream; the next one is prefetched (the jumps between kept rows
+defeat the hardware prefetcher). The row's N sums stay in L1 (12 KB for SmolLM2's gate/up). */
+static inline void prefetch_row(const void *row, long bytes) {
+    for (long b = 0; b < bytes && b < 1024; b += 64) __builtin_prefetch((const char *)row + b);
+}
+
+void solc_rowskip_f32(const float *x, long ldx, const int64_t *idx, const int64_t *off, const float *wt, float *y,
+                      long M, long N, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1 && M > 1)
+    for (long r = 0; r < M; ++r) {
+        float *yr = y + r * N;
+        for (long n = 0; n < N; ++n) yr[n] = 0;
+        for (long i = off[r]; i < off[r + 1]; ++i) {
+            if (i + 1 < off[r + 1]) prefetch_row(wt + idx[i + 1] * N, N * 4);
+            const float *w = wt + idx[i] * N;
+            float a = x[r * ldx + idx[i]];
+            for (long n = 0; n < N; ++n) yr[n] += a * w[n];
+        }
+    }
+}
+
+/* The int8 form over `quant_primitives.int8_rows` (uint8 [K, N + 8]: the int8 value + 128, then a row
+scale of 1 and bias of -128 that this kernel does not need): x (already on the bf16 grid) times the
+int8 values, summed as above, then times the output channel's scale and rounded to bf16. */
+void solc_rowskip_int8(const float *x, long ldx, const int64_t *idx, const int64_t *off, const uint8_t *rows,
+                       const float *scale, float *y, long M, long N, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1 && M > 1)
+    for (long r = 0; r < M; ++r) {
+        float *yr = y + r * N;
+        for (long n = 0; n < N; ++n) yr[n] = 0;
+        for (long i = off[r]; i < off[r + 1]; ++i) {
+            if (i + 1 < off[r + 1]) prefetch_row(rows + idx[i + 1] * (N + 8), N);
+            const uint8_t *w = rows + idx[i] * (N + 8);
+            float a = x[r * ldx + idx[i]];
+            for (long n = 0; n < N; ++n) yr[n] += a * (float)((int)w[n] - 128);
+        }
+        for (long n = 0; n < N; ++n) yr[n] = bf16_round(yr[n] * scale[n]);
+    }
+}

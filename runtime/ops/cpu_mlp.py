@@ -71,21 +71,38 @@ def _bags(x: Tensor, keeps: list[float], values: Optional[Tensor] = None) -> tup
 
 
 def _rowskip(x: Tensor, keeps: list[float], wt: Tensor, values: Optional[Tensor] = None) -> Tensor:
-    """[m, N] = each row's kept channels of x [m, d] times their rows of wt [d, N], summed: embedding_bag
-    sums each bag on its own, in the bag's (ascending) order. (A plain C loop over the kept rows ran at
-    ~1.4x its time: FBGEMM's kernel is hard to beat here.)"""
+    """[m, N] = each row's kept channels of x [m, d] times their rows of wt [d, N], summed in the bag's
+    (ascending) order, each row on its own: cpu_mlp.c's solc_rowskip_f32 (fp32), else embedding_bag
+    (FBGEMM; also one bag at a time)."""
     flat, offsets, weights = _bags(x, keeps, values)
-    return F.embedding_bag(flat, wt, offsets[:-1], mode="sum", per_sample_weights=weights)
+    lib = cpu_linear.library()
+    if lib is None or x.dtype != torch.float32 or wt.dtype != torch.float32 or not wt.is_contiguous():
+        return F.embedding_bag(flat, wt, offsets[:-1], mode="sum", per_sample_weights=weights)
+    xs = (x if values is None else values).contiguous()
+    y = torch.empty(x.shape[0], wt.shape[1], dtype=torch.float32)
+    lib.solc_rowskip_f32(xs.data_ptr(), xs.shape[1], flat.data_ptr(), offsets.data_ptr(), wt.data_ptr(), y.data_ptr(),
+                         x.shape[0], wt.shape[1], torch.get_num_threads())
+    return y
 
 
 def _rowskip_int8(x: Tensor, keeps: list[float], rows: Tensor, scale: Tensor) -> Tensor:
-    """[m, N]: the int8 row-skipping GEMV: FBGEMM's byte-rowwise embedding_bag over `rows`
-    (`quant_primitives.int8_rows`: row scale 1 and bias -128 hold int8 rows exactly), rows selected on x
-    and weighted by x rounded to bf16; times the output channel scale, rounded to bf16 (fp32)."""
-    flat, offsets, weights = _bags(x, keeps, values=quant_primitives.to_bf16_grid(x, torch.float32))
-    y = torch.ops.quantized.embedding_bag_byte_rowwise_offsets(rows, flat, offsets[:-1], False, 0, False, weights,
-                                                               None, False)
-    return quant_primitives.to_bf16_grid(y * scale.float(), torch.float32)
+    """[m, N]: the int8 row-skipping GEMV over `rows` (`quant_primitives.int8_rows`: row scale 1 and bias
+    -128 hold int8 rows exactly), rows selected on x and weighted by x rounded to bf16; times the output
+    channel scale, rounded to bf16 (fp32). cpu_mlp.c's solc_rowskip_int8, else FBGEMM's byte-rowwise
+    embedding_bag."""
+    xb = quant_primitives.to_bf16_grid(x, torch.float32).contiguous()
+    flat, offsets, weights = _bags(x, keeps, values=xb)
+    lib = cpu_linear.library()
+    if lib is None:
+        y = torch.ops.quantized.embedding_bag_byte_rowwise_offsets(rows, flat, offsets[:-1], False, 0, False,
+                                                                   weights, None, False)
+        return quant_primitives.to_bf16_grid(y * scale.float(), torch.float32)
+    sc = scale.float().contiguous()  # held: the C call reads its memory
+    N = rows.shape[1] - 8
+    y = torch.empty(x.shape[0], N, dtype=torch.float32)
+    lib.solc_rowskip_int8(xb.data_ptr(), xb.shape[1], flat.data_ptr(), offsets.data_ptr(), rows.data_ptr(),
+                          sc.data_ptr(), y.data_ptr(), x.shape[0], N, torch.get_num_threads())
+    return y
 
 
 def _int8_linear(x: Tensor, q: Tensor, scale: Tensor) -> Tensor:
