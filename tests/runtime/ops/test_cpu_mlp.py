@@ -50,11 +50,15 @@ def _close_fake_quantized(got, want, dtype, bits):
     assert ((got - want).abs() <= step * 1.001 + noise).all()
 
 
+@pytest.mark.parametrize("row_skip_max", [cpu_mlp.ROW_SKIP_MAX_KEEP, 0.5], ids=["rule", "dense_at_0.8"])
 @pytest.mark.parametrize("quant", ["weight", "activation"])
 @pytest.mark.parametrize("kind,bias", [("gated", False), ("gated_fused", True), ("plain", True)])
 @pytest.mark.parametrize("rows", [1, 16])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_mixed_levels_match_the_reference(quant, kind, bias, rows, dtype):
+def test_mixed_levels_match_the_reference(quant, kind, bias, rows, dtype, row_skip_max, monkeypatch):
+    """Every kernel of every level: with the rule, keep 0.8 row-skips; pinned lower, it runs the dense
+    kernel of its bit level on the pruned input."""
+    monkeypatch.setattr(cpu_mlp, "ROW_SKIP_MAX_KEEP", row_skip_max)
     site = make_site(kind, dtype=dtype, bias=bias)
     x = torch.randn(rows, D).to(dtype)
     keep, bits = _levels(rows, quant, seed=rows)
