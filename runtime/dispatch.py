@@ -67,7 +67,27 @@ def direct_cpu_calls(gm: fx.GraphModule) -> fx.GraphModule:
             node.replace_all_uses_with(node.args[0])  # a cast to the dtype the value has: x.to() returns x
             graph.erase_node(node)
     graph.lint()
-    return fx.GraphModule(gm, graph, class_name=type(gm).__name__ + "DirectCPU")
+    return fx.GraphModule(_flat_attributes(gm, graph), graph, class_name=type(gm).__name__ + "DirectCPU")
+
+
+def _flat_attributes(gm: fx.GraphModule, graph: fx.Graph):
+    """A flat root for `graph`'s attributes (`_attr_<i>`, the same tensors, not copies) when every get_attr
+    is a tensor: the exported code reads `getattr(self.model.model.layers, "0").self_attn.q_proj.weight`,
+    six Module.__getattr__ calls per weight and step (2 ms of a SmolLM2 step), a flat name one."""
+    nodes = [n for n in graph.nodes if n.op == "get_attr"]
+    values = []
+    for node in nodes:
+        value = gm
+        for part in node.target.split("."):
+            value = getattr(value, part)
+        if not isinstance(value, torch.Tensor):
+            return gm
+        values.append(value)
+    root = {n.target: gm.get_submodule(n.target) for n in graph.nodes if n.op == "call_module"}  # export's guards
+    for i, (node, value) in enumerate(zip(nodes, values)):
+        node.target = f"_attr_{i}"
+        root[node.target] = value
+    return root
 
 
 def _dtype(node):
