@@ -47,6 +47,7 @@ SIGNATURES = {  # C function -> argument types (all return void)
     "solc_write_kv": [_P, _P, _P, _P, _P, _P, _P, _L, _L, _L, _L, _L],
     "solc_rowskip_f32": [_P, _L, _P, _P, _P, _P, _L, _L, _I],
     "solc_rowskip_int8": [_P, _L, _P, _P, _P, _P, _P, _L, _L, _I],
+    "solc_select_channels": [_P, _L, _L, _L, _P, _P, _P, _P],
 }
 
 

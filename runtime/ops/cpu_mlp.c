@@ -165,3 +165,50 @@ void solc_rowskip_int8(const float *x, long ldx, const int64_t *idx, const int64
         for (long n = 0; n < N; ++n) yr[n] = bf16_round(yr[n] * scale[n]);
     }
 }
+
+/* The kept channels of each row of x [M, d] (row r keeps k[r]): the k largest |x|, ties to the lower index
+(the reference's stable descending sort), written in ascending order to idx[off[r] .. off[r + 1]) with
+off[0] = 0. |x| is compared through its bits (monotonic for non-negative floats; NaN above inf, as
+torch sorts it). Only comparisons: the same set as the reference on any input. scratch: d uint32. */
+static uint32_t abs_key(float v) {
+    uint32_t u;
+    memcpy(&u, &v, 4);
+    return u & 0x7fffffffu;
+}
+
+void solc_select_channels(const float *x, long ldx, long M, long d, const int64_t *k, int64_t *idx, int64_t *off,
+                          uint32_t *scratch) {
+    off[0] = 0;
+    for (long r = 0; r < M; ++r) {
+        const float *xr = x + r * ldx;
+        long kr = k[r] < d ? k[r] : d, lo = 0, hi = d - 1, want = kr - 1;
+        for (long i = 0; i < d; ++i) scratch[i] = abs_key(xr[i]);
+        while (lo < hi) {  /* quickselect: scratch[want] = the kr-th largest key */
+            uint32_t pivot = scratch[lo + (hi - lo) / 2];
+            long i = lo, j = hi;
+            while (i <= j) {
+                while (scratch[i] > pivot) ++i;
+                while (scratch[j] < pivot) --j;
+                if (i <= j) {
+                    uint32_t t = scratch[i];
+                    scratch[i] = scratch[j];
+                    scratch[j] = t;
+                    ++i;
+                    --j;
+                }
+            }
+            if (want <= j) hi = j;
+            else if (want >= i) lo = i;
+            else break;
+        }
+        uint32_t thr = scratch[want];
+        long above = 0;
+        for (long i = 0; i < d; ++i) above += abs_key(xr[i]) > thr;
+        long ties = kr - above, n = off[r];
+        for (long i = 0; i < d; ++i) {
+            uint32_t key = abs_key(xr[i]);
+            if (key > thr || (key == thr && ties-- > 0)) idx[n++] = i;
+        }
+        off[r + 1] = n;
+    }
+}

@@ -57,31 +57,54 @@ def kept_channels(x: Tensor, keep: float) -> Tensor:
     return torch.sort(a, dim=-1, descending=True, stable=True).indices[:, :k]
 
 
+def _kept(x: Tensor, keeps: list[float]) -> tuple[Tensor, Tensor]:
+    """(kept channel indices of every row, flat int64; offsets [m + 1]): row i of x [m, d] keeps its
+    keep_count(keeps[i], d) largest |x| (ties to the lower index), in ascending order. fp32 rows: one C
+    call (cpu_mlp.c's solc_select_channels: comparisons only, the reference's set on any input); else
+    topk/sort."""
+    m, d = x.shape
+    lib = cpu_linear.library() if x.dtype == torch.float32 and x.device.type == "cpu" else None
+    if lib is not None:
+        xs = x.contiguous()
+        counts = torch.tensor([reference.keep_count(k, d) for k in keeps], dtype=torch.int64)
+        idx = torch.empty(int(counts.sum()), dtype=torch.int64)
+        offsets = torch.empty(m + 1, dtype=torch.int64)
+        scratch = torch.empty(d, dtype=torch.int32)
+        lib.solc_select_channels(xs.data_ptr(), xs.shape[1], m, d, counts.data_ptr(), idx.data_ptr(),
+                                 offsets.data_ptr(), scratch.data_ptr())
+        return idx, offsets
+    if len(set(keeps)) == 1:
+        idx = kept_channels(x, keeps[0]).sort(dim=-1).values
+        k = idx.shape[1]
+        return idx.reshape(-1), torch.arange(0, (m + 1) * k, k, device=x.device)
+    idx = [kept_channels(x[i:i + 1], k)[0].sort().values for i, k in enumerate(keeps)]
+    return torch.cat(idx), torch.tensor([0] + [len(j) for j in idx], device=x.device).cumsum(0)
+
+
+def _bag_rows(offsets: Tensor) -> Tensor:
+    """The row of each entry of a flat bag list with these offsets [m + 1]."""
+    return torch.repeat_interleave(torch.arange(offsets.numel() - 1, device=offsets.device), offsets.diff())
+
+
 def _bags(x: Tensor, keeps: list[float], values: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
     """Row-skipping GEMV inputs: (kept channel indices, flat; offsets [m + 1]; weights), one bag per row
     of x [m, d] holding its kept channels (own keep per row) in ascending order, chosen on x (as the
     reference prunes) and weighted by `values` (default x). Ascending order makes a row's sum order a
     function of its kept set alone, whichever selection path found the set."""
     values = x if values is None else values
-    m = x.shape[0]
-    if len(set(keeps)) == 1:
-        idx = kept_channels(x, keeps[0]).sort(dim=-1).values
-        k = idx.shape[1]
-        offsets = torch.arange(0, (m + 1) * k, k, device=x.device)
-        return idx.reshape(-1), offsets, values.gather(1, idx).reshape(-1)
-    idx = [kept_channels(x[i:i + 1], k)[0].sort().values for i, k in enumerate(keeps)]
-    offsets = torch.tensor([0] + [len(j) for j in idx], device=x.device).cumsum(0)
-    return torch.cat(idx), offsets, torch.cat([values[i, j] for i, j in enumerate(idx)])
+    flat, offsets = _kept(x, keeps)
+    return flat, offsets, values[_bag_rows(offsets), flat]
 
 
 def _rowskip(x: Tensor, keeps: list[float], wt: Tensor, values: Optional[Tensor] = None) -> Tensor:
     """[m, N] = each row's kept channels of x [m, d] times their rows of wt [d, N], summed in the bag's
     (ascending) order, each row on its own: cpu_mlp.c's solc_rowskip_f32 (fp32), else embedding_bag
     (FBGEMM; also one bag at a time)."""
-    flat, offsets, weights = _bags(x, keeps, values)
     lib = cpu_linear.library()
     if lib is None or x.dtype != torch.float32 or wt.dtype != torch.float32 or not wt.is_contiguous():
+        flat, offsets, weights = _bags(x, keeps, values)
         return F.embedding_bag(flat, wt, offsets[:-1], mode="sum", per_sample_weights=weights)
+    flat, offsets = _kept(x, keeps)
     xs = (x if values is None else values).contiguous()
     y = torch.empty(x.shape[0], wt.shape[1], dtype=torch.float32)
     lib.solc_rowskip_f32(xs.data_ptr(), xs.shape[1], flat.data_ptr(), offsets.data_ptr(), wt.data_ptr(), y.data_ptr(),
@@ -95,12 +118,13 @@ def _rowskip_int8(x: Tensor, keeps: list[float], rows: Tensor, scale: Tensor) ->
     channel scale, rounded to bf16 (fp32). cpu_mlp.c's solc_rowskip_int8, else FBGEMM's byte-rowwise
     embedding_bag."""
     xb = quant_primitives.to_bf16_grid(x, torch.float32).contiguous()
-    flat, offsets, weights = _bags(x, keeps, values=xb)
     lib = cpu_linear.library()
     if lib is None:
+        flat, offsets, weights = _bags(x, keeps, values=xb)
         y = torch.ops.quantized.embedding_bag_byte_rowwise_offsets(rows, flat, offsets[:-1], False, 0, False,
                                                                    weights, None, False)
         return quant_primitives.to_bf16_grid(y * scale.float(), torch.float32)
+    flat, offsets = _kept(x, keeps)
     sc = scale.float().contiguous()  # held: the C call reads its memory
     N = rows.shape[1] - 8
     y = torch.empty(x.shape[0], N, dtype=torch.float32)
@@ -130,10 +154,10 @@ def _pruned(x: Tensor, keeps: list[float]) -> Tensor:
     """`reference.prune_mlp_input` with each row's own keep, selecting by topk (no full sort)."""
     if all(k >= 1 for k in keeps):
         return x
+    flat, offsets = _kept(x, keeps)
+    rows = _bag_rows(offsets)
     out = torch.zeros_like(x)
-    for i, k in enumerate(keeps):
-        idx = kept_channels(x[i:i + 1], k)[0]
-        out[i, idx] = x[i, idx]
+    out[rows, flat] = x[rows, flat]
     return out
 
 

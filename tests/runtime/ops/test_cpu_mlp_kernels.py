@@ -4,7 +4,7 @@ torch's int8 kernel runs instead."""
 import pytest
 import torch
 
-from runtime.ops import cpu_linear, cpu_mlp, quant_primitives as qp
+from runtime.ops import cpu_linear, cpu_mlp, quant_primitives as qp, reference
 
 SHAPES = [(64, 96), (70, 45), (576, 3072)]  # (K, N): K with and without a tail past the 16-lane sums
 
@@ -89,3 +89,23 @@ def test_bags_hold_each_rows_kept_channels_in_ascending_order():
     assert weights.tolist() == [-3.0, 2.0, 4.0, 1.0]
     flat, offsets, _ = cpu_mlp._bags(x, [0.25, 0.75])
     assert flat.tolist() == [1, 0, 2, 3] and offsets.tolist() == [0, 1, 4]
+
+
+@pytest.mark.parametrize("d", [8, 100, 576])
+def test_c_channel_selection_is_the_references_set_with_ties(d):
+    """cpu_mlp.c's selection keeps the reference's channels (largest |x|, ties to the lower index), in
+    ascending order, each row its own count: integer-valued rows tie at almost every cut."""
+    if cpu_linear.library() is None:
+        pytest.skip("no C compiler")
+    g = torch.Generator().manual_seed(d)
+    x = torch.randint(-4, 5, (6, d), generator=g).float()
+    x[1] = torch.randn(d, generator=g)  # no ties
+    keeps = [0.4, 0.8, 0.1, 1.0, 0.55, 1 / d]
+    flat, offsets = cpu_mlp._kept(x, keeps)
+    for i, keep in enumerate(keeps):
+        got = flat[offsets[i]:offsets[i + 1]]
+        k = reference.keep_count(keep, d)  # the reference's rule: a stable descending sort of |x|
+        want = torch.sort(x[i].abs(), descending=True, stable=True).indices[:k].sort().values
+        assert torch.equal(got, want), i
+        assert torch.equal(reference.prune_mlp_input(x[i:i + 1], keep)[0].nonzero()[:, 0],
+                           want[x[i, want] != 0])  # and prune_mlp_input keeps exactly those
