@@ -17,6 +17,8 @@ The reference (reference.quest_decode) is the definition; this equals it up to f
 #include <stdint.h>
 #include <string.h>
 
+#include "cpu_select.h"
+
 #define PAGE 8
 
 typedef float v8f __attribute__((vector_size(32)));
@@ -80,30 +82,7 @@ static float softmax_unnormalised(float *s, long n) {
     return sum;
 }
 
-/* The k-th largest of v[0:n] (k >= 1), by quickselect on a copy in tmp. */
-static float kth_largest(const float *v, long n, long k, float *tmp) {
-    memcpy(tmp, v, n * sizeof(float));
-    long lo = 0, hi = n - 1, want = k - 1;
-    while (lo < hi) {
-        float pivot = tmp[lo + (hi - lo) / 2];
-        long i = lo, j = hi;
-        while (i <= j) {
-            while (tmp[i] > pivot) ++i;
-            while (tmp[j] < pivot) --j;
-            if (i <= j) {
-                float t = tmp[i];
-                tmp[i] = tmp[j];
-                tmp[j] = t;
-                ++i;
-                --j;
-            }
-        }
-        if (want <= j) hi = j;
-        else if (want >= i) lo = i;
-        else break;
-    }
-    return tmp[want];
-}
+SOLC_KTH_LARGEST(kth_largest, float)
 
 /* A page's rows of one KV head (PAGE * D floats, contiguous) into the cache ahead of use. */
 static inline void prefetch_page(const float *rows, long D) {
@@ -208,7 +187,8 @@ void solc_decode_attention(const float *q, const float *k_cache, const float *v_
         for (long g = 0; g < G; ++g) {
             const float *qg = qh + g * D;
             const float *ps = page_score + g * P;
-            float kth = kth_largest(ps, n_pages, k, tmp);
+            memcpy(tmp, ps, n_pages * sizeof(float));
+            float kth = kth_largest(tmp, n_pages, k);
             long n = 0;
             float *sg = s + g * S;
             long m = 0;  /* the kept pages, ascending (the softmax sums in the reference's key order) */

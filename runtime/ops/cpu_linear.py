@@ -33,7 +33,7 @@ from torch import Tensor
 # One library of the CPU kernels: this module's linear, solc::mlp's (runtime/ops/cpu_mlp.py) and
 # solc::attention's decode kernel (runtime/ops/cpu_attention.py).
 SOURCES = tuple(Path(__file__).with_name(name) for name in ("cpu_linear.c", "cpu_mlp.c", "cpu_attention.c"))
-HEADERS = (Path(__file__).with_name("cpu_fixed_order.h"),)  # included by both: part of the build's key
+HEADERS = tuple(Path(__file__).with_name(name) for name in ("cpu_fixed_order.h", "cpu_select.h"))  # part of the build's key
 # -ffp-contract=off: no path may fuse a multiply-add that another path does not (see the sources).
 CFLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-fPIC", "-shared")
 _lock = threading.Lock()

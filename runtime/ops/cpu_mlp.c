@@ -14,6 +14,7 @@ Built with -ffp-contract=off (cpu_linear.py builds both sources into one library
 #endif
 
 #include "cpu_fixed_order.h"
+#include "cpu_select.h"
 
 /* fp32 -> the nearest bfloat16 (ties to even), returned as fp32; NaN stays NaN. */
 static inline float bf16_round(float v) {
@@ -166,42 +167,27 @@ void solc_rowskip_int8(const float *x, long ldx, const int64_t *idx, const int64
     }
 }
 
-/* The kept channels of each row of x [M, d] (row r keeps k[r]): the k largest |x|, ties to the lower index
-(the reference's stable descending sort), written in ascending order to idx[off[r] .. off[r + 1]) with
-off[0] = 0. |x| is compared through its bits (monotonic for non-negative floats; NaN above inf, as
-torch sorts it). Only comparisons: the same set as the reference on any input. scratch: d uint32. */
+/* |x| as an ordered key: the bits of a non-negative float are monotonic in its value. */
 static uint32_t abs_key(float v) {
     uint32_t u;
     memcpy(&u, &v, 4);
     return u & 0x7fffffffu;
 }
 
+SOLC_KTH_LARGEST(kth_largest_key, uint32_t)
+
+/* The kept channels of each row of x [M, d] (row r keeps k[r]): the k largest |x|, ties to the lower index
+(the reference's stable descending sort), written in ascending order to idx[off[r] .. off[r + 1]) with
+off[0] = 0. |x| is compared through its bits (monotonic for non-negative floats; NaN above inf, as
+torch sorts it). Only comparisons: the same set as the reference on any input. scratch: d uint32. */
 void solc_select_channels(const float *x, long ldx, long M, long d, const int64_t *k, int64_t *idx, int64_t *off,
                           uint32_t *scratch) {
     off[0] = 0;
     for (long r = 0; r < M; ++r) {
         const float *xr = x + r * ldx;
-        long kr = k[r] < d ? k[r] : d, lo = 0, hi = d - 1, want = kr - 1;
+        long kr = k[r] < d ? k[r] : d;
         for (long i = 0; i < d; ++i) scratch[i] = abs_key(xr[i]);
-        while (lo < hi) {  /* quickselect: scratch[want] = the kr-th largest key */
-            uint32_t pivot = scratch[lo + (hi - lo) / 2];
-            long i = lo, j = hi;
-            while (i <= j) {
-                while (scratch[i] > pivot) ++i;
-                while (scratch[j] < pivot) --j;
-                if (i <= j) {
-                    uint32_t t = scratch[i];
-                    scratch[i] = scratch[j];
-                    scratch[j] = t;
-                    ++i;
-                    --j;
-                }
-            }
-            if (want <= j) hi = j;
-            else if (want >= i) lo = i;
-            else break;
-        }
-        uint32_t thr = scratch[want];
+        uint32_t thr = kth_largest_key(scratch, d, kr);
         long above = 0;
         for (long i = 0; i < d; ++i) above += abs_key(xr[i]) > thr;
         long ties = kr - above, n = off[r];
