@@ -75,19 +75,22 @@ def _flat_attributes(gm: fx.GraphModule, graph: fx.Graph):
     is a tensor: the exported code reads `getattr(self.model.model.layers, "0").self_attn.q_proj.weight`,
     six Module.__getattr__ calls per weight and step (2 ms of a SmolLM2 step), a flat name one."""
     nodes = [n for n in graph.nodes if n.op == "get_attr"]
-    values = []
-    for node in nodes:
-        value = gm
-        for part in node.target.split("."):
-            value = getattr(value, part)
-        if not isinstance(value, torch.Tensor):
-            return gm
-        values.append(value)
+    values = [_attribute(gm, n.target) for n in nodes]
+    if not all(isinstance(v, torch.Tensor) for v in values):
+        return gm
     root = {n.target: gm.get_submodule(n.target) for n in graph.nodes if n.op == "call_module"}  # export's guards
     for i, (node, value) in enumerate(zip(nodes, values)):
         node.target = f"_attr_{i}"
         root[node.target] = value
     return root
+
+
+def _attribute(gm: fx.GraphModule, target: str):
+    """The value a get_attr node's dotted target names on gm (None where a part is missing)."""
+    value = gm
+    for part in target.split("."):
+        value = getattr(value, part, None)
+    return value
 
 
 def _dtype(node):
@@ -99,9 +102,7 @@ def _dtypes_as_traced(gm: fx.GraphModule) -> bool:
     """Whether the weights still have the dtypes they were traced with (the node metadata is current)."""
     for node in gm.graph.nodes:
         if node.op == "get_attr" and _dtype(node) is not None:
-            value = gm
-            for part in node.target.split("."):
-                value = getattr(value, part, None)
+            value = _attribute(gm, node.target)
             if isinstance(value, torch.Tensor) and value.dtype != _dtype(node):
                 return False
     return True

@@ -95,17 +95,14 @@ def write_step(k_cache: Tensor, v_cache: Tensor, page_min: Tensor, page_max: Ten
     """A decode step's cache write: each row's new key/value at its position, and the statistics of the
     page that holds it refreshed (reference.write_kv + refresh_current_page): one C call for fp32, else
     per-row slices for few rows, the reference's batched ops for more."""
-    if C_KERNEL and all(t.dtype == torch.float32 and t.is_contiguous()
-                        for t in (k_cache, v_cache, page_min, page_max, k, v)):
-        from runtime.ops import cpu_linear
-
-        lib = cpu_linear.library()
-        if lib is not None:
-            pos = torch.tensor(positions, dtype=torch.int64)
-            B, Hkv, S, D = k_cache.shape
-            lib.solc_write_kv(k.data_ptr(), v.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), page_min.data_ptr(),
-                              page_max.data_ptr(), pos.data_ptr(), B, Hkv, S, page_min.shape[2], D)
-            return
+    lib = _library()
+    if lib is not None and all(t.dtype == torch.float32 and t.is_contiguous()
+                               for t in (k_cache, v_cache, page_min, page_max, k, v)):
+        pos = torch.tensor(positions, dtype=torch.int64)
+        B, Hkv, S, D = k_cache.shape
+        lib.solc_write_kv(k.data_ptr(), v.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), page_min.data_ptr(),
+                          page_max.data_ptr(), pos.data_ptr(), B, Hkv, S, page_min.shape[2], D)
+        return
     if len(positions) <= SLICE_WRITE_MAX_ROWS:
         write_and_refresh(k_cache, v_cache, page_min, page_max, k, v, positions)
     else:
@@ -138,10 +135,9 @@ def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, page_min: Tens
     Rows at the same position keeping the same number of pages form a group computed by one set of
     batched ops (bmm, kthvalue, index_select, embedding_bag treat each (row, head) on its own, with the
     same kernel as a group of one: a row's bits do not depend on its group)."""
-    if C_KERNEL and _c_kernel_supports(q, k_cache, v_cache, page_min, page_max):
-        fn = _c_kernel()
-        if fn is not None:
-            return _c_attention(fn, q, k_cache, v_cache, page_min, page_max, positions, keeps, scale)
+    lib = _library()
+    if lib is not None and _c_kernel_supports(q, k_cache, v_cache, page_min, page_max):
+        return _c_attention(lib, q, k_cache, v_cache, page_min, page_max, positions, keeps, scale)
     B = q.shape[0]
     groups: dict[tuple[int, Optional[int]], list[int]] = {}
     for b, (p, keep) in enumerate(zip(positions, keeps)):
@@ -156,11 +152,14 @@ def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, page_min: Tens
     return out
 
 
-def _c_kernel():
-    from runtime.ops import cpu_linear  # the library of every CPU kernel
+def _library():
+    """The C kernels' library (cpu_linear builds one for every CPU kernel), or None: C_KERNEL off (tests pin
+    the torch forms) or no compiler."""
+    if not C_KERNEL:
+        return None
+    from runtime.ops import cpu_linear  # not at import: it registers with runtime.ops.library, which imports us
 
-    lib = cpu_linear.library()
-    return None if lib is None else lib.solc_decode_attention
+    return cpu_linear.library()
 
 
 def _c_kernel_supports(q, k_cache, v_cache, page_min, page_max) -> bool:
@@ -168,7 +167,7 @@ def _c_kernel_supports(q, k_cache, v_cache, page_min, page_max) -> bool:
             and q.shape[1] % k_cache.shape[1] == 0)
 
 
-def _c_attention(fn, q: Tensor, k_cache: Tensor, v_cache: Tensor, page_min: Tensor, page_max: Tensor,
+def _c_attention(lib, q: Tensor, k_cache: Tensor, v_cache: Tensor, page_min: Tensor, page_max: Tensor,
                  positions: list[int], keeps: list[float], scale: float) -> Tensor:
     """Every row in one call of the C kernel (cpu_attention.c): dense or sparse per row, from the cache."""
     B, Hq, _, D = q.shape
@@ -179,9 +178,9 @@ def _c_attention(fn, q: Tensor, k_cache: Tensor, v_cache: Tensor, page_min: Tens
     per_task = G * (S + P) + 2 * P + S
     scratch = _BUFFERS.get("c_scratch", B * Hkv * per_task, torch.float32)
     out = torch.empty_like(q)
-    fn(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), page_min.data_ptr(), page_max.data_ptr(), pos.data_ptr(),
-       kept.data_ptr(), B, Hq, Hkv, S, P, D, scale, out.data_ptr(), scratch.data_ptr(), per_task,
-       torch.get_num_threads())
+    lib.solc_decode_attention(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), page_min.data_ptr(), page_max.data_ptr(), pos.data_ptr(),
+                              kept.data_ptr(), B, Hq, Hkv, S, P, D, scale, out.data_ptr(), scratch.data_ptr(),
+                              per_task, torch.get_num_threads())
     return out
 
 
