@@ -133,17 +133,28 @@ static inline void prefetch_row(const void *row, long bytes) {
     for (long b = 0; b < bytes && b < 1024; b += 64) __builtin_prefetch((const char *)row + b);
 }
 
+/* The work of one call is (row, column chunk) pairs: at batch 1 the threads split the columns (the
+chunk is a multiple of 16 floats, so no two threads write one cache line), each output still summed over
+all of the row's kept channels in the bag's order, so the split does not change a bit. */
+static long column_chunk(long M, long N, int threads) {
+    long per = M >= threads ? N : (N + threads - 1) / threads;
+    per = (per + 15) / 16 * 16;
+    return per < N ? per : N;
+}
+
 void solc_rowskip_f32(const float *x, long ldx, const int64_t *idx, const int64_t *off, const float *wt, float *y,
                       long M, long N, int threads) {
-#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1 && M > 1)
-    for (long r = 0; r < M; ++r) {
+    long chunk = column_chunk(M, N, threads), chunks = (N + chunk - 1) / chunk;
+#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1 && M * chunks > 1)
+    for (long job = 0; job < M * chunks; ++job) {
+        long r = job / chunks, n0 = job % chunks * chunk, n1 = n0 + chunk < N ? n0 + chunk : N;
         float *yr = y + r * N;
-        for (long n = 0; n < N; ++n) yr[n] = 0;
+        for (long n = n0; n < n1; ++n) yr[n] = 0;
         for (long i = off[r]; i < off[r + 1]; ++i) {
-            if (i + 1 < off[r + 1]) prefetch_row(wt + idx[i + 1] * N, N * 4);
+            if (i + 1 < off[r + 1]) prefetch_row(wt + idx[i + 1] * N + n0, (n1 - n0) * 4);
             const float *w = wt + idx[i] * N;
             float a = x[r * ldx + idx[i]];
-            for (long n = 0; n < N; ++n) yr[n] += a * w[n];
+            for (long n = n0; n < n1; ++n) yr[n] += a * w[n];
         }
     }
 }
@@ -153,17 +164,19 @@ scale of 1 and bias of -128 that this kernel does not need): x (already on the b
 int8 values, summed as above, then times the output channel's scale and rounded to bf16. */
 void solc_rowskip_int8(const float *x, long ldx, const int64_t *idx, const int64_t *off, const uint8_t *rows,
                        const float *scale, float *y, long M, long N, int threads) {
-#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1 && M > 1)
-    for (long r = 0; r < M; ++r) {
+    long chunk = column_chunk(M, N, threads), chunks = (N + chunk - 1) / chunk;
+#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1 && M * chunks > 1)
+    for (long job = 0; job < M * chunks; ++job) {
+        long r = job / chunks, n0 = job % chunks * chunk, n1 = n0 + chunk < N ? n0 + chunk : N;
         float *yr = y + r * N;
-        for (long n = 0; n < N; ++n) yr[n] = 0;
+        for (long n = n0; n < n1; ++n) yr[n] = 0;
         for (long i = off[r]; i < off[r + 1]; ++i) {
-            if (i + 1 < off[r + 1]) prefetch_row(rows + idx[i + 1] * (N + 8), N);
+            if (i + 1 < off[r + 1]) prefetch_row(rows + idx[i + 1] * (N + 8) + n0, n1 - n0);
             const uint8_t *w = rows + idx[i] * (N + 8);
             float a = x[r * ldx + idx[i]];
-            for (long n = 0; n < N; ++n) yr[n] += a * (float)((int)w[n] - 128);
+            for (long n = n0; n < n1; ++n) yr[n] += a * (float)((int)w[n] - 128);
         }
-        for (long n = 0; n < N; ++n) yr[n] = bf16_round(yr[n] * scale[n]);
+        for (long n = n0; n < n1; ++n) yr[n] = bf16_round(yr[n] * scale[n]);
     }
 }
 

@@ -162,3 +162,33 @@ def test_int8_row_skip_selects_channels_before_rounding_to_bf16():
     got = call(OP, x, keep, bits, site, "weight")
     want = call(reference.mlp, x, keep, bits, site, "weight")
     _close(got, want, torch.float32, "weight", bits)
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_row_skip_gives_the_same_bits_for_any_thread_count(rows):
+    """At batch 1 the threads split the output columns (cpu_mlp.c's column_chunk): each output is still
+    summed over the row's kept channels in one order, so 1, 2 and 3 threads give the same bits; a column
+    count that is not a multiple of 16 covers the last chunk's edge."""
+    from runtime.ops import quant_primitives
+
+    g = torch.Generator().manual_seed(11)
+    d, n = 96, 16 * 7 + 5
+    x = torch.randn(rows, d, generator=g)
+    wt = torch.randn(d, n, generator=g)
+    q = torch.randint(-127, 128, (n, d), generator=g, dtype=torch.int8)
+    scale = torch.rand(n, generator=g) + 0.5
+    in8_rows = quant_primitives.int8_rows(q)
+    keeps = [0.4, 0.7, 0.25][:rows]
+    old = torch.get_num_threads()
+    outs = []
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            outs.append((cpu_mlp._rowskip(x, keeps, wt), cpu_mlp._rowskip_int8(x, keeps, in8_rows, scale)))
+    finally:
+        torch.set_num_threads(old)
+    flat, offsets, weights = cpu_mlp._bags(x, keeps, None)
+    want = torch.nn.functional.embedding_bag(flat, wt, offsets[:-1], mode="sum", per_sample_weights=weights)
+    torch.testing.assert_close(outs[0][0], want, rtol=1e-5, atol=1e-5)  # the right sums, not just stable ones
+    for f32, int8 in outs[1:]:
+        assert torch.equal(f32, outs[0][0]) and torch.equal(int8, outs[0][1])
