@@ -82,6 +82,16 @@ def test_batch_of_one_equals_the_reference(dtype, hq, hkv, sparse_form):
             _check(*got, dtype)
 
 
+@pytest.mark.parametrize("D", [32, 64, 96, 128])
+@pytest.mark.parametrize("hq,hkv", [(9, 3), (10, 2), (4, 2)], ids=["G3", "G5", "G2"])
+def test_real_head_dims_equal_the_reference(D, hq, hkv, sparse_form):
+    """The head dims of real models: the C kernel's vector paths (keys 16 lanes at a time; values in
+    32-channel blocks, or 64 with AVX-512: 96 takes the 32 path there, 128 two 64 blocks) and its
+    head groups of 4 plus a remainder (G = 5), dense and sparse rows, a partial last page."""
+    positions, keeps = [250, 7, 131], [1.0, 0.1, 0.35]
+    _check(*_step(3, hq, hkv, 253, D, torch.float32, positions, keeps, seed=D + hq), torch.float32)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("hq,hkv", [(9, 3), (4, 4)], ids=["gqa", "mha"])
 def test_batch_of_16_with_mixed_levels_and_lengths_equals_the_reference(dtype, hq, hkv, sparse_form):
