@@ -6,7 +6,9 @@ Per (row, KV head), for its G query heads:
                      the probability-weighted sum of the value rows;
   sparse (kept = k)  page scores sum_d max(q_d * max_d, q_d * min_d) from the page statistics, the k-th
                      best score (ties at it keep every tied page: the reference's rule), then the same
-                     attention over the kept pages' keys <= p only, straight from the cache (no copies).
+                     attention over the kept pages' keys <= p only, straight from the cache (no copies);
+                     where the G heads' kept pages cover most of the row (DENSE_MASKED_COST), the dense
+                     pass with each head's dropped pages masked (the same keys, one read of K and V).
 Every (row, KV head) is computed on its own by the same code whatever the batch, the other rows' actions
 or the thread split, so a row's output has the same bits alone or in any batch (DESIGN invariant 6).
 The reference (reference.quest_decode) is the definition; this equals it up to float rounding
@@ -207,6 +209,19 @@ static void weighted_values_heads(const float *p, long ldp, long G, long n, cons
         for (long d = 0; d < D; ++d) out[g * D + d] *= inv[g];
 }
 
+/* s[g, t] = scale * q_g . K[t] for the G heads and keys t < L, each key row read once. */
+static void dense_scores(const float *qh, long G, const float *K, long L, long D, float scale, float *s, long S) {
+    for (long t = 0; t < L; ++t) {
+        prefetch_row(K + (t + ROWS_AHEAD) * D, D);
+        for (long g = 0; g < G; ++g) s[g * S + t] = key_dot(qh + g * D, K + t * D, D) * scale;
+    }
+}
+
+/* A sparse row runs the dense-masked form when its G heads would gather more than 1 / DENSE_MASKED_COST
+of the visible pages between them (k kept pages each of n): gathering scattered pages per head costs
+more per page than streaming. 1.6, as the torch forms' GATHER_COST. */
+#define DENSE_MASKED_COST 1.6f
+
 /* q [B, Hq, D]; caches [B, Hkv, S, D]; page stats [B, Hkv, P, D]; positions, kept_pages [B] (0: dense);
 out [B, Hq, D]. scratch: B * Hkv * scratch_per_task floats, scratch_per_task >= G * (S + P) + 2 * P + S. */
 void solc_decode_attention(const float *q, const float *k_cache, const float *v_cache, const float *page_min,
@@ -223,10 +238,7 @@ void solc_decode_attention(const float *q, const float *k_cache, const float *v_
         float *o = out + (b * Hq + h * G) * D;
         float *s = scratch + task * scratch_per_task;  /* [G, S] scores */
         if (k == 0) {
-            for (long t = 0; t < L; ++t) {
-                prefetch_row(K + (t + ROWS_AHEAD) * D, D);
-                for (long g = 0; g < G; ++g) s[g * S + t] = key_dot(qh + g * D, K + t * D, D) * scale;
-            }
+            dense_scores(qh, G, K, L, D, scale, s, S);
             float inv[G];
             for (long g = 0; g < G; ++g) inv[g] = 1.0f / softmax_unnormalised(s + g * S, L);
             weighted_values_heads(s, S, G, L, V, D, inv, o);
@@ -246,6 +258,25 @@ void solc_decode_attention(const float *q, const float *k_cache, const float *v_
         for (long j = 0; j < n_pages; ++j)
             for (long g = 0; g < G; ++g)
                 page_score[g * P + j] = dot(qpos + g * D, hi_stats + j * D, D) + dot(qneg + g * D, lo_stats + j * D, D);
+        if (G * k * DENSE_MASKED_COST > n_pages) {
+            /* Most pages kept: the G heads' kept sets cover nearly every page, and gathering each head's
+            pages costs more than the dense pass. The exact dense-masked form: every key scored once for
+            the G heads, each head's dropped pages masked to -inf, one pass over V. */
+            dense_scores(qh, G, K, L, D, scale, s, S);
+            float inv[G];
+            for (long g = 0; g < G; ++g) {
+                const float *ps = page_score + g * P;
+                memcpy(tmp, ps, n_pages * sizeof(float));
+                float kth = kth_largest(tmp, n_pages, k);
+                float *sg = s + g * S;
+                for (long j = 0; j < n_pages; ++j)
+                    if (!(ps[j] >= kth))
+                        for (long t = j * PAGE; t < (j + 1) * PAGE && t < L; ++t) sg[t] = -INFINITY;
+                inv[g] = 1.0f / softmax_unnormalised(sg, L);
+            }
+            weighted_values_heads(s, S, G, L, V, D, inv, o);
+            continue;
+        }
         for (long g = 0; g < G; ++g) {
             const float *qg = qh + g * D;
             const float *ps = page_score + g * P;

@@ -46,8 +46,8 @@ SIGNATURES = {  # C function -> argument types (all return void)
     "solc_int8_linear": [_P, _L, _P, _P, _P, _L, _L, _L, _I],
     "solc_decode_attention": [_P, _P, _P, _P, _P, _P, _P, _L, _L, _L, _L, _L, _L, ctypes.c_float, _P, _P, _L, _I],
     "solc_write_kv": [_P, _P, _P, _P, _P, _P, _P, _L, _L, _L, _L, _L],
-    "solc_rowskip_f32": [_P, _L, _P, _P, _P, _P, _L, _L, _I],
-    "solc_rowskip_int8": [_P, _L, _P, _P, _P, _P, _P, _L, _L, _I],
+    "solc_rowskip_f32": [_P, _L, _P, _P, _P, _P, _L, _L, _L, _I],
+    "solc_rowskip_int8": [_P, _L, _P, _P, _P, _P, _P, _L, _L, _L, _I],
     "solc_select_channels": [_P, _L, _L, _L, _P, _P, _P, _P],
 }
 

@@ -125,58 +125,69 @@ void solc_int8_linear(const float *x, long ldx, const int8_t *q, const float *sc
 }
 
 /* Row-skipping GEMVs for pruned MLP inputs: y[r, :N] = sum over row r's kept channels k (idx[off[r] ..
-off[r + 1]), ascending) of x[r, k] * W^T[k, :N]. Each output element is one multiply-then-add chain in
-the bag's order, for every row alike (a row's result is a function of that row alone, on any machine).
-Each kept weight row is one contiguous stream; the next one is prefetched (the jumps between kept rows
-defeat the hardware prefetcher). The row's N sums stay in L1 (12 KB for SmolLM2's gate/up). */
-static inline void prefetch_row(const void *row, long bytes) {
-    for (long b = 0; b < bytes && b < 1024; b += 64) __builtin_prefetch((const char *)row + b);
+off[r + 1]), ascending) of x[r, k] * W^T[k, :N], read from the rows of W^T (wt [K, N]) that the row keeps.
+
+Each output is summed in the fixed order of the dense kernels (cpu_fixed_order.h): channel k goes to lane
+k mod 16 (channels past the last multiple of 16 to the scalar tail), each lane an fmaf chain in ascending
+k, then the fixed tree. A dropped channel is a zero in the dense kernel's sum, and fmaf(0, w, acc) == acc,
+so this equals the dense kernel on the pruned input bit for bit (cpu_linear.c for fp32, int8_block for
+int8): a caller may pick either per call (row skip for few rows, one shared dense pass for many) and a
+row's result does not change. The lanes of a chunk of CHUNK outputs (16 x CHUNK floats, 16 KB) stay in
+L1 while the chunk walks the kept rows; the next kept row's chunk is prefetched (the jumps between kept
+rows defeat the hardware prefetcher). The work is (row, chunk) pairs, split over the threads. */
+#define CHUNK 256
+
+static inline void prefetch_span(const void *p, long bytes) {
+    for (long b = 0; b < bytes; b += 64) __builtin_prefetch((const char *)p + b);
 }
 
-/* The work of one call is (row, column chunk) pairs: at batch 1 the threads split the columns (the
-chunk is a multiple of 16 floats, so no two threads write one cache line), each output still summed over
-all of the row's kept channels in the bag's order, so the split does not change a bit. */
-static long column_chunk(long M, long N, int threads) {
-    long per = M >= threads ? N : (N + threads - 1) / threads;
-    per = (per + 15) / 16 * 16;
-    return per < N ? per : N;
+static inline float lanes_total(float (*acc)[CHUNK], const float *tail, long n) {
+    return ((((acc[0][n] + acc[8][n]) + (acc[4][n] + acc[12][n])) + ((acc[2][n] + acc[10][n]) + (acc[6][n] + acc[14][n])))
+            + (((acc[1][n] + acc[9][n]) + (acc[5][n] + acc[13][n])) + ((acc[3][n] + acc[11][n]) + (acc[7][n] + acc[15][n]))))
+           + tail[n];
 }
 
 void solc_rowskip_f32(const float *x, long ldx, const int64_t *idx, const int64_t *off, const float *wt, float *y,
-                      long M, long N, int threads) {
-    long chunk = column_chunk(M, N, threads), chunks = (N + chunk - 1) / chunk;
+                      long M, long N, long K, int threads) {
+    long K16 = K - K % LANES, chunks = (N + CHUNK - 1) / CHUNK;
 #pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1 && M * chunks > 1)
     for (long job = 0; job < M * chunks; ++job) {
-        long r = job / chunks, n0 = job % chunks * chunk, n1 = n0 + chunk < N ? n0 + chunk : N;
-        float *yr = y + r * N;
-        for (long n = n0; n < n1; ++n) yr[n] = 0;
+        long r = job / chunks, n0 = job % chunks * CHUNK, cn = N - n0 < CHUNK ? N - n0 : CHUNK;
+        float acc[LANES][CHUNK], tail[CHUNK];
+        memset(acc, 0, sizeof acc);
+        memset(tail, 0, sizeof tail);
         for (long i = off[r]; i < off[r + 1]; ++i) {
-            if (i + 1 < off[r + 1]) prefetch_row(wt + idx[i + 1] * N + n0, (n1 - n0) * 4);
-            const float *w = wt + idx[i] * N;
-            float a = x[r * ldx + idx[i]];
-            for (long n = n0; n < n1; ++n) yr[n] += a * w[n];
+            if (i + 1 < off[r + 1]) prefetch_span(wt + idx[i + 1] * N + n0, cn * 4);
+            long k = idx[i];
+            const float *w = wt + k * N + n0;
+            float a = x[r * ldx + k], *lane = k < K16 ? acc[k % LANES] : tail;
+            for (long n = 0; n < cn; ++n) lane[n] = __builtin_fmaf(a, w[n], lane[n]);
         }
+        for (long n = 0; n < cn; ++n) y[r * N + n0 + n] = lanes_total(acc, tail, n);
     }
 }
 
 /* The int8 form over `quant_primitives.int8_rows` (uint8 [K, N + 8]: the int8 value + 128, then a row
 scale of 1 and bias of -128 that this kernel does not need): x (already on the bf16 grid) times the
-int8 values, summed as above, then times the output channel's scale and rounded to bf16. */
+int8 values, summed as above, then times the output channel's scale and rounded to bf16: int8_block's
+result on the pruned input. */
 void solc_rowskip_int8(const float *x, long ldx, const int64_t *idx, const int64_t *off, const uint8_t *rows,
-                       const float *scale, float *y, long M, long N, int threads) {
-    long chunk = column_chunk(M, N, threads), chunks = (N + chunk - 1) / chunk;
+                       const float *scale, float *y, long M, long N, long K, int threads) {
+    long K16 = K - K % LANES, chunks = (N + CHUNK - 1) / CHUNK;
 #pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1 && M * chunks > 1)
     for (long job = 0; job < M * chunks; ++job) {
-        long r = job / chunks, n0 = job % chunks * chunk, n1 = n0 + chunk < N ? n0 + chunk : N;
-        float *yr = y + r * N;
-        for (long n = n0; n < n1; ++n) yr[n] = 0;
+        long r = job / chunks, n0 = job % chunks * CHUNK, cn = N - n0 < CHUNK ? N - n0 : CHUNK;
+        float acc[LANES][CHUNK], tail[CHUNK];
+        memset(acc, 0, sizeof acc);
+        memset(tail, 0, sizeof tail);
         for (long i = off[r]; i < off[r + 1]; ++i) {
-            if (i + 1 < off[r + 1]) prefetch_row(rows + idx[i + 1] * (N + 8) + n0, n1 - n0);
-            const uint8_t *w = rows + idx[i] * (N + 8);
-            float a = x[r * ldx + idx[i]];
-            for (long n = n0; n < n1; ++n) yr[n] += a * (float)((int)w[n] - 128);
+            if (i + 1 < off[r + 1]) prefetch_span(rows + idx[i + 1] * (N + 8) + n0, cn);
+            long k = idx[i];
+            const uint8_t *w = rows + k * (N + 8) + n0;
+            float a = x[r * ldx + k], *lane = k < K16 ? acc[k % LANES] : tail;
+            for (long n = 0; n < cn; ++n) lane[n] = __builtin_fmaf(a, (float)((int)w[n] - 128), lane[n]);
         }
-        for (long n = n0; n < n1; ++n) yr[n] = bf16_round(yr[n] * scale[n]);
+        for (long n = 0; n < cn; ++n) y[r * N + n0 + n] = bf16_round(lanes_total(acc, tail, n) * scale[n0 + n]);
     }
 }
 

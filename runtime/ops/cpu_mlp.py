@@ -2,23 +2,28 @@
 rows): each row reads only what its action keeps. `reference.mlp` is the definition; every path here
 equals it up to summation order.
 
-Per row action (mlp keep k, bits b); rows sharing an action run together:
+Per row action (mlp keep k, bits b); the rows of a bit level run together:
   k = 1, b = 16      runtime.ops.cpu_linear (the dense action pays for no selection)
   k < 1, b = 16      gate/up: a row-skipping GEMV over the rows of W_in^T (`wt`) at the row's kept
-                     channels (ascending), weighted by their values (cpu_mlp.c; F.embedding_bag without
-                     a compiler); down: cpu_linear
+                     channels (cpu_mlp.c; F.embedding_bag without a compiler), or the dense kernel on
+                     the pruned input (`row_skips` picks by bytes); down: cpu_linear
   b = 8, k = 1       cpu_mlp.c's int8 linear (fixed order, bf16-rounded activations), gate/up and down;
                      torch._weight_int8pack_mm where the C kernels cannot be built
   b = 8, k < 1       gate/up: the int8 row-skipping GEMV over `in8_rows` (uint8 rows, row scale 1 and
                      bias -128, so a row is its int8 values exactly; cpu_mlp.c, FBGEMM's byte-rowwise
-                     embedding_bag without a compiler), per-output-channel scale after the sum; down:
-                     the int8 linear
+                     embedding_bag without a compiler), per-output-channel scale after the sum, or the
+                     int8 linear on the pruned input; down: the int8 linear
   b = 4              torch._weight_int4pack_mm_for_cpu with bf16 activations on the pruned input (no
                      row-skipping int4 kernel exists on CPU: pruning saves nothing at 4 bits here)
   activation mode    the 16-bit paths above, then the reference fake quantizer
-Every reduction of a row runs over that row alone in a fixed order (embedding_bag sums each bag on
-its own; the int8 linear and cpu_linear by construction; the int4 kernel reduces each row alike whatever
-the row count),
+The C row skips sum each output in the dense kernels' fixed order (a dropped channel is a zero term the
+dense kernel adds exactly), so row skip and dense pass give a row the same bits, and a call picks the
+cheaper: a bit level's rows take one dense pass on their pruned inputs (W_in read once) when one of them
+is dense or their row skips together would read more than ROW_SKIP_MAX_KEEP of W_in; else each row skips
+(at batch 1: keep <= ROW_SKIP_MAX_KEEP). Without the C kernels (embedding_bag sums in another order)
+each action keeps its batch-of-one kernel.
+Every reduction of a row runs over that row alone in a fixed order (the C kernels by construction;
+embedding_bag sums each bag on its own; the int4 kernel reduces each row alike whatever the row count),
 so a row's MLP output does not depend on its batch mates (fp32 and, in weight mode, the low-bit paths).
 Prefill / teacher forcing (T > 1) runs the reference one batch row at a time. Other inputs (float64,
 mismatched dtypes, missing copies) run the reference.
@@ -108,7 +113,7 @@ def _rowskip(x: Tensor, keeps: list[float], wt: Tensor, values: Optional[Tensor]
     xs = (x if values is None else values).contiguous()
     y = torch.empty(x.shape[0], wt.shape[1], dtype=torch.float32)
     lib.solc_rowskip_f32(xs.data_ptr(), xs.shape[1], flat.data_ptr(), offsets.data_ptr(), wt.data_ptr(), y.data_ptr(),
-                         x.shape[0], wt.shape[1], torch.get_num_threads())
+                         x.shape[0], wt.shape[1], wt.shape[0], torch.get_num_threads())
     return y
 
 
@@ -129,7 +134,7 @@ def _rowskip_int8(x: Tensor, keeps: list[float], rows: Tensor, scale: Tensor) ->
     N = rows.shape[1] - 8
     y = torch.empty(x.shape[0], N, dtype=torch.float32)
     lib.solc_rowskip_int8(xb.data_ptr(), xb.shape[1], flat.data_ptr(), offsets.data_ptr(), rows.data_ptr(),
-                          sc.data_ptr(), y.data_ptr(), x.shape[0], N, torch.get_num_threads())
+                          sc.data_ptr(), y.data_ptr(), x.shape[0], N, rows.shape[0], torch.get_num_threads())
     return y
 
 
@@ -199,9 +204,37 @@ def _down(h: Tensor, bits: int, w_out, b_out, c, group_size) -> Tensor:
 
 
 def kernel_of(keep: float, bits: int) -> tuple[int, bool]:
-    """(bit level, row-skipping?) of an action's kernel; rows sharing it run in one call. A given action
-    always gets the same kernel, whatever its batch mates (a row's result does not depend on them)."""
-    return bits, bits != 4 and keep <= ROW_SKIP_MAX_KEEP
+    """(bit level, row-skipping?) of one row with this action alone in its bit level (a batch of one)."""
+    return bits, row_skips(bits, [keep])
+
+
+def row_skips(bits: int, keeps: list[float]) -> bool:
+    """Whether the rows of one bit level (their keeps) run the row-skipping GEMV, each reading its kept rows
+    of W_in, rather than one dense pass over their pruned inputs, which reads W_in once for all of them.
+    Both give every row the same bits (cpu_mlp.c sums a row skip in the dense kernel's order), so the
+    choice is by bytes alone and may depend on the batch: a dense row needs the pass anyway, and the row
+    skips together must read less than one W_in. No int4 row skip exists."""
+    return bits != 4 and all(k < 1 for k in keeps) and sum(keeps) <= ROW_SKIP_MAX_KEEP
+
+
+def _kernel_groups(actions: list[tuple[float, int]], weight_mode: bool, dtype) -> dict[tuple[int, bool], list[int]]:
+    """The rows of a call by (bit level, row skip?): they run together. In activation mode every row
+    computes at 16 bits (its bits only pick the output quantizer). With the C kernels on fp32 rows a row
+    skip gives the dense pass's bits, so each bit level's rows share one plan chosen by bytes (row_skips);
+    otherwise (embedding_bag sums in another order) an action always gets its batch-of-one kernel, so that
+    a row's result does not depend on its batch mates."""
+    level = [(min(b, 16) if weight_mode else 16) for _, b in actions]
+    groups: dict[tuple[int, bool], list[int]] = {}
+    if dtype == torch.float32 and cpu_linear.library() is not None:
+        by_level: dict[int, list[int]] = {}
+        for i, b in enumerate(level):
+            by_level.setdefault(b, []).append(i)
+        for b, members in by_level.items():
+            groups[(b, row_skips(b, [actions[i][0] for i in members]))] = members
+        return groups
+    for i, ((k, _), b) in enumerate(zip(actions, level)):
+        groups.setdefault(kernel_of(k, b), []).append(i)
+    return groups
 
 
 def _needs(bits: int, row_skip: bool) -> tuple[str, ...]:
@@ -263,14 +296,10 @@ def _mlp_rows(x, keep, bits, w_in, b_in, w_out, b_out, kind, act, quant, packs, 
         return _dense_mlp(x.reshape(-1, d), w_in, b_in, w_out, b_out, kind, fn).reshape(*lead, -1)
     c = mlp_weights.unpack(packs)
     weight_mode = quant == "weight"
-    # In activation mode every row computes at 16 bits; its bits only pick the output quantizer.
-    row_kernels = [kernel_of(k, b if weight_mode else 16) for k, b in actions]
-    if any(c[name] is None for kern in set(row_kernels) for name in _needs(*kern)):
+    groups = _kernel_groups(actions, weight_mode, x.dtype)
+    if any(c[name] is None for kern in groups for name in _needs(*kern)):
         return library.mlp._init_fn(x, keep, bits, w_in, b_in, w_out, b_out, kind, act, quant, packs, group_size)
     rows = x.reshape(-1, d)
-    groups: dict[tuple[int, bool], list[int]] = {}
-    for i, kern in enumerate(row_kernels):
-        groups.setdefault(kern, []).append(i)
     out = None
     for (b, row_skip), members in groups.items():
         xs = rows if len(groups) == 1 else rows[members]

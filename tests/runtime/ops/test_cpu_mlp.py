@@ -192,3 +192,25 @@ def test_row_skip_gives_the_same_bits_for_any_thread_count(rows):
     torch.testing.assert_close(outs[0][0], want, rtol=1e-5, atol=1e-5)  # the right sums, not just stable ones
     for f32, int8 in outs[1:]:
         assert torch.equal(f32, outs[0][0]) and torch.equal(int8, outs[0][1])
+
+
+@pytest.mark.parametrize("rows", [1, 5])
+@pytest.mark.parametrize("d", [96, 100])  # 100: four channels in the kernels' scalar tail
+def test_row_skip_equals_the_dense_kernel_on_the_pruned_input_bit_for_bit(rows, d):
+    """The row skip sums each output in the dense kernels' order (channel k in lane k mod 16), so a pruned
+    row gets the same bits from it as from the dense kernel on its pruned input (fp32: cpu_linear; int8:
+    the int8 linear): callers may pick either per call without changing a row's result."""
+    from runtime.ops import cpu_linear, quant_primitives
+
+    g = torch.Generator().manual_seed(d + rows)
+    n = 300  # more than one 256-output chunk, the second partial
+    x = torch.randn(rows, d, generator=g)
+    w = torch.randn(n, d, generator=g)
+    q = torch.randint(-127, 128, (n, d), generator=g, dtype=torch.int8)
+    scale = torch.rand(n, generator=g) + 0.5
+    keeps = [(0.4, 0.8, 0.1, 0.55, 0.25)[i] for i in range(rows)]
+    pruned = cpu_mlp._pruned(x, keeps)
+    assert cpu_linear.library() is not None
+    assert torch.equal(cpu_mlp._rowskip(x, keeps, w.t().contiguous()), cpu_linear.rows_linear(pruned, w, None))
+    got = cpu_mlp._rowskip_int8(x, keeps, quant_primitives.int8_rows(q), scale)
+    assert torch.equal(got, cpu_mlp._int8_linear(pruned, q, scale))
