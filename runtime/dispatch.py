@@ -25,6 +25,7 @@ import torch
 import torch.fx as fx
 from torch import Tensor
 
+from runtime.cpu_program import direct_cpu_calls
 from runtime.kv_cache import StaticKVCache
 from runtime.ops import library
 from runtime.ops.step_hints import StepHints, step_hints
@@ -47,65 +48,6 @@ def specialize(gm: fx.GraphModule, action: int) -> fx.GraphModule:
     graph.erase_node(actions)
     graph.lint()
     return fx.GraphModule(gm, graph, class_name=f"SOLStepAction{action}")
-
-
-def direct_cpu_calls(gm: fx.GraphModule) -> fx.GraphModule:
-    """A copy of `gm` (sharing its weights) whose solc:: nodes call the ops' CPU implementations
-    directly (`library.CPU_IMPLS`): the functions the op dispatch reaches on CPU anyway, without its
-    Python machinery (autograd wrapper, redispatch, version bumps, aliasing check), which cost a sixth
-    of a SmolLM2 decode step. For steps without autograd: the ops' wrappers are what autograd needs."""
-    graph = copy.deepcopy(gm.graph)
-    casts_known = _dtypes_as_traced(gm)
-    for node in list(graph.nodes):
-        if node.op != "call_function":
-            continue
-        if node.target in library.CPU_IMPLS:
-            node.target = library.CPU_IMPLS[node.target]
-        elif node.target is torch.ops.aten._assert_tensor_metadata.default:
-            graph.erase_node(node)  # export's shape/dtype checks: a compiled program drops them too
-        elif casts_known and node.target is torch.ops.aten.to.dtype and not node.kwargs and _dtype(node.args[0]) == node.args[1]:
-            node.replace_all_uses_with(node.args[0])  # a cast to the dtype the value has: x.to() returns x
-            graph.erase_node(node)
-    graph.lint()
-    return fx.GraphModule(_flat_attributes(gm, graph), graph, class_name=type(gm).__name__ + "DirectCPU")
-
-
-def _flat_attributes(gm: fx.GraphModule, graph: fx.Graph):
-    """A flat root for `graph`'s attributes (`_attr_<i>`, the same tensors, not copies) when every get_attr
-    is a tensor: the exported code reads `getattr(self.model.model.layers, "0").self_attn.q_proj.weight`,
-    six Module.__getattr__ calls per weight and step (2 ms of a SmolLM2 step), a flat name one."""
-    nodes = [n for n in graph.nodes if n.op == "get_attr"]
-    values = [_attribute(gm, n.target) for n in nodes]
-    if not all(isinstance(v, torch.Tensor) for v in values):
-        return gm
-    root = {n.target: gm.get_submodule(n.target) for n in graph.nodes if n.op == "call_module"}  # export's guards
-    for i, (node, value) in enumerate(zip(nodes, values)):
-        node.target = f"_attr_{i}"
-        root[node.target] = value
-    return root
-
-
-def _attribute(gm: fx.GraphModule, target: str):
-    """The value a get_attr node's dotted target names on gm (None where a part is missing)."""
-    value = gm
-    for part in target.split("."):
-        value = getattr(value, part, None)
-    return value
-
-
-def _dtype(node):
-    val = node.meta.get("val") if isinstance(node, fx.Node) else None
-    return getattr(val, "dtype", None)
-
-
-def _dtypes_as_traced(gm: fx.GraphModule) -> bool:
-    """Whether the weights still have the dtypes they were traced with (the node metadata is current)."""
-    for node in gm.graph.nodes:
-        if node.op == "get_attr" and _dtype(node) is not None:
-            value = _attribute(gm, node.target)
-            if isinstance(value, torch.Tensor) and value.dtype != _dtype(node):
-                return False
-    return True
 
 
 class _EagerCPU:
