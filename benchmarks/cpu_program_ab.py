@@ -6,7 +6,7 @@ CTX tokens; checks that both give the same logits bit for bit. Env: T threads, C
     T=1 ROUNDS=15 python benchmarks/cpu_program_ab.py    # prints the table, writes results/cpu_program_ab_t1.json
 """
 import json, platform, datetime
-import os, sys, time, statistics, copy
+import os, sys, time, statistics
 from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT)); sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -24,15 +24,10 @@ cache = sol.new_cache(1, ctx + 200)
 layers = [cache.tensors[i:i + 4] for i in range(0, len(cache.tensors), 4)]
 fill_synthetic([(t[0], t[1]) for t in layers], ctx, torch.Generator().manual_seed(0), with_stats=[(t[2], t[3]) for t in layers])
 acts = [int(a) for a in os.environ.get("ACTS", "26,24,25,20").split(",")]
-def old_direct(gm):
-    saved = (cpu_program._share_views, cpu_program.cpu_rotary.fuse, cpu_program._python_bindings)
-    cpu_program._share_views = lambda g: None; cpu_program.cpu_rotary.fuse = lambda g: 0; cpu_program._python_bindings = lambda g: None
-    try: return cpu_program.direct_cpu_calls(gm)
-    finally: cpu_program._share_views, cpu_program.cpu_rotary.fuse, cpu_program._python_bindings = saved
 progs = {}
 for a in acts:
     g = specialize(sol.graph, a)
-    progs[(a, "old")] = old_direct(g); progs[(a, "new")] = cpu_program.direct_cpu_calls(g)
+    progs[(a, "old")] = cpu_program.direct_cpu_calls(g, fuse=False); progs[(a, "new")] = cpu_program.direct_cpu_calls(g)
 sig = sol.signature
 ids = torch.tensor([[100]])
 res = {k: [] for k in progs}

@@ -56,8 +56,10 @@ _VIEWS = {_ATEN.unsqueeze.default, _ATEN.view.default, _ATEN.transpose.int, _ATE
           _ATEN.expand.default, _ATEN.select.int, _ATEN.reshape.default}
 
 
-def direct_cpu_calls(gm: fx.GraphModule) -> fx.GraphModule:
-    """A copy of `gm` (sharing its weights) rewritten as the module doc says."""
+def direct_cpu_calls(gm: fx.GraphModule, *, fuse: bool = True) -> fx.GraphModule:
+    """A copy of `gm` (sharing its weights) rewritten as the module doc says; fuse=False keeps only the
+    direct solc calls, the dropped checks/casts and the flat attributes (benchmarks/cpu_program_ab.py
+    measures the rest against it)."""
     graph = copy.deepcopy(gm.graph)
     casts_known = _dtypes_as_traced(gm)
     for node in list(graph.nodes):
@@ -70,10 +72,11 @@ def direct_cpu_calls(gm: fx.GraphModule) -> fx.GraphModule:
         elif casts_known and node.target is _ATEN.to.dtype and not node.kwargs and _dtype(node.args[0]) == node.args[1]:
             node.replace_all_uses_with(node.args[0])  # a cast to the dtype the value has: x.to() returns x
             graph.erase_node(node)
-    _share_views(graph)
-    cpu_rotary.fuse(graph)
-    graph.eliminate_dead_code(is_impure_node=_impure)  # the fused rotaries' old nodes
-    _python_bindings(graph)
+    if fuse:
+        _share_views(graph)
+        cpu_rotary.fuse(graph)
+        graph.eliminate_dead_code(is_impure_node=_impure)  # the fused rotaries' old nodes
+        _python_bindings(graph)
     graph.lint()
     return fx.GraphModule(_flat_attributes(gm, graph), graph, class_name=type(gm).__name__ + "DirectCPU")
 

@@ -27,7 +27,6 @@ from torch import Tensor
 
 from runtime.cpu_program import direct_cpu_calls
 from runtime.kv_cache import StaticKVCache
-from runtime.ops import library
 from runtime.ops.step_hints import StepHints, step_hints
 from runtime.signature import ACTIONS_INPUT
 
