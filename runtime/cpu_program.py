@@ -17,6 +17,9 @@ cheap action's step close to the dense one. Each rewrite below keeps the graph's
   fused rotary          `x * cos + rotate_half(x) * sin` (seven ops for q and seven for k in every layer
                         of the HF models) is one C call that does the same fp32 multiplies and add per
                         element (runtime/ops/cpu_rotary.c)
+  attention blocks      in llama-style layers, the RMSNorm after its mean, q/k/v, rotary, cache write,
+                        attention, o_proj and residual add are one C call (runtime/ops/cpu_block.c) that
+                        runs the same kernels on the same values; other calls run the matched nodes
   flat attributes       weights under flat names (one attribute lookup in place of six per weight)
 
 Only for steps without autograd (every decode path runs under no_grad): the ops' wrappers are what
@@ -29,7 +32,7 @@ import copy
 import torch
 import torch.fx as fx
 
-from runtime.ops import cpu_rotary, library
+from runtime.ops import cpu_block, cpu_rotary, library
 
 _ATEN = torch.ops.aten
 
@@ -76,6 +79,7 @@ def direct_cpu_calls(gm: fx.GraphModule, *, fuse: bool = True) -> fx.GraphModule
         _share_views(graph)
         cpu_rotary.fuse(graph)
         graph.eliminate_dead_code(is_impure_node=_impure)  # the fused rotaries' old nodes
+        cpu_block.fuse(graph)  # matches single-use chains: after the dead users are gone
         _python_bindings(graph)
     graph.lint()
     return fx.GraphModule(_flat_attributes(gm, graph), graph, class_name=type(gm).__name__ + "DirectCPU")

@@ -32,9 +32,9 @@ from torch import Tensor
 
 # One library of the CPU kernels: this module's linear, solc::mlp's (runtime/ops/cpu_mlp.py) and
 # solc::attention's decode kernel (runtime/ops/cpu_attention.py) and the eager program's fused rotary
-# embedding (runtime/ops/cpu_rotary.py).
+# embedding (runtime/ops/cpu_rotary.py) and attention block (runtime/ops/cpu_block.py).
 SOURCES = tuple(Path(__file__).with_name(name)
-                for name in ("cpu_linear.c", "cpu_mlp.c", "cpu_attention.c", "cpu_rotary.c"))
+                for name in ("cpu_linear.c", "cpu_mlp.c", "cpu_attention.c", "cpu_rotary.c", "cpu_block.c"))
 HEADERS = tuple(Path(__file__).with_name(name) for name in ("cpu_fixed_order.h", "cpu_select.h"))  # part of the build's key
 # -ffp-contract=off: no path may fuse a multiply-add that another path does not (see the sources).
 CFLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-fPIC", "-shared")
@@ -52,6 +52,8 @@ SIGNATURES = {  # C function -> argument types (all return void)
     "solc_rowskip_int8": [_P, _L, _P, _P, _P, _P, _P, _L, _L, _L, _I],
     "solc_select_channels": [_P, _L, _L, _L, _P, _P, _P, _P],
     "solc_rotary_f32": [_P, _L, _L, _P, _P, _L, _P, _L, _L, _L, _L, _L],
+    "solc_attention_block": [_P, _P, ctypes.c_float, _P, _L, _L, _P, _P, _P, _P, _P, _P, _P, _P, _L, _P, _P, _P, _P,
+                             _P, _P, _L, _L, _L, _L, _L, ctypes.c_float, _P, _P, _P, _P, _P, _L, _I],
 }
 
 

@@ -5,7 +5,7 @@ import torch
 import solc
 from runtime.cpu_program import direct_cpu_calls
 from runtime.dispatch import specialize
-from runtime.ops import cpu_rotary
+from runtime.ops import cpu_block, cpu_rotary, library
 
 
 def _reference_rotary(x, cos, sin):
@@ -42,15 +42,21 @@ def test_a_broken_rotary_kernel_is_caught():
     assert not torch.equal(cpu_rotary.rotary(x, cos, sin), wrong_half)
 
 
+def _program_nodes(program):
+    """The program's nodes and those of its fused blocks' own ops (what runs where the C block does not)."""
+    return list(program.graph.nodes) + [n for b in cpu_block.blocks(program) for n in b.fallback.graph.nodes]
+
+
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt-neox", "tiny-phi3", "tiny-gemma", "tiny-qwen3"])
 def test_every_rotary_of_the_model_is_fused_and_the_step_keeps_its_bits(name):
     sol = solc.compile(solc.load_model(name), max_seq_len=40)
     layers = len(sol.cache_specs)
     gm = specialize(sol.graph, sol.space.dense_index)
     direct = direct_cpu_calls(gm)
-    fused = [n for n in direct.graph.nodes if n.target is cpu_rotary.rotary]
-    assert len(fused) == 2 * layers  # q and k of every layer
-    assert not any(n.target is torch.ops.aten.neg.default or n.target is torch.neg for n in direct.graph.nodes)
+    nodes = _program_nodes(direct)
+    fused = [n for n in nodes if n.target is cpu_rotary.rotary]
+    assert len(fused) == 2 * layers  # q and k of every layer (some inside fused attention blocks)
+    assert not any(n.target is torch.ops.aten.neg.default or n.target is torch.neg for n in nodes)
     g = torch.Generator().manual_seed(3)
     B, T = 2, 17
     ids = torch.randint(0, sol.token_embedding.shape[0], (B, T + 3), generator=g)
@@ -64,3 +70,73 @@ def test_every_rotary_of_the_model_is_fused_and_the_step_keeps_its_bits(name):
             want = gm(*sol.signature.variant_args(ids[:, T + t:T + t + 1], pos, caches[0]))
             got = direct(*sol.signature.variant_args(ids[:, T + t:T + t + 1], pos, caches[1]))
             torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def _filled(sol, B, T, g):
+    """Token ids [B, T + 6] and two caches holding the same dense prefill of the first T (op graph)."""
+    ids = torch.randint(0, sol.token_embedding.shape[0], (B, T + 6), generator=g)
+    caches = [sol.new_cache(B, 48), sol.new_cache(B, 48)]
+    with torch.no_grad():
+        for c in caches:
+            sol.graph(*sol.signature.args(ids[:, :T], torch.arange(T).expand(B, T),
+                                          torch.full((B, T), sol.space.dense_index), c))
+    return ids, caches
+
+
+@pytest.mark.parametrize("B", [1, 3])
+def test_fused_attention_blocks_keep_the_bits_of_the_graph(B, monkeypatch):
+    """tiny-llama: every layer's attention block (norm after its mean, q/k/v, rotary, cache write, Quest
+    attention, o_proj, residual) is one C call, and a decode step under every action, and a mixed batch
+    (the generic graph), gives the op graph's logits and caches bit for bit."""
+    sol = solc.compile(solc.load_model("tiny-llama"), max_seq_len=48)
+    g = torch.Generator().manual_seed(B)
+    T = 21  # an odd length: the last page is partial
+    ids, caches = _filled(sol, B, T, g)
+    generic = direct_cpu_calls(sol.graph)
+    assert len(cpu_block.blocks(generic)) == len(sol.cache_specs)
+    assert not any(n.target is library.attention_impl for n in generic.graph.nodes)
+    fallbacks = []
+    for block in cpu_block.blocks(generic):
+        monkeypatch.setattr(block, "fallback", _counting(block.fallback, fallbacks))
+    steps = [torch.full((B, 1), a) for a in range(len(sol.space))]
+    steps.append(torch.randint(0, len(sol.space), (B, 1), generator=g))
+    with torch.no_grad():
+        for t, acts in enumerate(steps):
+            p = T + t % 6
+            args = [sol.signature.args(ids[:, p:p + 1], torch.full((B, 1), p), acts, c) for c in caches]
+            want, got = sol.graph(*args[0]), generic(*args[1])
+            torch.testing.assert_close(got, want, rtol=0, atol=0, msg=f"step {t}")
+    assert fallbacks == []  # every step ran the C blocks
+    for a, b in zip(caches[0].tensors, caches[1].tensors):
+        assert torch.equal(a, b)
+
+
+def test_a_fused_block_runs_its_own_ops_where_the_c_block_does_not_apply(monkeypatch):
+    """Prefill (T > 1) and SOLC_CPU_FAST=0 run the matched nodes (the block's fallback), with the graph's bits."""
+    sol = solc.compile(solc.load_model("tiny-llama"), max_seq_len=48)
+    g = torch.Generator().manual_seed(5)
+    B, T = 2, 9
+    ids = torch.randint(0, sol.token_embedding.shape[0], (B, T + 1), generator=g)
+    direct = direct_cpu_calls(sol.graph)
+    calls = []
+    for block in cpu_block.blocks(direct):
+        monkeypatch.setattr(block, "fallback", _counting(block.fallback, calls))
+    caches = [sol.new_cache(B, 48), sol.new_cache(B, 48)]
+    dense = torch.full((B, T), sol.space.dense_index)
+    with torch.no_grad():
+        outs = [p(*sol.signature.args(ids[:, :T], torch.arange(T).expand(B, T), dense, c))
+                for p, c in zip((sol.graph, direct), caches)]
+        torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=0)
+        assert len(calls) == len(sol.cache_specs)  # prefill: every block ran its own ops
+        monkeypatch.setenv("SOLC_CPU_FAST", "0")
+        step = [sol.signature.args(ids[:, T:], torch.full((B, 1), T), torch.full((B, 1), 0), c) for c in caches]
+        want, got = sol.graph(*step[0]), direct(*step[1])
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        assert len(calls) == 2 * len(sol.cache_specs)
+
+
+def _counting(fn, calls):
+    def run(*a):
+        calls.append(1)
+        return fn(*a)
+    return run

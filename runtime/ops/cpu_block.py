@@ -1,0 +1,244 @@
+"""A decoder layer's attention block of a CPU decode step in one C call (cpu_block.c), for the eager
+CPU program.
+
+Why: a SmolLM2 decode step streams ~540 MB of weights, which evicts the Python interpreter's and
+torch's working set from every cache level; the ~25 ops between two layers' weight reads then run
+cold, several times slower than in a warm loop (a linear wrapper: ~15 us warm, ~150 us after a 64 MB
+sweep). Running the block from the RMSNorm's rsqrt to the residual add as one C call removes them.
+
+`fuse(graph)` finds, around every `solc::attention` call of HF's llama-style layers (after
+cpu_rotary.fuse):
+
+    h = w_norm * (x * rsqrt(ms + eps))            ms: the graph's mean of x ** 2 (kept: aten's sum order)
+    q = rotary(transpose(view(linear(h, Wq, bq))))   and k alike, with one cos/sin pair
+    v = transpose(view(linear(h, Wv, bv)))
+    a = attention(q, k, v, caches, positions, keep, scale)
+    out = x + linear(reshape(transpose(reshape(a))), Wo, bo)
+
+and replaces it with one `AttentionBlock` call. The C path runs the same C kernels the op-by-op
+program calls, on the same values, and the norm's elementwise fp32 operations in the graph's order, so
+the step keeps its bits (tests/runtime/test_cpu_program.py). Any other call (prefill, fp64, bf16,
+non-contiguous caches, no compiler, SOLC_CPU_FAST=0) runs the matched nodes themselves, kept as a
+small GraphModule.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.fx as fx
+from torch import Tensor
+
+from runtime.ops import cpu_attention, cpu_linear, cpu_rotary, library, step_hints
+from runtime.ops.reference import PAGE_SIZE
+
+_ATEN = torch.ops.aten
+_F32 = torch.float32
+
+
+class AttentionBlock:
+    """The fused node's target: the C block where it applies, else the matched nodes (`fallback`)."""
+
+    def __init__(self, fallback: fx.GraphModule, roles: dict[str, Optional[int]], eps: float, scale: float,
+                 head_dim: int):
+        self.__name__ = "attention_block"  # for FX's code generation
+        self.fallback, self.roles, self.eps, self.scale, self.head_dim = fallback, roles, eps, scale, head_dim
+
+    def __call__(self, *inputs):
+        out = self._c_block(inputs)
+        return self.fallback(*inputs) if out is None else out
+
+    def _c_block(self, inputs) -> Optional[Tensor]:
+        lib = cpu_linear._library or cpu_linear.library()
+        if lib is None or not cpu_attention.C_KERNEL or not library.cpu_fast_paths():
+            return None
+        a = {role: (inputs[i] if i is not None else None) for role, i in self.roles.items()}
+        x, D = a["x"], self.head_dim
+        if not (isinstance(x, Tensor) and x.dtype is _F32 and x.dim() == 3 and x.shape[1] == 1 and x.is_contiguous()
+                and x.device.type == "cpu"):
+            return None
+        B, _, d = x.shape
+        wq, wk, wv, wo = a["wq"], a["wk"], a["wv"], a["wo"]
+        nq, nkv = wq.shape[0], wk.shape[0]
+        Hq, Hkv = nq // D, nkv // D
+        if not (all(_f32(w) and w.dim() == 2 for w in (wq, wk, wv, wo)) and wq.shape[1] == wk.shape[1] == wv.shape[1] == d
+                and wv.shape[0] == nkv and tuple(wo.shape) == (d, nq) and nq % D == 0 and nkv % D == 0 and Hkv
+                and Hq % Hkv == 0 and _f32(a["w_norm"]) and a["w_norm"].numel() == d
+                and all(b is None or (_f32(b) and b.numel() == n)
+                        for b, n in ((a["bq"], nq), (a["bk"], nkv), (a["bv"], nkv), (a["bo"], d)))):
+            return None
+        ms, kc, vc, pmin, pmax = a["ms"], a["k_cache"], a["v_cache"], a["page_min"], a["page_max"]
+        if not (_f32(ms) and ms.numel() == B and all(_f32(t) and t.dim() == 4 for t in (kc, vc, pmin, pmax))):
+            return None
+        S, P = kc.shape[2], pmin.shape[2]
+        if not (tuple(kc.shape) == tuple(vc.shape) == (B, Hkv, S, D) and S >= PAGE_SIZE
+                and tuple(pmin.shape) == tuple(pmax.shape) == (B, Hkv, P, D)):
+            return None
+        cos, sin = a["cos"], a["sin"]
+        if not (cos.dtype is _F32 and sin.dtype is _F32 and cos.dim() == 4 and cos.shape == sin.shape
+                and cos.shape[1:] == (1, 1, D) and cos.shape[0] in (1, B) and cos.stride() == sin.stride()
+                and cos.stride(3) == 1):
+            return None
+        keeps, pos = cpu_attention.host_levels(a["keep"], a["positions"], step_hints.current())
+        kept = torch.tensor([cpu_attention._kept_page_count(p, k) or 0 for p, k in zip(pos, keeps)], dtype=torch.int64)
+        pos = torch.tensor(pos, dtype=torch.int64)
+        per_task = Hq // Hkv * (S + P) + 2 * P + S
+        scratch = cpu_attention._BUFFERS.get("c_scratch", B * Hkv * per_task, _F32)
+        work = cpu_attention._BUFFERS.get("block_work", B * (d + 3 * nq + 4 * nkv), _F32)
+        out = torch.empty(B, 1, d, dtype=_F32)
+        bq, bk, bv, bo = (None if b is None else b.data_ptr() for b in (a["bq"], a["bk"], a["bv"], a["bo"]))
+        lib.solc_attention_block(
+            x.data_ptr(), ms.data_ptr(), self.eps, a["w_norm"].data_ptr(), B, d, wq.data_ptr(), bq, wk.data_ptr(), bk,
+            wv.data_ptr(), bv, cos.data_ptr(), sin.data_ptr(), cos.stride(0) if cos.shape[0] > 1 else 0,
+            kc.data_ptr(), vc.data_ptr(), pmin.data_ptr(), pmax.data_ptr(), pos.data_ptr(), kept.data_ptr(), Hq, Hkv,
+            S, P, D, self.scale, wo.data_ptr(), bo, out.data_ptr(), work.data_ptr(), scratch.data_ptr(), per_task,
+            torch.get_num_threads())
+        return out
+
+
+def blocks(gm: fx.GraphModule) -> list[AttentionBlock]:
+    """The fused attention blocks of a program, in graph order."""
+    return [n.target for n in gm.graph.nodes if n.op == "call_function" and isinstance(n.target, AttentionBlock)]
+
+
+def _f32(t) -> bool:
+    return isinstance(t, Tensor) and t.dtype is _F32 and t.is_contiguous() and t.device.type == "cpu"
+
+
+def fuse(graph: fx.Graph) -> int:
+    """Replace every matched attention block (module doc) by one AttentionBlock node; returns how many."""
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    fused = 0
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target is not library.attention_impl:
+            continue
+        match = _match(node)
+        if match is None:
+            continue
+        nodes, final, roles, eps, scale, head_dim = match
+        nodes = sorted(nodes, key=order.__getitem__)
+        if any(u not in nodes for n in nodes if n is not final for u in n.users):
+            continue  # an intermediate value is used outside the block
+        fallback, inputs = _subgraph(nodes, final)
+        index = {n: i for i, n in enumerate(inputs)}
+        block = AttentionBlock(fallback, {r: (index[n] if n is not None else None) for r, n in roles.items()}, eps,
+                               scale, head_dim)
+        with graph.inserting_before(final):
+            new = graph.call_function(block, tuple(inputs))
+        new.meta = dict(final.meta)
+        final.replace_all_uses_with(new)
+        for n in reversed(nodes):
+            graph.erase_node(n)
+        fused += 1
+    return fused
+
+
+def _subgraph(nodes: list[fx.Node], final: fx.Node) -> tuple[fx.GraphModule, list[fx.Node]]:
+    """The matched nodes as a GraphModule over their outside inputs (in first-use order)."""
+    inside, inputs = set(nodes), []
+    for n in nodes:
+        for a in n.all_input_nodes:
+            if a not in inside and a not in inputs:
+                inputs.append(a)
+    sub = fx.Graph()
+    env = {a: sub.placeholder(f"input_{i}") for i, a in enumerate(inputs)}
+    for n in nodes:
+        env[n] = sub.node_copy(n, env.__getitem__)
+    sub.output(env[final])
+    return fx.GraphModule(torch.nn.Module(), sub, class_name="AttentionBlockOps"), inputs
+
+
+def _call(node, target, nargs=None) -> bool:
+    return (isinstance(node, fx.Node) and node.op == "call_function" and node.target is target and not node.kwargs
+            and (nargs is None or len(node.args) == nargs))
+
+
+def _other(node: fx.Node, known) -> Optional[fx.Node]:
+    """The argument of a two-argument node that is not `known` (None where neither or both are)."""
+    a, b = node.args
+    if a is known and b is not known:
+        return b
+    if b is known and a is not known:
+        return a
+    return None
+
+
+def _projection(t):
+    """(linear node, view node, weight, bias, head dim) of transpose(view(linear(h, W, b), [.., .., -1, D]), 1, 2)."""
+    if not _call(t, _ATEN.transpose.int, 3) or tuple(t.args[1:]) != (1, 2):
+        return None
+    view = t.args[0]
+    if not _call(view, _ATEN.view.default, 2) or not isinstance(view.args[1], (list, tuple)) or len(view.args[1]) != 4:
+        return None
+    shape, lin = view.args[1], view.args[0]
+    if shape[2] != -1 or not isinstance(shape[3], int) or not _call(lin, cpu_linear.linear_cpu, 3):
+        return None
+    h, w, b = lin.args
+    if not isinstance(w, fx.Node) or w.op != "get_attr" or not (b is None or (isinstance(b, fx.Node) and b.op == "get_attr")):
+        return None
+    return lin, view, h, w, b, shape[3]
+
+
+def _norm(h):
+    """(nodes, x, ms, w_norm, eps) of h = mul(w_norm, mul(x, rsqrt(add(ms, eps)))) (either operand order)."""
+    if not _call(h, _ATEN.mul.Tensor, 2):
+        return None
+    for w, scaled in (h.args, h.args[::-1]):
+        if not (isinstance(w, fx.Node) and w.op == "get_attr" and _call(scaled, _ATEN.mul.Tensor, 2)):
+            continue
+        for x, r in (scaled.args, scaled.args[::-1]):
+            if not (_call(r, _ATEN.rsqrt.default, 1) and _call(r.args[0], _ATEN.add.Tensor, 2)):
+                continue
+            s = r.args[0]
+            ms, eps = s.args
+            if isinstance(ms, fx.Node) and isinstance(eps, float) and isinstance(x, fx.Node):
+                return [s, r, scaled, h], x, ms, w, eps
+    return None
+
+
+def _match(attn: fx.Node):
+    """(nodes, final add, roles, eps, scale, head dim) of the block around `attn`, else None."""
+    if attn.kwargs or len(attn.args) != 10 or not isinstance(attn.args[9], float):
+        return None
+    q, k, v, k_cache, v_cache, page_min, page_max, positions, keep, scale = attn.args
+    if not (_call(q, cpu_rotary.rotary, 3) and _call(k, cpu_rotary.rotary, 3) and q.args[1:] == k.args[1:]):
+        return None
+    pq, pk, pv = _projection(q.args[0]), _projection(k.args[0]), _projection(v)
+    if pq is None or pk is None or pv is None or not (pq[2] is pk[2] is pv[2]) or not (pq[5] == pk[5] == pv[5]):
+        return None
+    norm = _norm(pq[2])
+    if norm is None:
+        return None
+    norm_nodes, x, ms, w_norm, eps = norm
+    D = pq[5]
+    # the output side: reshape(a, [B, -1, T, D]) -> transpose(1, 2) -> reshape([B, T, -1]) -> linear -> add(x, .)
+    chain, node = [], attn
+    for target, nargs in ((_ATEN.reshape.default, 2), (_ATEN.transpose.int, 3), (_ATEN.reshape.default, 2)):
+        if len(node.users) != 1:
+            return None
+        user = next(iter(node.users))
+        if not _call(user, target, nargs) or user.args[0] is not node:
+            return None
+        chain.append(user)
+        node = user
+    r1, tr, r2 = chain
+    if not (len(r1.args[1]) == 4 and r1.args[1][1] == -1 and r1.args[1][3] == D and tuple(tr.args[1:]) == (1, 2)
+            and len(r2.args[1]) == 3 and r2.args[1][2] == -1 and len(r2.users) == 1):
+        return None
+    out = next(iter(r2.users))
+    if not _call(out, cpu_linear.linear_cpu, 3) or out.args[0] is not r2 or len(out.users) != 1:
+        return None
+    wo, bo = out.args[1], out.args[2]
+    if not (isinstance(wo, fx.Node) and wo.op == "get_attr") or not (bo is None or (isinstance(bo, fx.Node) and bo.op == "get_attr")):
+        return None
+    final = next(iter(out.users))
+    if not _call(final, _ATEN.add.Tensor, 2) or _other(final, out) is not x:
+        return None
+    nodes = norm_nodes + [pq[0], pq[1], q.args[0], q, pk[0], pk[1], k.args[0], k, pv[0], pv[1], v, attn, r1, tr, r2,
+                          out, final]
+    roles = dict(x=x, ms=ms, w_norm=w_norm, wq=pq[3], bq=pq[4], wk=pk[3], bk=pk[4], wv=pv[3], bv=pv[4], cos=q.args[1],
+                 sin=q.args[2], k_cache=k_cache, v_cache=v_cache, page_min=page_min, page_max=page_max,
+                 positions=positions, keep=keep, wo=wo, bo=bo)
+    if not all(isinstance(n, fx.Node) for r, n in roles.items() if r not in ("bq", "bk", "bv", "bo")):
+        return None
+    return nodes, final, roles, eps, scale, D
