@@ -16,6 +16,7 @@
  * cost several times the ops themselves. */
 #include <math.h>
 #include <stdint.h>
+#include <string.h>
 
 void solc_linear_f32(const float *x, long ldx, const float *w, const float *bias, float *y, long M, long N, long K,
                      int threads);
@@ -28,6 +29,41 @@ void solc_decode_attention(const float *q, const float *k_cache, const float *v_
                            long Hq, long Hkv, long S, long P, long D, float scale, float *out, float *scratch,
                            long scratch_per_task, int threads);
 
+void solc_select_channels(const float *x, long ldx, long M, long d, const int64_t *k, int64_t *idx, int64_t *off,
+                          uint32_t *scratch);
+void solc_rowskip_f32(const float *x, long ldx, const int64_t *idx, const int64_t *off, const float *wt, float *y,
+                      long M, long N, long K, int threads);
+void solc_rowskip_int8(const float *x, long ldx, const int64_t *idx, const int64_t *off, const uint8_t *rows,
+                       const float *scale, float *y, long M, long N, long K, int threads);
+void solc_int8_linear(const float *x, long ldx, const int8_t *q, const float *scale, float *y, long M, long N,
+                      long K, int threads);
+
+/* h [B, d] = norm_w * (x * rsqrt(ms + eps)): the graph's RMSNorm after its mean of squares, op for op. */
+static void norm_rows(const float *x, const float *ms, float eps, const float *norm_w, long B, long d, float *h) {
+    for (long b = 0; b < B; ++b) {
+        float r = 1.0f / sqrtf(ms[b] + eps);
+        for (long i = 0; i < d; ++i) h[b * d + i] = norm_w[i] * (x[b * d + i] * r);
+    }
+}
+
+/* fp32 -> the nearest bfloat16 (ties to even) as fp32, what torch's x.to(bfloat16).float() gives; NaN stays NaN. */
+static float bf16_grid(float v) {
+    uint32_t u;
+    memcpy(&u, &v, 4);
+    if ((u & 0x7f800000u) == 0x7f800000u && (u & 0x007fffffu)) return v;
+    u += 0x7fffu + ((u >> 16) & 1u);
+    u &= 0xffff0000u;
+    memcpy(&v, &u, 4);
+    return v;
+}
+
+static void bf16_to_f32(const uint16_t *src, long n, float *dst) {
+    for (long i = 0; i < n; ++i) {
+        uint32_t u = (uint32_t)src[i] << 16;
+        memcpy(dst + i, &u, 4);
+    }
+}
+
 /* work: B * (d + 3 * Hq * D + 4 * Hkv * D) floats. */
 void solc_attention_block(const float *x, const float *ms, float eps, const float *norm_w, long B, long d,
                           const float *wq, const float *bq, const float *wk, const float *bk, const float *wv,
@@ -39,10 +75,7 @@ void solc_attention_block(const float *x, const float *ms, float eps, const floa
     long nq = Hq * D, nkv = Hkv * D;
     float *h = work, *q = h + B * d, *k = q + B * nq, *v = k + B * nkv, *qr = v + B * nkv, *kr = qr + B * nq,
           *att = kr + B * nkv;
-    for (long b = 0; b < B; ++b) {
-        float r = 1.0f / sqrtf(ms[b] + eps);
-        for (long i = 0; i < d; ++i) h[b * d + i] = norm_w[i] * (x[b * d + i] * r);
-    }
+    norm_rows(x, ms, eps, norm_w, B, d, h);
     solc_linear_f32(h, d, wq, bq, q, B, nq, d, threads);
     solc_linear_f32(h, d, wk, bk, k, B, nkv, d, threads);
     solc_linear_f32(h, d, wv, bv, v, B, nkv, d, threads);
@@ -52,5 +85,82 @@ void solc_attention_block(const float *x, const float *ms, float eps, const floa
     solc_decode_attention(qr, k_cache, v_cache, page_min, page_max, positions, kept, B, Hq, Hkv, S, P, D, scale, att,
                           scratch, per_task, threads);
     solc_linear_f32(att, nq, wo, bo, out, B, d, nq, threads);
+    for (long i = 0; i < B * d; ++i) out[i] = x[i] + out[i];
+}
+
+/* The MLP block's two calls around the activation (which stays torch's: its exp is aten's own), for
+ * gated MLPs without biases at one action for every row (runtime/ops/cpu_block.py; the kernels and their
+ * choice are cpu_mlp.py's, so the same bits):
+ *   solc_mlp_input:  h = the RMSNorm of x; the rows' kept channels of h (keep < d) and
+ *     mode 0  pre = [h_p @ Wg^T | h_p @ Wu^T]     fp32, h_p = h with the unkept channels zeroed
+ *     mode 1  pre = the fp32 row skip over wt     (the kept rows of [Wg; Wu]^T)
+ *     mode 2  pre = the int8 linear of bf16(h_p)  (in8, per-channel scale)
+ *     mode 3  pre = the int8 row skip of bf16(h)  (in8_rows)
+ *     mode 4  h only (the int4 path runs torch's kernel)
+ *   solc_mlp_output: out = x + hid @ Wd^T (mode 0 / 1: fp32) or x + int8 linear of bf16(hid) (mode 2 / 3).
+ * sel: B * d + 2 * B + 1 + d int64 (indices, offsets, counts, the selection's scratch); work: B * d + B * N_in
+ * floats. */
+void solc_mlp_input(const float *x, const float *ms, float eps, const float *norm_w, long B, long d, int mode,
+                    long keep_count, const float *wg, const float *wu, long F, const float *wt, const int8_t *in8,
+                    const uint8_t *in8_rows, const uint16_t *in8_scale, float *h, float *pre, int64_t *sel,
+                    float *work, int threads) {
+    norm_rows(x, ms, eps, norm_w, B, d, h);
+    if (mode == 4) return;
+    long N = 2 * F;
+    int64_t *idx = sel, *off = idx + B * d, *counts = off + B + 1;
+    uint32_t *scratch = (uint32_t *)(counts + B);
+    int pruned = keep_count < d;
+    if (pruned || mode == 1 || mode == 3) {
+        for (long b = 0; b < B; ++b) counts[b] = keep_count;
+        solc_select_channels(h, d, B, d, counts, idx, off, scratch);
+    }
+    float *hp = work, *scale = work + B * d;
+    if (mode == 0 || mode == 2) {  /* the dense kernel on the pruned (and, at 8 bits, bf16-rounded) input */
+        if (pruned) {
+            memset(hp, 0, B * d * sizeof(float));
+            for (long b = 0; b < B; ++b)
+                for (long i = off[b]; i < off[b + 1]; ++i) hp[b * d + idx[i]] = h[b * d + idx[i]];
+        } else {
+            memcpy(hp, h, B * d * sizeof(float));
+        }
+    }
+    if (mode == 0) {
+        if (B == 1) {
+            solc_linear_f32(hp, d, wg, 0, pre, 1, F, d, threads);
+            solc_linear_f32(hp, d, wu, 0, pre + F, 1, F, d, threads);
+        } else {  /* [B, F] each, then side by side as torch.cat lays them out */
+            float *g = scale;  /* B * N floats of the work area past hp */
+            solc_linear_f32(hp, d, wg, 0, g, B, F, d, threads);
+            solc_linear_f32(hp, d, wu, 0, g + B * F, B, F, d, threads);
+            for (long b = 0; b < B; ++b) {
+                memcpy(pre + b * N, g + b * F, F * sizeof(float));
+                memcpy(pre + b * N + F, g + B * F + b * F, F * sizeof(float));
+            }
+        }
+    } else if (mode == 1) {
+        solc_rowskip_f32(h, d, idx, off, wt, pre, B, N, d, threads);
+    } else {
+        bf16_to_f32(in8_scale, N, scale);
+        if (mode == 2) {
+            for (long i = 0; i < B * d; ++i) hp[i] = bf16_grid(hp[i]);
+            solc_int8_linear(hp, d, in8, scale, pre, B, N, d, threads);
+        } else {
+            for (long i = 0; i < B * d; ++i) hp[i] = bf16_grid(h[i]);
+            solc_rowskip_int8(hp, d, idx, off, in8_rows, scale, pre, B, N, d, threads);
+        }
+    }
+}
+
+/* work: B * F + d floats. */
+void solc_mlp_output(const float *hid, long B, long F, int mode, const float *wd, const int8_t *out8,
+                     const uint16_t *out8_scale, const float *x, long d, float *out, float *work, int threads) {
+    if (mode <= 1) {
+        solc_linear_f32(hid, F, wd, 0, out, B, d, F, threads);
+    } else {
+        float *hb = work, *scale = work + B * F;
+        for (long i = 0; i < B * F; ++i) hb[i] = bf16_grid(hid[i]);
+        bf16_to_f32(out8_scale, d, scale);
+        solc_int8_linear(hb, F, out8, scale, out, B, d, F, threads);
+    }
     for (long i = 0; i < B * d; ++i) out[i] = x[i] + out[i];
 }

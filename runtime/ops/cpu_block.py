@@ -1,5 +1,5 @@
-"""A decoder layer's attention block of a CPU decode step in one C call (cpu_block.c), for the eager
-CPU program.
+"""A decoder layer's attention block (one C call) and MLP block (two C calls around the activation) of a
+CPU decode step (cpu_block.c), for the eager CPU program.
 
 Why: a SmolLM2 decode step streams ~540 MB of weights, which evicts the Python interpreter's and
 torch's working set from every cache level; the ~25 ops between two layers' weight reads then run
@@ -15,7 +15,9 @@ cpu_rotary.fuse):
     a = attention(q, k, v, caches, positions, keep, scale)
     out = x + linear(reshape(transpose(reshape(a))), Wo, bo)
 
-and replaces it with one `AttentionBlock` call. The C path runs the same C kernels the op-by-op
+and replaces it with one `AttentionBlock` call; and around every gated `solc::mlp` call in weight-quant
+mode, `x + mlp(w_norm * (x * rsqrt(ms + eps)))`, with one `MlpBlock` call (C before and after the
+activation, which stays aten's). The C path runs the same C kernels the op-by-op
 program calls, on the same values, and the norm's elementwise fp32 operations in the graph's order, so
 the step keeps its bits (tests/runtime/test_cpu_program.py). Any other call (prefill, fp64, bf16,
 non-contiguous caches, no compiler, SOLC_CPU_FAST=0) runs the matched nodes themselves, kept as a
@@ -29,7 +31,7 @@ import torch
 import torch.fx as fx
 from torch import Tensor
 
-from runtime.ops import cpu_attention, cpu_linear, cpu_rotary, library, step_hints
+from runtime.ops import cpu_attention, cpu_linear, cpu_mlp, cpu_rotary, library, mlp_weights, reference, step_hints
 from runtime.ops.reference import PAGE_SIZE
 
 _ATEN = torch.ops.aten
@@ -96,9 +98,80 @@ class AttentionBlock:
         return out
 
 
-def blocks(gm: fx.GraphModule) -> list[AttentionBlock]:
-    """The fused attention blocks of a program, in graph order."""
-    return [n.target for n in gm.graph.nodes if n.op == "call_function" and isinstance(n.target, AttentionBlock)]
+_BF16 = torch.bfloat16
+# solc_mlp_input's modes by (bit level, row skip?); 4 bits: the norm in C, torch's int4 kernel after it
+_MLP_MODES = {(16, False): 0, (16, True): 1, (8, False): 2, (8, True): 3, (4, False): 4}
+# the copies each mode reads, with their dtypes
+_COPY_DTYPES = {"wt": _F32, "in8": torch.int8, "in8_scale": _BF16, "in8_rows": torch.uint8, "out8": torch.int8,
+                "out8_scale": _BF16}
+
+
+class MlpBlock:
+    """A layer's MLP block, `x + mlp(rmsnorm(x))` after the norm's mean, for gated MLPs without biases in
+    weight-quant mode: where every row runs one action (the step's hints), the C calls before and after
+    the activation (cpu_block.c: the kernels cpu_mlp.py would pick, on the same values); else the
+    matched nodes (`fallback`)."""
+
+    def __init__(self, fallback: fx.GraphModule, roles: dict[str, Optional[int]], eps: float, act: str,
+                 group_size: int):
+        self.__name__ = "mlp_block"  # for FX's code generation
+        self.fallback, self.roles, self.eps, self.act, self.group_size = fallback, roles, eps, act, group_size
+
+    def __call__(self, *inputs):
+        out = self._c_block(inputs)
+        return self.fallback(*inputs) if out is None else out
+
+    def _c_block(self, inputs) -> Optional[Tensor]:
+        hints = step_hints.current()
+        if hints is None or hints.mlp is None or hints.bits is None or not library.cpu_fast_paths():
+            return None
+        lib = cpu_linear._library or cpu_linear.library()
+        a = {role: (inputs[i] if i is not None else None) for role, i in self.roles.items()}
+        x, ms, wg, wu, wd = a["x"], a["ms"], a["wg"], a["wu"], a["wd"]
+        if lib is None or not (_f32(x) and x.dim() == 3 and x.shape[1] == 1 and x.shape[0] <= cpu_mlp.MAX_ROWS):
+            return None
+        B, _, d = x.shape
+        F = wg.shape[0]
+        if not (_f32(ms) and ms.numel() == B and _f32(a["w_norm"]) and a["w_norm"].numel() == d
+                and all(_f32(w) for w in (wg, wu, wd)) and tuple(wg.shape) == tuple(wu.shape) == (F, d)
+                and tuple(wd.shape) == (d, F)):
+            return None
+        keep, level = float(hints.mlp), min(int(hints.bits), 16)
+        row_skip = cpu_mlp.row_skips(level, [keep] * B)
+        mode = _MLP_MODES.get((level, row_skip))
+        packs = [a.get("pack:" + f) for f in mlp_weights.PACK_FIELDS]
+        c = mlp_weights.unpack(packs)
+        if mode is None or any(c[name] is None for name in cpu_mlp._needs(level, row_skip)):
+            return None
+        if any(c[name] is not None and not (c[name].dtype == dtype and c[name].is_contiguous())
+               for name, dtype in _COPY_DTYPES.items()):
+            return None
+        sel = cpu_attention._BUFFERS.get("mlp_select", B * d + 2 * B + 1 + d, torch.int64)
+        work = cpu_attention._BUFFERS.get("mlp_work", B * d + 2 * B * F, _F32)
+        h = cpu_attention._BUFFERS.get("mlp_h", B * d, _F32).view(B, d)
+        pre = torch.empty(B, 2 * F, dtype=_F32)
+        ptr = lambda name: c[name].data_ptr() if c[name] is not None else None  # noqa: E731
+        lib.solc_mlp_input(x.data_ptr(), ms.data_ptr(), self.eps, a["w_norm"].data_ptr(), B, d, mode,
+                           reference.keep_count(keep, d), wg.data_ptr(), wu.data_ptr(), F, ptr("wt"), ptr("in8"),
+                           ptr("in8_rows"), ptr("in8_scale"), h.data_ptr(), pre.data_ptr(), sel.data_ptr(),
+                           work.data_ptr(), torch.get_num_threads())
+        if mode == 4:  # torch's int4 kernel, as cpu_mlp runs it
+            pre = cpu_mlp._input_projection(h, [keep] * B, 4, False, [wg, wu], [None, None], "gated", c, self.group_size)
+        hid = reference._hidden(pre, "gated", reference._activation(self.act))
+        if mode == 4:
+            y = cpu_mlp._down(hid, 4, wd, None, c, self.group_size)
+            return torch.add(x, y.view(B, 1, d))
+        out = torch.empty(B, 1, d, dtype=_F32)
+        hid = hid.contiguous()
+        lib.solc_mlp_output(hid.data_ptr(), B, F, mode, wd.data_ptr(), ptr("out8"), ptr("out8_scale"), x.data_ptr(), d,
+                            out.data_ptr(), work.data_ptr(), torch.get_num_threads())
+        return out
+
+
+def blocks(gm: fx.GraphModule) -> list:
+    """The fused blocks (AttentionBlock, MlpBlock) of a program, in graph order."""
+    return [n.target for n in gm.graph.nodes
+            if n.op == "call_function" and isinstance(n.target, (AttentionBlock, MlpBlock))]
 
 
 def _f32(t) -> bool:
@@ -106,23 +179,27 @@ def _f32(t) -> bool:
 
 
 def fuse(graph: fx.Graph) -> int:
-    """Replace every matched attention block (module doc) by one AttentionBlock node; returns how many."""
+    """Replace every matched attention block and MLP block (module doc) by one block node; returns how many."""
     order = {n: i for i, n in enumerate(graph.nodes)}
     fused = 0
     for node in list(graph.nodes):
-        if node.op != "call_function" or node.target is not library.attention_impl:
+        if node.op != "call_function":
             continue
-        match = _match(node)
+        if node.target is library.attention_impl:
+            match, make = _match(node), AttentionBlock
+        elif node.target is cpu_mlp.mlp_cpu:
+            match, make = _match_mlp(node), MlpBlock
+        else:
+            continue
         if match is None:
             continue
-        nodes, final, roles, eps, scale, head_dim = match
+        nodes, final, roles, *settings = match
         nodes = sorted(nodes, key=order.__getitem__)
         if any(u not in nodes for n in nodes if n is not final for u in n.users):
             continue  # an intermediate value is used outside the block
         fallback, inputs = _subgraph(nodes, final)
         index = {n: i for i, n in enumerate(inputs)}
-        block = AttentionBlock(fallback, {r: (index[n] if n is not None else None) for r, n in roles.items()}, eps,
-                               scale, head_dim)
+        block = make(fallback, {r: (index[n] if n is not None else None) for r, n in roles.items()}, *settings)
         with graph.inserting_before(final):
             new = graph.call_function(block, tuple(inputs))
         new.meta = dict(final.meta)
@@ -242,3 +319,31 @@ def _match(attn: fx.Node):
     if not all(isinstance(n, fx.Node) for r, n in roles.items() if r not in ("bq", "bk", "bv", "bo")):
         return None
     return nodes, final, roles, eps, scale, D
+
+
+def _match_mlp(mlp: fx.Node):
+    """(nodes, final add, roles, eps, act, group size) of `x + mlp(rmsnorm(x))` around the solc::mlp call
+    `mlp` for a gated MLP without biases in weight-quant mode, else None."""
+    if mlp.kwargs or len(mlp.args) != 12:
+        return None
+    h, keep, bits, w_in, b_in, w_out, b_out, kind, act, quant, packs, group_size = mlp.args
+    if not (kind == "gated" and quant == "weight" and isinstance(act, str) and isinstance(group_size, int)
+            and isinstance(w_in, (list, tuple)) and len(w_in) == 2 and list(b_in) == [None, None] and b_out is None
+            and isinstance(packs, (list, tuple)) and len(packs) == len(mlp_weights.PACK_FIELDS)):
+        return None
+    if not all(isinstance(w, fx.Node) and w.op == "get_attr" for w in (*w_in, w_out)):
+        return None
+    if not all(p is None or (isinstance(p, fx.Node) and p.op == "get_attr") for p in packs):
+        return None
+    norm = _norm(h)
+    if norm is None or len(mlp.users) != 1:
+        return None
+    norm_nodes, x, ms, w_norm, eps = norm
+    final = next(iter(mlp.users))
+    if not _call(final, _ATEN.add.Tensor, 2) or _other(final, mlp) is not x:
+        return None
+    roles = dict(x=x, ms=ms, w_norm=w_norm, keep=keep, bits=bits, wg=w_in[0], wu=w_in[1], wd=w_out)
+    roles.update({"pack:" + f: p for f, p in zip(mlp_weights.PACK_FIELDS, packs)})
+    if not all(isinstance(n, fx.Node) for r, n in roles.items() if not r.startswith("pack:")):
+        return None
+    return norm_nodes + [mlp, final], final, roles, eps, act, group_size

@@ -4,8 +4,9 @@ import torch
 
 import solc
 from runtime.cpu_program import direct_cpu_calls
-from runtime.dispatch import specialize
+from runtime.dispatch import action_hints, specialize
 from runtime.ops import cpu_block, cpu_rotary, library
+from runtime.ops.step_hints import step_hints
 
 
 def _reference_rotary(x, cos, sin):
@@ -84,29 +85,40 @@ def _filled(sol, B, T, g):
 
 
 @pytest.mark.parametrize("B", [1, 3])
-def test_fused_attention_blocks_keep_the_bits_of_the_graph(B, monkeypatch):
+def test_fused_blocks_keep_the_bits_of_the_graph(B, monkeypatch):
     """tiny-llama: every layer's attention block (norm after its mean, q/k/v, rotary, cache write, Quest
-    attention, o_proj, residual) is one C call, and a decode step under every action, and a mixed batch
-    (the generic graph), gives the op graph's logits and caches bit for bit."""
+    attention, o_proj, residual) and MLP block (norm, input projection, activation, down projection,
+    residual) are fused; decode steps under every action (the dispatcher's variants, with the step's
+    hints) and a mixed batch (the generic program) give the op graph's logits and caches bit for bit.
+    The variants run the C blocks only; the generic program's MLP blocks (no hints) run their own ops."""
     sol = solc.compile(solc.load_model("tiny-llama"), max_seq_len=48)
     g = torch.Generator().manual_seed(B)
     T = 21  # an odd length: the last page is partial
     ids, caches = _filled(sol, B, T, g)
+    layers = len(sol.cache_specs)
     generic = direct_cpu_calls(sol.graph)
-    assert len(cpu_block.blocks(generic)) == len(sol.cache_specs)
+    kinds = [type(b) for b in cpu_block.blocks(generic)]
+    assert kinds == [cpu_block.AttentionBlock, cpu_block.MlpBlock] * layers
     assert not any(n.target is library.attention_impl for n in generic.graph.nodes)
     fallbacks = []
-    for block in cpu_block.blocks(generic):
-        monkeypatch.setattr(block, "fallback", _counting(block.fallback, fallbacks))
-    steps = [torch.full((B, 1), a) for a in range(len(sol.space))]
-    steps.append(torch.randint(0, len(sol.space), (B, 1), generator=g))
+    programs = {a: direct_cpu_calls(specialize(sol.graph, a)) for a in range(len(sol.space))}
+    for program in [generic, *programs.values()]:
+        for block in cpu_block.blocks(program):
+            monkeypatch.setattr(block, "fallback", _counting(block.fallback, fallbacks, type(block)))
     with torch.no_grad():
-        for t, acts in enumerate(steps):
+        for t, a in enumerate(range(len(sol.space))):
             p = T + t % 6
-            args = [sol.signature.args(ids[:, p:p + 1], torch.full((B, 1), p), acts, c) for c in caches]
-            want, got = sol.graph(*args[0]), generic(*args[1])
-            torch.testing.assert_close(got, want, rtol=0, atol=0, msg=f"step {t}")
-    assert fallbacks == []  # every step ran the C blocks
+            acts = torch.full((B, 1), a)
+            want = sol.graph(*sol.signature.args(ids[:, p:p + 1], torch.full((B, 1), p), acts, caches[0]))
+            with step_hints(action_hints(sol.space, a, p + 1)):
+                got = programs[a](*sol.signature.variant_args(ids[:, p:p + 1], torch.full((B, 1), p), caches[1]))
+            torch.testing.assert_close(got, want, rtol=0, atol=0, msg=f"action {sol.space[a]}")
+        assert fallbacks == []  # every variant ran the C blocks
+        p = T + 6
+        acts = torch.randint(0, len(sol.space), (B, 1), generator=g)
+        args = [sol.signature.args(ids[:, p - 1:p], torch.full((B, 1), p - 1), acts, c) for c in caches]
+        torch.testing.assert_close(generic(*args[1]), sol.graph(*args[0]), rtol=0, atol=0)
+        assert fallbacks == [cpu_block.MlpBlock] * layers
     for a, b in zip(caches[0].tensors, caches[1].tensors):
         assert torch.equal(a, b)
 
@@ -127,16 +139,16 @@ def test_a_fused_block_runs_its_own_ops_where_the_c_block_does_not_apply(monkeyp
         outs = [p(*sol.signature.args(ids[:, :T], torch.arange(T).expand(B, T), dense, c))
                 for p, c in zip((sol.graph, direct), caches)]
         torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=0)
-        assert len(calls) == len(sol.cache_specs)  # prefill: every block ran its own ops
+        assert len(calls) == 2 * len(sol.cache_specs)  # prefill: every block ran its own ops
         monkeypatch.setenv("SOLC_CPU_FAST", "0")
         step = [sol.signature.args(ids[:, T:], torch.full((B, 1), T), torch.full((B, 1), 0), c) for c in caches]
         want, got = sol.graph(*step[0]), direct(*step[1])
         torch.testing.assert_close(got, want, rtol=0, atol=0)
-        assert len(calls) == 2 * len(sol.cache_specs)
+        assert len(calls) == 4 * len(sol.cache_specs)
 
 
-def _counting(fn, calls):
+def _counting(fn, calls, tag=1):
     def run(*a):
-        calls.append(1)
+        calls.append(tag)
         return fn(*a)
     return run
