@@ -59,10 +59,10 @@ _VIEWS = {_ATEN.unsqueeze.default, _ATEN.view.default, _ATEN.transpose.int, _ATE
           _ATEN.expand.default, _ATEN.select.int, _ATEN.reshape.default}
 
 
-def direct_cpu_calls(gm: fx.GraphModule, *, fuse: bool = True) -> fx.GraphModule:
+def direct_cpu_calls(gm: fx.GraphModule, *, fuse: bool = True, blocks: bool = True) -> fx.GraphModule:
     """A copy of `gm` (sharing its weights) rewritten as the module doc says; fuse=False keeps only the
-    direct solc calls, the dropped checks/casts and the flat attributes (benchmarks/cpu_program_ab.py
-    measures the rest against it)."""
+    direct solc calls, the dropped checks/casts and the flat attributes, blocks=False all but the fused
+    attention/MLP blocks (benchmarks/cpu_program_ab.py measures each against the others)."""
     graph = copy.deepcopy(gm.graph)
     casts_known = _dtypes_as_traced(gm)
     for node in list(graph.nodes):
@@ -79,7 +79,8 @@ def direct_cpu_calls(gm: fx.GraphModule, *, fuse: bool = True) -> fx.GraphModule
         _share_views(graph)
         cpu_rotary.fuse(graph)
         graph.eliminate_dead_code(is_impure_node=_impure)  # the fused rotaries' old nodes
-        cpu_block.fuse(graph)  # matches single-use chains: after the dead users are gone
+        if blocks:
+            cpu_block.fuse(graph)  # matches single-use chains: after the dead users are gone
         _python_bindings(graph)
     graph.lint()
     return fx.GraphModule(_flat_attributes(gm, graph), graph, class_name=type(gm).__name__ + "DirectCPU")

@@ -56,7 +56,10 @@ SIGNATURES = {  # C function -> argument types (all return void)
                              _P, _P, _L, _L, _L, _L, _L, ctypes.c_float, _P, _P, _P, _P, _P, _L, _I],
     "solc_mlp_input": [_P, _P, ctypes.c_float, _P, _L, _L, _I, _L, _P, _P, _L, _P, _P, _P, _P, _P, _P, _P, _P, _I],
     "solc_mlp_output": [_P, _L, _L, _I, _P, _P, _P, _P, _L, _P, _P, _I],
+    "solc_int4_linear": [_P, _L, _P, _P, _L, _P, _L, _L, _L, _I],
+    "solc_int4_supported": [],
 }
+RESTYPES = {"solc_int4_linear": ctypes.c_int, "solc_int4_supported": ctypes.c_int}  # the others return void
 
 
 def _cpu_features() -> str:
@@ -106,7 +109,7 @@ def library():
                     lib = ctypes.CDLL(str(path))
                     for name, argtypes in SIGNATURES.items():
                         fn = getattr(lib, name)
-                        fn.argtypes, fn.restype = argtypes, None
+                        fn.argtypes, fn.restype = argtypes, RESTYPES.get(name)
                     _library = lib
                 except (OSError, subprocess.CalledProcessError) as e:
                     detail = e.stderr.strip()[-300:] if isinstance(e, subprocess.CalledProcessError) else str(e)

@@ -12,6 +12,7 @@ the fp32 row skip at keep 0.4 315 -> 205 us (prefetcht1, two kept rows ahead); t
 evicted the lines being summed from L1. (Ad-hoc C microbenchmark, weights streamed over 60 copies.)
 Built with -ffp-contract=off (cpu_linear.py builds both sources into one library). */
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #ifdef __AVX512F__
 #include <immintrin.h>
@@ -126,6 +127,137 @@ void solc_int8_linear(const float *x, long ldx, const int8_t *q, const float *sc
         long n0 = blk * COL_BLOCK, n1 = n0 + COL_BLOCK < N ? n0 + COL_BLOCK : N;
         for (long r = 0; r < M; ++r) int8_block(x + r * ldx, q, scale, K, K16, n0, n1, y + r * N);
     }
+}
+
+/* The int4 weight-only linear (AVX-512 with BF16 only; elsewhere torch's _weight_int4pack_mm_for_cpu):
+y [M, N] = bf16(x_bf16 [M, K] @ dequant(q)^T) for q in `quant_primitives`' nibble format (uint8 [N, K / 2],
+low nibble = even k) with scales and zeros bf16 [K / g, N, 2], w = (q - 8) * scale + zero per group of g
+input channels. Per group the sum is taken as scale * sum(x * (q - 8)) + zero * sum(x): x is on the bf16
+grid and q - 8 is a small integer, so each product x * (q - 8) is exact and VDPBF16PS sums 32 of them
+per instruction (the weights' bf16 values come from a 16-entry table by nibble), with no per-weight
+dequantization. This is the reference's sum with other fp32 roundings (within 1 bf16 ulp of the row
+maximum after the final rounding, tests/runtime/ops/test_cpu_mlp_kernels.py); the order is fixed
+whatever the row count or thread split (lane l of a 64-channel chunk sums k = 4l .. 4l + 3; groups in
+order; the fixed tree), so a row's result does not depend on its batch. VDPBF16PS treats denormal inputs
+as zero and flushes denormal results. SmolLM2 gate/up copy (3072 x 576, g = 64), weights streamed, 1
+thread, AMD EPYC Zen 4: ~60 us vs ~125 us for torch's kernel (ad-hoc C microbenchmark, 2026-12-03).
+Requires g a multiple of 64. */
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512BF16__)
+#define SOLC_INT4 1
+#define INT4_ROWS 4
+#define INT4_AHEAD 16  /* prefetch distance in output rows (into L2) */
+
+static inline uint16_t bf16_bits(float v) {
+    uint32_t u;
+    memcpy(&u, &v, 4);
+    return (uint16_t)(u >> 16);
+}
+
+/* y[n:n + ROWS] of one row (ROWS a compile-time constant, so the sums stay in registers): xl / xh its
+bf16 values at the even / odd channels of every 64-channel chunk (32 each), X its per-lane sums per group
+[K / g][16]. */
+static inline __attribute__((always_inline)) void int4_rows(const uint16_t *xl, const uint16_t *xh, const float *X,
+                                                            const uint8_t *q, const uint16_t *sz, long g, long N,
+                                                            long K, long n, const int ROWS, __m512i table, float *y) {
+    long KB = K / 2, groups = K / g;
+    __m512 acc[INT4_ROWS];
+    for (int c = 0; c < ROWS; ++c) acc[c] = _mm512_setzero_ps();
+    if (n + INT4_AHEAD + ROWS <= N) {
+        const char *ahead = (const char *)(q + (n + INT4_AHEAD) * KB);
+        for (long b = 0; b < ROWS * KB; b += 64) _mm_prefetch(ahead + b, _MM_HINT_T1);
+    }
+    for (long G = 0; G < groups; ++G) {
+        __m512 T[INT4_ROWS];
+        for (int c = 0; c < ROWS; ++c) T[c] = _mm512_setzero_ps();
+        for (long k = G * g; k < (G + 1) * g; k += 64) {
+            __m512i vl = _mm512_loadu_si512(xl + k / 2), vh = _mm512_loadu_si512(xh + k / 2);
+            for (int c = 0; c < ROWS; ++c) {
+                __m512i w = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(q + (n + c) * KB + k / 2)));
+                __m512i wl = _mm512_permutexvar_epi16(w, table), wh = _mm512_permutexvar_epi16(_mm512_srli_epi16(w, 4), table);
+                T[c] = _mm512_dpbf16_ps(T[c], (__m512bh)vl, (__m512bh)wl);
+                T[c] = _mm512_dpbf16_ps(T[c], (__m512bh)vh, (__m512bh)wh);
+            }
+        }
+        __m512 XG = _mm512_loadu_ps(X + G * 16);
+        for (int c = 0; c < ROWS; ++c) {
+            const uint16_t *p = sz + (G * N + n + c) * 2;
+            uint32_t su = (uint32_t)p[0] << 16, zu = (uint32_t)p[1] << 16;
+            float s, z;
+            memcpy(&s, &su, 4);
+            memcpy(&z, &zu, 4);
+            acc[c] = _mm512_fmadd_ps(_mm512_set1_ps(s), T[c], acc[c]);
+            acc[c] = _mm512_fmadd_ps(_mm512_set1_ps(z), XG, acc[c]);
+        }
+    }
+    for (int c = 0; c < ROWS; ++c) {
+        float lanes[LANES];
+        _mm512_storeu_ps(lanes, acc[c]);
+        y[n + c] = bf16_round(finish(lanes, 0));
+    }
+}
+
+static void int4_block(const uint16_t *xl, const uint16_t *xh, const float *X, const uint8_t *q, const uint16_t *sz,
+                       long g, long N, long K, long n0, long n1, float *y) {
+    uint16_t t[32];
+    for (int j = 0; j < 32; ++j) t[j] = bf16_bits((float)(j % 16 - 8));  /* permutexvar_epi16 reads 5 index bits */
+    const __m512i table = _mm512_loadu_si512(t);
+    long n = n0;
+    for (; n + INT4_ROWS <= n1; n += INT4_ROWS) int4_rows(xl, xh, X, q, sz, g, N, K, n, INT4_ROWS, table, y);
+    for (; n < n1; ++n) int4_rows(xl, xh, X, q, sz, g, N, K, n, 1, table, y);
+}
+#endif
+
+int solc_int4_supported(void) {
+#ifdef SOLC_INT4
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+/* Returns 0, or -1 where this build has no int4 kernel or the scratch could not be allocated (the caller
+then runs torch's kernel). x fp32 [M, K] (rounded to bf16 here). */
+int solc_int4_linear(const float *x, long ldx, const uint8_t *q, const uint16_t *sz, long g, float *y, long M,
+                     long N, long K, int threads) {
+#ifdef SOLC_INT4
+    if (g % 64 || K % g) return -1;
+    long groups = K / g;
+    uint16_t *xs = malloc((size_t)(M * K) * sizeof(uint16_t));
+    float *X = malloc((size_t)(M * groups * 16) * sizeof(float));
+    if (!xs || !X) {
+        free(xs);
+        free(X);
+        return -1;
+    }
+    for (long r = 0; r < M; ++r) {
+        uint16_t *xl = xs + r * K, *xh = xl + K / 2;
+        float *Xr = X + r * groups * 16;
+        for (long i = 0; i < groups * 16; ++i) Xr[i] = 0;
+        for (long k = 0; k < K; k += 64)
+            for (int j = 0; j < 32; ++j) {
+                xl[k / 2 + j] = bf16_bits(bf16_round(x[r * ldx + k + 2 * j]));
+                xh[k / 2 + j] = bf16_bits(bf16_round(x[r * ldx + k + 2 * j + 1]));
+            }
+        for (long k = 0; k < K; k += 4) {  /* lane (k mod 64) / 4 of group k / g: its four channels in order */
+            float s = 0;
+            for (int t = 0; t < 4; ++t) s += bf16_round(x[r * ldx + k + t]);
+            Xr[(k / g) * 16 + (k % 64) / 4] += s;
+        }
+    }
+    long blocks = (N + COL_BLOCK - 1) / COL_BLOCK;
+#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
+    for (long blk = 0; blk < blocks; ++blk) {
+        long n0 = blk * COL_BLOCK, n1 = n0 + COL_BLOCK < N ? n0 + COL_BLOCK : N;
+        for (long r = 0; r < M; ++r)
+            int4_block(xs + r * K, xs + r * K + K / 2, X + r * groups * 16, q, sz, g, N, K, n0, n1, y + r * N);
+    }
+    free(xs);
+    free(X);
+    return 0;
+#else
+    (void)x; (void)ldx; (void)q; (void)sz; (void)g; (void)y; (void)M; (void)N; (void)K; (void)threads;
+    return -1;
+#endif
 }
 
 /* Row-skipping GEMVs for pruned MLP inputs: y[r, :N] = sum over row r's kept channels k (idx[off[r] ..

@@ -13,8 +13,9 @@ Per row action (mlp keep k, bits b); the rows of a bit level run together:
                      bias -128, so a row is its int8 values exactly; cpu_mlp.c, FBGEMM's byte-rowwise
                      embedding_bag without a compiler), per-output-channel scale after the sum, or the
                      int8 linear on the pruned input; down: the int8 linear
-  b = 4              torch._weight_int4pack_mm_for_cpu with bf16 activations on the pruned input (no
-                     row-skipping int4 kernel exists on CPU: pruning saves nothing at 4 bits here)
+  b = 4              cpu_mlp.c's int4 linear (AVX-512 BF16: per group scale * sum(x (q - 8)) + zero * sum(x)
+                     with exact bf16 products) on the pruned input, torch._weight_int4pack_mm_for_cpu
+                     elsewhere (no row-skipping int4 kernel: pruning saves nothing at 4 bits here)
   activation mode    the 16-bit paths above, then the reference fake quantizer
 The C row skips sum each output in the dense kernels' fixed order (a dropped channel is a zero term the
 dense kernel adds exactly), so row skip and dense pass give a row the same bits, and a call picks the
@@ -23,7 +24,7 @@ is dense or their row skips together would read more than ROW_SKIP_MAX_KEEP of W
 (at batch 1: keep <= ROW_SKIP_MAX_KEEP). Without the C kernels (embedding_bag sums in another order)
 each action keeps its batch-of-one kernel.
 Every reduction of a row runs over that row alone in a fixed order (the C kernels by construction;
-embedding_bag sums each bag on its own; the int4 kernel reduces each row alike whatever the row count),
+embedding_bag sums each bag on its own; both int4 kernels reduce each row alike whatever the row count),
 so a row's MLP output does not depend on its batch mates (fp32 and, in weight mode, the low-bit paths).
 Prefill / teacher forcing (T > 1) runs the reference one batch row at a time. Other inputs (float64,
 mismatched dtypes, missing copies) run the reference.
@@ -151,6 +152,33 @@ def _int8_linear(x: Tensor, q: Tensor, scale: Tensor) -> Tensor:
     return y
 
 
+def int4_kernel() -> bool:
+    """Whether cpu_mlp.c's int4 linear is built here (AVX-512 with BF16); else torch's int4 kernel runs."""
+    global _INT4
+    if _INT4 is None:
+        lib = cpu_linear.library()
+        _INT4 = bool(lib is not None and lib.solc_int4_supported())
+    return _INT4
+
+
+_INT4: Optional[bool] = None
+
+
+def _int4_linear(x: Tensor, c: dict, which: str, group_size: int) -> Tensor:
+    """[m, N] = (x rounded to bf16) @ dequant_int4(W)^T, rounded to bf16, in fp32, for the copy `which`
+    ("in4" / "out4"): cpu_mlp.c's solc_int4_linear (groups of 64 or 128), else torch's
+    _weight_int4pack_mm_for_cpu on its packed layout of the same copy."""
+    packed, sz = c[which], c[which + "_sz"]
+    if int4_kernel() and packed is not None and group_size % 64 == 0:
+        x = x.float().contiguous()
+        y = torch.empty(x.shape[0], packed.shape[0], dtype=torch.float32)
+        if not cpu_linear.library().solc_int4_linear(x.data_ptr(), x.shape[1], packed.data_ptr(), sz.data_ptr(),
+                                                     group_size, y.data_ptr(), x.shape[0], packed.shape[0], x.shape[1],
+                                                     torch.get_num_threads()):
+            return y
+    return torch._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), c[which + "_cpu"], group_size, sz).float()
+
+
 def _add(y: Tensor, bias: Optional[Tensor]) -> Tensor:
     return y if bias is None else y + bias.to(y.dtype)
 
@@ -178,8 +206,7 @@ def _input_projection(x: Tensor, keeps: list[float], bits: int, row_skip: bool, 
         return _add(_rowskip_int8(x, keeps, c["in8_rows"], c["in8_scale"]), bias)
     if bits == 8:
         return _add(_int8_linear(_pruned(x, keeps), c["in8"], c["in8_scale"]), bias)
-    xb = _pruned(x, keeps).to(torch.bfloat16)
-    return _add(torch._weight_int4pack_mm_for_cpu(xb, c["in4_cpu"], group_size, c["in4_sz"]).float(), bias)
+    return _add(_int4_linear(_pruned(x, keeps), c, "in4", group_size), bias)
 
 
 def _dense_input_projection(x: Tensor, w_in, b_in, kind) -> Tensor:
@@ -199,8 +226,7 @@ def _down(h: Tensor, bits: int, w_out, b_out, c, group_size) -> Tensor:
         return cpu_linear.linear(h, w_out, b_out)
     if bits == 8:
         return _add(_int8_linear(h, c["out8"], c["out8_scale"]), b_out)
-    y = torch._weight_int4pack_mm_for_cpu(h.to(torch.bfloat16), c["out4_cpu"], group_size, c["out4_sz"])
-    return _add(y.float(), b_out)
+    return _add(_int4_linear(h, c, "out4", group_size), b_out)
 
 
 def kernel_of(keep: float, bits: int) -> tuple[int, bool]:
@@ -241,7 +267,7 @@ def _needs(bits: int, row_skip: bool) -> tuple[str, ...]:
     if bits == 8:
         return ("in8_scale", "out8", "out8_scale") + (("in8_rows",) if row_skip else ("in8",))
     if bits == 4:
-        return ("in4_cpu", "in4_sz", "out4_cpu", "out4_sz")
+        return ("in4", "in4_sz", "in4_cpu", "out4", "out4_sz", "out4_cpu")  # in4_cpu: torch's kernel for g = 32
     return ("wt",) if row_skip else ()
 
 

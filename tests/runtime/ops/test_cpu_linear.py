@@ -141,7 +141,7 @@ def _build_for(march, tmp_path):
         pytest.skip(f"no C compiler for -march={march}: {e}")
     lib = ctypes.CDLL(str(out))
     for name, argtypes in cpu_linear.SIGNATURES.items():
-        getattr(lib, name).argtypes, getattr(lib, name).restype = argtypes, None
+        getattr(lib, name).argtypes, getattr(lib, name).restype = argtypes, cpu_linear.RESTYPES.get(name)
     return lib
 
 

@@ -109,3 +109,35 @@ def test_c_channel_selection_is_the_references_set_with_ties(d):
         assert torch.equal(got, want), i
         assert torch.equal(reference.prune_mlp_input(x[i:i + 1], keep)[0].nonzero()[:, 0],
                            want[x[i, want] != 0])  # and prune_mlp_input keeps exactly those
+
+
+@pytest.mark.parametrize("K,N,group", [(576, 3072, 64), (1536, 576, 64), (256, 96, 128), (64, 48, 32)])
+def test_int4_linear_is_the_reference_and_row_independent(K, N, group):
+    """The int4 linear (cpu_mlp.c on AVX-512 BF16 CPUs, torch's kernel elsewhere and for groups of 32)
+    against its definition, x_bf16 @ dequant_int4(W)^T rounded to bf16: within one bf16 ulp of the row
+    maximum; a row's bits do not depend on its batch mates or the thread count."""
+    from runtime import torchao_adapter
+    from runtime.ops import mlp_weights
+
+    g = torch.Generator().manual_seed(K + N)
+    w = torch.randn(N, K, generator=g) * 0.05
+    packed, sz = torchao_adapter.quantize_int4(w, group)
+    c = {"in4": packed, "in4_sz": sz, "in4_cpu": mlp_weights.pack_int4_for_cpu(packed)}
+    x = torch.randn(16, K, generator=g) * 3
+    want = qp.to_bf16_grid(qp.to_bf16_grid(x, torch.float32) @ qp.dequant_int4(packed, sz, group, torch.float32).t(),
+                           torch.float32)
+    got = cpu_mlp._int4_linear(x, c, "in4", group)
+    assert got.dtype == torch.float32 and torch.equal(got, qp.to_bf16_grid(got, torch.float32))
+    assert _bf16_ulps(got, want) <= 1.0
+    assert (got == want).float().mean() > 0.99  # the same sum: only rare roundings differ
+    assert torch.equal(torch.cat([cpu_mlp._int4_linear(x[i:i + 1], c, "in4", group) for i in range(16)]), got)
+    with _threads(1):
+        assert torch.equal(cpu_mlp._int4_linear(x, c, "in4", group), got)
+
+
+def test_int4_kernel_runs_where_the_cpu_has_avx512_bf16():
+    """The C int4 kernel is what runs on a CPU with AVX-512 BF16 (not silently torch's), and nowhere else."""
+    flags = set(cpu_linear._cpu_features().split())
+    if cpu_linear.library() is None:
+        pytest.skip("no C compiler")
+    assert cpu_mlp.int4_kernel() == ({"avx512f", "avx512bw", "avx512_bf16"} <= flags)
