@@ -25,6 +25,7 @@ small GraphModule.
 """
 from __future__ import annotations
 
+import weakref
 from typing import Optional
 
 import torch
@@ -38,26 +39,71 @@ _ATEN = torch.ops.aten
 _F32 = torch.float32
 
 
+class _Plan:
+    """What a block checked and computed on its first call with a set of weights and caches: their
+    arguments of the C call. `matches` re-checks only that the same tensors came (weak references: a
+    dropped cache is neither kept alive nor mistaken for a new one at the same address); the per-step
+    inputs are checked on every call. Why: the checks ran cold at every layer (the weights' stream evicts
+    them from the caches), ~100 us a block."""
+
+    def __init__(self, inputs, static: tuple[int, ...], key=None, **args):
+        self.refs = tuple((i, weakref.ref(inputs[i]), inputs[i].data_ptr()) for i in static)
+        self.key = key
+        self.__dict__.update(args)
+
+    def matches(self, inputs, key=None) -> bool:
+        """The same tensors over the same memory (a weight given new data, say by `.to()`, is re-planned)."""
+        return key == self.key and all(inputs[i] is r() and inputs[i].data_ptr() == p for i, r, p in self.refs)
+
+
 class AttentionBlock:
     """The fused node's target: the C block where it applies, else the matched nodes (`fallback`)."""
+
+    STATIC = ("w_norm", "wq", "wk", "wv", "wo", "bq", "bk", "bv", "bo", "k_cache", "v_cache", "page_min", "page_max")
 
     def __init__(self, fallback: fx.GraphModule, roles: dict[str, Optional[int]], eps: float, scale: float,
                  head_dim: int):
         self.__name__ = "attention_block"  # for FX's code generation
         self.fallback, self.roles, self.eps, self.scale, self.head_dim = fallback, roles, eps, scale, head_dim
+        self._plan: Optional[_Plan] = None
 
     def __call__(self, *inputs):
         out = self._c_block(inputs)
         return self.fallback(*inputs) if out is None else out
 
     def _c_block(self, inputs) -> Optional[Tensor]:
+        if not cpu_attention.C_KERNEL or not library.cpu_fast_paths():
+            return None
+        plan = self._plan
+        if plan is None or not plan.matches(inputs):
+            plan = self._plan = self._make_plan(inputs)
+            if plan is None:
+                return None
+        r = self.roles
+        x, ms, cos, sin = inputs[r["x"]], inputs[r["ms"]], inputs[r["cos"]], inputs[r["sin"]]
+        if not (x.shape == plan.x_shape and x.dtype is _F32 and x.is_contiguous() and ms.dtype is _F32
+                and ms.is_contiguous() and ms.numel() == plan.B and cos.dtype is _F32 and sin.dtype is _F32
+                and cos.shape == sin.shape and cos.stride() == sin.stride() and cos.dim() == 4
+                and cos.shape[1:] == (1, 1, self.head_dim) and cos.shape[0] in (1, plan.B) and cos.stride(3) == 1):
+            return None
+        keeps, pos = cpu_attention.host_levels(inputs[r["keep"]], inputs[r["positions"]], step_hints.current())
+        kept = torch.tensor([cpu_attention._kept_page_count(p, k) or 0 for p, k in zip(pos, keeps)], dtype=torch.int64)
+        pos = torch.tensor(pos, dtype=torch.int64)
+        out = torch.empty(plan.x_shape, dtype=_F32)
+        plan.lib.solc_attention_block(
+            x.data_ptr(), ms.data_ptr(), self.eps, *plan.weights, cos.data_ptr(), sin.data_ptr(),
+            cos.stride(0) if cos.shape[0] > 1 else 0, *plan.caches, pos.data_ptr(), kept.data_ptr(), *plan.dims,
+            self.scale, *plan.out_weights, out.data_ptr(), plan.work.data_ptr(), plan.scratch.data_ptr(),
+            plan.per_task, torch.get_num_threads())
+        return out
+
+    def _make_plan(self, inputs) -> Optional[_Plan]:
         lib = cpu_linear._library or cpu_linear.library()
-        if lib is None or not cpu_attention.C_KERNEL or not library.cpu_fast_paths():
+        if lib is None:
             return None
         a = {role: (inputs[i] if i is not None else None) for role, i in self.roles.items()}
         x, D = a["x"], self.head_dim
-        if not (isinstance(x, Tensor) and x.dtype is _F32 and x.dim() == 3 and x.shape[1] == 1 and x.is_contiguous()
-                and x.device.type == "cpu"):
+        if not (_f32(x) and x.dim() == 3 and x.shape[1] == 1):
             return None
         B, _, d = x.shape
         wq, wk, wv, wo = a["wq"], a["wk"], a["wv"], a["wo"]
@@ -69,33 +115,23 @@ class AttentionBlock:
                 and all(b is None or (_f32(b) and b.numel() == n)
                         for b, n in ((a["bq"], nq), (a["bk"], nkv), (a["bv"], nkv), (a["bo"], d)))):
             return None
-        ms, kc, vc, pmin, pmax = a["ms"], a["k_cache"], a["v_cache"], a["page_min"], a["page_max"]
-        if not (_f32(ms) and ms.numel() == B and all(_f32(t) and t.dim() == 4 for t in (kc, vc, pmin, pmax))):
+        kc, vc, pmin, pmax = a["k_cache"], a["v_cache"], a["page_min"], a["page_max"]
+        if not all(_f32(t) and t.dim() == 4 for t in (kc, vc, pmin, pmax)):
             return None
         S, P = kc.shape[2], pmin.shape[2]
         if not (tuple(kc.shape) == tuple(vc.shape) == (B, Hkv, S, D) and S >= PAGE_SIZE
                 and tuple(pmin.shape) == tuple(pmax.shape) == (B, Hkv, P, D)):
             return None
-        cos, sin = a["cos"], a["sin"]
-        if not (cos.dtype is _F32 and sin.dtype is _F32 and cos.dim() == 4 and cos.shape == sin.shape
-                and cos.shape[1:] == (1, 1, D) and cos.shape[0] in (1, B) and cos.stride() == sin.stride()
-                and cos.stride(3) == 1):
-            return None
-        keeps, pos = cpu_attention.host_levels(a["keep"], a["positions"], step_hints.current())
-        kept = torch.tensor([cpu_attention._kept_page_count(p, k) or 0 for p, k in zip(pos, keeps)], dtype=torch.int64)
-        pos = torch.tensor(pos, dtype=torch.int64)
+        ptr = lambda t: None if t is None else t.data_ptr()  # noqa: E731
         per_task = Hq // Hkv * (S + P) + 2 * P + S
-        scratch = cpu_attention._BUFFERS.get("c_scratch", B * Hkv * per_task, _F32)
-        work = cpu_attention._BUFFERS.get("block_work", B * (d + 3 * nq + 4 * nkv), _F32)
-        out = torch.empty(B, 1, d, dtype=_F32)
-        bq, bk, bv, bo = (None if b is None else b.data_ptr() for b in (a["bq"], a["bk"], a["bv"], a["bo"]))
-        lib.solc_attention_block(
-            x.data_ptr(), ms.data_ptr(), self.eps, a["w_norm"].data_ptr(), B, d, wq.data_ptr(), bq, wk.data_ptr(), bk,
-            wv.data_ptr(), bv, cos.data_ptr(), sin.data_ptr(), cos.stride(0) if cos.shape[0] > 1 else 0,
-            kc.data_ptr(), vc.data_ptr(), pmin.data_ptr(), pmax.data_ptr(), pos.data_ptr(), kept.data_ptr(), Hq, Hkv,
-            S, P, D, self.scale, wo.data_ptr(), bo, out.data_ptr(), work.data_ptr(), scratch.data_ptr(), per_task,
-            torch.get_num_threads())
-        return out
+        static = tuple(self.roles[n] for n in self.STATIC if self.roles[n] is not None)
+        return _Plan(inputs, static, lib=lib, B=B, x_shape=x.shape, per_task=per_task,
+                     weights=(a["w_norm"].data_ptr(), B, d, wq.data_ptr(), ptr(a["bq"]), wk.data_ptr(), ptr(a["bk"]),
+                              wv.data_ptr(), ptr(a["bv"])),
+                     caches=(kc.data_ptr(), vc.data_ptr(), pmin.data_ptr(), pmax.data_ptr()),
+                     dims=(Hq, Hkv, S, P, D), out_weights=(wo.data_ptr(), ptr(a["bo"])),
+                     scratch=torch.empty(B * Hkv * per_task, dtype=_F32),
+                     work=torch.empty(B * (d + 3 * nq + 4 * nkv), dtype=_F32))
 
 
 _BF16 = torch.bfloat16
@@ -116,6 +152,7 @@ class MlpBlock:
                  group_size: int):
         self.__name__ = "mlp_block"  # for FX's code generation
         self.fallback, self.roles, self.eps, self.act, self.group_size = fallback, roles, eps, act, group_size
+        self._plan: Optional[_Plan] = None
 
     def __call__(self, *inputs):
         out = self._c_block(inputs)
@@ -125,47 +162,64 @@ class MlpBlock:
         hints = step_hints.current()
         if hints is None or hints.mlp is None or hints.bits is None or not library.cpu_fast_paths():
             return None
+        key = (hints.mlp, hints.bits)
+        plan = self._plan
+        if plan is None or not plan.matches(inputs, key):
+            plan = self._plan = self._make_plan(inputs, key)
+            if plan is None:
+                return None
+        x, ms = inputs[self.roles["x"]], inputs[self.roles["ms"]]
+        if not (x.shape == plan.x_shape and x.dtype is _F32 and x.is_contiguous() and ms.dtype is _F32
+                and ms.is_contiguous() and ms.numel() == plan.B):
+            return None
+        B, d, F, mode, lib = plan.B, plan.d, plan.F, plan.mode, plan.lib
+        pre = torch.empty(B, 2 * F, dtype=_F32)
+        lib.solc_mlp_input(x.data_ptr(), ms.data_ptr(), self.eps, *plan.input_args, pre.data_ptr(),
+                           plan.sel.data_ptr(), plan.work.data_ptr(), torch.get_num_threads())
+        if mode == 4:  # the int4 kernels, as cpu_mlp runs them
+            pre = cpu_mlp._input_projection(plan.h, [plan.keep] * B, 4, False, plan.w_in, [None, None], "gated",
+                                            plan.copies, self.group_size)
+        hid = reference._hidden(pre, "gated", plan.fn)
+        if mode == 4:
+            y = cpu_mlp._down(hid, 4, plan.wd, None, plan.copies, self.group_size)
+            return torch.add(x, y.view(B, 1, d))
+        out = torch.empty(plan.x_shape, dtype=_F32)
+        hid = hid.contiguous()
+        lib.solc_mlp_output(hid.data_ptr(), B, F, mode, *plan.output_args, x.data_ptr(), d, out.data_ptr(),
+                            plan.work.data_ptr(), torch.get_num_threads())
+        return out
+
+    def _make_plan(self, inputs, key) -> Optional[_Plan]:
         lib = cpu_linear._library or cpu_linear.library()
         a = {role: (inputs[i] if i is not None else None) for role, i in self.roles.items()}
-        x, ms, wg, wu, wd = a["x"], a["ms"], a["wg"], a["wu"], a["wd"]
+        x, wg, wu, wd = a["x"], a["wg"], a["wu"], a["wd"]
         if lib is None or not (_f32(x) and x.dim() == 3 and x.shape[1] == 1 and x.shape[0] <= cpu_mlp.MAX_ROWS):
             return None
         B, _, d = x.shape
         F = wg.shape[0]
-        if not (_f32(ms) and ms.numel() == B and _f32(a["w_norm"]) and a["w_norm"].numel() == d
-                and all(_f32(w) for w in (wg, wu, wd)) and tuple(wg.shape) == tuple(wu.shape) == (F, d)
-                and tuple(wd.shape) == (d, F)):
+        if not (_f32(a["w_norm"]) and a["w_norm"].numel() == d and all(_f32(w) for w in (wg, wu, wd))
+                and tuple(wg.shape) == tuple(wu.shape) == (F, d) and tuple(wd.shape) == (d, F)):
             return None
-        keep, level = float(hints.mlp), min(int(hints.bits), 16)
+        keep, level = float(key[0]), min(int(key[1]), 16)
         row_skip = cpu_mlp.row_skips(level, [keep] * B)
         mode = _MLP_MODES.get((level, row_skip))
-        packs = [a.get("pack:" + f) for f in mlp_weights.PACK_FIELDS]
-        c = mlp_weights.unpack(packs)
+        c = mlp_weights.unpack([a.get("pack:" + f) for f in mlp_weights.PACK_FIELDS])
         if mode is None or any(c[name] is None for name in cpu_mlp._needs(level, row_skip)):
             return None
         if any(c[name] is not None and not (c[name].dtype == dtype and c[name].is_contiguous())
                for name, dtype in _COPY_DTYPES.items()):
             return None
-        sel = cpu_attention._BUFFERS.get("mlp_select", B * d + 2 * B + 1 + d, torch.int64)
-        work = cpu_attention._BUFFERS.get("mlp_work", B * d + 2 * B * F, _F32)
-        h = cpu_attention._BUFFERS.get("mlp_h", B * d, _F32).view(B, d)
-        pre = torch.empty(B, 2 * F, dtype=_F32)
         ptr = lambda name: c[name].data_ptr() if c[name] is not None else None  # noqa: E731
-        lib.solc_mlp_input(x.data_ptr(), ms.data_ptr(), self.eps, a["w_norm"].data_ptr(), B, d, mode,
-                           reference.keep_count(keep, d), wg.data_ptr(), wu.data_ptr(), F, ptr("wt"), ptr("in8"),
-                           ptr("in8_rows"), ptr("in8_scale"), h.data_ptr(), pre.data_ptr(), sel.data_ptr(),
-                           work.data_ptr(), torch.get_num_threads())
-        if mode == 4:  # torch's int4 kernel, as cpu_mlp runs it
-            pre = cpu_mlp._input_projection(h, [keep] * B, 4, False, [wg, wu], [None, None], "gated", c, self.group_size)
-        hid = reference._hidden(pre, "gated", reference._activation(self.act))
-        if mode == 4:
-            y = cpu_mlp._down(hid, 4, wd, None, c, self.group_size)
-            return torch.add(x, y.view(B, 1, d))
-        out = torch.empty(B, 1, d, dtype=_F32)
-        hid = hid.contiguous()
-        lib.solc_mlp_output(hid.data_ptr(), B, F, mode, wd.data_ptr(), ptr("out8"), ptr("out8_scale"), x.data_ptr(), d,
-                            out.data_ptr(), work.data_ptr(), torch.get_num_threads())
-        return out
+        h = torch.empty(B, d, dtype=_F32)
+        static = tuple(i for r, i in self.roles.items() if i is not None and r not in ("x", "ms", "keep", "bits"))
+        return _Plan(inputs, static, key, lib=lib, B=B, d=d, F=F, mode=mode, keep=keep, x_shape=x.shape, h=h,
+                     w_in=[wg, wu], wd=wd, copies=c, fn=reference._activation(self.act),
+                     input_args=(a["w_norm"].data_ptr(), B, d, mode, reference.keep_count(keep, d), wg.data_ptr(),
+                                 wu.data_ptr(), F, ptr("wt"), ptr("in8"), ptr("in8_rows"), ptr("in8_scale"),
+                                 h.data_ptr()),
+                     output_args=(wd.data_ptr(), ptr("out8"), ptr("out8_scale")),
+                     sel=torch.empty(B * d + 2 * B + 1 + d, dtype=torch.int64),
+                     work=torch.empty(B * d + 2 * B * F, dtype=_F32))
 
 
 def blocks(gm: fx.GraphModule) -> list:

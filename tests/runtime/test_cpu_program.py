@@ -152,3 +152,25 @@ def _counting(fn, calls, tag=1):
         calls.append(tag)
         return fn(*a)
     return run
+
+
+def test_a_block_replans_for_another_cache_or_new_weight_data():
+    """The blocks remember what they checked for a set of weights and caches: a step on another cache, and
+    a step after a weight got new data, still give the op graph's bits."""
+    sol = solc.compile(solc.load_model("tiny-llama"), max_seq_len=48)
+    g = torch.Generator().manual_seed(11)
+    B, T, a = 2, 13, sol.space.dense_index
+    ids, caches = _filled(sol, B, T, g)
+    ids2, caches2 = _filled(sol, B, T, g)
+    program = direct_cpu_calls(specialize(sol.graph, a))
+    with torch.no_grad():
+        for t, (tokens, (want_cache, got_cache)) in enumerate([(ids, caches), (ids2, caches2), (ids2, caches2)]):
+            if t == 2:  # the same cache as the last step, new data for a weight the program shares
+                w = sol.graph.get_submodule("model.model.layers.0.self_attn.q_proj").weight
+                w.data = w.data * 1.5
+            p = T + t
+            want = sol.graph(*sol.signature.args(tokens[:, p:p + 1], torch.full((B, 1), p), torch.full((B, 1), a),
+                                                 want_cache))
+            with step_hints(action_hints(sol.space, a, p + 1)):
+                got = program(*sol.signature.variant_args(tokens[:, p:p + 1], torch.full((B, 1), p), got_cache))
+            torch.testing.assert_close(got, want, rtol=0, atol=0, msg=f"step {t}")
