@@ -37,6 +37,8 @@ void solc_rowskip_int8(const float *x, long ldx, const int64_t *idx, const int64
                        const float *scale, float *y, long M, long N, long K, int threads);
 void solc_int8_linear(const float *x, long ldx, const int8_t *q, const float *scale, float *y, long M, long N,
                       long K, int threads);
+int solc_int4_linear(const float *x, long ldx, const uint8_t *q, const uint16_t *sz, long g, float *y, long M,
+                     long N, long K, int threads);
 
 /* h [B, d] = norm_w * (x * rsqrt(ms + eps)): the graph's RMSNorm after its mean of squares, op for op. */
 static void norm_rows(const float *x, const float *ms, float eps, const float *norm_w, long B, long d, float *h) {
@@ -96,16 +98,19 @@ void solc_attention_block(const float *x, const float *ms, float eps, const floa
  *     mode 1  pre = the fp32 row skip over wt     (the kept rows of [Wg; Wu]^T)
  *     mode 2  pre = the int8 linear of bf16(h_p)  (in8, per-channel scale)
  *     mode 3  pre = the int8 row skip of bf16(h)  (in8_rows)
- *     mode 4  h only (the int4 path runs torch's kernel)
- *   solc_mlp_output: out = x + hid @ Wd^T (mode 0 / 1: fp32) or x + int8 linear of bf16(hid) (mode 2 / 3).
+ *     mode 4  h only (torch's int4 kernel runs after it)
+ *     mode 5  pre = the int4 linear of h_p          (in4 nibbles, in4_sz; solc_int4_linear)
+ *   solc_mlp_output: out = x + hid @ Wd^T (mode 0 / 1: fp32), x + int8 linear of bf16(hid) (mode 2 / 3), or
+ *     x + int4 linear of hid (mode 5).
+ * Both return 0, or -1 where the int4 kernel could not run (the caller runs its torch form).
  * sel: B * d + 2 * B + 1 + d int64 (indices, offsets, counts, the selection's scratch); work: B * d + B * N_in
  * floats. */
-void solc_mlp_input(const float *x, const float *ms, float eps, const float *norm_w, long B, long d, int mode,
-                    long keep_count, const float *wg, const float *wu, long F, const float *wt, const int8_t *in8,
-                    const uint8_t *in8_rows, const uint16_t *in8_scale, float *h, float *pre, int64_t *sel,
-                    float *work, int threads) {
+int solc_mlp_input(const float *x, const float *ms, float eps, const float *norm_w, long B, long d, int mode,
+                   long keep_count, const float *wg, const float *wu, long F, const float *wt, const int8_t *in8,
+                   const uint8_t *in8_rows, const uint16_t *in8_scale, const uint8_t *in4, const uint16_t *in4_sz,
+                   long group, float *h, float *pre, int64_t *sel, float *work, int threads) {
     norm_rows(x, ms, eps, norm_w, B, d, h);
-    if (mode == 4) return;
+    if (mode == 4) return 0;
     long N = 2 * F;
     int64_t *idx = sel, *off = idx + B * d, *counts = off + B + 1;
     uint32_t *scratch = (uint32_t *)(counts + B);
@@ -115,7 +120,7 @@ void solc_mlp_input(const float *x, const float *ms, float eps, const float *nor
         solc_select_channels(h, d, B, d, counts, idx, off, scratch);
     }
     float *hp = work, *scale = work + B * d;
-    if (mode == 0 || mode == 2) {  /* the dense kernel on the pruned (and, at 8 bits, bf16-rounded) input */
+    if (mode == 0 || mode == 2 || mode == 5) {  /* the dense kernel on the pruned (at 8 bits, bf16-rounded) input */
         if (pruned) {
             memset(hp, 0, B * d * sizeof(float));
             for (long b = 0; b < B; ++b)
@@ -139,6 +144,8 @@ void solc_mlp_input(const float *x, const float *ms, float eps, const float *nor
         }
     } else if (mode == 1) {
         solc_rowskip_f32(h, d, idx, off, wt, pre, B, N, d, threads);
+    } else if (mode == 5) {
+        return solc_int4_linear(hp, d, in4, in4_sz, group, pre, B, N, d, threads);
     } else {
         bf16_to_f32(in8_scale, N, scale);
         if (mode == 2) {
@@ -149,12 +156,16 @@ void solc_mlp_input(const float *x, const float *ms, float eps, const float *nor
             solc_rowskip_int8(hp, d, idx, off, in8_rows, scale, pre, B, N, d, threads);
         }
     }
+    return 0;
 }
 
 /* work: B * F + d floats. */
-void solc_mlp_output(const float *hid, long B, long F, int mode, const float *wd, const int8_t *out8,
-                     const uint16_t *out8_scale, const float *x, long d, float *out, float *work, int threads) {
-    if (mode <= 1) {
+int solc_mlp_output(const float *hid, long B, long F, int mode, const float *wd, const int8_t *out8,
+                    const uint16_t *out8_scale, const uint8_t *out4, const uint16_t *out4_sz, long group,
+                    const float *x, long d, float *out, float *work, int threads) {
+    if (mode == 5) {
+        if (solc_int4_linear(hid, F, out4, out4_sz, group, out, B, d, F, threads)) return -1;
+    } else if (mode <= 1) {
         solc_linear_f32(hid, F, wd, 0, out, B, d, F, threads);
     } else {
         float *hb = work, *scale = work + B * F;
@@ -163,4 +174,5 @@ void solc_mlp_output(const float *hid, long B, long F, int mode, const float *wd
         solc_int8_linear(hb, F, out8, scale, out, B, d, F, threads);
     }
     for (long i = 0; i < B * d; ++i) out[i] = x[i] + out[i];
+    return 0;
 }

@@ -135,11 +135,12 @@ class AttentionBlock:
 
 
 _BF16 = torch.bfloat16
-# solc_mlp_input's modes by (bit level, row skip?); 4 bits: the norm in C, torch's int4 kernel after it
+# solc_mlp_input's modes by (bit level, row skip?); 4 bits: the norm in C, torch's int4 kernel after it, or
+# mode 5 (cpu_mlp.c's int4 kernel inside the C calls) where that kernel is built
 _MLP_MODES = {(16, False): 0, (16, True): 1, (8, False): 2, (8, True): 3, (4, False): 4}
 # the copies each mode reads, with their dtypes
 _COPY_DTYPES = {"wt": _F32, "in8": torch.int8, "in8_scale": _BF16, "in8_rows": torch.uint8, "out8": torch.int8,
-                "out8_scale": _BF16}
+                "out8_scale": _BF16, "in4": torch.uint8, "in4_sz": _BF16, "out4": torch.uint8, "out4_sz": _BF16}
 
 
 class MlpBlock:
@@ -174,9 +175,10 @@ class MlpBlock:
             return None
         B, d, F, mode, lib = plan.B, plan.d, plan.F, plan.mode, plan.lib
         pre = torch.empty(B, 2 * F, dtype=_F32)
-        lib.solc_mlp_input(x.data_ptr(), ms.data_ptr(), self.eps, *plan.input_args, pre.data_ptr(),
-                           plan.sel.data_ptr(), plan.work.data_ptr(), torch.get_num_threads())
-        if mode == 4:  # the int4 kernels, as cpu_mlp runs them
+        if lib.solc_mlp_input(x.data_ptr(), ms.data_ptr(), self.eps, *plan.input_args, pre.data_ptr(),
+                              plan.sel.data_ptr(), plan.work.data_ptr(), torch.get_num_threads()):
+            return None
+        if mode == 4:  # torch's int4 kernel, as cpu_mlp runs it
             pre = cpu_mlp._input_projection(plan.h, [plan.keep] * B, 4, False, plan.w_in, [None, None], "gated",
                                             plan.copies, self.group_size)
         hid = reference._hidden(pre, "gated", plan.fn)
@@ -185,8 +187,9 @@ class MlpBlock:
             return torch.add(x, y.view(B, 1, d))
         out = torch.empty(plan.x_shape, dtype=_F32)
         hid = hid.contiguous()
-        lib.solc_mlp_output(hid.data_ptr(), B, F, mode, *plan.output_args, x.data_ptr(), d, out.data_ptr(),
-                            plan.work.data_ptr(), torch.get_num_threads())
+        if lib.solc_mlp_output(hid.data_ptr(), B, F, mode, *plan.output_args, x.data_ptr(), d, out.data_ptr(),
+                               plan.work.data_ptr(), torch.get_num_threads()):
+            return None
         return out
 
     def _make_plan(self, inputs, key) -> Optional[_Plan]:
@@ -203,6 +206,8 @@ class MlpBlock:
         keep, level = float(key[0]), min(int(key[1]), 16)
         row_skip = cpu_mlp.row_skips(level, [keep] * B)
         mode = _MLP_MODES.get((level, row_skip))
+        if mode == 4 and cpu_mlp.int4_kernel() and self.group_size % 64 == 0:
+            mode = 5  # cpu_mlp.c's int4 kernel, called from the block's C
         c = mlp_weights.unpack([a.get("pack:" + f) for f in mlp_weights.PACK_FIELDS])
         if mode is None or any(c[name] is None for name in cpu_mlp._needs(level, row_skip)):
             return None
@@ -216,8 +221,9 @@ class MlpBlock:
                      w_in=[wg, wu], wd=wd, copies=c, fn=reference._activation(self.act),
                      input_args=(a["w_norm"].data_ptr(), B, d, mode, reference.keep_count(keep, d), wg.data_ptr(),
                                  wu.data_ptr(), F, ptr("wt"), ptr("in8"), ptr("in8_rows"), ptr("in8_scale"),
-                                 h.data_ptr()),
-                     output_args=(wd.data_ptr(), ptr("out8"), ptr("out8_scale")),
+                                 ptr("in4"), ptr("in4_sz"), self.group_size, h.data_ptr()),
+                     output_args=(wd.data_ptr(), ptr("out8"), ptr("out8_scale"), ptr("out4"), ptr("out4_sz"),
+                                  self.group_size),
                      sel=torch.empty(B * d + 2 * B + 1 + d, dtype=torch.int64),
                      work=torch.empty(B * d + 2 * B * F, dtype=_F32))
 

@@ -54,12 +54,14 @@ SIGNATURES = {  # C function -> argument types (all return void)
     "solc_rotary_f32": [_P, _L, _L, _P, _P, _L, _P, _L, _L, _L, _L, _L],
     "solc_attention_block": [_P, _P, ctypes.c_float, _P, _L, _L, _P, _P, _P, _P, _P, _P, _P, _P, _L, _P, _P, _P, _P,
                              _P, _P, _L, _L, _L, _L, _L, ctypes.c_float, _P, _P, _P, _P, _P, _L, _I],
-    "solc_mlp_input": [_P, _P, ctypes.c_float, _P, _L, _L, _I, _L, _P, _P, _L, _P, _P, _P, _P, _P, _P, _P, _P, _I],
-    "solc_mlp_output": [_P, _L, _L, _I, _P, _P, _P, _P, _L, _P, _P, _I],
+    "solc_mlp_input": [_P, _P, ctypes.c_float, _P, _L, _L, _I, _L, _P, _P, _L, _P, _P, _P, _P, _P, _P, _L, _P, _P, _P,
+                       _P, _I],
+    "solc_mlp_output": [_P, _L, _L, _I, _P, _P, _P, _P, _P, _L, _P, _L, _P, _P, _I],
     "solc_int4_linear": [_P, _L, _P, _P, _L, _P, _L, _L, _L, _I],
     "solc_int4_supported": [],
 }
-RESTYPES = {"solc_int4_linear": ctypes.c_int, "solc_int4_supported": ctypes.c_int}  # the others return void
+RESTYPES = {"solc_int4_linear": ctypes.c_int, "solc_int4_supported": ctypes.c_int, "solc_mlp_input": ctypes.c_int,
+            "solc_mlp_output": ctypes.c_int}  # the others return void
 
 
 def _cpu_features() -> str:
