@@ -176,3 +176,45 @@ int solc_mlp_output(const float *hid, long B, long F, int mode, const float *wd,
     for (long i = 0; i < B * d; ++i) out[i] = x[i] + out[i];
     return 0;
 }
+
+/* The whole MLP block in one call, the activation included, for SiLU: aten computes silu(x) as
+ * x / (1 + exp(-x)) with Sleef_expf16_u10 on AVX-512 CPUs; the same function (libtorch's own, its address
+ * set once by solc_set_expf16) and the same operations here give the same bits. cpu_block.py checks that
+ * against torch before it uses this, and calls the two halves around torch's activation otherwise.
+ * Returns 0, or -1 where it cannot run (then nothing was written to out). hid: B * F floats. */
+#ifdef __AVX512F__
+#include <immintrin.h>
+typedef __m512 (*expf16_fn)(__m512);
+static expf16_fn expf16;
+
+void solc_set_expf16(void *fn) { expf16 = (expf16_fn)fn; }
+
+/* hid[b, i] = silu(pre[b, i]) * pre[b, F + i], the graph's ops: neg, exp, add 1, divide, multiply. */
+void solc_silu_mul(const float *pre, long B, long F, float *hid) {
+    const __m512 one = _mm512_set1_ps(1.0f);
+    for (long b = 0; b < B; ++b)
+        for (long i = 0; i < F; i += 16) {
+            __m512 g = _mm512_loadu_ps(pre + b * 2 * F + i);
+            __m512 s = _mm512_div_ps(g, _mm512_add_ps(one, expf16(_mm512_sub_ps(_mm512_setzero_ps(), g))));
+            _mm512_storeu_ps(hid + b * F + i, _mm512_mul_ps(s, _mm512_loadu_ps(pre + b * 2 * F + F + i)));
+        }
+}
+
+int solc_mlp_block(const float *x, const float *ms, float eps, const float *norm_w, long B, long d, int mode,
+                   long keep_count, const float *wg, const float *wu, long F, const float *wt, const int8_t *in8,
+                   const uint8_t *in8_rows, const uint16_t *in8_scale, const uint8_t *in4, const uint16_t *in4_sz,
+                   long group, float *h, const float *wd, const int8_t *out8, const uint16_t *out8_scale,
+                   const uint8_t *out4, const uint16_t *out4_sz, float *pre, float *hid, int64_t *sel, float *work,
+                   float *out, int threads) {
+    if (!expf16 || F % 16 || mode == 4) return -1;
+    if (solc_mlp_input(x, ms, eps, norm_w, B, d, mode, keep_count, wg, wu, F, wt, in8, in8_rows, in8_scale, in4,
+                       in4_sz, group, h, pre, sel, work, threads))
+        return -1;
+    solc_silu_mul(pre, B, F, hid);
+    return solc_mlp_output(hid, B, F, mode, wd, out8, out8_scale, out4, out4_sz, group, x, d, out, work, threads);
+}
+#else
+void solc_set_expf16(void *fn) { (void)fn; }
+void solc_silu_mul(const float *pre, long B, long F, float *hid) { (void)pre; (void)B; (void)F; (void)hid; }
+int solc_mlp_block(void) { return -1; }
+#endif

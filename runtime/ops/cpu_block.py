@@ -174,6 +174,12 @@ class MlpBlock:
                 and ms.is_contiguous() and ms.numel() == plan.B):
             return None
         B, d, F, mode, lib = plan.B, plan.d, plan.F, plan.mode, plan.lib
+        if plan.fused_silu:  # the whole block, activation included, in one C call
+            out = torch.empty(plan.x_shape, dtype=_F32)
+            if not lib.solc_mlp_block(x.data_ptr(), ms.data_ptr(), self.eps, *plan.input_args, *plan.output_args[:5],
+                                      plan.pre.data_ptr(), plan.hid.data_ptr(), plan.sel.data_ptr(),
+                                      plan.work.data_ptr(), out.data_ptr(), torch.get_num_threads()):
+                return out
         pre = torch.empty(B, 2 * F, dtype=_F32)
         if lib.solc_mlp_input(x.data_ptr(), ms.data_ptr(), self.eps, *plan.input_args, pre.data_ptr(),
                               plan.sel.data_ptr(), plan.work.data_ptr(), torch.get_num_threads()):
@@ -217,7 +223,9 @@ class MlpBlock:
         ptr = lambda name: c[name].data_ptr() if c[name] is not None else None  # noqa: E731
         h = torch.empty(B, d, dtype=_F32)
         static = tuple(i for r, i in self.roles.items() if i is not None and r not in ("x", "ms", "keep", "bits"))
+        fused_silu = self.act == "silu" and mode != 4 and F % 32 == 0 and _aten_silu_in_c(lib)
         return _Plan(inputs, static, key, lib=lib, B=B, d=d, F=F, mode=mode, keep=keep, x_shape=x.shape, h=h,
+                     fused_silu=fused_silu, pre=torch.empty(B, 2 * F, dtype=_F32), hid=torch.empty(B, F, dtype=_F32),
                      w_in=[wg, wu], wd=wd, copies=c, fn=reference._activation(self.act),
                      input_args=(a["w_norm"].data_ptr(), B, d, mode, reference.keep_count(keep, d), wg.data_ptr(),
                                  wu.data_ptr(), F, ptr("wt"), ptr("in8"), ptr("in8_rows"), ptr("in8_scale"),
@@ -226,6 +234,39 @@ class MlpBlock:
                                   self.group_size),
                      sel=torch.empty(B * d + 2 * B + 1 + d, dtype=torch.int64),
                      work=torch.empty(B * d + 2 * B * F, dtype=_F32))
+
+
+_SILU_IN_C: Optional[bool] = None
+
+
+def _aten_silu_in_c(lib) -> bool:
+    """Whether cpu_block.c's silu(gate) * up gives aten's bits here: on AVX-512 kernels aten's SiLU is
+    x / (1 + Sleef_expf16_u10(-x)); libtorch exports that function, so the C code calls it. Checked once
+    against torch on values over the whole range (else the MLP block runs torch's activation)."""
+    global _SILU_IN_C
+    if _SILU_IN_C is None:
+        _SILU_IN_C = False
+        try:
+            import ctypes
+            import os
+
+            if torch.backends.cpu.get_cpu_capability() in ("AVX512", "AVX512_BF16", "AMX"):
+                libtorch = ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so"))
+                lib.solc_set_expf16(ctypes.cast(libtorch.Sleef_expf16_u10, ctypes.c_void_p).value)
+                g = torch.Generator().manual_seed(0)
+                pre = torch.cat([torch.randn(2, 1024, generator=g) * 12, torch.linspace(-100, 100, 2048).view(2, 1024)])
+                pre[0, :8] = torch.tensor([0.0, -0.0, float("inf"), float("-inf"), float("nan"), 88.0, -88.0, 1e-30])
+                gate, up = pre.chunk(2, -1)
+                hid = torch.empty(4, 512)
+                lib.solc_silu_mul(pre.data_ptr(), 4, 512, hid.data_ptr())
+                _SILU_IN_C = _nan_equal(hid, torch.nn.functional.silu(gate) * up)
+        except (OSError, AttributeError):
+            _SILU_IN_C = False
+    return _SILU_IN_C
+
+
+def _nan_equal(a: Tensor, b: Tensor) -> bool:
+    return bool(((a == b) | (a.isnan() & b.isnan())).all())
 
 
 def blocks(gm: fx.GraphModule) -> list:

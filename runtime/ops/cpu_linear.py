@@ -59,9 +59,13 @@ SIGNATURES = {  # C function -> argument types (all return void)
     "solc_mlp_output": [_P, _L, _L, _I, _P, _P, _P, _P, _P, _L, _P, _L, _P, _P, _I],
     "solc_int4_linear": [_P, _L, _P, _P, _L, _P, _L, _L, _L, _I],
     "solc_int4_supported": [],
+    "solc_set_expf16": [_P],
+    "solc_silu_mul": [_P, _L, _L, _P],
+    "solc_mlp_block": [_P, _P, ctypes.c_float, _P, _L, _L, _I, _L, _P, _P, _L, _P, _P, _P, _P, _P, _P, _L, _P, _P, _P, _P,
+                       _P, _P, _P, _P, _P, _P, _P, _I],
 }
 RESTYPES = {"solc_int4_linear": ctypes.c_int, "solc_int4_supported": ctypes.c_int, "solc_mlp_input": ctypes.c_int,
-            "solc_mlp_output": ctypes.c_int}  # the others return void
+            "solc_mlp_output": ctypes.c_int, "solc_mlp_block": ctypes.c_int}  # the others return void
 
 
 def _cpu_features() -> str:
