@@ -60,7 +60,7 @@ Prints a table and writes JSON + CSV (command, device, torch version, date, band
 from __future__ import annotations
 
 import os
-os.environ.setdefault("SOLC_CPU_FAST", "1")  # measure the CPU fast paths (opt-in in the library)
+os.environ.setdefault("SOLC_CPU_FAST", "1")  # measure the CPU fast paths (on by default; SOLC_CPU_FAST=0 turns them off)
 import argparse
 import csv
 import datetime

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import os
 
-os.environ.setdefault("SOLC_CPU_FAST", "1")  # measure the CPU fast paths (opt-in in the library)
+os.environ.setdefault("SOLC_CPU_FAST", "1")  # measure the CPU fast paths (on by default; SOLC_CPU_FAST=0 turns them off)
 
 import argparse  # noqa: E402
 import dataclasses  # noqa: E402

@@ -12,7 +12,7 @@ ratios to dense in the same run. Speed is never asserted by a test: this script 
 from __future__ import annotations
 
 import os
-os.environ.setdefault("SOLC_CPU_FAST", "1")  # measure the CPU fast paths (opt-in in the library)
+os.environ.setdefault("SOLC_CPU_FAST", "1")  # measure the CPU fast paths (on by default; SOLC_CPU_FAST=0 turns them off)
 import argparse
 import json
 import shlex

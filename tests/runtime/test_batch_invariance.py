@@ -21,7 +21,7 @@ PROMPT, STEPS, BATCH = 6, 8, 4
 @pytest.fixture(autouse=True)
 def _cpu_fast_paths_on(monkeypatch):
     # The CPU fast paths compute each row with the same kernels whatever its batch (the reference's SDPA
-    # does not); they are opt-in (runtime.ops.library.cpu_fast_paths), so this measures them.
+    # does not); they are on by default (runtime.ops.library.cpu_fast_paths) and pinned on here.
     monkeypatch.setenv("SOLC_CPU_FAST", "1")
 
 

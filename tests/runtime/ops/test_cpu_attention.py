@@ -11,7 +11,7 @@ from runtime.ops.step_hints import StepHints, step_hints
 
 @pytest.fixture(autouse=True)
 def _cpu_fast_paths_on(monkeypatch):
-    monkeypatch.setenv("SOLC_CPU_FAST", "1")  # opt-in (runtime.ops.library.cpu_fast_paths)
+    monkeypatch.setenv("SOLC_CPU_FAST", "1")  # on by default; pinned in case the environment turned them off
 
 
 TOL = {torch.float64: 1e-12, torch.float32: 2e-6, torch.bfloat16: 2e-2}

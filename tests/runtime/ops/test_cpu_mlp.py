@@ -10,7 +10,7 @@ from tests.runtime.ops.mlp_sites import D, call, make_site
 
 @pytest.fixture(autouse=True)
 def _cpu_fast_paths_on(monkeypatch):
-    monkeypatch.setenv("SOLC_CPU_FAST", "1")  # opt-in (runtime.ops.library.cpu_fast_paths)
+    monkeypatch.setenv("SOLC_CPU_FAST", "1")  # on by default; pinned in case the environment turned them off
 
 
 KEEPS = (0.4, 0.8, 1.0)
