@@ -18,6 +18,11 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "cpu_bf16.h"
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
+
 void solc_linear_f32(const float *x, long ldx, const float *w, const float *bias, float *y, long M, long N, long K,
                      int threads);
 void solc_rotary_f32(const float *x, long sb, long sh, const float *cs, const float *sn, long csb, float *out,
@@ -48,22 +53,8 @@ static void norm_rows(const float *x, const float *ms, float eps, const float *n
     }
 }
 
-/* fp32 -> the nearest bfloat16 (ties to even) as fp32, what torch's x.to(bfloat16).float() gives; NaN stays NaN. */
-static float bf16_grid(float v) {
-    uint32_t u;
-    memcpy(&u, &v, 4);
-    if ((u & 0x7f800000u) == 0x7f800000u && (u & 0x007fffffu)) return v;
-    u += 0x7fffu + ((u >> 16) & 1u);
-    u &= 0xffff0000u;
-    memcpy(&v, &u, 4);
-    return v;
-}
-
 static void bf16_to_f32(const uint16_t *src, long n, float *dst) {
-    for (long i = 0; i < n; ++i) {
-        uint32_t u = (uint32_t)src[i] << 16;
-        memcpy(dst + i, &u, 4);
-    }
+    for (long i = 0; i < n; ++i) dst[i] = bf16_to_float(src[i]);
 }
 
 /* work: B * (d + 3 * Hq * D + 4 * Hkv * D) floats. */
@@ -149,10 +140,10 @@ int solc_mlp_input(const float *x, const float *ms, float eps, const float *norm
     } else {
         bf16_to_f32(in8_scale, N, scale);
         if (mode == 2) {
-            for (long i = 0; i < B * d; ++i) hp[i] = bf16_grid(hp[i]);
+            for (long i = 0; i < B * d; ++i) hp[i] = bf16_round(hp[i]);
             solc_int8_linear(hp, d, in8, scale, pre, B, N, d, threads);
         } else {
-            for (long i = 0; i < B * d; ++i) hp[i] = bf16_grid(h[i]);
+            for (long i = 0; i < B * d; ++i) hp[i] = bf16_round(h[i]);
             solc_rowskip_int8(hp, d, idx, off, in8_rows, scale, pre, B, N, d, threads);
         }
     }
@@ -169,7 +160,7 @@ int solc_mlp_output(const float *hid, long B, long F, int mode, const float *wd,
         solc_linear_f32(hid, F, wd, 0, out, B, d, F, threads);
     } else {
         float *hb = work, *scale = work + B * F;
-        for (long i = 0; i < B * F; ++i) hb[i] = bf16_grid(hid[i]);
+        for (long i = 0; i < B * F; ++i) hb[i] = bf16_round(hid[i]);
         bf16_to_f32(out8_scale, d, scale);
         solc_int8_linear(hb, F, out8, scale, out, B, d, F, threads);
     }
@@ -183,7 +174,6 @@ int solc_mlp_output(const float *hid, long B, long F, int mode, const float *wd,
  * against torch before it uses this, and calls the two halves around torch's activation otherwise.
  * Returns 0, or -1 where it cannot run (then nothing was written to out). hid: B * F floats. */
 #ifdef __AVX512F__
-#include <immintrin.h>
 typedef __m512 (*expf16_fn)(__m512);
 static expf16_fn expf16;
 

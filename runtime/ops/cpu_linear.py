@@ -35,7 +35,7 @@ from torch import Tensor
 # embedding (runtime/ops/cpu_rotary.py) and attention block (runtime/ops/cpu_block.py).
 SOURCES = tuple(Path(__file__).with_name(name)
                 for name in ("cpu_linear.c", "cpu_mlp.c", "cpu_attention.c", "cpu_rotary.c", "cpu_block.c"))
-HEADERS = tuple(Path(__file__).with_name(name) for name in ("cpu_fixed_order.h", "cpu_select.h"))  # part of the build's key
+HEADERS = tuple(Path(__file__).with_name(name) for name in ("cpu_fixed_order.h", "cpu_select.h", "cpu_bf16.h"))  # part of the build's key
 # -ffp-contract=off: no path may fuse a multiply-add that another path does not (see the sources).
 CFLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-fPIC", "-shared")
 _lock = threading.Lock()

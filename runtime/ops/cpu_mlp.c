@@ -18,19 +18,10 @@ Built with -ffp-contract=off (cpu_linear.py builds both sources into one library
 #include <immintrin.h>
 #endif
 
+#include "cpu_bf16.h"
 #include "cpu_fixed_order.h"
 #include "cpu_select.h"
 
-/* fp32 -> the nearest bfloat16 (ties to even), returned as fp32; NaN stays NaN. */
-static inline float bf16_round(float v) {
-    uint32_t u;
-    memcpy(&u, &v, 4);
-    if ((u & 0x7f800000u) == 0x7f800000u && (u & 0x007fffffu)) return v;
-    u += 0x7fffu + ((u >> 16) & 1u);
-    u &= 0xffff0000u;
-    memcpy(&v, &u, 4);
-    return v;
-}
 
 #ifdef SOLC_AVX2
 /* int8_block's loop for AVX2 (16 registers): 4 weight rows at a time, each row's 16 lanes in two
@@ -147,12 +138,6 @@ Requires g a multiple of 64. */
 #define INT4_ROWS 4
 #define INT4_AHEAD 16  /* prefetch distance in output rows (into L2) */
 
-static inline uint16_t bf16_bits(float v) {
-    uint32_t u;
-    memcpy(&u, &v, 4);
-    return (uint16_t)(u >> 16);
-}
-
 /* y[n:n + ROWS] of one row (ROWS a compile-time constant, so the sums stay in registers): xl / xh its
 bf16 values at the even / odd channels of every 64-channel chunk (32 each), X its per-lane sums per group
 [K / g][16]. */
@@ -181,12 +166,8 @@ static inline __attribute__((always_inline)) void int4_rows(const uint16_t *xl, 
         __m512 XG = _mm512_loadu_ps(X + G * 16);
         for (int c = 0; c < ROWS; ++c) {
             const uint16_t *p = sz + (G * N + n + c) * 2;
-            uint32_t su = (uint32_t)p[0] << 16, zu = (uint32_t)p[1] << 16;
-            float s, z;
-            memcpy(&s, &su, 4);
-            memcpy(&z, &zu, 4);
-            acc[c] = _mm512_fmadd_ps(_mm512_set1_ps(s), T[c], acc[c]);
-            acc[c] = _mm512_fmadd_ps(_mm512_set1_ps(z), XG, acc[c]);
+            acc[c] = _mm512_fmadd_ps(_mm512_set1_ps(bf16_to_float(p[0])), T[c], acc[c]);
+            acc[c] = _mm512_fmadd_ps(_mm512_set1_ps(bf16_to_float(p[1])), XG, acc[c]);
         }
     }
     for (int c = 0; c < ROWS; ++c) {
