@@ -45,10 +45,68 @@ void solc_int8_linear(const float *x, long ldx, const int8_t *q, const float *sc
 int solc_int4_linear(const float *x, long ldx, const uint8_t *q, const uint16_t *sz, long g, float *y, long M,
                      long N, long K, int threads);
 
-/* h [B, d] = norm_w * (x * rsqrt(ms + eps)): the graph's RMSNorm after its mean of squares, op for op. */
+/* aten's sum of a contiguous fp32 row, in its order (SumKernel.cpp's cascade sum as this torch build
+ * runs it: 8-lane vectors, four interleaved vector sums with cascade levels, the scalar tail, then the
+ * lanes in order). Only for rows one thread reduces (n < 32768: aten splits longer ones). cpu_block.py
+ * compares it with torch.mean(x ** 2) before a block uses it, and keeps torch's ops otherwise. */
+#define SUM_LANES 8
+static void lanes_add(float *a, const float *b) {
+    for (int l = 0; l < SUM_LANES; ++l) a[l] = a[l] + b[l];
+}
+
+static long ceil_log2(long x) {
+    if (x <= 2) return 1;
+    long bits = 0;
+    for (x -= 1; x; x >>= 1) ++bits;
+    return bits;
+}
+
+static float aten_row_sum(const float *x, long n) {
+    enum { ILP = 4, LEVELS = 4 };
+    long vecs = n / SUM_LANES, groups = vecs / ILP;
+    float acc[LEVELS][ILP][SUM_LANES];
+    memset(acc, 0, sizeof acc);
+    long power = ceil_log2(groups) / LEVELS < 4 ? 4 : ceil_log2(groups) / LEVELS, step = 1L << power, mask = step - 1;
+    long i = 0;
+    while (i + step <= groups) {
+        for (long j = 0; j < step; ++j, ++i)
+            for (int k = 0; k < ILP; ++k) lanes_add(acc[0][k], x + (i * ILP + k) * SUM_LANES);
+        for (int j = 1; j < LEVELS; ++j) {
+            for (int k = 0; k < ILP; ++k) {
+                lanes_add(acc[j][k], acc[j - 1][k]);
+                memset(acc[j - 1][k], 0, sizeof acc[j - 1][k]);
+            }
+            if (i & (mask << (j * power))) break;
+        }
+    }
+    for (; i < groups; ++i)
+        for (int k = 0; k < ILP; ++k) lanes_add(acc[0][k], x + (i * ILP + k) * SUM_LANES);
+    for (int j = 1; j < LEVELS; ++j)
+        for (int k = 0; k < ILP; ++k) lanes_add(acc[0][k], acc[j][k]);
+    for (long t = groups * ILP; t < vecs; ++t) lanes_add(acc[0][0], x + t * SUM_LANES);
+    for (int k = 1; k < ILP; ++k) lanes_add(acc[0][0], acc[0][k]);
+    float total = 0;
+    for (long t = vecs * SUM_LANES; t < n; ++t) total += x[t];
+    for (int l = 0; l < SUM_LANES; ++l) total += acc[0][0][l];
+    return total;
+}
+
+/* out[b] = mean(x[b] ** 2) as torch.mean(torch.pow(x, 2), -1) computes it (n >= 8); sq: n floats. */
+static float mean_of_squares(const float *x, long n, float *sq) {
+    for (long i = 0; i < n; ++i) sq[i] = x[i] * x[i];
+    return aten_row_sum(sq, n) / (float)n;
+}
+
+void solc_mean_of_squares(const float *x, long rows, long n, float *out, float *sq) {
+    for (long b = 0; b < rows; ++b) out[b] = mean_of_squares(x + b * n, n, sq);
+}
+
+/* h [B, d] = norm_w * (x * rsqrt(ms + eps)): the graph's RMSNorm, op for op, after its mean of squares
+ * `ms` (NULL: computed here, in aten's order). */
 static void norm_rows(const float *x, const float *ms, float eps, const float *norm_w, long B, long d, float *h) {
     for (long b = 0; b < B; ++b) {
-        float r = 1.0f / sqrtf(ms[b] + eps);
+        float m = ms ? ms[b] : mean_of_squares(x + b * d, d, h + b * d);
+        float r = 1.0f / sqrtf(m + eps);
         for (long i = 0; i < d; ++i) h[b * d + i] = norm_w[i] * (x[b * d + i] * r);
     }
 }

@@ -9,7 +9,8 @@ sweep). Running the block from the RMSNorm's rsqrt to the residual add as one C 
 `fuse(graph)` finds, around every `solc::attention` call of HF's llama-style layers (after
 cpu_rotary.fuse):
 
-    h = w_norm * (x * rsqrt(ms + eps))            ms: the graph's mean of x ** 2 (kept: aten's sum order)
+    h = w_norm * (x * rsqrt(ms + eps))            ms = mean(x ** 2): computed in C in aten's summation
+                                                  order where that was checked to give torch's bits
     q = rotary(transpose(view(linear(h, Wq, bq))))   and k alike, with one cos/sin pair
     v = transpose(view(linear(h, Wv, bv)))
     a = attention(q, k, v, caches, positions, keep, scale)
@@ -80,18 +81,20 @@ class AttentionBlock:
             if plan is None:
                 return None
         r = self.roles
-        x, ms, cos, sin = inputs[r["x"]], inputs[r["ms"]], inputs[r["cos"]], inputs[r["sin"]]
-        if not (x.shape == plan.x_shape and x.dtype is _F32 and x.is_contiguous() and ms.dtype is _F32
-                and ms.is_contiguous() and ms.numel() == plan.B and cos.dtype is _F32 and sin.dtype is _F32
+        x, cos, sin = inputs[r["x"]], inputs[r["cos"]], inputs[r["sin"]]
+        if not (x.shape == plan.x_shape and x.dtype is _F32 and x.is_contiguous() and cos.dtype is _F32 and sin.dtype is _F32
                 and cos.shape == sin.shape and cos.stride() == sin.stride() and cos.dim() == 4
                 and cos.shape[1:] == (1, 1, self.head_dim) and cos.shape[0] in (1, plan.B) and cos.stride(3) == 1):
+            return None
+        ms = _mean_of_squares(x, inputs, r["ms"], plan.c_mean)
+        if ms is False:
             return None
         keeps, pos = cpu_attention.host_levels(inputs[r["keep"]], inputs[r["positions"]], step_hints.current())
         kept = torch.tensor([cpu_attention._kept_page_count(p, k) or 0 for p, k in zip(pos, keeps)], dtype=torch.int64)
         pos = torch.tensor(pos, dtype=torch.int64)
         out = torch.empty(plan.x_shape, dtype=_F32)
         plan.lib.solc_attention_block(
-            x.data_ptr(), ms.data_ptr(), self.eps, *plan.weights, cos.data_ptr(), sin.data_ptr(),
+            x.data_ptr(), _ptr(ms), self.eps, *plan.weights, cos.data_ptr(), sin.data_ptr(),
             cos.stride(0) if cos.shape[0] > 1 else 0, *plan.caches, pos.data_ptr(), kept.data_ptr(), *plan.dims,
             self.scale, *plan.out_weights, out.data_ptr(), plan.work.data_ptr(), plan.scratch.data_ptr(),
             plan.per_task, torch.get_num_threads())
@@ -125,7 +128,7 @@ class AttentionBlock:
         ptr = lambda t: None if t is None else t.data_ptr()  # noqa: E731
         per_task = Hq // Hkv * (S + P) + 2 * P + S
         static = tuple(self.roles[n] for n in self.STATIC if self.roles[n] is not None)
-        return _Plan(inputs, static, lib=lib, B=B, x_shape=x.shape, per_task=per_task,
+        return _Plan(inputs, static, lib=lib, B=B, x_shape=x.shape, per_task=per_task, c_mean=_aten_mean_in_c(lib, d),
                      weights=(a["w_norm"].data_ptr(), B, d, wq.data_ptr(), ptr(a["bq"]), wk.data_ptr(), ptr(a["bk"]),
                               wv.data_ptr(), ptr(a["bv"])),
                      caches=(kc.data_ptr(), vc.data_ptr(), pmin.data_ptr(), pmax.data_ptr()),
@@ -169,19 +172,21 @@ class MlpBlock:
             plan = self._plan = self._make_plan(inputs, key)
             if plan is None:
                 return None
-        x, ms = inputs[self.roles["x"]], inputs[self.roles["ms"]]
-        if not (x.shape == plan.x_shape and x.dtype is _F32 and x.is_contiguous() and ms.dtype is _F32
-                and ms.is_contiguous() and ms.numel() == plan.B):
+        x = inputs[self.roles["x"]]
+        if not (x.shape == plan.x_shape and x.dtype is _F32 and x.is_contiguous()):
+            return None
+        ms = _mean_of_squares(x, inputs, self.roles["ms"], plan.c_mean)
+        if ms is False:
             return None
         B, d, F, mode, lib = plan.B, plan.d, plan.F, plan.mode, plan.lib
         if plan.fused_silu:  # the whole block, activation included, in one C call
             out = torch.empty(plan.x_shape, dtype=_F32)
-            if not lib.solc_mlp_block(x.data_ptr(), ms.data_ptr(), self.eps, *plan.input_args, *plan.output_args[:5],
+            if not lib.solc_mlp_block(x.data_ptr(), _ptr(ms), self.eps, *plan.input_args, *plan.output_args[:5],
                                       plan.pre.data_ptr(), plan.hid.data_ptr(), plan.sel.data_ptr(),
                                       plan.work.data_ptr(), out.data_ptr(), torch.get_num_threads()):
                 return out
         pre = torch.empty(B, 2 * F, dtype=_F32)
-        if lib.solc_mlp_input(x.data_ptr(), ms.data_ptr(), self.eps, *plan.input_args, pre.data_ptr(),
+        if lib.solc_mlp_input(x.data_ptr(), _ptr(ms), self.eps, *plan.input_args, pre.data_ptr(),
                               plan.sel.data_ptr(), plan.work.data_ptr(), torch.get_num_threads()):
             return None
         if mode == 4:  # torch's int4 kernel, as cpu_mlp runs it
@@ -225,6 +230,7 @@ class MlpBlock:
         static = tuple(i for r, i in self.roles.items() if i is not None and r not in ("x", "ms", "keep", "bits"))
         fused_silu = self.act == "silu" and mode != 4 and F % 32 == 0 and _aten_silu_in_c(lib)
         return _Plan(inputs, static, key, lib=lib, B=B, d=d, F=F, mode=mode, keep=keep, x_shape=x.shape, h=h,
+                     c_mean=_aten_mean_in_c(lib, d),
                      fused_silu=fused_silu, pre=torch.empty(B, 2 * F, dtype=_F32), hid=torch.empty(B, F, dtype=_F32),
                      w_in=[wg, wu], wd=wd, copies=c, fn=reference._activation(self.act),
                      input_args=(a["w_norm"].data_ptr(), B, d, mode, reference.keep_count(keep, d), wg.data_ptr(),
@@ -234,6 +240,38 @@ class MlpBlock:
                                   self.group_size),
                      sel=torch.empty(B * d + 2 * B + 1 + d, dtype=torch.int64),
                      work=torch.empty(B * d + 2 * B * F, dtype=_F32))
+
+
+def _mean_of_squares(x: Tensor, inputs, index: Optional[int], in_c: bool):
+    """The block's mean of squares: None (the C computes it, in aten's order), the graph's value (index: an
+    input of the block) or torch's own ops on x (the graph's ops: the same bits); False where unusable."""
+    if index is not None:
+        ms = inputs[index]
+        return ms if ms.dtype is _F32 and ms.is_contiguous() and ms.numel() == x.shape[0] else False
+    return None if in_c else torch.mean(torch.pow(x, 2), [-1], True)
+
+
+def _ptr(t: Optional[Tensor]):
+    return None if t is None else t.data_ptr()
+
+
+_MEAN_IN_C: dict[int, bool] = {}
+
+
+def _aten_mean_in_c(lib, d: int) -> bool:
+    """Whether cpu_block.c's mean of squares gives torch.mean(torch.pow(x, 2), -1)'s bits for rows of d
+    (checked once per d on rows over many scales; aten splits rows of 32768 or more over threads)."""
+    if d not in _MEAN_IN_C:
+        ok = 8 <= d < 32768
+        if ok:
+            g = torch.Generator().manual_seed(d)
+            x = torch.cat([torch.randn(4, d, generator=g) * 10.0 ** e for e in range(-3, 4)]).contiguous()
+            x[0, :3] = torch.tensor([0.0, -0.0, 1e-30])
+            got, sq = torch.empty(x.shape[0]), torch.empty(d)
+            lib.solc_mean_of_squares(x.data_ptr(), x.shape[0], d, got.data_ptr(), sq.data_ptr())
+            ok = torch.equal(got, torch.mean(torch.pow(x, 2), [-1], True).view(-1))
+        _MEAN_IN_C[d] = ok
+    return _MEAN_IN_C[d]
 
 
 _SILU_IN_C: Optional[bool] = None
@@ -358,7 +396,8 @@ def _projection(t):
 
 
 def _norm(h):
-    """(nodes, x, ms, w_norm, eps) of h = mul(w_norm, mul(x, rsqrt(add(ms, eps)))) (either operand order)."""
+    """(nodes, x, ms, w_norm, eps) of h = mul(w_norm, mul(x, rsqrt(add(ms, eps)))) (either operand order);
+    where ms = mean(pow(x, 2), [-1], True) those two nodes are the block's as well and ms is None."""
     if not _call(h, _ATEN.mul.Tensor, 2):
         return None
     for w, scaled in (h.args, h.args[::-1]):
@@ -370,6 +409,10 @@ def _norm(h):
             s = r.args[0]
             ms, eps = s.args
             if isinstance(ms, fx.Node) and isinstance(eps, float) and isinstance(x, fx.Node):
+                sq = ms.args[0] if _call(ms, _ATEN.mean.dim, 3) else None
+                if (sq is not None and list(ms.args[1]) == [-1] and ms.args[2] is True
+                        and _call(sq, _ATEN.pow.Tensor_Scalar, 2) and sq.args[0] is x and sq.args[1] == 2):
+                    return [sq, ms, s, r, scaled, h], x, None, w, eps  # the mean of squares is the block's too
                 return [s, r, scaled, h], x, ms, w, eps
     return None
 
@@ -417,7 +460,7 @@ def _match(attn: fx.Node):
     roles = dict(x=x, ms=ms, w_norm=w_norm, wq=pq[3], bq=pq[4], wk=pk[3], bk=pk[4], wv=pv[3], bv=pv[4], cos=q.args[1],
                  sin=q.args[2], k_cache=k_cache, v_cache=v_cache, page_min=page_min, page_max=page_max,
                  positions=positions, keep=keep, wo=wo, bo=bo)
-    if not all(isinstance(n, fx.Node) for r, n in roles.items() if r not in ("bq", "bk", "bv", "bo")):
+    if not all(isinstance(n, fx.Node) for r, n in roles.items() if r not in ("ms", "bq", "bk", "bv", "bo")):
         return None
     return nodes, final, roles, eps, scale, D
 
@@ -445,6 +488,6 @@ def _match_mlp(mlp: fx.Node):
         return None
     roles = dict(x=x, ms=ms, w_norm=w_norm, keep=keep, bits=bits, wg=w_in[0], wu=w_in[1], wd=w_out)
     roles.update({"pack:" + f: p for f, p in zip(mlp_weights.PACK_FIELDS, packs)})
-    if not all(isinstance(n, fx.Node) for r, n in roles.items() if not r.startswith("pack:")):
+    if not all(isinstance(n, fx.Node) for r, n in roles.items() if not r.startswith("pack:") and r != "ms"):
         return None
     return norm_nodes + [mlp, final], final, roles, eps, act, group_size

@@ -60,6 +60,7 @@ SIGNATURES = {  # C function -> argument types (all return void)
     "solc_int4_linear": [_P, _L, _P, _P, _L, _P, _L, _L, _L, _I],
     "solc_int4_supported": [],
     "solc_set_expf16": [_P],
+    "solc_mean_of_squares": [_P, _L, _L, _P, _P],
     "solc_silu_mul": [_P, _L, _L, _P],
     "solc_mlp_block": [_P, _P, ctypes.c_float, _P, _L, _L, _I, _L, _P, _P, _L, _P, _P, _P, _P, _P, _P, _L, _P, _P, _P, _P,
                        _P, _P, _P, _P, _P, _P, _P, _I],

@@ -114,6 +114,9 @@ def test_fused_blocks_keep_the_bits_of_the_graph(B, monkeypatch):
                 got = programs[a](*sol.signature.variant_args(ids[:, p:p + 1], torch.full((B, 1), p), caches[1]))
             torch.testing.assert_close(got, want, rtol=0, atol=0, msg=f"action {sol.space[a]}")
         assert fallbacks == []  # every variant ran the C blocks
+        assert all(b._plan.c_mean for p in programs.values() for b in cpu_block.blocks(p))
+        means = [sum(n.target in (torch.ops.aten.mean.dim, torch.mean) for n in p.graph.nodes) for p in programs.values()]
+        assert means == [1] * len(programs)  # only the final norm's: the blocks compute theirs
         if torch.backends.cpu.get_cpu_capability().startswith("AVX512"):  # aten's SiLU is Sleef's: in C too
             assert all(b._plan.fused_silu for p in programs.values() for b in cpu_block.blocks(p)
                        if isinstance(b, cpu_block.MlpBlock) and b._plan.mode != 4)
@@ -177,3 +180,21 @@ def test_a_block_replans_for_another_cache_or_new_weight_data():
             with step_hints(action_hints(sol.space, a, p + 1)):
                 got = program(*sol.signature.variant_args(tokens[:, p:p + 1], torch.full((B, 1), p), got_cache))
             torch.testing.assert_close(got, want, rtol=0, atol=0, msg=f"step {t}")
+
+
+@pytest.mark.parametrize("d", [64, 576, 1536, 2048, 100])
+def test_the_c_mean_of_squares_is_atens_on_the_pinned_torch(d):
+    """The blocks compute RMSNorm's mean of squares in C only where it has torch's bits (checked at run
+    time, else torch's ops run): with the pinned torch it must hold, or the blocks silently lose that part."""
+    from runtime.ops import cpu_linear
+
+    lib = cpu_linear.library()
+    if lib is None:
+        pytest.skip("no C compiler")
+    cpu_block._MEAN_IN_C.pop(d, None)
+    assert cpu_block._aten_mean_in_c(lib, d)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(16, d, generator=g) * 7
+    got, sq = torch.empty(16), torch.empty(d)
+    lib.solc_mean_of_squares(x.data_ptr(), 16, d, got.data_ptr(), sq.data_ptr())
+    assert torch.equal(got, torch.mean(torch.pow(x, 2), [-1], True).view(-1))
