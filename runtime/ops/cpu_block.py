@@ -1,10 +1,10 @@
-"""A decoder layer's attention block (one C call) and MLP block (two C calls around the activation) of a
-CPU decode step (cpu_block.c), for the eager CPU program.
+"""A decoder layer's attention block and MLP block of a CPU decode step, each one C call (cpu_block.c),
+for the eager CPU program.
 
 Why: a SmolLM2 decode step streams ~540 MB of weights, which evicts the Python interpreter's and
 torch's working set from every cache level; the ~25 ops between two layers' weight reads then run
 cold, several times slower than in a warm loop (a linear wrapper: ~15 us warm, ~150 us after a 64 MB
-sweep). Running the block from the RMSNorm's rsqrt to the residual add as one C call removes them.
+sweep). Running each block from its RMSNorm to its residual add as one C call removes them.
 
 `fuse(graph)` finds, around every `solc::attention` call of HF's llama-style layers (after
 cpu_rotary.fuse):
@@ -17,8 +17,8 @@ cpu_rotary.fuse):
     out = x + linear(reshape(transpose(reshape(a))), Wo, bo)
 
 and replaces it with one `AttentionBlock` call; and around every gated `solc::mlp` call in weight-quant
-mode, `x + mlp(w_norm * (x * rsqrt(ms + eps)))`, with one `MlpBlock` call (C before and after the
-activation, which stays aten's). The C path runs the same C kernels the op-by-op
+mode, `x + mlp(w_norm * (x * rsqrt(ms + eps)))`, with one `MlpBlock` call (the SiLU in C where aten's
+AVX-512 kernel is reproduced, else torch's between two C calls). The C path runs the same C kernels the op-by-op
 program calls, on the same values, and the norm's elementwise fp32 operations in the graph's order, so
 the step keeps its bits (tests/runtime/test_cpu_program.py). Any other call (prefill, fp64, bf16,
 non-contiguous caches, no compiler, SOLC_CPU_FAST=0) runs the matched nodes themselves, kept as a

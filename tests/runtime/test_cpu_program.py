@@ -198,3 +198,24 @@ def test_the_c_mean_of_squares_is_atens_on_the_pinned_torch(d):
     got, sq = torch.empty(16), torch.empty(d)
     lib.solc_mean_of_squares(x.data_ptr(), 16, d, got.data_ptr(), sq.data_ptr())
     assert torch.equal(got, torch.mean(torch.pow(x, 2), [-1], True).view(-1))
+
+
+def test_a_program_with_planned_blocks_can_be_copied():
+    """A deep copy of a program that already ran (its blocks planned for the original's weights) runs with
+    the graph's bits: the copy's weights are other tensors, so its blocks re-plan."""
+    import copy
+
+    sol = solc.compile(solc.load_model("tiny-llama"), max_seq_len=48)
+    g = torch.Generator().manual_seed(12)
+    B, T, a = 1, 9, sol.space.dense_index
+    ids, caches = _filled(sol, B, T, g)
+    program = direct_cpu_calls(specialize(sol.graph, a))
+    with torch.no_grad():
+        for t, prog in enumerate([program, None]):
+            prog = prog or copy.deepcopy(program)
+            p = T + t
+            want = sol.graph(*sol.signature.args(ids[:, p:p + 1], torch.full((B, 1), p), torch.full((B, 1), a),
+                                                 caches[0]))
+            with step_hints(action_hints(sol.space, a, p + 1)):
+                got = prog(*sol.signature.variant_args(ids[:, p:p + 1], torch.full((B, 1), p), caches[1]))
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
