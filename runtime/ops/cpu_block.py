@@ -26,6 +26,8 @@ small GraphModule.
 """
 from __future__ import annotations
 
+import ctypes
+import os
 import weakref
 from typing import Optional
 
@@ -57,20 +59,30 @@ class _Plan:
         return key == self.key and all(inputs[i] is r() and inputs[i].data_ptr() == p for i, r, p in self.refs)
 
 
-class AttentionBlock:
-    """The fused node's target: the C block where it applies, else the matched nodes (`fallback`)."""
+class _Block:
+    """A fused node's target: the C block where it applies (`_c_block` returns its output), else the
+    matched nodes (`fallback`). `roles` maps each named input to its index among the node's inputs."""
 
-    STATIC = ("w_norm", "wq", "wk", "wv", "wo", "bq", "bk", "bv", "bo", "k_cache", "v_cache", "page_min", "page_max")
-
-    def __init__(self, fallback: fx.GraphModule, roles: dict[str, Optional[int]], eps: float, scale: float,
-                 head_dim: int):
-        self.__name__ = "attention_block"  # for FX's code generation
-        self.fallback, self.roles, self.eps, self.scale, self.head_dim = fallback, roles, eps, scale, head_dim
+    def __init__(self, name: str, fallback: fx.GraphModule, roles: dict[str, Optional[int]], eps: float):
+        self.__name__ = name  # for FX's code generation
+        self.fallback, self.roles, self.eps = fallback, roles, eps
         self._plan: Optional[_Plan] = None
 
     def __call__(self, *inputs):
         out = self._c_block(inputs)
         return self.fallback(*inputs) if out is None else out
+
+    def _c_block(self, inputs) -> Optional[Tensor]:
+        raise NotImplementedError
+
+
+class AttentionBlock(_Block):
+    STATIC = ("w_norm", "wq", "wk", "wv", "wo", "bq", "bk", "bv", "bo", "k_cache", "v_cache", "page_min", "page_max")
+
+    def __init__(self, fallback: fx.GraphModule, roles: dict[str, Optional[int]], eps: float, scale: float,
+                 head_dim: int):
+        super().__init__("attention_block", fallback, roles, eps)
+        self.scale, self.head_dim = scale, head_dim
 
     def _c_block(self, inputs) -> Optional[Tensor]:
         if not cpu_attention.C_KERNEL or not library.cpu_fast_paths():
@@ -125,14 +137,13 @@ class AttentionBlock:
         if not (tuple(kc.shape) == tuple(vc.shape) == (B, Hkv, S, D) and S >= PAGE_SIZE
                 and tuple(pmin.shape) == tuple(pmax.shape) == (B, Hkv, P, D)):
             return None
-        ptr = lambda t: None if t is None else t.data_ptr()  # noqa: E731
         per_task = Hq // Hkv * (S + P) + 2 * P + S
         static = tuple(self.roles[n] for n in self.STATIC if self.roles[n] is not None)
         return _Plan(inputs, static, lib=lib, B=B, x_shape=x.shape, per_task=per_task, c_mean=_aten_mean_in_c(lib, d),
-                     weights=(a["w_norm"].data_ptr(), B, d, wq.data_ptr(), ptr(a["bq"]), wk.data_ptr(), ptr(a["bk"]),
-                              wv.data_ptr(), ptr(a["bv"])),
+                     weights=(a["w_norm"].data_ptr(), B, d, wq.data_ptr(), _ptr(a["bq"]), wk.data_ptr(), _ptr(a["bk"]),
+                              wv.data_ptr(), _ptr(a["bv"])),
                      caches=(kc.data_ptr(), vc.data_ptr(), pmin.data_ptr(), pmax.data_ptr()),
-                     dims=(Hq, Hkv, S, P, D), out_weights=(wo.data_ptr(), ptr(a["bo"])),
+                     dims=(Hq, Hkv, S, P, D), out_weights=(wo.data_ptr(), _ptr(a["bo"])),
                      scratch=torch.empty(B * Hkv * per_task, dtype=_F32),
                      work=torch.empty(B * (d + 3 * nq + 4 * nkv), dtype=_F32))
 
@@ -146,21 +157,15 @@ _COPY_DTYPES = {"wt": _F32, "in8": torch.int8, "in8_scale": _BF16, "in8_rows": t
                 "out8_scale": _BF16, "in4": torch.uint8, "in4_sz": _BF16, "out4": torch.uint8, "out4_sz": _BF16}
 
 
-class MlpBlock:
-    """A layer's MLP block, `x + mlp(rmsnorm(x))` after the norm's mean, for gated MLPs without biases in
-    weight-quant mode: where every row runs one action (the step's hints), the C calls before and after
-    the activation (cpu_block.c: the kernels cpu_mlp.py would pick, on the same values); else the
-    matched nodes (`fallback`)."""
+class MlpBlock(_Block):
+    """A layer's MLP block, `x + mlp(rmsnorm(x))`, for gated MLPs without biases in weight-quant mode: where
+    every row runs one action (the step's hints), C with the kernels cpu_mlp.py would pick, on the same
+    values (one call where the SiLU runs in C, else two around torch's); else the matched nodes."""
 
     def __init__(self, fallback: fx.GraphModule, roles: dict[str, Optional[int]], eps: float, act: str,
                  group_size: int):
-        self.__name__ = "mlp_block"  # for FX's code generation
-        self.fallback, self.roles, self.eps, self.act, self.group_size = fallback, roles, eps, act, group_size
-        self._plan: Optional[_Plan] = None
-
-    def __call__(self, *inputs):
-        out = self._c_block(inputs)
-        return self.fallback(*inputs) if out is None else out
+        super().__init__("mlp_block", fallback, roles, eps)
+        self.act, self.group_size = act, group_size
 
     def _c_block(self, inputs) -> Optional[Tensor]:
         hints = step_hints.current()
@@ -185,7 +190,7 @@ class MlpBlock:
                                       plan.pre.data_ptr(), plan.hid.data_ptr(), plan.sel.data_ptr(),
                                       plan.work.data_ptr(), out.data_ptr(), torch.get_num_threads()):
                 return out
-        pre = torch.empty(B, 2 * F, dtype=_F32)
+        pre = plan.pre  # consumed within this call
         if lib.solc_mlp_input(x.data_ptr(), _ptr(ms), self.eps, *plan.input_args, pre.data_ptr(),
                               plan.sel.data_ptr(), plan.work.data_ptr(), torch.get_num_threads()):
             return None
@@ -225,7 +230,7 @@ class MlpBlock:
         if any(c[name] is not None and not (c[name].dtype == dtype and c[name].is_contiguous())
                for name, dtype in _COPY_DTYPES.items()):
             return None
-        ptr = lambda name: c[name].data_ptr() if c[name] is not None else None  # noqa: E731
+        ptr = lambda name: _ptr(c[name])  # noqa: E731
         h = torch.empty(B, d, dtype=_F32)
         static = tuple(i for r, i in self.roles.items() if i is not None and r not in ("x", "ms", "keep", "bits"))
         fused_silu = self.act == "silu" and mode != 4 and F % 32 == 0 and _aten_silu_in_c(lib)
@@ -285,9 +290,6 @@ def _aten_silu_in_c(lib) -> bool:
     if _SILU_IN_C is None:
         _SILU_IN_C = False
         try:
-            import ctypes
-            import os
-
             if torch.backends.cpu.get_cpu_capability() in ("AVX512", "AVX512_BF16", "AMX"):
                 libtorch = ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so"))
                 lib.solc_set_expf16(ctypes.cast(libtorch.Sleef_expf16_u10, ctypes.c_void_p).value)
