@@ -6,7 +6,7 @@ cache of CTX tokens, interleaved round by round in one process:
   blocks   + each layer's attention block and MLP block as C calls (runtime/ops/cpu_block.py): the default
 
 All three must give the same logits bit for bit (checked before timing). Env: T threads, CTX, ACTS
-(action indices), ROUNDS.
+(action indices), ROUNDS, TAG (suffix of the output file).
 
     T=1 ROUNDS=15 python benchmarks/cpu_program_ab.py    # prints the table, writes results/cpu_program_ab_t1.json
 """
@@ -79,8 +79,9 @@ for a in acts:
     rows.append(row)
     cells = "  ".join(f"{ms[(a, v)]:7.2f} ({row[f'{v}_ratio_to_dense']:.3f})" for v in VARIANTS)
     print(f"{a:3d} {str(sol.space[a]):36s} {cells}   {row['blocks_over_ops']:.3f}       {row['blocks_over_plain']:.3f}")
-out = ROOT / "benchmarks" / "results" / f"cpu_program_ab_t{torch.get_num_threads()}.json"
-meta = dict(command=" ".join(f"{k}={os.environ[k]}" for k in ("T", "CTX", "ACTS", "ROUNDS") if k in os.environ)
+tag = os.environ.get("TAG", "")  # a suffix, so that a rerun does not replace a file the docs quote
+out = ROOT / "benchmarks" / "results" / f"cpu_program_ab_t{torch.get_num_threads()}{'_' + tag if tag else ''}.json"
+meta = dict(command=" ".join(f"{k}={os.environ[k]}" for k in ("T", "CTX", "ACTS", "ROUNDS", "TAG") if k in os.environ)
             + " python benchmarks/cpu_program_ab.py", device=platform.processor() or platform.machine(),
             torch=torch.__version__, date=datetime.datetime.now(datetime.timezone.utc).isoformat(), context=ctx,
             load_average=os.getloadavg()[0], unit="ms per decode step (median), ratio to the same variant's dense step")
