@@ -3,7 +3,8 @@ cache of CTX tokens, interleaved round by round in one process:
 
   plain    the direct program: direct solc calls, dropped checks and flat attributes only
   ops      + fused rotary, torch bindings, shared views (runtime/cpu_program.py)
-  blocks   + each layer's attention block and MLP block as C calls (runtime/ops/cpu_block.py): the default
+  blocks   + each layer's attention block and MLP block as C calls (runtime/ops/cpu_block.py)
+  chain    + the step's blocks, layer after layer, as one C call (runtime/ops/cpu_chain.py): the default
 
 All three must give the same logits bit for bit (checked before timing). Env: T threads, CTX, ACTS
 (action indices), ROUNDS, TAG (suffix of the output file).
@@ -30,7 +31,8 @@ from runtime import cpu_program  # noqa: E402
 from runtime.dispatch import action_hints, specialize  # noqa: E402
 from runtime.ops.step_hints import step_hints  # noqa: E402
 
-VARIANTS = {"plain": dict(fuse=False), "ops": dict(blocks=False), "blocks": {}}
+VARIANTS = {"plain": dict(fuse=False), "ops": dict(blocks=False), "blocks": dict(chain=False), "chain": {}}
+LAST, PREV = "chain", "blocks"  # the default program, and the one before its newest rewrite
 
 torch.set_num_threads(int(os.environ.get("T", "1")))
 ctx = int(os.environ.get("CTX", "512"))
@@ -68,17 +70,19 @@ with torch.no_grad():
                     res[(a, v)].append((time.perf_counter() - t) * 1e3)
 ms = {k: statistics.median(v) for k, v in res.items()}
 rows = []
-print("action                                  " + "  ".join(f"{v:>16s}" for v in VARIANTS) + "   blocks/ops  blocks/plain")
+print("action                                  " + "  ".join(f"{v:>16s}" for v in VARIANTS)
+      + f"   {LAST}/{PREV}  {LAST}/plain")
 for a in acts:
     row = dict(action=a, label=str(sol.space[a]))
     for v in VARIANTS:
         row[f"{v}_ms"] = ms[(a, v)]
         row[f"{v}_ratio_to_dense"] = ms[(a, v)] / ms[(dense, v)]
-    row["blocks_over_ops"] = ms[(a, "blocks")] / ms[(a, "ops")]
-    row["blocks_over_plain"] = ms[(a, "blocks")] / ms[(a, "plain")]
+    row[f"{LAST}_over_{PREV}"] = ms[(a, LAST)] / ms[(a, PREV)]
+    row[f"{LAST}_over_plain"] = ms[(a, LAST)] / ms[(a, "plain")]
     rows.append(row)
     cells = "  ".join(f"{ms[(a, v)]:7.2f} ({row[f'{v}_ratio_to_dense']:.3f})" for v in VARIANTS)
-    print(f"{a:3d} {str(sol.space[a]):36s} {cells}   {row['blocks_over_ops']:.3f}       {row['blocks_over_plain']:.3f}")
+    print(f"{a:3d} {str(sol.space[a]):36s} {cells}   {row[f'{LAST}_over_{PREV}']:.3f}        "
+          f"{row[f'{LAST}_over_plain']:.3f}")
 tag = os.environ.get("TAG", "")  # a suffix, so that a rerun does not replace a file the docs quote
 out = ROOT / "benchmarks" / "results" / f"cpu_program_ab_t{torch.get_num_threads()}{'_' + tag if tag else ''}.json"
 meta = dict(command=" ".join(f"{k}={os.environ[k]}" for k in ("T", "CTX", "ACTS", "ROUNDS", "TAG") if k in os.environ)

@@ -19,7 +19,10 @@ cheap action's step close to the dense one. Each rewrite below keeps the graph's
                         element (runtime/ops/cpu_rotary.c)
   attention blocks      in llama-style layers, the RMSNorm after its mean, q/k/v, rotary, cache write,
                         attention, o_proj and residual add are one C call (runtime/ops/cpu_block.c) that
-                        runs the same kernels on the same values; other calls run the matched nodes
+                        runs the same kernels on the same values; other calls run the matched nodes;
+                        so are the MLP blocks (cpu_block.py)
+  block chains          the step's run of blocks, layer after layer, is one C call over descriptors
+                        planned once (runtime/ops/cpu_chain.py); mixed rows run the blocks one by one
   flat attributes       weights under flat names (one attribute lookup in place of six per weight)
 
 Only for steps without autograd (every decode path runs under no_grad): the ops' wrappers are what
@@ -32,7 +35,7 @@ import copy
 import torch
 import torch.fx as fx
 
-from runtime.ops import cpu_block, cpu_rotary, library
+from runtime.ops import cpu_block, cpu_chain, cpu_rotary, library
 
 _ATEN = torch.ops.aten
 
@@ -59,10 +62,12 @@ _VIEWS = {_ATEN.unsqueeze.default, _ATEN.view.default, _ATEN.transpose.int, _ATE
           _ATEN.expand.default, _ATEN.select.int, _ATEN.reshape.default}
 
 
-def direct_cpu_calls(gm: fx.GraphModule, *, fuse: bool = True, blocks: bool = True) -> fx.GraphModule:
+def direct_cpu_calls(gm: fx.GraphModule, *, fuse: bool = True, blocks: bool = True,
+                     chain: bool = True) -> fx.GraphModule:
     """A copy of `gm` (sharing its weights) rewritten as the module doc says; fuse=False keeps only the
     direct solc calls, the dropped checks/casts and the flat attributes, blocks=False all but the fused
-    attention/MLP blocks (benchmarks/cpu_program_ab.py measures each against the others)."""
+    attention/MLP blocks, chain=False all but the block chains (benchmarks/cpu_program_ab.py measures
+    each against the others)."""
     graph = copy.deepcopy(gm.graph)
     casts_known = _dtypes_as_traced(gm)
     for node in list(graph.nodes):
@@ -81,6 +86,8 @@ def direct_cpu_calls(gm: fx.GraphModule, *, fuse: bool = True, blocks: bool = Tr
         graph.eliminate_dead_code(is_impure_node=_impure)  # the fused rotaries' old nodes
         if blocks:
             cpu_block.fuse(graph)  # matches single-use chains: after the dead users are gone
+            if chain:
+                cpu_chain.fuse(graph)
         _python_bindings(graph)
     graph.lint()
     return fx.GraphModule(_flat_attributes(gm, graph), graph, class_name=type(gm).__name__ + "DirectCPU")

@@ -266,3 +266,63 @@ void solc_set_expf16(void *fn) { (void)fn; }
 void solc_silu_mul(const float *pre, long B, long F, float *hid) { (void)pre; (void)B; (void)F; (void)hid; }
 int solc_mlp_block(void) { return -1; }
 #endif
+
+/* A decode step's run of consecutive blocks (every layer's attention block, then its MLP block) in one
+ * call, for runtime/ops/cpu_chain.py: each block's arguments are planned once, so a step crosses from
+ * Python to C once instead of twice per layer (each crossing packed ~30 arguments and ran the checks
+ * in front of it cold, ~60-80 us a block on SmolLM2). The blocks run exactly as their own calls would;
+ * their outputs alternate between the two halves of buf (2 * B * d floats), the last goes to out. All
+ * attention blocks share the step's cos / sin, positions and kept pages; the norms compute their mean of
+ * squares (ms = NULL). Returns 0, or -1 where an MLP block could not run (an int4 scratch allocation):
+ * then the caller runs the blocks one by one from the start, which rewrites the same cache entries. */
+typedef struct {
+    int64_t kind; /* 0: attention block, 1: MLP block */
+    double eps, scale;
+    const float *norm_w;
+    int64_t B, d;
+    /* attention */
+    const float *wq, *bq, *wk, *bk, *wv, *bv, *wo, *bo;
+    float *k_cache, *v_cache, *page_min, *page_max;
+    int64_t Hq, Hkv, S, P, D, per_task;
+    float *scratch;
+    /* MLP */
+    int64_t mode, keep_count, F, group;
+    const float *wg, *wu, *wt, *wd;
+    const int8_t *in8, *out8;
+    const uint8_t *in8_rows, *in4, *out4;
+    const uint16_t *in8_scale, *in4_sz, *out8_scale, *out4_sz;
+    float *h, *pre, *hid;
+    int64_t *sel;
+    /* both */
+    float *work;
+} solc_chain_block;
+
+long solc_chain_block_size(void) { return (long)sizeof(solc_chain_block); }
+
+int solc_block_chain(const solc_chain_block *blocks, long n, const float *x, float *out, float *buf,
+                     const float *cs, const float *sn, long csb, const int64_t *positions, const int64_t *kept,
+                     int threads) {
+    for (long i = 0; i < n; ++i) {
+        const solc_chain_block *b = blocks + i;
+        long size = b->B * b->d;
+        const float *src = i ? buf + (i % 2) * size : x;
+        float *dst = i == n - 1 ? out : buf + ((i + 1) % 2) * size;
+        if (b->kind == 0) {
+            solc_attention_block(src, 0, (float)b->eps, b->norm_w, b->B, b->d, b->wq, b->bq, b->wk, b->bk, b->wv,
+                                 b->bv, cs, sn, csb, b->k_cache, b->v_cache, b->page_min, b->page_max, positions,
+                                 kept, b->Hq, b->Hkv, b->S, b->P, b->D, (float)b->scale, b->wo, b->bo, dst, b->work,
+                                 b->scratch, b->per_task, threads);
+            continue;
+        }
+#ifdef __AVX512F__
+        if (solc_mlp_block(src, 0, (float)b->eps, b->norm_w, b->B, b->d, (int)b->mode, b->keep_count, b->wg, b->wu,
+                           b->F, b->wt, b->in8, b->in8_rows, b->in8_scale, b->in4, b->in4_sz, b->group, b->h, b->wd,
+                           b->out8, b->out8_scale, b->out4, b->out4_sz, b->pre, b->hid, b->sel, b->work, dst,
+                           threads))
+            return -1;
+#else
+        return -1;
+#endif
+    }
+    return 0;
+}

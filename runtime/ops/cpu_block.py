@@ -310,9 +310,13 @@ def _nan_equal(a: Tensor, b: Tensor) -> bool:
 
 
 def blocks(gm: fx.GraphModule) -> list:
-    """The fused blocks (AttentionBlock, MlpBlock) of a program, in graph order."""
-    return [n.target for n in gm.graph.nodes
-            if n.op == "call_function" and isinstance(n.target, (AttentionBlock, MlpBlock))]
+    """The fused blocks (AttentionBlock, MlpBlock) of a program, in graph order (those inside a block
+    chain, cpu_chain.py, included)."""
+    found = []
+    for n in gm.graph.nodes:
+        if n.op == "call_function":
+            found.extend(getattr(n.target, "blocks", [n.target] if isinstance(n.target, _Block) else []))
+    return found
 
 
 def _f32(t) -> bool:

@@ -43,7 +43,7 @@ _library = None  # the loaded ctypes library, False once building failed
 
 _F32 = torch.float32
 _P, _L, _I = ctypes.c_void_p, ctypes.c_long, ctypes.c_int
-SIGNATURES = {  # C function -> argument types (all return void)
+SIGNATURES = {  # C function -> argument types (return types: RESTYPES)
     "solc_linear_f32": [_P, _L, _P, _P, _P, _L, _L, _L, _I],
     "solc_int8_linear": [_P, _L, _P, _P, _P, _L, _L, _L, _I],
     "solc_decode_attention": [_P, _P, _P, _P, _P, _P, _P, _L, _L, _L, _L, _L, _L, ctypes.c_float, _P, _P, _L, _I],
@@ -64,9 +64,12 @@ SIGNATURES = {  # C function -> argument types (all return void)
     "solc_silu_mul": [_P, _L, _L, _P],
     "solc_mlp_block": [_P, _P, ctypes.c_float, _P, _L, _L, _I, _L, _P, _P, _L, _P, _P, _P, _P, _P, _P, _L, _P, _P, _P, _P,
                        _P, _P, _P, _P, _P, _P, _P, _I],
+    "solc_chain_block_size": [],
+    "solc_block_chain": [_P, _L, _P, _P, _P, _P, _P, _L, _P, _P, _I],
 }
 RESTYPES = {"solc_int4_linear": ctypes.c_int, "solc_int4_supported": ctypes.c_int, "solc_mlp_input": ctypes.c_int,
-            "solc_mlp_output": ctypes.c_int, "solc_mlp_block": ctypes.c_int}  # the others return void
+            "solc_mlp_output": ctypes.c_int, "solc_mlp_block": ctypes.c_int, "solc_chain_block_size": ctypes.c_long,
+            "solc_block_chain": ctypes.c_int}  # the others return void
 
 
 def _cpu_features() -> str:

@@ -5,7 +5,7 @@ import torch
 import solc
 from runtime.cpu_program import direct_cpu_calls
 from runtime.dispatch import action_hints, specialize
-from runtime.ops import cpu_block, cpu_rotary, library
+from runtime.ops import cpu_block, cpu_chain, cpu_rotary, library
 from runtime.ops.step_hints import step_hints
 
 
@@ -100,11 +100,14 @@ def test_fused_blocks_keep_the_bits_of_the_graph(B, monkeypatch):
     kinds = [type(b) for b in cpu_block.blocks(generic)]
     assert kinds == [cpu_block.AttentionBlock, cpu_block.MlpBlock] * layers
     assert not any(n.target is library.attention_impl for n in generic.graph.nodes)
-    fallbacks = []
+    fallbacks, one_by_one = [], []
     programs = {a: direct_cpu_calls(specialize(sol.graph, a)) for a in range(len(sol.space))}
-    for program in [generic, *programs.values()]:
+    for tag, program in [("mixed", generic), *programs.items()]:
         for block in cpu_block.blocks(program):
             monkeypatch.setattr(block, "fallback", _counting(block.fallback, fallbacks, type(block)))
+        chains = cpu_chain.chains(program)  # the whole run of blocks, layer after layer, is one chain
+        assert len(chains) == 1 and chains[0].blocks == cpu_block.blocks(program)
+        monkeypatch.setattr(chains[0], "run_blocks", _counting(chains[0].run_blocks, one_by_one, tag))
     with torch.no_grad():
         for t, a in enumerate(range(len(sol.space))):
             p = T + t % 6
@@ -114,6 +117,10 @@ def test_fused_blocks_keep_the_bits_of_the_graph(B, monkeypatch):
                 got = programs[a](*sol.signature.variant_args(ids[:, p:p + 1], torch.full((B, 1), p), caches[1]))
             torch.testing.assert_close(got, want, rtol=0, atol=0, msg=f"action {sol.space[a]}")
         assert fallbacks == []  # every variant ran the C blocks
+        # in one chain call, where every MLP block runs in one C call (its SiLU in C: AVX-512 torch)
+        one_call = {a: all(b._plan.fused_silu for b in cpu_block.blocks(p) if isinstance(b, cpu_block.MlpBlock))
+                    for a, p in programs.items()}
+        assert one_by_one == [a for a in programs if not one_call[a]]
         assert all(b._plan.c_mean for p in programs.values() for b in cpu_block.blocks(p))
         means = [sum(n.target in (torch.ops.aten.mean.dim, torch.mean) for n in p.graph.nodes) for p in programs.values()]
         assert means == [1] * len(programs)  # only the final norm's: the blocks compute theirs
@@ -124,7 +131,7 @@ def test_fused_blocks_keep_the_bits_of_the_graph(B, monkeypatch):
         acts = torch.randint(0, len(sol.space), (B, 1), generator=g)
         args = [sol.signature.args(ids[:, p - 1:p], torch.full((B, 1), p - 1), acts, c) for c in caches]
         torch.testing.assert_close(generic(*args[1]), sol.graph(*args[0]), rtol=0, atol=0)
-        assert fallbacks == [cpu_block.MlpBlock] * layers
+        assert fallbacks == [cpu_block.MlpBlock] * layers and one_by_one[-1] == "mixed"  # mixed rows: block by block
     for a, b in zip(caches[0].tensors, caches[1].tensors):
         assert torch.equal(a, b)
 

@@ -1,0 +1,219 @@
+"""A decode step's consecutive fused blocks (cpu_block.py: every layer's attention block, then its MLP
+block) as one C call, for the eager CPU program.
+
+Why: with the blocks fused, what was left of a SmolLM2 step outside C was mostly the blocks' own
+crossings: each packed ~30 ctypes arguments and ran its checks (the same weights? the same caches? the
+step's positions and kept pages), cold, ~60-80 us a block, 60 blocks a step: 4-5 ms of a 25-40 ms step.
+A chain plans every block's arguments once (a C struct each, `solc_chain_block` in cpu_block.c), checks
+its static inputs with one pass over their ids and data pointers, computes the step's positions and kept
+pages once, and crosses once. Each block runs exactly the C its own call runs, so the bits stay.
+
+Where the chain does not apply (no step hints: mixed rows; prefill; a block that cannot plan its C; a
+block whose mean of squares stays torch's) the blocks run one by one as before, each with its own
+fallback.
+"""
+from __future__ import annotations
+
+import copy
+import ctypes
+import operator
+import weakref
+from typing import Optional
+
+import torch
+import torch.fx as fx
+from torch import Tensor
+
+from runtime.ops import cpu_attention, cpu_block, cpu_linear, library, step_hints
+
+_F32 = torch.float32
+_P, _I64, _F64 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double
+
+
+class ChainBlock(ctypes.Structure):
+    """cpu_block.c's `solc_chain_block`: one block's planned arguments (pointers as integers)."""
+    _fields_ = [("kind", _I64), ("eps", _F64), ("scale", _F64), ("norm_w", _P), ("B", _I64), ("d", _I64),
+                *((n, _P) for n in ("wq", "bq", "wk", "bk", "wv", "bv", "wo", "bo",
+                                    "k_cache", "v_cache", "page_min", "page_max")),
+                *((n, _I64) for n in ("Hq", "Hkv", "S", "P", "D", "per_task")), ("scratch", _P),
+                *((n, _I64) for n in ("mode", "keep_count", "F", "group")),
+                *((n, _P) for n in ("wg", "wu", "wt", "wd", "in8", "out8", "in8_rows", "in4", "out4",
+                                    "in8_scale", "in4_sz", "out8_scale", "out4_sz", "h", "pre", "hid", "sel", "work"))]
+
+
+# the per-step inputs of each kind of block (the rest are weights and caches: planned once)
+_DYNAMIC = {cpu_block.AttentionBlock: ("x", "ms", "cos", "sin", "positions", "keep"),
+            cpu_block.MlpBlock: ("x", "ms", "keep", "bits")}
+_SHARED = ("cos", "sin", "positions", "keep")  # one node for every attention block of a chain
+
+
+class _ChainPlan:
+    """A chain's descriptors for one set of weights and caches and one MLP action (`key`), or a record that
+    the chain cannot run them (`descs` None). `matches` compares the static inputs' ids and data pointers;
+    the weak references' callbacks mark the plan dead when any of them is freed, so a new tensor at a
+    freed one's id is never taken for it."""
+
+    def __init__(self, statics: tuple, key, descs: Optional[Tensor] = None, **args):
+        alive = self._alive = [True]
+        kill = lambda _ref: alive.__setitem__(0, False)  # noqa: E731
+        self._refs = [weakref.ref(t, kill) for t in statics]
+        self._ids, self._ptrs = tuple(map(id, statics)), tuple(map(Tensor.data_ptr, statics))
+        self.key, self.descs = key, descs
+        self.__dict__.update(args)
+
+    def matches(self, statics: tuple, key) -> bool:
+        return (self._alive[0] and key == self.key and tuple(map(id, statics)) == self._ids
+                and tuple(map(Tensor.data_ptr, statics)) == self._ptrs)
+
+
+class BlockChain:
+    """A chain node's target: the blocks in one C call where that applies, else the blocks one by one.
+    `arg_maps[i]` gives block i's inputs as indices into the chain's inputs (-1: the previous block's output)."""
+
+    def __init__(self, blocks: list, arg_maps: list[tuple[int, ...]], n_inputs: int):
+        self.__name__ = "block_chain"  # for FX's code generation
+        self.blocks, self.arg_maps, self.n_inputs = blocks, arg_maps, n_inputs
+        first_attn = next(i for i, b in enumerate(blocks) if isinstance(b, cpu_block.AttentionBlock))
+        self.shared = {r: arg_maps[first_attn][blocks[first_attn].roles[r]] for r in _SHARED}
+        self.x_index = arg_maps[0][blocks[0].roles["x"]]
+        dynamic = {arg_maps[i][b.roles[r]] for i, b in enumerate(blocks) for r in _DYNAMIC[type(b)]
+                   if b.roles[r] is not None}
+        self.static_candidates = tuple(j for j in range(n_inputs) if j not in dynamic)
+        self._statics = None  # an itemgetter of the static tensors (known at the first call)
+        self._plan: Optional[_ChainPlan] = None
+
+    def __deepcopy__(self, memo):
+        return BlockChain(copy.deepcopy(self.blocks, memo), list(self.arg_maps), self.n_inputs)
+
+    def __call__(self, *inputs):
+        out = self._c_chain(inputs)
+        return self.run_blocks(inputs) if out is None else out
+
+    def run_blocks(self, inputs):
+        """The blocks one by one (each its C call or its own ops)."""
+        x = None
+        for block, amap in zip(self.blocks, self.arg_maps):
+            x = block(*[x if j < 0 else inputs[j] for j in amap])
+        return x
+
+    def _c_chain(self, inputs) -> Optional[Tensor]:
+        hints = step_hints.current()
+        if (hints is None or hints.mlp is None or hints.bits is None or not cpu_attention.C_KERNEL
+                or not library.cpu_fast_paths()):
+            return None  # the MLP blocks' C needs one action for every row
+        if self._statics is None:
+            tensors = tuple(j for j in self.static_candidates if isinstance(inputs[j], Tensor))
+            self._statics = operator.itemgetter(*tensors) if len(tensors) > 1 else (lambda s: (s[tensors[0]],))
+        statics, key = self._statics(inputs), (hints.mlp, hints.bits)
+        plan = self._plan
+        if plan is None or not plan.matches(statics, key):
+            plan = self._plan = self._make_plan(inputs, statics, key)
+        if plan.descs is None:
+            return None
+        s = self.shared
+        x, cos, sin = inputs[self.x_index], inputs[s["cos"]], inputs[s["sin"]]
+        if not (x.shape == plan.x_shape and x.dtype is _F32 and x.is_contiguous() and cos.dtype is _F32
+                and sin.dtype is _F32 and cos.shape == sin.shape and cos.stride() == sin.stride() and cos.dim() == 4
+                and cos.shape[1:] == (1, 1, plan.head_dim) and cos.shape[0] in (1, plan.B) and cos.stride(3) == 1):
+            return None
+        keeps, pos = cpu_attention.host_levels(inputs[s["keep"]], inputs[s["positions"]], hints)
+        kept = torch.tensor([cpu_attention._kept_page_count(p, k) or 0 for p, k in zip(pos, keeps)], dtype=torch.int64)
+        pos = torch.tensor(pos, dtype=torch.int64)
+        out = torch.empty(plan.x_shape, dtype=_F32)
+        if plan.lib.solc_block_chain(plan.descs.data_ptr(), len(self.blocks), x.data_ptr(), out.data_ptr(),
+                                     plan.buf.data_ptr(), cos.data_ptr(), sin.data_ptr(),
+                                     cos.stride(0) if cos.shape[0] > 1 else 0, pos.data_ptr(), kept.data_ptr(),
+                                     torch.get_num_threads()):
+            return None
+        return out
+
+    def _make_plan(self, inputs, statics, key) -> _ChainPlan:
+        """Every block's plan (each block's own `_make_plan`, with the chain's first x standing for the
+        blocks' inputs), written as descriptors; a plan without descriptors where any block cannot run in C."""
+        lib = cpu_linear._library or cpu_linear.library()
+        x = inputs[self.x_index]
+        if lib is None or lib.solc_chain_block_size() != ctypes.sizeof(ChainBlock) or not isinstance(x, Tensor):
+            return _ChainPlan(statics, key)
+        descs = torch.zeros(len(self.blocks) * ctypes.sizeof(ChainBlock), dtype=torch.uint8)
+        table = (ChainBlock * len(self.blocks)).from_address(descs.data_ptr())
+        head_dim = None
+        for block, amap, desc in zip(self.blocks, self.arg_maps, table):
+            own = tuple(x if j < 0 else inputs[j] for j in amap)
+            attention = isinstance(block, cpu_block.AttentionBlock)
+            p = block._make_plan(own) if attention else block._make_plan(own, key)
+            if p is None or not p.c_mean or p.x_shape != x.shape or not (attention or p.fused_silu):
+                return _ChainPlan(statics, key)
+            block._plan = p
+            desc.eps, desc.B, desc.d = block.eps, p.x_shape[0], p.x_shape[2]
+            if attention:
+                head_dim = block.head_dim
+                desc.kind, desc.scale = 0, block.scale
+                (desc.norm_w, _, _, desc.wq, desc.bq, desc.wk, desc.bk, desc.wv, desc.bv) = p.weights
+                desc.k_cache, desc.v_cache, desc.page_min, desc.page_max = p.caches
+                desc.Hq, desc.Hkv, desc.S, desc.P, desc.D = p.dims
+                desc.wo, desc.bo = p.out_weights
+                desc.per_task, desc.scratch, desc.work = p.per_task, p.scratch.data_ptr(), p.work.data_ptr()
+            else:
+                desc.kind = 1
+                (desc.norm_w, _, _, desc.mode, desc.keep_count, desc.wg, desc.wu, desc.F, desc.wt, desc.in8,
+                 desc.in8_rows, desc.in8_scale, desc.in4, desc.in4_sz, desc.group, desc.h) = p.input_args
+                desc.wd, desc.out8, desc.out8_scale, desc.out4, desc.out4_sz, _ = p.output_args
+                desc.pre, desc.hid, desc.sel, desc.work = (p.pre.data_ptr(), p.hid.data_ptr(), p.sel.data_ptr(),
+                                                           p.work.data_ptr())
+        if head_dim is None:
+            return _ChainPlan(statics, key)
+        B, _, d = x.shape
+        return _ChainPlan(statics, key, descs, lib=lib, x_shape=x.shape, B=B, head_dim=head_dim,
+                          buf=torch.empty(2 * B * d, dtype=_F32),
+                          block_plans=[b._plan for b in self.blocks])  # keeps the buffers the descriptors point at
+
+
+def chains(gm: fx.GraphModule) -> list[BlockChain]:
+    return [n.target for n in gm.graph.nodes if n.op == "call_function" and isinstance(n.target, BlockChain)]
+
+
+def _is_block(node) -> bool:
+    return (isinstance(node, fx.Node) and node.op == "call_function"
+            and isinstance(node.target, (cpu_block.AttentionBlock, cpu_block.MlpBlock)))
+
+
+def fuse(graph: fx.Graph) -> int:
+    """Replace every run of two or more blocks, each the only user of the previous one's output and that
+    as its x, by one chain node (its attention blocks sharing cos, sin, positions and keep, every norm's
+    mean of squares the block's own); returns how many chains."""
+    runs, seen = [], set()
+    for node in graph.nodes:
+        if not _is_block(node) or node in seen or node.target.roles["ms"] is not None:
+            continue
+        run = [node]
+        while len(run[-1].users) == 1:
+            nxt = next(iter(run[-1].users))
+            if not (_is_block(nxt) and nxt.target.roles["ms"] is None
+                    and nxt.args[nxt.target.roles["x"]] is run[-1]
+                    and sum(a is run[-1] for a in nxt.args) == 1 and _shares_step_inputs(run + [nxt])):
+                break
+            run.append(nxt)
+        seen.update(run)
+        if len(run) >= 2 and any(isinstance(n.target, cpu_block.AttentionBlock) for n in run):
+            runs.append(run)
+    for run in runs:
+        inside, inputs = set(run), []
+        for n in run:
+            for a in n.args:
+                if isinstance(a, fx.Node) and a not in inside and a not in inputs:
+                    inputs.append(a)
+        index = {a: j for j, a in enumerate(inputs)}  # cpu_block.fuse passes nodes only
+        maps = [tuple(-1 if a in inside else index[a] for a in n.args) for n in run]
+        chain = BlockChain([n.target for n in run], maps, len(inputs))
+        with graph.inserting_before(run[-1]):
+            new = graph.call_function(chain, tuple(inputs))
+        new.meta = dict(run[-1].meta)
+        run[-1].replace_all_uses_with(new)
+        for n in reversed(run):
+            graph.erase_node(n)
+    return len(runs)
+
+
+def _shares_step_inputs(run: list[fx.Node]) -> bool:
+    attn = [n for n in run if isinstance(n.target, cpu_block.AttentionBlock)]
+    return not attn or all(n.args[n.target.roles[r]] is attn[0].args[attn[0].target.roles[r]] for n in attn[1:] for r in _SHARED)
