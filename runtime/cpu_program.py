@@ -90,7 +90,9 @@ def direct_cpu_calls(gm: fx.GraphModule, *, fuse: bool = True, blocks: bool = Tr
                 cpu_chain.fuse(graph)
         _python_bindings(graph)
     graph.lint()
-    return fx.GraphModule(_flat_attributes(gm, graph), graph, class_name=type(gm).__name__ + "DirectCPU")
+    program = fx.GraphModule(_flat_attributes(gm, graph), graph, class_name=type(gm).__name__ + "DirectCPU")
+    _plain_attributes(program)
+    return program
 
 
 def _impure(node: fx.Node) -> bool:
@@ -167,6 +169,15 @@ def _flat_attributes(gm: fx.GraphModule, graph: fx.Graph):
         node.target = f"_attr_{i}"
         root[node.target] = value
     return root
+
+
+def _plain_attributes(program: fx.GraphModule) -> None:
+    """The flat weights as plain instance attributes, not registered parameters or buffers: the generated
+    code then reads each with one dict lookup instead of a Module.__getattr__ call (~600 a SmolLM2 step,
+    ~0.5 ms cold). The program shares the tensors with the graph it was made from, which owns them."""
+    for store in (program._parameters, program._buffers):
+        for name in [n for n in store if n.startswith("_attr_")]:
+            object.__setattr__(program, name, store.pop(name))
 
 
 def attribute(gm: fx.GraphModule, target: str):

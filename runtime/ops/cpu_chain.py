@@ -24,7 +24,7 @@ import torch
 import torch.fx as fx
 from torch import Tensor
 
-from runtime.ops import cpu_attention, cpu_block, cpu_linear, library, step_hints
+from runtime.ops import cpu_attention, cpu_block, cpu_linear, cpu_mlp, library, step_hints
 
 _F32 = torch.float32
 _P, _I64, _F64 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double
@@ -49,21 +49,27 @@ _SHARED = ("cos", "sin", "positions", "keep")  # one node for every attention bl
 
 class _ChainPlan:
     """A chain's descriptors for one set of weights and caches and one MLP action (`key`), or a record that
-    the chain cannot run them (`descs` None). `matches` compares the static inputs' ids and data pointers;
-    the weak references' callbacks mark the plan dead when any of them is freed, so a new tensor at a
-    freed one's id is never taken for it."""
+    the chain cannot run them (`descs` None). `matches` compares the ids and data pointers of the static
+    inputs the descriptors point at (`used`, indices into the chain's inputs; for a plan without
+    descriptors, every static input); the weak references' callbacks mark the plan dead when any of them
+    is freed, so a new tensor at a freed one's id is never taken for it. Why only those: the data pointers
+    are read from ~600 tensor objects that the weights' stream left cold, ~1 us each."""
 
-    def __init__(self, statics: tuple, key, descs: Optional[Tensor] = None, **args):
+    def __init__(self, inputs, used: tuple[int, ...], key, descs: Optional[Tensor] = None, **args):
+        self._used = operator.itemgetter(*used) if len(used) > 1 else (lambda s: tuple(s[j] for j in used))
+        tensors = self._used(inputs)
         alive = self._alive = [True]
         kill = lambda _ref: alive.__setitem__(0, False)  # noqa: E731
-        self._refs = [weakref.ref(t, kill) for t in statics]
-        self._ids, self._ptrs = tuple(map(id, statics)), tuple(map(Tensor.data_ptr, statics))
+        self._refs = [weakref.ref(t, kill) for t in tensors]
+        self._ids, self._ptrs = tuple(map(id, tensors)), tuple(map(Tensor.data_ptr, tensors))
         self.key, self.descs = key, descs
         self.__dict__.update(args)
 
-    def matches(self, statics: tuple, key) -> bool:
-        return (self._alive[0] and key == self.key and tuple(map(id, statics)) == self._ids
-                and tuple(map(Tensor.data_ptr, statics)) == self._ptrs)
+    def matches(self, inputs, key) -> bool:
+        if not (self._alive[0] and key == self.key):
+            return False
+        tensors = self._used(inputs)
+        return tuple(map(id, tensors)) == self._ids and tuple(map(Tensor.data_ptr, tensors)) == self._ptrs
 
 
 class BlockChain:
@@ -79,7 +85,6 @@ class BlockChain:
         dynamic = {arg_maps[i][b.roles[r]] for i, b in enumerate(blocks) for r in _DYNAMIC[type(b)]
                    if b.roles[r] is not None}
         self.static_candidates = tuple(j for j in range(n_inputs) if j not in dynamic)
-        self._statics = None  # an itemgetter of the static tensors (known at the first call)
         self._plan: Optional[_ChainPlan] = None
 
     def __deepcopy__(self, memo):
@@ -101,13 +106,10 @@ class BlockChain:
         if (hints is None or hints.mlp is None or hints.bits is None or not cpu_attention.C_KERNEL
                 or not library.cpu_fast_paths()):
             return None  # the MLP blocks' C needs one action for every row
-        if self._statics is None:
-            tensors = tuple(j for j in self.static_candidates if isinstance(inputs[j], Tensor))
-            self._statics = operator.itemgetter(*tensors) if len(tensors) > 1 else (lambda s: (s[tensors[0]],))
-        statics, key = self._statics(inputs), (hints.mlp, hints.bits)
+        key = (hints.mlp, hints.bits)
         plan = self._plan
-        if plan is None or not plan.matches(statics, key):
-            plan = self._plan = self._make_plan(inputs, statics, key)
+        if plan is None or not plan.matches(inputs, key):
+            plan = self._plan = self._make_plan(inputs, key)
         if plan.descs is None:
             return None
         s = self.shared
@@ -127,13 +129,15 @@ class BlockChain:
             return None
         return out
 
-    def _make_plan(self, inputs, statics, key) -> _ChainPlan:
+    def _make_plan(self, inputs, key) -> _ChainPlan:
         """Every block's plan (each block's own `_make_plan`, with the chain's first x standing for the
         blocks' inputs), written as descriptors; a plan without descriptors where any block cannot run in C."""
         lib = cpu_linear._library or cpu_linear.library()
         x = inputs[self.x_index]
+        statics = tuple(j for j in self.static_candidates if isinstance(inputs[j], Tensor))
         if lib is None or lib.solc_chain_block_size() != ctypes.sizeof(ChainBlock) or not isinstance(x, Tensor):
-            return _ChainPlan(statics, key)
+            return _ChainPlan(inputs, statics, key)
+        used = set()
         descs = torch.zeros(len(self.blocks) * ctypes.sizeof(ChainBlock), dtype=torch.uint8)
         table = (ChainBlock * len(self.blocks)).from_address(descs.data_ptr())
         head_dim = None
@@ -142,8 +146,9 @@ class BlockChain:
             attention = isinstance(block, cpu_block.AttentionBlock)
             p = block._make_plan(own) if attention else block._make_plan(own, key)
             if p is None or not p.c_mean or p.x_shape != x.shape or not (attention or p.fused_silu):
-                return _ChainPlan(statics, key)
+                return _ChainPlan(inputs, statics, key)
             block._plan = p
+            used.update(amap[block.roles[r]] for r in _used_roles(block, p) if block.roles.get(r) is not None)
             desc.eps, desc.B, desc.d = block.eps, p.x_shape[0], p.x_shape[2]
             if attention:
                 head_dim = block.head_dim
@@ -161,11 +166,20 @@ class BlockChain:
                 desc.pre, desc.hid, desc.sel, desc.work = (p.pre.data_ptr(), p.hid.data_ptr(), p.sel.data_ptr(),
                                                            p.work.data_ptr())
         if head_dim is None:
-            return _ChainPlan(statics, key)
+            return _ChainPlan(inputs, statics, key)
         B, _, d = x.shape
-        return _ChainPlan(statics, key, descs, lib=lib, x_shape=x.shape, B=B, head_dim=head_dim,
+        return _ChainPlan(inputs, tuple(sorted(used)), key, descs, lib=lib, x_shape=x.shape, B=B, head_dim=head_dim,
                           buf=torch.empty(2 * B * d, dtype=_F32),
                           block_plans=[b._plan for b in self.blocks])  # keeps the buffers the descriptors point at
+
+
+def _used_roles(block, plan) -> tuple[str, ...]:
+    """The inputs a block's C call reads through its plan's pointers."""
+    if isinstance(block, cpu_block.AttentionBlock):
+        return cpu_block.AttentionBlock.STATIC
+    level = min(int(plan.key[1]), 16)
+    copies = cpu_mlp._needs(level, cpu_mlp.row_skips(level, [plan.keep] * plan.B))
+    return ("w_norm", "wg", "wu", "wd", *("pack:" + c for c in copies))
 
 
 def chains(gm: fx.GraphModule) -> list[BlockChain]:
