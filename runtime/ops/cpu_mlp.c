@@ -8,7 +8,7 @@ come in already rounded to bfloat16. Streaming int8 rows, this runs at ~0.6-0.7 
 _weight_int8pack_mm time at batch 1 on the dev machine (the conversions are hidden behind the loads).
 Every software prefetch here goes to L2, not L1: on an AMD EPYC (Zen 4, 2026-12-03) the int8 GEMV of a
 3072 x 576 copy streamed from memory took 180-200 us with prefetcht0 and 90-97 us with prefetcht1, and
-the fp32 row skip at keep 0.4 315 -> 205 us (prefetcht1, two kept rows ahead); the prefetched lines
+the fp32 row skip at keep 0.4 315 -> 205 us (prefetcht1, two kept rows ahead; now four, PREFETCH_ROWS); the prefetched lines
 evicted the lines being summed from L1. (Ad-hoc C microbenchmark, weights streamed over 60 copies.)
 Built with -ffp-contract=off (cpu_linear.py builds both sources into one library). */
 #include <stdint.h>
@@ -258,9 +258,18 @@ and split SmolLM2's 3072 gate/up outputs into 4 chunks for the threads. SmolLM2 
 streamed, AVX-512 Xeon, 2026-12-02 (/tmp scripts, not committed): fp32 332-341 us (1 thread) and 186-190
 (2) vs 339 / 185 for the previous mul-add chain kernel; int8 180 / 112 vs 202 / 110; chunks of 256: fp32
 422, int8 320. */
+#ifndef CHUNK_F32
 #define CHUNK_F32 512
+#endif
+#ifndef CHUNK_INT8
 #define CHUNK_INT8 768
-#define PREFETCH_ROWS 2
+#endif
+/* Kept rows prefetched ahead: 4 (was 2) made the fp32 row skip at keep 0.4 (SmolLM2 gate/up, weights
+streamed, 1 thread) 167-175 us instead of 192-197, 0.90-0.93 of the time in four side-by-side runs; the
+int8 one ran 92-96 us at 2, 4 and 6 (Zen 4, 2026-12-03, /tmp scripts, not committed). */
+#ifndef PREFETCH_ROWS
+#define PREFETCH_ROWS 4
+#endif
 
 static inline void prefetch_span(const void *p, long bytes) {
     for (long b = 0; b < bytes; b += 64) __builtin_prefetch((const char *)p + b, 0, 2);  /* into L2 */
