@@ -100,8 +100,6 @@ static float softmax_unnormalised(float *s, long n) {
     return sum;
 }
 
-SOLC_KTH_LARGEST(kth_largest, float)
-
 /* Dense rows stream K and V row by row; fetching the row ROWS_AHEAD ahead into L2 took a 16k-token layer
 from 3.3 to 2.7 ms (1 thread, AVX-512 Xeon, 2026-12-02): the rows of 256 bytes are too short a stream
 per step for the hardware prefetcher to keep ahead. */
@@ -276,7 +274,7 @@ void solc_decode_attention(const float *q, const float *k_cache, const float *v_
             for (long g = 0; g < G; ++g) {
                 const float *ps = page_score + g * P;
                 memcpy(tmp, ps, n_pages * sizeof(float));
-                float kth = kth_largest(tmp, n_pages, k);
+                float kth = kth_largest_f32(tmp, n_pages, k);
                 float *sg = s + g * S;
                 for (long j = 0; j < n_pages; ++j)
                     if (!(ps[j] >= kth))
@@ -290,7 +288,7 @@ void solc_decode_attention(const float *q, const float *k_cache, const float *v_
             const float *qg = qh + g * D;
             const float *ps = page_score + g * P;
             memcpy(tmp, ps, n_pages * sizeof(float));
-            float kth = kth_largest(tmp, n_pages, k);
+            float kth = kth_largest_f32(tmp, n_pages, k);
             long n = 0;
             float *sg = s + g * S;
             long m = 0;  /* the kept pages, ascending (the softmax sums in the reference's key order) */

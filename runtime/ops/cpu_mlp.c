@@ -334,8 +334,6 @@ static uint32_t abs_key(float v) {
     return u & 0x7fffffffu;
 }
 
-SOLC_KTH_LARGEST(kth_largest_key, uint32_t)
-
 /* The kept channels of each row of x [M, d] (row r keeps k[r]): the k largest |x|, ties to the lower index
 (the reference's stable descending sort), written in ascending order to idx[off[r] .. off[r + 1]) with
 off[0] = 0. |x| is compared through its bits (monotonic for non-negative floats; NaN above inf, as
@@ -347,7 +345,7 @@ void solc_select_channels(const float *x, long ldx, long M, long d, const int64_
         const float *xr = x + r * ldx;
         long kr = k[r] < d ? k[r] : d;
         for (long i = 0; i < d; ++i) scratch[i] = abs_key(xr[i]);
-        uint32_t thr = kth_largest_key(scratch, d, kr);
+        uint32_t thr = kth_largest_u32(scratch, d, kr);
         long above = 0;
         for (long i = 0; i < d; ++i) above += abs_key(xr[i]) > thr;
         long ties = kr - above, n = off[r];
