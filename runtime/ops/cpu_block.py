@@ -27,6 +27,7 @@ small GraphModule.
 from __future__ import annotations
 
 import ctypes
+import operator
 import os
 import weakref
 from typing import Optional
@@ -42,21 +43,45 @@ _ATEN = torch.ops.aten
 _F32 = torch.float32
 
 
-class _Plan:
-    """What a block checked and computed on its first call with a set of weights and caches: their
-    arguments of the C call. `matches` re-checks only that the same tensors came (weak references: a
-    dropped cache is neither kept alive nor mistaken for a new one at the same address); the per-step
-    inputs are checked on every call. Why: the checks ran cold at every layer (the weights' stream evicts
-    them from the caches), ~100 us a block."""
+class Plan:
+    """What a block (or a block chain, cpu_chain.py) checked and computed on its first call with a set of
+    weights and caches: their arguments of the C call. `matches` re-checks only that the same tensors
+    came over the same memory: the ids and data pointers of the `static` inputs (indices into the
+    node's inputs), with weak references whose callbacks mark the plan dead when one of those tensors is
+    freed (a dropped cache is neither kept alive nor mistaken for a new tensor at its id); a weight given
+    new data, say by `.to()`, is re-planned. The per-step inputs are checked on every call. Why: the
+    checks ran cold at every layer (the weights' stream evicts them from the caches), ~100 us a block
+    with per-tensor Python checks."""
 
     def __init__(self, inputs, static: tuple[int, ...], key=None, **args):
-        self.refs = tuple((i, weakref.ref(inputs[i]), inputs[i].data_ptr()) for i in static)
+        self._static = operator.itemgetter(*static) if len(static) > 1 else (lambda s: tuple(s[i] for i in static))
+        tensors = self._static(inputs)
+        alive = self._alive = [True]
+        kill = lambda _ref: alive.__setitem__(0, False)  # noqa: E731
+        self._refs = [weakref.ref(t, kill) for t in tensors]
+        self._ids, self._ptrs = tuple(map(id, tensors)), tuple(map(Tensor.data_ptr, tensors))
         self.key = key
         self.__dict__.update(args)
 
     def matches(self, inputs, key=None) -> bool:
-        """The same tensors over the same memory (a weight given new data, say by `.to()`, is re-planned)."""
-        return key == self.key and all(inputs[i] is r() and inputs[i].data_ptr() == p for i, r, p in self.refs)
+        if not (self._alive[0] and key == self.key):
+            return False
+        tensors = self._static(inputs)
+        return tuple(map(id, tensors)) == self._ids and tuple(map(Tensor.data_ptr, tensors)) == self._ptrs
+
+
+def step_inputs_fit(plan: Plan, head_dim: int, x: Tensor, cos: Tensor, sin: Tensor) -> bool:
+    """Whether a step's x and rotary cos / sin are what an attention plan's C call takes."""
+    return (x.shape == plan.x_shape and x.dtype is _F32 and x.is_contiguous() and cos.dtype is _F32
+            and sin.dtype is _F32 and cos.shape == sin.shape and cos.stride() == sin.stride() and cos.dim() == 4
+            and cos.shape[1:] == (1, 1, head_dim) and cos.shape[0] in (1, plan.B) and cos.stride(3) == 1)
+
+
+def step_pages(keep: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
+    """The step's positions and kept page counts (0: every visible page) as the C attention reads them."""
+    keeps, pos = cpu_attention.host_levels(keep, positions, step_hints.current())
+    kept = torch.tensor([cpu_attention._kept_page_count(p, k) or 0 for p, k in zip(pos, keeps)], dtype=torch.int64)
+    return torch.tensor(pos, dtype=torch.int64), kept
 
 
 class _Block:
@@ -66,7 +91,7 @@ class _Block:
     def __init__(self, name: str, fallback: fx.GraphModule, roles: dict[str, Optional[int]], eps: float):
         self.__name__ = name  # for FX's code generation
         self.fallback, self.roles, self.eps = fallback, roles, eps
-        self._plan: Optional[_Plan] = None
+        self._plan: Optional[Plan] = None
 
     def __call__(self, *inputs):
         out = self._c_block(inputs)
@@ -78,6 +103,7 @@ class _Block:
 
 class AttentionBlock(_Block):
     STATIC = ("w_norm", "wq", "wk", "wv", "wo", "bq", "bk", "bv", "bo", "k_cache", "v_cache", "page_min", "page_max")
+    DYNAMIC = ("x", "ms", "cos", "sin", "positions", "keep")  # read anew at every step
 
     def __init__(self, fallback: fx.GraphModule, roles: dict[str, Optional[int]], eps: float, scale: float,
                  head_dim: int):
@@ -94,16 +120,12 @@ class AttentionBlock(_Block):
                 return None
         r = self.roles
         x, cos, sin = inputs[r["x"]], inputs[r["cos"]], inputs[r["sin"]]
-        if not (x.shape == plan.x_shape and x.dtype is _F32 and x.is_contiguous() and cos.dtype is _F32 and sin.dtype is _F32
-                and cos.shape == sin.shape and cos.stride() == sin.stride() and cos.dim() == 4
-                and cos.shape[1:] == (1, 1, self.head_dim) and cos.shape[0] in (1, plan.B) and cos.stride(3) == 1):
+        if not step_inputs_fit(plan, self.head_dim, x, cos, sin):
             return None
         ms = _mean_of_squares(x, inputs, r["ms"], plan.c_mean)
         if ms is False:
             return None
-        keeps, pos = cpu_attention.host_levels(inputs[r["keep"]], inputs[r["positions"]], step_hints.current())
-        kept = torch.tensor([cpu_attention._kept_page_count(p, k) or 0 for p, k in zip(pos, keeps)], dtype=torch.int64)
-        pos = torch.tensor(pos, dtype=torch.int64)
+        pos, kept = step_pages(inputs[r["keep"]], inputs[r["positions"]])
         out = torch.empty(plan.x_shape, dtype=_F32)
         plan.lib.solc_attention_block(
             x.data_ptr(), _ptr(ms), self.eps, *plan.weights, cos.data_ptr(), sin.data_ptr(),
@@ -112,7 +134,7 @@ class AttentionBlock(_Block):
             plan.per_task, torch.get_num_threads())
         return out
 
-    def _make_plan(self, inputs) -> Optional[_Plan]:
+    def _make_plan(self, inputs) -> Optional[Plan]:
         lib = cpu_linear._library or cpu_linear.library()
         if lib is None:
             return None
@@ -139,7 +161,7 @@ class AttentionBlock(_Block):
             return None
         per_task = Hq // Hkv * (S + P) + 2 * P + S
         static = tuple(self.roles[n] for n in self.STATIC if self.roles[n] is not None)
-        return _Plan(inputs, static, lib=lib, B=B, x_shape=x.shape, per_task=per_task, c_mean=_aten_mean_in_c(lib, d),
+        return Plan(inputs, static, lib=lib, B=B, x_shape=x.shape, per_task=per_task, c_mean=_aten_mean_in_c(lib, d),
                      weights=(a["w_norm"].data_ptr(), B, d, wq.data_ptr(), _ptr(a["bq"]), wk.data_ptr(), _ptr(a["bk"]),
                               wv.data_ptr(), _ptr(a["bv"])),
                      caches=(kc.data_ptr(), vc.data_ptr(), pmin.data_ptr(), pmax.data_ptr()),
@@ -161,6 +183,7 @@ class MlpBlock(_Block):
     """A layer's MLP block, `x + mlp(rmsnorm(x))`, for gated MLPs without biases in weight-quant mode: where
     every row runs one action (the step's hints), C with the kernels cpu_mlp.py would pick, on the same
     values (one call where the SiLU runs in C, else two around torch's); else the matched nodes."""
+    DYNAMIC = ("x", "ms", "keep", "bits")  # read anew at every step; the other inputs are weights and copies
 
     def __init__(self, fallback: fx.GraphModule, roles: dict[str, Optional[int]], eps: float, act: str,
                  group_size: int):
@@ -208,7 +231,7 @@ class MlpBlock(_Block):
             return None
         return out
 
-    def _make_plan(self, inputs, key) -> Optional[_Plan]:
+    def _make_plan(self, inputs, key) -> Optional[Plan]:
         lib = cpu_linear._library or cpu_linear.library()
         a = {role: (inputs[i] if i is not None else None) for role, i in self.roles.items()}
         x, wg, wu, wd = a["x"], a["wg"], a["wu"], a["wd"]
@@ -225,19 +248,20 @@ class MlpBlock(_Block):
         if mode == 4 and cpu_mlp.int4_kernel() and self.group_size % 64 == 0:
             mode = 5  # cpu_mlp.c's int4 kernel, called from the block's C
         c = mlp_weights.unpack([a.get("pack:" + f) for f in mlp_weights.PACK_FIELDS])
-        if mode is None or any(c[name] is None for name in cpu_mlp._needs(level, row_skip)):
+        reads = cpu_mlp._needs(level, row_skip) if mode is not None else ()
+        if mode is None or any(c[name] is None for name in reads):
             return None
         if any(c[name] is not None and not (c[name].dtype == dtype and c[name].is_contiguous())
                for name, dtype in _COPY_DTYPES.items()):
             return None
         ptr = lambda name: _ptr(c[name])  # noqa: E731
         h = torch.empty(B, d, dtype=_F32)
-        static = tuple(i for r, i in self.roles.items() if i is not None and r not in ("x", "ms", "keep", "bits"))
+        static = tuple(i for r, i in self.roles.items() if i is not None and r not in self.DYNAMIC)
         fused_silu = self.act == "silu" and mode != 4 and F % 32 == 0 and _aten_silu_in_c(lib)
-        return _Plan(inputs, static, key, lib=lib, B=B, d=d, F=F, mode=mode, keep=keep, x_shape=x.shape, h=h,
+        return Plan(inputs, static, key, lib=lib, B=B, d=d, F=F, mode=mode, keep=keep, x_shape=x.shape, h=h,
                      c_mean=_aten_mean_in_c(lib, d),
                      fused_silu=fused_silu, pre=torch.empty(B, 2 * F, dtype=_F32), hid=torch.empty(B, F, dtype=_F32),
-                     w_in=[wg, wu], wd=wd, copies=c, fn=reference._activation(self.act),
+                     w_in=[wg, wu], wd=wd, copies=c, reads=reads, fn=reference._activation(self.act),
                      input_args=(a["w_norm"].data_ptr(), B, d, mode, reference.keep_count(keep, d), wg.data_ptr(),
                                  wu.data_ptr(), F, ptr("wt"), ptr("in8"), ptr("in8_rows"), ptr("in8_scale"),
                                  ptr("in4"), ptr("in4_sz"), self.group_size, h.data_ptr()),

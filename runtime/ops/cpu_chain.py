@@ -16,15 +16,13 @@ from __future__ import annotations
 
 import copy
 import ctypes
-import operator
-import weakref
 from typing import Optional
 
 import torch
 import torch.fx as fx
 from torch import Tensor
 
-from runtime.ops import cpu_attention, cpu_block, cpu_linear, cpu_mlp, library, step_hints
+from runtime.ops import cpu_attention, cpu_block, cpu_linear, library, step_hints
 
 _F32 = torch.float32
 _P, _I64, _F64 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double
@@ -41,35 +39,7 @@ class ChainBlock(ctypes.Structure):
                                     "in8_scale", "in4_sz", "out8_scale", "out4_sz", "h", "pre", "hid", "sel", "work"))]
 
 
-# the per-step inputs of each kind of block (the rest are weights and caches: planned once)
-_DYNAMIC = {cpu_block.AttentionBlock: ("x", "ms", "cos", "sin", "positions", "keep"),
-            cpu_block.MlpBlock: ("x", "ms", "keep", "bits")}
 _SHARED = ("cos", "sin", "positions", "keep")  # one node for every attention block of a chain
-
-
-class _ChainPlan:
-    """A chain's descriptors for one set of weights and caches and one MLP action (`key`), or a record that
-    the chain cannot run them (`descs` None). `matches` compares the ids and data pointers of the static
-    inputs the descriptors point at (`used`, indices into the chain's inputs; for a plan without
-    descriptors, every static input); the weak references' callbacks mark the plan dead when any of them
-    is freed, so a new tensor at a freed one's id is never taken for it. Why only those: the data pointers
-    are read from ~600 tensor objects that the weights' stream left cold, ~1 us each."""
-
-    def __init__(self, inputs, used: tuple[int, ...], key, descs: Optional[Tensor] = None, **args):
-        self._used = operator.itemgetter(*used) if len(used) > 1 else (lambda s: tuple(s[j] for j in used))
-        tensors = self._used(inputs)
-        alive = self._alive = [True]
-        kill = lambda _ref: alive.__setitem__(0, False)  # noqa: E731
-        self._refs = [weakref.ref(t, kill) for t in tensors]
-        self._ids, self._ptrs = tuple(map(id, tensors)), tuple(map(Tensor.data_ptr, tensors))
-        self.key, self.descs = key, descs
-        self.__dict__.update(args)
-
-    def matches(self, inputs, key) -> bool:
-        if not (self._alive[0] and key == self.key):
-            return False
-        tensors = self._used(inputs)
-        return tuple(map(id, tensors)) == self._ids and tuple(map(Tensor.data_ptr, tensors)) == self._ptrs
 
 
 class BlockChain:
@@ -82,10 +52,10 @@ class BlockChain:
         first_attn = next(i for i, b in enumerate(blocks) if isinstance(b, cpu_block.AttentionBlock))
         self.shared = {r: arg_maps[first_attn][blocks[first_attn].roles[r]] for r in _SHARED}
         self.x_index = arg_maps[0][blocks[0].roles["x"]]
-        dynamic = {arg_maps[i][b.roles[r]] for i, b in enumerate(blocks) for r in _DYNAMIC[type(b)]
+        dynamic = {arg_maps[i][b.roles[r]] for i, b in enumerate(blocks) for r in b.DYNAMIC
                    if b.roles[r] is not None}
         self.static_candidates = tuple(j for j in range(n_inputs) if j not in dynamic)
-        self._plan: Optional[_ChainPlan] = None
+        self._plan: Optional[cpu_block.Plan] = None
 
     def __deepcopy__(self, memo):
         return BlockChain(copy.deepcopy(self.blocks, memo), list(self.arg_maps), self.n_inputs)
@@ -114,13 +84,9 @@ class BlockChain:
             return None
         s = self.shared
         x, cos, sin = inputs[self.x_index], inputs[s["cos"]], inputs[s["sin"]]
-        if not (x.shape == plan.x_shape and x.dtype is _F32 and x.is_contiguous() and cos.dtype is _F32
-                and sin.dtype is _F32 and cos.shape == sin.shape and cos.stride() == sin.stride() and cos.dim() == 4
-                and cos.shape[1:] == (1, 1, plan.head_dim) and cos.shape[0] in (1, plan.B) and cos.stride(3) == 1):
+        if not cpu_block.step_inputs_fit(plan, plan.head_dim, x, cos, sin):
             return None
-        keeps, pos = cpu_attention.host_levels(inputs[s["keep"]], inputs[s["positions"]], hints)
-        kept = torch.tensor([cpu_attention._kept_page_count(p, k) or 0 for p, k in zip(pos, keeps)], dtype=torch.int64)
-        pos = torch.tensor(pos, dtype=torch.int64)
+        pos, kept = cpu_block.step_pages(inputs[s["keep"]], inputs[s["positions"]])
         out = torch.empty(plan.x_shape, dtype=_F32)
         if plan.lib.solc_block_chain(plan.descs.data_ptr(), len(self.blocks), x.data_ptr(), out.data_ptr(),
                                      plan.buf.data_ptr(), cos.data_ptr(), sin.data_ptr(),
@@ -129,14 +95,14 @@ class BlockChain:
             return None
         return out
 
-    def _make_plan(self, inputs, key) -> _ChainPlan:
+    def _make_plan(self, inputs, key) -> cpu_block.Plan:
         """Every block's plan (each block's own `_make_plan`, with the chain's first x standing for the
         blocks' inputs), written as descriptors; a plan without descriptors where any block cannot run in C."""
         lib = cpu_linear._library or cpu_linear.library()
         x = inputs[self.x_index]
         statics = tuple(j for j in self.static_candidates if isinstance(inputs[j], Tensor))
         if lib is None or lib.solc_chain_block_size() != ctypes.sizeof(ChainBlock) or not isinstance(x, Tensor):
-            return _ChainPlan(inputs, statics, key)
+            return cpu_block.Plan(inputs, statics, key, descs=None)
         used = set()
         descs = torch.zeros(len(self.blocks) * ctypes.sizeof(ChainBlock), dtype=torch.uint8)
         table = (ChainBlock * len(self.blocks)).from_address(descs.data_ptr())
@@ -146,7 +112,7 @@ class BlockChain:
             attention = isinstance(block, cpu_block.AttentionBlock)
             p = block._make_plan(own) if attention else block._make_plan(own, key)
             if p is None or not p.c_mean or p.x_shape != x.shape or not (attention or p.fused_silu):
-                return _ChainPlan(inputs, statics, key)
+                return cpu_block.Plan(inputs, statics, key, descs=None)
             block._plan = p
             used.update(amap[block.roles[r]] for r in _used_roles(block, p) if block.roles.get(r) is not None)
             desc.eps, desc.B, desc.d = block.eps, p.x_shape[0], p.x_shape[2]
@@ -166,9 +132,9 @@ class BlockChain:
                 desc.pre, desc.hid, desc.sel, desc.work = (p.pre.data_ptr(), p.hid.data_ptr(), p.sel.data_ptr(),
                                                            p.work.data_ptr())
         if head_dim is None:
-            return _ChainPlan(inputs, statics, key)
+            return cpu_block.Plan(inputs, statics, key, descs=None)
         B, _, d = x.shape
-        return _ChainPlan(inputs, tuple(sorted(used)), key, descs, lib=lib, x_shape=x.shape, B=B, head_dim=head_dim,
+        return cpu_block.Plan(inputs, tuple(sorted(used)), key, descs=descs, lib=lib, x_shape=x.shape, B=B, head_dim=head_dim,
                           buf=torch.empty(2 * B * d, dtype=_F32),
                           block_plans=[b._plan for b in self.blocks])  # keeps the buffers the descriptors point at
 
@@ -177,9 +143,7 @@ def _used_roles(block, plan) -> tuple[str, ...]:
     """The inputs a block's C call reads through its plan's pointers."""
     if isinstance(block, cpu_block.AttentionBlock):
         return cpu_block.AttentionBlock.STATIC
-    level = min(int(plan.key[1]), 16)
-    copies = cpu_mlp._needs(level, cpu_mlp.row_skips(level, [plan.keep] * plan.B))
-    return ("w_norm", "wg", "wu", "wd", *("pack:" + c for c in copies))
+    return ("w_norm", "wg", "wu", "wd", *("pack:" + c for c in plan.reads))
 
 
 def chains(gm: fx.GraphModule) -> list[BlockChain]:

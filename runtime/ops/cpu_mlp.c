@@ -131,7 +131,9 @@ maximum after the final rounding, tests/runtime/ops/test_cpu_mlp_kernels.py); th
 whatever the row count or thread split (lane l of a 64-channel chunk sums k = 4l .. 4l + 3; groups in
 order; the fixed tree), so a row's result does not depend on its batch. VDPBF16PS treats denormal inputs
 as zero and flushes denormal results. SmolLM2 gate/up copy (3072 x 576, g = 64), weights streamed, 1
-thread, AMD EPYC Zen 4: ~60 us vs ~125 us for torch's kernel (ad-hoc C microbenchmark, 2026-12-03).
+thread, AMD EPYC Zen 4: 100-117 us vs 122-130 us for torch's kernel (raw ctypes calls, 2026-12-03; 95-119 us
+in later runs, about what the int8 GEMV of the same copy takes: this kernel is bound by its arithmetic, not
+by its bytes).
 Requires g a multiple of 64. */
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512BF16__)
 #define SOLC_INT4 1
