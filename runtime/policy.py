@@ -78,6 +78,7 @@ class PolicyConfig:
     budget_head: str = "anchored"  # "anchored" | "price" (see the module docstring)
     anchor_sharpness: float = 20.0  # initial kappa of the anchored prior (nats per squared cost unit)
     budget: dict | None = None  # runtime.budget.BudgetSpec dict: what a target means (None: per-axis)
+    budget_band: float | None = None  # cost budgets: the guard's band (see `budget_guard`); None = no guard
     version: int = POLICY_VERSION
 
     def __post_init__(self):
@@ -99,6 +100,11 @@ class PolicyConfig:
         if isinstance(self.budget, BudgetSpec):
             self.budget = self.budget.to_dict()
         BudgetSpec.from_dict(self.budget)  # validates
+        if self.budget_band is not None:
+            if not BudgetSpec.from_dict(self.budget).is_cost:
+                raise ValueError("budget_band (the budget guard) needs a cost budget, got a per-axis budget")
+            if not (isinstance(self.budget_band, (int, float)) and 0 <= self.budget_band < 1):
+                raise ValueError(f"budget_band must be a number in [0, 1) or None, got {self.budget_band!r}")
 
     @property
     def budget_spec(self) -> BudgetSpec:
@@ -254,11 +260,13 @@ class PolicyNet(nn.Module):
         prev_action: Tensor,
         cache: PolicyCache | None = None,
         temperature: float | None = None,
+        horizon: int | None = None,
     ) -> PolicyOutput:
         """hidden, token_embedding [B, T, d_base]; scalars [B, T, 8]; prev_action [B, T] long.
 
         cache=None: the T steps are a whole episode from its first step (causal). With a cache: the T
-        steps continue the cached ones (usually T = 1), and the cache advances by T.
+        steps continue the cached ones (usually T = 1), and the cache advances by T. `horizon` (the
+        episode's number of steps) is required by a policy with a budget guard (`config.budget_band`).
         """
         dtype = next(self.parameters()).dtype
         x = (
@@ -282,7 +290,13 @@ class PolicyNet(nn.Module):
             sq = (costs[None, None] - anchor[..., None, :]) ** 2  # [B, T, A, 3]
             logits = self.action_head(h) - (sq * kappa).sum(-1)
         temperature = self.config.temperature if temperature is None else temperature
-        return PolicyOutput(logits / temperature, budget)
+        logits = logits / temperature
+        if self.config.budget_band is not None:
+            if horizon is None:
+                raise ValueError("this policy has a budget guard (budget_band): pass the episode's horizon")
+            allowed = budget_guard(scalars, self.cost_table64[:, 0].to(scalars.device), horizon, self.config.budget_band)
+            logits = logits.masked_fill(~allowed, GUARDED_LOGIT)
+        return PolicyOutput(logits, budget)
 
     # -- persistence -------------------------------------------------------------------------------
     def state(self) -> dict:
@@ -310,6 +324,32 @@ def budget_anchor(scalars: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
     targets, deviations = scalars[..., 2:5], scalars[..., 5:8]
     need = targets - deviations / (1 - progress).clamp(min=1e-3)
     return torch.minimum(torch.maximum(need, lo), hi)
+
+
+GUARDED_LOGIT = -1e9  # finite (not -inf): exp() is exactly 0 and the entropy's 0 * log 0 stays 0
+
+
+def budget_guard(scalars: Tensor, costs: Tensor, horizon: int, band: float) -> Tensor:
+    """[..., A] bool: the actions after which the episode can still end within `band` of its cost target.
+
+    scalars [..., 8] (`policy_scalars`: progress s/T, running cost deviation in column 5); costs [A] the
+    relative cost of each action. Taking action a at step s moves the deviation to
+    d' = d + (c_a - target) / T; the remaining 1 - (s + 1) / T of the horizon can move it by anything in
+    [(lo - target), (hi - target)] times that fraction. `a` is allowed iff that range meets
+    [-band, band]. If no action is (a target outside the feasible range, or an episode pushed off by
+    forced dense steps), the ones with the smallest miss are. Training and deployment apply the same
+    mask (it is a function of the stored scalars), so a greedy policy cannot drift off its budget: the
+    failure mode of an unguarded greedy policy, whose argmax keeps one action whatever the target.
+    """
+    costs = costs.to(torch.float64)
+    s = scalars.to(torch.float64)
+    progress, target, dev = s[..., 0:1], s[..., 2:3], s[..., 5:6]
+    after = dev + (costs - target) / horizon  # [..., A]
+    left = (1 - progress - 1 / horizon).clamp(min=0)
+    lo_end = after + left * (costs.min() - target)
+    hi_end = after + left * (costs.max() - target)
+    miss = (lo_end - band).clamp(min=0) + (-band - hi_end).clamp(min=0)
+    return miss <= miss.min(-1, keepdim=True).values + 1e-12
 
 
 def policy_scalars(progress: Tensor, dense: Tensor, targets: Tensor, deviations: Tensor) -> Tensor:
@@ -378,7 +418,8 @@ class PolicySource(ActionSource):
         progress = torch.full((self.batch,), step / self.horizon, dtype=torch.float64, device=dev)
         scalars = policy_scalars(progress, dense, self._targets, self.deviations)
         hidden, token_embedding = hidden.to(dev), token_embedding.to(dev)
-        out = self.policy(hidden[:, None], token_embedding[:, None], scalars[:, None], self.prev[:, None], cache=self.cache, temperature=self.temperature)
+        out = self.policy(hidden[:, None], token_embedding[:, None], scalars[:, None], self.prev[:, None], cache=self.cache,
+                          temperature=self.temperature, horizon=self.horizon)
         logp_all = torch.log_softmax(out.logits[:, 0].double(), dim=-1)
         if self.greedy:
             picked = logp_all.argmax(-1)
@@ -404,7 +445,8 @@ class PolicySource(ActionSource):
 def sequence_log_probs(policy: PolicyNet, traj: Trajectory, temperature: float) -> tuple[Tensor, Tensor]:
     """Full-sequence forward over a stored trajectory: (log-prob of the taken actions [B, T],
     entropy of the tempered distribution [B, T]), with gradients."""
-    out = policy(traj.hidden, traj.token_embedding, traj.scalars, traj.prev_action, temperature=temperature)
+    out = policy(traj.hidden, traj.token_embedding, traj.scalars, traj.prev_action, temperature=temperature,
+                 horizon=traj.actions.shape[1])
     logp_all = torch.log_softmax(out.logits.double(), dim=-1)  # as PolicySource computes it
     logp = logp_all.gather(-1, traj.actions[..., None]).squeeze(-1)
     entropy = -(logp_all.exp() * logp_all).sum(-1)

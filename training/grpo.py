@@ -103,6 +103,7 @@ class GRPOConfig:
     alpha_quant: float = _opt(200.0, "budget penalty weight, quant axis")
     alpha_cost: float = _opt(200.0, "budget penalty weight of a cost budget (the one penalty term)")
     budget_tolerance: float = _opt(0.02, "penalty-free band around each target: alpha*max(|mean-target|-tol,0)^2")
+    budget_guard: bool = _opt(True, "cost budgets: mask every action after which the episode could no longer end within --budget-tolerance of its target, in training and deployment alike (runtime.policy.budget_guard)")
     # optimisation
     temperature: float = _opt(1.3, "rollout temperature (the PPO ratio and entropy use the same one)")
     clip: float = _opt(0.2, "PPO ratio clip epsilon")
@@ -191,7 +192,7 @@ class GRPOConfig:
         if self.dtype not in DTYPES:
             _bad("dtype", self.dtype, f"one of {sorted(DTYPES)}")
         resolve_device(self.device, argument="--device")
-        for name in ("resume", "overwrite", "progress"):
+        for name in ("resume", "overwrite", "progress", "budget_guard"):
             if not isinstance(getattr(self, name), bool):
                 _bad(name, getattr(self, name), "true or false", type_error=True)
         if self.resume and self.overwrite:
@@ -424,6 +425,7 @@ def build_policy(cfg: GRPOConfig, sol) -> PolicyNet:
         sol, d_model=cfg.policy_d_model, n_heads=cfg.policy_heads, n_layers=cfg.policy_layers, mlp_ratio=cfg.policy_mlp_ratio,
         budget_head=cfg.policy_budget_head, anchor_sharpness=cfg.policy_anchor_sharpness,
         budget=budget_spec(cfg, sol).to_dict(),
+        budget_band=cfg.budget_tolerance if cfg.budget_guard and cfg.budget_mode == "cost" else None,
     )
     dtype = torch.float64 if cfg.dtype == "float64" else torch.float32
     return PolicyNet(config).to(device=sol.token_embedding.device, dtype=dtype)
@@ -773,6 +775,7 @@ def config_from_args(argv: Sequence[str] | None = None) -> GRPOConfig:
         if saved.exists():
             stored = _read_config_file(str(saved), flag="--resume")
             values.update({k: v for k, v in stored.items() if k not in ("resume", "overwrite")})
+            values.setdefault("budget_guard", False)  # a run started before the guard existed continues without it
     if "config" in args:
         values.update({k.replace("-", "_"): v for k, v in _read_config_file(args["config"]).items()})
     values.update(cli)

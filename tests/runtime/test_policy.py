@@ -184,3 +184,115 @@ def test_save_load_round_trip(tmp_path):
     assert again.config == policy.config
     inputs = _inputs(2, 3, torch.float32)
     assert torch.equal(again(*inputs).logits, policy(*inputs).logits)
+
+
+# -- the budget guard (cost budgets) --------------------------------------------------------------------
+
+def _cost_spec(space):
+    """A cost budget over a synthetic latency table: costs spread unevenly over [~0.46, 1] like the bytes
+    model's (a cluster of cheap low-bit actions, gaps above), dense = 1."""
+    from runtime.budget import BudgetSpec
+    from runtime.cost_model import MeasuredCostModel
+
+    table = space.cost_table()
+    lat = [[float(0.2 + 0.25 * a + 0.15 * m + 0.4 * q ** 2)] for a, m, q in table.tolist()]
+    return BudgetSpec.cost(MeasuredCostModel(device="test", batch=1, contexts=[64], latency_ms=lat), context=64)
+
+
+def _guarded_policy(band=0.02, seed=0, **kw):
+    space = ActionSpace()
+    return _policy(space, seed=seed, budget=_cost_spec(space).to_dict(), budget_band=band, **kw)
+
+
+def test_budget_guard_never_forbids_an_action_from_which_the_band_is_reachable():
+    # brute force over every sequence of the remaining steps: an action after which SOME continuation
+    # ends within the band must be allowed; and something is always allowed
+    from itertools import product
+
+    from runtime.policy import budget_guard
+
+    costs = torch.tensor([0.46, 0.5, 0.57, 0.77, 1.0], dtype=torch.float64)
+    T, band = 4, 0.01
+    g = torch.Generator().manual_seed(0)
+    checked = 0
+    for _ in range(300):
+        s = int(torch.randint(0, T, (1,), generator=g))
+        target = float(0.46 + 0.54 * torch.rand(1, generator=g, dtype=torch.float64))
+        done = costs[torch.randint(0, 5, (s,), generator=g)]
+        dev = float((done - target).sum() / T)
+        scalars = torch.tensor([s / T, 0, target, 1, 1, dev, 0, 0], dtype=torch.float64)
+        allowed = budget_guard(scalars, costs, T, band)
+        assert allowed.any()
+        for a in range(5):
+            rest = [dev + (costs[a] - target) / T + sum(c - target for c in seq) / T
+                    for seq in product(costs.tolist(), repeat=T - s - 1)]
+            if any(abs(float(r)) <= band for r in rest):
+                assert allowed[a], (s, target, dev, a)
+                checked += 1
+    assert checked > 100
+
+
+@pytest.mark.parametrize("target", [0.47, 0.5, 0.6, 0.7, 0.8, 0.95])
+def test_guarded_greedy_policy_ends_within_the_band_whatever_its_logits(target):
+    # random, strong action logits, and one policy that wants the same action whatever the budget (the
+    # failure mode of an unguarded greedy policy): guarded, every episode ends within band + one cost
+    # gap / T of its target
+    T, band = 16, 0.02
+    targets = torch.tensor([[target, 1.0, 1.0]], dtype=torch.float64)
+
+    def stubborn(policy, seed):
+        with torch.no_grad():
+            if seed == 0:
+                for head in (policy.action_head, policy.budget_head):
+                    head.weight.zero_()
+                    head.bias.zero_()
+                policy.action_head.bias[13] = 50.0
+            else:
+                policy.action_head.bias.normal_(0, 5.0, generator=torch.Generator().manual_seed(seed))
+        return policy
+
+    for seed in range(4):
+        policy = stubborn(_guarded_policy(band, seed=seed), seed)
+        costs = policy.cost_table64[:, 0]
+        gap = float(costs.sort().values.diff().max())
+        acts = _run_source(PolicySource(policy, greedy=True), policy, policy.space, 1, T, targets)
+        realized = float(costs[acts[0]].mean())
+        assert abs(realized - target) <= band + gap / T + 1e-9, (seed, realized, target)
+    space = policy.space
+    unguarded = stubborn(_policy(space, seed=0, budget=_cost_spec(space).to_dict()), 0)
+    acts = _run_source(PolicySource(unguarded, greedy=True), unguarded, space, 1, T, targets)
+    assert acts[0].tolist() == [13] * T
+
+
+def test_guarded_policy_recorded_logps_equal_full_sequence_and_samples_only_allowed_actions():
+    # training == deployment: the PPO recompute (whole sequence) applies the same mask as the rollout
+    from runtime.policy import GUARDED_LOGIT, budget_guard
+
+    policy = _guarded_policy(0.02)
+    space = policy.space
+    source = PolicySource(policy, temperature=1.3, record=True)
+    targets = torch.tensor([[0.5, 1, 1], [0.62, 1, 1], [0.9, 1, 1]], dtype=torch.float64)
+    _run_source(source, policy, space, 3, 8, targets, gen=torch.Generator().manual_seed(0))
+    traj = source.trajectory()
+    logp, entropy = sequence_log_probs(policy, traj, 1.3)
+    torch.testing.assert_close(logp, traj.logp, atol=2e-3, rtol=0)
+    assert torch.isfinite(entropy).all() and torch.all(entropy >= 0)
+    allowed = budget_guard(traj.scalars, policy.cost_table64[:, 0], 8, 0.02)
+    assert allowed.gather(-1, traj.actions[..., None]).all()
+    assert (~allowed).any()  # the mask did bite somewhere
+    logits = policy(*traj[:4], temperature=1.3, horizon=8).logits
+    assert torch.all(logits[~allowed] == GUARDED_LOGIT)
+    with pytest.raises(ValueError, match="horizon"):
+        policy(*traj[:4])
+
+
+def test_budget_band_config_checks_and_old_configs_load_without_a_guard():
+    space = ActionSpace()
+    with pytest.raises(ValueError, match="needs a cost budget"):
+        PolicyConfig(d_base=8, space=space.to_dict(), d_model=8, n_heads=2, budget_band=0.02)
+    with pytest.raises(ValueError, match="budget_band"):
+        PolicyConfig(d_base=8, space=space.to_dict(), d_model=8, n_heads=2, budget=_cost_spec(space).to_dict(), budget_band=1.5)
+    config = PolicyConfig(d_base=8, space=space.to_dict(), d_model=8, n_heads=2, budget=_cost_spec(space).to_dict(), budget_band=0.02)
+    old = {k: v for k, v in config.to_dict().items() if k != "budget_band"}  # written before the guard
+    assert PolicyConfig.from_dict(old).budget_band is None
+    assert PolicyConfig.from_json(config.to_json()).budget_band == 0.02

@@ -210,3 +210,20 @@ def test_quant_mode_option_picks_the_grid_and_the_quant_target_range():
     assert bad_mode.value.argument == "--quant"
     targets = training_episodes.sample_targets(ActionSpace(quant="weight"), 500, torch.Generator().manual_seed(0))
     assert 0.25 <= targets[:, 2].min() < 0.26
+
+
+def test_budget_guard_option_sets_the_policy_band_and_old_runs_resume_without_it(tmp_path, tiny_sol):
+    assert grpo.build_policy(_cfg(tmp_path), tiny_sol).config.budget_band == 0.02
+    assert grpo.build_policy(_cfg(tmp_path, budget_tolerance=0.03), tiny_sol).config.budget_band == 0.03
+    assert grpo.build_policy(_cfg(tmp_path, budget_guard=False), tiny_sol).config.budget_band is None
+    assert grpo.build_policy(_cfg(tmp_path, budget_mode="per-axis"), tiny_sol).config.budget_band is None
+    assert config_from_args(["--no-budget-guard"]).budget_guard is False
+    # a run whose config.json predates the option continues as it started: unguarded
+    old = _cfg(tmp_path / "old").to_dict()
+    del old["budget_guard"]
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "config.json").write_text(json.dumps(old))
+    assert config_from_args(["--resume", "--out", str(tmp_path / "old")]).budget_guard is False
+    assert config_from_args(["--resume", "--out", str(tmp_path / "old"), "--budget-guard"]).budget_guard is True
+    with pytest.raises(ValueError, match="budget-guard|budget_guard"):
+        GRPOConfig(budget_guard="yes")
