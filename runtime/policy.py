@@ -32,7 +32,9 @@ How the budget head enters the logits is `PolicyConfig.budget_head`:
     an untrained policy is uniform over the actions.
 
 cost = `ActionSpace.cost_table()`; disabled axes (constant cost) do not enter. The logits are divided
-by the temperature. action_head and budget_head start at zero.
+by the temperature. action_head and budget_head start at zero. A cost-budget policy with
+`budget_band` then masks the actions after which its episode could no longer end within the band of
+its target (`budget_guard`), which needs the episode's horizon.
 
 Running deviation on an axis after s controlled steps = sum over those steps of (cost - target) / T:
 how far ahead (+) or behind (-) the episode is on that axis, in units of the whole horizon. Steps
