@@ -332,16 +332,17 @@ GUARDED_LOGIT = -1e9  # finite (not -inf): exp() is exactly 0 and the entropy's 
 
 
 def budget_guard(scalars: Tensor, costs: Tensor, horizon: int, band: float) -> Tensor:
-    """[..., A] bool: the actions after which the episode can still end within `band` of its cost target.
+    """[..., A] bool: the actions that keep the episode within `band` of its cost target.
 
-    scalars [..., 8] (`policy_scalars`: progress s/T, running cost deviation in column 5); costs [A] the
-    relative cost of each action. Taking action a at step s moves the deviation to
-    d' = d + (c_a - target) / T; the remaining 1 - (s + 1) / T of the horizon can move it by anything in
-    [(lo - target), (hi - target)] times that fraction. `a` is allowed iff that range meets
-    [-band, band]. If no action is (a target outside the feasible range, or an episode pushed off by
-    forced dense steps), the ones with the smallest miss are. Training and deployment apply the same
-    mask (it is a function of the stored scalars), so a greedy policy cannot drift off its budget: the
-    failure mode of an unguarded greedy policy, whose argmax keeps one action whatever the target.
+    scalars [..., 8] (`policy_scalars`: progress s/T, the cost target in column 2, the running cost
+    deviation in column 5); costs [A] the relative cost of each action. Taking action a at step s moves
+    the deviation (what the episode has spent beyond its target, in units of the whole horizon) to
+    d' = d + (c_a - target) / T. `a` is allowed iff |d'| <= band (the episode tracks its target at
+    every step, so a greedy policy cannot put off its cheap steps to the end and then be forced into
+    the cheapest action) and the rest of the horizon can still bring d' into [-band, band] (its range
+    treated as continuous, between the cheapest and the dearest action). If no action is, the ones with
+    the smallest miss are. Training and deployment apply the same mask (it is a function of the stored
+    scalars and the horizon).
     """
     costs = costs.to(torch.float64)
     s = scalars.to(torch.float64)
@@ -350,7 +351,7 @@ def budget_guard(scalars: Tensor, costs: Tensor, horizon: int, band: float) -> T
     left = (1 - progress - 1 / horizon).clamp(min=0)
     lo_end = after + left * (costs.min() - target)
     hi_end = after + left * (costs.max() - target)
-    miss = (lo_end - band).clamp(min=0) + (-band - hi_end).clamp(min=0)
+    miss = (after.abs() - band).clamp(min=0) + (lo_end - band).clamp(min=0) + (-band - hi_end).clamp(min=0)
     return miss <= miss.min(-1, keepdim=True).values + 1e-12
 
 
