@@ -33,8 +33,8 @@ How the budget head enters the logits is `PolicyConfig.budget_head`:
 
 cost = `ActionSpace.cost_table()`; disabled axes (constant cost) do not enter. The logits are divided
 by the temperature. action_head and budget_head start at zero. A cost-budget policy with
-`budget_band` then masks the actions after which its episode could no longer end within the band of
-its target (`budget_guard`), which needs the episode's horizon.
+`budget_band` then masks the actions that would take its running deviation outside the band, or leave
+the rest of the episode unable to bring it back (`budget_guard`); the mask needs the episode's horizon.
 
 Running deviation on an axis after s controlled steps = sum over those steps of (cost - target) / T:
 how far ahead (+) or behind (-) the episode is on that axis, in units of the whole horizon. Steps
@@ -105,7 +105,7 @@ class PolicyConfig:
         if self.budget_band is not None:
             if not BudgetSpec.from_dict(self.budget).is_cost:
                 raise ValueError("budget_band (the budget guard) needs a cost budget, got a per-axis budget")
-            if not (isinstance(self.budget_band, (int, float)) and 0 <= self.budget_band < 1):
+            if isinstance(self.budget_band, bool) or not (isinstance(self.budget_band, (int, float)) and 0 <= self.budget_band < 1):
                 raise ValueError(f"budget_band must be a number in [0, 1) or None, got {self.budget_band!r}")
 
     @property
@@ -231,6 +231,7 @@ class PolicyNet(nn.Module):
         table = config.budget_spec.table(space)  # [A, 3]: per-axis costs, or the relative cost in column 0
         self.register_buffer("cost_table", table.to(torch.float32), persistent=False)
         self.cost_table64 = table  # float64 on the host (not a buffer: .to(dtype) must not round it)
+        self._costs64_on: dict[torch.device, Tensor] = {}  # the guard's column of it, per device (one copy, not one a step)
         enabled = torch.tensor(config.budget_spec.enabled(space))
         self.register_buffer("enabled_axes", enabled, persistent=False)
         lo = table.min(0).values.float()
@@ -296,9 +297,14 @@ class PolicyNet(nn.Module):
         if self.config.budget_band is not None:
             if horizon is None:
                 raise ValueError("this policy has a budget guard (budget_band): pass the episode's horizon")
-            allowed = budget_guard(scalars, self.cost_table64[:, 0].to(scalars.device), horizon, self.config.budget_band)
+            allowed = budget_guard(scalars, self._guard_costs(scalars.device), horizon, self.config.budget_band)
             logits = logits.masked_fill(~allowed, GUARDED_LOGIT)
         return PolicyOutput(logits, budget)
+
+    def _guard_costs(self, device: torch.device) -> Tensor:
+        if device not in self._costs64_on:
+            self._costs64_on[device] = self.cost_table64[:, 0].to(device)
+        return self._costs64_on[device]
 
     # -- persistence -------------------------------------------------------------------------------
     def state(self) -> dict:

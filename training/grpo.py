@@ -103,7 +103,7 @@ class GRPOConfig:
     alpha_quant: float = _opt(200.0, "budget penalty weight, quant axis")
     alpha_cost: float = _opt(200.0, "budget penalty weight of a cost budget (the one penalty term)")
     budget_tolerance: float = _opt(0.02, "penalty-free band around each target: alpha*max(|mean-target|-tol,0)^2")
-    budget_guard: bool = _opt(True, "cost budgets: mask every action after which the episode could no longer end within --budget-tolerance of its target, in training and deployment alike (runtime.policy.budget_guard)")
+    budget_guard: bool = _opt(True, "cost budgets: mask every action that would take the episode's running cost deviation beyond --budget-tolerance, or leave the rest of the horizon unable to bring it back, in training and deployment alike (runtime.policy.budget_guard)")
     # optimisation
     temperature: float = _opt(1.3, "rollout temperature (the PPO ratio and entropy use the same one)")
     clip: float = _opt(0.2, "PPO ratio clip epsilon")

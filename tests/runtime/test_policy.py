@@ -295,6 +295,8 @@ def test_budget_band_config_checks_and_old_configs_load_without_a_guard():
         PolicyConfig(d_base=8, space=space.to_dict(), d_model=8, n_heads=2, budget_band=0.02)
     with pytest.raises(ValueError, match="budget_band"):
         PolicyConfig(d_base=8, space=space.to_dict(), d_model=8, n_heads=2, budget=_cost_spec(space).to_dict(), budget_band=1.5)
+    with pytest.raises(ValueError, match="budget_band"):
+        PolicyConfig(d_base=8, space=space.to_dict(), d_model=8, n_heads=2, budget=_cost_spec(space).to_dict(), budget_band=True)
     config = PolicyConfig(d_base=8, space=space.to_dict(), d_model=8, n_heads=2, budget=_cost_spec(space).to_dict(), budget_band=0.02)
     old = {k: v for k, v in config.to_dict().items() if k != "budget_band"}  # written before the guard
     assert PolicyConfig.from_dict(old).budget_band is None
