@@ -154,20 +154,23 @@ void solc_attention_block(const float *x, const float *ms, float eps, const floa
  * Both return 0, or -1 where the int4 kernel could not run (the caller runs its torch form).
  * sel: B * d + 2 * B + 1 + d int64 (indices, offsets, counts, the selection's scratch); work: B * d + B * N_in
  * floats. */
-int solc_mlp_input(const float *x, const float *ms, float eps, const float *norm_w, long B, long d, int mode,
-                   long keep_count, const float *wg, const float *wu, long F, const float *wt, const int8_t *in8,
-                   const uint8_t *in8_rows, const uint16_t *in8_scale, const uint8_t *in4, const uint16_t *in4_sz,
-                   long group, float *h, float *pre, int64_t *sel, float *work, int threads) {
+/* row_counts: each row's kept channels (a mixed batch's rows of one kernel), or NULL: keep_count for all. */
+static int mlp_input(const float *x, const float *ms, float eps, const float *norm_w, long B, long d, int mode,
+                     long keep_count, const int64_t *row_counts, const float *wg, const float *wu, long F,
+                     const float *wt, const int8_t *in8, const uint8_t *in8_rows, const uint16_t *in8_scale,
+                     const uint8_t *in4, const uint16_t *in4_sz, long group, float *h, float *pre, int64_t *sel,
+                     float *work, int threads) {
     norm_rows(x, ms, eps, norm_w, B, d, h);
     if (mode == 4) return 0;
     long N = 2 * F;
     int64_t *idx = sel, *off = idx + B * d, *counts = off + B + 1;
     uint32_t *scratch = (uint32_t *)(counts + B);
-    int pruned = keep_count < d;
-    if (pruned || mode == 1 || mode == 3) {
-        for (long b = 0; b < B; ++b) counts[b] = keep_count;
-        solc_select_channels(h, d, B, d, counts, idx, off, scratch);
+    int pruned = 0;
+    for (long b = 0; b < B; ++b) {
+        counts[b] = row_counts ? row_counts[b] : keep_count;
+        pruned |= counts[b] < d;
     }
+    if (pruned || mode == 1 || mode == 3) solc_select_channels(h, d, B, d, counts, idx, off, scratch);
     float *hp = work, *scale = work + B * d;
     if (mode == 0 || mode == 2 || mode == 5) {  /* the dense kernel on the pruned (at 8 bits, bf16-rounded) input */
         if (pruned) {
@@ -206,6 +209,14 @@ int solc_mlp_input(const float *x, const float *ms, float eps, const float *norm
         }
     }
     return 0;
+}
+
+int solc_mlp_input(const float *x, const float *ms, float eps, const float *norm_w, long B, long d, int mode,
+                   long keep_count, const float *wg, const float *wu, long F, const float *wt, const int8_t *in8,
+                   const uint8_t *in8_rows, const uint16_t *in8_scale, const uint8_t *in4, const uint16_t *in4_sz,
+                   long group, float *h, float *pre, int64_t *sel, float *work, int threads) {
+    return mlp_input(x, ms, eps, norm_w, B, d, mode, keep_count, 0, wg, wu, F, wt, in8, in8_rows, in8_scale, in4,
+                     in4_sz, group, h, pre, sel, work, threads);
 }
 
 /* work: B * F + d floats. */
@@ -248,19 +259,30 @@ void solc_silu_mul(const float *pre, long B, long F, float *hid) {
         }
 }
 
+static int mlp_block(const float *x, const float *ms, float eps, const float *norm_w, long B, long d, int mode,
+                     long keep_count, const int64_t *row_counts, const float *wg, const float *wu, long F,
+                     const float *wt, const int8_t *in8, const uint8_t *in8_rows, const uint16_t *in8_scale,
+                     const uint8_t *in4, const uint16_t *in4_sz, long group, float *h, const float *wd,
+                     const int8_t *out8, const uint16_t *out8_scale, const uint8_t *out4, const uint16_t *out4_sz,
+                     float *pre, float *hid, int64_t *sel, float *work, float *out, int threads) {
+    if (!expf16 || F % 16 || mode == 4) return -1;
+    if (mlp_input(x, ms, eps, norm_w, B, d, mode, keep_count, row_counts, wg, wu, F, wt, in8, in8_rows, in8_scale,
+                  in4, in4_sz, group, h, pre, sel, work, threads))
+        return -1;
+    solc_silu_mul(pre, B, F, hid);
+    return solc_mlp_output(hid, B, F, mode, wd, out8, out8_scale, out4, out4_sz, group, x, d, out, work, threads);
+}
+
 int solc_mlp_block(const float *x, const float *ms, float eps, const float *norm_w, long B, long d, int mode,
                    long keep_count, const float *wg, const float *wu, long F, const float *wt, const int8_t *in8,
                    const uint8_t *in8_rows, const uint16_t *in8_scale, const uint8_t *in4, const uint16_t *in4_sz,
                    long group, float *h, const float *wd, const int8_t *out8, const uint16_t *out8_scale,
                    const uint8_t *out4, const uint16_t *out4_sz, float *pre, float *hid, int64_t *sel, float *work,
                    float *out, int threads) {
-    if (!expf16 || F % 16 || mode == 4) return -1;
-    if (solc_mlp_input(x, ms, eps, norm_w, B, d, mode, keep_count, wg, wu, F, wt, in8, in8_rows, in8_scale, in4,
-                       in4_sz, group, h, pre, sel, work, threads))
-        return -1;
-    solc_silu_mul(pre, B, F, hid);
-    return solc_mlp_output(hid, B, F, mode, wd, out8, out8_scale, out4, out4_sz, group, x, d, out, work, threads);
+    return mlp_block(x, ms, eps, norm_w, B, d, mode, keep_count, 0, wg, wu, F, wt, in8, in8_rows, in8_scale, in4,
+                     in4_sz, group, h, wd, out8, out8_scale, out4, out4_sz, pre, hid, sel, work, out, threads);
 }
+
 #else
 void solc_set_expf16(void *fn) { (void)fn; }
 void solc_silu_mul(const float *pre, long B, long F, float *hid) { (void)pre; (void)B; (void)F; (void)hid; }
@@ -273,8 +295,10 @@ int solc_mlp_block(void) { return -1; }
  * in front of it cold, ~60-80 us a block on SmolLM2). The blocks run exactly as their own calls would;
  * their outputs alternate between the two halves of buf (2 * B * d floats), the last goes to out. All
  * attention blocks share the step's cos / sin, positions and kept pages; the norms compute their mean of
- * squares (ms = NULL). Returns 0, or -1 where an MLP block could not run (an int4 scratch allocation):
- * then the caller runs the blocks one by one from the start, which rewrites the same cache entries. */
+ * squares (ms = NULL). rows: NULL where every row runs the MLP blocks' planned mode and keep count, else a
+ * mixed batch's kernel groups (mlp_block_rows). Returns 0, or -1 where an MLP block could not run (an int4
+ * scratch allocation): then the caller runs the blocks one by one from the start, which rewrites the same
+ * cache entries. */
 typedef struct {
     int64_t kind; /* 0: attention block, 1: MLP block */
     double eps, scale;
@@ -299,9 +323,39 @@ typedef struct {
 
 long solc_chain_block_size(void) { return (long)sizeof(solc_chain_block); }
 
+/* A chain's MLP block over a mixed batch: rows = [G, then per kernel group: mode, m, its m row indices
+ * (ascending), their m kept-channel counts]. A group is the rows cpu_mlp.py runs together (one bit level,
+ * one plan); each runs on its rows gathered into row_buf (2 * B * d floats) and is scattered back, unless
+ * it is the whole batch. Every kernel computes a row in an order that does not depend on its batch mates,
+ * so a row gets the bits it gets alone. */
+#ifdef __AVX512F__
+static int mlp_block_rows(const solc_chain_block *b, const int64_t *rows, const float *x, float *out,
+                          float *row_buf, int threads) {
+    long G = rows[0], B = b->B, d = b->d;
+    const int64_t *g = rows + 1;
+    for (long j = 0; j < G; ++j) {
+        long mode = g[0], m = g[1];
+        const int64_t *idx = g + 2, *counts = g + 2 + m;
+        int whole = m == B;
+        float *gx = row_buf, *gout = row_buf + B * d;
+        if (!whole)
+            for (long r = 0; r < m; ++r) memcpy(gx + r * d, x + idx[r] * d, d * sizeof(float));
+        if (mlp_block(whole ? x : gx, 0, (float)b->eps, b->norm_w, m, d, (int)mode, d, counts, b->wg, b->wu, b->F,
+                      b->wt, b->in8, b->in8_rows, b->in8_scale, b->in4, b->in4_sz, b->group, b->h, b->wd, b->out8,
+                      b->out8_scale, b->out4, b->out4_sz, b->pre, b->hid, b->sel, b->work, whole ? out : gout,
+                      threads))
+            return -1;
+        if (!whole)
+            for (long r = 0; r < m; ++r) memcpy(out + idx[r] * d, gout + r * d, d * sizeof(float));
+        g += 2 + 2 * m;
+    }
+    return 0;
+}
+#endif
+
 int solc_block_chain(const solc_chain_block *blocks, long n, const float *x, float *out, float *buf,
                      const float *cs, const float *sn, long csb, const int64_t *positions, const int64_t *kept,
-                     int threads) {
+                     const int64_t *rows, float *row_buf, int threads) {
     for (long i = 0; i < n; ++i) {
         const solc_chain_block *b = blocks + i;
         long size = b->B * b->d;
@@ -315,7 +369,9 @@ int solc_block_chain(const solc_chain_block *blocks, long n, const float *x, flo
             continue;
         }
 #ifdef __AVX512F__
-        if (solc_mlp_block(src, 0, (float)b->eps, b->norm_w, b->B, b->d, (int)b->mode, b->keep_count, b->wg, b->wu,
+        if (rows) {
+            if (mlp_block_rows(b, rows, src, dst, row_buf, threads)) return -1;
+        } else if (solc_mlp_block(src, 0, (float)b->eps, b->norm_w, b->B, b->d, (int)b->mode, b->keep_count, b->wg, b->wu,
                            b->F, b->wt, b->in8, b->in8_rows, b->in8_scale, b->in4, b->in4_sz, b->group, b->h, b->wd,
                            b->out8, b->out8_scale, b->out4, b->out4_sz, b->pre, b->hid, b->sel, b->work, dst,
                            threads))

@@ -174,6 +174,8 @@ _BF16 = torch.bfloat16
 # solc_mlp_input's modes by (bit level, row skip?); 4 bits: the norm in C, torch's int4 kernel after it, or
 # mode 5 (cpu_mlp.c's int4 kernel inside the C calls) where that kernel is built
 _MLP_MODES = {(16, False): 0, (16, True): 1, (8, False): 2, (8, True): 3, (4, False): 4}
+# an MLP block plan key: no action for every row; each step's rows run in their kernel groups (cpu_chain.py)
+MIXED_ROWS = "mixed rows"
 # the copies each mode reads, with their dtypes
 _COPY_DTYPES = {"wt": _F32, "in8": torch.int8, "in8_scale": _BF16, "in8_rows": torch.uint8, "out8": torch.int8,
                 "out8_scale": _BF16, "in4": torch.uint8, "in4_sz": _BF16, "out4": torch.uint8, "out4_sz": _BF16}
@@ -242,14 +244,19 @@ class MlpBlock(_Block):
         if not (_f32(a["w_norm"]) and a["w_norm"].numel() == d and all(_f32(w) for w in (wg, wu, wd))
                 and tuple(wg.shape) == tuple(wu.shape) == (F, d) and tuple(wd.shape) == (d, F)):
             return None
-        keep, level = float(key[0]), min(int(key[1]), 16)
-        row_skip = cpu_mlp.row_skips(level, [keep] * B)
-        mode = _MLP_MODES.get((level, row_skip))
-        if mode == 4 and cpu_mlp.int4_kernel() and self.group_size % 64 == 0:
-            mode = 5  # cpu_mlp.c's int4 kernel, called from the block's C
         c = mlp_weights.unpack([a.get("pack:" + f) for f in mlp_weights.PACK_FIELDS])
-        reads = cpu_mlp._needs(level, row_skip) if mode is not None else ()
-        if mode is None or any(c[name] is None for name in reads):
+        # the C modes whose copies this layer has: a mixed batch's kernel groups may run any of them
+        modes = {kern: self._c_mode(kern) for kern in _MLP_MODES if all(c[n] is not None for n in cpu_mlp._needs(*kern))}
+        if key == MIXED_ROWS:  # planned as dense; every step passes each group's mode and keep counts
+            keep, level, row_skip = 1.0, 16, False
+            modes = {kern: m for kern, m in modes.items() if m != 4}  # torch's int4 kernel runs outside the C
+            reads = tuple(dict.fromkeys(n for kern in modes for n in cpu_mlp._needs(*kern)))
+        else:
+            keep, level = float(key[0]), min(int(key[1]), 16)
+            row_skip = cpu_mlp.row_skips(level, [keep] * B)
+            reads = cpu_mlp._needs(level, row_skip) if (level, row_skip) in _MLP_MODES else ()
+        mode = modes.get((level, row_skip))
+        if mode is None:
             return None
         if any(c[name] is not None and not (c[name].dtype == dtype and c[name].is_contiguous())
                for name, dtype in _COPY_DTYPES.items()):
@@ -258,7 +265,7 @@ class MlpBlock(_Block):
         h = torch.empty(B, d, dtype=_F32)
         static = tuple(i for r, i in self.roles.items() if i is not None and r not in self.DYNAMIC)
         fused_silu = self.act == "silu" and mode != 4 and F % 32 == 0 and _aten_silu_in_c(lib)
-        return Plan(inputs, static, key, lib=lib, B=B, d=d, F=F, mode=mode, keep=keep, x_shape=x.shape, h=h,
+        return Plan(inputs, static, key, lib=lib, B=B, d=d, F=F, mode=mode, modes=modes, keep=keep, x_shape=x.shape, h=h,
                      c_mean=_aten_mean_in_c(lib, d),
                      fused_silu=fused_silu, pre=torch.empty(B, 2 * F, dtype=_F32), hid=torch.empty(B, F, dtype=_F32),
                      w_in=[wg, wu], wd=wd, copies=c, reads=reads, fn=reference._activation(self.act),
@@ -269,6 +276,14 @@ class MlpBlock(_Block):
                                   self.group_size),
                      sel=torch.empty(B * d + 2 * B + 1 + d, dtype=torch.int64),
                      work=torch.empty(B * d + 2 * B * F, dtype=_F32))
+
+
+    def _c_mode(self, kern: tuple[int, bool]) -> int:
+        """solc_mlp_input's mode for a kernel (bit level, row skip?) of cpu_mlp.py."""
+        mode = _MLP_MODES[kern]
+        if mode == 4 and cpu_mlp.int4_kernel() and self.group_size % 64 == 0:
+            return 5  # cpu_mlp.c's int4 kernel, called from the block's C
+        return mode
 
 
 def _mean_of_squares(x: Tensor, inputs, index: Optional[int], in_c: bool):

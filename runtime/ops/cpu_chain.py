@@ -8,9 +8,11 @@ A chain plans every block's arguments once (a C struct each, `solc_chain_block` 
 its static inputs with one pass over their ids and data pointers, computes the step's positions and kept
 pages once, and crosses once. Each block runs exactly the C its own call runs, so the bits stay.
 
-Where the chain does not apply (no step hints: mixed rows; prefill; a block that cannot plan its C; a
-block whose mean of squares stays torch's) the blocks run one by one as before, each with its own
-fallback.
+A mixed batch (no one action for every row: the generic program) runs in the chain too: the attention
+blocks read each row's kept pages anyway, and the MLP blocks run the step's rows in cpu_mlp.py's kernel
+groups (one bit level, one plan each), gathered and scattered in C. Where the chain does not apply
+(prefill; a block that cannot plan its C; a block whose mean of squares stays torch's; a mixed group
+whose kernel is torch's int4) the blocks run one by one as before, each with its own fallback.
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ import torch
 import torch.fx as fx
 from torch import Tensor
 
-from runtime.ops import cpu_attention, cpu_block, cpu_linear, library, step_hints
+from runtime.ops import cpu_attention, cpu_block, cpu_linear, cpu_mlp, library, reference, step_hints
 
 _F32 = torch.float32
 _P, _I64, _F64 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double
@@ -55,6 +57,11 @@ class BlockChain:
         dynamic = {arg_maps[i][b.roles[r]] for i, b in enumerate(blocks) for r in b.DYNAMIC
                    if b.roles[r] is not None}
         self.static_candidates = tuple(j for j in range(n_inputs) if j not in dynamic)
+        # the (keep, bits) inputs every MLP block reads, where they share one pair: a mixed batch's rows
+        # are grouped once a step; else mixed steps run the blocks one by one
+        levels = {(arg_maps[i][b.roles["keep"]], arg_maps[i][b.roles["bits"]])
+                  for i, b in enumerate(blocks) if isinstance(b, cpu_block.MlpBlock)}
+        self.mlp_levels = next(iter(levels)) if len(levels) == 1 and min(next(iter(levels))) >= 0 else None
         self._plan: Optional[cpu_block.Plan] = None
 
     def __deepcopy__(self, memo):
@@ -72,11 +79,13 @@ class BlockChain:
         return x
 
     def _c_chain(self, inputs) -> Optional[Tensor]:
+        if not cpu_attention.C_KERNEL or not library.cpu_fast_paths():
+            return None
         hints = step_hints.current()
-        if (hints is None or hints.mlp is None or hints.bits is None or not cpu_attention.C_KERNEL
-                or not library.cpu_fast_paths()):
-            return None  # the MLP blocks' C needs one action for every row
-        key = (hints.mlp, hints.bits)
+        uniform = hints is not None and hints.mlp is not None and hints.bits is not None
+        if not uniform and self.mlp_levels is None:
+            return None
+        key = (hints.mlp, hints.bits) if uniform else cpu_block.MIXED_ROWS
         plan = self._plan
         if plan is None or not plan.matches(inputs, key):
             plan = self._plan = self._make_plan(inputs, key)
@@ -86,14 +95,35 @@ class BlockChain:
         x, cos, sin = inputs[self.x_index], inputs[s["cos"]], inputs[s["sin"]]
         if not cpu_block.step_inputs_fit(plan, plan.head_dim, x, cos, sin):
             return None
+        rows = None if uniform else self._row_groups(plan, *(inputs[j] for j in self.mlp_levels))
+        if not uniform and rows is None:
+            return None
         pos, kept = cpu_block.step_pages(inputs[s["keep"]], inputs[s["positions"]])
         out = torch.empty(plan.x_shape, dtype=_F32)
         if plan.lib.solc_block_chain(plan.descs.data_ptr(), len(self.blocks), x.data_ptr(), out.data_ptr(),
                                      plan.buf.data_ptr(), cos.data_ptr(), sin.data_ptr(),
                                      cos.stride(0) if cos.shape[0] > 1 else 0, pos.data_ptr(), kept.data_ptr(),
+                                     None if rows is None else rows.data_ptr(), plan.row_buf.data_ptr(),
                                      torch.get_num_threads()):
             return None
         return out
+
+    @staticmethod
+    def _row_groups(plan: cpu_block.Plan, keep: Tensor, bits: Tensor) -> Optional[Tensor]:
+        """A mixed step's MLP kernel groups as solc_block_chain reads them: [G, then per group its mode, m,
+        its m rows, their kept-channel counts]; the groups and each group's plan are cpu_mlp.py's own
+        (`_kernel_groups`), so every row runs the kernel the op would run it with. None where a group's
+        kernel has no C mode in every MLP block (torch's int4 kernel; a missing copy)."""
+        B, d = plan.B, plan.d
+        actions = cpu_mlp._row_actions(keep, bits, (B, 1))
+        groups = cpu_mlp._kernel_groups(actions, True, _F32)
+        rows = [len(groups)]
+        for kern, members in groups.items():
+            mode = plan.modes.get(kern)
+            if mode is None:
+                return None
+            rows += [mode, len(members), *members, *(reference.keep_count(actions[i][0], d) for i in members)]
+        return torch.tensor(rows, dtype=torch.int64)
 
     def _make_plan(self, inputs, key) -> cpu_block.Plan:
         """Every block's plan (each block's own `_make_plan`, with the chain's first x standing for the
@@ -134,9 +164,14 @@ class BlockChain:
         if head_dim is None:
             return cpu_block.Plan(inputs, statics, key, descs=None)
         B, _, d = x.shape
-        return cpu_block.Plan(inputs, tuple(sorted(used)), key, descs=descs, lib=lib, x_shape=x.shape, B=B, head_dim=head_dim,
-                          buf=torch.empty(2 * B * d, dtype=_F32),
-                          block_plans=[b._plan for b in self.blocks])  # keeps the buffers the descriptors point at
+        mlp_plans = [b._plan for b in self.blocks if isinstance(b, cpu_block.MlpBlock)]
+        # a mixed step's kernels: those every MLP block has in C
+        modes = {kern: m for kern, m in mlp_plans[0].modes.items() if all(p.modes.get(kern) == m for p in mlp_plans)} \
+            if mlp_plans else {}
+        return cpu_block.Plan(inputs, tuple(sorted(used)), key, descs=descs, lib=lib, x_shape=x.shape, B=B, d=d,
+                              head_dim=head_dim, modes=modes, buf=torch.empty(2 * B * d, dtype=_F32),
+                              row_buf=torch.empty(2 * B * d, dtype=_F32),
+                              block_plans=[b._plan for b in self.blocks])  # keeps the buffers the descriptors point at
 
 
 def _used_roles(block, plan) -> tuple[str, ...]:

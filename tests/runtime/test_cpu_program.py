@@ -5,7 +5,7 @@ import torch
 import solc
 from runtime.cpu_program import direct_cpu_calls
 from runtime.dispatch import action_hints, specialize
-from runtime.ops import cpu_block, cpu_chain, cpu_rotary, library
+from runtime.ops import cpu_block, cpu_chain, cpu_mlp, cpu_rotary, library
 from runtime.ops.step_hints import step_hints
 
 
@@ -131,7 +131,59 @@ def test_fused_blocks_keep_the_bits_of_the_graph(B, monkeypatch):
         acts = torch.randint(0, len(sol.space), (B, 1), generator=g)
         args = [sol.signature.args(ids[:, p - 1:p], torch.full((B, 1), p - 1), acts, c) for c in caches]
         torch.testing.assert_close(generic(*args[1]), sol.graph(*args[0]), rtol=0, atol=0)
-        assert fallbacks == [cpu_block.MlpBlock] * layers and one_by_one[-1] == "mixed"  # mixed rows: block by block
+        assert fallbacks == [] and one_by_one.count("mixed") == 0  # mixed rows: the chain too
+    for a, b in zip(caches[0].tensors, caches[1].tensors):
+        assert torch.equal(a, b)
+
+
+def _index(space, attn, mlp, bits):
+    return next(i for i, a in enumerate(space) if (a.attn, a.mlp, a.bits) == (attn, mlp, bits))
+
+
+def test_a_mixed_batch_runs_in_one_chain_call_with_the_graphs_bits(monkeypatch):
+    """tiny-llama, batch 4: mixed rows (no step hints) run the block chain in one C call, its MLP blocks
+    in cpu_mlp.py's kernel groups (a bit level's rows together: dense kernel on per-row pruned inputs, fp32
+    and int8 row skips, int4), and give the op graph's logits and caches bit for bit; a group without a C
+    kernel (torch's int4) runs the blocks one by one, with the same bits."""
+    sol = solc.compile(solc.load_model("tiny-llama"), max_seq_len=48)
+    g = torch.Generator().manual_seed(11)
+    B, T = 4, 19
+    ids, caches = _filled(sol, B, T, g)
+    generic = direct_cpu_calls(sol.graph)
+    chain = cpu_chain.chains(generic)[0]
+    fallbacks, one_by_one = [], []
+    for block in cpu_block.blocks(generic):
+        monkeypatch.setattr(block, "fallback", _counting(block.fallback, fallbacks, type(block)))
+    monkeypatch.setattr(chain, "run_blocks", _counting(chain.run_blocks, one_by_one))
+    sp = sol.space
+    dense = sp.dense_index
+    mixes = [
+        [_index(sp, 1.0, 0.4, 16), _index(sp, 0.1, 0.4, 16), dense, _index(sp, 0.6, 0.8, 8)],  # 16: pruned dense; 8: skip
+        [_index(sp, 1.0, 0.4, 16), _index(sp, 1.0, 0.4, 16), _index(sp, 0.1, 1.0, 4), _index(sp, 1.0, 0.4, 8)],
+        [dense, _index(sp, 1.0, 1.0, 8), _index(sp, 1.0, 0.8, 8), _index(sp, 0.6, 0.4, 4)],
+        *[torch.randint(0, len(sp), (B,), generator=g).tolist() for _ in range(2)],
+    ]
+    with torch.no_grad():
+        for t, mix in enumerate(mixes):
+            p = T + t
+            acts = torch.tensor(mix)[:, None]
+            args = [sol.signature.args(ids[:, p:p + 1], torch.full((B, 1), p), acts, c) for c in caches]
+            calls = len(one_by_one)
+            torch.testing.assert_close(generic(*args[1]), sol.graph(*args[0]), rtol=0, atol=0, msg=f"mix {mix}")
+            kernels = cpu_mlp._kernel_groups([(sp[a].mlp, sp[a].bits) for a in mix], True, torch.float32)
+            in_c = all(kern in chain._plan.modes for kern in kernels)
+            assert len(one_by_one) == calls + (not in_c), f"mix {mix}: kernels {list(kernels)}"
+            if t == 1:  # two 0.4 rows of one level (0.8 in all) row-skip together
+                assert kernels[(16, True)] == [0, 1] and kernels[(8, True)] == [3]
+        assert one_by_one == []  # every kernel of this machine's build is in C (int4 too, where it is built)
+        # a kernel group the C cannot run (as where the int4 kernel is not built): the blocks one by one
+        monkeypatch.delitem(chain._plan.modes, (4, False), raising=False)
+        p = T + len(mixes)
+        acts = torch.tensor([dense, _index(sp, 1.0, 1.0, 4), dense, _index(sp, 0.1, 0.4, 16)])[:, None]
+        args = [sol.signature.args(ids[:, p:p + 1], torch.full((B, 1), p), acts, c) for c in caches]
+        torch.testing.assert_close(generic(*args[1]), sol.graph(*args[0]), rtol=0, atol=0)
+        assert len(one_by_one) == 1
+    assert fallbacks == [cpu_block.MlpBlock] * (len(cpu_block.blocks(generic)) // 2) * len(one_by_one)
     for a, b in zip(caches[0].tensors, caches[1].tensors):
         assert torch.equal(a, b)
 
