@@ -9,9 +9,19 @@ of the shared machine hits every row alike:
   policy    generate under the trained policy at --budget (greedy actions)
   static    generate at --budget without a policy: the cost-hull mix (runtime.schedulers.cost_fixed)
   prefill   generate of one token (prefill + one dense step): the part no action changes
-Each budget row's realized cost is priced twice: by the bytes model (what the policy was trained with)
-and by a measured cost model calibrated here first (solc.calibrate_cost_model at the prompt's length
-and at its end). The predicted wall time of a row = prefill + (dense - prefill) x its realized cost;
+Each row's realized cost is priced by the bytes model (what the policy was trained with) and by a
+measured cost model calibrated here first (solc.calibrate_cost_model at the prompt's length and at its
+end, with the policy: the table's decision_ms is one policy decision between two decode steps). The
+predicted wall time of a row:
+  bytes      prefill + (dense - prefill) x its realized cost (the bytes model has no milliseconds, so
+             the measured dense decode anchors it)
+  measured   prefill + runtime.cost_model.predicted_decode_ms: the calibrated latency of every step
+             after the first (the prefill row holds that one) plus, for the policy row, its decisions
+             x decision_ms (the policy's own forward, which no action's cost contains; the figure
+             without it is kept as prediction_error_measured_actions_only)
+  anchored   the measured prediction with its milliseconds rescaled by the dense row's measured /
+             predicted decode time: the calibration runs minutes before the rows, and a shared
+             machine's speed drifts by ~10% between the two
 invariant 5 asks the prediction to be within 10% of the measurement.
 
 Prints a table and writes JSON + CSV (with the command) under --out.
@@ -38,7 +48,7 @@ import torch  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from a checkout
 
-from runtime.cost_model import BytesCostModel, device_name, realized_cost  # noqa: E402
+from runtime.cost_model import BytesCostModel, device_name, predicted_decode_ms, realized_cost  # noqa: E402
 from runtime.policy import PolicyNet, PolicySource  # noqa: E402
 
 
@@ -66,11 +76,11 @@ def main(argv=None) -> int:
     end = args.prompt_len + args.new_tokens
     sol = build_model(dataclasses.replace(cfg, context_length=end + 1))  # room for the new tokens
     prompt = load_training_contexts(cfg, sol.token_embedding.shape[0], split="test")[:1]
-    measured = solc.calibrate_cost_model(sol, contexts=(args.prompt_len, end), rounds=args.calibration_rounds)
+    src = PolicySource(policy, greedy=True)
+    measured = solc.calibrate_cost_model(sol, contexts=(args.prompt_len, end), rounds=args.calibration_rounds,
+                                         policy=src)
     sol.cost_model = None  # generate prices with the policy's (bytes) model; the measured one re-prices below
     bytes_model = BytesCostModel.for_model(sol)
-
-    src = PolicySource(policy, greedy=True)
     calls = {
         "dense": lambda: sol.generate(prompt, max_new_tokens=args.new_tokens, eos_token_id=[]),
         "policy": lambda: sol.generate(prompt, policy=src, budget=args.budget, max_new_tokens=args.new_tokens,
@@ -92,35 +102,57 @@ def main(argv=None) -> int:
 
     med = {k: statistics.median(v) for k, v in times.items()}
     decode = med["dense"] - med["prefill"]
+    def predicted_decode_s(name, with_decisions=True):
+        out = outs[name]
+        kv = torch.arange(out.actions.shape[1]) + args.prompt_len
+        decisions = out.actions.shape[1] if name == "policy" and with_decisions else 0  # one per step
+        # step 0 runs in the prefill row
+        return predicted_decode_ms(measured, out.actions[0, 1:].tolist(), kv[1:].tolist(), decisions) * 1e-3
+
+    # the calibration ran minutes before the rows, and this machine's speed drifts by ~10% over that:
+    # the anchored prediction rescales the calibrated milliseconds by the dense row's measured/predicted
+    drift = decode / predicted_decode_s("dense")
     rows = []
     for name in ("dense", "policy", "static"):
         out = outs[name]
         kv = (torch.arange(out.actions.shape[1]) + args.prompt_len).expand_as(out.actions)
         cost_b = float(realized_cost(bytes_model, list(space), out.actions, kv, out.controlled).mean())
         cost_m = float(realized_cost(measured, list(space), out.actions, kv, out.controlled).mean())
-        pred_b, pred_m = med["prefill"] + decode * cost_b, med["prefill"] + decode * cost_m
+        pred_b = med["prefill"] + decode * cost_b
+        pred_actions = med["prefill"] + predicted_decode_s(name, with_decisions=False)
+        pred_m = med["prefill"] + predicted_decode_s(name)
+        pred_anchored = med["prefill"] + predicted_decode_s(name) * drift
         rows.append({"row": name, "wall_ms": med[name] * 1e3, "ratio_to_dense": med[name] / med["dense"],
                      "decode_ratio": (med[name] - med["prefill"]) / decode,
                      "cost_bytes": cost_b, "cost_measured": cost_m,
+                     "policy_decisions": out.actions.shape[1] if name == "policy" else 0,
                      "predicted_ms_bytes": pred_b * 1e3, "predicted_ms_measured": pred_m * 1e3,
+                     "predicted_ms_measured_anchored": pred_anchored * 1e3,
                      "prediction_error_bytes": pred_b / med[name] - 1, "prediction_error_measured": pred_m / med[name] - 1,
+                     "prediction_error_measured_anchored": pred_anchored / med[name] - 1,
+                     "prediction_error_measured_actions_only": pred_actions / med[name] - 1,
                      "actions": sorted({str(space[a]) for a in out.actions[out.controlled].tolist()}),
                      "wall_ms_all": [t * 1e3 for t in times[name]]})
     head = ["row", "wall ms", "/ dense", "decode / dense", "cost (bytes)", "cost (measured)",
-            "pred. err (bytes)", "pred. err (measured)"]
+            "pred. err (bytes)", "pred. err (measured)", "pred. err (measured, anchored)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         lines.append(f"| {r['row']} | {r['wall_ms']:.0f} | {r['ratio_to_dense']:.3f} | {r['decode_ratio']:.3f} | "
                      f"{r['cost_bytes']:.3f} | {r['cost_measured']:.3f} | {r['prediction_error_bytes']:+.1%} | "
-                     f"{r['prediction_error_measured']:+.1%} |")
-    lines.append(f"| prefill (+1 step) | {med['prefill'] * 1e3:.0f} | {med['prefill'] / med['dense']:.3f} | | | | | |")
+                     f"{r['prediction_error_measured']:+.1%} | {r['prediction_error_measured_anchored']:+.1%} |")
+    lines.append(f"| prefill (+1 step) | {med['prefill'] * 1e3:.0f} | {med['prefill'] / med['dense']:.3f} | | | | | | |")
     table = "\n".join(lines)
     pol = next(r for r in rows if r["row"] == "policy")
     verdict = [f"acceptance 3a: policy / dense wall time = {pol['ratio_to_dense']:.3f} (target <= 0.70): "
                f"{'met' if pol['ratio_to_dense'] <= 0.70 else 'MISSED'}",
                f"acceptance 3b: cost-model prediction error = {pol['prediction_error_bytes']:+.1%} (bytes), "
-               f"{pol['prediction_error_measured']:+.1%} (measured) (target within 10%): "
-               f"{'met' if min(abs(pol['prediction_error_bytes']), abs(pol['prediction_error_measured'])) <= 0.10 else 'MISSED'}"]
+               f"{pol['prediction_error_measured']:+.1%} (measured, absolute), "
+               f"{pol['prediction_error_measured_anchored']:+.1%} (measured, anchored on the dense row: drift "
+               f"{drift:.3f}) (target within 10%): absolute "
+               f"{'met' if abs(pol['prediction_error_measured']) <= 0.10 else 'MISSED'}, anchored "
+               f"{'met' if abs(pol['prediction_error_measured_anchored']) <= 0.10 else 'MISSED'} "
+               f"(the actions alone, absolute: {pol['prediction_error_measured_actions_only']:+.1%}; one policy "
+               f"decision {measured.decision_ms:.2f} ms as calibrated between decode steps)"]
     print(table)
     print("\n".join(verdict))
     meta = {"command": "python benchmarks/generate_cost.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),

@@ -10,7 +10,10 @@ Two models share one interface (`step_cost(action, kv_len)` in arbitrary units, 
                      its storage precision, the kept MLP input rows of gate/up, the kept KV pages plus the
                      page metadata read to score them, one embedding row and the LM head.
   MeasuredCostModel  a calibrated table of step latency per action and context bucket, on one device at
-                     one batch size; between buckets the latency is interpolated linearly in kv_len.
+                     one batch size; between buckets the latency is interpolated linearly in kv_len. It may
+                     also carry `decision_ms`, what one decision of the policy it was calibrated with costs
+                     between two decode steps: a budget prices the actions that ran (the policy's choice),
+                     the wall-time prediction of a policy-driven loop adds the decisions (`predicted_decode_ms`).
 
 Both are small versioned dicts (torchao's config convention) so they travel in the export manifest, and
 `realized_cost` prices a schedule that ran. Pure arithmetic over the model's shapes: no torch.library, no HF.
@@ -129,6 +132,9 @@ class MeasuredCostModel:
     batch: int
     contexts: list[int]  # context buckets (kv_len), ascending
     latency_ms: list[list[float]]  # [action][bucket] median step latency
+    # Median latency of one decision of a policy network between two decode steps (its forward and its
+    # bookkeeping, weights cold after the step streamed the model's), or None when no policy was timed.
+    decision_ms: float | None = None
     kind: str = "measured"
     version: int = VERSION
 
@@ -137,6 +143,11 @@ class MeasuredCostModel:
             raise CostModelError(f"contexts must be distinct and ascending, got {self.contexts}")
         if any(len(row) != len(self.contexts) for row in self.latency_ms):
             raise CostModelError("latency_ms needs one value per context bucket for every action")
+        ok = self.decision_ms is None or (
+            isinstance(self.decision_ms, (int, float)) and not isinstance(self.decision_ms, bool)
+            and math.isfinite(self.decision_ms) and self.decision_ms >= 0)
+        if not ok:
+            raise CostModelError(f"decision_ms must be None or a finite number >= 0, got {self.decision_ms!r}")
 
     def step_cost_index(self, action_index: int, kv_len: int) -> float:
         row = self.latency_ms[action_index]
@@ -229,6 +240,22 @@ def realized_cost(model, actions: Sequence[Action], schedule: Tensor, kv_lens: T
                 spent[b] += cost(a, n)
                 full[b] += cost(dense_index, n)
     return torch.where(full > 0, spent / full, torch.full_like(full, float("nan")))
+
+
+def predicted_decode_ms(model: MeasuredCostModel, schedule: Sequence[int], kv_lens: Sequence[int],
+                        decisions: int = 0) -> float:
+    """Predicted wall time (ms) of one row's decode loop: the table's latency of every step that ran
+    (action schedule[t] with kv_lens[t] keys; forced-dense steps included, -1 = nothing ran) plus
+    `decisions` policy decisions at the table's decision_ms (an error if the table has none)."""
+    if not isinstance(model, MeasuredCostModel):
+        raise CostModelError(f"predicted_decode_ms needs a measured cost model, got {type(model).__name__}")
+    if len(schedule) != len(kv_lens):
+        raise CostModelError(f"schedule and kv_lens differ in length ({len(schedule)} vs {len(kv_lens)})")
+    if decisions and model.decision_ms is None:
+        raise CostModelError("this cost table has no decision_ms: calibrate it with the policy "
+                             "(solc.calibrate_cost_model(sol, policy=...)) to price the policy's decisions")
+    steps = sum(model.step_cost_index(int(a), int(n)) for a, n in zip(schedule, kv_lens) if int(a) >= 0)
+    return float(steps + decisions * (model.decision_ms or 0.0))
 
 
 def feasible_range(model, actions: Sequence[Action], kv_len: int) -> tuple[float, float]:

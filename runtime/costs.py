@@ -107,27 +107,33 @@ def _sync(device: torch.device) -> None:
 
 
 @torch.no_grad()
-def _step_latencies(sol, dispatcher: StepDispatcher, batch: int, context: int, rounds: int, warmup: int,
-                    gen: torch.Generator) -> list[float]:
-    """Median latency (ms) of one decode step per action with `context` tokens of (random) cache. Rounds
-    interleave the actions (each round times every action once), so drift on a shared machine hits all
-    actions alike."""
+def _step_latencies(sol, dispatcher: StepDispatcher, batch: int, contexts: list[int], rounds: int, warmup: int,
+                    gen: torch.Generator, progress: bool = False) -> list[list[float]]:
+    """[bucket][action] median latency (ms) of one decode step with `contexts[i]` tokens of (random)
+    cache. Every round times every (bucket, action) pair once, so drift on a shared machine hits all
+    actions and all buckets alike (buckets timed one after another came out 20% apart on a 2-core box
+    for the same dense step). One cache holds the longest bucket; a step at bucket c writes slot c and
+    reads the first c + 1 positions."""
     device = sol.graph.solc_action_levels.device
-    ids = torch.randint(0, sol.token_embedding.shape[0], (batch, context + 1), generator=gen).to(device)
-    cache = dispatcher.cache("calibrate", batch, context + 1, device=device)
-    dispatcher.prefill(ids[:, :context], torch.arange(context, device=device).expand(batch, context), cache, kv_len=context)
-    feed, pos = ids[:, context:], torch.full((batch, 1), context, device=device)
-    times: list[list[float]] = [[] for _ in sol.space]
+    longest = max(contexts)
+    ids = torch.randint(0, sol.token_embedding.shape[0], (batch, longest + 1), generator=gen).to(device)
+    cache = dispatcher.cache("calibrate", batch, longest + 1, device=device)
+    dispatcher.prefill(ids[:, :longest], torch.arange(longest, device=device).expand(batch, longest), cache, kv_len=longest)
+    times = [[[] for _ in sol.space] for _ in contexts]
     for r in range(warmup + rounds):
-        for action in range(len(sol.space)):
-            acts = torch.full((batch, 1), action, device=device)
-            _sync(device)
-            start = time.perf_counter()
-            dispatcher.step(feed, acts, pos, cache, action=action, kv_len=context + 1)  # rewrites the same slot
-            _sync(device)
-            if r >= warmup:
-                times[action].append((time.perf_counter() - start) * 1e3)
-    return [statistics.median(t) for t in times]
+        for b, context in enumerate(contexts):
+            feed, pos = ids[:, context:context + 1], torch.full((batch, 1), context, device=device)
+            for action in range(len(sol.space)):
+                acts = torch.full((batch, 1), action, device=device)
+                _sync(device)
+                start = time.perf_counter()
+                dispatcher.step(feed, acts, pos, cache, action=action, kv_len=context + 1)
+                _sync(device)
+                if r >= warmup:
+                    times[b][action].append((time.perf_counter() - start) * 1e3)
+        if progress:
+            print(f"calibrate: round {r + 1}/{warmup + rounds} ({warmup} warm-up)", flush=True)
+    return [[statistics.median(t) for t in bucket] for bucket in times]
 
 
 def calibrate_costs(sol, batch: int = 1, context: int = 256, repeats: int = 10, warmup: int = 2,
@@ -136,20 +142,72 @@ def calibrate_costs(sol, batch: int = 1, context: int = 256, repeats: int = 10, 
     stores the table on `sol`."""
     if context + 1 > sol.max_seq_len:
         raise ValueError(f"context={context} needs max_seq_len > {context}, compiled with {sol.max_seq_len}")
-    latency = _step_latencies(sol, dispatcher or StepDispatcher(sol), batch, context, repeats, warmup,
-                              torch.Generator().manual_seed(seed))
+    (latency,) = _step_latencies(sol, dispatcher or StepDispatcher(sol), batch, [context], repeats, warmup,
+                                 torch.Generator().manual_seed(seed))
     table = CostTable(device_name(sol.graph.solc_action_levels.device), batch, context, latency)
     sol.cost_table = table
     return table
 
 
+@torch.no_grad()
+def _decision_latency(sol, dispatcher: StepDispatcher, source, batch: int, context: int, rounds: int, warmup: int,
+                      steps: int, gen: torch.Generator) -> float:
+    """Median latency (ms) of one `source.next_actions` call as generate makes it: after a dense decode
+    step (untimed) has streamed the model's weights, so the policy's weights are as cold as they are
+    there. Each round is one episode of `steps` decisions from a fresh reset."""
+    device = sol.graph.solc_action_levels.device
+    space = sol.space
+    spec = getattr(source, "budget_spec", None)
+    if spec is not None and spec.is_cost:
+        lo, hi = spec.feasible_range(space)
+        targets = spec.targets((lo + hi) / 2, batch, space)
+    else:
+        from runtime.stepper import budget_targets
+
+        targets = budget_targets(1.0, batch)
+    ids = torch.randint(0, sol.token_embedding.shape[0], (batch, context + 1), generator=gen).to(device)
+    cache = dispatcher.cache("calibrate", batch, context + 1, device=device)
+    dispatcher.prefill(ids[:, :context], torch.arange(context, device=device).expand(batch, context), cache, kv_len=context)
+    feed, pos = ids[:, context:], torch.full((batch, 1), context, device=device)
+    emb = sol.token_embedding[feed[:, 0]]
+    dense_action = torch.full((batch, 1), space.dense_index, device=device)
+    not_dense = torch.zeros(batch, dtype=torch.bool, device=device)
+    times: list[float] = []
+    for r in range(warmup + rounds):
+        source.reset(space, batch, targets, steps, None)
+        for t in range(steps):
+            _, hidden = dispatcher.step(feed, dense_action, pos, cache, action=space.dense_index, kv_len=context + 1)
+            _sync(device)
+            start = time.perf_counter()
+            source.next_actions(t, hidden[:, -1], emb, not_dense)
+            _sync(device)
+            if r >= warmup:
+                times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
 def calibrate_cost_model(sol, contexts=(256, 1024, 4096), batch: int = 1, rounds: int = 7, warmup: int = 2,
-                         dispatcher: StepDispatcher | None = None, seed: int = 0, progress: bool = False):
+                         dispatcher: StepDispatcher | None = None, seed: int = 0, progress: bool = False,
+                         policy=None, decision_steps: int = 16):
     """Measure the cost model a cost budget is priced with on this device: the median latency of one
-    decode step per action at each context bucket (kv_len), rounds interleaved (`_step_latencies`).
+    decode step per action at each context bucket (kv_len), rounds interleaving actions and buckets
+    (`_step_latencies`).
     Buckets beyond the compiled max_seq_len are dropped. Stores the runtime.cost_model.MeasuredCostModel
-    on `sol.cost_model`, which generate/score/export then use; it is refused on another device or batch."""
+    on `sol.cost_model`, which generate/score/export then use; it is refused on another device or batch.
+
+    policy (a runtime.policy.PolicyNet or any ActionSource): also time its decisions between decode
+    steps at the first bucket (`rounds` episodes of `decision_steps` decisions) and store the median as
+    `decision_ms`, so a policy-driven loop's wall time can be predicted (`predicted_decode_ms`)."""
     from runtime.cost_model import MeasuredCostModel
+    from runtime.policy import PolicyNet, PolicySource
+    from runtime.schedulers import ActionSource
+
+    if isinstance(policy, PolicyNet):
+        policy = PolicySource(policy, greedy=True)
+    if policy is not None and not isinstance(policy, ActionSource):
+        raise TypeError(f"policy must be a PolicyNet or an ActionSource, got {type(policy).__name__}")
+    if not isinstance(decision_steps, int) or isinstance(decision_steps, bool) or decision_steps < 1:
+        raise ValueError(f"decision_steps must be an int >= 1, got {decision_steps!r}")
 
     if not isinstance(batch, int) or isinstance(batch, bool) or batch < 1:
         raise ValueError(f"batch must be an int >= 1, got {batch!r}")
@@ -162,12 +220,17 @@ def calibrate_cost_model(sol, contexts=(256, 1024, 4096), batch: int = 1, rounds
     device = sol.graph.solc_action_levels.device
     gen = torch.Generator().manual_seed(seed)
     dispatcher = dispatcher or StepDispatcher(sol)
-    per_bucket = []
-    for context in buckets:
-        per_bucket.append(_step_latencies(sol, dispatcher, batch, context, rounds, warmup, gen))
-        if progress:
-            print(f"calibrate: {context} keys, dense {per_bucket[-1][-1]:.2f} ms/step", flush=True)
+    per_bucket = _step_latencies(sol, dispatcher, batch, buckets, rounds, warmup, gen, progress)
+    if progress:
+        dense = sol.space.dense_index
+        print("calibrate: dense " + ", ".join(f"{c} keys {row[dense]:.2f}" for c, row in zip(buckets, per_bucket))
+              + " ms/step", flush=True)
     latency = [list(row) for row in zip(*per_bucket)]  # [action][bucket]
-    model = MeasuredCostModel(device_name(device), batch, buckets, latency)
+    decision = None
+    if policy is not None:
+        decision = _decision_latency(sol, dispatcher, policy, batch, buckets[0], rounds, warmup, decision_steps, gen)
+        if progress:
+            print(f"calibrate: one policy decision {decision:.2f} ms", flush=True)
+    model = MeasuredCostModel(device_name(device), batch, buckets, latency, decision_ms=decision)
     sol.cost_model = model
     return model

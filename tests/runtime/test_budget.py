@@ -1,11 +1,22 @@
 """Cost budgets in generate/score: a number is a cost fraction by default, the feasible range and a
 foreign measured cost model are errors, and the calibrated model is what prices the budget."""
+import time
+
 import pytest
 import torch
 
 import solc
 from runtime.budget import BudgetSpec, default_cost_spec
-from runtime.cost_model import BytesCostModel, CostModelError, MeasuredCostModel, device_name, realized_cost
+from runtime.cost_model import (
+    BytesCostModel,
+    CostModelError,
+    MeasuredCostModel,
+    cost_model_from_dict,
+    device_name,
+    realized_cost,
+)
+from runtime.dispatch import StepDispatcher
+from runtime.schedulers import ActionSource
 from runtime.schedulers import cost_fixed, hull_mix
 
 
@@ -85,6 +96,65 @@ def test_calibrate_cost_model_measures_every_action_per_bucket_and_prices_genera
     assert out.budget["cost"] == pytest.approx(1.0)
     with pytest.raises(ValueError, match="none fits max_seq_len=64"):
         solc.calibrate_cost_model(sol, contexts=(100,))
+
+
+def test_calibration_rounds_interleave_buckets_and_actions(sol):
+    """Each round times every (bucket, action) once, so a slow spell of a shared machine hits all of
+    them alike rather than one bucket."""
+    dispatcher = StepDispatcher(sol)
+    calls = []
+    step = dispatcher.step
+    dispatcher.step = lambda *a, **k: calls.append((k["kv_len"], k["action"], int(a[2][0, 0]))) or step(*a, **k)
+    solc.calibrate_cost_model(sol, contexts=(32, 16), rounds=2, warmup=1, dispatcher=dispatcher)
+    one_round = [(c + 1, a, c) for c in (16, 32) for a in range(len(sol.space))]
+    assert calls == one_round * 3  # warm-up + 2 rounds; kv_len = bucket + 1, the step at position = bucket
+
+
+class _SlowSource(ActionSource):
+    """Dense always, a known sleep per decision; records how many decode steps had run before each."""
+
+    def __init__(self, steps_run, sleep_s):
+        self.steps_run, self.sleep_s, self.resets, self.seen = steps_run, sleep_s, 0, []
+
+    def reset(self, space, batch, targets, horizon, generator=None):
+        super().reset(space, batch, targets, horizon, generator)
+        self.resets += 1
+
+    def next_actions(self, step, hidden, token_embedding, dense):
+        self.seen.append((step, self.steps_run(), tuple(hidden.shape)))
+        time.sleep(self.sleep_s)
+        return torch.full((self.batch,), self.space.dense_index, dtype=torch.long)
+
+
+def test_calibrating_with_a_policy_times_its_decisions_between_decode_steps(sol):
+    dispatcher = StepDispatcher(sol)
+    calls = []
+    step = dispatcher.step
+    dispatcher.step = lambda *a, **k: calls.append(1) or step(*a, **k)
+    source = _SlowSource(lambda: len(calls), 0.004)
+    model = solc.calibrate_cost_model(sol, contexts=(16, 32), rounds=2, warmup=1, dispatcher=dispatcher,
+                                      policy=source, decision_steps=3)
+    assert source.resets == 3  # warmup + rounds episodes
+    assert [s for s, _, _ in source.seen] == [0, 1, 2] * 3
+    runs = [n for _, n, _ in source.seen]
+    assert all(b - a == 1 for a, b in zip(runs, runs[1:]))  # exactly one decode step before each decision
+    assert all(shape == (1, sol.token_embedding.shape[1]) for _, _, shape in source.seen)
+    assert model.decision_ms >= 4.0 and sol.cost_model is model
+    assert solc.calibrate_cost_model(sol, contexts=(16,), rounds=1, warmup=0).decision_ms is None
+    with pytest.raises(TypeError, match="policy must be a PolicyNet or an ActionSource, got str"):
+        solc.calibrate_cost_model(sol, contexts=(16,), policy="policy.pt")
+    with pytest.raises(ValueError, match="decision_steps must be an int >= 1, got 0"):
+        solc.calibrate_cost_model(sol, contexts=(16,), policy=source, decision_steps=0)
+
+
+def test_calibrating_with_a_policy_net_prices_its_decisions(sol):
+    from runtime.policy import PolicyConfig, PolicyNet
+
+    torch.manual_seed(0)
+    policy = PolicyNet(PolicyConfig.for_model(sol, d_model=32, n_heads=2)).eval()
+    model = solc.calibrate_cost_model(sol, contexts=(16,), rounds=1, warmup=0, policy=policy, decision_steps=2)
+    assert model.decision_ms > 0
+    assert cost_model_from_dict(model.to_dict()) == model
 
 
 def test_cost_fixed_hull_runs_from_the_cheapest_to_dense(sol):

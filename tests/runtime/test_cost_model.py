@@ -12,6 +12,7 @@ from runtime.cost_model import (
     MeasuredCostModel,
     check_budget,
     cost_model_from_dict,
+    predicted_decode_ms,
     realized_cost,
     relative_costs,
 )
@@ -120,6 +121,31 @@ def test_dict_round_trip_and_version_check():
             cost_model_from_dict({**d, "version": 99})
     with pytest.raises(CostModelError, match="unknown cost model kind"):
         cost_model_from_dict({"kind": "flops"})
+
+
+def test_decision_ms_travels_with_the_table_and_older_tables_load_without_it():
+    m = MeasuredCostModel("cpu", 1, [8, 16], [[1.0, 2.0]], decision_ms=0.75)
+    assert cost_model_from_dict(m.to_dict()).decision_ms == 0.75
+    old = {k: v for k, v in MeasuredCostModel("cpu", 1, [8], [[1.0]]).to_dict().items() if k != "decision_ms"}
+    assert cost_model_from_dict(old).decision_ms is None
+    for bad in (-1.0, float("nan"), float("inf"), True, "1"):
+        with pytest.raises(CostModelError, match="decision_ms must be None or a finite number >= 0"):
+            MeasuredCostModel("cpu", 1, [8], [[1.0]], decision_ms=bad)
+
+
+def test_predicted_decode_ms_sums_the_steps_that_ran_and_the_decisions():
+    m = MeasuredCostModel("cpu", 1, [100, 200], [[1.0, 3.0], [2.0, 6.0]], decision_ms=0.5)
+    # action 0 at 100 keys (1.0) and 150 keys (2.0: halfway), action 1 at 200 keys (6.0); -1 ran nothing
+    assert predicted_decode_ms(m, [0, 0, -1, 1], [100, 150, 175, 200]) == pytest.approx(9.0)
+    assert predicted_decode_ms(m, [0, 0, -1, 1], [100, 150, 175, 200], decisions=4) == pytest.approx(11.0)
+    plain = MeasuredCostModel("cpu", 1, [100], [[1.0]])
+    assert predicted_decode_ms(plain, [0, 0], [100, 120]) == 2.0
+    with pytest.raises(CostModelError, match="no decision_ms: calibrate it with the policy"):
+        predicted_decode_ms(plain, [0], [100], decisions=1)
+    with pytest.raises(CostModelError, match="needs a measured cost model, got BytesCostModel"):
+        predicted_decode_ms(_model(), [0], [100])
+    with pytest.raises(CostModelError, match="differ in length"):
+        predicted_decode_ms(m, [0, 1], [100])
 
 
 def test_for_model_reads_the_compiled_sites():
