@@ -102,30 +102,31 @@ def main(argv=None) -> int:
 
     med = {k: statistics.median(v) for k, v in times.items()}
     decode = med["dense"] - med["prefill"]
-    def predicted_decode_s(name, with_decisions=True):
-        out = outs[name]
+
+    def predicted_decode_s(out, decisions=0):
         kv = torch.arange(out.actions.shape[1]) + args.prompt_len
-        decisions = out.actions.shape[1] if name == "policy" and with_decisions else 0  # one per step
         # step 0 runs in the prefill row
         return predicted_decode_ms(measured, out.actions[0, 1:].tolist(), kv[1:].tolist(), decisions) * 1e-3
 
     # the calibration ran minutes before the rows, and this machine's speed drifts by ~10% over that:
     # the anchored prediction rescales the calibrated milliseconds by the dense row's measured/predicted
-    drift = decode / predicted_decode_s("dense")
+    drift = decode / predicted_decode_s(outs["dense"])
     rows = []
     for name in ("dense", "policy", "static"):
         out = outs[name]
         kv = (torch.arange(out.actions.shape[1]) + args.prompt_len).expand_as(out.actions)
         cost_b = float(realized_cost(bytes_model, list(space), out.actions, kv, out.controlled).mean())
         cost_m = float(realized_cost(measured, list(space), out.actions, kv, out.controlled).mean())
+        decisions = out.actions.shape[1] if name == "policy" else 0  # one next_actions call per step
+        decode_m = predicted_decode_s(out, decisions)
         pred_b = med["prefill"] + decode * cost_b
-        pred_actions = med["prefill"] + predicted_decode_s(name, with_decisions=False)
-        pred_m = med["prefill"] + predicted_decode_s(name)
-        pred_anchored = med["prefill"] + predicted_decode_s(name) * drift
+        pred_actions = med["prefill"] + predicted_decode_s(out)
+        pred_m = med["prefill"] + decode_m
+        pred_anchored = med["prefill"] + decode_m * drift
         rows.append({"row": name, "wall_ms": med[name] * 1e3, "ratio_to_dense": med[name] / med["dense"],
                      "decode_ratio": (med[name] - med["prefill"]) / decode,
                      "cost_bytes": cost_b, "cost_measured": cost_m,
-                     "policy_decisions": out.actions.shape[1] if name == "policy" else 0,
+                     "policy_decisions": decisions,
                      "predicted_ms_bytes": pred_b * 1e3, "predicted_ms_measured": pred_m * 1e3,
                      "predicted_ms_measured_anchored": pred_anchored * 1e3,
                      "prediction_error_bytes": pred_b / med[name] - 1, "prediction_error_measured": pred_m / med[name] - 1,

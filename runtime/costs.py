@@ -106,6 +106,16 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _random_cache(sol, dispatcher: StepDispatcher, batch: int, context: int, gen: torch.Generator):
+    """Random token ids [batch, context + 1] and the dispatcher's "calibrate" cache prefilled with the
+    first `context` of them: the cache a calibration step at position <= context reads."""
+    device = sol.graph.solc_action_levels.device
+    ids = torch.randint(0, sol.token_embedding.shape[0], (batch, context + 1), generator=gen).to(device)
+    cache = dispatcher.cache("calibrate", batch, context + 1, device=device)
+    dispatcher.prefill(ids[:, :context], torch.arange(context, device=device).expand(batch, context), cache, kv_len=context)
+    return ids, cache
+
+
 @torch.no_grad()
 def _step_latencies(sol, dispatcher: StepDispatcher, batch: int, contexts: list[int], rounds: int, warmup: int,
                     gen: torch.Generator, progress: bool = False) -> list[list[float]]:
@@ -115,10 +125,7 @@ def _step_latencies(sol, dispatcher: StepDispatcher, batch: int, contexts: list[
     for the same dense step). One cache holds the longest bucket; a step at bucket c writes slot c and
     reads the first c + 1 positions."""
     device = sol.graph.solc_action_levels.device
-    longest = max(contexts)
-    ids = torch.randint(0, sol.token_embedding.shape[0], (batch, longest + 1), generator=gen).to(device)
-    cache = dispatcher.cache("calibrate", batch, longest + 1, device=device)
-    dispatcher.prefill(ids[:, :longest], torch.arange(longest, device=device).expand(batch, longest), cache, kv_len=longest)
+    ids, cache = _random_cache(sol, dispatcher, batch, max(contexts), gen)
     times = [[[] for _ in sol.space] for _ in contexts]
     for r in range(warmup + rounds):
         for b, context in enumerate(contexts):
@@ -165,9 +172,7 @@ def _decision_latency(sol, dispatcher: StepDispatcher, source, batch: int, conte
         from runtime.stepper import budget_targets
 
         targets = budget_targets(1.0, batch)
-    ids = torch.randint(0, sol.token_embedding.shape[0], (batch, context + 1), generator=gen).to(device)
-    cache = dispatcher.cache("calibrate", batch, context + 1, device=device)
-    dispatcher.prefill(ids[:, :context], torch.arange(context, device=device).expand(batch, context), cache, kv_len=context)
+    ids, cache = _random_cache(sol, dispatcher, batch, context, gen)
     feed, pos = ids[:, context:], torch.full((batch, 1), context, device=device)
     emb = sol.token_embedding[feed[:, 0]]
     dense_action = torch.full((batch, 1), space.dense_index, device=device)
