@@ -58,6 +58,7 @@ from torch import Tensor, nn
 
 from runtime.actions import AXES, ActionSpace
 from runtime.budget import BudgetSpec
+from runtime.ops import cpu_linear
 from runtime.schedulers import ActionSource
 
 POLICY_VERSION = 1
@@ -175,6 +176,23 @@ class PolicyCache:
         self.position.add_(steps)
 
 
+def _run(module: nn.Module, x: Tensor) -> Tensor:
+    """module(x), with its linears on `cpu_linear` in a deployed CPU decision (fp32, no autograd, one
+    step): MKL runs a one-row linear at ~10 GB/s of weights on this CPU, about half of what cpu_linear's
+    GEMV streams, and a decision's ten linears (15 MB) were most of its 2-3 ms, a sixth of a SmolLM2
+    decode step. cpu_linear also sums each row on its own, so a row's action does not depend on its
+    batch mates. Training's full-sequence forward (autograd, T > 1) keeps nn.Linear: both sum the same
+    terms in different orders (test_incremental_equals_full_sequence bounds the difference)."""
+    if isinstance(module, nn.Sequential):
+        for m in module:
+            x = _run(m, x)
+        return x
+    if (isinstance(module, nn.Linear) and x.dim() == 3 and x.shape[1] == 1 and x.dtype is torch.float32
+            and x.device.type == "cpu" and not torch.is_grad_enabled()):
+        return cpu_linear.linear_cpu(x, module.weight, module.bias)
+    return module(x)
+
+
 class _Block(nn.Module):
     def __init__(self, d: int, heads: int, mlp_ratio: float):
         super().__init__()
@@ -188,7 +206,7 @@ class _Block(nn.Module):
 
     def forward(self, x: Tensor, cache: PolicyCache | None, layer: int) -> Tensor:
         B, T, d = x.shape
-        q, k, v = self.qkv(self.norm1(x)).view(B, T, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        q, k, v = _run(self.qkv, self.norm1(x)).view(B, T, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
         if cache is None:
             scores = q @ k.transpose(-1, -2)
             mask = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
@@ -204,8 +222,8 @@ class _Block(nn.Module):
         # Explicit softmax attention (not SDPA): the same math for the full sequence and one step.
         scores = (scores / math.sqrt(q.shape[-1])).masked_fill(~mask, float("-inf"))
         attn = torch.softmax(scores, dim=-1) @ v
-        x = x + self.proj(attn.transpose(1, 2).reshape(B, T, d))
-        return x + self.mlp(self.norm2(x))
+        x = x + _run(self.proj, attn.transpose(1, 2).reshape(B, T, d))
+        return x + _run(self.mlp, self.norm2(x))
 
 
 class PolicyNet(nn.Module):
@@ -273,9 +291,9 @@ class PolicyNet(nn.Module):
         """
         dtype = next(self.parameters()).dtype
         x = (
-            self.hidden_in(hidden.to(dtype))
-            + self.token_in(token_embedding.to(dtype))
-            + self.scalar_in(scalars.to(dtype))
+            _run(self.hidden_in, hidden.to(dtype))
+            + _run(self.token_in, token_embedding.to(dtype))
+            + _run(self.scalar_in, scalars.to(dtype))
             + self.action_in(prev_action)
         )
         for layer, block in enumerate(self.blocks):
@@ -283,15 +301,15 @@ class PolicyNet(nn.Module):
         if cache is not None:
             cache.advance(x.shape[1])
         h = self.norm(x)
-        budget = self.budget_head(h)
+        budget = _run(self.budget_head, h)
         costs = self.cost_table.to(dtype)  # [A, 3]
         if self.config.budget_head == "price":
-            logits = self.action_head(h) + budget @ costs.T
+            logits = _run(self.action_head, h) + budget @ costs.T
         else:
             anchor = budget_anchor(scalars.to(dtype), self.cost_lo.to(dtype), self.cost_hi.to(dtype)) + budget
             kappa = F.softplus(self.sharpness) * self.enabled_axes.to(dtype)  # [3]
             sq = (costs[None, None] - anchor[..., None, :]) ** 2  # [B, T, A, 3]
-            logits = self.action_head(h) - (sq * kappa).sum(-1)
+            logits = _run(self.action_head, h) - (sq * kappa).sum(-1)
         temperature = self.config.temperature if temperature is None else temperature
         logits = logits / temperature
         if self.config.budget_band is not None:

@@ -301,3 +301,30 @@ def test_budget_band_config_checks_and_old_configs_load_without_a_guard():
     old = {k: v for k, v in config.to_dict().items() if k != "budget_band"}  # written before the guard
     assert PolicyConfig.from_dict(old).budget_band is None
     assert PolicyConfig.from_json(config.to_json()).budget_band == 0.02
+
+
+def test_deployed_decisions_run_cpu_linear_and_do_not_depend_on_batch_mates(monkeypatch):
+    """A deployed decision (no autograd, one step) runs its linears on cpu_linear: a row's logits are
+    the same bits alone or inside a batch of 4, and equal nn.Linear's to fp32 rounding."""
+    from runtime.ops import cpu_linear
+
+    policy = _policy()
+    hidden, emb, scalars, prev = _inputs(4, 3, torch.float32)
+    calls = []
+    real = cpu_linear.linear_cpu
+    monkeypatch.setattr(cpu_linear, "linear_cpu", lambda *a: calls.append(a[0].shape) or real(*a))
+
+    def steps(rows):
+        cache = policy.new_cache(len(rows), 3)
+        with torch.no_grad():
+            return torch.cat([policy(hidden[rows, t:t + 1], emb[rows, t:t + 1], scalars[rows, t:t + 1],
+                                     prev[rows, t:t + 1], cache=cache).logits for t in range(3)], 1)
+
+    batch = steps([0, 1, 2, 3])
+    assert len(calls) == 3 * 10 and all(s[1] == 1 for s in calls)  # ten linears a step, all on cpu_linear
+    for r in range(4):
+        assert torch.equal(steps([r]), batch[r:r + 1])
+    calls.clear()
+    with_grad = policy(hidden, emb, scalars, prev).logits  # training's full sequence: nn.Linear
+    assert not calls
+    torch.testing.assert_close(batch, with_grad.detach(), atol=2e-3, rtol=0)
