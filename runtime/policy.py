@@ -187,8 +187,8 @@ def _run(module: nn.Module, x: Tensor) -> Tensor:
         for m in module:
             x = _run(m, x)
         return x
-    if (isinstance(module, nn.Linear) and x.dim() == 3 and x.shape[1] == 1 and x.dtype is torch.float32
-            and x.device.type == "cpu" and not torch.is_grad_enabled()):
+    # cpu_linear has no autograd; off CPU or fp32 it runs F.linear itself, as nn.Linear would
+    if isinstance(module, nn.Linear) and x.dim() == 3 and x.shape[1] == 1 and not torch.is_grad_enabled():
         return cpu_linear.linear_cpu(x, module.weight, module.bias)
     return module(x)
 
