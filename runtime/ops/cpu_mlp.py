@@ -20,9 +20,9 @@ Per row action (mlp keep k, bits b); the rows of a bit level run together:
 The C row skips sum each output in the dense kernels' fixed order (a dropped channel is a zero term the
 dense kernel adds exactly), so row skip and dense pass give a row the same bits, and a call picks the
 cheaper: a bit level's rows take one dense pass on their pruned inputs (W_in read once) when one of them
-is dense or their row skips together would read more than ROW_SKIP_MAX_KEEP of W_in; else each row skips
-(at batch 1: keep <= ROW_SKIP_MAX_KEEP). Without the C kernels (embedding_bag sums in another order)
-each action keeps its batch-of-one kernel.
+is dense or their row skips together would read more than ROW_SKIP_MAX_KEEP of W_in (int8 rows:
+ROW_SKIP_MAX_KEEP_INT8); else each row skips (at batch 1: keep <= that limit). Without the C kernels
+(embedding_bag sums in another order) each action keeps its batch-of-one kernel.
 Every reduction of a row runs over that row alone in a fixed order (the C kernels by construction;
 embedding_bag sums each bag on its own; both int4 kernels reduce each row alike whatever the row count),
 so a row's MLP output does not depend on its batch mates (fp32 and, in weight mode, the low-bit paths).
@@ -49,6 +49,12 @@ DTYPES = (torch.float32, torch.bfloat16)
 # thread, AVX-512 machine); cpu_mlp.c's row skip runs keep 0.8 at ~0.71 of the fixed-order dense GEMV
 # (AVX2 machine, 2026-12-02), so 0.8 row-skips too.
 ROW_SKIP_MAX_KEEP = 0.8
+# The int8 row skip reads a kept row in about what its DRAM pages cost, not its bytes (a uint8 row is a
+# quarter of the fp32 one): on Zen 4 (2026-12-04, SmolLM2 gate/up copy, weights streamed, /tmp/rs8.py) it
+# ran keep 0.4 in 0.94 (1 thread) / 0.80 (2) of the dense int8 GEMV's time, 0.6 in 1.25 / 1.25 and 0.8 in
+# 1.49 / 2.2; so int8 rows skip only up to this keep and otherwise take the dense int8 pass on the
+# pruned input (the same bits either way).
+ROW_SKIP_MAX_KEEP_INT8 = 0.5
 
 
 def kept_channels(x: Tensor, keep: float) -> Tensor:
@@ -240,7 +246,8 @@ def row_skips(bits: int, keeps: list[float]) -> bool:
     Both give every row the same bits (cpu_mlp.c sums a row skip in the dense kernel's order), so the
     choice is by bytes alone and may depend on the batch: a dense row needs the pass anyway, and the row
     skips together must read less than one W_in. No int4 row skip exists."""
-    return bits != 4 and all(k < 1 for k in keeps) and sum(keeps) <= ROW_SKIP_MAX_KEEP
+    limit = ROW_SKIP_MAX_KEEP_INT8 if bits == 8 else ROW_SKIP_MAX_KEEP
+    return bits != 4 and all(k < 1 for k in keeps) and sum(keeps) <= limit
 
 
 def _kernel_groups(actions: list[tuple[float, int]], weight_mode: bool, dtype) -> dict[tuple[int, bool], list[int]]:

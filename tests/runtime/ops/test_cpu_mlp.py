@@ -56,9 +56,11 @@ def _close_fake_quantized(got, want, dtype, bits):
 @pytest.mark.parametrize("rows", [1, 16])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_mixed_levels_match_the_reference(quant, kind, bias, rows, dtype, row_skip_max, monkeypatch):
-    """Every kernel of every level: with the rule, keep 0.8 row-skips; pinned lower, it runs the dense
-    kernel of its bit level on the pruned input."""
+    """Every kernel of every level: with the rule, keep 0.8 row-skips at 16 bits (at 8 bits it takes the
+    dense int8 pass on the pruned input); pinned lower, it runs the dense kernel of its bit level."""
+    assert cpu_mlp.row_skips(16, [0.8]) and not cpu_mlp.row_skips(8, [0.8]) and cpu_mlp.row_skips(8, [0.4])
     monkeypatch.setattr(cpu_mlp, "ROW_SKIP_MAX_KEEP", row_skip_max)
+    monkeypatch.setattr(cpu_mlp, "ROW_SKIP_MAX_KEEP_INT8", min(row_skip_max, cpu_mlp.ROW_SKIP_MAX_KEEP_INT8))
     site = make_site(kind, dtype=dtype, bias=bias)
     x = torch.randn(rows, D).to(dtype)
     keep, bits = _levels(rows, quant, seed=rows)
