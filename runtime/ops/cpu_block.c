@@ -38,8 +38,8 @@ void solc_select_channels(const float *x, long ldx, long M, long d, const int64_
                           uint32_t *scratch);
 void solc_rowskip_f32(const float *x, long ldx, const int64_t *idx, const int64_t *off, const float *wt, float *y,
                       long M, long N, long K, int threads);
-void solc_rowskip_int8(const float *x, long ldx, const int64_t *idx, const int64_t *off, const uint8_t *rows,
-                       const float *scale, float *y, long M, long N, long K, int threads);
+int solc_rowskip_int8(const float *x, long ldx, const int64_t *idx, const int64_t *off, const uint8_t *rows,
+                      const float *scale, float *y, long M, long N, long K, int threads);
 void solc_int8_linear(const float *x, long ldx, const int8_t *q, const float *scale, float *y, long M, long N,
                       long K, int threads);
 int solc_int4_linear(const float *x, long ldx, const uint8_t *q, const uint16_t *sz, long g, float *y, long M,
@@ -145,13 +145,15 @@ void solc_attention_block(const float *x, const float *ms, float eps, const floa
  *   solc_mlp_input:  h = the RMSNorm of x; the rows' kept channels of h (keep < d) and
  *     mode 0  pre = [h_p @ Wg^T | h_p @ Wu^T]     fp32, h_p = h with the unkept channels zeroed
  *     mode 1  pre = the fp32 row skip over wt     (the kept rows of [Wg; Wu]^T)
- *     mode 2  pre = the int8 linear of bf16(h_p)  (in8, per-channel scale)
+ *     mode 2  pre = the int8 linear of bf16(h_p)  (the in8_rows kernel over every channel where the copies
+ *             have in8_rows, the row skip's order; else in8, per-channel scale)
  *     mode 3  pre = the int8 row skip of bf16(h)  (in8_rows)
  *     mode 4  h only (torch's int4 kernel runs after it)
  *     mode 5  pre = the int4 linear of h_p          (in4 nibbles, in4_sz; solc_int4_linear)
  *   solc_mlp_output: out = x + hid @ Wd^T (mode 0 / 1: fp32), x + int8 linear of bf16(hid) (mode 2 / 3), or
  *     x + int4 linear of hid (mode 5).
- * Both return 0, or -1 where the int4 kernel could not run (the caller runs its torch form).
+ * Both return 0, or -1 where the int4 kernel could not run or the int8 row kernel had no scratch (the caller
+ * runs its torch form).
  * sel: B * d + 2 * B + 1 + d int64 (indices, offsets, counts, the selection's scratch); work: B * d + B * N_in
  * floats. */
 /* row_counts: each row's kept channels (a mixed batch's rows of one kernel), or NULL: keep_count for all. */
@@ -200,12 +202,13 @@ static int mlp_input(const float *x, const float *ms, float eps, const float *no
         return solc_int4_linear(hp, d, in4, in4_sz, group, pre, B, N, d, threads);
     } else {
         bf16_to_f32(in8_scale, N, scale);
-        if (mode == 2) {
+        if (mode == 2) {  /* with the rows copy, its kernel over every channel: the row skip's bits */
             for (long i = 0; i < B * d; ++i) hp[i] = bf16_round(hp[i]);
+            if (in8_rows) return solc_rowskip_int8(hp, d, NULL, NULL, in8_rows, scale, pre, B, N, d, threads);
             solc_int8_linear(hp, d, in8, scale, pre, B, N, d, threads);
         } else {
             for (long i = 0; i < B * d; ++i) hp[i] = bf16_round(h[i]);
-            solc_rowskip_int8(hp, d, idx, off, in8_rows, scale, pre, B, N, d, threads);
+            return solc_rowskip_int8(hp, d, idx, off, in8_rows, scale, pre, B, N, d, threads);
         }
     }
     return 0;

@@ -344,44 +344,77 @@ void solc_rowskip_f32(const float *x, long ldx, const int64_t *idx, const int64_
 }
 
 /* The int8 form over `quant_primitives.int8_rows` (uint8 [K, N + 8]: the int8 value + 128, then a row
-scale of 1 and bias of -128 that this kernel does not need): x (already on the bf16 grid) times the
-int8 values, summed as above, then times the output channel's scale and rounded to bf16: int8_block's
-result on the pruned input. */
-/* Outputs n0 .. n0 + cn of row r: its kept rows' chains into acc [LANES][ld] and tail [cn] (zeroed here). */
-static void rowskip_int8_chunk(const float *x, const int64_t *idx, const int64_t *off, const uint8_t *rows,
-                               const float *scale, float *y, long r, long n0, long cn, long ld, long N, long K16,
-                               float *acc, float *tail) {
-    memset(acc, 0, (size_t)(LANES * ld) * sizeof(float));
-    memset(tail, 0, (size_t)cn * sizeof(float));
-    for (long i = off[r]; i < off[r + 1]; ++i) {
-        if (i + PREFETCH_ROWS < off[r + 1]) prefetch_span(rows + idx[i + PREFETCH_ROWS] * (N + 8) + n0, cn);
-        long k = idx[i];
-        const uint8_t *restrict w = rows + k * (N + 8) + n0;  /* restrict: a byte pointer may alias the sums */
-        float a = x[k], *restrict lane = k < K16 ? acc + (k % LANES) * ld : tail;
-        for (long n = 0; n < cn; ++n) lane[n] = __builtin_fmaf(a, (float)((int)w[n] - 128), lane[n]);
-    }
-    long n = 0;
-#ifdef __AVX512F__
-    /* lanes_total's tree, 16 outputs at a time (with a run-time ld GCC leaves it scalar: a third of the
-    call at 3072 outputs) */
-    for (; n + 16 <= cn; n += 16) {
-#define V(l) _mm512_loadu_ps(acc + (l) * ld + n)
-#define S(a, b) _mm512_add_ps(a, b)
-        __m512 t = S(S(S(S(V(0), V(8)), S(V(4), V(12))), S(S(V(2), V(10)), S(V(6), V(14)))),
-                     S(S(S(V(1), V(9)), S(V(5), V(13))), S(S(V(3), V(11)), S(V(7), V(15)))));
-#undef V
-#undef S
-        float sums[16];
-        _mm512_storeu_ps(sums, _mm512_add_ps(t, _mm512_loadu_ps(tail + n)));
-        for (int j = 0; j < 16; ++j) y[n0 + n + j] = bf16_round(sums[j] * scale[n0 + n + j]);
-    }
+scale of 1 and bias of -128 that this kernel does not need): y[r, n] = bf16(scale[n] * s) where s is ONE
+fmaf chain over row r's kept channels in ascending k, s = fmaf(x[k], q[k, n], s), x already on the bf16
+grid. Unlike the fp32 kernels this is not the 16-lane order: a single chain needs one running sum per
+output (a row's 3072 sums are 12 KB, in L1) where 16 lanes need sixteen (192 KB, in L2: the old kernel
+spent its time moving them, ~2.5 MACs a cycle). Each kept row is read once, whole and in order, and four
+kept rows update the sums in one pass (the chain's order is kept: four fmaf in k order per output).
+Every int8 path of W_in with these copies runs this kernel (idx NULL: every channel, the dense pass on a
+pruned input, whose zeros are exact no-ops: fmaf(0, w, s) == s), so a row skip, a dense pass, one row or
+sixteen give a row the same bits. */
+#ifndef INT8_AHEAD
+#define INT8_AHEAD 8  /* kept rows prefetched ahead */
 #endif
-    for (; n < cn; ++n) y[n0 + n] = bf16_round(lanes_total(acc, ld, tail, n) * scale[n0 + n]);
+#ifndef CHUNK_INT8_BATCH
+#define CHUNK_INT8_BATCH 512  /* outputs per chunk at batch > 1: the chunk's weights (K x 512 bytes) stay in L2 for the next row */
+#endif
+
+/* sums[0:cn] += the chain over kept channels ks[0:nk] of one row (x its values), outputs n0 .. n0 + cn. */
+static void int8_chain(const float *x, const int64_t *ks, long nk, const uint8_t *rows, long ld, long n0, long cn,
+                       float *restrict sums) {
+    long i = 0;
+    for (; i + 4 <= nk; i += 4) {
+        const uint8_t *w0 = rows + ks[i] * ld + n0, *w1 = rows + ks[i + 1] * ld + n0;
+        const uint8_t *w2 = rows + ks[i + 2] * ld + n0, *w3 = rows + ks[i + 3] * ld + n0;
+        float a0 = x[ks[i]], a1 = x[ks[i + 1]], a2 = x[ks[i + 2]], a3 = x[ks[i + 3]];
+        /* the rows INT8_AHEAD kept rows on, a cache line of each per 64 outputs (spread over the pass: a
+        burst of prefetches at the start of a pass ran slower) */
+        long ahead = i + INT8_AHEAD + 4 <= nk ? i + INT8_AHEAD : -1;
+        const uint8_t *p0 = ahead < 0 ? 0 : rows + ks[ahead] * ld + n0, *p1 = ahead < 0 ? 0 : rows + ks[ahead + 1] * ld + n0;
+        const uint8_t *p2 = ahead < 0 ? 0 : rows + ks[ahead + 2] * ld + n0, *p3 = ahead < 0 ? 0 : rows + ks[ahead + 3] * ld + n0;
+        long n = 0;
+#ifdef __AVX512F__
+        const __m512i bias = _mm512_set1_epi32(128);
+        const __m512 b0 = _mm512_set1_ps(a0), b1 = _mm512_set1_ps(a1), b2 = _mm512_set1_ps(a2), b3 = _mm512_set1_ps(a3);
+#define W(p, o) _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)((p) + n + (o)))), bias))
+#define STEP(o) { __m512 s = _mm512_loadu_ps(sums + n + (o)); \
+            s = _mm512_fmadd_ps(b0, W(w0, o), s); s = _mm512_fmadd_ps(b1, W(w1, o), s); \
+            s = _mm512_fmadd_ps(b2, W(w2, o), s); s = _mm512_fmadd_ps(b3, W(w3, o), s); \
+            _mm512_storeu_ps(sums + n + (o), s); }
+        for (; n + 64 <= cn; n += 64) {
+            if (p0) {
+                __builtin_prefetch(p0 + n, 0, 2);
+                __builtin_prefetch(p1 + n, 0, 2);
+                __builtin_prefetch(p2 + n, 0, 2);
+                __builtin_prefetch(p3 + n, 0, 2);
+            }
+            STEP(0) STEP(16) STEP(32) STEP(48)
+        }
+        for (; n + 16 <= cn; n += 16) STEP(0)
+#undef STEP
+#undef W
+#endif
+        for (; n < cn; ++n) {
+            float s = sums[n];
+            s = __builtin_fmaf(a0, (float)((int)w0[n] - 128), s);
+            s = __builtin_fmaf(a1, (float)((int)w1[n] - 128), s);
+            s = __builtin_fmaf(a2, (float)((int)w2[n] - 128), s);
+            s = __builtin_fmaf(a3, (float)((int)w3[n] - 128), s);
+            sums[n] = s;
+        }
+    }
+    for (; i < nk; ++i) {
+        const uint8_t *w = rows + ks[i] * ld + n0;
+        float a = x[ks[i]];
+        for (long n = 0; n < cn; ++n) sums[n] = __builtin_fmaf(a, (float)((int)w[n] - 128), sums[n]);
+    }
 }
 
-/* A thread's scratch for the int8 lanes, kept between calls (a fresh allocation of this size is mapped
-anew by the C library and its first touches cost more than the sums); NULL if it cannot grow. */
-static float *lanes_scratch(size_t floats) {
+/* A thread's scratch (the running sums and, with idx NULL, the list of every channel), kept between
+calls (a fresh allocation is mapped anew by the C library and its first touches cost more than the sums);
+NULL if it cannot grow. */
+static float *sums_scratch(size_t floats) {
     static __thread float *buf = NULL;
     static __thread size_t cap = 0;
     if (floats > cap) {  /* cache-line aligned: the sums are read and written 64 bytes at a time */
@@ -394,29 +427,37 @@ static float *lanes_scratch(size_t floats) {
     return buf;
 }
 
-void solc_rowskip_int8(const float *x, long ldx, const int64_t *idx, const int64_t *off, const uint8_t *rows,
-                       const float *scale, float *y, long M, long N, long K, int threads) {
-    long K16 = K - K % LANES;
-    long per_row = M >= threads ? 1 : (threads + M - 1) / M;  /* chunks per row */
-    long width = (N + per_row - 1) / per_row;
-    width = (width + LANES - 1) / LANES * LANES;
-    if (width < CHUNK_INT8_MIN) width = CHUNK_INT8_MIN;
-    long chunks = (N + width - 1) / width, jobs = M * chunks;
-#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1 && jobs > 1)
-    for (long job = 0; job < jobs; ++job) {
-        long r = job / chunks, n0 = job % chunks * width, cn = N - n0 < width ? N - n0 : width;
-        long ld = (cn + 15) / 16 * 16;  /* each lane's sums start on a cache line */
-        float *acc = lanes_scratch((size_t)((LANES + 1) * ld));
-        if (acc) {
-            rowskip_int8_chunk(x + r * ldx, idx, off, rows, scale, y + r * N, r, n0, cn, ld, N, K16, acc, acc + LANES * ld);
+/* y [M, N] (row stride N): each row's chain over its kept channels idx[off[r] .. off[r + 1]) (ascending),
+or over all K channels where idx is NULL. Work: chunks of outputs split over the threads (a chunk walks
+every row, so at batch > 1 its weights are read from DRAM once). Returns 0, or -1 if no scratch could be
+had (nothing written). */
+int solc_rowskip_int8(const float *x, long ldx, const int64_t *idx, const int64_t *off, const uint8_t *rows,
+                      const float *scale, float *y, long M, long N, long K, int threads) {
+    long width = (N + threads - 1) / threads;
+    if (M > 1 && width > CHUNK_INT8_BATCH) width = CHUNK_INT8_BATCH;
+    width = (width + 63) / 64 * 64;  /* whole cache lines of weights per chunk */
+    long chunks = (N + width - 1) / width, ld = N + 8;
+    int failed = 0;
+#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1 && chunks > 1) reduction(| : failed)
+    for (long c = 0; c < chunks; ++c) {
+        long n0 = c * width, cn = N - n0 < width ? N - n0 : width;
+        float *sums = sums_scratch((size_t)(width + (idx ? 0 : 2 * K)));  /* 2 floats hold one int64 */
+        if (!sums) {
+            failed = 1;
             continue;
         }
-        for (long m0 = n0; m0 < n0 + cn; m0 += CHUNK_INT8_MIN) {  /* no memory: narrow pieces on the stack */
-            float lanes[LANES * CHUNK_INT8_MIN], tail[CHUNK_INT8_MIN];
-            long mn = n0 + cn - m0 < CHUNK_INT8_MIN ? n0 + cn - m0 : CHUNK_INT8_MIN;
-            rowskip_int8_chunk(x + r * ldx, idx, off, rows, scale, y + r * N, r, m0, mn, CHUNK_INT8_MIN, N, K16, lanes, tail);
+        int64_t *all = idx ? NULL : (int64_t *)(sums + width);
+        if (all)
+            for (long k = 0; k < K; ++k) all[k] = k;
+        for (long r = 0; r < M; ++r) {
+            const int64_t *ks = idx ? idx + off[r] : all;
+            long nk = idx ? off[r + 1] - off[r] : K;
+            memset(sums, 0, (size_t)cn * sizeof(float));
+            int8_chain(x + r * ldx, ks, nk, rows, ld, n0, cn, sums);
+            for (long n = 0; n < cn; ++n) y[r * N + n0 + n] = bf16_round(sums[n] * scale[n0 + n]);
         }
     }
+    return failed ? -1 : 0;
 }
 
 /* |x| as an ordered key: the bits of a non-negative float are monotonic in its value. */

@@ -7,22 +7,26 @@ Per row action (mlp keep k, bits b); the rows of a bit level run together:
   k < 1, b = 16      gate/up: a row-skipping GEMV over the rows of W_in^T (`wt`) at the row's kept
                      channels (cpu_mlp.c; F.embedding_bag without a compiler), or the dense kernel on
                      the pruned input (`row_skips` picks by bytes); down: cpu_linear
-  b = 8, k = 1       cpu_mlp.c's int8 linear (fixed order, bf16-rounded activations), gate/up and down;
-                     torch._weight_int8pack_mm where the C kernels cannot be built
+  b = 8, k = 1       gate/up: cpu_mlp.c's int8 row kernel over every row of `in8_rows` where the copies
+                     have them (the mlp axis is on: one fmaf chain per output, the row skip's bits), else
+                     its int8 linear (16-lane fixed order); down: the int8 linear; bf16-rounded
+                     activations; torch._weight_int8pack_mm where the C kernels cannot be built
   b = 8, k < 1       gate/up: the int8 row-skipping GEMV over `in8_rows` (uint8 rows, row scale 1 and
                      bias -128, so a row is its int8 values exactly; cpu_mlp.c, FBGEMM's byte-rowwise
-                     embedding_bag without a compiler), per-output-channel scale after the sum, or the
-                     int8 linear on the pruned input; down: the int8 linear
+                     embedding_bag without a compiler), per-output-channel scale after the sum; down:
+                     the int8 linear
   b = 4              cpu_mlp.c's int4 linear (AVX-512 BF16: per group scale * sum(x (q - 8)) + zero * sum(x)
                      with exact bf16 products) on the pruned input, torch._weight_int4pack_mm_for_cpu
                      elsewhere (no row-skipping int4 kernel: pruning saves nothing at 4 bits here)
   activation mode    the 16-bit paths above, then the reference fake quantizer
-The C row skips sum each output in the dense kernels' fixed order (a dropped channel is a zero term the
-dense kernel adds exactly), so row skip and dense pass give a row the same bits, and a call picks the
-cheaper: a bit level's rows take one dense pass on their pruned inputs (W_in read once) when one of them
-is dense or their row skips together would read more than ROW_SKIP_MAX_KEEP of W_in (int8 rows:
-ROW_SKIP_MAX_KEEP_INT8); else each row skips (at batch 1: keep <= that limit). Without the C kernels
-(embedding_bag sums in another order) each action keeps its batch-of-one kernel.
+The C row skips sum each output in the order of their dense pass (a dropped channel is a zero term the
+dense pass adds exactly), so row skip and dense pass give a row the same bits, and a call picks the
+cheaper. fp32: a level's rows take one dense pass on their pruned inputs (W_in read once) when one of
+them is dense or their row skips together would read more than ROW_SKIP_MAX_KEEP of W_in; else each row
+skips (at batch 1: keep <= that limit). int8: every group with a pruned row runs the row kernel, each row
+over its kept rows (a dense row over all): its chunks of outputs walk every row of the call, so at batch
+> 1 a chunk's weights come from DRAM once, and it is never slower than its dense pass. Without the C
+kernels (embedding_bag sums in another order) each action keeps its batch-of-one kernel.
 Every reduction of a row runs over that row alone in a fixed order (the C kernels by construction;
 embedding_bag sums each bag on its own; both int4 kernels reduce each row alike whatever the row count),
 so a row's MLP output does not depend on its batch mates (fp32 and, in weight mode, the low-bit paths).
@@ -49,12 +53,6 @@ DTYPES = (torch.float32, torch.bfloat16)
 # thread, AVX-512 machine); cpu_mlp.c's row skip runs keep 0.8 at ~0.71 of the fixed-order dense GEMV
 # (AVX2 machine, 2026-12-02), so 0.8 row-skips too.
 ROW_SKIP_MAX_KEEP = 0.8
-# The int8 row skip reads a kept row in about what its DRAM pages cost, not its bytes (a uint8 row is a
-# quarter of the fp32 one): on Zen 4 (2026-12-04, SmolLM2 gate/up copy, weights streamed, /tmp/rs8.py) it
-# ran keep 0.4 in 0.94 (1 thread) / 0.80 (2) of the dense int8 GEMV's time, 0.6 in 1.25 / 1.25 and 0.8 in
-# 1.49 / 2.2; so int8 rows skip only up to this keep and otherwise take the dense int8 pass on the
-# pruned input (the same bits either way).
-ROW_SKIP_MAX_KEEP_INT8 = 0.5
 
 
 def kept_channels(x: Tensor, keep: float) -> Tensor:
@@ -127,8 +125,8 @@ def _rowskip(x: Tensor, keeps: list[float], wt: Tensor, values: Optional[Tensor]
 def _rowskip_int8(x: Tensor, keeps: list[float], rows: Tensor, scale: Tensor) -> Tensor:
     """[m, N]: the int8 row-skipping GEMV over `rows` (`quant_primitives.int8_rows`: row scale 1 and bias
     -128 hold int8 rows exactly), rows selected on x and weighted by x rounded to bf16; times the output
-    channel scale, rounded to bf16 (fp32). cpu_mlp.c's solc_rowskip_int8, else FBGEMM's byte-rowwise
-    embedding_bag."""
+    channel scale, rounded to bf16 (fp32). cpu_mlp.c's solc_rowskip_int8 (one fmaf chain per output over
+    the kept channels in ascending order), else FBGEMM's byte-rowwise embedding_bag."""
     xb = quant_primitives.to_bf16_grid(x, torch.float32).contiguous()
     lib = cpu_linear.library()
     if lib is None:
@@ -137,11 +135,25 @@ def _rowskip_int8(x: Tensor, keeps: list[float], rows: Tensor, scale: Tensor) ->
                                                                    weights, None, False)
         return quant_primitives.to_bf16_grid(y * scale.float(), torch.float32)
     flat, offsets = _kept(x, keeps)
+    return _int8_rows_call(lib, xb, flat, offsets, rows, scale)
+
+
+def _int8_rows_linear(x: Tensor, rows: Tensor, scale: Tensor) -> Tensor:
+    """[m, N]: cpu_mlp.c's int8 row kernel over every row of `rows` (the dense pass of `_rowskip_int8`, whose
+    bits it gives a pruned input): x rounded to bf16, times the output channel scale, rounded to bf16."""
+    return _int8_rows_call(cpu_linear.library(), quant_primitives.to_bf16_grid(x, torch.float32).contiguous(),
+                           None, None, rows, scale)
+
+
+def _int8_rows_call(lib, xb: Tensor, flat: Optional[Tensor], offsets: Optional[Tensor], rows: Tensor,
+                    scale: Tensor) -> Tensor:
     sc = scale.float().contiguous()  # held: the C call reads its memory
     N = rows.shape[1] - 8
-    y = torch.empty(x.shape[0], N, dtype=torch.float32)
-    lib.solc_rowskip_int8(xb.data_ptr(), xb.shape[1], flat.data_ptr(), offsets.data_ptr(), rows.data_ptr(),
-                          sc.data_ptr(), y.data_ptr(), x.shape[0], N, rows.shape[0], torch.get_num_threads())
+    y = torch.empty(xb.shape[0], N, dtype=torch.float32)
+    if lib.solc_rowskip_int8(xb.data_ptr(), xb.shape[1], None if flat is None else flat.data_ptr(),
+                             None if offsets is None else offsets.data_ptr(), rows.data_ptr(), sc.data_ptr(),
+                             y.data_ptr(), xb.shape[0], N, rows.shape[0], torch.get_num_threads()):
+        raise MemoryError("solc_rowskip_int8: no memory for its scratch")
     return y
 
 
@@ -210,6 +222,8 @@ def _input_projection(x: Tensor, keeps: list[float], bits: int, row_skip: bool, 
         return _add(_rowskip(x, keeps, c["wt"]), bias)
     if bits == 8 and row_skip:
         return _add(_rowskip_int8(x, keeps, c["in8_rows"], c["in8_scale"]), bias)
+    if bits == 8 and c["in8_rows"] is not None and cpu_linear.library() is not None:
+        return _add(_int8_rows_linear(_pruned(x, keeps), c["in8_rows"], c["in8_scale"]), bias)
     if bits == 8:
         return _add(_int8_linear(_pruned(x, keeps), c["in8"], c["in8_scale"]), bias)
     return _add(_int4_linear(_pruned(x, keeps), c, "in4", group_size), bias)
@@ -242,12 +256,15 @@ def kernel_of(keep: float, bits: int) -> tuple[int, bool]:
 
 def row_skips(bits: int, keeps: list[float]) -> bool:
     """Whether the rows of one bit level (their keeps) run the row-skipping GEMV, each reading its kept rows
-    of W_in, rather than one dense pass over their pruned inputs, which reads W_in once for all of them.
-    Both give every row the same bits (cpu_mlp.c sums a row skip in the dense kernel's order), so the
-    choice is by bytes alone and may depend on the batch: a dense row needs the pass anyway, and the row
-    skips together must read less than one W_in. No int4 row skip exists."""
-    limit = ROW_SKIP_MAX_KEEP_INT8 if bits == 8 else ROW_SKIP_MAX_KEEP
-    return bits != 4 and all(k < 1 for k in keeps) and sum(keeps) <= limit
+    of W_in, rather than one dense pass over their pruned inputs. Both give every row the same bits
+    (cpu_mlp.c sums a row skip in its dense pass's order), so the choice is by speed alone and may depend
+    on the batch. fp32: the pass reads W_in once for all rows, so a dense row needs it anyway, and the row
+    skips together must read less than ROW_SKIP_MAX_KEEP of one W_in. int8: the row kernel walks every
+    row of the call per chunk of outputs (one read of a chunk's weights whatever the batch), so any pruned
+    row makes its group row-skip, a dense row over all its rows. No int4 row skip exists."""
+    if bits == 8:
+        return any(k < 1 for k in keeps)
+    return bits != 4 and all(k < 1 for k in keeps) and sum(keeps) <= ROW_SKIP_MAX_KEEP
 
 
 def _kernel_groups(actions: list[tuple[float, int]], weight_mode: bool, dtype) -> dict[tuple[int, bool], list[int]]:

@@ -56,11 +56,11 @@ def _close_fake_quantized(got, want, dtype, bits):
 @pytest.mark.parametrize("rows", [1, 16])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_mixed_levels_match_the_reference(quant, kind, bias, rows, dtype, row_skip_max, monkeypatch):
-    """Every kernel of every level: with the rule, keep 0.8 row-skips at 16 bits (at 8 bits it takes the
-    dense int8 pass on the pruned input); pinned lower, it runs the dense kernel of its bit level."""
-    assert cpu_mlp.row_skips(16, [0.8]) and not cpu_mlp.row_skips(8, [0.8]) and cpu_mlp.row_skips(8, [0.4])
+    """Every kernel of every level: with the rule, keep 0.8 row-skips at 16 bits (and at 8 bits, where any
+    pruned row does); pinned lower, it runs the fp32 dense kernel on the pruned input."""
+    assert cpu_mlp.row_skips(16, [0.8]) and cpu_mlp.row_skips(8, [0.8]) and cpu_mlp.row_skips(8, [1.0, 0.4])
+    assert not cpu_mlp.row_skips(8, [1.0]) and not cpu_mlp.row_skips(16, [1.0, 0.4])
     monkeypatch.setattr(cpu_mlp, "ROW_SKIP_MAX_KEEP", row_skip_max)
-    monkeypatch.setattr(cpu_mlp, "ROW_SKIP_MAX_KEEP_INT8", min(row_skip_max, cpu_mlp.ROW_SKIP_MAX_KEEP_INT8))
     site = make_site(kind, dtype=dtype, bias=bias)
     x = torch.randn(rows, D).to(dtype)
     keep, bits = _levels(rows, quant, seed=rows)
@@ -199,9 +199,10 @@ def test_row_skip_gives_the_same_bits_for_any_thread_count(rows):
 @pytest.mark.parametrize("rows", [1, 5])
 @pytest.mark.parametrize("d", [96, 100])  # 100: four channels in the kernels' scalar tail
 def test_row_skip_equals_the_dense_kernel_on_the_pruned_input_bit_for_bit(rows, d):
-    """The row skip sums each output in the dense kernels' order (channel k in lane k mod 16), so a pruned
-    row gets the same bits from it as from the dense kernel on its pruned input (fp32: cpu_linear; int8:
-    the int8 linear): callers may pick either per call without changing a row's result."""
+    """The row skip sums each output in its dense pass's order (fp32: channel k in lane k mod 16, as
+    cpu_linear; int8: one chain in ascending k, as the int8 row kernel over every channel), so a pruned row
+    gets the same bits from it as from the dense pass on its pruned input: callers may pick either per
+    call without changing a row's result."""
     from runtime.ops import cpu_linear, quant_primitives
 
     g = torch.Generator().manual_seed(d + rows)
@@ -214,5 +215,6 @@ def test_row_skip_equals_the_dense_kernel_on_the_pruned_input_bit_for_bit(rows, 
     pruned = cpu_mlp._pruned(x, keeps)
     assert cpu_linear.library() is not None
     assert torch.equal(cpu_mlp._rowskip(x, keeps, w.t().contiguous()), cpu_linear.rows_linear(pruned, w, None))
-    got = cpu_mlp._rowskip_int8(x, keeps, quant_primitives.int8_rows(q), scale)
-    assert torch.equal(got, cpu_mlp._int8_linear(pruned, q, scale))
+    rows8 = quant_primitives.int8_rows(q)
+    got = cpu_mlp._rowskip_int8(x, keeps, rows8, scale)
+    assert torch.equal(got, cpu_mlp._int8_rows_linear(pruned, rows8, scale))

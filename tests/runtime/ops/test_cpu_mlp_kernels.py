@@ -76,6 +76,36 @@ def test_int8_row_skipping_gemv_is_the_pruned_low_bit_product(K, N):
     assert torch.equal(got, torch.cat([cpu_mlp._rowskip_int8(x[i:i + 1], [0.4], rows, scale) for i in range(4)]))
 
 
+@pytest.mark.parametrize("K,N", SHAPES)
+def test_int8_row_kernel_is_one_ascending_chain_per_output(K, N):
+    """cpu_mlp.c's int8 row kernel sums each output as s = fmaf(x_k, q_k, s) over the row's kept channels
+    in ascending k (x on the bf16 grid, so every product is exact in fp32 and fmaf is an fp32 add of it):
+    the same bits as that loop in torch, at batch 1 and inside a batch of mixed keeps, at any thread count;
+    the dense pass (every channel) is the loop over all k."""
+    if cpu_linear.library() is None:
+        pytest.skip("no C compiler")
+    x, q, scale, _ = _data(K, N, rows=3, seed=4)
+    rows = qp.int8_rows(q)
+    keeps = [0.4, 1.0, 0.8]
+    xb = qp.to_bf16_grid(x, torch.float32)
+    qf = q.float().t()  # [K, N]
+    flat, offsets = cpu_mlp._kept(x, keeps)
+
+    def chain(r, ks):
+        s = torch.zeros(N)
+        for k in ks:
+            s = s + xb[r, k] * qf[k]  # the product is exact: one fp32 rounding per step, as fmaf
+        return qp.to_bf16_grid(s * scale.float(), torch.float32)
+
+    want = torch.stack([chain(r, flat[offsets[r]:offsets[r + 1]].tolist()) for r in range(3)])
+    for threads in (1, 2, 3):
+        with _threads(threads):
+            assert torch.equal(cpu_mlp._rowskip_int8(x, keeps, rows, scale), want)
+            assert torch.equal(cpu_mlp._rowskip_int8(x[:1], keeps[:1], rows, scale), want[:1])
+            assert torch.equal(cpu_mlp._int8_rows_linear(x, rows, scale),
+                               torch.stack([chain(r, range(K)) for r in range(3)]))
+
+
 def test_without_a_compiler_the_torch_kernels_run(monkeypatch):
     x, q, scale, _ = _data(64, 96, rows=3, seed=3)
     monkeypatch.setattr(cpu_linear, "library", lambda: None)
