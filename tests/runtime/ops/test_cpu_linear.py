@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from runtime.ops import cpu_linear
+from runtime.ops import cpu_linear, quant_primitives
 
 # (N, K): a K with a scalar tail (K mod 16 != 0), N not a multiple of the 4-column tile or 32-column block.
 SHAPES = [(64, 64), (37, 100), (130, 17), (5, 3)]
@@ -147,8 +147,9 @@ def _build_for(march, tmp_path):
 
 def test_every_instruction_set_path_gives_the_same_bits(tmp_path):
     """The machine a row runs on must not change its result: each -march build of the kernels (generic,
-    AVX2, AVX-512 loops) gives the same bits for the fp32 linear (one row, full and edge tiles) and the
-    int8 linear, with K tails."""
+    AVX2, AVX-512 loops) gives the same bits for the fp32 linear (one row, full and edge tiles), the
+    int8 linear and the int8 row kernel (kept rows and every row; output counts off the 16-lane grid),
+    with K tails."""
     marches = _isa_builds()
     if len(marches) < 2:
         pytest.skip("needs an x86-64 CPU with AVX2 (two code paths to compare)")
@@ -166,7 +167,16 @@ def test_every_instruction_set_path_gives_the_same_bits(tmp_path):
             xb = x.to(torch.bfloat16).float()
             y8 = torch.empty(rows, n)
             lib.solc_int8_linear(xb.data_ptr(), k, q.data_ptr(), scale.data_ptr(), y8.data_ptr(), rows, n, k, 1)
-            got += [y, y8]
+            r8 = quant_primitives.int8_rows(q)
+            kept = [torch.randperm(k, generator=g)[: (k * (i + 1)) // (rows + 1)].sort().values for i in range(rows)]
+            idx = torch.cat(kept)
+            off = torch.tensor([0] + [len(t) for t in kept]).cumsum(0)
+            ys, yd = torch.empty(rows, n), torch.empty(rows, n)
+            assert lib.solc_rowskip_int8(xb.data_ptr(), k, idx.data_ptr(), off.data_ptr(), r8.data_ptr(),
+                                         scale.data_ptr(), ys.data_ptr(), rows, n, k, 1) == 0
+            assert lib.solc_rowskip_int8(xb.data_ptr(), k, None, None, r8.data_ptr(), scale.data_ptr(), yd.data_ptr(),
+                                         rows, n, k, 1) == 0
+            got += [y, y8, ys, yd]
         g.manual_seed(7)  # the next build sees the same inputs
         results[march] = got
     first = results[marches[0]]
