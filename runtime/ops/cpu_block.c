@@ -36,8 +36,8 @@ void solc_decode_attention(const float *q, const float *k_cache, const float *v_
 
 void solc_select_channels(const float *x, long ldx, long M, long d, const int64_t *k, int64_t *idx, int64_t *off,
                           uint32_t *scratch);
-void solc_rowskip_f32(const float *x, long ldx, const int64_t *idx, const int64_t *off, const float *wt, float *y,
-                      long M, long N, long K, int threads);
+int solc_rowskip_f32(const float *x, long ldx, const int64_t *idx, const int64_t *off, const float *wt, float *y,
+                     long M, long N, long K, int threads);
 int solc_rowskip_int8(const float *x, long ldx, const int64_t *idx, const int64_t *off, const uint8_t *rows,
                       const float *scale, float *y, long M, long N, long K, int threads);
 void solc_int8_linear(const float *x, long ldx, const int8_t *q, const float *scale, float *y, long M, long N,
@@ -152,8 +152,8 @@ void solc_attention_block(const float *x, const float *ms, float eps, const floa
  *     mode 5  pre = the int4 linear of h_p          (in4 nibbles, in4_sz; solc_int4_linear)
  *   solc_mlp_output: out = x + hid @ Wd^T (mode 0 / 1: fp32), x + int8 linear of bf16(hid) (mode 2 / 3), or
  *     x + int4 linear of hid (mode 5).
- * Both return 0, or -1 where the int4 kernel could not run or the int8 row kernel had no scratch (the caller
- * runs its torch form).
+ * Both return 0, or -1 where the int4 kernel could not run or a row kernel had no scratch (the caller runs
+ * its torch form).
  * sel: B * d + 2 * B + 1 + d int64 (indices, offsets, counts, the selection's scratch); work: B * d + B * N_in
  * floats. */
 /* row_counts: each row's kept channels (a mixed batch's rows of one kernel), or NULL: keep_count for all. */
@@ -197,7 +197,7 @@ static int mlp_input(const float *x, const float *ms, float eps, const float *no
             }
         }
     } else if (mode == 1) {
-        solc_rowskip_f32(h, d, idx, off, wt, pre, B, N, d, threads);
+        return solc_rowskip_f32(h, d, idx, off, wt, pre, B, N, d, threads);
     } else if (mode == 5) {
         return solc_int4_linear(hp, d, in4, in4_sz, group, pre, B, N, d, threads);
     } else {

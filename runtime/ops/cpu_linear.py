@@ -67,7 +67,8 @@ SIGNATURES = {  # C function -> argument types (return types: RESTYPES)
     "solc_chain_block_size": [],
     "solc_block_chain": [_P, _L, _P, _P, _P, _P, _P, _L, _P, _P, _P, _P, _I],
 }
-RESTYPES = {"solc_int4_linear": ctypes.c_int, "solc_rowskip_int8": ctypes.c_int, "solc_int4_supported": ctypes.c_int, "solc_mlp_input": ctypes.c_int,
+RESTYPES = {"solc_int4_linear": ctypes.c_int, "solc_rowskip_int8": ctypes.c_int, "solc_rowskip_f32": ctypes.c_int,
+            "solc_int4_supported": ctypes.c_int, "solc_mlp_input": ctypes.c_int,
             "solc_mlp_output": ctypes.c_int, "solc_mlp_block": ctypes.c_int, "solc_chain_block_size": ctypes.c_long,
             "solc_block_chain": ctypes.c_int}  # the others return void
 

@@ -1,6 +1,7 @@
-/* solc::mlp's int8 weight-only linear for decode rows (runtime/ops/cpu_mlp.py), each row on its own.
+/* solc::mlp's CPU kernels for decode rows (runtime/ops/cpu_mlp.py), each row on its own: the int8 and int4
+weight-only linears, the fp32 and int8 row skips and the channel selection.
 
-Like cpu_linear.c, every output element is summed in one fixed order whatever the row count, the row's
+The int8 linear: like cpu_linear.c, every output element is summed in one fixed order whatever the row count, the row's
 place in the batch or the thread split, so a row's result is a function of that row alone: 16 fmaf lane
 sums over k, a scalar tail, a fixed tree (cpu_linear.c's order), then times the output channel's scale,
 rounded to bfloat16 (what torch's int8 kernel returns). The weights are exact in fp32; the activations
@@ -8,8 +9,8 @@ come in already rounded to bfloat16. Streaming int8 rows, this runs at ~0.6-0.7 
 _weight_int8pack_mm time at batch 1 on the dev machine (the conversions are hidden behind the loads).
 Every software prefetch here goes to L2, not L1: on an AMD EPYC (Zen 4, 2026-12-03) the int8 GEMV of a
 3072 x 576 copy streamed from memory took 180-200 us with prefetcht0 and 90-97 us with prefetcht1, and
-the fp32 row skip at keep 0.4 315 -> 205 us (prefetcht1, two kept rows ahead; now four, PREFETCH_ROWS); the prefetched lines
-evicted the lines being summed from L1. (Ad-hoc C microbenchmark, weights streamed over 60 copies.)
+the fp32 row skip at keep 0.4 315 -> 205 us (prefetcht1); the prefetched lines evicted the lines being
+summed from L1. (Ad-hoc C microbenchmark, weights streamed over 60 copies.)
 Built with -ffp-contract=off (cpu_linear.py builds both sources into one library). */
 #include <stdint.h>
 #include <stdlib.h>
@@ -277,43 +278,20 @@ int solc_int4_linear(const float *x, long ldx, const uint8_t *q, const uint16_t 
 
 /* Row-skipping GEMVs for pruned MLP inputs: y[r, :N] = sum over row r's kept channels k (idx[off[r] ..
 off[r + 1]), ascending) of x[r, k] * W^T[k, :N], read from the rows of W^T (wt [K, N]) that the row keeps.
+A dropped channel is a zero term in the dense pass's sum, and fmaf(0, w, acc) == acc, so a row skip equals
+its dense pass on the pruned input bit for bit: a caller may pick either per call (row skip for few
+rows, one shared dense pass for many) and a row's result does not change.
 
-Each output is summed in the fixed order of the dense kernels (cpu_fixed_order.h): channel k goes to lane
-k mod 16 (channels past the last multiple of 16 to the scalar tail), each lane an fmaf chain in ascending
-k, then the fixed tree. A dropped channel is a zero in the dense kernel's sum, and fmaf(0, w, acc) == acc,
-so this equals the dense kernel on the pruned input bit for bit (cpu_linear.c for fp32, int8_block for
-int8): a caller may pick either per call (row skip for few rows, one shared dense pass for many) and a
-row's result does not change. The lanes of a chunk of outputs stay in cache while the chunk walks the
-kept rows; the next kept row's chunk is prefetched (the jumps between kept
-rows defeat the hardware prefetcher). The work is (row, chunk) pairs, split over the threads. */
-/* Outputs per chunk, fp32: the lanes of 512 outputs are 32 KB (L1). SmolLM2 layer, keep 0.4, weights
-streamed, AVX-512 Xeon, 2026-12-02 (/tmp scripts, not committed): 332-341 us (1 thread) and 186-190 (2)
-vs 339 / 185 for the previous mul-add chain kernel; chunks of 256: 422. Wider chunks lose on Zen 4
-(2026-12-04, /tmp/rsf.py: 1536 and 3072 outputs 1.03x and 1.14x the time at 1 thread, 2.0x at 2).
-int8: the fewer times a kept row is visited the better, so a row's outputs are split into as few chunks
-as keep every thread busy (one per thread at batch 1, one per row from threads rows on; at least
-CHUNK_INT8_MIN outputs), the lanes on the heap. Zen 4, SmolLM2 gate/up copy (576 x 3072), keep 0.4,
-weights streamed (2026-12-04, /tmp/rs8.py, not committed): chunks of 768 / 1536 / 3072 took 105-108 /
-100 / 85 us at 1 thread (int8 dense GEMV: 88-101) and 58 / 50 / 78 at 2 (dense: 56-63). Visits of 256
-bytes (registers holding a lane's 256 sums) were slower still (112-127 us): on this machine a kept row
-costs about what its DRAM pages cost, not its bytes, so at keep 0.4 the int8 row skip reads in about
-the time of the dense int8 pass. */
+fp32: each output is summed in cpu_linear.c's fixed order (cpu_fixed_order.h: channel k to lane k mod
+16, channels past the last multiple of 16 to the scalar tail, each lane an fmaf chain in ascending k, then
+the fixed tree), so its dense pass is cpu_linear on the pruned input. int8: one chain per output (below).
+The work is (row, chunk of outputs) pairs (int8: chunks, each walking every row), split over the threads;
+the kept rows some way ahead are prefetched a cache line at a time, spread over each pass, since the
+jumps between kept rows defeat the hardware prefetcher and a burst of prefetches at the start of a pass
+(the kernels before 2026-12-07) left them well below the box's bandwidth. */
 #ifndef CHUNK_F32
-#define CHUNK_F32 512
+#define CHUNK_F32 512  /* outputs per chunk at batch > 1 */
 #endif
-#ifndef CHUNK_INT8_MIN
-#define CHUNK_INT8_MIN 768
-#endif
-/* Kept rows prefetched ahead: 4 (was 2) made the fp32 row skip at keep 0.4 (SmolLM2 gate/up, weights
-streamed, 1 thread) 167-175 us instead of 192-197, 0.90-0.93 of the time in four side-by-side runs; the
-int8 one ran 92-96 us at 2, 4 and 6 (Zen 4, 2026-12-03, /tmp scripts, not committed). */
-#ifndef PREFETCH_ROWS
-#define PREFETCH_ROWS 4
-#endif
-
-static inline void prefetch_span(const void *p, long bytes) {
-    for (long b = 0; b < bytes; b += 64) __builtin_prefetch((const char *)p + b, 0, 2);  /* into L2 */
-}
 
 static inline float lanes_total(const float *acc, long ld, const float *tail, long n) {
 #define A(l) acc[(l) * ld + n]
@@ -323,24 +301,132 @@ static inline float lanes_total(const float *acc, long ld, const float *tail, lo
 #undef A
 }
 
-void solc_rowskip_f32(const float *x, long ldx, const int64_t *idx, const int64_t *off, const float *wt, float *y,
-                      long M, long N, long K, int threads) {
-    long K16 = K - K % LANES, chunks = (N + CHUNK_F32 - 1) / CHUNK_F32;
-#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1 && M * chunks > 1)
-    for (long job = 0; job < M * chunks; ++job) {
-        long r = job / chunks, n0 = job % chunks * CHUNK_F32, cn = N - n0 < CHUNK_F32 ? N - n0 : CHUNK_F32;
-        float acc[LANES][CHUNK_F32], tail[CHUNK_F32];
-        memset(acc, 0, sizeof acc);
-        memset(tail, 0, sizeof tail);
-        for (long i = off[r]; i < off[r + 1]; ++i) {
-            if (i + PREFETCH_ROWS < off[r + 1]) prefetch_span(wt + idx[i + PREFETCH_ROWS] * N + n0, cn * 4);
-            long k = idx[i];
-            const float *w = wt + k * N + n0;
-            float a = x[r * ldx + k], *lane = k < K16 ? acc[k % LANES] : tail;
-            for (long n = 0; n < cn; ++n) lane[n] = __builtin_fmaf(a, w[n], lane[n]);
-        }
-        for (long n = 0; n < cn; ++n) y[r * N + n0 + n] = lanes_total(&acc[0][0], CHUNK_F32, tail, n);
+/* A thread's scratch (the row kernels' running sums and lists of channels), kept between
+calls (a fresh allocation is mapped anew by the C library and its first touches cost more than the sums);
+NULL if it cannot grow. */
+static float *sums_scratch(size_t floats) {
+    static __thread float *buf = NULL;
+    static __thread size_t cap = 0;
+    if (floats > cap) {  /* cache-line aligned: the sums are read and written 64 bytes at a time */
+        void *grown = NULL;
+        if (posix_memalign(&grown, 64, floats * sizeof(float))) return NULL;
+        free(buf);
+        buf = grown;
+        cap = floats;
     }
+    return buf;
+}
+
+/* The fp32 row skip in the lane order above, lane by lane: a lane's running sums (cn floats) stay in L1
+while that lane's kept rows stream past four at a time, each read once and whole; the 16 lanes and the
+tail (lane 16) meet in the tree at the end. (Walking the kept rows in ascending k instead moves a
+different lane's sums for every row: 16 x the sums through the cache, and each row read in pieces.) The
+rows F32_AHEAD on in this walk are prefetched, a cache line of each per 16 outputs, spread over the
+pass. order: the row's kept channels grouped by lane, ascending in each; bound[l] .. bound[l + 1] is
+lane l's part. */
+#ifndef F32_AHEAD
+#define F32_AHEAD 8
+#endif
+static void f32_lanes(const float *x, const int64_t *order, const long *bound, const float *wt, long ld, long n0,
+                      long cn, float *lanes, long lds) {
+    long total = bound[LANES + 1];
+    for (int l = 0; l <= LANES; ++l) {
+        float *restrict s = lanes + l * lds;
+        memset(s, 0, (size_t)cn * sizeof(float));
+        long i = bound[l], e = bound[l + 1];
+        for (; i + 4 <= e; i += 4) {
+            const float *w0 = wt + order[i] * ld + n0, *w1 = wt + order[i + 1] * ld + n0;
+            const float *w2 = wt + order[i + 2] * ld + n0, *w3 = wt + order[i + 3] * ld + n0;
+            float a0 = x[order[i]], a1 = x[order[i + 1]], a2 = x[order[i + 2]], a3 = x[order[i + 3]];
+            int ahead = i + F32_AHEAD + 4 <= total;
+            const float *p0 = ahead ? wt + order[i + F32_AHEAD] * ld + n0 : 0;
+            const float *p1 = ahead ? wt + order[i + F32_AHEAD + 1] * ld + n0 : 0;
+            const float *p2 = ahead ? wt + order[i + F32_AHEAD + 2] * ld + n0 : 0;
+            const float *p3 = ahead ? wt + order[i + F32_AHEAD + 3] * ld + n0 : 0;
+            long n = 0;
+#ifdef __AVX512F__
+            const __m512 b0 = _mm512_set1_ps(a0), b1 = _mm512_set1_ps(a1), b2 = _mm512_set1_ps(a2), b3 = _mm512_set1_ps(a3);
+            for (; n + 16 <= cn; n += 16) {
+                if (ahead) {
+                    __builtin_prefetch(p0 + n, 0, 2);
+                    __builtin_prefetch(p1 + n, 0, 2);
+                    __builtin_prefetch(p2 + n, 0, 2);
+                    __builtin_prefetch(p3 + n, 0, 2);
+                }
+                __m512 v = _mm512_loadu_ps(s + n);
+                v = _mm512_fmadd_ps(b0, _mm512_loadu_ps(w0 + n), v);
+                v = _mm512_fmadd_ps(b1, _mm512_loadu_ps(w1 + n), v);
+                v = _mm512_fmadd_ps(b2, _mm512_loadu_ps(w2 + n), v);
+                v = _mm512_fmadd_ps(b3, _mm512_loadu_ps(w3 + n), v);
+                _mm512_storeu_ps(s + n, v);
+            }
+#else
+            if (ahead)
+                for (long m = 0; m < cn; m += 16) {
+                    __builtin_prefetch(p0 + m, 0, 2);
+                    __builtin_prefetch(p1 + m, 0, 2);
+                    __builtin_prefetch(p2 + m, 0, 2);
+                    __builtin_prefetch(p3 + m, 0, 2);
+                }
+#endif
+            for (; n < cn; ++n) {
+                float v = s[n];
+                v = __builtin_fmaf(a0, w0[n], v);
+                v = __builtin_fmaf(a1, w1[n], v);
+                v = __builtin_fmaf(a2, w2[n], v);
+                v = __builtin_fmaf(a3, w3[n], v);
+                s[n] = v;
+            }
+        }
+        for (; i < e; ++i) {
+            const float *w = wt + order[i] * ld + n0;
+            float a = x[order[i]];
+            for (long n = 0; n < cn; ++n) s[n] = __builtin_fmaf(a, w[n], s[n]);
+        }
+    }
+}
+
+/* Returns 0, or -1 if no scratch could be had (nothing written then; the caller runs its torch form). */
+int solc_rowskip_f32(const float *x, long ldx, const int64_t *idx, const int64_t *off, const float *wt, float *y,
+                     long M, long N, long K, int threads) {
+    long K16 = K - K % LANES;
+    long width = (N + threads - 1) / threads;
+    if (M > 1 && width > CHUNK_F32) width = CHUNK_F32;
+    width = (width + 15) / 16 * 16;
+    long chunks = (N + width - 1) / width, jobs = M * chunks, lds = width;
+    int failed = 0;
+#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1 && jobs > 1) reduction(| : failed)
+    for (long job = 0; job < jobs; ++job) {
+        long r = job / chunks, n0 = job % chunks * width, cn = N - n0 < width ? N - n0 : width;
+        long nk = off[r + 1] - off[r];
+        float *lanes = sums_scratch((size_t)((LANES + 1) * lds + 2 * nk + 2 * (LANES + 2)));
+        if (!lanes) {
+            failed = 1;
+            continue;
+        }
+        int64_t *order = (int64_t *)(lanes + (LANES + 1) * lds);
+        long *bound = (long *)(order + nk), fill[LANES + 1];
+        for (int l = 0; l <= LANES + 1; ++l) bound[l] = 0;
+        for (long i = off[r]; i < off[r + 1]; ++i) ++bound[(idx[i] < K16 ? idx[i] % LANES : LANES) + 1];
+        for (int l = 0; l <= LANES; ++l) bound[l + 1] += bound[l];
+        for (int l = 0; l <= LANES; ++l) fill[l] = bound[l];
+        for (long i = off[r]; i < off[r + 1]; ++i) order[fill[idx[i] < K16 ? idx[i] % LANES : LANES]++] = idx[i];
+        f32_lanes(x + r * ldx, order, bound, wt, N, n0, cn, lanes, lds);
+        long n = 0;
+#ifdef __AVX512F__
+        for (; n + 16 <= cn; n += 16) {  /* lanes_total's tree, 16 outputs at a time */
+#define V(l) _mm512_loadu_ps(lanes + (l) * lds + n)
+#define S(a, b) _mm512_add_ps(a, b)
+            __m512 t = S(S(S(S(V(0), V(8)), S(V(4), V(12))), S(S(V(2), V(10)), S(V(6), V(14)))),
+                         S(S(S(V(1), V(9)), S(V(5), V(13))), S(S(V(3), V(11)), S(V(7), V(15)))));
+            _mm512_storeu_ps(y + r * N + n0 + n, S(t, V(LANES)));
+#undef V
+#undef S
+        }
+#endif
+        for (; n < cn; ++n) y[r * N + n0 + n] = lanes_total(lanes, lds, lanes + LANES * lds, n);
+    }
+    return failed ? -1 : 0;
 }
 
 /* The int8 form over `quant_primitives.int8_rows` (uint8 [K, N + 8]: the int8 value + 128, then a row
@@ -409,22 +495,6 @@ static void int8_chain(const float *x, const int64_t *ks, long nk, const uint8_t
         float a = x[ks[i]];
         for (long n = 0; n < cn; ++n) sums[n] = __builtin_fmaf(a, (float)((int)w[n] - 128), sums[n]);
     }
-}
-
-/* A thread's scratch (the running sums and, with idx NULL, the list of every channel), kept between
-calls (a fresh allocation is mapped anew by the C library and its first touches cost more than the sums);
-NULL if it cannot grow. */
-static float *sums_scratch(size_t floats) {
-    static __thread float *buf = NULL;
-    static __thread size_t cap = 0;
-    if (floats > cap) {  /* cache-line aligned: the sums are read and written 64 bytes at a time */
-        void *grown = NULL;
-        if (posix_memalign(&grown, 64, floats * sizeof(float))) return NULL;
-        free(buf);
-        buf = grown;
-        cap = floats;
-    }
-    return buf;
 }
 
 /* y [M, N] (row stride N): each row's chain over its kept channels idx[off[r] .. off[r + 1]) (ascending),

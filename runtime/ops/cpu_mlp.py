@@ -117,8 +117,9 @@ def _rowskip(x: Tensor, keeps: list[float], wt: Tensor, values: Optional[Tensor]
     flat, offsets = _kept(x, keeps)
     xs = (x if values is None else values).contiguous()
     y = torch.empty(x.shape[0], wt.shape[1], dtype=torch.float32)
-    lib.solc_rowskip_f32(xs.data_ptr(), xs.shape[1], flat.data_ptr(), offsets.data_ptr(), wt.data_ptr(), y.data_ptr(),
-                         x.shape[0], wt.shape[1], wt.shape[0], torch.get_num_threads())
+    if lib.solc_rowskip_f32(xs.data_ptr(), xs.shape[1], flat.data_ptr(), offsets.data_ptr(), wt.data_ptr(),
+                            y.data_ptr(), x.shape[0], wt.shape[1], wt.shape[0], torch.get_num_threads()):
+        raise MemoryError("solc_rowskip_f32: no memory for its scratch")
     return y
 
 
