@@ -295,6 +295,14 @@ jumps between kept rows defeat the hardware prefetcher and a burst of prefetches
 #define CHUNK_F32 512  /* outputs per chunk at batch > 1 */
 #endif
 
+/* A cache line of each of four rows into L2 (the row kernels' look-ahead). */
+static inline void prefetch4(const void *p0, const void *p1, const void *p2, const void *p3) {
+    __builtin_prefetch(p0, 0, 2);
+    __builtin_prefetch(p1, 0, 2);
+    __builtin_prefetch(p2, 0, 2);
+    __builtin_prefetch(p3, 0, 2);
+}
+
 static inline float lanes_total(const float *acc, long ld, const float *tail, long n) {
 #define A(l) acc[(l) * ld + n]
     return ((((A(0) + A(8)) + (A(4) + A(12))) + ((A(2) + A(10)) + (A(6) + A(14))))
@@ -349,12 +357,7 @@ static void f32_lanes(const float *x, const int64_t *order, const long *bound, c
 #ifdef __AVX512F__
             const __m512 b0 = _mm512_set1_ps(a0), b1 = _mm512_set1_ps(a1), b2 = _mm512_set1_ps(a2), b3 = _mm512_set1_ps(a3);
             for (; n + 16 <= cn; n += 16) {
-                if (ahead) {
-                    __builtin_prefetch(p0 + n, 0, 2);
-                    __builtin_prefetch(p1 + n, 0, 2);
-                    __builtin_prefetch(p2 + n, 0, 2);
-                    __builtin_prefetch(p3 + n, 0, 2);
-                }
+                if (ahead) prefetch4(p0 + n, p1 + n, p2 + n, p3 + n);
                 __m512 v = _mm512_loadu_ps(s + n);
                 v = _mm512_fmadd_ps(b0, _mm512_loadu_ps(w0 + n), v);
                 v = _mm512_fmadd_ps(b1, _mm512_loadu_ps(w1 + n), v);
@@ -364,12 +367,7 @@ static void f32_lanes(const float *x, const int64_t *order, const long *bound, c
             }
 #else
             if (ahead)
-                for (long m = 0; m < cn; m += 16) {
-                    __builtin_prefetch(p0 + m, 0, 2);
-                    __builtin_prefetch(p1 + m, 0, 2);
-                    __builtin_prefetch(p2 + m, 0, 2);
-                    __builtin_prefetch(p3 + m, 0, 2);
-                }
+                for (long m = 0; m < cn; m += 16) prefetch4(p0 + m, p1 + m, p2 + m, p3 + m);
 #endif
             for (; n < cn; ++n) {
                 float v = s[n];
@@ -471,12 +469,7 @@ static void int8_chain(const float *x, const int64_t *ks, long nk, const uint8_t
             s = _mm512_fmadd_ps(b2, W(w2, o), s); s = _mm512_fmadd_ps(b3, W(w3, o), s); \
             _mm512_storeu_ps(sums + n + (o), s); }
         for (; n + 64 <= cn; n += 64) {
-            if (p0) {
-                __builtin_prefetch(p0 + n, 0, 2);
-                __builtin_prefetch(p1 + n, 0, 2);
-                __builtin_prefetch(p2 + n, 0, 2);
-                __builtin_prefetch(p3 + n, 0, 2);
-            }
+            if (p0) prefetch4(p0 + n, p1 + n, p2 + n, p3 + n);
             STEP(0) STEP(16) STEP(32) STEP(48)
         }
         for (; n + 16 <= cn; n += 16) STEP(0)
