@@ -36,10 +36,14 @@ Rows, per (batch, context):
 Rows run interleaved, --rounds times each (warm-up steps, then --steps timed steps), so drift of the
 machine hits every row alike; medians are over all timed steps, per-round medians are in the JSON.
 
-The cache is filled synthetically (random keys/values at positions 0..context-1, Quest page statistics from
-`runtime.ops.reference.page_stats`), not by prefilling the model: decode cost depends on the cache's size,
-not its contents (the weights are random too unless --pretrained). Every row starts at the same position
-(the context length) on the same cache; timed steps feed back their greedy token.
+By default the cache is filled synthetically (random keys/values at positions 0..context-1, Quest page
+statistics from `runtime.ops.reference.page_stats`), not by prefilling the model. Dense decode cost depends
+on the cache's size, not its contents; sparse attention's does not quite: with GQA each query head picks
+its own pages, and on random keys the G heads of a KV head pick nearly independent sets (a union of up to
+~1 - (1 - keep)^G of the pages). --kv text (with --pretrained) prefills the context from the default corpus
+(the first context of that length of its train split) through the model instead, so the pages and the
+queries are real; the prefill runs once per context and is reused across --threads. Every row starts at
+the same position (the context length) on the same cache; timed steps feed back their greedy token.
 
 Floor = bytes the step must read / the device's measured read bandwidth (a large tensor sum, measured at
 the start and probed once per round beside the rows; the floors use the best over the run):
@@ -80,10 +84,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import solc  # noqa: E402
+from solc import data as solc_data  # noqa: E402
 from runtime import hf_adapter  # noqa: E402
 from runtime.cost_model import BytesCostModel  # noqa: E402
 from runtime.dispatch import StepDispatcher  # noqa: E402
 from runtime.generate import budget_targets  # noqa: E402
+from runtime.stepper import PREFILL_CHUNK  # noqa: E402
 from runtime.ops.reference import PAGE_SIZE, keep_count, page_stats  # noqa: E402
 from runtime.policy import PolicyConfig, PolicyNet, PolicySource  # noqa: E402
 
@@ -282,6 +288,26 @@ def fill_synthetic(kv_pairs, context: int, gen: torch.Generator, with_stats: lis
     del keys, values, low, high
 
 
+@torch.no_grad()
+def fill_text(sol, cache, context: int, held: dict) -> None:
+    """Every row of `cache` holds the model's own cache of the first `context` tokens of the default corpus's
+    train split (a dense prefill through the dispatcher, in PREFILL_CHUNK pieces), positions 0..context-1.
+    `held` keeps each context's prefilled batch-1 cache tensors, so other thread counts reuse them."""
+    if context not in held:
+        tok = solc.load_tokenizer("smollm2-135m")
+        ids = solc_data.get_contexts(tok, split="train", length=context, max_contexts=1).to(cache.tensors[0].device)
+        one = sol.new_cache(1, cache.max_len, device=cache.tensors[0].device)
+        disp = StepDispatcher(sol)
+        t = time.perf_counter()
+        for lo in range(0, context, PREFILL_CHUNK):
+            hi = min(lo + PREFILL_CHUNK, context)
+            disp.prefill(ids[:, lo:hi], torch.arange(lo, hi, device=ids.device)[None], one, kv_len=hi)
+        print(f"    prefilled {context} tokens of text in {time.perf_counter() - t:.0f}s", flush=True)
+        held[context] = [x.clone() for x in one.tensors]
+    for dst, src in zip(cache.tensors, held[context]):
+        dst.copy_(src.expand_as(dst))
+
+
 def action_label(sol, a: int) -> str:
     act = sol.space[a]
     return f"attn {act.attn:g} mlp {act.mlp:g} {act.bits}b"
@@ -409,7 +435,11 @@ class Config:
         dense = sol.space.dense_index
         cache = sol.new_cache(B, self.max_len, device=self.device)
         layers = [cache.tensors[i:i + 4] for i in range(0, len(cache.tensors), 4)]
-        fill_synthetic([(t[0], t[1]) for t in layers], self.context, self.gen, with_stats=[(t[2], t[3]) for t in layers])
+        if args.kv == "text":
+            fill_text(sol, cache, self.context, args.text_caches)
+        else:
+            fill_synthetic([(t[0], t[1]) for t in layers], self.context, self.gen,
+                           with_stats=[(t[2], t[3]) for t in layers])
         # A dispatcher per configuration: a CUDA-graph variant replays on the cache it was captured with.
         disp = StepDispatcher(sol, mode=args.mode)
         runners = []
@@ -773,10 +803,14 @@ def main(argv=None) -> int:
     p.add_argument("--generate-budget", type=float, default=0.6, help="budget of the sol.generate row (Fixed scheduler)")
     p.add_argument("--generate-rounds", type=int, default=5, help="timed calls per generate row, interleaved")
     p.add_argument("--prompt-len", type=int, default=32, help="prompt tokens of the generate rows")
+    p.add_argument("--kv", default="random", choices=["random", "text"],
+                   help="cache contents: random keys/values (default), or the model's cache of real text (--pretrained)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"), help="output folder")
     p.add_argument("--tag", default="", help="suffix of the output file names")
     args = p.parse_args(argv)
+    if args.kv == "text" and not args.pretrained:
+        p.error("--kv text needs --pretrained (the model's cache of real text)")
 
     args.threads = args.threads or [torch.get_num_threads()]
     torch.set_num_threads(args.threads[0])
@@ -809,6 +843,7 @@ def main(argv=None) -> int:
 
     max_context = max(args.contexts + (args.mixed_contexts or []) + [args.prompt_len + args.generate]) \
         + args.rounds * (args.warmup + args.steps)
+    args.text_caches = {}
     if args.pretrained:
         if args.model != "smollm2-135m":
             p.error("--pretrained is available for smollm2-135m only")
@@ -890,6 +925,7 @@ def main(argv=None) -> int:
         "dtype": str(dtype).removeprefix("torch."),
         "mode": StepDispatcher(sol, mode=args.mode).mode,
         "hf_compile": args.hf_compile,
+        "kv": args.kv,
         "steps": args.steps,
         "warmup": args.warmup,
         "budget": args.budget,
