@@ -1,9 +1,6 @@
 """benchmarks/decode.py --kv text: every row of the benchmark's cache holds the model's own cache of the
 corpus text (keys as HF computes them, page statistics as the reference computes them), and a second
 thread count reuses the prefill instead of running it again."""
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -11,15 +8,10 @@ import solc
 from runtime.ops.reference import page_stats
 from solc import data
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 @pytest.fixture(scope="module")
-def decode_bench():
-    spec = importlib.util.spec_from_file_location("bench_decode", ROOT / "benchmarks" / "decode.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+def decode_bench(load_benchmark):
+    return load_benchmark("decode")
 
 
 @pytest.mark.slow

@@ -1,20 +1,13 @@
 """benchmarks/kernels.py: the CPU path (sanity subset, exit 0) and every GPU section's code, run here on
 tiny shapes with the timer stubbed (so the script does not rot while no session has a GPU)."""
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[3]
-
 
 @pytest.fixture(scope="module")
-def bench_mod():
-    spec = importlib.util.spec_from_file_location("bench_kernels", ROOT / "benchmarks" / "kernels.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+def bench_mod(load_benchmark):
+    return load_benchmark("kernels")
 
 
 def test_cpu_run_prints_skip_and_passes_sanity(bench_mod, capsys):
