@@ -89,7 +89,7 @@ from runtime import hf_adapter  # noqa: E402
 from runtime.cost_model import BytesCostModel  # noqa: E402
 from runtime.dispatch import StepDispatcher  # noqa: E402
 from runtime.generate import budget_targets  # noqa: E402
-from runtime.stepper import PREFILL_CHUNK  # noqa: E402
+from runtime.stepper import Stepper  # noqa: E402
 from runtime.ops.reference import PAGE_SIZE, keep_count, page_stats  # noqa: E402
 from runtime.policy import PolicyConfig, PolicyNet, PolicySource  # noqa: E402
 
@@ -291,19 +291,16 @@ def fill_synthetic(kv_pairs, context: int, gen: torch.Generator, with_stats: lis
 @torch.no_grad()
 def fill_text(sol, cache, context: int, held: dict) -> None:
     """Every row of `cache` holds the model's own cache of the first `context` tokens of the default corpus's
-    train split (a dense prefill through the dispatcher, in PREFILL_CHUNK pieces), positions 0..context-1.
+    train split (the Stepper's dense prefill, on a cache of the same length), positions 0..context-1.
     `held` keeps each context's prefilled batch-1 cache tensors, so other thread counts reuse them."""
     if context not in held:
         tok = solc.load_tokenizer("smollm2-135m")
         ids = solc_data.get_contexts(tok, split="train", length=context, max_contexts=1).to(cache.tensors[0].device)
-        one = sol.new_cache(1, cache.max_len, device=cache.tensors[0].device)
-        disp = StepDispatcher(sol)
+        stepper = Stepper(sol, dispatcher=StepDispatcher(sol))
         t = time.perf_counter()
-        for lo in range(0, context, PREFILL_CHUNK):
-            hi = min(lo + PREFILL_CHUNK, context)
-            disp.prefill(ids[:, lo:hi], torch.arange(lo, hi, device=ids.device)[None], one, kv_len=hi)
+        stepper.prefill(ids, steps=cache.max_len - context)  # its cache: context + steps = cache.max_len positions
         print(f"    prefilled {context} tokens of text in {time.perf_counter() - t:.0f}s", flush=True)
-        held[context] = [x.clone() for x in one.tensors]
+        held[context] = [x.clone() for x in stepper.cache.tensors]
     for dst, src in zip(cache.tensors, held[context]):
         dst.copy_(src.expand_as(dst))
 
