@@ -311,7 +311,7 @@ static inline float lanes_total(const float *acc, long ld, const float *tail, lo
 #undef A
 }
 
-/* A thread's scratch (the row kernels' running sums and lists of channels), kept between
+/* A thread's scratch (the row kernels' running sums, the fp32 one's channels by lane), kept between
 calls (a fresh allocation is mapped anew by the C library and its first touches cost more than the sums);
 NULL if it cannot grow. */
 static float *sums_scratch(size_t floats) {
@@ -446,19 +446,26 @@ sixteen give a row the same bits. */
 #define CHUNK_INT8_BATCH 512  /* outputs per chunk at batch > 1: the chunk's weights (K x 512 bytes) stay in L2 for the next row */
 #endif
 
-/* sums[0:cn] += the chain over kept channels ks[0:nk] of one row (x its values), outputs n0 .. n0 + cn. */
+/* The i-th kept channel: ks[i], or i where ks is NULL (every channel). */
+static inline long kept_at(const int64_t *ks, long i) { return ks ? ks[i] : i; }
+
+/* sums[0:cn] += the chain over kept channels ks[0:nk] (NULL: 0 .. nk - 1) of one row (x its values),
+outputs n0 .. n0 + cn. */
 static void int8_chain(const float *x, const int64_t *ks, long nk, const uint8_t *rows, long ld, long n0, long cn,
                        float *restrict sums) {
     long i = 0;
     for (; i + 4 <= nk; i += 4) {
-        const uint8_t *w0 = rows + ks[i] * ld + n0, *w1 = rows + ks[i + 1] * ld + n0;
-        const uint8_t *w2 = rows + ks[i + 2] * ld + n0, *w3 = rows + ks[i + 3] * ld + n0;
-        float a0 = x[ks[i]], a1 = x[ks[i + 1]], a2 = x[ks[i + 2]], a3 = x[ks[i + 3]];
+        long k0 = kept_at(ks, i), k1 = kept_at(ks, i + 1), k2 = kept_at(ks, i + 2), k3 = kept_at(ks, i + 3);
+        const uint8_t *w0 = rows + k0 * ld + n0, *w1 = rows + k1 * ld + n0;
+        const uint8_t *w2 = rows + k2 * ld + n0, *w3 = rows + k3 * ld + n0;
+        float a0 = x[k0], a1 = x[k1], a2 = x[k2], a3 = x[k3];
         /* the rows INT8_AHEAD kept rows on, a cache line of each per 64 outputs (spread over the pass: a
         burst of prefetches at the start of a pass ran slower) */
         long ahead = i + INT8_AHEAD + 4 <= nk ? i + INT8_AHEAD : -1;
-        const uint8_t *p0 = ahead < 0 ? 0 : rows + ks[ahead] * ld + n0, *p1 = ahead < 0 ? 0 : rows + ks[ahead + 1] * ld + n0;
-        const uint8_t *p2 = ahead < 0 ? 0 : rows + ks[ahead + 2] * ld + n0, *p3 = ahead < 0 ? 0 : rows + ks[ahead + 3] * ld + n0;
+        const uint8_t *p0 = ahead < 0 ? 0 : rows + kept_at(ks, ahead) * ld + n0;
+        const uint8_t *p1 = ahead < 0 ? 0 : rows + kept_at(ks, ahead + 1) * ld + n0;
+        const uint8_t *p2 = ahead < 0 ? 0 : rows + kept_at(ks, ahead + 2) * ld + n0;
+        const uint8_t *p3 = ahead < 0 ? 0 : rows + kept_at(ks, ahead + 3) * ld + n0;
         long n = 0;
 #ifdef __AVX512F__
         const __m512i bias = _mm512_set1_epi32(128);
@@ -486,8 +493,9 @@ static void int8_chain(const float *x, const int64_t *ks, long nk, const uint8_t
         }
     }
     for (; i < nk; ++i) {
-        const uint8_t *w = rows + ks[i] * ld + n0;
-        float a = x[ks[i]];
+        long k = kept_at(ks, i);
+        const uint8_t *w = rows + k * ld + n0;
+        float a = x[k];
         for (long n = 0; n < cn; ++n) sums[n] = __builtin_fmaf(a, (float)((int)w[n] - 128), sums[n]);
     }
 }
@@ -506,16 +514,13 @@ int solc_rowskip_int8(const float *x, long ldx, const int64_t *idx, const int64_
 #pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1 && chunks > 1) reduction(| : failed)
     for (long c = 0; c < chunks; ++c) {
         long n0 = c * width, cn = N - n0 < width ? N - n0 : width;
-        float *sums = sums_scratch((size_t)(width + (idx ? 0 : 2 * K)));  /* 2 floats hold one int64 */
+        float *sums = sums_scratch((size_t)width);
         if (!sums) {
             failed = 1;
             continue;
         }
-        int64_t *all = idx ? NULL : (int64_t *)(sums + width);
-        if (all)
-            for (long k = 0; k < K; ++k) all[k] = k;
         for (long r = 0; r < M; ++r) {
-            const int64_t *ks = idx ? idx + off[r] : all;
+            const int64_t *ks = idx ? idx + off[r] : NULL;
             long nk = idx ? off[r + 1] - off[r] : K;
             memset(sums, 0, (size_t)cn * sizeof(float));
             int8_chain(x + r * ldx, ks, nk, rows, ld, n0, cn, sums);
