@@ -258,8 +258,8 @@ class MlpBlock(_Block):
         mode = modes.get((level, row_skip))
         if mode is None:
             return None
-        if c["in8_rows"] is not None and 2 in (modes.values() if key == MIXED_ROWS else (mode,)):
-            reads = tuple(dict.fromkeys(reads + ("in8_rows",)))  # mode 2 runs the in8_rows kernel where it exists
+        if mode == 2 and c["in8_rows"] is not None:  # mode 2 runs the in8_rows kernel where it exists (a mixed
+            reads += ("in8_rows",)                    # plan's reads have it already, from mode 3's needs)
         if any(c[name] is not None and not (c[name].dtype == dtype and c[name].is_contiguous())
                for name, dtype in _COPY_DTYPES.items()):
             return None

@@ -121,9 +121,9 @@ static void gemv_block(const float *x, const float *w, long K, long K16, long n0
     /* The loop below, written out: each of the 16 rows' lanes in one register, x loaded once per step,
     and the rows two groups ahead prefetched a line per row and step (the rows' own lines, not the next
     group's block in order). Same fmaf sequence per lane, so the same bits. SmolLM2 shapes, weights
-    streamed, 1 thread, Zen 4 (2026-12-07, ad-hoc ctypes script, not committed): 3072 x 576 273-318 ->
-    249-252 us, 576 x 1536 122-154 -> 110-123, the LM head 49152 x 576 4.46-4.57 -> 3.79-3.85 ms; 2
-    threads 2.34-2.44 -> 1.97-2.18 ms for the LM head. */
+    streamed, 1 thread, Zen 4 (2026-12-07, ad-hoc ctypes script, not committed; docs/runtime.md): 3072 x
+    576 246-275 -> 209-214 us, 576 x 1536 121-128 -> 112-114, the LM head 49152 x 576 4.19-4.32 ->
+    3.57-3.60 ms. */
     for (; n + 16 <= n1; n += 16) {
         __m512 a[16];
         for (int c = 0; c < 16; ++c) a[c] = _mm512_setzero_ps();
