@@ -159,6 +159,9 @@ class AttentionBlock(_Block):
         if not (tuple(kc.shape) == tuple(vc.shape) == (B, Hkv, S, D) and S >= PAGE_SIZE
                 and tuple(pmin.shape) == tuple(pmax.shape) == (B, Hkv, P, D)):
             return None
+        if B == 1:  # the one-row GEMV's packed copies (cpu_linear.c)
+            for w in (wq, wk, wv, wo):
+                cpu_linear.ensure_packed(w)
         per_task = Hq // Hkv * (S + P) + 2 * P + S
         static = tuple(self.roles[n] for n in self.STATIC if self.roles[n] is not None)
         return Plan(inputs, static, lib=lib, B=B, x_shape=x.shape, per_task=per_task, c_mean=_aten_mean_in_c(lib, d),
@@ -263,6 +266,9 @@ class MlpBlock(_Block):
         if any(c[name] is not None and not (c[name].dtype == dtype and c[name].is_contiguous())
                for name, dtype in _COPY_DTYPES.items()):
             return None
+        if B == 1:  # the one-row GEMV's packed copies (cpu_linear.c), for the fp32 weights the mode reads
+            for w in ((wg, wu, wd) if mode == 0 else (wd,) if mode == 1 else ()):
+                cpu_linear.ensure_packed(w)
         ptr = lambda name: _ptr(c[name])  # noqa: E731
         h = torch.empty(B, d, dtype=_F32)
         static = tuple(i for r, i in self.roles.items() if i is not None and r not in self.DYNAMIC)

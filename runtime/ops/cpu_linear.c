@@ -171,13 +171,106 @@ static void gemv_block(const float *x, const float *w, long K, long K16, long n0
     }
 }
 
+/* Packed copies for the one-row GEMV. Read in place, a group's 16 rows are 16 streams 4 * K bytes apart,
+and the GEMVs of a SmolLM2 step ran at 31 GB/s where one sequential stream reads 40 (Zen 4, 1 thread).
+In the packed copy each group's 16 x 16 blocks lie in the order the loop reads them (group, k step, row,
+lane), so a GEMV reads one stream: 17% less time for a step's weights (2026-12-07, docs/runtime.md). Only
+the full groups and k steps are packed; the tails read w. Same fmaf sequence per lane, so the same bits.
+A copy is registered under its weight's address (cpu_linear.py owns the copies and their lifetime) and
+found by a lookup in an open-addressed table: registrations are rare and serialised by the caller, a
+lookup may run beside one (each slot's address is published last). */
+#define PACK_SLOTS 4096 /* a power of two; tombstones stay until a registration reuses them */
+#define PACK_TOMB ((const float *)1)
+typedef struct { const float *w; long N, K; const float *packed; } pack_slot;
+static pack_slot packs[PACK_SLOTS];
+
+static inline unsigned long pack_hash(const float *w) {
+    return (unsigned long)(((unsigned long long)(size_t)w >> 6) * 0x9E3779B97F4A7C15ull >> 40) & (PACK_SLOTS - 1);
+}
+
+static const float *packed_of(const float *w, long N, long K) {
+    for (unsigned long i = pack_hash(w), n = 0; n < PACK_SLOTS; i = (i + 1) & (PACK_SLOTS - 1), ++n) {
+        const float *at = __atomic_load_n(&packs[i].w, __ATOMIC_ACQUIRE);
+        if (at == 0) return 0;
+        if (at == w) return packs[i].N == N && packs[i].K == K ? packs[i].packed : 0;
+    }
+    return 0;
+}
+
+int solc_pack_supported(void) {
+#ifdef __AVX512F__
+    return 1;
+#else
+    return 0; /* the AVX2 and generic GEMVs hold fewer rows at once than a packed group */
+#endif
+}
+
+/* out[(n / 16) * 16 * K16 + k * 16 + c * 16 + l] = w[(n + c) * K + k + l] over the full groups and k steps. */
+void solc_pack_f32(const float *w, long N, long K, float *out) {
+    long K16 = K - K % LANES;
+    for (long n = 0; n + 16 <= N; n += 16)
+        for (long k = 0; k < K16; k += LANES)
+            for (int c = 0; c < 16; ++c)
+                for (int l = 0; l < LANES; ++l) *out++ = w[(n + c) * K + k + l];
+}
+
+/* Registers packed as w's copy (packed NULL: forgets w's). Returns 0 when the table is full. */
+int solc_pack_register(const float *w, long N, long K, const float *packed) {
+    long free_at = -1;
+    for (unsigned long i = pack_hash(w), n = 0; n < PACK_SLOTS; i = (i + 1) & (PACK_SLOTS - 1), ++n) {
+        const float *at = packs[i].w;
+        if (at == w) {
+            __atomic_store_n(&packs[i].w, PACK_TOMB, __ATOMIC_RELEASE);
+            free_at = free_at < 0 ? (long)i : free_at;
+            break;
+        }
+        if (at == PACK_TOMB && free_at < 0) free_at = (long)i;
+        if (at == 0) {
+            free_at = free_at < 0 ? (long)i : free_at;
+            break;
+        }
+    }
+    if (!packed) return 1;
+    if (free_at < 0) return 0;
+    packs[free_at].N = N, packs[free_at].K = K, packs[free_at].packed = packed;
+    __atomic_store_n(&packs[free_at].w, w, __ATOMIC_RELEASE);
+    return 1;
+}
+
+#ifdef __AVX512F__
+/* gemv_block's AVX-512 loop over a packed copy (p: the copy of w; the K tail still reads w). */
+static long gemv_packed(const float *x, const float *p, const float *w, long K, long K16, long n0, long n1, float *y) {
+    long n = n0;
+    for (; n + 16 <= n1; n += 16) {
+        __m512 a[16];
+        for (int c = 0; c < 16; ++c) a[c] = _mm512_setzero_ps();
+        const float *blk = p + n * K16;
+        for (long k = 0; k < K16; k += LANES) {
+            __m512 xv = _mm512_loadu_ps(x + k);
+            for (int c = 0; c < 16; ++c) a[c] = _mm512_fmadd_ps(xv, _mm512_loadu_ps(blk + k * 16 + c * LANES), a[c]);
+        }
+        for (int c = 0; c < 16; ++c) {
+            float acc[LANES], tail = 0;
+            _mm512_storeu_ps(acc, a[c]);
+            for (long k = K16; k < K; ++k) tail = __builtin_fmaf(x[k], w[(n + c) * K + k], tail);
+            y[n + c] = finish(acc, tail);
+        }
+    }
+    return n;
+}
+#endif
+
 void solc_linear_f32(const float *x, long ldx, const float *w, const float *bias, float *y,
                      long M, long N, long K, int threads) {
     long K16 = K - K % LANES;
     long blocks = (N + COL_BLOCK - 1) / COL_BLOCK;
+    const float *packed = M == 1 && K16 ? packed_of(w, N, K) : 0;
 #pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
     for (long blk = 0; blk < blocks; ++blk) {
         long n0 = blk * COL_BLOCK, n1 = n0 + COL_BLOCK < N ? n0 + COL_BLOCK : N;
+#ifdef __AVX512F__
+        if (packed) n0 = gemv_packed(x, packed, w, K, K16, n0, n1, y);  /* full groups; the rest below */
+#endif
         if (M == 1) { gemv_block(x, w, K, K16, n0, n1, y); continue; }
         for (long r0 = 0; r0 < M; r0 += ROW_TILE) {
             int rows = M - r0 < ROW_TILE ? (int)(M - r0) : ROW_TILE;

@@ -23,6 +23,7 @@ import subprocess
 import sysconfig
 import threading
 import warnings
+import weakref
 from pathlib import Path
 from typing import Optional
 
@@ -66,11 +67,15 @@ SIGNATURES = {  # C function -> argument types (return types: RESTYPES)
                        _P, _P, _P, _P, _P, _P, _P, _I],
     "solc_chain_block_size": [],
     "solc_block_chain": [_P, _L, _P, _P, _P, _P, _P, _L, _P, _P, _P, _P, _I],
+    "solc_pack_supported": [],
+    "solc_pack_f32": [_P, _L, _L, _P],
+    "solc_pack_register": [_P, _L, _L, _P],
 }
 RESTYPES = {"solc_int4_linear": ctypes.c_int, "solc_rowskip_int8": ctypes.c_int, "solc_rowskip_f32": ctypes.c_int,
             "solc_int4_supported": ctypes.c_int, "solc_mlp_input": ctypes.c_int,
             "solc_mlp_output": ctypes.c_int, "solc_mlp_block": ctypes.c_int, "solc_chain_block_size": ctypes.c_long,
-            "solc_block_chain": ctypes.c_int}  # the others return void
+            "solc_block_chain": ctypes.c_int, "solc_pack_supported": ctypes.c_int,
+            "solc_pack_register": ctypes.c_int}  # the others return void
 
 
 def _cpu_features() -> str:
@@ -130,6 +135,60 @@ def library():
     return _library or None
 
 
+# -- packed copies for the one-row GEMV (cpu_linear.c: the layout and why) ------------------------------
+# (address, N, K) -> (weight version at packing, the copy). A copy lives as long as its weight's storage
+# (a finalizer on the storage forgets it), so an address is never reused while the C table holds it.
+_packed: dict[tuple[int, int, int], tuple[int, Tensor]] = {}
+_pack_lock = threading.Lock()
+
+
+def packing_enabled() -> bool:
+    """SOLC_CPU_PACK=0 turns the packed copies off (they cost a second copy of every fp32 weight that a
+    batch-1 decode step reads)."""
+    return os.environ.get("SOLC_CPU_PACK", "1") != "0"
+
+
+def _version(w: Tensor) -> int:
+    try:
+        return w._version
+    except RuntimeError:  # an inference tensor: it cannot change in place
+        return -1
+
+
+def ensure_packed(w: Tensor) -> None:
+    """Gives the fp32 weight w [N, K] a packed copy for batch-1 steps (once; again after w changed in
+    place, as far as its version counter tells). Same results, read faster: cpu_linear.c."""
+    key = (w.data_ptr(), w.shape[0], w.shape[1]) if w.dim() == 2 else None
+    held = _packed.get(key)
+    if held is not None and held[0] == _version(w):
+        return
+    lib = _library or library()
+    if (lib is None or key is None or w.dtype is not _F32 or w.device.type != "cpu" or not w.is_contiguous()
+            or min(w.shape) < 16 or not packing_enabled() or not lib.solc_pack_supported()):
+        return
+    N, K = w.shape
+    with _pack_lock:
+        fresh = key not in _packed
+        copy = torch.empty((N - N % 16) * (K - K % 16), dtype=_F32)
+        lib.solc_pack_f32(w.data_ptr(), N, K, copy.data_ptr())
+        if not lib.solc_pack_register(w.data_ptr(), N, K, copy.data_ptr()):
+            return  # the table is full: this weight's GEMVs read it in place
+        _packed[key] = (_version(w), copy)
+        if fresh:
+            weakref.finalize(w.untyped_storage(), _forget, key)
+
+
+def _forget(key: tuple[int, int, int]) -> None:
+    with _pack_lock:
+        if _packed.pop(key, None) is not None and _library:
+            _library.solc_pack_register(key[0], key[1], key[2], None)
+
+
+def packed_bytes() -> int:
+    """The memory the packed copies hold now."""
+    return sum(copy.numel() * copy.element_size() for _, copy in list(_packed.values()))
+
+
 def rows_linear(x: Tensor, w: Tensor, b: Optional[Tensor]) -> Tensor:
     """x [M, K] @ w[N, K]^T (+ b) with each row summed in the kernel's fixed order (fp32, contiguous w)."""
     lib = _library or library()
@@ -137,6 +196,8 @@ def rows_linear(x: Tensor, w: Tensor, b: Optional[Tensor]) -> Tensor:
         return torch.cat([F.linear(x[i:i + 1], w, b) for i in range(x.shape[0])])
     x = x.contiguous()
     (M, K), N = x.shape, w.shape[0]
+    if M == 1:
+        ensure_packed(w)
     y = torch.empty(M, N, dtype=_F32)
     lib.solc_linear_f32(x.data_ptr(), K, w.data_ptr(), b.data_ptr() if b is not None else None, y.data_ptr(),
                         M, N, K, torch.get_num_threads())

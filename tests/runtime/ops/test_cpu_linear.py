@@ -183,3 +183,52 @@ def test_every_instruction_set_path_gives_the_same_bits(tmp_path):
     for march in marches[1:]:
         for i, (a, b) in enumerate(zip(first, results[march])):
             assert torch.equal(a, b), f"-march={march} differs from -march={marches[0]} in result {i}"
+
+
+needs_packing = pytest.mark.skipif(not (cpu_linear.library() and cpu_linear.library().solc_pack_supported()),
+                                   reason="the packed GEMV needs an AVX-512 build")
+
+
+@needs_packing
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("n,k", [(130, 100), (48, 576), (37, 17), (16, 16)])
+def test_a_packed_copy_gives_the_same_bits_as_the_weight_read_in_place(monkeypatch, threads, n, k):
+    """The one-row GEMV over the packed copy (full 16-row groups and 16-column steps; the tails read w)
+    runs each output's fmaf sequence unchanged. Checked against the in-place GEMV and a batch's tiles."""
+    x, w, b = _data(n, k, 5, seed=4)
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        monkeypatch.setenv("SOLC_CPU_PACK", "0")
+        in_place = [cpu_linear.rows_linear(x[i:i + 1], w, b) for i in range(5)]
+        assert (w.data_ptr(), n, k) not in cpu_linear._packed
+        held = cpu_linear.packed_bytes()
+        monkeypatch.setenv("SOLC_CPU_PACK", "1")
+        packed = [cpu_linear.rows_linear(x[i:i + 1], w, b) for i in range(5)]
+        assert cpu_linear.packed_bytes() - held == (n - n % 16) * (k - k % 16) * 4
+        for a, p in zip(in_place, packed):
+            assert torch.equal(a, p)
+        assert torch.equal(torch.cat(packed), cpu_linear.rows_linear(x, w, b))  # 4-row tiles over w
+    finally:
+        torch.set_num_threads(old)
+
+
+@needs_packing
+def test_a_packed_copy_follows_its_weight(monkeypatch):
+    """Changed in place, the weight is packed again; freed, its copy is forgotten (C table and memory)."""
+    monkeypatch.setenv("SOLC_CPU_PACK", "1")
+    x, w, _ = _data(64, 48, 1, seed=5)
+    reference = F.linear(x, w)
+    torch.testing.assert_close(cpu_linear.rows_linear(x, w, None), reference, rtol=1e-5, atol=1e-5)
+    key = (w.data_ptr(), 64, 48)
+    assert key in cpu_linear._packed
+    w.mul_(-2)
+    torch.testing.assert_close(cpu_linear.rows_linear(x, w, None), -2 * reference, rtol=1e-5, atol=1e-5)
+    held = cpu_linear.packed_bytes()
+    del w
+    assert key not in cpu_linear._packed
+    assert held - cpu_linear.packed_bytes() == 64 * 48 * 4
+    # a new weight at the same address, if the allocator gives one, is not read through the old copy
+    w2 = torch.randn(64, 48)
+    monkeypatch.setenv("SOLC_CPU_PACK", "0")
+    torch.testing.assert_close(cpu_linear.rows_linear(x, w2, None), F.linear(x, w2), rtol=1e-5, atol=1e-5)
