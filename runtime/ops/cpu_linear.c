@@ -174,7 +174,7 @@ static void gemv_block(const float *x, const float *w, long K, long K16, long n0
 /* Packed copies for the one-row GEMV. Read in place, a group's 16 rows are 16 streams 4 * K bytes apart,
 and the GEMVs of a SmolLM2 step ran at 31 GB/s where one sequential stream reads 40 (Zen 4, 1 thread).
 In the packed copy each group's 16 x 16 blocks lie in the order the loop reads them (group, k step, row,
-lane), so a GEMV reads one stream: 17% less time for a step's weights (2026-12-07, docs/runtime.md). Only
+lane), so a GEMV reads one stream: a step's weight GEMVs at 37.5 GB/s instead of 30.8 (docs/runtime.md). Only
 the full groups and k steps are packed; the tails read w. Same fmaf sequence per lane, so the same bits.
 A copy is registered under its weight's address (cpu_linear.py owns the copies and their lifetime) and
 found by a lookup in an open-addressed table: registrations are rare and serialised by the caller, a
@@ -238,6 +238,10 @@ int solc_pack_register(const float *w, long N, long K, const float *packed) {
 }
 
 #ifdef __AVX512F__
+/* Bytes ahead of the read that the packed GEMV prefetches into L2. Without it, the hardware prefetcher
+alone kept one thread ahead but not two: at 2 threads the packed step's weights took 1.06x the in-place
+time; 4 KB ahead, 0.78-0.89x (2 threads) and 0.82x (1 thread) in the ad-hoc C benchmark of 2026-12-07. */
+#define PACK_AHEAD 4096
 /* gemv_block's AVX-512 loop over a packed copy (p: the copy of w; the K tail still reads w). */
 static long gemv_packed(const float *x, const float *p, const float *w, long K, long K16, long n0, long n1, float *y) {
     long n = n0;
@@ -247,7 +251,10 @@ static long gemv_packed(const float *x, const float *p, const float *w, long K, 
         const float *blk = p + n * K16;
         for (long k = 0; k < K16; k += LANES) {
             __m512 xv = _mm512_loadu_ps(x + k);
-            for (int c = 0; c < 16; ++c) a[c] = _mm512_fmadd_ps(xv, _mm512_loadu_ps(blk + k * 16 + c * LANES), a[c]);
+            for (int c = 0; c < 16; ++c) {
+                __builtin_prefetch((const char *)(blk + k * 16 + c * LANES) + PACK_AHEAD, 0, 2);
+                a[c] = _mm512_fmadd_ps(xv, _mm512_loadu_ps(blk + k * 16 + c * LANES), a[c]);
+            }
         }
         for (int c = 0; c < 16; ++c) {
             float acc[LANES], tail = 0;
