@@ -267,8 +267,9 @@ class MlpBlock(_Block):
                for name, dtype in _COPY_DTYPES.items()):
             return None
         if B == 1:  # the one-row GEMV's packed copies (cpu_linear.c), for the fp32 weights the mode reads
-            for w in ((wg, wu, wd) if mode == 0 else (wd,) if mode == 1 else ()):
-                cpu_linear.ensure_packed(w)
+            for w in ((wg, wu, wd) if mode == 0 else (wd,) if mode == 1 else (c["out8"],) if mode in (2, 3) else ()):
+                if w is not None:
+                    cpu_linear.ensure_packed(w)
         ptr = lambda name: _ptr(c[name])  # noqa: E731
         h = torch.empty(B, d, dtype=_F32)
         static = tuple(i for r, i in self.roles.items() if i is not None and r not in self.DYNAMIC)

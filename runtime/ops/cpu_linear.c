@@ -8,6 +8,7 @@ tail over the last K mod 16 terms, then a fixed pairwise tree over the lanes. Bu
 The paths below (one row: 16 weight rows at a time, which streams the weights as fast as MKL's GEMV;
 several rows: 4 x 4 register tiles) differ only in which elements they compute together. */
 #include <stddef.h>
+#include <stdint.h>
 
 #include "cpu_fixed_order.h"
 #ifdef __AVX512F__
@@ -180,17 +181,18 @@ A copy is registered under its weight's address (cpu_linear.py owns the copies a
 found by a lookup in an open-addressed table: registrations are rare and serialised by the caller, a
 lookup may run beside one (each slot's address is published last). */
 #define PACK_SLOTS 4096 /* a power of two; tombstones stay until a registration reuses them */
-#define PACK_TOMB ((const float *)1)
-typedef struct { const float *w; long N, K; const float *packed; } pack_slot;
+#define PACK_TOMB ((const void *)1)
+typedef struct { const void *w; long N, K; const void *packed; } pack_slot;
 static pack_slot packs[PACK_SLOTS];
 
-static inline unsigned long pack_hash(const float *w) {
+static inline unsigned long pack_hash(const void *w) {
     return (unsigned long)(((unsigned long long)(size_t)w >> 6) * 0x9E3779B97F4A7C15ull >> 40) & (PACK_SLOTS - 1);
 }
 
-static const float *packed_of(const float *w, long N, long K) {
+/* The packed copy registered for the weight at w (fp32 here, int8 in cpu_mlp.c), or NULL. */
+const void *solc_packed_of(const void *w, long N, long K) {
     for (unsigned long i = pack_hash(w), n = 0; n < PACK_SLOTS; i = (i + 1) & (PACK_SLOTS - 1), ++n) {
-        const float *at = __atomic_load_n(&packs[i].w, __ATOMIC_ACQUIRE);
+        const void *at = __atomic_load_n(&packs[i].w, __ATOMIC_ACQUIRE);
         if (at == 0) return 0;
         if (at == w) return packs[i].N == N && packs[i].K == K ? packs[i].packed : 0;
     }
@@ -214,11 +216,20 @@ void solc_pack_f32(const float *w, long N, long K, float *out) {
                 for (int l = 0; l < LANES; ++l) *out++ = w[(n + c) * K + k + l];
 }
 
+/* The same for an int8 weight [N, K] (cpu_mlp.c's int8_block reads 16 rows x 16 bytes per step). */
+void solc_pack_i8(const int8_t *w, long N, long K, int8_t *out) {
+    long K16 = K - K % LANES;
+    for (long n = 0; n + 16 <= N; n += 16)
+        for (long k = 0; k < K16; k += LANES)
+            for (int c = 0; c < 16; ++c)
+                for (int l = 0; l < LANES; ++l) *out++ = w[(n + c) * K + k + l];
+}
+
 /* Registers packed as w's copy (packed NULL: forgets w's). Returns 0 when the table is full. */
-int solc_pack_register(const float *w, long N, long K, const float *packed) {
+int solc_pack_register(const void *w, long N, long K, const void *packed) {
     long free_at = -1;
     for (unsigned long i = pack_hash(w), n = 0; n < PACK_SLOTS; i = (i + 1) & (PACK_SLOTS - 1), ++n) {
-        const float *at = packs[i].w;
+        const void *at = packs[i].w;
         if (at == w) {
             __atomic_store_n(&packs[i].w, PACK_TOMB, __ATOMIC_RELEASE);
             free_at = free_at < 0 ? (long)i : free_at;
@@ -271,7 +282,7 @@ void solc_linear_f32(const float *x, long ldx, const float *w, const float *bias
                      long M, long N, long K, int threads) {
     long K16 = K - K % LANES;
     long blocks = (N + COL_BLOCK - 1) / COL_BLOCK;
-    const float *packed = M == 1 && K16 ? packed_of(w, N, K) : 0;
+    const float *packed = M == 1 && K16 ? solc_packed_of(w, N, K) : 0;
 #pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
     for (long blk = 0; blk < blocks; ++blk) {
         long n0 = blk * COL_BLOCK, n1 = n0 + COL_BLOCK < N ? n0 + COL_BLOCK : N;

@@ -69,6 +69,7 @@ SIGNATURES = {  # C function -> argument types (return types: RESTYPES)
     "solc_block_chain": [_P, _L, _P, _P, _P, _P, _P, _L, _P, _P, _P, _P, _I],
     "solc_pack_supported": [],
     "solc_pack_f32": [_P, _L, _L, _P],
+    "solc_pack_i8": [_P, _L, _L, _P],
     "solc_pack_register": [_P, _L, _L, _P],
 }
 RESTYPES = {"solc_int4_linear": ctypes.c_int, "solc_rowskip_int8": ctypes.c_int, "solc_rowskip_f32": ctypes.c_int,
@@ -155,22 +156,26 @@ def _version(w: Tensor) -> int:
         return -1
 
 
+_PACKERS = {torch.float32: "solc_pack_f32", torch.int8: "solc_pack_i8"}  # dtype -> its C packer
+
+
 def ensure_packed(w: Tensor) -> None:
-    """Gives the fp32 weight w [N, K] a packed copy for batch-1 steps (once; again after w changed in
-    place, as far as its version counter tells). Same results, read faster: cpu_linear.c."""
+    """Gives the weight w [N, K] (fp32, or an int8 copy for cpu_mlp.c's int8 linear) a packed copy for
+    batch-1 steps (once; again after w changed in place, as far as its version counter tells). Same
+    results, read faster: cpu_linear.c."""
     key = (w.data_ptr(), w.shape[0], w.shape[1]) if w.dim() == 2 else None
     held = _packed.get(key)
     if held is not None and held[0] == _version(w):
         return
     lib = _library or library()
-    if (lib is None or key is None or w.dtype is not _F32 or w.device.type != "cpu" or not w.is_contiguous()
+    if (lib is None or key is None or w.dtype not in _PACKERS or w.device.type != "cpu" or not w.is_contiguous()
             or min(w.shape) < 16 or not packing_enabled() or not lib.solc_pack_supported()):
         return
     N, K = w.shape
     with _pack_lock:
         fresh = key not in _packed
-        copy = torch.empty((N - N % 16) * (K - K % 16), dtype=_F32)
-        lib.solc_pack_f32(w.data_ptr(), N, K, copy.data_ptr())
+        copy = torch.empty((N - N % 16) * (K - K % 16), dtype=w.dtype)
+        getattr(lib, _PACKERS[w.dtype])(w.data_ptr(), N, K, copy.data_ptr())
         if not lib.solc_pack_register(w.data_ptr(), N, K, copy.data_ptr()):
             return  # the table is full: this weight's GEMVs read it in place
         _packed[key] = (_version(w), copy)

@@ -110,16 +110,56 @@ static void int8_block(const float *x, const int8_t *q, const float *scale, long
     }
 }
 
+const void *solc_packed_of(const void *w, long N, long K);  /* cpu_linear.c: the packed copies */
+
+#ifdef __AVX512F__
+/* int8_block over a packed copy p (cpu_linear.c's solc_pack_i8: per group of 16 rows, per k step of 16,
+the 16 rows' 16 bytes): a pass reads 1 KB in order instead of a line from each of 16 rows, prefetched 4 KB
+ahead. Each lane's fmaf sequence is int8_block's, so the same bits. Full groups only; returns where the
+rest starts. SmolLM2's down copy (576 x 1536) in a step (1 thread, 2026-12-07): docs/runtime.md. */
+static long int8_block_packed(const float *x, const int8_t *p, const int8_t *q, const float *scale, long K, long K16,
+                              long n0, long n1, float *y) {
+    long n = n0;
+    for (; n + 16 <= n1; n += 16) {
+        __m512 a[16];
+        for (int c = 0; c < 16; ++c) a[c] = _mm512_setzero_ps();
+        const int8_t *blk = p + n * K16;
+        for (long k = 0; k < K16; k += LANES) {
+            __m512 xv = _mm512_loadu_ps(x + k);
+            const int8_t *step = blk + k * 16;
+            if (k % (4 * LANES) == 0)
+                for (int c = 0; c < 16; ++c) _mm_prefetch((const char *)(step + c * 64 + 4096), _MM_HINT_T1);
+            for (int c = 0; c < 16; ++c)
+                a[c] = _mm512_fmadd_ps(xv, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(step + c * LANES)))), a[c]);
+        }
+        for (int c = 0; c < 16; ++c) {
+            float acc[LANES], tail = 0;
+            _mm512_storeu_ps(acc, a[c]);
+            for (long k = K16; k < K; ++k) tail = __builtin_fmaf(x[k], (float)q[(n + c) * K + k], tail);
+            y[n + c] = bf16_round(finish(acc, tail) * scale[n + c]);
+        }
+    }
+    return n;
+}
+#endif
+
 /* y [M, N] = bf16((x [M, K] @ q[N, K]^T) * scale[N]). Blocks of 32 output channels are split over the
 threads; within a block every row reuses the block's weights from cache. */
 void solc_int8_linear(const float *x, long ldx, const int8_t *q, const float *scale, float *y, long M, long N,
                       long K, int threads) {
     long K16 = K - K % LANES;
     long blocks = (N + COL_BLOCK - 1) / COL_BLOCK;
+    const int8_t *packed = K16 ? solc_packed_of(q, N, K) : 0;
 #pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
     for (long blk = 0; blk < blocks; ++blk) {
         long n0 = blk * COL_BLOCK, n1 = n0 + COL_BLOCK < N ? n0 + COL_BLOCK : N;
-        for (long r = 0; r < M; ++r) int8_block(x + r * ldx, q, scale, K, K16, n0, n1, y + r * N);
+        for (long r = 0; r < M; ++r) {
+            long n = n0;
+#ifdef __AVX512F__
+            if (packed) n = int8_block_packed(x + r * ldx, packed, q, scale, K, K16, n0, n1, y + r * N);
+#endif
+            int8_block(x + r * ldx, q, scale, K, K16, n, n1, y + r * N);
+        }
     }
 }
 

@@ -164,6 +164,8 @@ def _int8_linear(x: Tensor, q: Tensor, scale: Tensor) -> Tensor:
     if lib is None:
         return torch._weight_int8pack_mm(x.to(torch.bfloat16), q, scale).float()
     xb = quant_primitives.to_bf16_grid(x, torch.float32).contiguous()
+    if x.shape[0] == 1 and q.is_contiguous():  # (a copy made here would be packed anew every call)
+        cpu_linear.ensure_packed(q)
     q, scale = q.contiguous(), scale.float().contiguous()  # held: the C call reads their memory
     y = torch.empty(x.shape[0], q.shape[0], dtype=torch.float32)
     lib.solc_int8_linear(xb.data_ptr(), xb.shape[1], q.data_ptr(), scale.data_ptr(), y.data_ptr(), x.shape[0],

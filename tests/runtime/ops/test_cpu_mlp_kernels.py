@@ -171,3 +171,22 @@ def test_int4_kernel_runs_where_the_cpu_has_avx512_bf16():
     if cpu_linear.library() is None:
         pytest.skip("no C compiler")
     assert cpu_mlp.int4_kernel() == ({"avx512f", "avx512bw", "avx512_bf16"} <= flags)
+
+
+@pytest.mark.skipif(not (cpu_linear.library() and cpu_linear.library().solc_pack_supported()),
+                    reason="the packed int8 GEMV needs an AVX-512 build")
+@pytest.mark.parametrize("K,N", SHAPES)
+def test_int8_linear_over_a_packed_copy_gives_the_same_bits(monkeypatch, K, N):
+    """A batch-1 call packs the int8 copy (16 rows x 16 bytes per k step, cpu_linear.c's solc_pack_i8);
+    the packed GEMV gives every row the bits the in-place one gives, at 1 and 2 threads."""
+    x, q, scale, _ = _data(K, N, rows=3, seed=6)
+    monkeypatch.setenv("SOLC_CPU_PACK", "0")
+    in_place = [cpu_mlp._int8_linear(x[i:i + 1], q, scale) for i in range(3)]
+    assert (q.data_ptr(), N, K) not in cpu_linear._packed
+    monkeypatch.setenv("SOLC_CPU_PACK", "1")
+    for threads in (1, 2):
+        with _threads(threads):
+            packed = [cpu_mlp._int8_linear(x[i:i + 1], q, scale) for i in range(3)]
+        assert (q.data_ptr(), N, K) in cpu_linear._packed
+        for a, p in zip(in_place, packed):
+            assert torch.equal(a, p)
