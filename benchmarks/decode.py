@@ -25,6 +25,9 @@ Rows, per (batch, context):
                 step `generate(cache_implementation="static")` runs; torch.compile'd with --hf-compile.
   solc dense    the dense action through runtime.dispatch.StepDispatcher (+ argmax).
   solc direct   the same dense program called without the dispatcher (dispatch overhead = the difference).
+  solc in place the dense action with the one-row GEMVs reading the weights in place instead of their
+                packed copies (CPU, batch 1, where packing is on: runtime/ops/cpu_linear.c); its ratio
+                is what the packed copies save.
   uniform a     every step runs action a (--actions: the 27-action grid on CUDA; on CPU by default
                 dense, each axis' levels alone, all-lowest and the middle action).
   policy        a random-init PolicyNet (runtime.policy.PolicySource, greedy) at --budget (net keep 0.5):
@@ -90,6 +93,7 @@ from runtime.cost_model import BytesCostModel  # noqa: E402
 from runtime.dispatch import StepDispatcher  # noqa: E402
 from runtime.generate import budget_targets  # noqa: E402
 from runtime.stepper import Stepper  # noqa: E402
+from runtime.ops import cpu_linear  # noqa: E402
 from runtime.ops.reference import PAGE_SIZE, keep_count, page_stats  # noqa: E402
 from runtime.policy import PolicyConfig, PolicyNet, PolicySource  # noqa: E402
 
@@ -392,6 +396,18 @@ class Config:
                 return disp.step(ids, acts, pos, cache)[0]
         return Runner(name, kind, action, self.greedy_loop(call))
 
+    @staticmethod
+    def in_place(runner: Runner) -> Runner:
+        """The runner's steps with the GEMVs reading the weights in place instead of their packed copies."""
+        run = runner.run
+
+        def unpacked(warmup, steps):
+            with cpu_linear.packed_copies_off():
+                return run(warmup, steps)
+
+        runner.run = unpacked
+        return runner
+
     def policy_runner(self, disp, cache) -> Runner:
         """One policy episode over all rounds (horizon rounds x (warmup + steps)): each run() continues
         it, while the base model's positions restart at the context (the policy has its own cache)."""
@@ -447,6 +463,8 @@ class Config:
             runners.append(self.hf_runner(hf_cache))
         runners.append(self.solc_runner("solc dense", "solc", dense, disp, cache))
         runners.append(self.solc_runner("solc dense, direct", "solc_direct", dense, disp, cache, direct=True))
+        if B == 1 and self.device.type == "cpu" and cpu_linear.packing_enabled():
+            runners.append(self.in_place(self.solc_runner("solc dense, in place", "solc_in_place", dense, disp, cache)))
         if self.mixed:  # rows alternate between the action and dense: the generic (per-row) graph
             runners += [self.solc_runner(f"mixed {a}/dense", "mixed", a, disp, cache, acts=self.mixed_actions(a))
                         for a in actions if a != dense]
@@ -590,6 +608,8 @@ def print_table(rows: list[dict], meta: dict) -> str:
                 notes.append(f"{r['step_ms_median'] / hf['step_ms_median']:.2f} of hf")
             if r["kind"] == "solc_direct" and dense:
                 notes.append(f"dispatch overhead {dense['step_ms_median'] - r['step_ms_median']:+.2f} ms")
+            if r["kind"] == "solc_in_place" and dense:
+                notes.append("the GEMVs read the weights in place, not their packed copies")
             if r["kind"] == "policy":
                 notes.append(f"policy {r['policy_ms_median']:.2f} ms ({100 * r['policy_share']:.1f}%)")
                 notes.append(f"net keep {r['realized_net_keep']:.3f}")

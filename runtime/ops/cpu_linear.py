@@ -15,6 +15,7 @@ Other dtypes (bf16, fp64) run F.linear on the whole batch: batch invariance is c
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import os
@@ -71,12 +72,13 @@ SIGNATURES = {  # C function -> argument types (return types: RESTYPES)
     "solc_pack_f32": [_P, _L, _L, _P],
     "solc_pack_i8": [_P, _L, _L, _P],
     "solc_pack_register": [_P, _L, _L, _P],
+    "solc_packed_of": [_P, _L, _L],
 }
 RESTYPES = {"solc_int4_linear": ctypes.c_int, "solc_rowskip_int8": ctypes.c_int, "solc_rowskip_f32": ctypes.c_int,
             "solc_int4_supported": ctypes.c_int, "solc_mlp_input": ctypes.c_int,
             "solc_mlp_output": ctypes.c_int, "solc_mlp_block": ctypes.c_int, "solc_chain_block_size": ctypes.c_long,
             "solc_block_chain": ctypes.c_int, "solc_pack_supported": ctypes.c_int,
-            "solc_pack_register": ctypes.c_int}  # the others return void
+            "solc_pack_register": ctypes.c_int, "solc_packed_of": ctypes.c_void_p}  # the others return void
 
 
 def _cpu_features() -> str:
@@ -144,9 +146,22 @@ _pack_lock = threading.Lock()
 
 
 def packing_enabled() -> bool:
-    """SOLC_CPU_PACK=0 turns the packed copies off (they cost a second copy of every fp32 weight that a
-    batch-1 decode step reads)."""
+    """SOLC_CPU_PACK=0 turns the packed copies off. They cost a second copy of every fp32 weight (and
+    int8 down_proj copy) that a batch-1 decode step reads: +564 MB for SmolLM2-135M in fp32. A copy is
+    also skipped when it would take more than a quarter of the memory still available."""
     return os.environ.get("SOLC_CPU_PACK", "1") != "0"
+
+
+def _memory_available() -> Optional[int]:
+    """MemAvailable from /proc/meminfo in bytes (None where there is none)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 def _version(w: Tensor) -> int:
@@ -172,6 +187,10 @@ def ensure_packed(w: Tensor) -> None:
             or min(w.shape) < 16 or not packing_enabled() or not lib.solc_pack_supported()):
         return
     N, K = w.shape
+    size = (N - N % 16) * (K - K % 16) * w.element_size()
+    available = _memory_available()
+    if available is not None and 4 * size > available:
+        return  # a speed-up is not worth the machine's last memory: read in place
     with _pack_lock:
         fresh = key not in _packed
         copy = torch.empty((N - N % 16) * (K - K % 16), dtype=w.dtype)
@@ -187,6 +206,24 @@ def _forget(key: tuple[int, int, int]) -> None:
     with _pack_lock:
         if _packed.pop(key, None) is not None and _library:
             _library.solc_pack_register(key[0], key[1], key[2], None)
+
+
+@contextlib.contextmanager
+def packed_copies_off():
+    """Within the block the GEMVs read every weight in place (the copies stay, unregistered from the C
+    table): for side-by-side measurements (benchmarks/decode.py's "solc dense, in place" row)."""
+    lib = _library
+    with _pack_lock:
+        held = list(_packed)
+        for key in held:
+            lib.solc_pack_register(*key, None)
+    try:
+        yield
+    finally:
+        with _pack_lock:
+            for key in held:
+                if key in _packed:
+                    lib.solc_pack_register(*key, _packed[key][1].data_ptr())
 
 
 def packed_bytes() -> int:

@@ -224,9 +224,15 @@ def test_a_packed_copy_follows_its_weight(monkeypatch):
     assert key in cpu_linear._packed
     w.mul_(-2)
     torch.testing.assert_close(cpu_linear.rows_linear(x, w, None), -2 * reference, rtol=1e-5, atol=1e-5)
+    lib = cpu_linear.library()
+    assert lib.solc_packed_of(*key) == cpu_linear._packed[key][1].data_ptr()
+    with cpu_linear.packed_copies_off():  # the C table forgets the copy for the block, Python keeps it
+        assert lib.solc_packed_of(*key) is None and key in cpu_linear._packed
+        torch.testing.assert_close(cpu_linear.rows_linear(x, w, None), -2 * reference, rtol=1e-5, atol=1e-5)
+    assert lib.solc_packed_of(*key) == cpu_linear._packed[key][1].data_ptr()
     held = cpu_linear.packed_bytes()
     del w
-    assert key not in cpu_linear._packed
+    assert key not in cpu_linear._packed and lib.solc_packed_of(*key) is None
     assert held - cpu_linear.packed_bytes() == 64 * 48 * 4
     # a new weight at the same address, if the allocator gives one, is not read through the old copy
     w2 = torch.randn(64, 48)
