@@ -389,7 +389,9 @@ class Config:
         acts = torch.full((self.batch, 1), action, dtype=torch.long, device=self.device) if acts is None else acts
         if direct:  # the dispatcher's own program for this key, called without the dispatcher
             def call(ids, pos, i):
-                variant = disp._variants[(action, self.batch)]  # internal: built by the dense row's first step
+                variant = disp._variants.get((action, self.batch))  # internal: built by the first step
+                if variant is None:
+                    return disp.step(ids, acts, pos, cache)[0]
                 return variant(ids, pos, cache)[0]
         else:
             def call(ids, pos, i):
@@ -462,9 +464,13 @@ class Config:
                                                storage=[(t[0], t[1]) for t in layers])
             runners.append(self.hf_runner(hf_cache))
         runners.append(self.solc_runner("solc dense", "solc", dense, disp, cache))
-        runners.append(self.solc_runner("solc dense, direct", "solc_direct", dense, disp, cache, direct=True))
+        # The direct and in-place rows get dispatchers of their own: a variant's C plan is rebuilt when
+        # another caller's inputs reach it (the direct row's do), which would charge the next row with it.
+        runners.append(self.solc_runner("solc dense, direct", "solc_direct", dense, StepDispatcher(sol, mode=args.mode),
+                                        cache, direct=True))
         if B == 1 and self.device.type == "cpu" and cpu_linear.packing_enabled():
-            runners.append(self.in_place(self.solc_runner("solc dense, in place", "solc_in_place", dense, disp, cache)))
+            runners.append(self.in_place(self.solc_runner("solc dense, in place", "solc_in_place", dense,
+                                                          StepDispatcher(sol, mode=args.mode), cache)))
         if self.mixed:  # rows alternate between the action and dense: the generic (per-row) graph
             runners += [self.solc_runner(f"mixed {a}/dense", "mixed", a, disp, cache, acts=self.mixed_actions(a))
                         for a in actions if a != dense]
