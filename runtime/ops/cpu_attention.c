@@ -9,8 +9,10 @@ Per (row, KV head), for its G query heads:
                      attention over the kept pages' keys <= p only, straight from the cache (no copies);
                      where the G heads' kept pages cover most of the row (DENSE_MASKED_COST), the dense
                      pass with each head's dropped pages masked (the same keys, one read of K and V).
-Every (row, KV head) is computed on its own by the same code whatever the batch, the other rows' actions
-or the thread split, so a row's output has the same bits alone or in any batch (DESIGN invariant 6).
+The work is shared among threads in items fixed by the row alone (a dense row's chunks of KEY_CHUNK keys,
+merged in chunk order; a sparse row's query heads), computed by the same code whatever the batch, the
+other rows' actions or the thread split, so a row's output has the same bits alone or in any batch and at
+any thread count (DESIGN invariant 6).
 The reference (reference.quest_decode) is the definition; this equals it up to float rounding
 (tests/runtime/ops/test_cpu_attention.py). fp32 only. */
 #pragma GCC optimize("fp-contract=fast")  /* fused multiply-adds: this kernel is checked against the
@@ -75,10 +77,31 @@ static inline float key_dot(const float *q, const float *k, long D) {
     return dot(q, k, D);
 }
 
-/* Softmax of s[0:n] in place (unnormalised: exp(s - max)); returns the sum. */
-static float softmax_unnormalised(float *s, long n) {
+/* The maximum of s[0:n] (-inf for none), 8 lanes at a time: a max is exact in any order. */
+static float max_of(const float *s, long n) {
+    v8f m8 = (v8f){0} - INFINITY;
+    long t = 0;
+    for (; t + 8 <= n; t += 8) {
+        v8f x;
+        memcpy(&x, s + t, sizeof x);
+        v8i gt = x > m8;
+        m8 = (v8f)(((v8i)x & gt) | ((v8i)m8 & ~gt));
+    }
     float m = -INFINITY;
-    for (long t = 0; t < n; ++t) m = s[t] > m ? s[t] : m;
+    for (int l = 0; l < 8; ++l) m = m8[l] > m ? m8[l] : m;
+    for (; t < n; ++t) m = s[t] > m ? s[t] : m;
+    return m;
+}
+
+/* Softmax of s[0:n] in place (unnormalised: exp(s - max)); returns the sum, and the maximum in *max (a
+row whose every score is -inf, i.e. masked: all zeros and a sum of 0, where exp(-inf - -inf) is NaN). */
+static float softmax_unnormalised_max(float *s, long n, float *max) {
+    float m = max_of(s, n);
+    *max = m;
+    if (m == -INFINITY) {
+        memset(s, 0, n * sizeof(float));
+        return 0;
+    }
     float sum8[8] = {0}, sum = 0;
     long t = 0;
     for (; t + 8 <= n; t += 8) {
@@ -98,6 +121,11 @@ static float softmax_unnormalised(float *s, long n) {
     }
     for (int l = 0; l < 8; ++l) sum += sum8[l];
     return sum;
+}
+
+static float softmax_unnormalised(float *s, long n) {
+    float m;
+    return softmax_unnormalised_max(s, n, &m);
 }
 
 /* Dense rows stream K and V row by row; fetching the row ROWS_AHEAD ahead into L2 took a 16k-token layer
@@ -226,92 +254,197 @@ of the visible pages between them (k kept pages each of n): gathering scattered 
 more per page than streaming. 1.6, as the torch forms' GATHER_COST. */
 #define DENSE_MASKED_COST 1.6f
 
+/* A dense (or dense-masked) row's keys are split into chunks of KEY_CHUNK, each a work item of its own
+(scores, softmax against the chunk's maximum, value sums), merged afterwards in chunk order by their
+maxima and sums: with tasks of one (row, KV head) each, batch 1 had only Hkv tasks (3 for SmolLM2), so
+at 2 threads one thread took two heads and dense attention at 16k ran in 0.73 of its 1-thread time, and
+no more than Hkv threads ever worked. The split depends on the row's length only, never on the thread
+count or the batch, so a row's bits do not either; a row of at most KEY_CHUNK keys is one item and runs
+exactly as before the split. A sparse row's items are its G query heads (each its own kept pages), after
+one shared pass over the page statistics. A multiple of PAGE, so a page never straddles two chunks. */
+#define KEY_CHUNK 2048
+
+static inline long chunks_of(long L) { return (L + KEY_CHUNK - 1) / KEY_CHUNK; }
+
+/* A sparse row (k > 0 kept pages of n) gathers each head's pages unless the dense-masked form is cheaper. */
+static inline int gathers(long G, long k, long n_pages) { return k > 0 && !(G * k * DENSE_MASKED_COST > n_pages); }
+
+/* Floats of scratch per (row, KV head) task (the caller allocates B * Hkv of them). */
+long solc_decode_attention_scratch(long G, long S, long P, long D) {
+    /* scores [G, S], kept keys int32 [G, S], page scores [G, P], selection copies [G, P], kept pages
+    int32 [G, P], each head's k-th page score [G], chunk partials [chunks, G, D + 2] (sums, max, sum) */
+    return 2 * G * S + 3 * G * P + G + chunks_of(S) * G * (D + 2);
+}
+
+/* Scores of keys t0 <= t < t1 for the G heads into s[g * S + t], each head's dropped pages masked to -inf
+where kth is given (the dense-masked form), softmax against the chunk's own maximum: returns each head's
+maximum and sum of exponentials in m[g], l[g] (a head with every key of the chunk masked: -inf and 0). */
+static void chunk_softmax(const float *qh, long G, const float *K, long t0, long t1, long D, float scale, float *s,
+                          long S, const float *page_score, long P, const float *kth, float *m, float *l) {
+    dense_scores(qh, G, K + t0 * D, t1 - t0, D, scale, s + t0, S);
+    for (long g = 0; g < G; ++g) {
+        float *sg = s + g * S;
+        if (kth)
+            for (long j = t0 / PAGE; j * PAGE < t1; ++j)
+                if (!(page_score[g * P + j] >= kth[g]))
+                    for (long t = j * PAGE; t < (j + 1) * PAGE && t < t1; ++t) sg[t] = -INFINITY;
+        l[g] = softmax_unnormalised_max(sg + t0, t1 - t0, m + g);
+    }
+}
+
+/* The dense (or dense-masked) form of chunk c of a row of L keys. One chunk: the output itself, the
+softmax normalised by its sum. Several: the chunk's unnormalised value sums, maxima and sums into part. */
+static void dense_chunk(const float *qh, long G, const float *K, const float *V, long L, long c, long D, float scale,
+                        float *s, long S, const float *page_score, long P, const float *kth, float *part, float *o) {
+    long t0 = c * KEY_CHUNK, t1 = t0 + KEY_CHUNK < L ? t0 + KEY_CHUNK : L;
+    float m[G], l[G], inv[G];
+    chunk_softmax(qh, G, K, t0, t1, D, scale, s, S, page_score, P, kth, m, l);
+    if (chunks_of(L) == 1) {
+        for (long g = 0; g < G; ++g) inv[g] = 1.0f / l[g];
+        weighted_values_heads(s, S, G, L, V, D, inv, o);
+        return;
+    }
+    float *pc = part + c * G * (D + 2);  /* [G, D] sums, then [G] maxima, then [G] sums */
+    for (long g = 0; g < G; ++g) inv[g] = 1.0f;
+    weighted_values_heads(s + t0, S, G, t1 - t0, V + t0 * D, D, inv, pc);
+    memcpy(pc + G * D, m, sizeof m);
+    memcpy(pc + G * D + G, l, sizeof l);
+}
+
+/* out[g] = sum_c w_c sums_c[g] / sum_c w_c l_c[g], w_c = exp(m_c[g] - max_c m_c[g]), in chunk order. */
+static void merge_chunks(const float *part, long n, long G, long D, float *o) {
+    for (long g = 0; g < G; ++g) {
+        float mx = -INFINITY;
+        for (long c = 0; c < n; ++c) {
+            float mc = part[c * G * (D + 2) + G * D + g];
+            mx = mc > mx ? mc : mx;
+        }
+        float den = 0;
+        float *og = o + g * D;
+        for (long d = 0; d < D; ++d) og[d] = 0;
+        for (long c = 0; c < n; ++c) {
+            const float *pc = part + c * G * (D + 2);
+            float w = expf(pc[G * D + g] - mx);  /* a chunk with every key masked: exp(-inf) = 0 */
+            den += w * pc[G * D + G + g];
+            for (long d = 0; d < D; ++d) og[d] += w * pc[g * D + d];
+        }
+        float inv = 1.0f / den;
+        for (long d = 0; d < D; ++d) og[d] *= inv;
+    }
+}
+
+/* One query head's attention over its own kept pages of a sparse row, gathered straight from the cache. */
+static void sparse_head(const float *qg, const float *K, const float *V, long L, long n_pages, long k, long D,
+                        float scale, const float *ps, float *tmp, int32_t *pages, float *sg, int32_t *keys, float *o) {
+    memcpy(tmp, ps, n_pages * sizeof(float));
+    float kth = kth_largest_f32(tmp, n_pages, k);
+    long m = 0;  /* the kept pages, ascending (the softmax sums in the reference's key order) */
+    for (long j = 0; j < n_pages; ++j)
+        if (ps[j] >= kth) pages[m++] = (int32_t)j;
+    for (long i = 0; i < m && i < PAGES_AHEAD; ++i) {
+        prefetch_page(K + (long)pages[i] * PAGE * D, D);
+        prefetch_page(V + (long)pages[i] * PAGE * D, D);
+    }
+    long n = 0;
+    for (long i = 0; i < m; ++i) {
+        if (i + PAGES_AHEAD < m) {  /* scattered pages: the prefetcher can't */
+            prefetch_page(K + (long)pages[i + PAGES_AHEAD] * PAGE * D, D);
+            prefetch_page(V + (long)pages[i + PAGES_AHEAD] * PAGE * D, D);
+        }
+        long j = pages[i], end = (j + 1) * PAGE < L ? (j + 1) * PAGE : L;
+        for (long t = j * PAGE; t < end; ++t) {
+            keys[n] = (int32_t)t;
+            sg[n++] = key_dot(qg, K + t * D, D) * scale;
+        }
+    }
+    float sum = softmax_unnormalised(sg, n);
+    weighted_values(sg, keys, n, V, D, 1.0f / sum, o);
+}
+
 /* q [B, Hq, D]; caches [B, Hkv, S, D]; page stats [B, Hkv, P, D]; positions, kept_pages [B] (0: dense);
-out [B, Hq, D]. scratch: B * Hkv * scratch_per_task floats, scratch_per_task >= G * (S + P) + 2 * P + S. */
+out [B, Hq, D]. scratch: B * Hkv * scratch_per_task floats, scratch_per_task >=
+solc_decode_attention_scratch(G, S, P, D). Three steps over one team of threads: each sparse row's page
+scores (per task), the work items (key chunks of dense rows, query heads of sparse ones), the merge of
+multi-chunk rows (per task). */
 void solc_decode_attention(const float *q, const float *k_cache, const float *v_cache, const float *page_min,
                            const float *page_max, const int64_t *positions, const int64_t *kept_pages, long B,
                            long Hq, long Hkv, long S, long P, long D, float scale, float *out, float *scratch,
                            long scratch_per_task, int threads) {
-    long G = Hq / Hkv;
-#pragma omp parallel for num_threads(threads) schedule(dynamic, 1) if (threads > 1)
-    for (long task = 0; task < B * Hkv; ++task) {
-        long b = task / Hkv, h = task % Hkv;
-        long p = positions[b], L = p + 1, n_pages = p / PAGE + 1, k = kept_pages[b];
-        const float *K = k_cache + task * S * D, *V = v_cache + task * S * D;
-        const float *qh = q + (b * Hq + h * G) * D;
-        float *o = out + (b * Hq + h * G) * D;
-        float *s = scratch + task * scratch_per_task;  /* [G, S] scores */
-        if (k == 0) {
-            dense_scores(qh, G, K, L, D, scale, s, S);
-            float inv[G];
-            for (long g = 0; g < G; ++g) inv[g] = 1.0f / softmax_unnormalised(s + g * S, L);
-            weighted_values_heads(s, S, G, L, V, D, inv, o);
-            continue;
-        }
-        float *page_score = s + G * S;           /* [G, P] */
-        float *tmp = page_score + G * P;         /* [P] */
-        int32_t *keys = (int32_t *)(tmp + P);    /* [S] kept keys, then [P] kept pages */
-        const float *hi_stats = page_max + task * P * D, *lo_stats = page_min + task * P * D;
-        /* max(q * M, q * m) == max(q, 0) * M + min(q, 0) * m (M >= m): the G heads' page scores in one
-        pass over the statistics. */
-        float qpos[G * D], qneg[G * D];
-        for (long i = 0; i < G * D; ++i) {
-            qpos[i] = qh[i] > 0 ? qh[i] : 0;
-            qneg[i] = qh[i] < 0 ? qh[i] : 0;
-        }
-        for (long j = 0; j < n_pages; ++j) {
-            prefetch_row(hi_stats + (j + ROWS_AHEAD) * D, D);
-            prefetch_row(lo_stats + (j + ROWS_AHEAD) * D, D);
-            for (long g = 0; g < G; ++g)
-                page_score[g * P + j] = key_dot(qpos + g * D, hi_stats + j * D, D) + key_dot(qneg + g * D, lo_stats + j * D, D);
-        }
-        if (G * k * DENSE_MASKED_COST > n_pages) {
-            /* Most pages kept: the G heads' kept sets cover nearly every page, and gathering each head's
-            pages costs more than the dense pass. The exact dense-masked form: every key scored once for
-            the G heads, each head's dropped pages masked to -inf, one pass over V. */
-            dense_scores(qh, G, K, L, D, scale, s, S);
-            float inv[G];
+    long G = Hq / Hkv, T = B * Hkv;
+    long first[T + 1];  /* task i's work items are first[i] .. first[i + 1] - 1 */
+    first[0] = 0;
+    int sparse = 0, merge = 0;  /* whether any row needs the first step, the last */
+    for (long task = 0; task < T; ++task) {
+        long p = positions[task / Hkv], k = kept_pages[task / Hkv];
+        int gather = gathers(G, k, p / PAGE + 1);
+        first[task + 1] = first[task] + (gather ? G : chunks_of(p + 1));
+        sparse |= k > 0;
+        merge |= !gather && chunks_of(p + 1) > 1;
+    }
+#pragma omp parallel num_threads(threads) if (threads > 1)
+    {
+        /* each step's end is a barrier (a few us at 2 threads, 30 layers a token): a step no row needs is
+        skipped by every thread (the conditions are shared) */
+        if (sparse)
+#pragma omp for schedule(dynamic, 1)
+        for (long task = 0; task < T; ++task) {
+            long b = task / Hkv, p = positions[b], n_pages = p / PAGE + 1, k = kept_pages[b];
+            if (k == 0) continue;
+            float *s = scratch + task * scratch_per_task;
+            float *page_score = s + 2 * G * S, *tmp = page_score + G * P, *kth = tmp + 2 * G * P;
+            const float *qh = q + (b * Hq + (task % Hkv) * G) * D;
+            const float *hi_stats = page_max + task * P * D, *lo_stats = page_min + task * P * D;
+            /* max(q * M, q * m) == max(q, 0) * M + min(q, 0) * m (M >= m): the G heads' page scores in
+            one pass over the statistics. */
+            float qpos[G * D], qneg[G * D];
+            for (long i = 0; i < G * D; ++i) {
+                qpos[i] = qh[i] > 0 ? qh[i] : 0;
+                qneg[i] = qh[i] < 0 ? qh[i] : 0;
+            }
+            for (long j = 0; j < n_pages; ++j) {
+                prefetch_row(hi_stats + (j + ROWS_AHEAD) * D, D);
+                prefetch_row(lo_stats + (j + ROWS_AHEAD) * D, D);
+                for (long g = 0; g < G; ++g)
+                    page_score[g * P + j] = key_dot(qpos + g * D, hi_stats + j * D, D) + key_dot(qneg + g * D, lo_stats + j * D, D);
+            }
+            if (gathers(G, k, n_pages)) continue;
+            /* Most pages kept: the dense-masked form (every key scored once for the G heads, each head's
+            dropped pages masked to -inf, one pass over V) needs each head's k-th page score. */
             for (long g = 0; g < G; ++g) {
-                const float *ps = page_score + g * P;
-                memcpy(tmp, ps, n_pages * sizeof(float));
-                float kth = kth_largest_f32(tmp, n_pages, k);
-                float *sg = s + g * S;
-                for (long j = 0; j < n_pages; ++j)
-                    if (!(ps[j] >= kth))
-                        for (long t = j * PAGE; t < (j + 1) * PAGE && t < L; ++t) sg[t] = -INFINITY;
-                inv[g] = 1.0f / softmax_unnormalised(sg, L);
+                memcpy(tmp + g * P, page_score + g * P, n_pages * sizeof(float));
+                kth[g] = kth_largest_f32(tmp + g * P, n_pages, k);
             }
-            weighted_values_heads(s, S, G, L, V, D, inv, o);
-            continue;
         }
-        for (long g = 0; g < G; ++g) {
-            const float *qg = qh + g * D;
-            const float *ps = page_score + g * P;
-            memcpy(tmp, ps, n_pages * sizeof(float));
-            float kth = kth_largest_f32(tmp, n_pages, k);
-            long n = 0;
-            float *sg = s + g * S;
-            long m = 0;  /* the kept pages, ascending (the softmax sums in the reference's key order) */
-            int32_t *pages = keys + S;  /* [P] */
-            for (long j = 0; j < n_pages; ++j)
-                if (ps[j] >= kth) pages[m++] = (int32_t)j;
-            for (long i = 0; i < m && i < PAGES_AHEAD; ++i) {
-                prefetch_page(K + (long)pages[i] * PAGE * D, D);
-                prefetch_page(V + (long)pages[i] * PAGE * D, D);
+#pragma omp for schedule(dynamic, 1)
+        for (long item = 0; item < first[T]; ++item) {
+            long task = 0;
+            while (first[task + 1] <= item) ++task;
+            long part = item - first[task];
+            long b = task / Hkv, h = task % Hkv;
+            long p = positions[b], L = p + 1, n_pages = p / PAGE + 1, k = kept_pages[b];
+            const float *K = k_cache + task * S * D, *V = v_cache + task * S * D;
+            const float *qh = q + (b * Hq + h * G) * D;
+            float *o = out + (b * Hq + h * G) * D;
+            float *s = scratch + task * scratch_per_task;  /* [G, S] scores */
+            int32_t *keys = (int32_t *)(s + G * S);
+            float *page_score = s + 2 * G * S, *tmp = page_score + G * P, *kth = tmp + 2 * G * P;
+            int32_t *pages = (int32_t *)(tmp + G * P);
+            float *chunks = kth + G;
+            if (gathers(G, k, n_pages)) {
+                long g = part;
+                sparse_head(qh + g * D, K, V, L, n_pages, k, D, scale, page_score + g * P, tmp + g * P,
+                            pages + g * P, s + g * S, keys + g * S, o + g * D);
+            } else {
+                dense_chunk(qh, G, K, V, L, part, D, scale, s, S, page_score, P, k > 0 ? kth : NULL, chunks, o);
             }
-            for (long i = 0; i < m; ++i) {
-                if (i + PAGES_AHEAD < m) {  /* scattered pages: */
-                    prefetch_page(K + (long)pages[i + PAGES_AHEAD] * PAGE * D, D);
-                    prefetch_page(V + (long)pages[i + PAGES_AHEAD] * PAGE * D, D);
-                }
-                long j = pages[i], end = (j + 1) * PAGE < L ? (j + 1) * PAGE : L;  /* the prefetcher can't */
-                for (long t = j * PAGE; t < end; ++t) {
-                    keys[n] = (int32_t)t;
-                    sg[n++] = key_dot(qg, K + t * D, D) * scale;
-                }
-            }
-            float sum = softmax_unnormalised(sg, n);
-            weighted_values(sg, keys, n, V, D, 1.0f / sum, o + g * D);
+        }
+        if (merge)
+#pragma omp for schedule(dynamic, 1)
+        for (long task = 0; task < T; ++task) {
+            long b = task / Hkv, p = positions[b], n = chunks_of(p + 1);
+            if (gathers(G, kept_pages[b], p / PAGE + 1) || n == 1) continue;  /* merged: rows of several chunks */
+            float *s = scratch + task * scratch_per_task;
+            merge_chunks(s + 2 * G * S + 3 * G * P + G, n, G, D, out + (b * Hq + (task % Hkv) * G) * D);
         }
     }
 }

@@ -175,7 +175,7 @@ def _c_attention(lib, q: Tensor, k_cache: Tensor, v_cache: Tensor, page_min: Ten
     G = Hq // Hkv
     kept = torch.tensor([_kept_page_count(p, keep) or 0 for p, keep in zip(positions, keeps)], dtype=torch.int64)
     pos = torch.tensor(positions, dtype=torch.int64)
-    per_task = G * (S + P) + 2 * P + S
+    per_task = lib.solc_decode_attention_scratch(G, S, P, D)
     scratch = _BUFFERS.get("c_scratch", B * Hkv * per_task, torch.float32)
     out = torch.empty_like(q)
     lib.solc_decode_attention(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), page_min.data_ptr(), page_max.data_ptr(), pos.data_ptr(),

@@ -162,7 +162,7 @@ class AttentionBlock(_Block):
         if B == 1:  # the one-row GEMV's packed copies (cpu_linear.c)
             for w in (wq, wk, wv, wo):
                 cpu_linear.ensure_packed(w)
-        per_task = Hq // Hkv * (S + P) + 2 * P + S
+        per_task = lib.solc_decode_attention_scratch(Hq // Hkv, S, P, D)
         static = tuple(self.roles[n] for n in self.STATIC if self.roles[n] is not None)
         return Plan(inputs, static, lib=lib, B=B, x_shape=x.shape, per_task=per_task, c_mean=_aten_mean_in_c(lib, d),
                      weights=(a["w_norm"].data_ptr(), B, d, wq.data_ptr(), _ptr(a["bq"]), wk.data_ptr(), _ptr(a["bk"]),

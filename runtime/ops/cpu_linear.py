@@ -49,6 +49,7 @@ SIGNATURES = {  # C function -> argument types (return types: RESTYPES)
     "solc_linear_f32": [_P, _L, _P, _P, _P, _L, _L, _L, _I],
     "solc_int8_linear": [_P, _L, _P, _P, _P, _L, _L, _L, _I],
     "solc_decode_attention": [_P, _P, _P, _P, _P, _P, _P, _L, _L, _L, _L, _L, _L, ctypes.c_float, _P, _P, _L, _I],
+    "solc_decode_attention_scratch": [_L, _L, _L, _L],
     "solc_write_kv": [_P, _P, _P, _P, _P, _P, _P, _L, _L, _L, _L, _L],
     "solc_rowskip_f32": [_P, _L, _P, _P, _P, _P, _L, _L, _L, _I],
     "solc_rowskip_int8": [_P, _L, _P, _P, _P, _P, _P, _L, _L, _L, _I],
@@ -77,6 +78,7 @@ SIGNATURES = {  # C function -> argument types (return types: RESTYPES)
 RESTYPES = {"solc_int4_linear": ctypes.c_int, "solc_rowskip_int8": ctypes.c_int, "solc_rowskip_f32": ctypes.c_int,
             "solc_int4_supported": ctypes.c_int, "solc_mlp_input": ctypes.c_int,
             "solc_mlp_output": ctypes.c_int, "solc_mlp_block": ctypes.c_int, "solc_chain_block_size": ctypes.c_long,
+            "solc_decode_attention_scratch": ctypes.c_long,
             "solc_block_chain": ctypes.c_int, "solc_pack_supported": ctypes.c_int,
             "solc_pack_register": ctypes.c_int, "solc_packed_of": ctypes.c_void_p}  # the others return void
 

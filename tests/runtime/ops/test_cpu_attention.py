@@ -17,20 +17,22 @@ def _cpu_fast_paths_on(monkeypatch):
 TOL = {torch.float64: 1e-12, torch.float32: 2e-6, torch.bfloat16: 2e-2}
 
 
-def _filled_cache(B, Hkv, S, D, dtype, positions, seed):
+def _filled_cache(B, Hkv, S, D, dtype, positions, seed, shape_keys=None):
     """Caches holding random keys/values at each row's positions < its new position (garbage after, as
-    a reused cache has), with the page statistics of those keys."""
+    a reused cache has), with the page statistics of those keys (shape_keys: edits the keys first)."""
     g = torch.Generator().manual_seed(seed)
     k = torch.randn(B, Hkv, S, D, generator=g).to(dtype)
+    if shape_keys is not None:
+        shape_keys(k)
     v = torch.randn(B, Hkv, S, D, generator=g).to(dtype)
     low, high = ref.page_stats(k, torch.tensor(positions))  # stats over keys < position
     return k, v, low, high
 
 
-def _step(B, Hq, Hkv, S, D, dtype, positions, keeps, seed=0, hints=None):
+def _step(B, Hq, Hkv, S, D, dtype, positions, keeps, seed=0, hints=None, shape_keys=None):
     """Run the op for one decode step; return (output, caches after) and the reference's."""
     g = torch.Generator().manual_seed(seed + 1)
-    k_cache, v_cache, low, high = _filled_cache(B, Hkv, S, D, dtype, positions, seed)
+    k_cache, v_cache, low, high = _filled_cache(B, Hkv, S, D, dtype, positions, seed, shape_keys)
     q = torch.randn(B, Hq, 1, D, generator=g).to(dtype)
     k = torch.randn(B, Hkv, 1, D, generator=g).to(dtype)
     v = torch.randn(B, Hkv, 1, D, generator=g).to(dtype)
@@ -169,6 +171,75 @@ def test_a_rows_result_does_not_depend_on_its_batch_mates(keeps, same_length, sp
         sl = slice(row, row + 1)
         alone = torch.ops.solc.attention(q[sl], k[sl], v[sl], *alone_caches, pos[sl], keep[sl], 0.125)
         assert torch.equal(batch[sl], alone), f"row {row}"
+
+
+KEY_CHUNK = 2048  # cpu_attention.c: a dense row's keys are split into work items of this many
+
+
+@pytest.fixture
+def c_kernel():
+    if cpu_attention._library() is None:
+        pytest.skip("no C compiler: the kernel library does not build")
+
+
+@pytest.mark.parametrize("hq,hkv", [(9, 3), (4, 4)], ids=["gqa", "mha"])
+def test_rows_longer_than_a_key_chunk_equal_the_reference(hq, hkv, c_kernel):
+    """The C kernel splits dense and dense-masked rows into chunks of keys merged by their softmax maxima
+    and sums: one chunk exactly (2048 keys), one key past it, several chunks with a partial last one; keep
+    0.7 runs dense-masked for G = 1 and 3, keep 0.1 gathers."""
+    positions, keeps = [4500, 2047, 2048, 4100, 6143], [1.0, 1.0, 1.0, 0.7, 0.1]
+    _check(*_step(5, hq, hkv, 6150, 64, torch.float32, positions, keeps, seed=31), torch.float32)
+
+
+def test_a_key_chunk_whose_pages_are_all_dropped_adds_nothing(c_kernel):
+    """A dense-masked row whose first chunk loses every page for every head (its keys 1000x smaller, so
+    their page scores are near 0 while later pages score high): that chunk's maximum is -inf and its
+    weight in the merge 0, not NaN."""
+    p, S, D = 4500, 4504, 64
+
+    def faint_first_chunk(k):
+        k[:, :, :KEY_CHUNK] *= 1e-3
+    k_cache, v_cache, low, high = _filled_cache(1, 3, S, D, torch.float32, [p], 5, faint_first_chunk)
+    gen = torch.Generator().manual_seed(6)
+    q, k, v = torch.randn(1, 9, 1, D, generator=gen), torch.randn(1, 3, 1, D, generator=gen), torch.randn(1, 3, 1, D, generator=gen)
+    pos, keep = torch.tensor([[p]]), torch.tensor([[0.34]], dtype=torch.float64)
+    out = torch.ops.solc.attention(q, k, v, k_cache.clone(), v_cache.clone(), low, high, pos, keep, 0.125)
+    ek, ev = k_cache.clone(), v_cache.clone()
+    library.write_kv(ek, ev, k, v, pos)
+    expected = ref.quest_attention(q, ek, ev, pos, keep, 0.125)
+    # the premises: the row runs dense-masked (G * kept * 1.6 > visible pages), and no head keeps a page
+    # of the first chunk (the reference ignores its values)
+    assert 3 * cpu_attention._kept_page_count(p, 0.34) * 1.6 > p // 8 + 1
+    ev[:, :, :KEY_CHUNK] = 7.0
+    assert torch.equal(ref.quest_attention(q, ek, ev, pos, keep, 0.125), expected)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, expected, atol=TOL[torch.float32], rtol=0)
+
+
+def test_a_long_rows_bits_depend_on_neither_the_thread_count_nor_its_batch_mates(c_kernel):
+    """The key chunks and the heads of a sparse row are work items shared out among threads; the split is
+    fixed by the row's length, so 1, 2 or 3 threads and any batch give a row the same bits."""
+    positions, keeps = [4500, 300, 2048, 4500], [1.0, 0.1, 0.6, 0.1]
+    k_cache, v_cache, low, high = _filled_cache(4, 3, 4600, 64, torch.float32, positions, 41)
+    gen = torch.Generator().manual_seed(42)
+    q, k, v = torch.randn(4, 9, 1, 64, generator=gen), torch.randn(4, 3, 1, 64, generator=gen), torch.randn(4, 3, 1, 64, generator=gen)
+    pos, keep = torch.tensor(positions)[:, None], torch.tensor(keeps, dtype=torch.float64)[:, None]
+
+    def run(rows):
+        caches = [t[rows].clone() for t in (k_cache, v_cache, low, high)]
+        return torch.ops.solc.attention(q[rows], k[rows], v[rows], *caches, pos[rows], keep[rows], 0.125)
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        reference_bits = run(slice(None))
+        for n in (2, 3):
+            torch.set_num_threads(n)
+            assert torch.equal(run(slice(None)), reference_bits), f"{n} threads"
+            for row in range(4):
+                assert torch.equal(run(slice(row, row + 1)), reference_bits[row:row + 1]), f"row {row}, {n} threads"
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_keep_count_host_equals_the_reference():
