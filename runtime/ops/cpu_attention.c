@@ -147,12 +147,15 @@ static inline void prefetch_page(const float *rows, long D) {
     for (long i = 0; i < PAGE * D; i += 16) __builtin_prefetch(rows + i, 0, 1);
 }
 
-/* out[D] = sum_t p[t] * v[keys[t]] * inv. */
+/* out[D] = sum_t p[t] * v[keys[t]] * inv. The value pages are fetched PAGES_AHEAD ahead again: the key
+pass prefetched them, but 3 heads x ~205 pages of K and V (16k tokens, keep 0.1) outgrow L2 before this
+pass comes back to them; one page ahead here left it latency-bound (16k, 30 layers, keep 0.1: 18.4-19.4
+-> 17.2-17.6 ms at 1 thread, 12.8-13.3 -> 12.2-12.5 at 2; ad-hoc A/B, 3 rounds; 8 ahead: no better). */
 static void weighted_values(const float *p, const int32_t *keys, long n, const float *v, long D, float inv,
                             float *out) {
     for (long d = 0; d < D; ++d) out[d] = 0;
     for (long t = 0; t < n; ++t) {
-        if (t % PAGE == 0 && t + PAGE < n) prefetch_page(v + (long)keys[t + PAGE] * D, D);
+        if (t % PAGE == 0 && t + PAGES_AHEAD * PAGE < n) prefetch_page(v + (long)keys[t + PAGES_AHEAD * PAGE] * D, D);
         const float *row = v + keys[t] * D;
         float w = p[t];
         for (long d = 0; d < D; ++d) out[d] += w * row[d];
