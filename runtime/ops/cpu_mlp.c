@@ -368,60 +368,72 @@ static float *sums_scratch(size_t floats) {
 }
 
 /* The fp32 row skip in the lane order above, lane by lane: a lane's running sums (cn floats) stay in L1
-while that lane's kept rows stream past four at a time, each read once and whole; the 16 lanes and the
-tail (lane 16) meet in the tree at the end. (Walking the kept rows in ascending k instead moves a
-different lane's sums for every row: 16 x the sums through the cache, and each row read in pieces.) The
-rows F32_AHEAD on in this walk are prefetched, a cache line of each per 16 outputs, spread over the
-pass. order: the row's kept channels grouped by lane, ascending in each; bound[l] .. bound[l + 1] is
-lane l's part. */
+while that lane's kept rows stream past four at a time (its last one to three in one pass of their own),
+each read once and whole; the 16 lanes and the tail (lane 16) meet in the tree at the end. (Walking the
+kept rows in ascending k instead moves a different lane's sums for every row: 16 x the sums through the
+cache, and each row read in pieces.) A lane's first pass writes its sums (fma onto +0, as onto zeroed
+sums: the same bits) instead of reading zeros back. Each pass of R rows prefetches the R rows F32_AHEAD
+on in this walk, a cache line of each per 16 outputs, spread over the pass, so every row is fetched ahead
+once (single-row passes of a lane's remainder used to fetch nothing ahead, leaving gaps in the walk).
+order: the row's kept channels grouped by lane, ascending in each; bound[l] .. bound[l + 1] is lane l's
+part. */
 #ifndef F32_AHEAD
 #define F32_AHEAD 8
 #endif
+static inline __attribute__((always_inline)) void f32_pass(float *restrict s, long cn, int R, int first,
+                                                           const float *const *w, const float *a,
+                                                           const float *const *p) {
+    long n = 0;
+#ifdef __AVX512F__
+    __m512 b[4];
+    for (int j = 0; j < R; ++j) b[j] = _mm512_set1_ps(a[j]);
+    for (; n + 16 <= cn; n += 16) {
+        for (int j = 0; j < R; ++j)
+            if (p[j]) __builtin_prefetch(p[j] + n, 0, 2);
+        __m512 v = first ? _mm512_setzero_ps() : _mm512_loadu_ps(s + n);
+        for (int j = 0; j < R; ++j) v = _mm512_fmadd_ps(b[j], _mm512_loadu_ps(w[j] + n), v);
+        _mm512_storeu_ps(s + n, v);
+    }
+#else
+    for (int j = 0; j < R; ++j)
+        if (p[j])
+            for (long m = 0; m < cn; m += 16) __builtin_prefetch(p[j] + m, 0, 2);
+#endif
+    for (; n < cn; ++n) {
+        float v = first ? 0.0f : s[n];
+        for (int j = 0; j < R; ++j) v = __builtin_fmaf(a[j], w[j][n], v);
+        s[n] = v;
+    }
+}
+
 static void f32_lanes(const float *x, const int64_t *order, const long *bound, const float *wt, long ld, long n0,
                       long cn, float *lanes, long lds) {
     long total = bound[LANES + 1];
     for (int l = 0; l <= LANES; ++l) {
         float *restrict s = lanes + l * lds;
-        memset(s, 0, (size_t)cn * sizeof(float));
         long i = bound[l], e = bound[l + 1];
-        for (; i + 4 <= e; i += 4) {
-            const float *w0 = wt + order[i] * ld + n0, *w1 = wt + order[i + 1] * ld + n0;
-            const float *w2 = wt + order[i + 2] * ld + n0, *w3 = wt + order[i + 3] * ld + n0;
-            float a0 = x[order[i]], a1 = x[order[i + 1]], a2 = x[order[i + 2]], a3 = x[order[i + 3]];
-            int ahead = i + F32_AHEAD + 4 <= total;
-            const float *p0 = ahead ? wt + order[i + F32_AHEAD] * ld + n0 : 0;
-            const float *p1 = ahead ? wt + order[i + F32_AHEAD + 1] * ld + n0 : 0;
-            const float *p2 = ahead ? wt + order[i + F32_AHEAD + 2] * ld + n0 : 0;
-            const float *p3 = ahead ? wt + order[i + F32_AHEAD + 3] * ld + n0 : 0;
-            long n = 0;
-#ifdef __AVX512F__
-            const __m512 b0 = _mm512_set1_ps(a0), b1 = _mm512_set1_ps(a1), b2 = _mm512_set1_ps(a2), b3 = _mm512_set1_ps(a3);
-            for (; n + 16 <= cn; n += 16) {
-                if (ahead) prefetch4(p0 + n, p1 + n, p2 + n, p3 + n);
-                __m512 v = _mm512_loadu_ps(s + n);
-                v = _mm512_fmadd_ps(b0, _mm512_loadu_ps(w0 + n), v);
-                v = _mm512_fmadd_ps(b1, _mm512_loadu_ps(w1 + n), v);
-                v = _mm512_fmadd_ps(b2, _mm512_loadu_ps(w2 + n), v);
-                v = _mm512_fmadd_ps(b3, _mm512_loadu_ps(w3 + n), v);
-                _mm512_storeu_ps(s + n, v);
+        if (i == e) memset(s, 0, (size_t)cn * sizeof(float));
+        for (int first = 1; i < e; first = 0) {
+            int R = e - i < 4 ? (int)(e - i) : 4;
+            const float *w[4], *p[4];
+            float a[4];
+            for (int j = 0; j < R; ++j) {
+                w[j] = wt + order[i + j] * ld + n0;
+                a[j] = x[order[i + j]];
+                p[j] = i + j + F32_AHEAD < total ? wt + order[i + j + F32_AHEAD] * ld + n0 : NULL;
             }
-#else
-            if (ahead)
-                for (long m = 0; m < cn; m += 16) prefetch4(p0 + m, p1 + m, p2 + m, p3 + m);
-#endif
-            for (; n < cn; ++n) {
-                float v = s[n];
-                v = __builtin_fmaf(a0, w0[n], v);
-                v = __builtin_fmaf(a1, w1[n], v);
-                v = __builtin_fmaf(a2, w2[n], v);
-                v = __builtin_fmaf(a3, w3[n], v);
-                s[n] = v;
+            /* R and first as constants: one specialised loop each */
+            switch (R * 2 + first) {
+                case 8: f32_pass(s, cn, 4, 0, w, a, p); break;
+                case 9: f32_pass(s, cn, 4, 1, w, a, p); break;
+                case 6: f32_pass(s, cn, 3, 0, w, a, p); break;
+                case 7: f32_pass(s, cn, 3, 1, w, a, p); break;
+                case 4: f32_pass(s, cn, 2, 0, w, a, p); break;
+                case 5: f32_pass(s, cn, 2, 1, w, a, p); break;
+                case 2: f32_pass(s, cn, 1, 0, w, a, p); break;
+                default: f32_pass(s, cn, 1, 1, w, a, p); break;
             }
-        }
-        for (; i < e; ++i) {
-            const float *w = wt + order[i] * ld + n0;
-            float a = x[order[i]];
-            for (long n = 0; n < cn; ++n) s[n] = __builtin_fmaf(a, w[n], s[n]);
+            i += R;
         }
     }
 }
