@@ -9,6 +9,7 @@ The paths below (one row: 16 weight rows at a time, which streams the weights as
 several rows: 4 x 4 register tiles) differ only in which elements they compute together. */
 #include <stddef.h>
 #include <stdint.h>
+#include <string.h>
 
 #include "cpu_fixed_order.h"
 #ifdef __AVX512F__
@@ -207,23 +208,19 @@ int solc_pack_supported(void) {
 #endif
 }
 
-/* out[(n / 16) * 16 * K16 + k * 16 + c * 16 + l] = w[(n + c) * K + k + l] over the full groups and k steps. */
-void solc_pack_f32(const float *w, long N, long K, float *out) {
+/* out[(n / 16) * 16 * K16 + k * 16 + c * 16 + l] = w[(n + c) * K + k + l] over the full groups and k steps,
+for elements of `size` bytes: each row's 16 elements of a k step are contiguous in both. */
+static void pack_rows(const char *w, long N, long K, size_t size, char *out) {
     long K16 = K - K % LANES;
     for (long n = 0; n + 16 <= N; n += 16)
         for (long k = 0; k < K16; k += LANES)
-            for (int c = 0; c < 16; ++c)
-                for (int l = 0; l < LANES; ++l) *out++ = w[(n + c) * K + k + l];
+            for (int c = 0; c < 16; ++c, out += LANES * size) memcpy(out, w + ((n + c) * K + k) * size, LANES * size);
 }
 
+void solc_pack_f32(const float *w, long N, long K, float *out) { pack_rows((const char *)w, N, K, sizeof *w, (char *)out); }
+
 /* The same for an int8 weight [N, K] (cpu_mlp.c's int8_block reads 16 rows x 16 bytes per step). */
-void solc_pack_i8(const int8_t *w, long N, long K, int8_t *out) {
-    long K16 = K - K % LANES;
-    for (long n = 0; n + 16 <= N; n += 16)
-        for (long k = 0; k < K16; k += LANES)
-            for (int c = 0; c < 16; ++c)
-                for (int l = 0; l < LANES; ++l) *out++ = w[(n + c) * K + k + l];
-}
+void solc_pack_i8(const int8_t *w, long N, long K, int8_t *out) { pack_rows((const char *)w, N, K, 1, (char *)out); }
 
 /* Registers packed as w's copy (packed NULL: forgets w's). Returns 0 when the table is full. */
 int solc_pack_register(const void *w, long N, long K, const void *packed) {
