@@ -269,6 +269,17 @@ one shared pass over the page statistics. A multiple of PAGE, so a page never st
 
 static inline long chunks_of(long L) { return (L + KEY_CHUNK - 1) / KEY_CHUNK; }
 
+/* A sparse row's page scores are work items of SCORE_BLOCK pages each (scores are per page, so the split
+changes no bit): per (row, KV head), the statistics pass ran on at most Hkv threads at batch 1. */
+#define SCORE_BLOCK 256
+
+/* The task whose items first[task] .. first[task + 1] - 1 hold item. */
+static inline long task_of(const long *first, long item) {
+    long task = 0;
+    while (first[task + 1] <= item) ++task;
+    return task;
+}
+
 /* A sparse row (k > 0 kept pages of n) gathers each head's pages unless the dense-masked form is cheaper. */
 static inline int gathers(long G, long k, long n_pages) { return k > 0 && !(G * k * DENSE_MASKED_COST > n_pages); }
 
@@ -374,35 +385,39 @@ static void sparse_head(const float *qg, const float *K, const float *V, long L,
 
 /* q [B, Hq, D]; caches [B, Hkv, S, D]; page stats [B, Hkv, P, D]; positions, kept_pages [B] (0: dense);
 out [B, Hq, D]. scratch: B * Hkv * scratch_per_task floats, scratch_per_task >=
-solc_decode_attention_scratch(G, S, P, D). Three steps over one team of threads: each sparse row's page
-scores (per task), the work items (key chunks of dense rows, query heads of sparse ones), the merge of
-multi-chunk rows (per task). */
+solc_decode_attention_scratch(G, S, P, D). Four steps over one team of threads, each shared out in
+items: sparse rows' page scores (blocks of pages), dense-masked rows' k-th scores (per head), the
+attention (key chunks of dense and dense-masked rows, query heads of gathering ones), the merge of
+multi-chunk rows (per (row, KV head)). */
 void solc_decode_attention(const float *q, const float *k_cache, const float *v_cache, const float *page_min,
                            const float *page_max, const int64_t *positions, const int64_t *kept_pages, long B,
                            long Hq, long Hkv, long S, long P, long D, float scale, float *out, float *scratch,
                            long scratch_per_task, int threads) {
     long G = Hq / Hkv, T = B * Hkv;
-    long first[T + 1];  /* task i's work items are first[i] .. first[i + 1] - 1 */
-    first[0] = 0;
-    int sparse = 0, merge = 0;  /* whether any row needs the first step, the last */
+    /* task i's items of each step: page-score blocks scored[i] .. scored[i + 1] - 1, k-th scores (a
+    dense-masked row's heads) selected[i] .., attention first[i] .. */
+    long scored[T + 1], selected[T + 1], first[T + 1];
+    scored[0] = selected[0] = first[0] = 0;
+    int masked = 0, merge = 0;  /* whether any row needs the k-th scores' step, the merge */
     for (long task = 0; task < T; ++task) {
-        long p = positions[task / Hkv], k = kept_pages[task / Hkv];
-        int gather = gathers(G, k, p / PAGE + 1);
+        long p = positions[task / Hkv], k = kept_pages[task / Hkv], n_pages = p / PAGE + 1;
+        int gather = gathers(G, k, n_pages);
+        scored[task + 1] = scored[task] + (k > 0 ? (n_pages + SCORE_BLOCK - 1) / SCORE_BLOCK : 0);
+        selected[task + 1] = selected[task] + (k > 0 && !gather ? G : 0);
         first[task + 1] = first[task] + (gather ? G : chunks_of(p + 1));
-        sparse |= k > 0;
+        masked |= k > 0 && !gather;
         merge |= !gather && chunks_of(p + 1) > 1;
     }
 #pragma omp parallel num_threads(threads) if (threads > 1)
     {
         /* each step's end is a barrier (a few us at 2 threads, 30 layers a token): a step no row needs is
         skipped by every thread (the conditions are shared) */
-        if (sparse)
+        if (scored[T])
 #pragma omp for schedule(dynamic, 1)
-        for (long task = 0; task < T; ++task) {
-            long b = task / Hkv, p = positions[b], n_pages = p / PAGE + 1, k = kept_pages[b];
-            if (k == 0) continue;
-            float *s = scratch + task * scratch_per_task;
-            float *page_score = s + 2 * G * S, *tmp = page_score + G * P, *kth = tmp + 2 * G * P;
+        for (long item = 0; item < scored[T]; ++item) {
+            long task = task_of(scored, item), b = task / Hkv, p = positions[b], n_pages = p / PAGE + 1;
+            long j0 = (item - scored[task]) * SCORE_BLOCK, j1 = j0 + SCORE_BLOCK < n_pages ? j0 + SCORE_BLOCK : n_pages;
+            float *page_score = scratch + task * scratch_per_task + 2 * G * S;
             const float *qh = q + (b * Hq + (task % Hkv) * G) * D;
             const float *hi_stats = page_max + task * P * D, *lo_stats = page_min + task * P * D;
             /* max(q * M, q * m) == max(q, 0) * M + min(q, 0) * m (M >= m): the G heads' page scores in
@@ -412,24 +427,27 @@ void solc_decode_attention(const float *q, const float *k_cache, const float *v_
                 qpos[i] = qh[i] > 0 ? qh[i] : 0;
                 qneg[i] = qh[i] < 0 ? qh[i] : 0;
             }
-            for (long j = 0; j < n_pages; ++j) {
+            for (long j = j0; j < j1; ++j) {
                 prefetch_row(hi_stats + (j + ROWS_AHEAD) * D, D);
                 prefetch_row(lo_stats + (j + ROWS_AHEAD) * D, D);
                 for (long g = 0; g < G; ++g)
                     page_score[g * P + j] = key_dot(qpos + g * D, hi_stats + j * D, D) + key_dot(qneg + g * D, lo_stats + j * D, D);
             }
-            if (gathers(G, k, n_pages)) continue;
-            /* Most pages kept: the dense-masked form (every key scored once for the G heads, each head's
-            dropped pages masked to -inf, one pass over V) needs each head's k-th page score. */
-            for (long g = 0; g < G; ++g) {
-                memcpy(tmp + g * P, page_score + g * P, n_pages * sizeof(float));
-                kth[g] = kth_largest_f32(tmp + g * P, n_pages, k);
-            }
+        }
+        /* Most pages kept: the dense-masked form (every key scored once for the G heads, each head's
+        dropped pages masked to -inf, one pass over V) needs each head's k-th page score first. */
+        if (masked)
+#pragma omp for schedule(dynamic, 1)
+        for (long item = 0; item < selected[T]; ++item) {
+            long task = task_of(selected, item), g = item - selected[task], b = task / Hkv;
+            long n_pages = positions[b] / PAGE + 1;
+            float *page_score = scratch + task * scratch_per_task + 2 * G * S, *tmp = page_score + G * P;
+            memcpy(tmp + g * P, page_score + g * P, n_pages * sizeof(float));
+            tmp[2 * G * P + g] = kth_largest_f32(tmp + g * P, n_pages, kept_pages[b]);  /* kth[g] */
         }
 #pragma omp for schedule(dynamic, 1)
         for (long item = 0; item < first[T]; ++item) {
-            long task = 0;
-            while (first[task + 1] <= item) ++task;
+            long task = task_of(first, item);
             long part = item - first[task];
             long b = task / Hkv, h = task % Hkv;
             long p = positions[b], L = p + 1, n_pages = p / PAGE + 1, k = kept_pages[b];
