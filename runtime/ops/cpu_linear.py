@@ -166,6 +166,17 @@ def _memory_available() -> Optional[int]:
     return None
 
 
+def _copy_fits(size: int) -> bool:
+    """Whether one more packed copy of `size` bytes may be made: it takes at most a quarter of the memory
+    available now, and all copies together at most half of what was available to them (available now plus
+    what they hold), so a large model's copies cannot take the machine's memory one small copy at a time."""
+    available = _memory_available()
+    if available is None:
+        return True
+    held = packed_bytes()
+    return 4 * size <= available and 2 * (held + size) <= available + held
+
+
 def _version(w: Tensor) -> int:
     try:
         return w._version
@@ -190,8 +201,7 @@ def ensure_packed(w: Tensor) -> None:
         return
     N, K = w.shape
     size = (N - N % 16) * (K - K % 16) * w.element_size()
-    available = _memory_available()
-    if available is not None and 4 * size > available:
+    if not _copy_fits(size):
         return  # a speed-up is not worth the machine's last memory: read in place
     with _pack_lock:
         fresh = key not in _packed

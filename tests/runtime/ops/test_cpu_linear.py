@@ -214,6 +214,33 @@ def test_a_packed_copy_gives_the_same_bits_as_the_weight_read_in_place(monkeypat
 
 
 @needs_packing
+def test_packed_copies_stop_at_half_the_memory_available_to_them(monkeypatch):
+    """Each copy may take a quarter of the memory available now, all of them together half of what was
+    available to them (available now + held): with 200 KB available, 24 KB copies (each taking its bytes
+    from what is available) are made until the fifth, which a quarter would still allow but which would
+    take the copies past 100 KB; then weights are read in place."""
+    monkeypatch.setenv("SOLC_CPU_PACK", "1")
+    size, others = 96 * 64 * 4, cpu_linear.packed_bytes()  # copies of other tests' weights may be alive
+    monkeypatch.setattr(cpu_linear, "packed_bytes", lambda real=cpu_linear.packed_bytes: real() - others)
+    state = {"free": 200_000}
+    monkeypatch.setattr(cpu_linear, "_memory_available", lambda: state["free"])
+    weights, made = [torch.randn(96, 64) for _ in range(6)], []
+    for w in weights:
+        before = cpu_linear.packed_bytes()
+        cpu_linear.ensure_packed(w)
+        made.append(cpu_linear.packed_bytes() - before)
+        state["free"] -= made[-1]
+    # the fifth: 4 x 24576 <= 101696 (a quarter fits), but 2 x (98304 + 24576) > 101696 + 98304
+    assert made == [size] * 4 + [0, 0]
+    state["free"] = 10**12
+    cpu_linear.ensure_packed(weights[4])
+    assert cpu_linear.packed_bytes() == 5 * size
+    state["free"] = 4 * size  # a quarter exactly: this copy alone would fit, the five held make it too much
+    cpu_linear.ensure_packed(weights[5])
+    assert cpu_linear.packed_bytes() == 5 * size
+
+
+@needs_packing
 def test_a_packed_copy_follows_its_weight(monkeypatch):
     """Changed in place, the weight is packed again; freed, its copy is forgotten (C table and memory)."""
     monkeypatch.setenv("SOLC_CPU_PACK", "1")
