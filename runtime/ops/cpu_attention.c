@@ -288,10 +288,26 @@ static inline long task_of(const long *first, long T, long item) {
 /* A sparse row (k > 0 kept pages of n) gathers each head's pages unless the dense-masked form is cheaper. */
 static inline int gathers(long G, long k, long n_pages) { return k > 0 && !(G * k * DENSE_MASKED_COST > n_pages); }
 
-/* Floats of scratch per (row, KV head) task (the caller allocates B * Hkv of them). */
+/* One (row, KV head) task's scratch, laid out by task_scratch: every step of a call finds its parts there. */
+typedef struct {
+    float *scores;      /* [G, S]: a head's scores (dense: key t at t; gathering: its kept keys in order) */
+    int32_t *keys;      /* [G, S]: a gathering head's kept keys */
+    float *page_score;  /* [G, P] */
+    float *selection;   /* [G, P]: a head's copy of its page scores for the k-th selection */
+    int32_t *pages;     /* [G, P]: a gathering head's kept pages */
+    float *kth;         /* [G]: a dense-masked row's k-th page score per head */
+    float *chunks;      /* [chunks, G, D + 2]: a multi-chunk row's partial sums, maxima and sums */
+} task_scratch;
+
+static task_scratch scratch_of(float *scratch, long per_task, long task, long G, long S, long P) {
+    float *s = scratch + task * per_task;
+    task_scratch t = {s, (int32_t *)(s + G * S), s + 2 * G * S, s + 2 * G * S + G * P,
+                      (int32_t *)(s + 2 * G * S + 2 * G * P), s + 2 * G * S + 3 * G * P, s + 2 * G * S + 3 * G * P + G};
+    return t;
+}
+
+/* Floats of scratch per (row, KV head) task (the caller allocates B * Hkv of them): task_scratch's parts. */
 long solc_decode_attention_scratch(long G, long S, long P, long D) {
-    /* scores [G, S], kept keys int32 [G, S], page scores [G, P], selection copies [G, P], kept pages
-    int32 [G, P], each head's k-th page score [G], chunk partials [chunks, G, D + 2] (sums, max, sum) */
     return 2 * G * S + 3 * G * P + G + chunks_of(S) * G * (D + 2);
 }
 
@@ -422,7 +438,7 @@ void solc_decode_attention(const float *q, const float *k_cache, const float *v_
         for (long item = 0; item < scored[T]; ++item) {
             long task = task_of(scored, T, item), b = task / Hkv, p = positions[b], n_pages = p / PAGE + 1;
             long j0 = (item - scored[task]) * SCORE_BLOCK, j1 = j0 + SCORE_BLOCK < n_pages ? j0 + SCORE_BLOCK : n_pages;
-            float *page_score = scratch + task * scratch_per_task + 2 * G * S;
+            float *page_score = scratch_of(scratch, scratch_per_task, task, G, S, P).page_score;
             const float *qh = q + (b * Hq + (task % Hkv) * G) * D;
             const float *hi_stats = page_max + task * P * D, *lo_stats = page_min + task * P * D;
             /* max(q * M, q * m) == max(q, 0) * M + min(q, 0) * m (M >= m): the G heads' page scores in
@@ -446,9 +462,9 @@ void solc_decode_attention(const float *q, const float *k_cache, const float *v_
         for (long item = 0; item < selected[T]; ++item) {
             long task = task_of(selected, T, item), g = item - selected[task], b = task / Hkv;
             long n_pages = positions[b] / PAGE + 1;
-            float *page_score = scratch + task * scratch_per_task + 2 * G * S, *tmp = page_score + G * P;
-            memcpy(tmp + g * P, page_score + g * P, n_pages * sizeof(float));
-            tmp[2 * G * P + g] = kth_largest_f32(tmp + g * P, n_pages, kept_pages[b]);  /* kth[g] */
+            task_scratch t = scratch_of(scratch, scratch_per_task, task, G, S, P);
+            memcpy(t.selection + g * P, t.page_score + g * P, n_pages * sizeof(float));
+            t.kth[g] = kth_largest_f32(t.selection + g * P, n_pages, kept_pages[b]);
         }
 #pragma omp for schedule(dynamic, 1)
         for (long item = 0; item < first[T]; ++item) {
@@ -459,17 +475,14 @@ void solc_decode_attention(const float *q, const float *k_cache, const float *v_
             const float *K = k_cache + task * S * D, *V = v_cache + task * S * D;
             const float *qh = q + (b * Hq + h * G) * D;
             float *o = out + (b * Hq + h * G) * D;
-            float *s = scratch + task * scratch_per_task;  /* [G, S] scores */
-            int32_t *keys = (int32_t *)(s + G * S);
-            float *page_score = s + 2 * G * S, *tmp = page_score + G * P, *kth = tmp + 2 * G * P;
-            int32_t *pages = (int32_t *)(tmp + G * P);
-            float *chunks = kth + G;
+            task_scratch t = scratch_of(scratch, scratch_per_task, task, G, S, P);
             if (gathers(G, k, n_pages)) {
                 long g = part;
-                sparse_head(qh + g * D, K, V, L, n_pages, k, D, scale, page_score + g * P, tmp + g * P,
-                            pages + g * P, s + g * S, keys + g * S, o + g * D);
+                sparse_head(qh + g * D, K, V, L, n_pages, k, D, scale, t.page_score + g * P, t.selection + g * P,
+                            t.pages + g * P, t.scores + g * S, t.keys + g * S, o + g * D);
             } else {
-                dense_chunk(qh, G, K, V, L, part, D, scale, s, S, page_score, P, k > 0 ? kth : NULL, chunks, o);
+                dense_chunk(qh, G, K, V, L, part, D, scale, t.scores, S, t.page_score, P, k > 0 ? t.kth : NULL,
+                            t.chunks, o);
             }
         }
         if (merge)
@@ -477,8 +490,8 @@ void solc_decode_attention(const float *q, const float *k_cache, const float *v_
         for (long task = 0; task < T; ++task) {
             long b = task / Hkv, p = positions[b], n = chunks_of(p + 1);
             if (gathers(G, kept_pages[b], p / PAGE + 1) || n == 1) continue;  /* merged: rows of several chunks */
-            float *s = scratch + task * scratch_per_task;
-            merge_chunks(s + 2 * G * S + 3 * G * P + G, n, G, D, out + (b * Hq + (task % Hkv) * G) * D);
+            merge_chunks(scratch_of(scratch, scratch_per_task, task, G, S, P).chunks, n, G, D,
+                         out + (b * Hq + (task % Hkv) * G) * D);
         }
     }
 }
