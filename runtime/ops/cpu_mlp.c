@@ -368,15 +368,23 @@ static float *sums_scratch(size_t floats) {
 }
 
 /* The fp32 row skip in the lane order above, lane by lane: a lane's running sums (cn floats) stay in L1
-while that lane's kept rows stream past four at a time (its last one to three in one pass of their own),
-each read once and whole; the 16 lanes and the tail (lane 16) meet in the tree at the end. (Walking the
-kept rows in ascending k instead moves a different lane's sums for every row: 16 x the sums through the
+while that lane's kept rows stream past F32_ROWS at a time (its last one to three in one pass of their
+own), each read once and whole; the 16 lanes and the tail (lane 16) meet in the tree at the end. (Walking
+the kept rows in ascending k instead moves a different lane's sums for every row: 16 x the sums through the
 cache, and each row read in pieces.) A lane's first pass writes its sums (fma onto +0, as onto zeroed
-sums: the same bits) instead of reading zeros back. Each pass of R rows prefetches the R rows F32_AHEAD
-on in this walk, a cache line of each per 16 outputs, spread over the pass, so every row is fetched ahead
-once (single-row passes of a lane's remainder used to fetch nothing ahead, leaving gaps in the walk).
+sums: the same bits) instead of reading zeros back. At batch 1 a pass reads whole rows (N floats, 12 KB
+for SmolLM2's gate/up), streams long enough for the hardware prefetcher, and software prefetches of the
+rows ahead only got in its way. AMD EPYC Zen 4, 2026-12-07: 576 x 3072 at keep 0.4, ctypes A/B over 30
+streamed weight copies, 1 thread: 93.8-102 us with prefetches 8 rows ahead, 83-92 without (2 threads:
+65-70 -> 58-63). In the decode step the gain is at the noise (benchmarks/decode.py, 512 tokens, 1 thread,
+runs alternating with the old kernel: mlp 0.4 at 0.828 / 0.833 / 0.836 / 0.853 of dense against 0.843 /
+0.860 / 0.841 / 0.857; mlp 0.8 0.957-1.004 against 0.991-1.005; 2 threads mixed). Eight rows a pass was
+faster in the ctypes loop but slower in the step (mlp 0.4: 0.858 / 0.876 without prefetches). At batch
+> 1 a chunk reads each row in pieces of CHUNK_F32 outputs, too short for the hardware to catch: there the
+rows F32_AHEAD on are prefetched, a cache line of each per 16 outputs, spread over the pass.
 order: the row's kept channels grouped by lane, ascending in each; bound[l] .. bound[l + 1] is lane l's
 part. */
+#define F32_ROWS 4
 #ifndef F32_AHEAD
 #define F32_AHEAD 8
 #endif
@@ -385,7 +393,7 @@ static inline __attribute__((always_inline)) void f32_pass(float *restrict s, lo
                                                            const float *const *p) {
     long n = 0;
 #ifdef __AVX512F__
-    __m512 b[4];
+    __m512 b[F32_ROWS];
     for (int j = 0; j < R; ++j) b[j] = _mm512_set1_ps(a[j]);
     for (; n + 16 <= cn; n += 16) {
         for (int j = 0; j < R; ++j)
@@ -406,32 +414,28 @@ static inline __attribute__((always_inline)) void f32_pass(float *restrict s, lo
     }
 }
 
+/* ahead: whether to prefetch the rows F32_AHEAD on (pieces of rows, at batch > 1) */
 static void f32_lanes(const float *x, const int64_t *order, const long *bound, const float *wt, long ld, long n0,
-                      long cn, float *lanes, long lds) {
+                      long cn, float *lanes, long lds, int ahead) {
     long total = bound[LANES + 1];
     for (int l = 0; l <= LANES; ++l) {
         float *restrict s = lanes + l * lds;
         long i = bound[l], e = bound[l + 1];
         if (i == e) memset(s, 0, (size_t)cn * sizeof(float));
         for (int first = 1; i < e; first = 0) {
-            int R = e - i < 4 ? (int)(e - i) : 4;
-            const float *w[4], *p[4];
-            float a[4];
+            int R = e - i < F32_ROWS ? (int)(e - i) : F32_ROWS;
+            const float *w[F32_ROWS], *p[F32_ROWS];
+            float a[F32_ROWS];
             for (int j = 0; j < R; ++j) {
                 w[j] = wt + order[i + j] * ld + n0;
                 a[j] = x[order[i + j]];
-                p[j] = i + j + F32_AHEAD < total ? wt + order[i + j + F32_AHEAD] * ld + n0 : NULL;
+                p[j] = ahead && i + j + F32_AHEAD < total ? wt + order[i + j + F32_AHEAD] * ld + n0 : NULL;
             }
             /* R and first as constants: one specialised loop each */
             switch (R * 2 + first) {
-                case 8: f32_pass(s, cn, 4, 0, w, a, p); break;
-                case 9: f32_pass(s, cn, 4, 1, w, a, p); break;
-                case 6: f32_pass(s, cn, 3, 0, w, a, p); break;
-                case 7: f32_pass(s, cn, 3, 1, w, a, p); break;
-                case 4: f32_pass(s, cn, 2, 0, w, a, p); break;
-                case 5: f32_pass(s, cn, 2, 1, w, a, p); break;
-                case 2: f32_pass(s, cn, 1, 0, w, a, p); break;
-                default: f32_pass(s, cn, 1, 1, w, a, p); break;
+#define PASS(r) case 2 * r: f32_pass(s, cn, r, 0, w, a, p); break; case 2 * r + 1: f32_pass(s, cn, r, 1, w, a, p); break;
+                PASS(1) PASS(2) PASS(3) PASS(4)
+#undef PASS
             }
             i += R;
         }
@@ -463,7 +467,7 @@ int solc_rowskip_f32(const float *x, long ldx, const int64_t *idx, const int64_t
         for (int l = 0; l <= LANES; ++l) bound[l + 1] += bound[l];
         for (int l = 0; l <= LANES; ++l) fill[l] = bound[l];
         for (long i = off[r]; i < off[r + 1]; ++i) order[fill[idx[i] < K16 ? idx[i] % LANES : LANES]++] = idx[i];
-        f32_lanes(x + r * ldx, order, bound, wt, N, n0, cn, lanes, lds);
+        f32_lanes(x + r * ldx, order, bound, wt, N, n0, cn, lanes, lds, M > 1);
         long n = 0;
 #ifdef __AVX512F__
         for (; n + 16 <= cn; n += 16) {  /* lanes_total's tree, 16 outputs at a time */

@@ -197,8 +197,9 @@ def test_row_skip_gives_the_same_bits_for_any_thread_count(rows):
 
 
 @pytest.mark.parametrize("rows", [1, 5])
-# 100: four channels in the kernels' scalar tail; 576 (SmolLM2): 36 channels a lane, so the fp32 kernel's
-# lanes end in passes of 1, 2 and 3 rows after their four-row passes
+# 100: four channels in the kernels' scalar tail; 576 (SmolLM2): 36 channels a lane, and these rows' lanes
+# keep 1 to 33 channels each, so the fp32 kernel's lanes end in passes of 1, 2 and 3 rows after their
+# four-row passes
 @pytest.mark.parametrize("d", [96, 100, 576])
 def test_row_skip_equals_the_dense_kernel_on_the_pruned_input_bit_for_bit(rows, d):
     """The row skip sums each output in its dense pass's order (fp32: channel k in lane k mod 16, as
