@@ -191,6 +191,65 @@ def test_rows_longer_than_a_key_chunk_equal_the_reference(hq, hkv, c_kernel):
     _check(*_step(5, hq, hkv, 6150, 64, torch.float32, positions, keeps, seed=31), torch.float32)
 
 
+GATHER_KEYS = 4 * KEY_CHUNK  # cpu_attention.c: a gathering row's keys per work item
+
+
+@pytest.mark.parametrize("hq,hkv", [(9, 3), (4, 4)], ids=["gqa", "mha"])
+def test_gathering_rows_longer_than_a_gather_chunk_equal_the_reference(hq, hkv, c_kernel):
+    """A gathering row reads, chunk by chunk, each page that any of its G heads keeps once, and merges the
+    chunks by their softmax maxima and sums: rows one key short of a chunk, exactly one chunk, one past
+    it, and two chunks with a partial last page; the same bits at 1, 2 and 3 threads and alone."""
+    positions, keeps = [GATHER_KEYS - 2, GATHER_KEYS - 1, GATHER_KEYS, 12001], [0.1, 0.05, 0.1, 0.1]
+    S = 12010
+    out, caches, expected, exp_caches = _step(4, hq, hkv, S, 64, torch.float32, positions, keeps, seed=51)
+    _check(out, caches, expected, exp_caches, torch.float32)
+    for p, keep in zip(positions, keeps):  # the premise: every row gathers (G * kept * 1.6 <= visible pages)
+        assert (hq // hkv) * cpu_attention._kept_page_count(p, keep) * 1.6 <= p // 8 + 1
+    k_cache, v_cache, low, high = _filled_cache(4, hkv, S, 64, torch.float32, positions, 51)
+    gen = torch.Generator().manual_seed(52)
+    q, k, v = (torch.randn(4, h, 1, 64, generator=gen) for h in (hq, hkv, hkv))
+    pos, keep = torch.tensor(positions)[:, None], torch.tensor(keeps, dtype=torch.float64)[:, None]
+
+    def run(rows):
+        return torch.ops.solc.attention(q[rows], k[rows], v[rows], *(t[rows].clone() for t in (k_cache, v_cache, low, high)),
+                                        pos[rows], keep[rows], 0.125)
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        bits = run(slice(None))
+        for n in (2, 3):
+            torch.set_num_threads(n)
+            assert torch.equal(run(slice(None)), bits), f"{n} threads"
+            assert torch.equal(run(slice(3, 4)), bits[3:4]), f"the two-chunk row alone, {n} threads"
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_a_gather_chunk_that_no_head_keeps_a_page_of_adds_nothing(c_kernel):
+    """A gathering row whose first chunk loses every page for every head (its keys 1000x smaller): that
+    chunk reads nothing, its maximum is -inf and its weight in the merge 0, not NaN."""
+    p, S, D = 12001, 12008, 64
+
+    def faint_first_chunk(k):
+        k[:, :, :GATHER_KEYS] *= 1e-3
+    k_cache, v_cache, low, high = _filled_cache(1, 3, S, D, torch.float32, [p], 55, faint_first_chunk)
+    gen = torch.Generator().manual_seed(56)
+    q, k, v = torch.randn(1, 9, 1, D, generator=gen), torch.randn(1, 3, 1, D, generator=gen), torch.randn(1, 3, 1, D, generator=gen)
+    pos, keep = torch.tensor([[p]]), torch.tensor([[0.1]], dtype=torch.float64)
+    out = torch.ops.solc.attention(q, k, v, k_cache.clone(), v_cache.clone(), low, high, pos, keep, 0.125)
+    ek, ev = k_cache.clone(), v_cache.clone()
+    library.write_kv(ek, ev, k, v, pos)
+    expected = ref.quest_attention(q, ek, ev, pos, keep, 0.125)
+    # the premises: the row gathers, and no head keeps a page of the first chunk (the reference ignores
+    # its values)
+    assert 3 * cpu_attention._kept_page_count(p, 0.1) * 1.6 <= p // 8 + 1
+    ev[:, :, :GATHER_KEYS] = 7.0
+    assert torch.equal(ref.quest_attention(q, ek, ev, pos, keep, 0.125), expected)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, expected, atol=TOL[torch.float32], rtol=0)
+
+
 def test_a_key_chunk_whose_pages_are_all_dropped_adds_nothing(c_kernel):
     """A dense-masked row whose first chunk loses every page for every head (its keys 1000x smaller, so
     their page scores are near 0 while later pages score high): that chunk's maximum is -inf and its
