@@ -210,67 +210,34 @@ def test_gathering_rows_longer_than_a_gather_chunk_equal_the_reference(hq, hkv, 
     q, k, v = (torch.randn(4, h, 1, 64, generator=gen) for h in (hq, hkv, hkv))
     pos, keep = torch.tensor(positions)[:, None], torch.tensor(keeps, dtype=torch.float64)[:, None]
 
-    def run(rows):
-        return torch.ops.solc.attention(q[rows], k[rows], v[rows], *(t[rows].clone() for t in (k_cache, v_cache, low, high)),
-                                        pos[rows], keep[rows], 0.125)
-
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        bits = run(slice(None))
-        for n in (2, 3):
-            torch.set_num_threads(n)
-            assert torch.equal(run(slice(None)), bits), f"{n} threads"
-            assert torch.equal(run(slice(3, 4)), bits[3:4]), f"the two-chunk row alone, {n} threads"
-    finally:
-        torch.set_num_threads(threads)
+    _assert_same_bits_at_any_thread_count_and_alone((q, k, v, k_cache, v_cache, low, high, pos, keep), rows=[3])
 
 
-def test_a_gather_chunk_that_no_head_keeps_a_page_of_adds_nothing(c_kernel):
-    """A gathering row whose first chunk loses every page for every head (its keys 1000x smaller): that
-    chunk reads nothing, its maximum is -inf and its weight in the merge 0, not NaN."""
-    p, S, D = 12001, 12008, 64
+
+
+@pytest.mark.parametrize("form,p,chunk,keep,seed", [("dense-masked", 4500, KEY_CHUNK, 0.34, 5),
+                                                      ("gathering", 12001, GATHER_KEYS, 0.1, 55)])
+def test_a_chunk_whose_pages_are_all_dropped_adds_nothing(form, p, chunk, keep, seed, c_kernel):
+    """A row whose first chunk (of keys for the dense-masked form, of pages for the gathering one) loses
+    every page for every head (its keys 1000x smaller, so their page scores are near 0 while later pages
+    score high): that chunk's maximum is -inf and its weight in the merge 0, not NaN."""
+    S, D = p + 7, 64
 
     def faint_first_chunk(k):
-        k[:, :, :GATHER_KEYS] *= 1e-3
-    k_cache, v_cache, low, high = _filled_cache(1, 3, S, D, torch.float32, [p], 55, faint_first_chunk)
-    gen = torch.Generator().manual_seed(56)
+        k[:, :, :chunk] *= 1e-3
+    k_cache, v_cache, low, high = _filled_cache(1, 3, S, D, torch.float32, [p], seed, faint_first_chunk)
+    gen = torch.Generator().manual_seed(seed + 1)
     q, k, v = torch.randn(1, 9, 1, D, generator=gen), torch.randn(1, 3, 1, D, generator=gen), torch.randn(1, 3, 1, D, generator=gen)
-    pos, keep = torch.tensor([[p]]), torch.tensor([[0.1]], dtype=torch.float64)
-    out = torch.ops.solc.attention(q, k, v, k_cache.clone(), v_cache.clone(), low, high, pos, keep, 0.125)
+    pos, keeps = torch.tensor([[p]]), torch.tensor([[keep]], dtype=torch.float64)
+    out = torch.ops.solc.attention(q, k, v, k_cache.clone(), v_cache.clone(), low, high, pos, keeps, 0.125)
     ek, ev = k_cache.clone(), v_cache.clone()
     library.write_kv(ek, ev, k, v, pos)
-    expected = ref.quest_attention(q, ek, ev, pos, keep, 0.125)
-    # the premises: the row gathers, and no head keeps a page of the first chunk (the reference ignores
-    # its values)
-    assert 3 * cpu_attention._kept_page_count(p, 0.1) * 1.6 <= p // 8 + 1
-    ev[:, :, :GATHER_KEYS] = 7.0
-    assert torch.equal(ref.quest_attention(q, ek, ev, pos, keep, 0.125), expected)
-    assert torch.isfinite(out).all()
-    torch.testing.assert_close(out, expected, atol=TOL[torch.float32], rtol=0)
-
-
-def test_a_key_chunk_whose_pages_are_all_dropped_adds_nothing(c_kernel):
-    """A dense-masked row whose first chunk loses every page for every head (its keys 1000x smaller, so
-    their page scores are near 0 while later pages score high): that chunk's maximum is -inf and its
-    weight in the merge 0, not NaN."""
-    p, S, D = 4500, 4504, 64
-
-    def faint_first_chunk(k):
-        k[:, :, :KEY_CHUNK] *= 1e-3
-    k_cache, v_cache, low, high = _filled_cache(1, 3, S, D, torch.float32, [p], 5, faint_first_chunk)
-    gen = torch.Generator().manual_seed(6)
-    q, k, v = torch.randn(1, 9, 1, D, generator=gen), torch.randn(1, 3, 1, D, generator=gen), torch.randn(1, 3, 1, D, generator=gen)
-    pos, keep = torch.tensor([[p]]), torch.tensor([[0.34]], dtype=torch.float64)
-    out = torch.ops.solc.attention(q, k, v, k_cache.clone(), v_cache.clone(), low, high, pos, keep, 0.125)
-    ek, ev = k_cache.clone(), v_cache.clone()
-    library.write_kv(ek, ev, k, v, pos)
-    expected = ref.quest_attention(q, ek, ev, pos, keep, 0.125)
-    # the premises: the row runs dense-masked (G * kept * 1.6 > visible pages), and no head keeps a page
-    # of the first chunk (the reference ignores its values)
-    assert 3 * cpu_attention._kept_page_count(p, 0.34) * 1.6 > p // 8 + 1
-    ev[:, :, :KEY_CHUNK] = 7.0
-    assert torch.equal(ref.quest_attention(q, ek, ev, pos, keep, 0.125), expected)
+    expected = ref.quest_attention(q, ek, ev, pos, keeps, 0.125)
+    # the premises: the row runs the form (dense-masked: G * kept * 1.6 > visible pages), and no head
+    # keeps a page of the first chunk (the reference ignores its values)
+    assert (3 * cpu_attention._kept_page_count(p, keep) * 1.6 > p // 8 + 1) == (form == "dense-masked")
+    ev[:, :, :chunk] = 7.0
+    assert torch.equal(ref.quest_attention(q, ek, ev, pos, keeps, 0.125), expected)
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out, expected, atol=TOL[torch.float32], rtol=0)
 
@@ -284,19 +251,26 @@ def test_a_long_rows_bits_depend_on_neither_the_thread_count_nor_its_batch_mates
     q, k, v = torch.randn(4, 9, 1, 64, generator=gen), torch.randn(4, 3, 1, 64, generator=gen), torch.randn(4, 3, 1, 64, generator=gen)
     pos, keep = torch.tensor(positions)[:, None], torch.tensor(keeps, dtype=torch.float64)[:, None]
 
-    def run(rows):
-        caches = [t[rows].clone() for t in (k_cache, v_cache, low, high)]
-        return torch.ops.solc.attention(q[rows], k[rows], v[rows], *caches, pos[rows], keep[rows], 0.125)
+    _assert_same_bits_at_any_thread_count_and_alone((q, k, v, k_cache, v_cache, low, high, pos, keep), rows=range(4))
+
+
+def _assert_same_bits_at_any_thread_count_and_alone(args, rows):
+    """The op on (q, k, v, k_cache, v_cache, page_min, page_max, positions, keep) gives the batch the
+    same bits at 1, 2 and 3 threads, and each of `rows` the same bits alone (the caches are cloned)."""
+    q, k, v, *caches, pos, keep = args
+
+    def run(sel):
+        return torch.ops.solc.attention(q[sel], k[sel], v[sel], *(t[sel].clone() for t in caches), pos[sel], keep[sel], 0.125)
 
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        reference_bits = run(slice(None))
+        bits = run(slice(None))
         for n in (2, 3):
             torch.set_num_threads(n)
-            assert torch.equal(run(slice(None)), reference_bits), f"{n} threads"
-            for row in range(4):
-                assert torch.equal(run(slice(row, row + 1)), reference_bits[row:row + 1]), f"row {row}, {n} threads"
+            assert torch.equal(run(slice(None)), bits), f"{n} threads"
+            for row in rows:
+                assert torch.equal(run(slice(row, row + 1)), bits[row:row + 1]), f"row {row}, {n} threads"
     finally:
         torch.set_num_threads(threads)
 
