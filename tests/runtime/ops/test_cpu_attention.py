@@ -243,8 +243,9 @@ def test_a_chunk_whose_pages_are_all_dropped_adds_nothing(form, p, chunk, keep, 
 
 
 def test_a_long_rows_bits_depend_on_neither_the_thread_count_nor_its_batch_mates(c_kernel):
-    """The key chunks and the heads of a sparse row are work items shared out among threads; the split is
-    fixed by the row's length, so 1, 2 or 3 threads and any batch give a row the same bits."""
+    """A row's key chunks, page-score blocks and heads' selections are work items shared out among
+    threads; the split is fixed by the row's length, so 1, 2 or 3 threads and any batch give a row the
+    same bits."""
     positions, keeps = [4500, 300, 2048, 4500], [1.0, 0.1, 0.6, 0.1]
     k_cache, v_cache, low, high = _filled_cache(4, 3, 4600, 64, torch.float32, positions, 41)
     gen = torch.Generator().manual_seed(42)
