@@ -13,9 +13,9 @@ heads, head dim 64), batch 1, fp32, through torch.ops.solc.attention (the C kern
 Keep levels and thread counts are interleaved round by round in one process; the table shows medians
 and the ratio to keep 1 (dense) at the same thread count. `union` is the pages that some query head of a
 KV head keeps, over the sum of the heads' kept pages (1 / G: they all keep the same pages; 1: no page
-shared): what a gathering row reads of what one pass per head would (the kernel reads a shared page
-once; a row whose heads keep more than 1 / 1.6 of its pages between them runs dense-masked instead,
-keep 0.3 and 0.6 here).
+shared): what a gathering row would read if it read each shared page once (the kernel reads each
+head's pages in a pass of its own: docs/runtime.md has the union form that was tried; a row whose heads
+keep more than 1 / 1.6 of its pages between them runs dense-masked, keep 0.3 and 0.6 here).
 To compare two versions of the kernel, run this script in both checkouts, alternating.
 Writes JSON and CSV (with the command) under --out. Speed is never asserted by a test: this is the check.
 """

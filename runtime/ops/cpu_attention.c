@@ -4,16 +4,15 @@ cache row, dense or Quest-sparse, reading only what the row's action keeps, in o
 Per (row, KV head), for its G query heads:
   dense (kept == 0)  scores over the visible keys 0..p (each key row read once for the G heads), softmax,
                      the probability-weighted sum of the value rows;
-  sparse (kept = k)  page scores sum_d max(q_d * max_d, q_d * min_d) from the page statistics, each head's
-                     k-th best score (ties at it keep every tied page: the reference's rule), then the
-                     same attention over each head's kept pages' keys <= p only, straight from the cache
-                     (no copies), each page that any of the G heads keeps read once for all of them;
+  sparse (kept = k)  page scores sum_d max(q_d * max_d, q_d * min_d) from the page statistics, the k-th
+                     best score (ties at it keep every tied page: the reference's rule), then the same
+                     attention over the kept pages' keys <= p only, straight from the cache (no copies);
                      where the G heads' kept pages cover most of the row (DENSE_MASKED_COST), the dense
                      pass with each head's dropped pages masked (the same keys, one read of K and V).
-The work is shared among threads in items fixed by the row alone (a row's chunks of KEY_CHUNK keys,
-merged in chunk order; page-score blocks; each head's selection), computed by the same code whatever the
-batch, the other rows' actions or the thread split, so a row's output has the same bits alone or in any
-batch and at any thread count (DESIGN invariant 6).
+The work is shared among threads in items fixed by the row alone (a dense row's chunks of KEY_CHUNK keys,
+merged in chunk order; a sparse row's query heads), computed by the same code whatever the batch, the
+other rows' actions or the thread split, so a row's output has the same bits alone or in any batch and at
+any thread count (DESIGN invariant 6).
 The reference (reference.quest_decode) is the definition; this equals it up to float rounding
 (tests/runtime/ops/test_cpu_attention.py). fp32 only. */
 #pragma GCC optimize("fp-contract=fast")  /* fused multiply-adds: this kernel is checked against the
@@ -124,6 +123,11 @@ static float softmax_unnormalised_max(float *s, long n, float *max) {
     return sum;
 }
 
+static float softmax_unnormalised(float *s, long n) {
+    float m;
+    return softmax_unnormalised_max(s, n, &m);
+}
+
 /* Dense rows stream K and V row by row; fetching the row ROWS_AHEAD ahead into L2 took a 16k-token layer
 from 3.3 to 2.7 ms (1 thread, AVX-512 Xeon, 2026-12-02): the rows of 256 bytes are too short a stream
 per step for the hardware prefetcher to keep ahead. */
@@ -135,15 +139,28 @@ static inline void prefetch_row(const float *row, long D) {
 /* Kept pages are fetched this many ahead, K and V alike (V is then in L2 when the weighted sum runs):
 one page ahead left the gather latency-bound at ~2 GB/s. Into L2 (T2 hint): one fewer L1 fill buffer
 held per line. SmolLM2 16k layer, keep 0.1, 1 thread: 1.55 -> 1.36 ms with this and the page scores
-below in 16 lanes (dense 2.5 ms; the gather of 3 heads x 205 pages still runs at ~2.5 GB/s). 8 since the
-union gather (gather_chunk): a union page carries less work per head-page than one head's pass, so 4
-pages ahead came too late (30 layers of SmolLM2's own cache of 8000 tokens of text, keep 0.1, ad-hoc A/B:
-7.5-7.8 ms at 8 against 7.9-8.0 at 4, 1 thread; 16: no better there and 3-5% slower on random 16k keys). */
-#define PAGES_AHEAD 8
+below in 16 lanes (dense 2.5 ms; the gather of 3 heads x 205 pages still runs at ~2.5 GB/s). */
+#define PAGES_AHEAD 4
 
 /* A page's rows of one KV head (PAGE * D floats, contiguous) into the cache ahead of use. */
 static inline void prefetch_page(const float *rows, long D) {
     for (long i = 0; i < PAGE * D; i += 16) __builtin_prefetch(rows + i, 0, 1);
+}
+
+/* out[D] = sum_t p[t] * v[keys[t]] * inv. The value pages are fetched PAGES_AHEAD ahead again: the key
+pass prefetched them, but 3 heads x ~205 pages of K and V (16k tokens, keep 0.1) outgrow L2 before this
+pass comes back to them; one page ahead here left it latency-bound (16k, 30 layers, keep 0.1: 18.4-19.4
+-> 17.2-17.6 ms at 1 thread, 12.8-13.3 -> 12.2-12.5 at 2; ad-hoc A/B, 3 rounds; 8 ahead: no better). */
+static void weighted_values(const float *p, const int32_t *keys, long n, const float *v, long D, float inv,
+                            float *out) {
+    for (long d = 0; d < D; ++d) out[d] = 0;
+    for (long t = 0; t < n; ++t) {
+        if (t % PAGE == 0 && t + PAGES_AHEAD * PAGE < n) prefetch_page(v + (long)keys[t + PAGES_AHEAD * PAGE] * D, D);
+        const float *row = v + keys[t] * D;
+        float w = p[t];
+        for (long d = 0; d < D; ++d) out[d] += w * row[d];
+    }
+    for (long d = 0; d < D; ++d) out[d] *= inv;
 }
 
 /* The dense form for up to 4 heads at once, in chunks of 32 channels: each value row is read once, and a
@@ -236,10 +253,8 @@ static void dense_scores(const float *qh, long G, const float *K, long L, long D
 }
 
 /* A sparse row runs the dense-masked form when its G heads would gather more than 1 / DENSE_MASKED_COST
-of the visible pages between them (k kept pages each of n): gathering scattered pages costs more per page
-than streaming. 1.6, as the torch forms' GATHER_COST. G * k bounds the pages gathered from above (the
-union the G heads keep is known only after the selection, and the choice must be made before the items
-are shared out). */
+of the visible pages between them (k kept pages each of n): gathering scattered pages per head costs
+more per page than streaming. 1.6, as the torch forms' GATHER_COST. */
 #define DENSE_MASKED_COST 1.6f
 
 /* A dense (or dense-masked) row's keys are split into chunks of KEY_CHUNK, each a work item of its own
@@ -248,9 +263,8 @@ maxima and sums: with tasks of one (row, KV head) each, batch 1 had only Hkv tas
 at 2 threads one thread took two heads and dense attention at 16k ran in 0.73 of its 1-thread time, and
 no more than Hkv threads ever worked. The split depends on the row's length only, never on the thread
 count or the batch, so a row's bits do not either; a row of at most KEY_CHUNK keys is one item and runs
-exactly as before the split. A gathering row is split the same way (chunk c: its pages c * CHUNK_PAGES ..
-that some head keeps), after one shared pass over the page statistics and each head's k-th page score.
-A multiple of PAGE, so a page never straddles two chunks. */
+exactly as before the split. A sparse row's items are its G query heads (each its own kept pages), after
+one shared pass over the page statistics. A multiple of PAGE, so a page never straddles two chunks. */
 #define KEY_CHUNK 2048
 
 static inline long chunks_of(long L) { return (L + KEY_CHUNK - 1) / KEY_CHUNK; }
@@ -276,25 +290,25 @@ static inline int gathers(long G, long k, long n_pages) { return k > 0 && !(G * 
 
 /* One (row, KV head) task's scratch, laid out by task_scratch: every step of a call finds its parts there. */
 typedef struct {
-    float *scores;      /* [G, S]: a head's scores (dense: key t at t; gathering: chunk c's kept keys in order
-                           from c * KEY_CHUNK) */
+    float *scores;      /* [G, S]: a head's scores (dense: key t at t; gathering: its kept keys in order) */
+    int32_t *keys;      /* [G, S]: a gathering head's kept keys */
     float *page_score;  /* [G, P] */
     float *selection;   /* [G, P]: a head's copy of its page scores for the k-th selection */
-    int32_t *pages;     /* [P]: a gathering row's pages that any head keeps (chunk c's from c * CHUNK_PAGES) */
-    float *kth;         /* [G]: a sparse row's k-th page score per head */
+    int32_t *pages;     /* [G, P]: a gathering head's kept pages */
+    float *kth;         /* [G]: a dense-masked row's k-th page score per head */
     float *chunks;      /* [chunks, G, D + 2]: a multi-chunk row's partial sums, maxima and sums */
 } task_scratch;
 
 static task_scratch scratch_of(float *scratch, long per_task, long task, long G, long S, long P) {
     float *s = scratch + task * per_task;
-    task_scratch t = {s, s + G * S, s + G * S + G * P, (int32_t *)(s + G * S + 2 * G * P),
-                      s + G * S + 2 * G * P + P, s + G * S + 2 * G * P + P + G};
+    task_scratch t = {s, (int32_t *)(s + G * S), s + 2 * G * S, s + 2 * G * S + G * P,
+                      (int32_t *)(s + 2 * G * S + 2 * G * P), s + 2 * G * S + 3 * G * P, s + 2 * G * S + 3 * G * P + G};
     return t;
 }
 
 /* Floats of scratch per (row, KV head) task (the caller allocates B * Hkv of them): task_scratch's parts. */
 long solc_decode_attention_scratch(long G, long S, long P, long D) {
-    return G * S + 2 * G * P + P + G + chunks_of(S) * G * (D + 2);
+    return 2 * G * S + 3 * G * P + G + chunks_of(S) * G * (D + 2);
 }
 
 /* Scores of keys t0 <= t < t1 for the G heads into s[g * S + t], each head's dropped pages masked to -inf
@@ -362,89 +376,40 @@ static void merge_chunks(const float *part, long n, long G, long D, float *o) {
     }
 }
 
-/* Chunk c of a gathering row (its pages c * CHUNK_PAGES .. , keys < L): the pages that any of the G heads
-keeps (ps[g * P + j] >= kth[g]) are read once each, in ascending order, K then V, and each key is scored
-and summed for the heads that keep its page only. With GQA the G heads often keep the same pages: on
-SmolLM2's own cache of 2048 tokens of text the union held 0.58 of the G heads' kept pages at keep 0.1 and
-0.44 at keep 0.6, where one pass per head read every shared page G times (on random keys, ~0.9). A
-head's scores and value sums run over its kept keys in ascending order, as a pass of its own would.
-Scratch: the chunk's region of each head's scores (sg + c * KEY_CHUNK, at most KEY_CHUNK keys) and of the
-pages (c * CHUNK_PAGES ..). Output as dense_chunk: one chunk, the normalised output; several, the
-chunk's unnormalised sums, maxima and sums into part (a head that keeps nothing here: -inf and 0).
-A chunk is GATHER_KEYS keys, 4 x a dense chunk: each chunk restarts the look-ahead and the union scan,
-and at KEY_CHUNK the union gather was no faster than one pass per head even where the union was 0.58
-(30 layers of SmolLM2's own cache of 8000 tokens of text, keep 0.1, 1 thread, ad-hoc A/B, AMD EPYC Zen 4,
-2026-12-07: one pass per head 8.5-9.0 ms; union, chunks of 2048 keys 8.9-9.3; of 8192 7.9-8.0; with
-PAGES_AHEAD 8, 7.5-7.8; 2 threads 6.0-6.3 -> 5.8-6.0). On random keys (16k tokens, union ~0.9) it is
-even: 17.9 -> 18.0 ms at 1 thread, 12.5-12.6 -> 12.9 at 2 (a row of 16k keys has 2 chunks a KV head,
-6 items for 2 threads where one pass per head had 9). */
-#define GATHER_KEYS (4 * KEY_CHUNK)  /* keys per gathering chunk (see the figures above) */
-#define CHUNK_PAGES (GATHER_KEYS / PAGE)
-static inline long gather_chunks_of(long L) { return (L + GATHER_KEYS - 1) / GATHER_KEYS; }
-static void gather_chunk(const float *qh, long G, const float *K, const float *V, long L, long n_pages, long c,
-                         long D, float scale, const float *ps, long P, const float *kth, float *s, long S,
-                         int32_t *pages, float *part, float *o) {
-    long j0 = c * CHUNK_PAGES, j1 = j0 + CHUNK_PAGES < n_pages ? j0 + CHUNK_PAGES : n_pages;
-    int32_t *kept = pages + j0;
-    long m = 0;
-    for (long j = j0; j < j1; ++j) {
-        int any = 0;
-        for (long g = 0; g < G; ++g) any |= ps[g * P + j] >= kth[g];
-        if (any) kept[m++] = (int32_t)j;
-    }
-    long n[G];
-    float mx[G], l[G], inv[G];
-    for (long g = 0; g < G; ++g) n[g] = 0;
+/* One query head's attention over its own kept pages of a sparse row, gathered straight from the cache. */
+static void sparse_head(const float *qg, const float *K, const float *V, long L, long n_pages, long k, long D,
+                        float scale, const float *ps, float *tmp, int32_t *pages, float *sg, int32_t *keys, float *o) {
+    memcpy(tmp, ps, n_pages * sizeof(float));
+    float kth = kth_largest_f32(tmp, n_pages, k);
+    long m = 0;  /* the kept pages, ascending (the softmax sums in the reference's key order) */
+    for (long j = 0; j < n_pages; ++j)
+        if (ps[j] >= kth) pages[m++] = (int32_t)j;
     for (long i = 0; i < m && i < PAGES_AHEAD; ++i) {
-        prefetch_page(K + (long)kept[i] * PAGE * D, D);
-        prefetch_page(V + (long)kept[i] * PAGE * D, D);
+        prefetch_page(K + (long)pages[i] * PAGE * D, D);
+        prefetch_page(V + (long)pages[i] * PAGE * D, D);
     }
+    long n = 0;
     for (long i = 0; i < m; ++i) {
         if (i + PAGES_AHEAD < m) {  /* scattered pages: the prefetcher can't */
-            prefetch_page(K + (long)kept[i + PAGES_AHEAD] * PAGE * D, D);
-            prefetch_page(V + (long)kept[i + PAGES_AHEAD] * PAGE * D, D);
+            prefetch_page(K + (long)pages[i + PAGES_AHEAD] * PAGE * D, D);
+            prefetch_page(V + (long)pages[i + PAGES_AHEAD] * PAGE * D, D);
         }
-        long j = kept[i], end = (j + 1) * PAGE < L ? (j + 1) * PAGE : L;
-        for (long g = 0; g < G; ++g) {
-            if (!(ps[g * P + j] >= kth[g])) continue;
-            float *sg = s + g * S + c * GATHER_KEYS;
-            for (long t = j * PAGE; t < end; ++t) sg[n[g]++] = key_dot(qh + g * D, K + t * D, D) * scale;
-        }
-    }
-    for (long g = 0; g < G; ++g) l[g] = softmax_unnormalised_max(s + g * S + c * GATHER_KEYS, n[g], mx + g);
-    int one = gather_chunks_of(L) == 1;
-    float *sums = one ? o : part + c * G * (D + 2);  /* [G, D] */
-    for (long i = 0; i < G * D; ++i) sums[i] = 0;
-    for (long g = 0; g < G; ++g) n[g] = 0;
-    for (long i = 0; i < m; ++i) {
-        if (i + PAGES_AHEAD < m) prefetch_page(V + (long)kept[i + PAGES_AHEAD] * PAGE * D, D);
-        long j = kept[i], end = (j + 1) * PAGE < L ? (j + 1) * PAGE : L;
-        for (long g = 0; g < G; ++g) {
-            if (!(ps[g * P + j] >= kth[g])) continue;
-            const float *pg = s + g * S + c * GATHER_KEYS;
-            float *og = sums + g * D;
-            for (long t = j * PAGE; t < end; ++t) {
-                const float *row = V + t * D;
-                float w = pg[n[g]++];
-                for (long d = 0; d < D; ++d) og[d] += w * row[d];
-            }
+        long j = pages[i], end = (j + 1) * PAGE < L ? (j + 1) * PAGE : L;
+        for (long t = j * PAGE; t < end; ++t) {
+            keys[n] = (int32_t)t;
+            sg[n++] = key_dot(qg, K + t * D, D) * scale;
         }
     }
-    if (one) {
-        for (long g = 0; g < G; ++g) inv[g] = 1.0f / l[g];
-        for (long g = 0; g < G; ++g)
-            for (long d = 0; d < D; ++d) o[g * D + d] *= inv[g];
-        return;
-    }
-    memcpy(part + c * G * (D + 2) + G * D, mx, G * sizeof(float));
-    memcpy(part + c * G * (D + 2) + G * D + G, l, G * sizeof(float));
+    float sum = softmax_unnormalised(sg, n);
+    weighted_values(sg, keys, n, V, D, 1.0f / sum, o);
 }
 
 /* q [B, Hq, D]; caches [B, Hkv, S, D]; page stats [B, Hkv, P, D]; positions, kept_pages [B] (0: dense);
 out [B, Hq, D]. scratch: B * Hkv * scratch_per_task floats, scratch_per_task >=
 solc_decode_attention_scratch(G, S, P, D). Four steps over one team of threads, each shared out in
-items: sparse rows' page scores (blocks of pages), their k-th scores (per head), the attention (key
-chunks of every row), the merge of multi-chunk rows (per (row, KV head)). */
+items: sparse rows' page scores (blocks of pages), dense-masked rows' k-th scores (per head), the
+attention (key chunks of dense and dense-masked rows, query heads of gathering ones), the merge of
+multi-chunk rows (per (row, KV head)). */
 void solc_decode_attention(const float *q, const float *k_cache, const float *v_cache, const float *page_min,
                            const float *page_max, const int64_t *positions, const int64_t *kept_pages, long B,
                            long Hq, long Hkv, long S, long P, long D, float scale, float *out, float *scratch,
@@ -454,15 +419,15 @@ void solc_decode_attention(const float *q, const float *k_cache, const float *v_
     dense-masked row's heads) selected[i] .., attention first[i] .. */
     long scored[T + 1], selected[T + 1], first[T + 1];
     scored[0] = selected[0] = first[0] = 0;
-    int sparse = 0, merge = 0;  /* whether any row needs the k-th scores' step, the merge */
+    int masked = 0, merge = 0;  /* whether any row needs the k-th scores' step, the merge */
     for (long task = 0; task < T; ++task) {
         long p = positions[task / Hkv], k = kept_pages[task / Hkv], n_pages = p / PAGE + 1;
+        int gather = gathers(G, k, n_pages);
         scored[task + 1] = scored[task] + (k > 0 ? (n_pages + SCORE_BLOCK - 1) / SCORE_BLOCK : 0);
-        selected[task + 1] = selected[task] + (k > 0 ? G : 0);
-        long n_chunks = gathers(G, k, n_pages) ? gather_chunks_of(p + 1) : chunks_of(p + 1);
-        first[task + 1] = first[task] + n_chunks;
-        sparse |= k > 0;
-        merge |= n_chunks > 1;
+        selected[task + 1] = selected[task] + (k > 0 && !gather ? G : 0);
+        first[task + 1] = first[task] + (gather ? G : chunks_of(p + 1));
+        masked |= k > 0 && !gather;
+        merge |= !gather && chunks_of(p + 1) > 1;
     }
 #pragma omp parallel num_threads(threads) if (threads > 1)
     {
@@ -490,8 +455,9 @@ void solc_decode_attention(const float *q, const float *k_cache, const float *v_
                     page_score[g * P + j] = key_dot(qpos + g * D, hi_stats + j * D, D) + key_dot(qneg + g * D, lo_stats + j * D, D);
             }
         }
-        /* Each head's k-th page score: the pages it keeps (both forms read them from here). */
-        if (sparse)
+        /* Most pages kept: the dense-masked form (every key scored once for the G heads, each head's
+        dropped pages masked to -inf, one pass over V) needs each head's k-th page score first. */
+        if (masked)
 #pragma omp for schedule(dynamic, 1)
         for (long item = 0; item < selected[T]; ++item) {
             long task = task_of(selected, T, item), g = item - selected[task], b = task / Hkv;
@@ -511,8 +477,9 @@ void solc_decode_attention(const float *q, const float *k_cache, const float *v_
             float *o = out + (b * Hq + h * G) * D;
             task_scratch t = scratch_of(scratch, scratch_per_task, task, G, S, P);
             if (gathers(G, k, n_pages)) {
-                gather_chunk(qh, G, K, V, L, n_pages, part, D, scale, t.page_score, P, t.kth, t.scores, S, t.pages,
-                             t.chunks, o);
+                long g = part;
+                sparse_head(qh + g * D, K, V, L, n_pages, k, D, scale, t.page_score + g * P, t.selection + g * P,
+                            t.pages + g * P, t.scores + g * S, t.keys + g * S, o + g * D);
             } else {
                 dense_chunk(qh, G, K, V, L, part, D, scale, t.scores, S, t.page_score, P, k > 0 ? t.kth : NULL,
                             t.chunks, o);
@@ -521,9 +488,8 @@ void solc_decode_attention(const float *q, const float *k_cache, const float *v_
         if (merge)
 #pragma omp for schedule(dynamic, 1)
         for (long task = 0; task < T; ++task) {
-            long b = task / Hkv, p = positions[b];
-            long n = gathers(G, kept_pages[b], p / PAGE + 1) ? gather_chunks_of(p + 1) : chunks_of(p + 1);
-            if (n == 1) continue;  /* merged: rows of several chunks */
+            long b = task / Hkv, p = positions[b], n = chunks_of(p + 1);
+            if (gathers(G, kept_pages[b], p / PAGE + 1) || n == 1) continue;  /* merged: rows of several chunks */
             merge_chunks(scratch_of(scratch, scratch_per_task, task, G, S, P).chunks, n, G, D,
                          out + (b * Hq + (task % Hkv) * G) * D);
         }

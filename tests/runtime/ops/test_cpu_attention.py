@@ -191,15 +191,14 @@ def test_rows_longer_than_a_key_chunk_equal_the_reference(hq, hkv, c_kernel):
     _check(*_step(5, hq, hkv, 6150, 64, torch.float32, positions, keeps, seed=31), torch.float32)
 
 
-GATHER_KEYS = 4 * KEY_CHUNK  # cpu_attention.c: a gathering row's keys per work item
+LONG_ROW = 4 * KEY_CHUNK  # a gathering row of more keys than this one is long
 
 
 @pytest.mark.parametrize("hq,hkv", [(9, 3), (4, 4)], ids=["gqa", "mha"])
-def test_gathering_rows_longer_than_a_gather_chunk_equal_the_reference(hq, hkv, c_kernel):
-    """A gathering row reads, chunk by chunk, each page that any of its G heads keeps once, and merges the
-    chunks by their softmax maxima and sums: rows one key short of a chunk, exactly one chunk, one past
-    it, and two chunks with a partial last page; the same bits at 1, 2 and 3 threads and alone."""
-    positions, keeps = [GATHER_KEYS - 2, GATHER_KEYS - 1, GATHER_KEYS, 12001], [0.1, 0.05, 0.1, 0.1]
+def test_long_gathering_rows_equal_the_reference(hq, hkv, c_kernel):
+    """Gathering rows of 8191 to 12002 keys (each query head an item of its own over its kept pages) equal
+    the reference, with the same bits at 1, 2 and 3 threads and alone."""
+    positions, keeps = [LONG_ROW - 2, LONG_ROW - 1, LONG_ROW, 12001], [0.1, 0.05, 0.1, 0.1]
     S = 12010
     out, caches, expected, exp_caches = _step(4, hq, hkv, S, 64, torch.float32, positions, keeps, seed=51)
     _check(out, caches, expected, exp_caches, torch.float32)
@@ -216,11 +215,12 @@ def test_gathering_rows_longer_than_a_gather_chunk_equal_the_reference(hq, hkv, 
 
 
 @pytest.mark.parametrize("form,p,chunk,keep,seed", [("dense-masked", 4500, KEY_CHUNK, 0.34, 5),
-                                                      ("gathering", 12001, GATHER_KEYS, 0.1, 55)])
+                                                      ("gathering", 12001, LONG_ROW, 0.1, 55)])
 def test_a_chunk_whose_pages_are_all_dropped_adds_nothing(form, p, chunk, keep, seed, c_kernel):
-    """A row whose first chunk (of keys for the dense-masked form, of pages for the gathering one) loses
-    every page for every head (its keys 1000x smaller, so their page scores are near 0 while later pages
-    score high): that chunk's maximum is -inf and its weight in the merge 0, not NaN."""
+    """A row whose first keys (a chunk of the dense-masked form; 8192 keys of a gathering row) lose every
+    page for every head (their keys 1000x smaller, so their page scores are near 0 while later pages score
+    high): the dense-masked chunk's maximum is -inf and its weight in the merge 0, not NaN; the gathering
+    row reads only the tail's pages. Both equal the reference."""
     S, D = p + 7, 64
 
     def faint_first_chunk(k):
