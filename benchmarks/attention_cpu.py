@@ -16,7 +16,7 @@ KV head keeps, over the sum of the heads' kept pages (1 / G: they all keep the s
 shared): what a gathering row would read if it read each shared page once (the kernel reads each
 head's pages in a pass of its own: docs/runtime.md has the union form that was tried; a row whose heads
 keep more than 1 / 1.6 of its pages between them runs dense-masked, keep 0.3 and 0.6 here).
-To compare two versions of the kernel, run this script in both checkouts, alternating.
+To compare two versions of the kernel, use benchmarks/attention_ab.py (both in one process, by turns).
 Writes JSON and CSV (with the command) under --out. Speed is never asserted by a test: this is the check.
 """
 from __future__ import annotations

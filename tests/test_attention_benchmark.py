@@ -42,3 +42,16 @@ def test_union_share_counts_pages_shared_by_the_heads_of_a_kv_head(attention_ben
     share = attention_bench.union_share(layers, 0.1)  # random queries: few pages shared, all counted once
     assert 1 / G < share <= 1
     assert attention_bench.union_share(layers, 1.0) == 1.0
+
+
+def test_attention_ab_builds_both_revisions_and_compares_their_outputs(load_benchmark, tmp_path):
+    """benchmarks/attention_ab.py compiles cpu_attention.c of each git revision on its own and runs both on
+    the same inputs: one revision against itself gives the same bits at every keep and thread count."""
+    ab = load_benchmark("attention_ab")
+    result = ab.main(["--base", "HEAD", "--head", "HEAD", "--context", "300", "--keeps", "1,0.6,0.1",
+                      "--threads", "1,2", "--rounds", "1", "--out", str(tmp_path)])
+    assert [(r["keep"], r["threads"]) for r in result["rows"]] == [(k, t) for k in (1.0, 0.6, 0.1) for t in (1, 2)]
+    assert all(r["max_abs_diff"] == 0.0 and r["base_ms"] > 0 and r["head_ms"] > 0 for r in result["rows"])
+    assert all(r["base_err_vs_reference"] < 2e-6 for r in result["rows"])  # the harness passes the right inputs
+    saved = (tmp_path / "attention_ab_random_300.json").read_text()
+    assert '"command": "python benchmarks/attention_ab.py --base HEAD --head HEAD' in saved

@@ -1,0 +1,144 @@
+"""A/B of two versions of the CPU attention kernel (runtime/ops/cpu_attention.c) in one process.
+
+    python benchmarks/attention_ab.py --base HEAD~1                       # the working tree against HEAD~1
+    python benchmarks/attention_ab.py --base 1dd56a5 --head 5a87910 --kv text --context 8000
+
+Each version's cpu_attention.c (and the headers next to it) is compiled on its own, with the project's
+flags, into a library of its own; both are loaded with ctypes and `solc_decode_attention` runs on the
+same inputs (30 layers of SmolLM2-135M shapes, batch 1, one decode step; random keys or the model's own
+cache of text, as benchmarks/attention_cpu.py makes them), the versions and thread counts by turns,
+round after round. On this shared 2-core machine separate processes move by ~10% between runs, more
+than most kernel changes; calls by turns in one process see the same machine. Both versions must have
+the same C signature (cpu_linear.SIGNATURES). The table shows medians and head / base; outputs are
+compared (max |head - base|, the last layer's) and the base's against reference.quest_attention. Writes
+JSON (with the command) under --out.
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import attention_cpu  # noqa: E402
+from runtime.ops import cpu_attention, cpu_linear, reference  # noqa: E402
+
+FILES = ("cpu_attention.c", "cpu_select.h")
+
+
+def build(rev: str | None, out_dir: Path, name: str) -> ctypes.CDLL:
+    """Compile cpu_attention.c of git revision `rev` (None: the working tree) into out_dir/name.so."""
+    src = out_dir / name
+    src.mkdir(parents=True, exist_ok=True)
+    for f in FILES:
+        path = f"runtime/ops/{f}"
+        if rev is None:
+            text = (ROOT / path).read_text()
+        else:
+            text = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:{path}"], check=True, capture_output=True,
+                                  text=True).stdout
+        (src / f).write_text(text)
+    lib_path = out_dir / f"{name}.so"
+    subprocess.run(["cc", *cpu_linear.CFLAGS, str(src / "cpu_attention.c"), "-o", str(lib_path), "-lm"], check=True)
+    lib = ctypes.CDLL(str(lib_path))
+    for fn in ("solc_decode_attention", "solc_decode_attention_scratch"):
+        getattr(lib, fn).argtypes = cpu_linear.SIGNATURES[fn]
+        getattr(lib, fn).restype = cpu_linear.RESTYPES.get(fn)
+    return lib
+
+
+def prepared(layers: list[tuple], keep: float) -> list[tuple]:
+    """Per layer the kernel's arguments: q [1, Hq, D], caches, page statistics over keys <= p, p, kept pages."""
+    out = []
+    for q, k, v, p in layers:
+        low, high = reference.page_stats(k, torch.tensor([p + 1]))
+        kept = cpu_attention._kept_page_count(p, keep) or 0
+        out.append((q.reshape(1, q.shape[1], q.shape[-1]).contiguous(), k, v, low.contiguous(), high.contiguous(),
+                    torch.tensor([p]), torch.tensor([kept])))
+    return out
+
+
+def run(lib, steps: list[tuple], threads: int, out: torch.Tensor) -> float:
+    """One decode step's attention over every layer; returns ms."""
+    q0, k0, _, low0, *_ = steps[0]
+    Hq, Hkv, S, D, P = q0.shape[1], k0.shape[1], k0.shape[2], k0.shape[3], low0.shape[2]
+    per_task = lib.solc_decode_attention_scratch(Hq // Hkv, S, P, D)
+    scratch = torch.empty(Hkv * per_task)
+    start = time.perf_counter()
+    for q, k, v, low, high, pos, kept in steps:
+        lib.solc_decode_attention(q.data_ptr(), k.data_ptr(), v.data_ptr(), low.data_ptr(), high.data_ptr(),
+                                  pos.data_ptr(), kept.data_ptr(), 1, Hq, Hkv, S, P, D, attention_cpu.SCALE,
+                                  out.data_ptr(), scratch.data_ptr(), per_task, threads)
+    return (time.perf_counter() - start) * 1e3
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--base", required=True, help="git revision of the base version")
+    p.add_argument("--head", default=None, help="git revision of the head version (default: the working tree)")
+    p.add_argument("--kv", choices=("random", "text"), default="random")
+    p.add_argument("--context", type=int, default=16384)
+    p.add_argument("--keeps", default="1,0.6,0.1")
+    p.add_argument("--threads", default="1,2")
+    p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--out", default=None, help="folder for the JSON (default: print only)")
+    args = p.parse_args(argv)
+    command = "python benchmarks/attention_ab.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    threads = [int(t) for t in args.threads.split(",")]
+    with tempfile.TemporaryDirectory() as tmp:
+        libs = {"base": build(args.base, Path(tmp), "base"), "head": build(args.head, Path(tmp), "head")}
+        layers = (attention_cpu.random_layers(args.context) if args.kv == "random"
+                  else attention_cpu.text_layers(args.context))
+        rows = []
+        for keep in (float(k) for k in args.keeps.split(",")):
+            steps = prepared(layers, keep)
+            q = steps[0][0]
+            outs = {name: torch.empty_like(q) for name in libs}
+            samples = {(name, t): [] for name in libs for t in threads}
+            for r in range(args.rounds + 1):  # round 0 warms up
+                for t in threads:
+                    for name, lib in libs.items():
+                        ms = run(lib, steps, t, outs[name])
+                        if r:
+                            samples[(name, t)].append(ms)
+            diff = float((outs["head"] - outs["base"]).abs().max())  # the last layer's output
+            lq, lk, lv, lp = layers[-1]
+            want = reference.quest_attention(lq.reshape(1, -1, 1, lq.shape[-1]), lk, lv, torch.tensor([[lp]]),
+                                             torch.tensor([[keep]], dtype=torch.float64), attention_cpu.SCALE)
+            err = float((outs["base"] - want.reshape(outs["base"].shape)).abs().max())
+            for t in threads:
+                base, head = (statistics.median(samples[(n, t)]) for n in ("base", "head"))
+                rows.append({"keep": keep, "threads": t, "base_ms": round(base, 3), "head_ms": round(head, 3),
+                             "head_over_base": round(head / base, 3), "max_abs_diff": diff, "base_err_vs_reference": err,
+                             "base_rounds": [round(x, 3) for x in samples[("base", t)]],
+                             "head_rounds": [round(x, 3) for x in samples[("head", t)]]})
+    print(f"solc_decode_attention, {args.kv} keys, {args.context} tokens, 30 layers; base {args.base}, "
+          f"head {args.head or 'working tree'}; median of {args.rounds} rounds by turns")
+    print(f"{'keep':>5} {'threads':>7} {'base ms':>8} {'head ms':>8} {'head/base':>9} {'max diff':>9}")
+    for row in rows:
+        print(f"{row['keep']:>5} {row['threads']:>7} {row['base_ms']:>8.2f} {row['head_ms']:>8.2f} "
+              f"{row['head_over_base']:>9.3f} {row['max_abs_diff']:>9.2e}")
+    result = {"command": command, "base": args.base, "head": args.head, "kv": args.kv, "context": args.context,
+              "cpu": attention_cpu.cpu_name(), "torch": torch.__version__, "rows": rows}
+    if args.out:
+        path = Path(args.out) / f"attention_ab_{args.kv}_{args.context}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=1))
+        print(f"written {path}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
