@@ -62,11 +62,10 @@ def build(rev: str | None, out_dir: Path, name: str) -> ctypes.CDLL:
 def prepared(layers: list[tuple], keep: float) -> list[tuple]:
     """Per layer the kernel's arguments: q [1, Hq, D], caches, page statistics over keys <= p, p, kept pages."""
     out = []
-    for q, k, v, p in layers:
-        low, high = reference.page_stats(k, torch.tensor([p + 1]))
+    for q, k, v, p, low, high in layers:
         kept = cpu_attention._kept_page_count(p, keep) or 0
-        out.append((q.reshape(1, q.shape[1], q.shape[-1]).contiguous(), k, v, low.contiguous(), high.contiguous(),
-                    torch.tensor([p]), torch.tensor([kept])))
+        out.append((q.reshape(1, q.shape[1], q.shape[-1]).contiguous(), k, v, low, high, torch.tensor([p]),
+                    torch.tensor([kept])))
     return out
 
 
@@ -114,7 +113,7 @@ def main(argv=None) -> dict:
                         if r:
                             samples[(name, t)].append(ms)
             diff = float((outs["head"] - outs["base"]).abs().max())  # the last layer's output
-            lq, lk, lv, lp = layers[-1]
+            lq, lk, lv, lp, _, _ = layers[-1]
             want = reference.quest_attention(lq.reshape(1, -1, 1, lq.shape[-1]), lk, lv, torch.tensor([[lp]]),
                                              torch.tensor([[keep]], dtype=torch.float64), attention_cpu.SCALE)
             err = float((outs["base"] - want.reshape(outs["base"].shape)).abs().max())
@@ -131,7 +130,7 @@ def main(argv=None) -> dict:
         print(f"{row['keep']:>5} {row['threads']:>7} {row['base_ms']:>8.2f} {row['head_ms']:>8.2f} "
               f"{row['head_over_base']:>9.3f} {row['max_abs_diff']:>9.2e}")
     result = {"command": command, "base": args.base, "head": args.head, "kv": args.kv, "context": args.context,
-              "cpu": attention_cpu.cpu_name(), "torch": torch.__version__, "rows": rows}
+              "device": attention_cpu.device_name(torch.device("cpu")), "torch": torch.__version__, "rows": rows}
     if args.out:
         path = Path(args.out) / f"attention_ab_{args.kv}_{args.context}.json"
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -37,15 +37,23 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from a checkout
 
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from decode import device_name  # noqa: E402
 from runtime.ops import cpu_attention, library, reference  # noqa: E402
 
 LAYERS, HQ, HKV, D = 30, 9, 3, 64  # SmolLM2-135M
 SCALE = 1 / math.sqrt(D)
 
 
+def _layer(q, k, v, p: int) -> tuple:
+    """(q, k_cache, v_cache, p, page_min, page_max): one layer's step, with the page statistics of the
+    keys <= p (what the cache holds once the op has written the new key at p), computed once."""
+    low, high = reference.page_stats(k, torch.tensor([p + 1]))
+    return q, k, v, p, low.contiguous(), high.contiguous()
+
+
 def random_layers(context: int, seed: int = 0) -> list[tuple]:
-    """(q, k_cache, v_cache, positions) per layer: random keys and values at 0..context-1, the new
-    token at `context`."""
+    """`_layer`'s tuple per layer: random keys and values at 0..context, the new token at `context`."""
     g = torch.Generator().manual_seed(seed)
     S = context + 8
     out = []
@@ -53,13 +61,14 @@ def random_layers(context: int, seed: int = 0) -> list[tuple]:
         k = torch.randn(1, HKV, S, D, generator=g)
         v = torch.randn(1, HKV, S, D, generator=g)
         q = torch.randn(1, HQ, 1, D, generator=g)
-        out.append((q, k, v, context))
+        out.append(_layer(q, k, v, context))
     return out
 
 
 @torch.no_grad()
 def text_layers(context: int) -> list[tuple]:
-    """The model's own cache of `context` tokens of text and the next step's queries, per layer."""
+    """The model's own cache of `context` tokens of text and the next step's queries: `_layer`'s tuple
+    per layer."""
     import solc
     from solc import data as solc_data
     from runtime.dispatch import StepDispatcher
@@ -96,7 +105,7 @@ def text_layers(context: int) -> list[tuple]:
         S = k.shape[2] + 8
         kc, vc = torch.zeros(1, HKV, S, D), torch.zeros(1, HKV, S, D)
         kc[:, :, :k.shape[2]], vc[:, :, :v.shape[2]] = k, v
-        out.append((q, kc, vc, p))
+        out.append(_layer(q, kc, vc, p))
     return out
 
 
@@ -104,8 +113,7 @@ def union_share(layers: list[tuple], keep: float) -> float:
     """Pages kept by some head of a KV head / the heads' kept pages, over every layer and KV head."""
     union = total = 0
     G = HQ // HKV
-    for q, k, _, p in layers:
-        low, high = reference.page_stats(k, torch.tensor([p + 1]))
+    for q, _, _, p, low, high in layers:
         n_pages = p // 8 + 1
         kept = cpu_attention._kept_page_count(p, keep)
         if kept is None:
@@ -139,10 +147,9 @@ def main(argv=None) -> None:
     for context in contexts:
         layers = random_layers(context) if args.kv == "random" else text_layers(context)
         steps = []  # (q, k_new, v_new, caches..., positions): the new token's k/v rewrite its own slot
-        for q, kc, vc, pos in layers:
-            low, high = reference.page_stats(kc, torch.tensor([pos]))
-            steps.append((q, kc[:, :, pos:pos + 1].clone(), vc[:, :, pos:pos + 1].clone(), kc, vc, low.contiguous(),
-                          high.contiguous(), torch.tensor([[pos]])))
+        for q, kc, vc, pos, low, high in layers:
+            steps.append((q, kc[:, :, pos:pos + 1].clone(), vc[:, :, pos:pos + 1].clone(), kc, vc, low, high,
+                          torch.tensor([[pos]])))
         samples: dict[tuple[int, float], list[float]] = {(t, k): [] for t in threads for k in keeps}
         for r in range(args.rounds + 1):  # round 0 warms up
             for t in threads:
@@ -171,24 +178,14 @@ def main(argv=None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     stem = out / f"attention_cpu_{args.kv}{'_' + args.tag if args.tag else ''}"
     meta = {"command": command, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-            "cpu": cpu_name()}
+            "cpu": device_name(torch.device("cpu"))}
     stem.with_suffix(".json").write_text(json.dumps({**meta, "rows": rows}, indent=1))
     with open(stem.with_suffix(".csv"), "w", newline="") as f:
-        f.write(f"# command: {command}\n# cpu: {meta['cpu']}\n# torch: {meta['torch']}\n")
+        f.write(f"# command: {command}\n# device: {meta['cpu']}\n# torch: {meta['torch']}\n")
         w = csv.DictWriter(f, fieldnames=[k for k in rows[0] if k != "ms_rounds"], extrasaction="ignore")
         w.writeheader()
         w.writerows(rows)
     print(f"written {stem.with_suffix('.json')} and .csv")
-
-
-def cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown"
 
 
 if __name__ == "__main__":

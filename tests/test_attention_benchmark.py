@@ -22,7 +22,7 @@ def test_text_layers_hold_the_models_cache_and_queries(attention_bench):
         hf = model(ids, use_cache=True).past_key_values
     assert len(layers) == attention_bench.LAYERS
     for layer in (0, attention_bench.LAYERS - 1):
-        q, k, v, p = layers[layer]
+        q, k, v, p, _, _ = layers[layer]
         assert p == context - 1 and q.shape == (1, attention_bench.HQ, 1, attention_bench.D)
         torch.testing.assert_close(k[:, :, :context], hf.layers[layer].keys, atol=1e-4, rtol=0)
         torch.testing.assert_close(v[:, :, :context], hf.layers[layer].values, atol=1e-4, rtol=0)
@@ -33,11 +33,11 @@ def test_union_share_counts_pages_shared_by_the_heads_of_a_kv_head(attention_ben
     G = attention_bench.HQ // attention_bench.HKV
     layers = attention_bench.random_layers(1000)
     same = []
-    for q, k, v, p in layers:  # every head of a KV head asks the same query: they keep the same pages
+    for q, k, v, p, low, high in layers:  # every head of a KV head asks the same query: the same pages
         q = q.clone()
         for h in range(attention_bench.HKV):
             q[0, h * G:(h + 1) * G] = q[0, h * G]
-        same.append((q, k, v, p))
+        same.append((q, k, v, p, low, high))
     assert attention_bench.union_share(same, 0.1) == pytest.approx(1 / G)
     share = attention_bench.union_share(layers, 0.1)  # random queries: few pages shared, all counted once
     assert 1 / G < share <= 1

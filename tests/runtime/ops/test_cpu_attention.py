@@ -29,10 +29,10 @@ def _filled_cache(B, Hkv, S, D, dtype, positions, seed, shape_keys=None):
     return k, v, low, high
 
 
-def _step(B, Hq, Hkv, S, D, dtype, positions, keeps, seed=0, hints=None, shape_keys=None):
+def _step(B, Hq, Hkv, S, D, dtype, positions, keeps, seed=0, hints=None):
     """Run the op for one decode step; return (output, caches after) and the reference's."""
     g = torch.Generator().manual_seed(seed + 1)
-    k_cache, v_cache, low, high = _filled_cache(B, Hkv, S, D, dtype, positions, seed, shape_keys)
+    k_cache, v_cache, low, high = _filled_cache(B, Hkv, S, D, dtype, positions, seed)
     q = torch.randn(B, Hq, 1, D, generator=g).to(dtype)
     k = torch.randn(B, Hkv, 1, D, generator=g).to(dtype)
     v = torch.randn(B, Hkv, 1, D, generator=g).to(dtype)
