@@ -47,8 +47,10 @@ def build(rev: str | None, out_dir: Path, name: str) -> ctypes.CDLL:
         if rev is None:
             text = (ROOT / path).read_text()
         else:
-            text = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:{path}"], check=True, capture_output=True,
-                                  text=True).stdout
+            shown = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:{path}"], capture_output=True, text=True)
+            if shown.returncode:
+                raise ValueError(f"git show {rev}:{path} failed: {shown.stderr.strip()}")
+            text = shown.stdout
         (src / f).write_text(text)
     lib_path = out_dir / f"{name}.so"
     subprocess.run(["cc", *cpu_linear.CFLAGS, str(src / "cpu_attention.c"), "-o", str(lib_path), "-lm"], check=True)
@@ -95,13 +97,23 @@ def main(argv=None) -> dict:
     p.add_argument("--out", default=None, help="folder for the JSON (default: print only)")
     args = p.parse_args(argv)
     command = "python benchmarks/attention_ab.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
-    threads = [int(t) for t in args.threads.split(",")]
+    if not attention_cpu.context_ok(args.kv)(args.context):
+        p.error(f"--context={args.context} is invalid: expected {attention_cpu.context_valid(args.kv)}")
+    keeps = attention_cpu.list_arg(p, "--keeps", args.keeps, float, lambda k: 0 < k <= 1, "numbers in (0, 1]")
+    threads = attention_cpu.list_arg(p, "--threads", args.threads, int, lambda t: t >= 1, "integers >= 1")
+    if args.rounds < 1:
+        p.error(f"--rounds={args.rounds} is invalid: expected an integer >= 1")
     with tempfile.TemporaryDirectory() as tmp:
-        libs = {"base": build(args.base, Path(tmp), "base"), "head": build(args.head, Path(tmp), "head")}
+        libs = {}
+        for name, rev in (("base", args.base), ("head", args.head)):
+            try:
+                libs[name] = build(rev, Path(tmp), name)
+            except ValueError as e:
+                p.error(f"--{name}={rev!r} is invalid: {e}")
         layers = (attention_cpu.random_layers(args.context) if args.kv == "random"
                   else attention_cpu.text_layers(args.context))
         rows = []
-        for keep in (float(k) for k in args.keeps.split(",")):
+        for keep in keeps:
             steps = prepared(layers, keep)
             q = steps[0][0]
             outs = {name: torch.empty_like(q) for name in libs}

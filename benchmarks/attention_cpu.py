@@ -127,6 +127,28 @@ def union_share(layers: list[tuple], keep: float) -> float:
     return union / total
 
 
+TEXT_MAX_CONTEXT = 8184  # SmolLM2's 8192 positions, less the compile's margin
+
+
+def list_arg(parser: argparse.ArgumentParser, flag: str, text: str, convert, ok, valid: str) -> list:
+    """A comma-separated option's values, or parser.error naming the option and what is valid."""
+    try:
+        values = [convert(x) for x in text.split(",")]
+    except ValueError:
+        values = []
+    if not values or not all(ok(v) for v in values):
+        parser.error(f"{flag}={text!r} is invalid: expected {valid}")
+    return values
+
+
+def context_ok(kv: str):
+    return lambda c: 16 <= c and (kv == "random" or c <= TEXT_MAX_CONTEXT)
+
+
+def context_valid(kv: str) -> str:
+    return "integers >= 16" + ("" if kv == "random" else f" and <= {TEXT_MAX_CONTEXT} (the model's positions)")
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--kv", choices=("random", "text"), default="random")
@@ -137,11 +159,14 @@ def main(argv=None) -> None:
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     p.add_argument("--tag", default="")
     args = p.parse_args(argv)
-    contexts = [int(c) for c in (args.contexts or ("4096,16384" if args.kv == "random" else "2048")).split(",")]
-    keeps = [float(k) for k in args.keeps.split(",")]
+    contexts = list_arg(p, "--contexts", args.contexts or ("4096,16384" if args.kv == "random" else "2048"), int,
+                        context_ok(args.kv), context_valid(args.kv))
+    keeps = list_arg(p, "--keeps", args.keeps, float, lambda k: 0 < k <= 1, "numbers in (0, 1]")
     if 1.0 not in keeps:
         keeps = [1.0] + keeps
-    threads = [int(t) for t in args.threads.split(",")]
+    threads = list_arg(p, "--threads", args.threads, int, lambda t: t >= 1, "integers >= 1")
+    if args.rounds < 1:
+        p.error(f"--rounds={args.rounds} is invalid: expected an integer >= 1")
     command = "python benchmarks/attention_cpu.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     rows = []
     for context in contexts:

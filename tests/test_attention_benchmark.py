@@ -55,3 +55,16 @@ def test_attention_ab_builds_both_revisions_and_compares_their_outputs(load_benc
     assert all(r["base_err_vs_reference"] < 2e-6 for r in result["rows"])  # the harness passes the right inputs
     saved = (tmp_path / "attention_ab_random_300.json").read_text()
     assert '"command": "python benchmarks/attention_ab.py --base HEAD --head HEAD' in saved
+
+
+@pytest.mark.parametrize("script,args,message", [
+    ("attention_cpu", ["--keeps", "1,x"], "--keeps='1,x' is invalid: expected numbers in (0, 1]"),
+    ("attention_cpu", ["--threads", "0"], "--threads='0' is invalid: expected integers >= 1"),
+    ("attention_cpu", ["--kv", "text", "--contexts", "9000"], "--contexts='9000' is invalid: expected integers >= 16 and <= 8184"),
+    ("attention_ab", ["--base", "HEAD", "--rounds", "0"], "--rounds=0 is invalid: expected an integer >= 1"),
+    ("attention_ab", ["--base", "no-such-revision"], "--base='no-such-revision' is invalid: git show no-such-revision:"),
+])
+def test_bad_arguments_are_named_with_what_is_valid(load_benchmark, capsys, script, args, message):
+    with pytest.raises(SystemExit):
+        load_benchmark(script).main(args)
+    assert message in capsys.readouterr().err
