@@ -95,6 +95,7 @@ def main(argv=None) -> dict:
     p.add_argument("--threads", default="1,2")
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--out", default=None, help="folder for the JSON (default: print only)")
+    p.add_argument("--tag", default="", help="suffix of the JSON's name")
     args = p.parse_args(argv)
     command = "python benchmarks/attention_ab.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     if not attention_cpu.context_ok(args.kv)(args.context):
@@ -144,7 +145,7 @@ def main(argv=None) -> dict:
     result = {"command": command, "base": args.base, "head": args.head, "kv": args.kv, "context": args.context,
               "device": attention_cpu.device_name(torch.device("cpu")), "torch": torch.__version__, "rows": rows}
     if args.out:
-        path = Path(args.out) / f"attention_ab_{args.kv}_{args.context}.json"
+        path = Path(args.out) / f"attention_ab_{args.kv}_{args.context}{'_' + args.tag if args.tag else ''}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(result, indent=1))
         print(f"written {path}")
