@@ -270,6 +270,9 @@ class MlpBlock(_Block):
             for w in ((wg, wu, wd) if mode == 0 else (wd,) if mode == 1 else (c["out8"],) if mode in (2, 3) else ()):
                 if w is not None:
                     cpu_linear.ensure_packed(w)
+        if 5 in modes.values():  # the int4 kernel's stream-ordered copies (cpu_mlp.c), read at any batch
+            for w in ("in4", "out4"):
+                cpu_linear.ensure_packed(c[w], c[w + "_sz"], self.group_size)
         ptr = lambda name: _ptr(c[name])  # noqa: E731
         h = torch.empty(B, d, dtype=_F32)
         static = tuple(i for r, i in self.roles.items() if i is not None and r not in self.DYNAMIC)
@@ -290,7 +293,7 @@ class MlpBlock(_Block):
     def _c_mode(self, kern: tuple[int, bool]) -> int:
         """solc_mlp_input's mode for a kernel (bit level, row skip?) of cpu_mlp.py."""
         mode = _MLP_MODES[kern]
-        if mode == 4 and cpu_mlp.int4_kernel() and self.group_size % 64 == 0:
+        if mode == 4 and cpu_mlp.int4_kernel() and self.group_size % 8 == 0:
             return 5  # cpu_mlp.c's int4 kernel, called from the block's C
         return mode
 

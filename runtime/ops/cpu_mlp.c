@@ -15,6 +15,7 @@ Built with -ffp-contract=off (cpu_linear.py builds both sources into one library
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <omp.h>
 #ifdef __AVX512F__
 #include <immintrin.h>
 #endif
@@ -172,85 +173,148 @@ per instruction (the weights' bf16 values come from a 16-entry table by nibble),
 dequantization. This is the reference's sum with other fp32 roundings (within 1 bf16 ulp of the row
 maximum after the final rounding, tests/runtime/ops/test_cpu_mlp_kernels.py).
 
-Layout of the work: a weight row is read 64 bytes (128 channels) at a time. Word i of those 64 bytes holds
-the nibbles of channels 4i .. 4i + 3 (nibble j = channel 4i + j), so four shifts and table look-ups give
-four vectors of 32 bf16 weights straight from one load, with no widening shuffle; x is laid out once per
-call to match (plane j, word i = x at channel 4i + j of the chunk). Lane l of a chunk then sums channels
-8l .. 8l + 7: lanes 0-7 the chunk's first 64 channels, lanes 8-15 the next 64, each half inside one group
-(g is a multiple of 64), so the scale and zero vectors are two broadcast (scale, zero) pairs, blended.
-A chunk past K is zero-masked (weights) and zero-padded (x). The order is fixed whatever the row count or
-thread split (per lane: the four look-ups in order, then scale and zero terms chunk by chunk; the fixed
-tree over the lanes), so a row's result does not depend on its batch. VDPBF16PS treats denormal inputs as
-zero and flushes denormal results.
-SmolLM2 gate/up copy (3072 x 576, g = 64), 1 thread, AMD EPYC Zen 4 (2026-12-04, /tmp/int4b.py, raw ctypes
-calls, weights streamed over 60 copies): 86-88 us with the previous layout (32-byte loads widened to
-16-bit indices, scale and zero broadcast per group from scalars; 79 us with the weights in cache: bound
-by its arithmetic); see the figures of this layout in docs/runtime.md.
-Requires g a multiple of 64. */
+Layout of the work: 16 output rows lie in the 16 lanes, so a group's scales and zeros are one vector load
+and no lane tree is left at the end. A slice is 16 rows x 8 channels: lane l holds row l's 4 bytes of
+channels 8s .. 8s + 7 as they lie in q (nibble t = channel 8s + t). Shifted right by 4j, the low 5 bits
+of each 16-bit word index a 32-entry table of bf16(q - 8): lane l's low word gives channel 8s + j, its
+high word channel 8s + 4 + j. So four shifts and four VPERMW give four vectors of 32 bf16 weights, each
+multiplied by one broadcast pair of x, (x[8s + j], x[8s + 4 + j]), laid out so once per call: VDPBF16PS
+with a broadcast operand, nothing else per weight. Lane l's order is fixed: per group, four partial sums
+(one per j) over the group's slices in order, added (T0 + T1) + (T2 + T3); then scale * T and
+zero * sum(x) summed group by group; so a row's result depends on neither its batch, its place in it,
+the thread split, nor where the slices come from.
+
+A block (16 rows) is read as one stream: for each group its slices, then its 16 (scale, zero) pairs
+(64 bytes). The stream comes from a packed copy (solc_pack_i4, registered like cpu_linear.c's packed
+copies under q's address) or, without one, is built per block in a per-thread scratch from q and the
+scales (16 x 16 words transposed at a time in registers; rows past N are zero). Batch rows share each
+slice's look-ups, up to 4 rows at a time.
+SmolLM2's 60 int4 linears of a step, each layer's after 7 MB of other reads (the step's fp32 weights),
+AMD EPYC Zen 4, 2026-12-07 (ad-hoc A/B of two builds by turns in one process, medians of 21): 1 thread
+2.99 -> 1.58 ms, 2 threads 1.90 -> 1.25 ms, 4 rows at 1 thread 7.16 -> 2.42 ms, against the previous
+kernel (a row's 128 channels per load in its 16 lanes, then a lane tree per row: ~20 vector ops per 128
+weights and row against ~12 here). Of that, reading the scales in the block's stream instead of from
+their 9-24 per-group rows gave 16%, and prefetching them before that 15%. The scratch path (no packed
+copy) costs ~1.6x the packed one. VDPBF16PS treats denormal inputs as zero and flushes denormal results.
+Requires g a multiple of 8 dividing K. */
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512BF16__)
 #define SOLC_INT4 1
-#define INT4_ROWS 4
-#define INT4_AHEAD 16  /* prefetch distance in output rows (into L2) */
-#define INT4_CHUNK 128  /* channels per 64-byte load */
+#define INT4_AHEAD 8192  /* bytes of the packed copy prefetched ahead (into L2): 4096 read 10% slower */
 
-static inline int32_t load_pair(const uint16_t *p) {  /* (scale, zero) bf16 bits: scale in the low half */
-    int32_t v;
-    memcpy(&v, p, 4);
-    return v;
-}
-
-/* y[n:n + ROWS] of one row (ROWS a compile-time constant, so the sums stay in registers): xp its bf16
-values in the chunk layout [chunks][4][32], X its per-lane sums [chunks][16]. */
-static inline __attribute__((always_inline)) void int4_rows(const uint16_t *xp, const float *X, const uint8_t *q,
-                                                            const uint16_t *sz, const long *goff, long N, long K,
-                                                            long n, const int ROWS, __m512i table, float *y) {
-    long KB = K / 2, chunks = (K + INT4_CHUNK - 1) / INT4_CHUNK;
-    const __m512i hi_half = _mm512_set1_epi32((int32_t)0xffff0000u);
-    __m512 acc[INT4_ROWS], accz[INT4_ROWS];  /* the scale terms and the zero terms */
-    for (int c = 0; c < ROWS; ++c) acc[c] = accz[c] = _mm512_setzero_ps();
-    if (n + INT4_AHEAD + ROWS <= N) {
-        const char *ahead = (const char *)(q + (n + INT4_AHEAD) * KB);
-        for (long b = 0; b < ROWS * KB; b += 64) _mm_prefetch(ahead + b, _MM_HINT_T1);
-    }
-    for (long ch = 0; ch < chunks; ++ch) {
-        long c0 = ch * INT4_CHUNK, left = K - c0;
-        __mmask64 m = left >= INT4_CHUNK ? ~(__mmask64)0 : (((__mmask64)1 << (left / 2)) - 1);
-        const uint16_t *xc = xp + ch * INT4_CHUNK;
-        __m512i x0 = _mm512_loadu_si512(xc), x1 = _mm512_loadu_si512(xc + 32);
-        __m512i x2 = _mm512_loadu_si512(xc + 64), x3 = _mm512_loadu_si512(xc + 96);
-        __m512 XC = _mm512_loadu_ps(X + ch * 16);
-        const uint16_t *s0 = sz + (goff[2 * ch] + n) * 2, *s1 = sz + (goff[2 * ch + 1] + n) * 2;
-        for (int c = 0; c < ROWS; ++c) {
-            __m512i w = _mm512_maskz_loadu_epi8(m, q + (n + c) * KB + c0 / 2);
-            /* two chains of two (the latency of VDPBF16PS, not its throughput, bounds this loop) */
-            __m512 Ta = _mm512_dpbf16_ps(_mm512_setzero_ps(), (__m512bh)x0, (__m512bh)_mm512_permutexvar_epi16(w, table));
-            __m512 Tb = _mm512_dpbf16_ps(_mm512_setzero_ps(), (__m512bh)x2, (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(w, 8), table));
-            Ta = _mm512_dpbf16_ps(Ta, (__m512bh)x1, (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(w, 4), table));
-            Tb = _mm512_dpbf16_ps(Tb, (__m512bh)x3, (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(w, 12), table));
-            __m512 T = _mm512_add_ps(Ta, Tb);
-            __m512i p = _mm512_mask_set1_epi32(_mm512_set1_epi32(load_pair(s0 + 2 * c)), (__mmask16)0xff00,
-                                               load_pair(s1 + 2 * c));
-            acc[c] = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_slli_epi32(p, 16)), T, acc[c]);
-            accz[c] = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_and_si512(p, hi_half)), XC, accz[c]);
+/* The block of rows [n0, n0 + rows) in the packed copy's order (rows past `rows` zero), from q [N, KB] and
+the scales sz: word s of row l at (s + s / spg) * 16 + l, group grp's pairs at ((grp + 1) * spg + grp) * 16. */
+static void int4_transpose_block(const uint8_t *q, const uint16_t *sz, long spg, long N, long KB, long n0, long rows,
+                                 uint32_t *out) {
+    long S = KB / 4;
+    __mmask16 live = rows >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << rows) - 1);
+    for (long grp = 0; grp < S / spg; ++grp)
+        _mm512_storeu_si512(out + ((grp + 1) * spg + grp) * 16, _mm512_maskz_loadu_epi32(live, sz + (grp * N + n0) * 2));
+    for (long s0 = 0; s0 < S; s0 += 16) {
+        long cols = S - s0 < 16 ? S - s0 : 16, at[16], grp = s0 / spg, in_grp = s0 % spg;
+        for (int i = 0; i < 16; ++i) {  /* where word s0 + i goes: after the scale lines of the groups before it */
+            at[i] = (s0 + i + grp) * 16;
+            if (++in_grp == spg) in_grp = 0, ++grp;
+        }
+        __mmask16 m = (__mmask16)((1u << cols) - 1);
+        __m512i r[16], t[16];
+        for (int l = 0; l < 16; ++l)
+            r[l] = l < rows ? _mm512_maskz_loadu_epi32(m, q + (n0 + l) * KB + 4 * s0) : _mm512_setzero_si512();
+        for (int i = 0; i < 8; ++i) {  /* pairs of rows interleaved */
+            t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+            t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+        }
+        for (int i = 0; i < 4; ++i) {  /* r[4i + c]'s 128-bit lane k: rows 4i .. 4i + 3 of word 4k + c */
+            r[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+            r[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+            r[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+            r[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+        }
+        for (int c = 0; c < 4; ++c) {  /* gather 128-bit lane k of r[c], r[4 + c], r[8 + c], r[12 + c] */
+            __m512i a0 = _mm512_shuffle_i32x4(r[c], r[4 + c], 0x88), a1 = _mm512_shuffle_i32x4(r[c], r[4 + c], 0xdd);
+            __m512i b0 = _mm512_shuffle_i32x4(r[8 + c], r[12 + c], 0x88), b1 = _mm512_shuffle_i32x4(r[8 + c], r[12 + c], 0xdd);
+            __m512i word[4] = {_mm512_shuffle_i32x4(a0, b0, 0x88), _mm512_shuffle_i32x4(a1, b1, 0x88),
+                               _mm512_shuffle_i32x4(a0, b0, 0xdd), _mm512_shuffle_i32x4(a1, b1, 0xdd)};
+            for (int k = 0; k < 4; ++k)
+                if (4 * k + c < cols) _mm512_storeu_si512(out + at[4 * k + c], word[k]);
         }
     }
-    for (int c = 0; c < ROWS; ++c) {
+}
+
+static inline __m512bh int4_pair(const uint16_t *x) {  /* x's bf16 pair at x, in every lane */
+    int32_t v;
+    memcpy(&v, x, 4);
+    return (__m512bh)_mm512_set1_epi32(v);
+}
+
+/* y[r][n0 .. n0 + rows) for R batch rows (a compile-time constant: the sums stay in registers). xp: the
+rows' bf16 pairs [R][K] (stride K; slice s: pairs (8s + j, 8s + 4 + j), j = 0..3), Xg their group sums
+[R][groups]; p: the block's stream (64-byte slices and scale lines), prefetched ahead where `ahead`. */
+static inline __attribute__((always_inline)) void int4_rows(const uint16_t *xp, long K, const float *Xg, long groups,
+                                                            long spg, const uint8_t *p, int ahead, long N, long n0,
+                                                            long rows, const int R, __m512i table, float *y) {
+    const __m512i hi_half = _mm512_set1_epi32((int32_t)0xffff0000u);
+    __m512 acc[4], accz[4];
+    for (int r = 0; r < R; ++r) acc[r] = accz[r] = _mm512_setzero_ps();
+    for (long grp = 0; grp < groups; ++grp) {
+        __m512 T[4][4];
+        for (int r = 0; r < R; ++r)
+            for (int j = 0; j < 4; ++j) T[r][j] = _mm512_setzero_ps();
+        for (long s = grp * spg; s < (grp + 1) * spg; ++s) {
+            const uint8_t *at = p + (s + grp) * 64;  /* a group's slices, then its 16 (scale, zero) pairs */
+            if (ahead) _mm_prefetch((const char *)at + INT4_AHEAD, _MM_HINT_T1);
+            __m512i w = _mm512_loadu_si512(at);
+            __m512bh w0 = (__m512bh)_mm512_permutexvar_epi16(w, table);
+            __m512bh w1 = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(w, 4), table);
+            __m512bh w2 = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(w, 8), table);
+            __m512bh w3 = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(w, 12), table);
+            for (int r = 0; r < R; ++r) {
+                const uint16_t *xs = xp + r * K + 8 * s;
+                T[r][0] = _mm512_dpbf16_ps(T[r][0], int4_pair(xs), w0);
+                T[r][1] = _mm512_dpbf16_ps(T[r][1], int4_pair(xs + 2), w1);
+                T[r][2] = _mm512_dpbf16_ps(T[r][2], int4_pair(xs + 4), w2);
+                T[r][3] = _mm512_dpbf16_ps(T[r][3], int4_pair(xs + 6), w3);
+            }
+        }
+        __m512i pz = _mm512_loadu_si512(p + ((grp + 1) * spg + grp) * 64);  /* (scale, zero): scale low */
+        __m512 scale = _mm512_castsi512_ps(_mm512_slli_epi32(pz, 16)), zero = _mm512_castsi512_ps(_mm512_and_si512(pz, hi_half));
+        for (int r = 0; r < R; ++r) {
+            __m512 t = _mm512_add_ps(_mm512_add_ps(T[r][0], T[r][1]), _mm512_add_ps(T[r][2], T[r][3]));
+            acc[r] = _mm512_fmadd_ps(scale, t, acc[r]);
+            accz[r] = _mm512_fmadd_ps(zero, _mm512_set1_ps(Xg[r * groups + grp]), accz[r]);
+        }
+    }
+    for (int r = 0; r < R; ++r) {
         float lanes[LANES];
-        _mm512_storeu_ps(lanes, _mm512_add_ps(acc[c], accz[c]));
-        y[n + c] = bf16_round(finish(lanes, 0));
+        _mm512_storeu_ps(lanes, _mm512_add_ps(acc[r], accz[r]));
+        for (long l = 0; l < rows; ++l) y[r * N + n0 + l] = bf16_round(lanes[l]);
     }
 }
 
-static void int4_block(const uint16_t *xp, const float *X, const uint8_t *q, const uint16_t *sz, const long *goff,
-                       long N, long K, long n0, long n1, float *y) {
-    uint16_t t[32];
-    for (int j = 0; j < 32; ++j) t[j] = bf16_bits((float)(j % 16 - 8));  /* permutexvar_epi16 reads 5 index bits */
-    const __m512i table = _mm512_loadu_si512(t);
-    long n = n0;
-    for (; n + INT4_ROWS <= n1; n += INT4_ROWS) int4_rows(xp, X, q, sz, goff, N, K, n, INT4_ROWS, table, y);
-    for (; n < n1; ++n) int4_rows(xp, X, q, sz, goff, N, K, n, 1, table, y);
+/* Output rows [n0, n0 + rows) (rows <= 16) of all M batch rows, 4, 2 or 1 at a time. */
+static void int4_block(const uint16_t *xp, long K, const float *Xg, long groups, long spg, const uint8_t *p, int ahead,
+                       long N, long n0, long rows, long M, __m512i table, float *y) {
+    long r = 0;
+    for (; r + 4 <= M; r += 4)
+        int4_rows(xp + r * K, K, Xg + r * groups, groups, spg, p, ahead, N, n0, rows, 4, table, y + r * N);
+    for (; r + 2 <= M; r += 2)
+        int4_rows(xp + r * K, K, Xg + r * groups, groups, spg, p, ahead, N, n0, rows, 2, table, y + r * N);
+    for (; r < M; ++r)
+        int4_rows(xp + r * K, K, Xg + r * groups, groups, spg, p, ahead, N, n0, rows, 1, table, y + r * N);
 }
 #endif
+
+/* The int4 copy q [N, KB] (KB = K / 2 bytes) with its scales sz [K / g, N, 2] in int4_rows' stream order,
+block after block, (KB / 4 + K / g) * 64 bytes each (see int4_transpose_block); full blocks only (the
+last N % 16 rows are built from q at each call). g a multiple of 8 dividing K. */
+void solc_pack_i4(const uint8_t *q, const uint16_t *sz, long g, long N, long KB, uint8_t *out) {
+    long S = KB / 4, spg = g / 8, groups = S / spg, per = (S + groups) * 64;
+    for (long b = 0; b < N / 16; ++b) {
+        uint8_t *o = out + b * per;
+        for (long s = 0; s < S; ++s)
+            for (int l = 0; l < 16; ++l) memcpy(o + (s + s / spg) * 64 + l * 4, q + (16 * b + l) * KB + 4 * s, 4);
+        for (long grp = 0; grp < groups; ++grp) memcpy(o + ((grp + 1) * spg + grp) * 64, sz + (grp * N + 16 * b) * 2, 64);
+    }
+}
 
 int solc_int4_supported(void) {
 #ifdef SOLC_INT4
@@ -265,52 +329,55 @@ then runs torch's kernel). x fp32 [M, K] (rounded to bf16 here). */
 int solc_int4_linear(const float *x, long ldx, const uint8_t *q, const uint16_t *sz, long g, float *y, long M,
                      long N, long K, int threads) {
 #ifdef SOLC_INT4
-    if (g % 64 || K % g) return -1;
-    long chunks = (K + INT4_CHUNK - 1) / INT4_CHUNK, KP = chunks * INT4_CHUNK;
-    uint16_t *xs = malloc((size_t)(M * KP) * sizeof(uint16_t));
-    float *X = malloc((size_t)(M * chunks * 16) * sizeof(float));
-    long *goff = malloc((size_t)(2 * chunks) * sizeof(long));
-    if (!xs || !X || !goff) {
-        free(xs);
-        free(X);
-        free(goff);
+    if (g % 8 || K % g) return -1;
+    long groups = K / g, KB = K / 2, S = K / 8, spg = g / 8, blocks = (N + 15) / 16, per = (S + groups) * 64;
+    const uint8_t *packed = solc_packed_of(q, N, KB);  /* solc_pack_i4's copy of q with these scales */
+    int parts = threads > 1 ? threads : 1;
+    uint16_t *xp = malloc((size_t)(M * K) * sizeof(uint16_t));
+    float *Xg = malloc((size_t)(M * groups) * sizeof(float));
+    uint8_t *scratch = malloc((size_t)(parts * per));  /* a block's stream built from q, per thread */
+    if (!xp || !Xg || !scratch) {
+        free(xp);
+        free(Xg);
+        free(scratch);
         return -1;
     }
-    for (long ch = 0; ch < chunks; ++ch) {  /* the group of each 64-channel half of a chunk, times N */
-        long c0 = ch * INT4_CHUNK;
-        goff[2 * ch] = c0 / g * N;
-        goff[2 * ch + 1] = (c0 + 64 < K ? (c0 + 64) / g : c0 / g) * N;
-    }
     for (long r = 0; r < M; ++r) {
-        uint16_t *xr = xs + r * KP;
-        float *Xr = X + r * chunks * 16;
-        for (long ch = 0; ch < chunks; ++ch) {
-            long c0 = ch * INT4_CHUNK;
-            for (int j = 0; j < 4; ++j)
-                for (int i = 0; i < 32; ++i) {
-                    long k = c0 + 4 * i + j;
-                    xr[c0 + 32 * j + i] = k < K ? bf16_bits(bf16_round(x[r * ldx + k])) : 0;
-                }
-            for (int l = 0; l < 16; ++l) {  /* lane l: channels 8l .. 8l + 7 of the chunk, in order */
-                float s = 0;
-                for (int t = 0; t < 8; ++t) {
-                    long k = c0 + 8 * l + t;
-                    if (k < K) s += bf16_round(x[r * ldx + k]);
-                }
-                Xr[ch * 16 + l] = s;
-            }
+        for (long k = 0; k < K; ++k) {  /* pair j of slice s: channels 8s + j and 8s + 4 + j */
+            long s = k / 8, t = k % 8;
+            xp[r * K + 8 * s + 2 * (t % 4) + t / 4] = bf16_bits(bf16_round(x[r * ldx + k]));
+        }
+        for (long grp = 0; grp < groups; ++grp) {
+            float sum = 0;  /* the group's sum of x, in channel order */
+            for (long k = grp * g; k < (grp + 1) * g; ++k) sum += bf16_round(x[r * ldx + k]);
+            Xg[r * groups + grp] = sum;
         }
     }
-    long blocks = (N + COL_BLOCK - 1) / COL_BLOCK;
-#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
-    for (long blk = 0; blk < blocks; ++blk) {
-        long n0 = blk * COL_BLOCK, n1 = n0 + COL_BLOCK < N ? n0 + COL_BLOCK : N;
-        for (long r = 0; r < M; ++r)
-            int4_block(xs + r * KP, X + r * chunks * 16, q, sz, goff, N, K, n0, n1, y + r * N);
+    uint16_t t[32];
+    for (int j = 0; j < 32; ++j) t[j] = bf16_bits((float)(j % 16 - 8));  /* permutexvar_epi16 reads 5 index bits */
+    const __m512i table = _mm512_loadu_si512(t);
+#pragma omp parallel num_threads(parts) if (parts > 1)
+    {
+        uint8_t *mine = scratch + (long)omp_get_thread_num() * per;
+#pragma omp for schedule(static)
+        for (long b = 0; b < blocks; ++b) {
+            long rows = N - 16 * b < 16 ? N - 16 * b : 16;
+            const uint8_t *p = packed && rows == 16 ? packed + b * per : 0;
+            if (!p) {
+                if (b + 1 < blocks) {  /* the next block's rows and scale lines: streams the hardware prefetcher misses */
+                    for (long l = 16 * (b + 1); l < N && l < 16 * (b + 2); ++l)
+                        for (long c = 0; c < KB; c += 64) _mm_prefetch((const char *)(q + l * KB + c), _MM_HINT_T1);
+                    for (long grp = 0; grp < groups; ++grp)
+                        _mm_prefetch((const char *)(sz + (grp * N + 16 * (b + 1)) * 2), _MM_HINT_T1);
+                }
+                int4_transpose_block(q, sz, spg, N, KB, 16 * b, rows, (uint32_t *)mine);
+            }
+            int4_block(xp, K, Xg, groups, spg, p ? p : mine, p != 0, N, 16 * b, rows, M, table, y);
+        }
     }
-    free(xs);
-    free(X);
-    free(goff);
+    free(xp);
+    free(Xg);
+    free(scratch);
     return 0;
 #else
     (void)x; (void)ldx; (void)q; (void)sz; (void)g; (void)y; (void)M; (void)N; (void)K; (void)threads;

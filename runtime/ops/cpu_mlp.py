@@ -187,10 +187,11 @@ _INT4: Optional[bool] = None
 
 def _int4_linear(x: Tensor, c: dict, which: str, group_size: int) -> Tensor:
     """[m, N] = (x rounded to bf16) @ dequant_int4(W)^T, rounded to bf16, in fp32, for the copy `which`
-    ("in4" / "out4"): cpu_mlp.c's solc_int4_linear (groups of 64 or 128), else torch's
+    ("in4" / "out4"): cpu_mlp.c's solc_int4_linear (groups of a multiple of 8), else torch's
     _weight_int4pack_mm_for_cpu on its packed layout of the same copy."""
     packed, sz = c[which], c[which + "_sz"]
-    if int4_kernel() and packed is not None and group_size % 64 == 0:
+    if int4_kernel() and packed is not None and group_size % 8 == 0:
+        cpu_linear.ensure_packed(packed, sz, group_size)  # (once) its stream-ordered copy: same bits, read faster
         x = x.float().contiguous()
         y = torch.empty(x.shape[0], packed.shape[0], dtype=torch.float32)
         if not cpu_linear.library().solc_int4_linear(x.data_ptr(), x.shape[1], packed.data_ptr(), sz.data_ptr(),

@@ -143,7 +143,7 @@ def test_c_channel_selection_is_the_references_set_with_ties(d):
 
 @pytest.mark.parametrize("K,N,group", [(576, 3072, 64), (1536, 576, 64), (256, 96, 128), (64, 48, 32)])
 def test_int4_linear_is_the_reference_and_row_independent(K, N, group):
-    """The int4 linear (cpu_mlp.c on AVX-512 BF16 CPUs, torch's kernel elsewhere and for groups of 32)
+    """The int4 linear (cpu_mlp.c on AVX-512 BF16 CPUs, torch's kernel elsewhere)
     against its definition, x_bf16 @ dequant_int4(W)^T rounded to bf16: within one bf16 ulp of the row
     maximum; a row's bits do not depend on its batch mates or the thread count."""
     from runtime import torchao_adapter
@@ -163,6 +163,39 @@ def test_int4_linear_is_the_reference_and_row_independent(K, N, group):
     assert torch.equal(torch.cat([cpu_mlp._int4_linear(x[i:i + 1], c, "in4", group) for i in range(16)]), got)
     with _threads(1):
         assert torch.equal(cpu_mlp._int4_linear(x, c, "in4", group), got)
+
+
+@pytest.mark.skipif(not cpu_mlp.int4_kernel(), reason="cpu_mlp.c's int4 linear needs AVX-512 BF16")
+@pytest.mark.parametrize("K,N,group", [(576, 3072, 64), (1536, 576, 64), (256, 53, 128), (64, 45, 32), (40, 21, 8)])
+def test_int4_linear_over_a_slice_copy_gives_the_in_place_bits(monkeypatch, K, N, group):
+    """The int4 copy packed in stream order (cpu_mlp.c's solc_pack_i4: per 16 rows, each group's 64-byte
+    slices of 16 rows x 8 channels, then its scales; the last N % 16 rows built per call) gives every row
+    the bits that building each block's stream per call from the nibble copy gives, at 1 and 2 threads;
+    each of 7 rows (run 4, 2 and 1 at a time) alone gives its bits in the batch; both are the reference
+    within one bf16 ulp. Scales changed in place are packed anew."""
+    from runtime import torchao_adapter
+
+    g = torch.Generator().manual_seed(K * N)
+    w = torch.randn(N, K, generator=g) * 0.05
+    packed, sz = torchao_adapter.quantize_int4(w, group)
+    c = {"in4": packed, "in4_sz": sz, "in4_cpu": None}  # torch's kernel is never the one that runs here
+    x = torch.randn(7, K, generator=g) * 3
+    key = (packed.data_ptr(), N, K // 2)
+    monkeypatch.setenv("SOLC_CPU_PACK", "0")
+    in_place = cpu_mlp._int4_linear(x, c, "in4", group)
+    assert key not in cpu_linear._packed
+    want = qp.to_bf16_grid(qp.to_bf16_grid(x, torch.float32) @ qp.dequant_int4(packed, sz, group, torch.float32).t(),
+                           torch.float32)
+    assert _bf16_ulps(in_place, want) <= 1.0 and (in_place == want).float().mean() > 0.99
+    monkeypatch.setenv("SOLC_CPU_PACK", "1")
+    for threads in (1, 2):
+        with _threads(threads):
+            assert torch.equal(cpu_mlp._int4_linear(x, c, "in4", group), in_place)
+            assert key in cpu_linear._packed
+            assert torch.equal(torch.cat([cpu_mlp._int4_linear(x[i:i + 1], c, "in4", group) for i in range(7)]),
+                               in_place)
+    sz.mul_(2)  # scales and zeros doubled: so is every output (a power of two: the same roundings)
+    assert torch.equal(cpu_mlp._int4_linear(x, c, "in4", group), 2 * in_place)
 
 
 def test_int4_kernel_runs_where_the_cpu_has_avx512_bf16():
