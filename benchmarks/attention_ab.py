@@ -20,7 +20,6 @@ import ctypes
 import json
 import shlex
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -33,32 +32,13 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import attention_cpu  # noqa: E402
-from runtime.ops import cpu_attention, cpu_linear, reference  # noqa: E402
-
-FILES = ("cpu_attention.c", "cpu_select.h")
-
+import kernel_build  # noqa: E402
+from runtime.ops import cpu_attention, reference  # noqa: E402
 
 def build(rev: str | None, out_dir: Path, name: str) -> ctypes.CDLL:
-    """Compile cpu_attention.c of git revision `rev` (None: the working tree) into out_dir/name.so."""
-    src = out_dir / name
-    src.mkdir(parents=True, exist_ok=True)
-    for f in FILES:
-        path = f"runtime/ops/{f}"
-        if rev is None:
-            text = (ROOT / path).read_text()
-        else:
-            shown = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:{path}"], capture_output=True, text=True)
-            if shown.returncode:
-                raise ValueError(f"git show {rev}:{path} failed: {shown.stderr.strip()}")
-            text = shown.stdout
-        (src / f).write_text(text)
-    lib_path = out_dir / f"{name}.so"
-    subprocess.run(["cc", *cpu_linear.CFLAGS, str(src / "cpu_attention.c"), "-o", str(lib_path), "-lm"], check=True)
-    lib = ctypes.CDLL(str(lib_path))
-    for fn in ("solc_decode_attention", "solc_decode_attention_scratch"):
-        getattr(lib, fn).argtypes = cpu_linear.SIGNATURES[fn]
-        getattr(lib, fn).restype = cpu_linear.RESTYPES.get(fn)
-    return lib
+    """cpu_attention.c of git revision `rev` (None: the working tree), built into out_dir/name.so."""
+    return kernel_build.build(rev, out_dir, name, ("cpu_attention.c",),
+                              ("solc_decode_attention", "solc_decode_attention_scratch"))
 
 
 def prepared(layers: list[tuple], keep: float) -> list[tuple]:

@@ -1,9 +1,11 @@
-"""benchmarks/attention_cpu.py: --kv text times the kernel on the model's own cache and next-step queries
-(keys as HF computes them), and its union column counts the pages the G heads of a KV head share."""
+"""The kernel benchmarks: benchmarks/attention_cpu.py's --kv text times the kernel on the model's own cache
+and next-step queries (keys as HF computes them), and its union column counts the pages the G heads of a
+KV head share; attention_ab.py and int4_ab.py run two revisions of a kernel side by side."""
 import pytest
 import torch
 
 import solc
+from runtime.ops import cpu_mlp
 from solc import data
 
 
@@ -57,12 +59,28 @@ def test_attention_ab_builds_both_revisions_and_compares_their_outputs(load_benc
     assert '"command": "python benchmarks/attention_ab.py --base HEAD --head HEAD' in saved
 
 
+@pytest.mark.skipif(not cpu_mlp.int4_kernel(), reason="cpu_mlp.c's int4 linear needs AVX-512 BF16")
+def test_int4_ab_builds_both_revisions_and_compares_their_outputs(load_benchmark, tmp_path):
+    """benchmarks/int4_ab.py compiles cpu_linear.c + cpu_mlp.c of each revision on its own and runs both on
+    SmolLM2's int4 copies: one revision against itself gives the same bits, on the reference's grid."""
+    ab = load_benchmark("int4_ab")
+    result = ab.main(["--base", "HEAD", "--head", "HEAD", "--layers", "2", "--rows", "1,3", "--threads", "1,2",
+                      "--rounds", "1", "--flush-mib", "0.5", "--out", str(tmp_path), "--tag", "t"])
+    assert [(r["threads"], r["rows"]) for r in result["rows"]] == [(t, r) for t in (1, 2) for r in (1, 3)]
+    assert all(r["same_bits"] and r["base_ms"] > 0 and r["head_ms"] > 0 for r in result["rows"])
+    assert all(r["head_ulps_vs_reference"] <= 1.0 for r in result["rows"])  # the harness passes the right inputs
+    saved = (tmp_path / "int4_ab_t.json").read_text()
+    assert '"command": "python benchmarks/int4_ab.py --base HEAD --head HEAD' in saved
+
+
 @pytest.mark.parametrize("script,args,message", [
     ("attention_cpu", ["--keeps", "1,x"], "--keeps='1,x' is invalid: expected numbers in (0, 1]"),
     ("attention_cpu", ["--threads", "0"], "--threads='0' is invalid: expected integers >= 1"),
     ("attention_cpu", ["--kv", "text", "--contexts", "9000"], "--contexts='9000' is invalid: expected integers >= 16 and <= 8184"),
     ("attention_ab", ["--base", "HEAD", "--rounds", "0"], "--rounds=0 is invalid: expected an integer >= 1"),
     ("attention_ab", ["--base", "no-such-revision"], "--base='no-such-revision' is invalid: git show no-such-revision:"),
+    ("int4_ab", ["--base", "HEAD", "--rows", "17"], "--rows='17' is invalid: expected integers in 1..16"),
+    ("int4_ab", ["--base", "HEAD", "--layers", "31"], "--layers=31 is invalid: expected an integer in 1..30"),
 ])
 def test_bad_arguments_are_named_with_what_is_valid(load_benchmark, capsys, script, args, message):
     with pytest.raises(SystemExit):
