@@ -19,7 +19,7 @@ from runtime.budget import is_cost_request, resolve_budget
 from runtime.costs import realized_budget
 from runtime.dispatch import StepDispatcher
 from runtime.schedulers import ActionSource
-from runtime.stepper import PREFILL_CHUNK, Stepper, budget_targets, resolve_source  # noqa: F401  (re-exported)
+from runtime.stepper import PREFILL_CHUNK, Stepper, budget_targets, collector_paused, resolve_source  # noqa: F401  (re-exported)
 
 
 @dataclass
@@ -158,19 +158,20 @@ def generate(
     eos_t = torch.tensor(eos, dtype=torch.long, device=device)
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     new, logps = [], []
-    for _ in range(steps):
-        out = stepper.step(feed, active=~finished if eos else None)
-        if out is None:  # every row has finished
-            break
-        nxt = _sample(out.logits, temperature, top_k, top_p, generator)
-        logp = out.logprob(nxt)
-        if eos:
-            nxt = torch.where(finished, eos_t[0], nxt)
-            logp = torch.where(finished, torch.zeros_like(logp), logp)
-            finished = finished | torch.isin(nxt, eos_t)
-        new.append(nxt)
-        logps.append(logp)
-        feed = nxt
+    with collector_paused():
+        for _ in range(steps):
+            out = stepper.step(feed, active=~finished if eos else None)
+            if out is None:  # every row has finished
+                break
+            nxt = _sample(out.logits, temperature, top_k, top_p, generator)
+            logp = out.logprob(nxt)
+            if eos:
+                nxt = torch.where(finished, eos_t[0], nxt)
+                logp = torch.where(finished, torch.zeros_like(logp), logp)
+                finished = finished | torch.isin(nxt, eos_t)
+            new.append(nxt)
+            logps.append(logp)
+            feed = nxt
     new_tokens = torch.stack(new, 1)
     tokens = torch.cat([shown.to(device), new_tokens], 1)
     full_mask = torch.cat([mask.to(device), torch.ones_like(new_tokens)], 1)
@@ -205,5 +206,6 @@ def score(
     stepper = Stepper(sol, source, dispatcher, spec)
     stepper.prefill(tokens[:, : prompt_len - 1], steps, targets=1.0 if budget is None else budget,
                     generator=torch.Generator().manual_seed(seed))
-    logps = [stepper.step(tokens[:, prompt_len - 1 + t]).logprob(tokens[:, prompt_len + t]) for t in range(steps)]
+    with collector_paused():
+        logps = [stepper.step(tokens[:, prompt_len - 1 + t]).logprob(tokens[:, prompt_len + t]) for t in range(steps)]
     return GenerateOutput(tokens, stepper.actions, torch.stack(logps, 1), stepper.controlled, stepper.budget_summary())

@@ -27,7 +27,7 @@ from torch import Tensor
 from runtime.actions import AXES, ActionSpace
 from runtime.costs import realized_budget  # noqa: F401  (re-exported: the one budget function)
 from runtime.schedulers import ActionSource
-from runtime.stepper import Stepper
+from runtime.stepper import Stepper, collector_paused
 
 # DESIGN.md: per-context budget targets, per axis (cost units: keep fractions, bits/16). The paper's
 # ranges start at its grid's cheapest level on each axis; the quant axis follows the space's grid (4 bits
@@ -146,11 +146,12 @@ def rollout(
     stepper.prefill(contexts[:, :P], horizon, repeats=group, targets=targets, generator=generator)
     ids = contexts.repeat_interleave(group, dim=0) if group > 1 else contexts
     logps = []
-    for t in range(horizon):
-        out = stepper.step(ids[:, P + t])
-        logps.append(out.logprob(ids[:, P + t + 1]))
-        if on_step is not None:
-            on_step(t)
+    with collector_paused():
+        for t in range(horizon):
+            out = stepper.step(ids[:, P + t])
+            logps.append(out.logprob(ids[:, P + t + 1]))
+            if on_step is not None:
+                on_step(t)
     actions, controlled = stepper.actions, stepper.controlled
     return Episodes(
         logp=torch.stack(logps, 1),

@@ -44,7 +44,7 @@ from torch import Tensor
 from runtime.actions import AXES
 from runtime.costs import BudgetMeter, realized_budget
 from runtime.schedulers import ActionSource
-from runtime.stepper import Stepper
+from runtime.stepper import Stepper, collector_paused
 from training.baselines import Composite, SharedRows, target_key
 
 
@@ -234,10 +234,11 @@ def score_continuations(sol, context: Sequence[int], continuations: Sequence[Seq
     stepper = Stepper(sol, src)
     stepper.prefill(torch.tensor([list(context[:P])], dtype=torch.long, device=device), H, repeats=R, targets=rows, generator=generator)
     logps, greedy = [], []
-    for t in range(H):
-        out = stepper.step(feed[:, t])
-        logps.append(out.logprob(gold[:, t]))
-        greedy.append(out.logits.argmax(-1) == gold[:, t])
+    with collector_paused():
+        for t in range(H):
+            out = stepper.step(feed[:, t])
+            logps.append(out.logprob(gold[:, t]))
+            greedy.append(out.logits.argmax(-1) == gold[:, t])
     acts, ctrl = stepper.actions, stepper.controlled
     step = torch.arange(H)[None]
     real = ((step >= tail) & (step < tail + lens[:, None])).repeat_interleave(G, 0).to(device)  # scored steps

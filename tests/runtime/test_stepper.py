@@ -269,3 +269,47 @@ def test_stepper_refuses_what_does_not_fit(sol32):
     stepper.step(_tokens(sol32, 1, 1)[:, 0])
     with pytest.raises(ValueError, match="prefilled for 1 steps"):
         stepper.step(_tokens(sol32, 1, 1)[:, 0])
+
+
+class _CollectorWatch(Schedule):
+    """A schedule that records whether Python's cyclic collector was on at each step, and can fail at one."""
+
+    def __init__(self, actions, fail_at=None):
+        super().__init__(actions)
+        self.seen, self.fail_at = [], fail_at
+
+    def next_actions(self, step, hidden, token_embedding, dense):
+        import gc
+
+        self.seen.append(gc.isenabled())
+        if step == self.fail_at:
+            raise RuntimeError("stop here")
+        return super().next_actions(step, hidden, token_embedding, dense)
+
+
+def test_decode_loops_pause_the_cyclic_collector_and_restore_it(sol32):
+    """generate, score, rollouts: no full collection can land on a step (a collection of the whole
+    process took ~280 ms once SmolLM2 was loaded); the collector's state comes back as it was, also
+    when a step raises."""
+    import gc
+
+    steps = 4
+    ids = _tokens(sol32, 1, 8 + steps)
+    dense = torch.full((steps,), sol32.space.dense_index)
+    assert gc.isenabled()
+    for drive in (lambda src: generate(sol32, ids[:, :8], policy=src, max_new_tokens=steps, eos_token_id=[]),
+                  lambda src: score(sol32, ids, 8, policy=src),
+                  lambda src: rollout(sol32, ids, src, torch.ones(3), group=1, horizon=steps)):
+        watch = _CollectorWatch(dense)
+        drive(watch)
+        assert watch.seen == [False] * steps and gc.isenabled()
+    failing = _CollectorWatch(dense, fail_at=2)
+    with pytest.raises(RuntimeError, match="stop here"):
+        generate(sol32, ids[:, :8], policy=failing, max_new_tokens=steps, eos_token_id=[])
+    assert gc.isenabled()
+    gc.disable()
+    try:  # a caller that turned it off keeps it off
+        generate(sol32, ids[:, :8], policy=_CollectorWatch(dense), max_new_tokens=steps, eos_token_id=[])
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
