@@ -29,7 +29,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.append(str(ROOT / "benchmarks"))  # after the repo: benchmarks/training.py must not shadow the training package
 
 import attention_cpu  # noqa: E402
 import kernel_build  # noqa: E402
@@ -124,8 +124,7 @@ def main(argv=None) -> dict:
         p.error(f"--rounds={args.rounds} is invalid: expected an integer >= 1")
     if args.flush_mib < 0:
         p.error(f"--flush-mib={args.flush_mib} is invalid: expected a number >= 0")
-    torch.set_grad_enabled(False)
-    with tempfile.TemporaryDirectory() as tmp:
+    with torch.no_grad(), tempfile.TemporaryDirectory() as tmp:
         libs = {}
         for name, rev in (("base", args.base), ("head", args.head)):
             try:

@@ -1,5 +1,6 @@
 import importlib.util
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,11 @@ def load_benchmark():
     def load(name: str):
         spec = importlib.util.spec_from_file_location(f"bench_{name}", root / "benchmarks" / f"{name}.py")
         mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
+        path = list(sys.path)
+        try:
+            spec.loader.exec_module(mod)
+        finally:  # a script's own sys.path entries must not change what later tests import
+            sys.path[:] = path  # (spawned workers get this path: benchmarks/training.py shadowed `training`)
         return mod
 
     return load

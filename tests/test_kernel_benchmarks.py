@@ -71,6 +71,7 @@ def test_int4_ab_builds_both_revisions_and_compares_their_outputs(load_benchmark
     assert all(r["head_ulps_vs_reference"] <= 1.0 for r in result["rows"])  # the harness passes the right inputs
     saved = (tmp_path / "int4_ab_t.json").read_text()
     assert '"command": "python benchmarks/int4_ab.py --base HEAD --head HEAD' in saved
+    assert torch.is_grad_enabled()  # the process's grad mode is left as it was (later tests train)
 
 
 @pytest.mark.parametrize("script,args,message", [
