@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import json
 import shlex
 import statistics
 import sys
@@ -85,12 +84,7 @@ def main(argv=None) -> dict:
     if args.rounds < 1:
         p.error(f"--rounds={args.rounds} is invalid: expected an integer >= 1")
     with tempfile.TemporaryDirectory() as tmp:
-        libs = {}
-        for name, rev in (("base", args.base), ("head", args.head)):
-            try:
-                libs[name] = build(rev, Path(tmp), name)
-            except ValueError as e:
-                p.error(f"--{name}={rev!r} is invalid: {e}")
+        libs = kernel_build.build_pair(p, args.base, args.head, Path(tmp), build)
         layers = (attention_cpu.random_layers(args.context) if args.kv == "random"
                   else attention_cpu.text_layers(args.context))
         rows = []
@@ -124,11 +118,7 @@ def main(argv=None) -> dict:
               f"{row['head_over_base']:>9.3f} {row['max_abs_diff']:>9.2e}")
     result = {"command": command, "base": args.base, "head": args.head, "kv": args.kv, "context": args.context,
               "device": attention_cpu.device_name(torch.device("cpu")), "torch": torch.__version__, "rows": rows}
-    if args.out:
-        path = Path(args.out) / f"attention_ab_{args.kv}_{args.context}{'_' + args.tag if args.tag else ''}.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(result, indent=1))
-        print(f"written {path}")
+    kernel_build.write_json(args.out, f"attention_ab_{args.kv}_{args.context}", args.tag, result)
     return result
 
 

@@ -17,7 +17,6 @@ under --out.
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import statistics
 import sys
@@ -125,12 +124,7 @@ def main(argv=None) -> dict:
     if args.flush_mib < 0:
         p.error(f"--flush-mib={args.flush_mib} is invalid: expected a number >= 0")
     with torch.no_grad(), tempfile.TemporaryDirectory() as tmp:
-        libs = {}
-        for name, rev in (("base", args.base), ("head", args.head)):
-            try:
-                libs[name] = build(rev, Path(tmp), name)
-            except ValueError as e:
-                p.error(f"--{name}={rev!r} is invalid: {e}")
+        libs = kernel_build.build_pair(p, args.base, args.head, Path(tmp), build)
         copies = layers(args.layers)
         held = {name: pack(lib, copies) for name, lib in libs.items()}
         flush = [torch.randn(max(1, int(args.flush_mib * 2 ** 20) // 4)) for _ in copies]
@@ -168,11 +162,7 @@ def main(argv=None) -> dict:
     result = {"command": command, "base": args.base, "head": args.head, "layers": args.layers,
               "flush_mib": args.flush_mib, "device": attention_cpu.device_name(torch.device("cpu")),
               "torch": torch.__version__, "rows": rows}
-    if args.out:
-        path = Path(args.out) / f"int4_ab{'_' + args.tag if args.tag else ''}.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(result, indent=1))
-        print(f"written {path}")
+    kernel_build.write_json(args.out, "int4_ab", args.tag, result)
     return result
 
 

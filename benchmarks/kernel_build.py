@@ -3,6 +3,7 @@ benchmarks (attention_ab.py, int4_ab.py): two versions of a kernel, loaded side 
 from __future__ import annotations
 
 import ctypes
+import json
 import subprocess
 from pathlib import Path
 
@@ -42,3 +43,24 @@ def build(rev: str | None, out_dir: Path, name: str, sources: tuple[str, ...], f
         getattr(lib, fn).argtypes = cpu_linear.SIGNATURES[fn]
         getattr(lib, fn).restype = cpu_linear.RESTYPES.get(fn)
     return lib
+
+
+def build_pair(parser, base: str, head: str | None, out_dir: Path, build) -> dict:
+    """{"base": lib, "head": lib}: build(rev, out_dir, name) for both revisions; a revision git cannot
+    show is parser.error naming the option."""
+    libs = {}
+    for name, rev in (("base", base), ("head", head)):
+        try:
+            libs[name] = build(rev, out_dir, name)
+        except ValueError as e:
+            parser.error(f"--{name}={rev!r} is invalid: {e}")
+    return libs
+
+
+def write_json(out: str | None, stem: str, tag: str, result: dict) -> None:
+    """The A/B's result as out/stem[_tag].json (nothing without --out)."""
+    if out:
+        path = Path(out) / f"{stem}{'_' + tag if tag else ''}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=1))
+        print(f"written {path}")

@@ -290,6 +290,43 @@ static inline __attribute__((always_inline)) void int4_rows(const uint16_t *xp, 
     }
 }
 
+/* One row of x for int4_rows: its bf16 bits in slice pair order (pair j of slice s: channels 8s + j and
+8s + 4 + j) and its groups' sums of the bf16 values (8 partial sums, channel k into sum k mod 8, then a
+fixed tree). Vectorised: at K = 1536 the scalar loop was a large part of a 2-thread call, run by one
+thread. Rounding as bf16_round (ties to even, NaN kept). */
+static void int4_prepare_row(const float *x, long K, long g, uint16_t *xp, float *Xg) {
+    static const uint16_t order[32] = {0, 4, 1, 5, 2, 6, 3, 7, 8, 12, 9, 13, 10, 14, 11, 15,
+                                       16, 20, 17, 21, 18, 22, 19, 23, 24, 28, 25, 29, 26, 30, 27, 31};
+    const __m512i idx = _mm512_loadu_si512(order), one = _mm512_set1_epi32(1), bias = _mm512_set1_epi32(0x7fff);
+    const __m512i expo = _mm512_set1_epi32(0x7f800000), mant = _mm512_set1_epi32(0x007fffff);
+    float part[8] = {0};
+    for (long k = 0; k < K; k += 32) {  /* K is a multiple of 8: the last step may hold 8, 16 or 24 */
+        long left = K - k < 32 ? K - k : 32;
+        __mmask16 m0 = left >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << left) - 1);
+        __mmask16 m1 = left >= 32 ? (__mmask16)0xffff : left > 16 ? (__mmask16)((1u << (left - 16)) - 1) : 0;
+        __m512i half[2], u[2] = {_mm512_castps_si512(_mm512_maskz_loadu_ps(m0, x + k)),
+                                 _mm512_castps_si512(_mm512_maskz_loadu_ps(m1, x + k + 16))};
+        float rounded[32];
+        for (int h = 0; h < 2; ++h) {
+            __m512i up = _mm512_add_epi32(u[h], _mm512_add_epi32(bias, _mm512_and_si512(_mm512_srli_epi32(u[h], 16), one)));
+            __mmask16 nan = _mm512_cmpeq_epi32_mask(_mm512_and_si512(u[h], expo), expo) & _mm512_test_epi32_mask(u[h], mant);
+            half[h] = _mm512_srli_epi32(_mm512_mask_mov_epi32(up, nan, u[h]), 16);  /* the bf16 bits */
+            _mm512_storeu_ps(rounded + 16 * h, _mm512_castsi512_ps(_mm512_slli_epi32(half[h], 16)));
+        }
+        __m512i bits = _mm512_inserti64x4(_mm512_castsi256_si512(_mm512_cvtepi32_epi16(half[0])),
+                                          _mm512_cvtepi32_epi16(half[1]), 1);
+        _mm512_mask_storeu_epi16(xp + k, (__mmask32)(left >= 32 ? 0xffffffffu : (1u << left) - 1),
+                                 _mm512_permutexvar_epi16(idx, bits));
+        for (long i = 0; i < left; i += 8) {  /* 8 channels never straddle a group (g: a multiple of 8) */
+            for (int l = 0; l < 8; ++l) part[l] += rounded[i + l];
+            if ((k + i + 8) % g == 0) {
+                Xg[(k + i) / g] = ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
+                for (int l = 0; l < 8; ++l) part[l] = 0;
+            }
+        }
+    }
+}
+
 /* Output rows [n0, n0 + rows) (rows <= 16) of all M batch rows, 4, 2 or 1 at a time. */
 static void int4_block(const uint16_t *xp, long K, const float *Xg, long groups, long spg, const uint8_t *p, int ahead,
                        long N, long n0, long rows, long M, __m512i table, float *y) {
@@ -342,17 +379,7 @@ int solc_int4_linear(const float *x, long ldx, const uint8_t *q, const uint16_t 
         free(scratch);
         return -1;
     }
-    for (long r = 0; r < M; ++r) {
-        for (long k = 0; k < K; ++k) {  /* pair j of slice s: channels 8s + j and 8s + 4 + j */
-            long s = k / 8, t = k % 8;
-            xp[r * K + 8 * s + 2 * (t % 4) + t / 4] = bf16_bits(bf16_round(x[r * ldx + k]));
-        }
-        for (long grp = 0; grp < groups; ++grp) {
-            float sum = 0;  /* the group's sum of x, in channel order */
-            for (long k = grp * g; k < (grp + 1) * g; ++k) sum += bf16_round(x[r * ldx + k]);
-            Xg[r * groups + grp] = sum;
-        }
-    }
+    for (long r = 0; r < M; ++r) int4_prepare_row(x + r * ldx, K, g, xp + r * K, Xg + r * groups);
     uint16_t t[32];
     for (int j = 0; j < 32; ++j) t[j] = bf16_bits((float)(j % 16 - 8));  /* permutexvar_epi16 reads 5 index bits */
     const __m512i table = _mm512_loadu_si512(t);
