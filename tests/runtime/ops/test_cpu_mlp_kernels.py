@@ -198,6 +198,22 @@ def test_int4_linear_over_a_slice_copy_gives_the_in_place_bits(monkeypatch, K, N
     assert torch.equal(cpu_mlp._int4_linear(x, c, "in4", group), 2 * in_place)
 
 
+@pytest.mark.skipif(not cpu_mlp.int4_kernel(), reason="cpu_mlp.c's int4 linear needs AVX-512 BF16")
+def test_int4_linear_rounds_x_to_bf16_ties_to_even():
+    """x is rounded to bf16 as torch rounds it (ties to even, NaN kept) before the sums: with every weight
+    at zero point 1 (q = 8) an output is the plain sum of the rounded x, which tells the roundings apart."""
+    K, N, group = 128, 32, 64
+    packed = torch.full((N, K // 2), 0x88, dtype=torch.uint8)
+    sz = torch.ones(K // group, N, 2, dtype=torch.bfloat16)  # scale 1, zero 1: w = (8 - 8) * 1 + 1
+    c = {"in4": packed, "in4_sz": sz, "in4_cpu": None}
+    tie_down, tie_up = 1 + 2 ** -8, 1 + 3 * 2 ** -8  # halfway: to 1.0 and to 1 + 2^-6 (the even neighbours)
+    x = torch.tensor([[tie_down] * K, [tie_up] * K, [-tie_up] * K, [1.0] * (K - 1) + [float("nan")]])
+    got = cpu_mlp._int4_linear(x, c, "in4", group)
+    want = qp.to_bf16_grid(x, torch.float32).sum(1, keepdim=True).expand(4, N)
+    assert torch.equal(got[:3], want[:3]) and got[0, 0] == K and got[1, 0] == K * (1 + 2 ** -6)
+    assert got[3].isnan().all()
+
+
 def test_int4_kernel_runs_where_the_cpu_has_avx512_bf16():
     """The C int4 kernel is what runs on a CPU with AVX-512 BF16 (not silently torch's), and nowhere else."""
     flags = set(cpu_linear._cpu_features().split())
