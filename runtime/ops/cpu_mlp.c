@@ -189,17 +189,18 @@ A block (16 rows) is read as one stream: for each group its slices, then its 16 
 copies under q's address) or, without one, is built per block in a per-thread scratch from q and the
 scales (16 x 16 words transposed at a time in registers; rows past N are zero). Batch rows share each
 slice's look-ups, up to 4 rows at a time.
-SmolLM2's 60 int4 linears of a step, each layer's after 7 MB of other reads (the step's fp32 weights),
-AMD EPYC Zen 4, 2026-12-07 (ad-hoc A/B of two builds by turns in one process, medians of 21): 1 thread
-2.99 -> 1.58 ms, 2 threads 1.90 -> 1.25 ms, 4 rows at 1 thread 7.16 -> 2.42 ms, against the previous
-kernel (a row's 128 channels per load in its 16 lanes, then a lane tree per row: ~20 vector ops per 128
-weights and row against ~12 here). Of that, reading the scales in the block's stream instead of from
-their 9-24 per-group rows gave 16%, and prefetching them before that 15%. The scratch path (no packed
-copy) costs ~1.6x the packed one. VDPBF16PS treats denormal inputs as zero and flushes denormal results.
-Requires g a multiple of 8 dividing K. */
+SmolLM2's 60 int4 linears of a step, each layer's after 7 MiB of other reads (the step's fp32 weights),
+AMD EPYC Zen 4, 2026-12-07 (benchmarks/int4_ab.py, results int4_ab_stream_1207 and int4_ab_prep_1207):
+1 thread 2.79 -> 1.62 ms, 2 threads 1.90 -> 1.35 ms, 4 rows at 1 thread 7.12 -> 2.53 ms against the
+previous kernel (a row's 128 channels per load in its 16 lanes, then a lane tree per row: ~20 vector ops
+per 128 weights and row against ~12 here); the vectorised row preparation then took another 7% (14% at 4
+rows). Of the first step, reading the scales in the block's stream instead of from their 9-24 per-group
+rows gave 16%, and prefetching them before that 15% (ad-hoc A/Bs). The scratch path (no packed copy)
+took ~2.5x the packed one (ad-hoc, through cpu_mlp.py). VDPBF16PS treats denormal inputs as zero and
+flushes denormal results. Requires g a multiple of 8 dividing K. */
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512BF16__)
 #define SOLC_INT4 1
-#define INT4_AHEAD 8192  /* bytes of the packed copy prefetched ahead (into L2): 4096 read 10% slower */
+#define INT4_AHEAD 8192  /* bytes of the packed copy prefetched ahead (into L2): 4096 read 10% slower, 16384 the same */
 
 /* The block of rows [n0, n0 + rows) in the packed copy's order (rows past `rows` zero), from q [N, KB] and
 the scales sz: word s of row l at (s + s / spg) * 16 + l, group grp's pairs at ((grp + 1) * spg + grp) * 16. */
