@@ -74,6 +74,18 @@ def test_int4_ab_builds_both_revisions_and_compares_their_outputs(load_benchmark
     assert torch.is_grad_enabled()  # the process's grad mode is left as it was (later tests train)
 
 
+def test_linear_ab_builds_both_revisions_and_compares_their_outputs(load_benchmark, tmp_path):
+    """benchmarks/linear_ab.py compiles cpu_linear.c of each revision on its own: one revision against
+    itself gives the same bits at every row count (full and partial 4-row tiles) and thread count."""
+    ab = load_benchmark("linear_ab")
+    result = ab.main(["--base", "HEAD", "--head", "HEAD", "--rows", "2,3,5", "--threads", "1,2", "--copies", "1",
+                      "--rounds", "1", "--out", str(tmp_path), "--tag", "t"])
+    assert [(r["threads"], r["rows"]) for r in result["rows"]] == [(t, r) for t in (1, 2) for r in (2, 3, 5)]
+    assert all(r["same_bits"] and r["base_ms"] > 0 and r["head_ms"] > 0 for r in result["rows"])
+    assert all(r["head_err_vs_torch"] < 1e-4 for r in result["rows"])  # the harness passes the right inputs
+    assert '"command": "python benchmarks/linear_ab.py --base HEAD --head HEAD' in (tmp_path / "linear_ab_t.json").read_text()
+
+
 @pytest.mark.parametrize("script,args,message", [
     ("attention_cpu", ["--keeps", "1,x"], "--keeps='1,x' is invalid: expected numbers in (0, 1]"),
     ("attention_cpu", ["--threads", "0"], "--threads='0' is invalid: expected integers >= 1"),
@@ -82,6 +94,7 @@ def test_int4_ab_builds_both_revisions_and_compares_their_outputs(load_benchmark
     ("attention_ab", ["--base", "no-such-revision"], "--base='no-such-revision' is invalid: git show no-such-revision:"),
     ("int4_ab", ["--base", "HEAD", "--rows", "17"], "--rows='17' is invalid: expected integers in 1..16"),
     ("int4_ab", ["--base", "HEAD", "--layers", "31"], "--layers=31 is invalid: expected an integer in 1..30"),
+    ("linear_ab", ["--base", "HEAD", "--rows", "1"], "--rows='1' is invalid: expected integers in 2..64"),
 ])
 def test_bad_arguments_are_named_with_what_is_valid(load_benchmark, capsys, script, args, message):
     with pytest.raises(SystemExit):

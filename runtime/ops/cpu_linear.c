@@ -76,6 +76,16 @@ static void quarter_avx2(const float *x, long ldx, const float *w, long K, long 
 }
 #endif
 
+/* A full-width tile's loop for R rows (a compile-time constant): k outermost, so each weight line is read
+once for the R rows (the generic loop below reads a weight row once per x row). */
+static inline __attribute__((always_inline)) void tile_rows(const float *x, long ldx, const int R, const float *w, long K,
+                                                            long K16, float acc[ROW_TILE][COL_TILE][LANES]) {
+    for (long k = 0; k < K16; k += LANES)
+        for (int r = 0; r < R; ++r)
+            for (int c = 0; c < COL_TILE; ++c)
+                for (int l = 0; l < LANES; ++l) acc[r][c][l] = __builtin_fmaf(x[r * ldx + k + l], w[c * K + k + l], acc[r][c][l]);
+}
+
 /* out[r * ldo + c] for rows r < rows of x and weight rows c < cols of w. The full 4 x 4 tile and the
 edge tiles run the same per-element sequence (acc[l] = fmaf(x, w, acc[l]) over k, then finish), so where an
 element lands does not change its value. */
@@ -94,10 +104,14 @@ static inline void tile(const float *x, long ldx, int rows, const float *w, long
             for (int c = 0; c < COL_TILE; ++c)
                 for (int l = 0; l < LANES; ++l) acc[0][c][l] = __builtin_fmaf(x[k + l], w[c * K + k + l], acc[0][c][l]);
     } else if (rows == ROW_TILE && cols == COL_TILE) {
-        for (long k = 0; k < K16; k += LANES)
-            for (int r = 0; r < ROW_TILE; ++r)
-                for (int c = 0; c < COL_TILE; ++c)
-                    for (int l = 0; l < LANES; ++l) acc[r][c][l] = __builtin_fmaf(x[r * ldx + k + l], w[c * K + k + l], acc[r][c][l]);
+        tile_rows(x, ldx, ROW_TILE, w, K, K16, acc);
+#ifdef __AVX512F__
+    /* a batch's last 2 or 3 rows (M mod 4): with AVX2's 16 registers these sums would spill */
+    } else if (rows == 2 && cols == COL_TILE) {
+        tile_rows(x, ldx, 2, w, K, K16, acc);
+    } else if (rows == 3 && cols == COL_TILE) {
+        tile_rows(x, ldx, 3, w, K, K16, acc);
+#endif
     } else {
         for (int r = 0; r < rows; ++r)
             for (int c = 0; c < cols; ++c)

@@ -1,0 +1,106 @@
+"""A/B of two versions of the batch-invariant fp32 linear (runtime/ops/cpu_linear.c, `solc_linear_f32`) in
+one process, at decode batch sizes above 1 (the 4 x 4 register tiles and their edge rows).
+
+    python benchmarks/linear_ab.py --base HEAD~1                      # the working tree against HEAD~1
+    python benchmarks/linear_ab.py --base 42b51c4 --rows 2,3,4,7,16 --threads 1,2 --out benchmarks/results
+
+Each version's cpu_linear.c is compiled on its own with the project's flags and loaded with ctypes. Both
+run one layer's linears of SmolLM2-135M's shapes (q, k, v, o, gate + up, down), --copies random copies of
+each, so the weights stream from memory as in a decode step, on the same x; versions, thread counts
+and row counts by turns, round after round (separate processes move by ~10% on this machine). The table
+shows medians and head / base; outputs must be bit-equal (every version sums each output in the same
+fixed order), and the head's last copy is compared with torch's matmul. Writes JSON (with the command)
+under --out.
+"""
+from __future__ import annotations
+
+import argparse
+import shlex
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.append(str(ROOT / "benchmarks"))  # after the repo: benchmarks/training.py must not shadow the training package
+
+import attention_cpu  # noqa: E402
+import kernel_build  # noqa: E402
+
+SHAPES = ((576, 576), (192, 576), (192, 576), (576, 576), (3072, 576), (576, 1536))  # (N, K) of one layer
+
+
+def build(rev: str | None, out_dir: Path, name: str):
+    return kernel_build.build(rev, out_dir, name, ("cpu_linear.c",), ("solc_linear_f32",))
+
+
+def run(lib, weights, x, outs, rows: int, threads: int) -> float:
+    """Every copy's linears at `rows` rows; returns ms."""
+    start = time.perf_counter()
+    for copy, ys in zip(weights, outs):
+        for w, y in zip(copy, ys):
+            N, K = w.shape
+            lib.solc_linear_f32(x.data_ptr(), x.shape[1], w.data_ptr(), None, y.data_ptr(), rows, N, K, threads)
+    return (time.perf_counter() - start) * 1e3
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--base", required=True, help="git revision of the base version")
+    p.add_argument("--head", default=None, help="git revision of the head version (default: the working tree)")
+    p.add_argument("--rows", default="2,3,4,7,16", help="batch rows per call (2..64)")
+    p.add_argument("--threads", default="1,2")
+    p.add_argument("--copies", type=int, default=12, help="copies of each weight (1..64)")
+    p.add_argument("--rounds", type=int, default=9)
+    p.add_argument("--out", default=None, help="folder for the JSON (default: print only)")
+    p.add_argument("--tag", default="", help="suffix of the JSON's name")
+    args = p.parse_args(argv)
+    command = "python benchmarks/linear_ab.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    row_counts = attention_cpu.list_arg(p, "--rows", args.rows, int, lambda r: 2 <= r <= 64, "integers in 2..64")
+    threads = attention_cpu.list_arg(p, "--threads", args.threads, int, lambda t: t >= 1, "integers >= 1")
+    if not 1 <= args.copies <= 64:
+        p.error(f"--copies={args.copies} is invalid: expected an integer in 1..64")
+    if args.rounds < 1:
+        p.error(f"--rounds={args.rounds} is invalid: expected an integer >= 1")
+    gen = torch.Generator().manual_seed(0)
+    weights = [[torch.randn(n, k, generator=gen) * 0.05 for n, k in SHAPES] for _ in range(args.copies)]
+    x = torch.randn(max(row_counts), max(k for _, k in SHAPES), generator=gen)
+    with tempfile.TemporaryDirectory() as tmp:
+        libs = kernel_build.build_pair(p, args.base, args.head, Path(tmp), build)
+        outs = {(name, r): [[torch.zeros(r, n) for n, _ in SHAPES] for _ in weights] for name in libs for r in row_counts}
+        samples = {(name, t, r): [] for name in libs for t in threads for r in row_counts}
+        for rnd in range(args.rounds + 1):  # round 0 warms up
+            for t in threads:
+                for r in row_counts:
+                    for name, lib in libs.items():
+                        ms = run(lib, weights, x, outs[(name, r)], r, t)
+                        if rnd:
+                            samples[(name, t, r)].append(ms)
+    rows = []
+    for t in threads:
+        for r in row_counts:
+            base, head = (statistics.median(samples[(n, t, r)]) for n in ("base", "head"))
+            same = all(torch.equal(a, b) for ca, cb in zip(outs[("base", r)], outs[("head", r)]) for a, b in zip(ca, cb))
+            err = max(float((y - x[:r, :w.shape[1]] @ w.t()).abs().max()) for w, y in zip(weights[-1], outs[("head", r)][-1]))
+            rows.append({"threads": t, "rows": r, "base_ms": round(base, 3), "head_ms": round(head, 3),
+                         "head_over_base": round(head / base, 3), "same_bits": same, "head_err_vs_torch": err,
+                         "base_rounds": [round(v, 3) for v in samples[("base", t, r)]],
+                         "head_rounds": [round(v, 3) for v in samples[("head", t, r)]]})
+    print(f"solc_linear_f32, one SmolLM2 layer's linears x {args.copies} copies; base {args.base}, "
+          f"head {args.head or 'working tree'}; median of {args.rounds} rounds by turns")
+    print(f"{'threads':>7} {'rows':>4} {'base ms':>8} {'head ms':>8} {'head/base':>9} {'same bits':>9}")
+    for row in rows:
+        print(f"{row['threads']:>7} {row['rows']:>4} {row['base_ms']:>8.3f} {row['head_ms']:>8.3f} "
+              f"{row['head_over_base']:>9.3f} {str(row['same_bits']):>9}")
+    result = {"command": command, "base": args.base, "head": args.head, "copies": args.copies,
+              "device": attention_cpu.device_name(torch.device("cpu")), "torch": torch.__version__, "rows": rows}
+    kernel_build.write_json(args.out, "linear_ab", args.tag, result)
+    return result
+
+
+if __name__ == "__main__":
+    main()
