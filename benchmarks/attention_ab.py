@@ -15,9 +15,7 @@ JSON (with the command) under --out.
 """
 from __future__ import annotations
 
-import argparse
 import ctypes
-import shlex
 import statistics
 import sys
 import tempfile
@@ -65,24 +63,14 @@ def run(lib, steps: list[tuple], threads: int, out: torch.Tensor) -> float:
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--base", required=True, help="git revision of the base version")
-    p.add_argument("--head", default=None, help="git revision of the head version (default: the working tree)")
+    p = kernel_build.ab_parser(__doc__, rounds=7)
     p.add_argument("--kv", choices=("random", "text"), default="random")
     p.add_argument("--context", type=int, default=16384)
     p.add_argument("--keeps", default="1,0.6,0.1")
-    p.add_argument("--threads", default="1,2")
-    p.add_argument("--rounds", type=int, default=7)
-    p.add_argument("--out", default=None, help="folder for the JSON (default: print only)")
-    p.add_argument("--tag", default="", help="suffix of the JSON's name")
-    args = p.parse_args(argv)
-    command = "python benchmarks/attention_ab.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    args, command, threads = kernel_build.ab_args(p, "attention_ab.py", argv)
     if not attention_cpu.context_ok(args.kv)(args.context):
         p.error(f"--context={args.context} is invalid: expected {attention_cpu.context_valid(args.kv)}")
-    keeps = attention_cpu.list_arg(p, "--keeps", args.keeps, float, lambda k: 0 < k <= 1, "numbers in (0, 1]")
-    threads = attention_cpu.list_arg(p, "--threads", args.threads, int, lambda t: t >= 1, "integers >= 1")
-    if args.rounds < 1:
-        p.error(f"--rounds={args.rounds} is invalid: expected an integer >= 1")
+    keeps = kernel_build.list_arg(p, "--keeps", args.keeps, float, lambda k: 0 < k <= 1, "numbers in (0, 1]")
     with tempfile.TemporaryDirectory() as tmp:
         libs = kernel_build.build_pair(p, args.base, args.head, Path(tmp), build)
         layers = (attention_cpu.random_layers(args.context) if args.kv == "random"

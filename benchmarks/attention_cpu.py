@@ -39,6 +39,7 @@ sys.path.insert(0, str(ROOT))  # run as a script from a checkout
 
 sys.path.append(str(ROOT / "benchmarks"))  # after the repo: benchmarks/training.py must not shadow the training package
 from decode import device_name  # noqa: E402
+from kernel_build import list_arg  # noqa: E402
 from runtime.ops import cpu_attention, library, reference  # noqa: E402
 
 LAYERS, HQ, HKV, D = 30, 9, 3, 64  # SmolLM2-135M
@@ -128,17 +129,6 @@ def union_share(layers: list[tuple], keep: float) -> float:
 
 
 TEXT_MAX_CONTEXT = 8184  # SmolLM2's 8192 positions, less the compile's margin
-
-
-def list_arg(parser: argparse.ArgumentParser, flag: str, text: str, convert, ok, valid: str) -> list:
-    """A comma-separated option's values, or parser.error naming the option and what is valid."""
-    try:
-        values = [convert(x) for x in text.split(",")]
-    except ValueError:
-        values = []
-    if not values or not all(ok(v) for v in values):
-        parser.error(f"{flag}={text!r} is invalid: expected {valid}")
-    return values
 
 
 def context_ok(kv: str):

@@ -16,9 +16,6 @@ under --out.
 """
 from __future__ import annotations
 
-import argparse
-import shlex
-import statistics
 import sys
 import tempfile
 import time
@@ -103,24 +100,14 @@ def ulps_vs_reference(y: torch.Tensor, x: torch.Tensor, c: dict, which: str) -> 
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--base", required=True, help="git revision of the base version")
-    p.add_argument("--head", default=None, help="git revision of the head version (default: the working tree)")
-    p.add_argument("--threads", default="1,2")
+    p = kernel_build.ab_parser(__doc__, rounds=15)
     p.add_argument("--rows", default="1,4", help="batch rows per call (1..16)")
     p.add_argument("--layers", type=int, default=30, help="SmolLM2 layers (1..30)")
     p.add_argument("--flush-mib", type=float, default=7.0, help="MiB read before each layer's pair (0: none)")
-    p.add_argument("--rounds", type=int, default=15)
-    p.add_argument("--out", default=None, help="folder for the JSON (default: print only)")
-    p.add_argument("--tag", default="", help="suffix of the JSON's name")
-    args = p.parse_args(argv)
-    command = "python benchmarks/int4_ab.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
-    threads = attention_cpu.list_arg(p, "--threads", args.threads, int, lambda t: t >= 1, "integers >= 1")
-    row_counts = attention_cpu.list_arg(p, "--rows", args.rows, int, lambda r: 1 <= r <= 16, "integers in 1..16")
+    args, command, threads = kernel_build.ab_args(p, "int4_ab.py", argv)
+    row_counts = kernel_build.list_arg(p, "--rows", args.rows, int, lambda r: 1 <= r <= 16, "integers in 1..16")
     if not 1 <= args.layers <= 30:
         p.error(f"--layers={args.layers} is invalid: expected an integer in 1..30")
-    if args.rounds < 1:
-        p.error(f"--rounds={args.rounds} is invalid: expected an integer >= 1")
     if args.flush_mib < 0:
         p.error(f"--flush-mib={args.flush_mib} is invalid: expected a number >= 0")
     with torch.no_grad(), tempfile.TemporaryDirectory() as tmp:
@@ -132,33 +119,20 @@ def main(argv=None) -> dict:
         x, h = torch.randn(16, 576, generator=gen), torch.randn(16, 1536, generator=gen)
         outs = {(name, r): [(torch.zeros(r, 3072), torch.zeros(r, 576)) for _ in copies]
                 for name in libs for r in row_counts}
-        samples = {(name, t, r): [] for name in libs for t in threads for r in row_counts}
-        for rnd in range(args.rounds + 1):  # round 0 warms up
-            for t in threads:
-                for r in row_counts:
-                    for name, lib in libs.items():
-                        ms = run(lib, copies, flush, x, h, outs[(name, r)], r, t)
-                        if rnd:
-                            samples[(name, t, r)].append(ms)
+        samples = kernel_build.by_turns(libs, threads, row_counts, args.rounds,
+                                        lambda name, lib, t, r: run(lib, copies, flush, x, h, outs[(name, r)], r, t))
         rows = []
         for t in threads:
             for r in row_counts:
-                base, head = (statistics.median(samples[(n, t, r)]) for n in ("base", "head"))
                 same = all(torch.equal(a, b) for pa, pb in zip(outs[("base", r)], outs[("head", r)])
                            for a, b in zip(pa, pb))
                 yg, yd = outs[("head", r)][-1]
                 ulps = max(ulps_vs_reference(yg, x[:r], copies[-1], "in4"), ulps_vs_reference(yd, h[:r], copies[-1], "out4"))
-                rows.append({"threads": t, "rows": r, "base_ms": round(base, 3), "head_ms": round(head, 3),
-                             "head_over_base": round(head / base, 3), "same_bits": same, "head_ulps_vs_reference": ulps,
-                             "packed": {n: bool(held[n]) for n in libs},
-                             "base_rounds": [round(v, 3) for v in samples[("base", t, r)]],
-                             "head_rounds": [round(v, 3) for v in samples[("head", t, r)]]})
-    print(f"solc_int4_linear, SmolLM2-135M's {args.layers} layers (gate/up + down), {args.flush_mib:g} MiB read "
-          f"before each layer; base {args.base}, head {args.head or 'working tree'}; median of {args.rounds} rounds")
-    print(f"{'threads':>7} {'rows':>4} {'base ms':>8} {'head ms':>8} {'head/base':>9} {'same bits':>9} {'ulps':>5}")
-    for row in rows:
-        print(f"{row['threads']:>7} {row['rows']:>4} {row['base_ms']:>8.3f} {row['head_ms']:>8.3f} "
-              f"{row['head_over_base']:>9.3f} {str(row['same_bits']):>9} {row['head_ulps_vs_reference']:>5.2f}")
+                rows.append({**kernel_build.timing_row(samples, t, r), "same_bits": same, "head_ulps_vs_reference": ulps,
+                             "packed": {n: bool(held[n]) for n in libs}})
+    kernel_build.print_table(f"solc_int4_linear, SmolLM2-135M's {args.layers} layers (gate/up + down), {args.flush_mib:g} MiB "
+                             f"read before each layer; base {args.base}, head {args.head or 'working tree'}; median of "
+                             f"{args.rounds} rounds", rows, (("same bits", "same_bits", ""), ("ulps", "head_ulps_vs_reference", ".2f")))
     result = {"command": command, "base": args.base, "head": args.head, "layers": args.layers,
               "flush_mib": args.flush_mib, "device": attention_cpu.device_name(torch.device("cpu")),
               "torch": torch.__version__, "rows": rows}

@@ -14,9 +14,6 @@ under --out.
 """
 from __future__ import annotations
 
-import argparse
-import shlex
-import statistics
 import sys
 import tempfile
 import time
@@ -49,53 +46,30 @@ def run(lib, weights, x, outs, rows: int, threads: int) -> float:
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--base", required=True, help="git revision of the base version")
-    p.add_argument("--head", default=None, help="git revision of the head version (default: the working tree)")
+    p = kernel_build.ab_parser(__doc__, rounds=9)
     p.add_argument("--rows", default="2,3,4,7,16", help="batch rows per call (2..64)")
-    p.add_argument("--threads", default="1,2")
     p.add_argument("--copies", type=int, default=12, help="copies of each weight (1..64)")
-    p.add_argument("--rounds", type=int, default=9)
-    p.add_argument("--out", default=None, help="folder for the JSON (default: print only)")
-    p.add_argument("--tag", default="", help="suffix of the JSON's name")
-    args = p.parse_args(argv)
-    command = "python benchmarks/linear_ab.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
-    row_counts = attention_cpu.list_arg(p, "--rows", args.rows, int, lambda r: 2 <= r <= 64, "integers in 2..64")
-    threads = attention_cpu.list_arg(p, "--threads", args.threads, int, lambda t: t >= 1, "integers >= 1")
+    args, command, threads = kernel_build.ab_args(p, "linear_ab.py", argv)
+    row_counts = kernel_build.list_arg(p, "--rows", args.rows, int, lambda r: 2 <= r <= 64, "integers in 2..64")
     if not 1 <= args.copies <= 64:
         p.error(f"--copies={args.copies} is invalid: expected an integer in 1..64")
-    if args.rounds < 1:
-        p.error(f"--rounds={args.rounds} is invalid: expected an integer >= 1")
     gen = torch.Generator().manual_seed(0)
     weights = [[torch.randn(n, k, generator=gen) * 0.05 for n, k in SHAPES] for _ in range(args.copies)]
     x = torch.randn(max(row_counts), max(k for _, k in SHAPES), generator=gen)
     with tempfile.TemporaryDirectory() as tmp:
         libs = kernel_build.build_pair(p, args.base, args.head, Path(tmp), build)
         outs = {(name, r): [[torch.zeros(r, n) for n, _ in SHAPES] for _ in weights] for name in libs for r in row_counts}
-        samples = {(name, t, r): [] for name in libs for t in threads for r in row_counts}
-        for rnd in range(args.rounds + 1):  # round 0 warms up
-            for t in threads:
-                for r in row_counts:
-                    for name, lib in libs.items():
-                        ms = run(lib, weights, x, outs[(name, r)], r, t)
-                        if rnd:
-                            samples[(name, t, r)].append(ms)
+        samples = kernel_build.by_turns(libs, threads, row_counts, args.rounds,
+                                        lambda name, lib, t, r: run(lib, weights, x, outs[(name, r)], r, t))
     rows = []
     for t in threads:
         for r in row_counts:
-            base, head = (statistics.median(samples[(n, t, r)]) for n in ("base", "head"))
             same = all(torch.equal(a, b) for ca, cb in zip(outs[("base", r)], outs[("head", r)]) for a, b in zip(ca, cb))
             err = max(float((y - x[:r, :w.shape[1]] @ w.t()).abs().max()) for w, y in zip(weights[-1], outs[("head", r)][-1]))
-            rows.append({"threads": t, "rows": r, "base_ms": round(base, 3), "head_ms": round(head, 3),
-                         "head_over_base": round(head / base, 3), "same_bits": same, "head_err_vs_torch": err,
-                         "base_rounds": [round(v, 3) for v in samples[("base", t, r)]],
-                         "head_rounds": [round(v, 3) for v in samples[("head", t, r)]]})
-    print(f"solc_linear_f32, one SmolLM2 layer's linears x {args.copies} copies; base {args.base}, "
-          f"head {args.head or 'working tree'}; median of {args.rounds} rounds by turns")
-    print(f"{'threads':>7} {'rows':>4} {'base ms':>8} {'head ms':>8} {'head/base':>9} {'same bits':>9}")
-    for row in rows:
-        print(f"{row['threads']:>7} {row['rows']:>4} {row['base_ms']:>8.3f} {row['head_ms']:>8.3f} "
-              f"{row['head_over_base']:>9.3f} {str(row['same_bits']):>9}")
+            rows.append({**kernel_build.timing_row(samples, t, r), "same_bits": same, "head_err_vs_torch": err})
+    kernel_build.print_table(f"solc_linear_f32, one SmolLM2 layer's linears x {args.copies} copies; base {args.base}, "
+                             f"head {args.head or 'working tree'}; median of {args.rounds} rounds by turns", rows,
+                             (("same bits", "same_bits", ""), ("vs torch", "head_err_vs_torch", ".1e")))
     result = {"command": command, "base": args.base, "head": args.head, "copies": args.copies,
               "device": attention_cpu.device_name(torch.device("cpu")), "torch": torch.__version__, "rows": rows}
     kernel_build.write_json(args.out, "linear_ab", args.tag, result)
