@@ -15,7 +15,6 @@ Built with -ffp-contract=off (cpu_linear.py builds both sources into one library
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#include <omp.h>
 #ifdef __AVX512F__
 #include <immintrin.h>
 #endif
@@ -162,6 +161,23 @@ void solc_int8_linear(const float *x, long ldx, const int8_t *q, const float *sc
             int8_block(x + r * ldx, q, scale, K, K16, n, n1, y + r * N);
         }
     }
+}
+
+/* A thread's scratch (the row kernels' running sums, the fp32 one's channels by lane, a block of the int4
+linear's stream built from q), kept between
+calls (a fresh allocation is mapped anew by the C library and its first touches cost more than the sums);
+NULL if it cannot grow. */
+static float *sums_scratch(size_t floats) {
+    static __thread float *buf = NULL;
+    static __thread size_t cap = 0;
+    if (floats > cap) {  /* cache-line aligned: the sums are read and written 64 bytes at a time */
+        void *grown = NULL;
+        if (posix_memalign(&grown, 64, floats * sizeof(float))) return NULL;
+        free(buf);
+        buf = grown;
+        cap = floats;
+    }
+    return buf;
 }
 
 /* The int4 weight-only linear (AVX-512 with BF16 only; elsewhere torch's _weight_int4pack_mm_for_cpu):
@@ -370,43 +386,43 @@ int solc_int4_linear(const float *x, long ldx, const uint8_t *q, const uint16_t 
     if (g % 8 || K % g) return -1;
     long groups = K / g, KB = K / 2, S = K / 8, spg = g / 8, blocks = (N + 15) / 16, per = (S + groups) * 64;
     const uint8_t *packed = solc_packed_of(q, N, KB);  /* solc_pack_i4's copy of q with these scales */
-    int parts = threads > 1 ? threads : 1;
     uint16_t *xp = malloc((size_t)(M * K) * sizeof(uint16_t));
     float *Xg = malloc((size_t)(M * groups) * sizeof(float));
-    uint8_t *scratch = malloc((size_t)(parts * per));  /* a block's stream built from q, per thread */
-    if (!xp || !Xg || !scratch) {
+    if (!xp || !Xg) {
         free(xp);
         free(Xg);
-        free(scratch);
         return -1;
     }
     for (long r = 0; r < M; ++r) int4_prepare_row(x + r * ldx, K, g, xp + r * K, Xg + r * groups);
     uint16_t t[32];
     for (int j = 0; j < 32; ++j) t[j] = bf16_bits((float)(j % 16 - 8));  /* permutexvar_epi16 reads 5 index bits */
     const __m512i table = _mm512_loadu_si512(t);
-#pragma omp parallel num_threads(parts) if (parts > 1)
-    {
-        uint8_t *mine = scratch + (long)omp_get_thread_num() * per;
-#pragma omp for schedule(static)
-        for (long b = 0; b < blocks; ++b) {
-            long rows = N - 16 * b < 16 ? N - 16 * b : 16;
-            const uint8_t *p = packed && rows == 16 ? packed + b * per : 0;
-            if (!p) {
-                if (b + 1 < blocks) {  /* the next block's rows and scale lines: streams the hardware prefetcher misses */
-                    for (long l = 16 * (b + 1); l < N && l < 16 * (b + 2); ++l)
-                        for (long c = 0; c < KB; c += 64) _mm_prefetch((const char *)(q + l * KB + c), _MM_HINT_T1);
-                    for (long grp = 0; grp < groups; ++grp)
-                        _mm_prefetch((const char *)(sz + (grp * N + 16 * (b + 1)) * 2), _MM_HINT_T1);
-                }
-                int4_transpose_block(q, sz, spg, N, KB, 16 * b, rows, (uint32_t *)mine);
+    int failed = 0;
+#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1) reduction(| : failed)
+    for (long b = 0; b < blocks; ++b) {
+        long rows = N - 16 * b < 16 ? N - 16 * b : 16;
+        const uint8_t *p = packed && rows == 16 ? packed + b * per : 0;
+        int from_copy = p != 0;  /* the copy streams from memory: prefetch it */
+        if (!p) {  /* the block's stream, built from q in this thread's scratch (per: a multiple of 64 bytes) */
+            uint32_t *mine = (uint32_t *)sums_scratch((size_t)per / sizeof(float));
+            if (!mine) {
+                failed = 1;
+                continue;
             }
-            int4_block(xp, K, Xg, groups, spg, p ? p : mine, p != 0, N, 16 * b, rows, M, table, y);
+            if (b + 1 < blocks) {  /* the next block's rows and scale lines: streams the hardware prefetcher misses */
+                for (long l = 16 * (b + 1); l < N && l < 16 * (b + 2); ++l)
+                    for (long c = 0; c < KB; c += 64) _mm_prefetch((const char *)(q + l * KB + c), _MM_HINT_T1);
+                for (long grp = 0; grp < groups; ++grp)
+                    _mm_prefetch((const char *)(sz + (grp * N + 16 * (b + 1)) * 2), _MM_HINT_T1);
+            }
+            int4_transpose_block(q, sz, spg, N, KB, 16 * b, rows, mine);
+            p = (const uint8_t *)mine;
         }
+        int4_block(xp, K, Xg, groups, spg, p, from_copy, N, 16 * b, rows, M, table, y);
     }
     free(xp);
     free(Xg);
-    free(scratch);
-    return 0;
+    return failed ? -1 : 0;
 #else
     (void)x; (void)ldx; (void)q; (void)sz; (void)g; (void)y; (void)M; (void)N; (void)K; (void)threads;
     return -1;
@@ -444,22 +460,6 @@ static inline float lanes_total(const float *acc, long ld, const float *tail, lo
             + (((A(1) + A(9)) + (A(5) + A(13))) + ((A(3) + A(11)) + (A(7) + A(15)))))
            + tail[n];
 #undef A
-}
-
-/* A thread's scratch (the row kernels' running sums, the fp32 one's channels by lane), kept between
-calls (a fresh allocation is mapped anew by the C library and its first touches cost more than the sums);
-NULL if it cannot grow. */
-static float *sums_scratch(size_t floats) {
-    static __thread float *buf = NULL;
-    static __thread size_t cap = 0;
-    if (floats > cap) {  /* cache-line aligned: the sums are read and written 64 bytes at a time */
-        void *grown = NULL;
-        if (posix_memalign(&grown, 64, floats * sizeof(float))) return NULL;
-        free(buf);
-        buf = grown;
-        cap = floats;
-    }
-    return buf;
 }
 
 /* The fp32 row skip in the lane order above, lane by lane: a lane's running sums (cn floats) stay in L1
