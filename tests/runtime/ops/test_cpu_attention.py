@@ -212,8 +212,6 @@ def test_long_gathering_rows_equal_the_reference(hq, hkv, c_kernel):
     _assert_same_bits_at_any_thread_count_and_alone((q, k, v, k_cache, v_cache, low, high, pos, keep), rows=[3])
 
 
-
-
 @pytest.mark.parametrize("form,p,chunk,keep,seed", [("dense-masked", 4500, KEY_CHUNK, 0.34, 5),
                                                       ("gathering", 12001, LONG_ROW, 0.1, 55)])
 def test_a_chunk_whose_pages_are_all_dropped_adds_nothing(form, p, chunk, keep, seed, c_kernel):

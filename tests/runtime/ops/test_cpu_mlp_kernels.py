@@ -167,7 +167,7 @@ def test_int4_linear_is_the_reference_and_row_independent(K, N, group):
 
 @pytest.mark.skipif(not cpu_mlp.int4_kernel(), reason="cpu_mlp.c's int4 linear needs AVX-512 BF16")
 @pytest.mark.parametrize("K,N,group", [(576, 3072, 64), (1536, 576, 64), (256, 53, 128), (64, 45, 32), (40, 21, 8)])
-def test_int4_linear_over_a_slice_copy_gives_the_in_place_bits(monkeypatch, K, N, group):
+def test_int4_linear_over_a_packed_copy_gives_the_per_call_bits(monkeypatch, K, N, group):
     """The int4 copy packed in stream order (cpu_mlp.c's solc_pack_i4: per 16 rows, each group's 64-byte
     slices of 16 rows x 8 channels, then its scales; the last N % 16 rows built per call) gives every row
     the bits that building each block's stream per call from the nibble copy gives, at 1 and 2 threads;
