@@ -9,18 +9,21 @@ the lm-eval adapter are thin drivers over a `Stepper`.
     stepper.actions, stepper.controlled, stepper.budget()    # what ran, and its realized budget
 
 Protocol. Row r's prefix ids[r, :lengths[r]] is prefilled densely at positions 0..lengths[r]-1 (in
-chunks of PREFILL_CHUNK). Controlled step t feeds one token per row at position lengths[r] + t with
+chunks of PREFILL_CHUNK), together with the neighbouring rows of its length only. Controlled step t feeds one token per row at position lengths[r] + t with
 the action its source picked from the previous token's last-layer hidden state and the fed token's
 embedding; the step's logits predict the row's next token. So every predicted token comes from exactly
 one action. Positions below DENSE_PREFIX always run dense and count in no budget.
 
-Ragged rows. A row's tokens always sit at positions 0.. of its own; the columns past a row's prefix
-hold padding that is prefilled at the positions after the prefix. No query ever sees those keys: a
-query at position p attends to keys <= p, and a row's step t writes its key at lengths[r] + t before
-its query reads, so a padding key is overwritten before any query of its row can reach it. Quest's
-page statistics stay exact for the same reason: the page holding p is recomputed over the keys <= p
-at every decode step, and earlier pages hold only real keys. kv_len and the visible pages of a query
-are p + 1 and p // 8 + 1 of its own row. So a padded row decodes as the same prompt alone.
+Ragged rows. A row's tokens always sit at positions 0.. of its own, and each run of rows of one
+length is prefilled on its own, over that length: a row's prefill is then the same computation as the
+prompt's alone. (Prefilling the padded width instead ran the row's linears and attention as GEMMs of
+another shape: fp32 noise that a channel or page top-k downstream turned into up to 3.4 nats/token on
+SmolLM2.) Cache positions past a row's prefix hold whatever an earlier call left there. No query ever
+sees those keys: a query at position p attends to keys <= p, and a row's step t writes its key at
+lengths[r] + t before its query reads. Quest's page statistics stay exact for the same reason: the page
+holding p is recomputed over the keys <= p at every decode step, and earlier pages hold only real keys.
+kv_len and the visible pages of a query are p + 1 and p // 8 + 1 of its own row. So a padded row
+decodes as the same prompt alone, bit for bit.
 
 Log-probs are computed in the model's dtype, at least float32 (an fp64 model gives fp64 log-probs).
 
@@ -41,7 +44,7 @@ from torch import Tensor
 from runtime.actions import AXES
 from runtime.budget import BudgetSpec
 from runtime.costs import BudgetMeter
-from runtime.kv_cache import repeat_rows
+from runtime.kv_cache import StaticKVCache, repeat_rows
 from runtime.schedulers import DENSE_PREFIX, ActionSource, Fixed, Schedule
 from runtime.signature import StepSignature  # noqa: F401  (re-exported: the graph's calling convention)
 
@@ -62,6 +65,26 @@ def collector_paused():
     finally:
         if was_enabled:
             gc.enable()
+
+
+def _runs_of_equal_length(lengths: Sequence[int]) -> list[tuple[int, int]]:
+    """[a, b) spans of consecutive rows whose prefixes have one length."""
+    runs, a = [], 0
+    for r in range(1, len(lengths) + 1):
+        if r == len(lengths) or lengths[r] != lengths[a]:
+            runs.append((a, r))
+            a = r
+    return runs
+
+
+def _rows_of(cache: StaticKVCache, a: int, b: int) -> StaticKVCache:
+    """Rows a..b-1 of `cache` as a cache of their own (views: what its ops write lands in `cache`)."""
+    if (a, b) == (0, cache.batch):
+        return cache
+    out = StaticKVCache.__new__(StaticKVCache)
+    out.batch, out.max_len = b - a, cache.max_len
+    out.tensors = [t[a:b] for t in cache.tensors]
+    return out
 
 
 def logprob_dtype(model_dtype: torch.dtype) -> torch.dtype:
@@ -163,14 +186,8 @@ class Stepper:
         slot = "prefill" if repeats > 1 else "steps"
         cache = self.dispatcher.cache(slot, rows, need, device=self.device)
         hidden = torch.zeros(rows, self.sol.token_embedding.shape[1], dtype=self.sol.dtype, device=self.device)
-        last = torch.tensor(lengths, device=self.device) - 1  # column of each row's last prefix token
-        for lo in range(0, longest, PREFILL_CHUNK):
-            hi = min(lo + PREFILL_CHUNK, longest)
-            pos = torch.arange(lo, hi, device=self.device).expand(rows, hi - lo)
-            chunk = self.dispatcher.prefill(ids[:, lo:hi], pos, cache, kv_len=hi)  # hidden [B0, T, d]
-            at = (last - lo).clamp(0, hi - lo - 1)
-            picked = chunk.gather(1, at[:, None, None].expand(rows, 1, chunk.shape[-1]))[:, 0]
-            hidden = torch.where(((last >= lo) & (last < hi))[:, None], picked, hidden)
+        for a, b in _runs_of_equal_length(lengths):
+            hidden[a:b] = self._prefill_rows(ids[a:b, :lengths[a]], _rows_of(cache, a, b))
         if repeats > 1:
             cache = repeat_rows(cache, repeats, out=self.dispatcher.cache("steps", batch, need, device=self.device),
                                 length=longest)
@@ -190,6 +207,17 @@ class Stepper:
         self._actions: list[Tensor] = []
         self._controlled: list[Tensor] = []
         self._kv_lens: list[Tensor] = []
+
+    def _prefill_rows(self, ids: Tensor, cache: StaticKVCache) -> Tensor:
+        """Prefill rows of one length n (ids [b, n]) in chunks of PREFILL_CHUNK; returns the last
+        position's hidden state [b, d] (zeros for n == 0)."""
+        rows, n = ids.shape
+        hidden = torch.zeros(rows, self.sol.token_embedding.shape[1], dtype=self.sol.dtype, device=self.device)
+        for lo in range(0, n, PREFILL_CHUNK):
+            hi = min(lo + PREFILL_CHUNK, n)
+            pos = torch.arange(lo, hi, device=self.device).expand(rows, hi - lo)
+            hidden = self.dispatcher.prefill(ids[:, lo:hi], pos, cache, kv_len=hi)[:, -1]  # hidden [b, T, d]
+        return hidden
 
     # -- steps -------------------------------------------------------------------------------------
     @torch.no_grad()
