@@ -8,7 +8,8 @@ Per (row, KV head), for its G query heads:
                      best score (ties at it keep every tied page: the reference's rule), then the same
                      attention over the kept pages' keys <= p only, straight from the cache (no copies);
                      where the G heads' kept pages cover most of the row (DENSE_MASKED_COST), the dense
-                     pass with each head's dropped pages masked (the same keys, one read of K and V).
+                     pass with each head's dropped pages masked (the same keys, one read of K and V, and
+                     no read of the statistics: a page's min and max come from its keys as they pass).
 The work is shared among threads in items fixed by the row alone (a dense row's chunks of KEY_CHUNK keys,
 merged in chunk order; a sparse row's query heads), computed by the same code whatever the batch, the
 other rows' actions or the thread split, so a row's output has the same bits alone or in any batch and at
@@ -269,8 +270,9 @@ one shared pass over the page statistics. A multiple of PAGE, so a page never st
 
 static inline long chunks_of(long L) { return (L + KEY_CHUNK - 1) / KEY_CHUNK; }
 
-/* A sparse row's page scores are work items of SCORE_BLOCK pages each (scores are per page, so the split
-changes no bit): per (row, KV head), the statistics pass ran on at most Hkv threads at batch 1. */
+/* A gathering row's page scores are work items of SCORE_BLOCK pages each (scores are per page, so the split
+changes no bit): per (row, KV head), the statistics pass ran on at most Hkv threads at batch 1. A
+dense-masked row's are its key chunks, scored from the keys (scores_and_page_scores). */
 #define SCORE_BLOCK 256
 
 /* The task whose items first[task] .. first[task + 1] - 1 hold item (first ascending, T + 1 entries; by
@@ -311,12 +313,99 @@ long solc_decode_attention_scratch(long G, long S, long P, long D) {
     return 2 * G * S + 3 * G * P + G + chunks_of(S) * G * (D + 2);
 }
 
-/* Scores of keys t0 <= t < t1 for the G heads into s[g * S + t], each head's dropped pages masked to -inf
-where kth is given (the dense-masked form), softmax against the chunk's own maximum: returns each head's
-maximum and sum of exponentials in m[g], l[g] (a head with every key of the chunk masked: -inf and 0). */
+/* max(q * M, q * m) == max(q, 0) * M + min(q, 0) * m (M >= m): the G heads' page scores in one pass. */
+static void split_signs(const float *qh, long n, float *qpos, float *qneg) {
+    for (long i = 0; i < n; ++i) {
+        qpos[i] = qh[i] > 0 ? qh[i] : 0;
+        qneg[i] = qh[i] < 0 ? qh[i] : 0;
+    }
+}
+
+/* lo, hi = the per-channel min and max of lo, hi and row, NaN kept as solc_write_kv keeps it (x < lo or x
+is NaN: x), so they are the page statistics' values bit for bit. */
+static inline void fold_min_max(const float *row, long D, float *lo, float *hi) {
+    long d = 0;
+#ifdef __AVX512F__
+    for (; d + 16 <= D; d += 16) {
+        __m512 x = _mm512_loadu_ps(row + d), mn = _mm512_loadu_ps(lo + d), mx = _mm512_loadu_ps(hi + d);
+        __mmask16 nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
+        _mm512_storeu_ps(lo + d, _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, mn, _CMP_LT_OQ) | nan, mn, x));
+        _mm512_storeu_ps(hi + d, _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, mx, _CMP_GT_OQ) | nan, mx, x));
+    }
+#endif
+    for (; d < D; ++d) {
+        float x = row[d];
+        lo[d] = x < lo[d] || x != x ? x : lo[d];
+        hi[d] = x > hi[d] || x != x ? x : hi[d];
+    }
+}
+
+/* A dense-masked row's chunk, first step: the G heads' scores of keys t0 <= t < t1 into s[g * S + t]
+(dense_scores' values) and the page scores of the chunk's pages into page_score, from each page's keys
+<= p (t1 - 1): per channel their min and max, which are the page statistics the cache holds, bit for bit,
+scored as the statistics pass scores them. The statistics are not read: the keys are read anyway, and the
+statistics were an eighth more bytes (a quarter of K's) on top of K and V. */
+static void scores_and_page_scores(const float *qh, const float *qpos, const float *qneg, long G, const float *K,
+                                   long t0, long t1, long D, float scale, float *s, long S, float *page_score, long P) {
+    float lo[D], hi[D];
+#ifdef __AVX512F__
+    if (D == 64) {  /* SmolLM2's and most models' head size: a page's min and max in 8 registers */
+        for (long j = t0 / PAGE; j * PAGE < t1; ++j) {
+            long a = j * PAGE, e = a + PAGE < t1 ? a + PAGE : t1;
+            __m512 mn[4], mx[4];
+            __mmask16 nan = 0;
+            for (long t = a; t < e; ++t) {
+                const float *row = K + t * D;
+                prefetch_row(row + ROWS_AHEAD * D, D);
+                for (long g = 0; g < G; ++g) s[g * S + t] = key_dot(qh + g * D, row, D) * scale;
+                for (int c = 0; c < 4; ++c) {
+                    __m512 x = _mm512_loadu_ps(row + 16 * c);
+                    nan |= _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
+                    /* vminps(x, m) is x < m ? x : m, as fold_min_max, but for a NaN x (redone below) */
+                    mn[c] = t == a ? x : _mm512_min_ps(x, mn[c]);
+                    mx[c] = t == a ? x : _mm512_max_ps(x, mx[c]);
+                }
+            }
+            for (int c = 0; c < 4; ++c) {
+                _mm512_storeu_ps(lo + 16 * c, mn[c]);
+                _mm512_storeu_ps(hi + 16 * c, mx[c]);
+            }
+            if (nan) {  /* a NaN key: the statistics keep it (the last NaN of a channel), as fold_min_max */
+                memcpy(lo, K + a * D, D * sizeof(float));
+                memcpy(hi, K + a * D, D * sizeof(float));
+                for (long t = a + 1; t < e; ++t) fold_min_max(K + t * D, D, lo, hi);
+            }
+            for (long g = 0; g < G; ++g)
+                page_score[g * P + j] = key_dot(qpos + g * D, hi, D) + key_dot(qneg + g * D, lo, D);
+        }
+        return;
+    }
+#endif
+    for (long j = t0 / PAGE; j * PAGE < t1; ++j) {
+        long a = j * PAGE, e = a + PAGE < t1 ? a + PAGE : t1;
+        for (long t = a; t < e; ++t) {
+            const float *row = K + t * D;
+            prefetch_row(row + ROWS_AHEAD * D, D);
+            for (long g = 0; g < G; ++g) s[g * S + t] = key_dot(qh + g * D, row, D) * scale;
+            if (t == a) {
+                memcpy(lo, row, D * sizeof(float));
+                memcpy(hi, row, D * sizeof(float));
+            } else {
+                fold_min_max(row, D, lo, hi);
+            }
+        }
+        for (long g = 0; g < G; ++g)
+            page_score[g * P + j] = key_dot(qpos + g * D, hi, D) + key_dot(qneg + g * D, lo, D);
+    }
+}
+
+/* Scores of keys t0 <= t < t1 for the G heads into s[g * S + t] (a dense-masked row's are there already,
+from scores_and_page_scores), each head's dropped pages masked to -inf where kth is given (the
+dense-masked form), softmax against the chunk's own maximum: returns each head's maximum and sum of
+exponentials in m[g], l[g] (a head with every key of the chunk masked: -inf and 0). */
 static void chunk_softmax(const float *qh, long G, const float *K, long t0, long t1, long D, float scale, float *s,
                           long S, const float *page_score, long P, const float *kth, float *m, float *l) {
-    dense_scores(qh, G, K + t0 * D, t1 - t0, D, scale, s + t0, S);
+    if (!kth) dense_scores(qh, G, K + t0 * D, t1 - t0, D, scale, s + t0, S);
     for (long g = 0; g < G; ++g) {
         float *sg = s + g * S;
         if (kth) {  /* branch-free, a page (PAGE = 8 scores) at a time: about half the pages go, at random */
@@ -407,7 +496,8 @@ static void sparse_head(const float *qg, const float *K, const float *V, long L,
 /* q [B, Hq, D]; caches [B, Hkv, S, D]; page stats [B, Hkv, P, D]; positions, kept_pages [B] (0: dense);
 out [B, Hq, D]. scratch: B * Hkv * scratch_per_task floats, scratch_per_task >=
 solc_decode_attention_scratch(G, S, P, D). Four steps over one team of threads, each shared out in
-items: sparse rows' page scores (blocks of pages), dense-masked rows' k-th scores (per head), the
+items: sparse rows' page scores (a gathering row's blocks of pages, from the statistics; a dense-masked
+row's key chunks, with their key scores, from the keys), dense-masked rows' k-th scores (per head), the
 attention (key chunks of dense and dense-masked rows, query heads of gathering ones), the merge of
 multi-chunk rows (per (row, KV head)). */
 void solc_decode_attention(const float *q, const float *k_cache, const float *v_cache, const float *page_min,
@@ -423,7 +513,7 @@ void solc_decode_attention(const float *q, const float *k_cache, const float *v_
     for (long task = 0; task < T; ++task) {
         long p = positions[task / Hkv], k = kept_pages[task / Hkv], n_pages = p / PAGE + 1;
         int gather = gathers(G, k, n_pages);
-        scored[task + 1] = scored[task] + (k > 0 ? (n_pages + SCORE_BLOCK - 1) / SCORE_BLOCK : 0);
+        scored[task + 1] = scored[task] + (k > 0 ? gather ? (n_pages + SCORE_BLOCK - 1) / SCORE_BLOCK : chunks_of(p + 1) : 0);
         selected[task + 1] = selected[task] + (k > 0 && !gather ? G : 0);
         first[task + 1] = first[task] + (gather ? G : chunks_of(p + 1));
         masked |= k > 0 && !gather;
@@ -437,17 +527,19 @@ void solc_decode_attention(const float *q, const float *k_cache, const float *v_
 #pragma omp for schedule(dynamic, 1)
         for (long item = 0; item < scored[T]; ++item) {
             long task = task_of(scored, T, item), b = task / Hkv, p = positions[b], n_pages = p / PAGE + 1;
-            long j0 = (item - scored[task]) * SCORE_BLOCK, j1 = j0 + SCORE_BLOCK < n_pages ? j0 + SCORE_BLOCK : n_pages;
-            float *page_score = scratch_of(scratch, scratch_per_task, task, G, S, P).page_score;
+            task_scratch ts = scratch_of(scratch, scratch_per_task, task, G, S, P);
+            float *page_score = ts.page_score;
             const float *qh = q + (b * Hq + (task % Hkv) * G) * D;
-            const float *hi_stats = page_max + task * P * D, *lo_stats = page_min + task * P * D;
-            /* max(q * M, q * m) == max(q, 0) * M + min(q, 0) * m (M >= m): the G heads' page scores in
-            one pass over the statistics. */
             float qpos[G * D], qneg[G * D];
-            for (long i = 0; i < G * D; ++i) {
-                qpos[i] = qh[i] > 0 ? qh[i] : 0;
-                qneg[i] = qh[i] < 0 ? qh[i] : 0;
+            split_signs(qh, G * D, qpos, qneg);
+            if (!gathers(G, kept_pages[b], n_pages)) {  /* dense-masked: key chunk c, scored from the keys */
+                long t0 = (item - scored[task]) * KEY_CHUNK, t1 = t0 + KEY_CHUNK < p + 1 ? t0 + KEY_CHUNK : p + 1;
+                scores_and_page_scores(qh, qpos, qneg, G, k_cache + task * S * D, t0, t1, D, scale, ts.scores, S,
+                                       page_score, P);
+                continue;
             }
+            long j0 = (item - scored[task]) * SCORE_BLOCK, j1 = j0 + SCORE_BLOCK < n_pages ? j0 + SCORE_BLOCK : n_pages;
+            const float *hi_stats = page_max + task * P * D, *lo_stats = page_min + task * P * D;
             for (long j = j0; j < j1; ++j) {
                 prefetch_row(hi_stats + (j + ROWS_AHEAD) * D, D);
                 prefetch_row(lo_stats + (j + ROWS_AHEAD) * D, D);

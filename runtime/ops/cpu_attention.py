@@ -204,15 +204,16 @@ def _group(q: Tensor, k_cache: Tensor, v_cache: Tensor, page_min: Tensor, page_m
     # The reference keeps every page scoring >= the k-th best (ties at the threshold keep more than k).
     kth = torch.kthvalue(scores, n - k_pages + 1, dim=-1, keepdim=True).values
     kept = scores >= kth  # [R*Hkv, G, n]
-    n_kept = int(kept.sum())
-    most = k_pages if n_kept == R * Hq * k_pages else int(kept.sum(-1).max())
+    counts = kept.sum(-1)  # k_pages per head, more where pages tie, fewer where a NaN key scores NaN
+    most, least = torch.stack([counts.max(), counts.min()]).tolist()
     if G * most * GATHER_COST >= n:
         out = _masked_form(q_rows, k_cache, v_cache, rows, p, kept, scale)
-    elif most == k_pages:  # no tie: every query head keeps exactly k_pages, ascending from the mask
-        index = kept.nonzero()[:, -1].view(R * Hkv, G, k_pages)
+    elif most == least:  # every query head keeps the same number of pages, ascending from the mask
+        index = kept.nonzero()[:, -1].view(R * Hkv, G, most)
         out = _gather_form(q_rows, k_cache, v_cache, rows, p, index, None, scale)
     else:  # a tie: every head copies the most pages any head keeps, and masks those it does not keep
-        index = torch.topk(scores, most, dim=-1).indices.sort(dim=-1).values
+        # (a NaN score, from a NaN key, is never kept, but topk ranks NaN above every number)
+        index = torch.topk(scores.nan_to_num(nan=-math.inf), most, dim=-1).indices.sort(dim=-1).values
         out = _gather_form(q_rows, k_cache, v_cache, rows, p, index, ~torch.gather(kept, -1, index), scale)
     return out.reshape(R, Hq, 1, D).to(q.dtype)
 

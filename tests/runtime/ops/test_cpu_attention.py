@@ -94,6 +94,29 @@ def test_real_head_dims_equal_the_reference(D, hq, hkv, sparse_form):
     _check(*_step(3, hq, hkv, 253, D, torch.float32, positions, keeps, seed=D + hq), torch.float32)
 
 
+@pytest.mark.parametrize("D", [64, 48])
+def test_a_nan_key_drops_its_page_as_in_the_reference(D, sparse_form):
+    """A dense-masked row scores its pages from the keys as they pass (64: in registers, NaN checked per
+    page; 48: the scalar fold): a page with a NaN key has NaN statistics, a NaN score, and is dropped by
+    every head, as the reference drops it, so the output stays finite. Keys NaN in five pages, keep 0.6.
+    (The torch gather form once kept them: topk ranks NaN above every number.)"""
+    B, Hq, Hkv, S, p = 1, 9, 3, 520, 500
+    k_cache, v_cache, _, _ = _filled_cache(B, Hkv, S, D, torch.float32, [p], 3)
+    for t, d in [(77, 5), (130, 0), (131, 47), (263, 20), (499, 33)]:
+        k_cache[0, t % Hkv, t, d] = float("nan")
+    low, high = ref.page_stats(k_cache, torch.tensor([p]))
+    g = torch.Generator().manual_seed(9)
+    q, k, v = (torch.randn(B, h, 1, D, generator=g) for h in (Hq, Hkv, Hkv))
+    pos, keep = torch.tensor([[p]]), torch.tensor([[0.6]], dtype=torch.float64)
+    assert 3 * cpu_attention._kept_page_count(p, 0.6) * 1.6 > p // 8 + 1  # the premise: dense-masked
+    out = torch.ops.solc.attention(q, k, v, k_cache.clone(), v_cache.clone(), low, high, pos, keep, 0.125)
+    ek, ev = k_cache.clone(), v_cache.clone()
+    library.write_kv(ek, ev, k, v, pos)
+    expected = ref.quest_attention(q, ek, ev, pos, keep, 0.125)
+    assert torch.isfinite(expected).all() and torch.isfinite(out).all()
+    torch.testing.assert_close(out, expected, atol=TOL[torch.float32], rtol=0)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("hq,hkv", [(9, 3), (4, 4)], ids=["gqa", "mha"])
 def test_batch_of_16_with_mixed_levels_and_lengths_equals_the_reference(dtype, hq, hkv, sparse_form):
