@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from runtime import hugepages
 from runtime.ops.reference import PAGE_SIZE
 
 CACHE_PARTS = ("k_cache", "v_cache", "page_min", "page_max")  # per layer, in graph-input order
@@ -33,15 +34,22 @@ class StaticKVCache:
             kv = (batch, spec.n_kv_heads, max_len, spec.head_dim)
             stats = (batch, spec.n_kv_heads, pages, spec.head_dim)
             self.tensors += [
-                torch.zeros(kv, dtype=dtype, device=device),
-                torch.zeros(kv, dtype=dtype, device=device),
-                torch.full(stats, float("inf"), dtype=dtype, device=device),
-                torch.full(stats, float("-inf"), dtype=dtype, device=device),
+                _filled(kv, 0.0, dtype, device),
+                _filled(kv, 0.0, dtype, device),
+                _filled(stats, float("inf"), dtype, device),
+                _filled(stats, float("-inf"), dtype, device),
             ]
 
     def reset(self) -> None:
         for i, t in enumerate(self.tensors):
             t.fill_({2: float("inf"), 3: float("-inf")}.get(i % len(CACHE_PARTS), 0.0))
+
+
+def _filled(shape: tuple[int, ...], value: float, dtype: torch.dtype, device) -> Tensor:
+    """A cache tensor filled with value: on the CPU on huge pages where the OS allows (runtime/hugepages.py)."""
+    if torch.device(device).type == "cpu":
+        return hugepages.empty(shape, dtype).fill_(value)
+    return torch.full(shape, value, dtype=dtype, device=device)
 
 
 def repeat_rows(cache: StaticKVCache, repeats: int, out: StaticKVCache | None = None, length: int | None = None) -> StaticKVCache:

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import solc
+from runtime import hugepages
 from runtime.ops import cpu_mlp
 from solc import data
 
@@ -100,3 +101,16 @@ def test_bad_arguments_are_named_with_what_is_valid(load_benchmark, capsys, scri
     with pytest.raises(SystemExit):
         load_benchmark(script).main(args)
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.skipif(hugepages._madvise() is None, reason="no transparent huge pages to ask for here")
+def test_hugepages_ab_reads_the_same_caches_from_huge_pages(load_benchmark, tmp_path):
+    """benchmarks/hugepages_ab.py times the attention kernel over caches on 4 KB pages and over copies on
+    huge pages: the same bits at every keep and thread count."""
+    ab = load_benchmark("hugepages_ab")
+    result = ab.main(["--context", "12000", "--keeps", "1,0.1", "--threads", "1,2", "--rounds", "1",
+                      "--out", str(tmp_path)])
+    assert [(r["keep"], r["threads"]) for r in result["rows"]] == [(k, t) for k in (1.0, 0.1) for t in (1, 2)]
+    assert all(r["max_abs_diff"] == 0.0 and r["base_ms"] > 0 and r["head_ms"] > 0 for r in result["rows"])
+    saved = (tmp_path / "hugepages_ab_12000.json").read_text()
+    assert '"command": "python benchmarks/hugepages_ab.py --context 12000' in saved
