@@ -757,10 +757,15 @@ CSV_FIELDS = ["row", "kind", "threads", "batch", "context", "action", "action_la
 
 
 def write_outputs(out_dir: Path, stem: str, meta: dict, rows: list[dict], table: str) -> list[Path]:
+    """stem.json and stem.csv, each written to a temporary file and renamed over the old one: an interrupt
+    leaves the previous complete file, never a torn one."""
     out_dir.mkdir(parents=True, exist_ok=True)
     jpath, cpath = out_dir / f"{stem}.json", out_dir / f"{stem}.csv"
-    jpath.write_text(json.dumps({"meta": meta, "rows": rows, "table": table}, indent=2) + "\n")
-    with cpath.open("w", newline="") as f:
+    jtmp, ctmp = jpath.with_name(jpath.name + ".tmp"), cpath.with_name(cpath.name + ".tmp")
+    jtmp.write_text(json.dumps({"meta": meta, "rows": rows, "table": table}, indent=2) + "\n")
+    with ctmp.open("w", newline="") as f:
+        if not meta.get("complete", True):
+            f.write("# complete: False (an interrupted or still running run: the rows measured so far)\n")
         for key in ("command", "device", "torch", "date", "model", "weights", "dtype", "mode"):
             f.write(f"# {key}: {meta[key]}\n")
         f.write(f"# read bandwidth GB/s (best over the run, the floors' divisor): {meta['bandwidth']['read_gbps']:.2f}\n")
@@ -768,6 +773,8 @@ def write_outputs(out_dir: Path, stem: str, meta: dict, rows: list[dict], table:
         writer.writeheader()
         for r in rows:
             writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
+    os.replace(jtmp, jpath)
+    os.replace(ctmp, cpath)
     return [jpath, cpath]
 
 
@@ -906,6 +913,68 @@ def main(argv=None) -> int:
     floor = Floor(sol, model, policy_bytes)
 
     rows: list[dict] = []
+    stem = f"decode_{device.type}_{args.model}" + (f"_{args.tag}" if args.tag else "")
+
+    def save(complete: bool) -> dict:
+        """Write the rows so far (after every configuration, so an interrupted run keeps what it measured;
+        meta "complete" says whether it ran to the end). Returns the meta."""
+        probes = args.probe.gbps or [args.bandwidth["read_gbps"]]
+        bandwidth = {
+            "buffer_mib": args.bandwidth_mib,
+            "read_gbps": max(args.bandwidth["read_gbps"], *probes),  # what the floors divide by
+            "start_read_gbps": args.bandwidth["read_gbps"],
+            "start_read_gbps_median": args.bandwidth["read_gbps_median"],
+            "copy_gbps": args.bandwidth["copy_gbps"],
+            "probe_read_gbps_median": statistics.median(probes),
+            "probe_read_gbps_max": max(probes),
+            "probe_read_gbps": probes,
+        }
+        for r in rows:
+            if r.get("floor_bytes"):
+                r["floor_ms"] = r["floor_bytes"] / (bandwidth["read_gbps"] * 1e9) * 1e3
+                r["floor_ratio"] = r["step_ms_median"] / r["floor_ms"]
+        meta = {
+            "command": command,
+            "complete": complete,
+            "device": device_name(device),
+            "torch": torch.__version__,
+            "transformers": __import__("transformers").__version__,
+            "date": started.isoformat(timespec="seconds"),
+            "host": platform.node(),
+            "model": args.model,
+            "weights": weights,
+            "shape": hf_adapter.decoder_shape(model),
+            "dtype": str(dtype).removeprefix("torch."),
+            "mode": StepDispatcher(sol, mode=args.mode).mode,
+            "hf_compile": args.hf_compile,
+            "kv": args.kv,
+            "steps": args.steps,
+            "warmup": args.warmup,
+            "budget": args.budget,
+            "rounds": args.rounds,
+            "actions": actions,
+            "policy_params": sum(q.numel() for q in args.policy_net.parameters()) if not args.no_policy else 0,
+            "threads": args.threads,
+            "mixed_batch": args.mixed_batch,
+            "generate": {"new_tokens": args.generate, "budget": args.generate_budget, "rounds": args.generate_rounds,
+                         "prompt_len": args.prompt_len},
+            "load_average_start": load_start,
+            "load_average_end": os.getloadavg(),
+            "bandwidth": bandwidth,
+            "runtime_s": round(time.perf_counter() - t_start, 1),
+            "cost_table_note": "predicted_ms: mean over timed steps of the per-action median step latency measured in this run",
+        }
+        table = ""
+        if complete:
+            meta["acceptance"] = acceptance(rows, space)
+            print()
+            table = print_table(rows, meta)
+        paths = write_outputs(Path(args.out), stem, meta, rows, table)
+        if complete:
+            for path in paths:
+                print(f"written {path}")
+        return meta
+
     configs = [(b, c, False) for b in args.batch for c in args.contexts]
     configs += [(b, c, True) for b in args.mixed_batch for c in (args.mixed_contexts or args.contexts)]
     for threads in args.threads:
@@ -916,61 +985,12 @@ def main(argv=None) -> int:
             cfg = Config(args, sol, model, floor, device, batch, context, mixed=mixed)
             cfg.run(actions)
             rows += cfg.rows
+            save(complete=False)
         if args.generate:
             print(f"{threads} thread(s), generate (load average {os.getloadavg()[0]:.2f}):", flush=True)
             rows += run_generate(args, sol, model, device)
-
-    probes = args.probe.gbps or [args.bandwidth["read_gbps"]]
-    bandwidth = {
-        "buffer_mib": args.bandwidth_mib,
-        "read_gbps": max(args.bandwidth["read_gbps"], *probes),  # what the floors divide by
-        "start_read_gbps": args.bandwidth["read_gbps"],
-        "start_read_gbps_median": args.bandwidth["read_gbps_median"],
-        "copy_gbps": args.bandwidth["copy_gbps"],
-        "probe_read_gbps_median": statistics.median(probes),
-        "probe_read_gbps_max": max(probes),
-        "probe_read_gbps": probes,
-    }
-    for r in rows:
-        if r.get("floor_bytes"):
-            r["floor_ms"] = r["floor_bytes"] / (bandwidth["read_gbps"] * 1e9) * 1e3
-            r["floor_ratio"] = r["step_ms_median"] / r["floor_ms"]
-    meta = {
-        "command": command,
-        "device": device_name(device),
-        "torch": torch.__version__,
-        "transformers": __import__("transformers").__version__,
-        "date": started.isoformat(timespec="seconds"),
-        "host": platform.node(),
-        "model": args.model,
-        "weights": weights,
-        "shape": hf_adapter.decoder_shape(model),
-        "dtype": str(dtype).removeprefix("torch."),
-        "mode": StepDispatcher(sol, mode=args.mode).mode,
-        "hf_compile": args.hf_compile,
-        "kv": args.kv,
-        "steps": args.steps,
-        "warmup": args.warmup,
-        "budget": args.budget,
-        "rounds": args.rounds,
-        "actions": actions,
-        "policy_params": sum(q.numel() for q in args.policy_net.parameters()) if not args.no_policy else 0,
-        "threads": args.threads,
-        "mixed_batch": args.mixed_batch,
-        "generate": {"new_tokens": args.generate, "budget": args.generate_budget, "rounds": args.generate_rounds,
-                     "prompt_len": args.prompt_len},
-        "load_average_start": load_start,
-        "load_average_end": os.getloadavg(),
-        "bandwidth": bandwidth,
-        "runtime_s": round(time.perf_counter() - t_start, 1),
-        "cost_table_note": "predicted_ms: mean over timed steps of the per-action median step latency measured in this run",
-    }
-    meta["acceptance"] = acceptance(rows, space)
-    print()
-    table = print_table(rows, meta)
-    stem = f"decode_{device.type}_{args.model}" + (f"_{args.tag}" if args.tag else "")
-    for path in write_outputs(Path(args.out), stem, meta, rows, table):
-        print(f"written {path}")
+            save(complete=False)
+    meta = save(complete=True)
     print(f"total {meta['runtime_s']}s")
     return 0
 
