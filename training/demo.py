@@ -103,7 +103,10 @@ def _run(args, argv) -> None:
     sol2, policy2, tokenizer2 = solc.load(path)
     prompt = tokenizer2("ROMEO.\nBut soft, what light through yonder window breaks?\n", return_tensors="pt").input_ids
     gen = sol2.generate(prompt, policy=PolicySource(policy2, greedy=True), budget=0.6, max_new_tokens=40)
-    print(tokenizer2.decode(gen.tokens[0, prompt.shape[1]:]))
+    dense = sol2.generate(prompt, max_new_tokens=40)  # the same prompt, every step dense: what the policy trades
+    print("-- dense (every step):\n" + tokenizer2.decode(dense.tokens[0, prompt.shape[1]:]))
+    print(f"-- the policy at budget 0.6 (after {args.updates} updates: a smoke run, not a trained policy):\n"
+          + tokenizer2.decode(gen.tokens[0, prompt.shape[1]:]))
     print("realized budget: " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
                                           for k, v in gen.budget.items()))
     print(f"\ndone in {time.time() - start:.0f}s; artifact in {path}; reproduce with: {command}")
