@@ -31,9 +31,12 @@ machine, not an evaluation batch).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import math
 import sys
 import time
+from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -41,6 +44,7 @@ from runtime.actions import AXES, Action
 from runtime.costs import realized_budget
 from runtime.policy import PolicyNet, PolicySource
 from runtime.schedulers import Fixed, Random, Schedule
+from solc.cache import atomic_torch_save
 from training.baselines import AtCost, Composite, HullMix, Uniform, hull_mix, lower_hull, search_at_cost, uniform_nll
 from training.cli import command_line, write_json
 from training.episodes import rollout
@@ -70,10 +74,43 @@ def _paired(diff: torch.Tensor) -> dict:
     return {"mean": float(d.mean()), "stderr": se, "z": float(d.mean()) / se if se > 0 else float("nan")}
 
 
+def _fingerprint(sol, policies: list[PolicyNet], contexts, val_contexts, budgets, horizon, random_draws, chunk,
+                 seed) -> str:
+    """What an evaluation's figures depend on (the model, policies, contexts and options), as one hash."""
+    h = hashlib.sha256()
+    for t in [sol.token_embedding, contexts, val_contexts] + [v for p in policies for v in p.state_dict().values()]:
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    h.update(repr((str(sol.space), [repr(p.config) for p in policies], list(budgets), horizon, random_draws, chunk,
+                   seed)).encode())
+    return h.hexdigest()
+
+
+def _resume(path: Optional[Path], fingerprint: str, progress: bool) -> Optional[dict]:
+    """The saved state of an interrupted run of the same evaluation at `path`, if there is one."""
+    if path is None or not path.exists():
+        return None
+    try:
+        state = torch.load(path, weights_only=True)
+    except Exception as e:  # a file from another version, or damaged: start over (it is overwritten)
+        print(f"cost_eval: ignoring {path} ({type(e).__name__}); starting over", flush=True)
+        return None
+    if state.get("fingerprint") != fingerprint:
+        print(f"cost_eval: {path} holds another evaluation's progress; starting over", flush=True)
+        return None
+    if progress:
+        print(f"cost_eval: resuming from {path}: {state['done']} contexts already evaluated", flush=True)
+    return state
+
+
 @torch.no_grad()
 def evaluate(sol, policies: list[PolicyNet], contexts: torch.Tensor, val_contexts: torch.Tensor,
              budgets: list[float], horizon: int, random_draws: int = 2, chunk: int = 8, seed: int = 0,
-             progress: bool = True, search: int = 0) -> dict:
+             progress: bool = True, search: int = 0, progress_file: Optional[Path] = None) -> dict:
+    """Each policy at each budget on `contexts`, and the baselines at its realized cost (module doc).
+    `progress_file`: where the figures of the contexts done so far are saved after every chunk (written
+    whole, then renamed), so that a rerun of the same evaluation after an interruption resumes where it
+    stopped with the same results (each chunk's randomness is seeded by its position); removed when the
+    evaluation completes."""
     space = sol.space
     spec = policies[0].config.budget_spec
     if not spec.is_cost:
@@ -83,7 +120,11 @@ def evaluate(sol, policies: list[PolicyNet], contexts: torch.Tensor, val_context
             raise ValueError("every policy must share one action space and one cost budget spec")
     costs = spec.table(space)[:, 0]
     t0 = time.perf_counter()
-    val_nll = uniform_nll(sol, val_contexts, horizon)
+    progress_file = Path(progress_file) if progress_file is not None else None
+    fingerprint = _fingerprint(sol, policies, contexts, val_contexts, budgets, horizon, random_draws, chunk, seed) \
+        if progress_file is not None else ""
+    saved = _resume(progress_file, fingerprint, progress)
+    val_nll = saved["val_nll"] if saved else uniform_nll(sol, val_contexts, horizon)
     hull = lower_hull(costs, val_nll)
     if progress:
         print(f"best static: hull of {len(space)} uniform actions on {len(val_contexts)} validation contexts "
@@ -101,7 +142,14 @@ def evaluate(sol, policies: list[PolicyNet], contexts: torch.Tensor, val_context
     base_keep = torch.empty(C, G, base_per, dtype=torch.float64)
     ref_nll = torch.empty(C, len(refs), dtype=torch.float64)
     ref_cost = torch.empty(C, len(refs), dtype=torch.float64)
-    for start in range(0, C, chunk):
+    figures = {"pol_nll": pol_nll, "pol_cost": pol_cost, "pol_keep": pol_keep, "base_nll": base_nll,
+               "base_cost": base_cost, "base_keep": base_keep, "ref_nll": ref_nll, "ref_cost": ref_cost}
+    done = 0
+    if saved:
+        done = saved["done"]
+        for name, t in figures.items():
+            t[:done] = saved[name][:done]
+    for start in range(done, C, chunk):
         ctx = contexts[start:start + chunk]
         n = len(ctx)
         sources = [PolicySource(p, greedy=True) for p in policies for _ in budgets]
@@ -132,6 +180,9 @@ def evaluate(sol, policies: list[PolicyNet], contexts: torch.Tensor, val_context
         base_cost[start:start + n] = cost[:, :m].view(n, G, base_per)
         base_keep[start:start + n] = keep[:, :m].view(n, G, base_per)
         ref_nll[start:start + n], ref_cost[start:start + n] = nll[:, m:], cost[:, m:]
+        if progress_file is not None:
+            atomic_torch_save({"fingerprint": fingerprint, "done": start + n, "val_nll": val_nll,
+                               **{name: t[:start + n].clone() for name, t in figures.items()}}, progress_file)
         if progress:
             print(f"  {start + n}/{C} contexts ({time.perf_counter() - t0:.0f}s)", flush=True)
 
@@ -183,6 +234,8 @@ def evaluate(sol, policies: list[PolicyNet], contexts: torch.Tensor, val_context
     references = [{"name": name, "action": str(space[i]), "nll": float(ref_nll[:, j].mean()),
                    "cost": float(ref_cost[:, j].mean()), "net_keep": space.net_keep(i)}
                   for j, (name, i) in enumerate(refs.items())]
+    if progress_file is not None:
+        progress_file.unlink(missing_ok=True)
     return {"rows": rows, "references": references,
             "hull": [{"action": str(space[i]), "cost": float(costs[i]), "val_nll": float(val_nll[i])} for i in hull],
             "uniform": [{"action": str(space[i]), "cost": float(costs[i]), "val_nll": float(val_nll[i])}
@@ -231,7 +284,8 @@ def main(argv=None) -> int:
     p.add_argument("--chunk", type=int, default=8, help="contexts per rollout (memory: chunk x rows x cache)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    p.add_argument("--json", help="write the results here (with the command)")
+    p.add_argument("--json", help="write the results here (with the command); the contexts done so far are kept "
+                                  "in JSON.partial.pt, and a rerun of the same command resumes from there")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -260,7 +314,7 @@ def main(argv=None) -> int:
 
     contexts, val = pick("test", args.contexts, 0), pick("validation", args.val_contexts, 1)
     result = evaluate(sol, policies, contexts, val, budgets, args.horizon, args.random_draws, args.chunk, args.seed,
-                      search=args.search)
+                      search=args.search, progress_file=Path(args.json + ".partial.pt") if args.json else None)
     command = command_line("training.cost_eval", argv)
     print(table(result))
     for i in range(len(policies)):

@@ -96,3 +96,47 @@ def test_random_search_row_runs_the_schedule_that_won_on_validation(weight_sol):
     assert row["search_nll"] == pytest.approx(test_nll, abs=1e-6)
     assert row["search_minus_policy"]["mean"] == pytest.approx(row["search_nll"] - row["policy_nll"], abs=1e-9)
     assert abs(row["search_cost"] - row["policy_cost"]) <= 0.1
+
+
+def test_an_interrupted_evaluation_resumes_with_the_same_results(weight_sol, monkeypatch, tmp_path):
+    """With a progress file, the figures of every finished chunk are saved; a rerun after an interrupt
+    skips those chunks (no rollout of theirs runs again) and gives the uninterrupted run's results; the
+    file is removed at the end, and one left by another evaluation is not used."""
+    sol = weight_sol
+    g = torch.Generator().manual_seed(1)
+    contexts, val = torch.randint(0, 256, (6, 28), generator=g), torch.randint(0, 256, (3, 28), generator=g)
+    policies = [_policy(sol, 0)]
+    run = lambda **kw: cost_eval.evaluate(sol, policies, contexts, val, [0.8], horizon=6, random_draws=1,  # noqa: E731
+                                          chunk=2, progress=False, **kw)
+    whole = run()
+    progress = tmp_path / "eval.json.partial.pt"
+    real_rollout, calls, stop = cost_eval.rollout, [], [None]
+
+    def rollout(sol_, ctx, *args, **kwargs):
+        calls.append(ctx.clone())
+        if len(calls) == stop[0]:
+            raise KeyboardInterrupt
+        return real_rollout(sol_, ctx, *args, **kwargs)
+    monkeypatch.setattr(cost_eval, "rollout", rollout)
+    stop[0] = 5  # chunk 0: the policy's rollout and the baselines', chunk 1: both, chunk 2: the policy's -> stop
+    with pytest.raises(KeyboardInterrupt):
+        run(progress_file=progress)
+    assert torch.load(progress, weights_only=True)["done"] == 4
+    calls.clear()
+    stop[0] = None
+    resumed = run(progress_file=progress)
+    assert len(calls) == 2 and torch.equal(calls[0], contexts[4:])  # only the last chunk ran
+    assert not progress.exists()
+    for key in ("rows", "references", "hull"):
+        assert resumed[key] == whole[key]
+
+    # another evaluation's progress (other budgets) is not used: every chunk runs
+    calls.clear()
+    stop[0] = 5
+    with pytest.raises(KeyboardInterrupt):
+        run(progress_file=progress)
+    calls.clear()
+    stop[0] = None
+    other = cost_eval.evaluate(sol, policies, contexts, val, [0.9], horizon=6, random_draws=1, chunk=2,
+                               progress=False, progress_file=progress)
+    assert len(calls) == 6 and other["rows"][0]["budget"] == 0.9
