@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import math
 import sys
 import time
@@ -44,7 +43,7 @@ from runtime.actions import AXES
 from runtime.errors import ArgumentError, ArgumentTypeError, SolcError
 from solc.models import DTYPES, resolve_device, resolve_dtype
 from training.baselines import Composite, axis_targets, build_source, matched_baselines, random_search, target_key
-from training.cli import command_line
+from training.cli import command_line, write_json
 from training.episodes import rollout
 
 DEFAULT_METHODS = ("policy", "fixed", "random", "random-search")
@@ -638,15 +637,17 @@ def _run_cost_cli(cfg: EvalConfig, command: str) -> int:
     val = load_contexts(cfg, "validation", max(cfg.val_contexts, 1), vocab)
     budgets = [target_key(b)[0] for b in cfg.budgets]
     search = cfg.search_n if "random-search" in cfg.methods else 0  # random search at a cost, on validation
-    result = cost_eval.evaluate(sol, [policy], test, val, budgets, cfg.horizon, random_draws=cfg.matched_draws,
-                                seed=cfg.seed, progress=cfg.progress, search=search)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
+    # an interrupted run keeps the contexts it finished there; the same command resumes from it
+    result = cost_eval.evaluate(sol, [policy], test, val, budgets, cfg.horizon, random_draws=cfg.matched_draws,
+                                seed=cfg.seed, progress=cfg.progress, search=search,
+                                progress_file=out / "progress.partial.pt")
     text = (f"# Cost-budget evaluation\n\n{command}\n\nBudgets are cost fractions ({cfg.policy} was trained for a "
             f"cost budget); baselines run at each episode's realized cost (training.cost_eval).\n\n"
             + cost_eval.table(result))
     (out / "report.md").write_text(text + f"\n\n({time.perf_counter() - t0:.0f}s)\n")
-    (out / "results.json").write_text(json.dumps({"command": command, "result": result}, indent=2) + "\n")
+    write_json(out / "results.json", {"command": command, "result": result})
     (out / "command.txt").write_text(command + "\n")
     print(text)
     print(f"evaluate: wrote {out}/report.md, results.json ({time.perf_counter() - t0:.0f}s)")

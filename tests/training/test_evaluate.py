@@ -107,5 +107,6 @@ def test_a_cost_budget_policy_is_compared_at_matched_cost(tiny_sol, tmp_path, ca
     assert len(row["search_schedule"]) == 6
     assert row["search_minus_policy"]["mean"] == pytest.approx(row["search_nll"] - row["policy_nll"], abs=1e-9)
     assert "Budgets are cost fractions" in (out / "report.md").read_text()
+    assert not (out / "progress.partial.pt").exists()  # the resumable progress is gone once the run completed
     assert evaluate.main(argv[:-1] + [str(tmp_path / "o2"), "--mc-tasks", "bigbench:x"]) == 2
     assert "--mc-tasks" in capsys.readouterr().err
