@@ -9,10 +9,11 @@ the lm-eval adapter are thin drivers over a `Stepper`.
     stepper.actions, stepper.controlled, stepper.budget()    # what ran, and its realized budget
 
 Protocol. Row r's prefix ids[r, :lengths[r]] is prefilled densely at positions 0..lengths[r]-1 (in
-chunks of PREFILL_CHUNK), together with the neighbouring rows of its length only. Controlled step t feeds one token per row at position lengths[r] + t with
-the action its source picked from the previous token's last-layer hidden state and the fed token's
-embedding; the step's logits predict the row's next token. So every predicted token comes from exactly
-one action. Positions below DENSE_PREFIX always run dense and count in no budget.
+chunks of PREFILL_CHUNK, with its neighbouring rows of the same length only). Controlled step t feeds
+one token per row at position lengths[r] + t with the action its source picked from the previous
+token's last-layer hidden state and the fed token's embedding; the step's logits predict the row's next
+token. So every predicted token comes from exactly one action. Positions below DENSE_PREFIX always run
+dense and count in no budget.
 
 Ragged rows. A row's tokens always sit at positions 0.. of its own, and each run of rows of one
 length is prefilled on its own, over that length: a row's prefill is then the same computation as the
@@ -185,9 +186,8 @@ class Stepper:
         ids = ids.to(self.device)
         slot = "prefill" if repeats > 1 else "steps"
         cache = self.dispatcher.cache(slot, rows, need, device=self.device)
-        hidden = torch.zeros(rows, self.sol.token_embedding.shape[1], dtype=self.sol.dtype, device=self.device)
-        for a, b in _runs_of_equal_length(lengths):
-            hidden[a:b] = self._prefill_rows(ids[a:b, :lengths[a]], _rows_of(cache, a, b))
+        hidden = torch.cat([self._prefill_rows(ids[a:b, :lengths[a]], _rows_of(cache, a, b))
+                            for a, b in _runs_of_equal_length(lengths)])
         if repeats > 1:
             cache = repeat_rows(cache, repeats, out=self.dispatcher.cache("steps", batch, need, device=self.device),
                                 length=longest)

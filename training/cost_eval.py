@@ -79,7 +79,7 @@ def _fingerprint(sol, policies: list[PolicyNet], contexts, val_contexts, budgets
     """What an evaluation's figures depend on (the model, policies, contexts and options), as one hash."""
     h = hashlib.sha256()
     for t in [sol.token_embedding, contexts, val_contexts] + [v for p in policies for v in p.state_dict().values()]:
-        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())  # any dtype
     h.update(repr((str(sol.space), [repr(p.config) for p in policies], list(budgets), horizon, random_draws, chunk,
                    seed)).encode())
     return h.hexdigest()
