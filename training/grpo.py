@@ -27,7 +27,9 @@ One update (DESIGN.md "Policy and training"):
 All randomness is derived from (seed, update, global context index), so a run is reproducible,
 independent of the number of ranks and of where it was interrupted (--resume replays exactly).
 A non-finite reward, loss or gradient stops training with an error and does not touch the last
-checkpoint. Only rank 0 logs and writes.
+checkpoint. Ctrl-C (SIGINT) or SIGTERM lets the running update finish, writes a checkpoint and exits
+with status 130 (every rank at the same update); a second one aborts at once. Only rank 0 logs and
+writes.
 
 Outputs under --out: config.json, checkpoint.pt (latest: policy, optimizer, RNG states, update),
 policy.pt (policy config + weights, what runtime.policy.PolicyNet.load reads), tb/ (TensorBoard).
@@ -42,7 +44,9 @@ import json
 import math
 import os
 import random
+import signal
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -479,6 +483,7 @@ class Trainer:
         self.out = Path(cfg.out)
         self.update = 0
         self.wrote_checkpoint = False
+        self.interrupted = False  # stopped early on SIGINT / SIGTERM, with a checkpoint
         if cfg.resume:
             self._load_checkpoint()
         self.is_main = self.rank == 0
@@ -677,35 +682,71 @@ class Trainer:
             bar = tqdm(total=cfg.max_updates, initial=self.update, desc="grpo", unit="upd", dynamic_ncols=True)
         start = time.perf_counter()
         last: dict[str, float] = {}
-        try:
-            while self.update < cfg.max_updates:
-                metrics = self.step(self.update)
-                self.update += 1
-                last = metrics
-                if self.is_main:
-                    for k, v in metrics.items():
-                        self.writer.add_scalar(k, v, self.update)
-                    if bar is not None:
-                        bar.update(1)
-                        bar.set_postfix(task=f"{metrics['reward/task']:.3f}", pen=f"{metrics['reward/penalty']:.3f}",
-                                        net=f"{metrics['budget/net_keep']:.2f}/{metrics['budget/net_target']:.2f}",
-                                        eps=f"{metrics['perf/episodes_per_s']:.1f}")
-                out_of_time = cfg.max_minutes > 0 and (time.perf_counter() - start) / 60 >= cfg.max_minutes
-                if self.distributed:  # every rank stops at the same update
-                    out_of_time = bool(_all_sum(torch.tensor([float(out_of_time)])) > 0)
-                if self.update % cfg.checkpoint_every == 0 or self.update == cfg.max_updates or out_of_time:
-                    self.save_checkpoint()
-                if out_of_time:
+        with _StopRequests(announce=self.is_main) as stop:
+            try:
+                while self.update < cfg.max_updates:
+                    metrics = self.step(self.update)
+                    self.update += 1
+                    last = metrics
                     if self.is_main:
-                        print(f"grpo: time limit of {cfg.max_minutes} min reached after {self.update} updates", file=sys.stderr)
-                    break
-        finally:
-            if bar is not None:
-                bar.close()
-            if self.writer is not None:
-                self.writer.flush()
-                self.writer.close()
+                        for k, v in metrics.items():
+                            self.writer.add_scalar(k, v, self.update)
+                        if bar is not None:
+                            bar.update(1)
+                            bar.set_postfix(task=f"{metrics['reward/task']:.3f}", pen=f"{metrics['reward/penalty']:.3f}",
+                                            net=f"{metrics['budget/net_keep']:.2f}/{metrics['budget/net_target']:.2f}",
+                                            eps=f"{metrics['perf/episodes_per_s']:.1f}")
+                    out_of_time = cfg.max_minutes > 0 and (time.perf_counter() - start) / 60 >= cfg.max_minutes
+                    stopped = stop.requested
+                    if self.distributed:  # every rank stops at the same update
+                        flags = _all_sum(torch.tensor([float(out_of_time), float(stopped)]))
+                        out_of_time, stopped = bool(flags[0] > 0), bool(flags[1] > 0)
+                    if self.update % cfg.checkpoint_every == 0 or self.update == cfg.max_updates or out_of_time or stopped:
+                        self.save_checkpoint()
+                    if stopped:
+                        self.interrupted = True
+                        break
+                    if out_of_time:
+                        if self.is_main:
+                            print(f"grpo: time limit of {cfg.max_minutes} min reached after {self.update} updates", file=sys.stderr)
+                        break
+            finally:
+                if bar is not None:
+                    bar.close()
+                if self.writer is not None:
+                    self.writer.flush()
+                    self.writer.close()
         return last
+
+
+class _StopRequests:
+    """SIGINT (Ctrl-C) and SIGTERM within the block ask the training loop to stop after the update that is
+    running, with a checkpoint (`requested`); a second one aborts at once (KeyboardInterrupt). Outside the
+    main thread (no signal handlers there) nothing is installed."""
+
+    SIGNALS = ("SIGINT", "SIGTERM")
+
+    def __init__(self, announce: bool):
+        self.requested, self.announce, self._previous = False, announce, {}
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        if self.announce:
+            print("\ngrpo: stopping after this update with a checkpoint (again to abort now)", file=sys.stderr, flush=True)
+
+    def __enter__(self) -> "_StopRequests":
+        if threading.current_thread() is threading.main_thread():
+            for name in self.SIGNALS:
+                sig = getattr(signal, name, None)
+                if sig is not None:
+                    self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
 
 def train(cfg: GRPOConfig, sol=None, contexts: Tensor | None = None) -> Trainer:
@@ -796,6 +837,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SolcError as e:
         print(f"grpo: error: {e}", file=sys.stderr)
         return 2
+    if trainer.interrupted:
+        if trainer.is_main:
+            print(f"grpo: stopped on request after {trainer.update} update{'' if trainer.update == 1 else 's'}; "
+                  f"checkpoint in {Path(cfg.out) / 'checkpoint.pt'}: "
+                  f"the same command with --resume continues the run", file=sys.stderr)
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+        return 130
     if trainer.is_main:
         if trainer.wrote_checkpoint:
             print(f"grpo: {trainer.update} updates done; policy written to {Path(cfg.out) / 'policy.pt'}")

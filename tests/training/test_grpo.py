@@ -1,6 +1,7 @@
 """GRPO: rewards, penalties, advantages, and whole runs (resume, data parallel, logging, NaN stop)."""
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -135,6 +136,59 @@ def test_resume_reproduces_uninterrupted_run(tmp_path, tiny_sol):
     opt_a = _state(tmp_path / "full" / "checkpoint.pt")["optimizer"]["state"]
     opt_b = _state(tmp_path / "cut" / "checkpoint.pt")["optimizer"]["state"]
     assert all(torch.equal(opt_a[i]["exp_avg"], opt_b[i]["exp_avg"]) for i in opt_a)
+
+
+def _signal_during_update(monkeypatch, update: int, times: int = 1, sig=signal.SIGINT):
+    """Trainer.step sends `sig` to this process `times` times while it runs update `update` (0-based)."""
+    real = grpo.Trainer.step
+
+    def step(self, u):
+        out = real(self, u)
+        if u == update:
+            for _ in range(times):
+                os.kill(os.getpid(), sig)
+        return out
+    monkeypatch.setattr(grpo.Trainer, "step", step)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_stop_request_finishes_the_update_checkpoints_and_resumes_exactly(tmp_path, tiny_sol, monkeypatch, sig):
+    """Ctrl-C (or a scheduler's SIGTERM) in update 2 lets it finish, writes a checkpoint although
+    checkpoint_every is far off, and stops; --resume then gives the uninterrupted run's policy. The
+    handlers are restored afterwards."""
+    before = signal.getsignal(sig)
+    _signal_during_update(monkeypatch, update=1, sig=sig)
+    cut = train(_cfg(tmp_path / "cut", max_updates=4, checkpoint_every=100), sol=tiny_sol)
+    assert cut.interrupted and cut.update == 2
+    assert _state(tmp_path / "cut" / "checkpoint.pt")["update"] == 2
+    assert signal.getsignal(sig) is before
+    monkeypatch.undo()
+    resumed = train(_cfg(tmp_path / "cut", max_updates=4, checkpoint_every=100, resume=True), sol=tiny_sol)
+    full = train(_cfg(tmp_path / "full", max_updates=4, checkpoint_every=100), sol=tiny_sol)
+    assert not resumed.interrupted and resumed.update == 4
+    a, b = full.policy.state_dict(), resumed.policy.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_second_stop_request_aborts_at_once(tmp_path, tiny_sol, monkeypatch):
+    before = signal.getsignal(signal.SIGINT)
+    _signal_during_update(monkeypatch, update=0, times=2)
+    with pytest.raises(KeyboardInterrupt):
+        train(_cfg(tmp_path / "run", max_updates=4, checkpoint_every=100), sol=tiny_sol)
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()  # no checkpoint of a half-done update
+    assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_the_cli_exits_130_after_a_stop_request(tmp_path, monkeypatch, capsys):
+    _signal_during_update(monkeypatch, update=0)
+    cfg = _cfg(tmp_path / "run", max_updates=4, checkpoint_every=100)
+    argv = [f"--{k.replace('_', '-')}={v}" for k, v in vars(cfg).items()
+            if k in ("model", "corpus", "context_length", "horizon", "group_size", "contexts_per_update", "rollout_batch",
+                     "max_contexts", "policy_d_model", "policy_heads", "max_updates", "checkpoint_every", "out")]
+    assert grpo.main(argv + ["--no-progress"]) == 130
+    err = capsys.readouterr().err
+    assert "stopped on request after 1 update;" in err and "--resume" in err
+    assert (tmp_path / "run" / "checkpoint.pt").exists()
 
 
 def test_non_finite_reward_stops_and_keeps_last_checkpoint(tmp_path, tiny_sol, monkeypatch):
