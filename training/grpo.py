@@ -27,9 +27,9 @@ One update (DESIGN.md "Policy and training"):
 All randomness is derived from (seed, update, global context index), so a run is reproducible,
 independent of the number of ranks and of where it was interrupted (--resume replays exactly).
 A non-finite reward, loss or gradient stops training with an error and does not touch the last
-checkpoint. Ctrl-C (SIGINT) or SIGTERM lets the running update finish, writes a checkpoint and exits
-with status 130 (every rank at the same update); a second one aborts at once. Only rank 0 logs and
-writes.
+checkpoint. Ctrl-C (SIGINT) or SIGTERM lets the running update finish, writes a checkpoint and raises
+TrainingStopped, a KeyboardInterrupt (every rank at the same update; the CLI exits with status 130); a
+second one aborts at once. Only rank 0 logs and writes.
 
 Outputs under --out: config.json, checkpoint.pt (latest: policy, optimizer, RNG states, update),
 policy.pt (policy config + weights, what runtime.policy.PolicyNet.load reads), tb/ (TensorBoard).
@@ -71,6 +71,16 @@ CHECKPOINT_VERSION = 1
 
 class TrainingDiverged(RuntimeError):
     """A non-finite reward, loss or gradient: training stopped, the last checkpoint is intact."""
+
+
+class TrainingStopped(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM stopped training after a finished update, whose checkpoint was written: the
+    interrupt still reaches the caller (a script around `train` stops too), with nothing lost."""
+
+    def __init__(self, update: int, checkpoint: Path):
+        super().__init__(f"stopped on request after {update} update{'' if update == 1 else 's'}; "
+                         f"checkpoint in {checkpoint}")
+        self.update, self.checkpoint = update, checkpoint
 
 
 def _opt(default, help: str, **kw):
@@ -483,7 +493,7 @@ class Trainer:
         self.out = Path(cfg.out)
         self.update = 0
         self.wrote_checkpoint = False
-        self.interrupted = False  # stopped early on SIGINT / SIGTERM, with a checkpoint
+        self.interrupted = False  # stopped early on SIGINT / SIGTERM, with a checkpoint (run raises TrainingStopped)
         if cfg.resume:
             self._load_checkpoint()
         self.is_main = self.rank == 0
@@ -716,6 +726,8 @@ class Trainer:
                 if self.writer is not None:
                     self.writer.flush()
                     self.writer.close()
+        if self.interrupted:
+            raise TrainingStopped(self.update, self.checkpoint_path)
         return last
 
 
@@ -828,6 +840,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         cfg = config_from_args(argv)
         trainer = train(cfg)
+    except TrainingStopped as e:
+        print(f"grpo: {e}: the same command with --resume continues the run", file=sys.stderr)
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+        return 130
     except TrainingDiverged as e:
         checkpoint = Path(cfg.out) / "checkpoint.pt"
         kept = (f"The last good checkpoint ({checkpoint}) is intact." if checkpoint.is_file()
@@ -837,14 +854,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SolcError as e:
         print(f"grpo: error: {e}", file=sys.stderr)
         return 2
-    if trainer.interrupted:
-        if trainer.is_main:
-            print(f"grpo: stopped on request after {trainer.update} update{'' if trainer.update == 1 else 's'}; "
-                  f"checkpoint in {Path(cfg.out) / 'checkpoint.pt'}: "
-                  f"the same command with --resume continues the run", file=sys.stderr)
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
-        return 130
     if trainer.is_main:
         if trainer.wrote_checkpoint:
             print(f"grpo: {trainer.update} updates done; policy written to {Path(cfg.out) / 'policy.pt'}")

@@ -158,8 +158,9 @@ def test_a_stop_request_finishes_the_update_checkpoints_and_resumes_exactly(tmp_
     handlers are restored afterwards."""
     before = signal.getsignal(sig)
     _signal_during_update(monkeypatch, update=1, sig=sig)
-    cut = train(_cfg(tmp_path / "cut", max_updates=4, checkpoint_every=100), sol=tiny_sol)
-    assert cut.interrupted and cut.update == 2
+    with pytest.raises(grpo.TrainingStopped) as stopped:  # a KeyboardInterrupt: a script around train stops too
+        train(_cfg(tmp_path / "cut", max_updates=4, checkpoint_every=100), sol=tiny_sol)
+    assert stopped.value.update == 2 and isinstance(stopped.value, KeyboardInterrupt)
     assert _state(tmp_path / "cut" / "checkpoint.pt")["update"] == 2
     assert signal.getsignal(sig) is before
     monkeypatch.undo()
@@ -173,8 +174,9 @@ def test_a_stop_request_finishes_the_update_checkpoints_and_resumes_exactly(tmp_
 def test_a_second_stop_request_aborts_at_once(tmp_path, tiny_sol, monkeypatch):
     before = signal.getsignal(signal.SIGINT)
     _signal_during_update(monkeypatch, update=0, times=2)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt) as aborted:
         train(_cfg(tmp_path / "run", max_updates=4, checkpoint_every=100), sol=tiny_sol)
+    assert not isinstance(aborted.value, grpo.TrainingStopped)
     assert not (tmp_path / "run" / "checkpoint.pt").exists()  # no checkpoint of a half-done update
     assert signal.getsignal(signal.SIGINT) is before
 
