@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import math
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import torch
 from tqdm import tqdm
 
 import solc
+from solc.cache import atomic_write_bytes
 from training.cli import command_line
 
 DENSE_PREFIX = 7  # DESIGN: the first Ts+Tw+1 positions of an episode always run dense
@@ -67,10 +69,11 @@ def main(argv=None) -> None:
     command = command_line("training.uniform_ppl", argv)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out.with_suffix(".csv"), "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    table = io.StringIO(newline="")
+    writer = csv.DictWriter(table, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_bytes(out.with_suffix(".csv"), table.getvalue().encode())  # an interrupt leaves the old file whole
     lines = [
         f"# Perplexity under each uniform action ({args.model}, {args.corpus} {args.split} split, quant={args.quant!r})",
         "",
@@ -83,7 +86,7 @@ def main(argv=None) -> None:
         "|---:|---:|---:|---:|---:|",
     ]
     lines += [f"| {r['attn_keep']} | {r['mlp_keep']} | {r['bits']} | {r['net_keep']:.3f} | {r['ppl']:.2f} |" for r in rows]
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    atomic_write_bytes(out.with_suffix(".md"), ("\n".join(lines) + "\n").encode())
     print("\n".join(lines))
 
 
