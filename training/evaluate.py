@@ -22,12 +22,16 @@ Writes to --out: results.csv (one row per eval, method, budget), pareto.png (qua
 keep, one line per method; uniform actions as points), report.md (tables: perplexity and accuracy per
 method and budget, paired differences, the policy's budget adherence), command.txt, and TensorBoard
 scalars under tb/ (tag <eval>/<method>/<metric>, step = round(100 * requested budget), or
-round(100 * net keep) for uniform actions). A tqdm bar tracks contexts and questions.
+round(100 * net keep) for uniform actions). A tqdm bar tracks contexts and questions. The finished
+parts (random search, each perplexity chunk, the matched baselines, each multiple-choice task) are kept
+in --out/progress.partial.pt while it runs: the same command after an interrupt resumes there, with the
+same results.
 """
 from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import math
 import sys
 import time
@@ -41,8 +45,10 @@ from torch import Tensor
 from runtime import validation
 from runtime.actions import AXES
 from runtime.errors import ArgumentError, ArgumentTypeError, SolcError
+from solc.cache import atomic_torch_save
 from solc.models import DTYPES, resolve_device, resolve_dtype
-from training.baselines import Composite, axis_targets, build_source, matched_baselines, random_search, target_key
+from training.baselines import (Composite, MatchedBaselines, SearchResult, axis_targets, build_source,
+                                matched_baselines, random_search, target_key)
 from training.cli import command_line, write_json
 from training.episodes import rollout
 
@@ -247,21 +253,31 @@ def load_contexts(cfg: EvalConfig, split: str, n: int, vocab_size: int) -> Tenso
 # -- perplexity -------------------------------------------------------------------------------------
 @torch.no_grad()
 def evaluate_ppl(sol, contexts: Tensor, entries: list[Entry], horizon: int, max_rows: int = 160, seed: int = 0,
-                 on_progress: Callable[[int], None] | None = None) -> tuple[Tensor, Tensor]:
+                 on_progress: Callable[[int], None] | None = None, resume: dict | None = None,
+                 on_chunk: Callable[[dict], None] | None = None) -> tuple[Tensor, Tensor]:
     """(per-context mean log-lik [C, E], per-context realized budget [C, E, 3]) of every entry, all
-    entries side by side in one shared-prefill rollout per chunk of contexts."""
+    entries side by side in one shared-prefill rollout per chunk of contexts. After every chunk
+    `on_chunk` gets the state so far ({"done", "ll", "budget", "gen"}); `resume` (such a state) continues
+    from it, with the same results as a run that was never stopped."""
     E, C = len(entries), contexts.shape[0]
     per_chunk = max(1, max_rows // E)
     ll = torch.zeros(C, E, dtype=torch.float64)
     budget = torch.zeros(C, E, 3, dtype=torch.float64)
     gen = torch.Generator().manual_seed(seed)
-    for lo in range(0, C, per_chunk):
+    start = 0
+    if resume is not None:
+        start = resume["done"]
+        ll[:start], budget[:start] = resume["ll"], resume["budget"]
+        gen.set_state(resume["gen"])
+    for lo in range(start, C, per_chunk):
         ctx = contexts[lo : lo + per_chunk]
         c = ctx.shape[0]
         targets = torch.tensor([e.target for e in entries], dtype=torch.float64).repeat(c, 1)
         ep = rollout(sol, ctx, Composite([e.make() for e in entries]), targets, group=E, horizon=horizon, generator=gen)
         ll[lo : lo + c] = ep.mean_logp().double().view(c, E).cpu()
         budget[lo : lo + c] = ep.budget.view(c, E, 3)
+        if on_chunk is not None:
+            on_chunk({"done": lo + c, "ll": ll[:lo + c].clone(), "budget": budget[:lo + c].clone(), "gen": gen.get_state()})
         if on_progress is not None:
             on_progress(c)
     return ll, budget
@@ -304,8 +320,55 @@ def build(cfg: EvalConfig):
     return sol, policy, tokenizer
 
 
-def run(cfg: EvalConfig, sol=None, policy=None, tokenizer=None) -> dict:
-    """Run the evaluation; returns {"rows": [...], "ppl": {...}, "search": {...}}. Writes nothing."""
+class _Progress:
+    """An evaluation's finished parts (random search, perplexity chunks, matched baselines, each
+    multiple-choice task), saved to `path` as they finish (written whole, then renamed), so that the same
+    evaluation rerun after an interrupt skips them and gives the same results. A file left by another
+    evaluation (another fingerprint) is not used. No path: nothing is saved."""
+
+    def __init__(self, path: Path | None, fingerprint: str):
+        self.path, self.state = path, {"fingerprint": fingerprint}
+        if path is None or not path.exists():
+            return
+        try:
+            saved = torch.load(path, weights_only=True)
+        except Exception as e:  # another version's file, or a damaged one: start over (it is overwritten)
+            print(f"evaluate: ignoring {path} ({type(e).__name__}); starting over", file=sys.stderr)
+            return
+        if saved.get("fingerprint") == fingerprint:
+            self.state = saved
+            print(f"evaluate: resuming from {path} ({', '.join(k for k in saved if k != 'fingerprint')} done)",
+                  file=sys.stderr)
+        else:
+            print(f"evaluate: {path} holds another evaluation's progress; starting over", file=sys.stderr)
+
+    def get(self, key: str):
+        return self.state.get(key)
+
+    def put(self, key: str, value) -> None:
+        self.state[key] = value
+        if self.path is not None:
+            atomic_torch_save(self.state, self.path)
+
+    def finish(self) -> None:
+        if self.path is not None:
+            self.path.unlink(missing_ok=True)
+
+
+def _fingerprint(cfg: EvalConfig, sol, policy) -> str:
+    """What an evaluation's results depend on: the options (not where it writes or how it shows
+    progress), the model's embedding and the policy's weights."""
+    h = hashlib.sha256()
+    options = {k: v for k, v in vars(cfg).items() if k not in ("out", "progress", "threads")}
+    h.update(repr(sorted(options.items())).encode())
+    for t in [sol.token_embedding] + (list(policy.state_dict().values()) if policy is not None else []):
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def run(cfg: EvalConfig, sol=None, policy=None, tokenizer=None, progress_file: Path | None = None) -> dict:
+    """Run the evaluation; returns {"rows": [...], "ppl": {...}, "search": {...}}. Writes nothing but
+    `progress_file` (the finished parts, for a rerun after an interrupt; removed at the end)."""
     from tqdm.auto import tqdm
 
     from training import mc
@@ -313,6 +376,8 @@ def run(cfg: EvalConfig, sol=None, policy=None, tokenizer=None) -> dict:
     if sol is None:
         sol, policy, tokenizer = build(cfg)
     space = sol.space
+    saved = _Progress(Path(progress_file) if progress_file is not None else None,
+                      _fingerprint(cfg, sol, policy) if progress_file is not None else "")
     methods = [m for m in cfg.methods if m != "policy" or policy is not None]
     tasks = []
     for spec in cfg.mc_tasks:
@@ -332,21 +397,37 @@ def run(cfg: EvalConfig, sol=None, policy=None, tokenizer=None) -> dict:
     searched = None
     if need_search:
         bar.set_postfix_str("random search (validation)")
-        val = load_contexts(cfg, "validation", cfg.val_contexts, vocab)
-        searched = random_search(sol, val, [axis_targets(space, b) for b in cfg.budgets], n=cfg.search_n,
-                                 horizon=cfg.horizon, seed=cfg.seed, max_rows=cfg.max_rows, on_progress=bar.update)
+        found = saved.get("search")
+        if found is None:
+            val = load_contexts(cfg, "validation", cfg.val_contexts, vocab)
+            searched = random_search(sol, val, [axis_targets(space, b) for b in cfg.budgets], n=cfg.search_n,
+                                     horizon=cfg.horizon, seed=cfg.seed, max_rows=cfg.max_rows, on_progress=bar.update)
+            saved.put("search", [(list(k), list(r.target), r.schedules, r.scores, r.best) for k, r in searched.items()])
+        else:
+            searched = {tuple(k): SearchResult(tuple(t), sch, sc, best) for k, t, sch, sc, best in found}
+            bar.update(cfg.val_contexts)
         out["search"] = {k: {"best": r.best, "val_loglik": r.scores.tolist(), "schedule": r.schedule.tolist()} for k, r in searched.items()}
 
     if cfg.test_contexts > 0:  # 0: multiple choice only
         bar.set_postfix_str("perplexity (test)")
         entries = make_entries(space, methods, cfg.budgets, policy, searched, cfg.greedy, uniform=cfg.uniform)
         test = load_contexts(cfg, "test", cfg.test_contexts, vocab)
-        ll, budget = evaluate_ppl(sol, test, entries, cfg.horizon, cfg.max_rows, cfg.seed, on_progress=bar.update)
+        resume = saved.get("ppl")
+        if resume is not None:
+            bar.update(resume["done"])
+        ll, budget = evaluate_ppl(sol, test, entries, cfg.horizon, cfg.max_rows, cfg.seed, on_progress=bar.update,
+                                  resume=resume, on_chunk=lambda state: saved.put("ppl", state))
         pol = [j for j, e in enumerate(entries) if e.method == "policy"]
         if pol and matched:
             bar.set_postfix_str("fixed/random at the policy's realized budgets")
-            base = matched_baselines(sol, test, budget[:, pol], cfg.horizon, cfg.matched_draws, cfg.seed, cfg.max_rows,
-                                     on_progress=bar.update)
+            done = saved.get("matched")
+            if done is None:
+                base = matched_baselines(sol, test, budget[:, pol], cfg.horizon, cfg.matched_draws, cfg.seed,
+                                         cfg.max_rows, on_progress=bar.update)
+                saved.put("matched", [base.fixed_loglik, base.random_loglik, base.fixed_budget, base.random_budget])
+            else:
+                base = MatchedBaselines(*done)
+                bar.update(cfg.test_contexts)
             for name, b_ll, b_budget in (("fixed@policy", base.fixed_loglik, base.fixed_budget),
                                           ("random@policy", base.random_loglik, base.random_budget)):
                 entries += [Entry(name, entries[j].budget, entries[j].target, None) for j in pol]
@@ -363,17 +444,27 @@ def run(cfg: EvalConfig, sol=None, policy=None, tokenizer=None) -> dict:
     dense = f"uniform:{space.dense_index}"
     mc_entries.append(Entry(dense, None, (1.0, 1.0, 1.0), lambda: build_source(dense)))
     gen = torch.Generator().manual_seed(cfg.seed)
-    for task in tasks:
+    done = saved.get("mc") or {"tasks": 0, "rows": []}
+    if done["tasks"]:
+        gen.set_state(done["gen"])
+        out["rows"] += done["rows"]
+        bar.update(sum(len(t.questions) for t in tasks[:done["tasks"]]))
+    for i, task in enumerate(tasks[done["tasks"]:], start=done["tasks"]):
         bar.set_postfix_str(task.name)
         names = [f"{e.method}@{_budget_label(e.budget)}" for e in mc_entries]
         res = mc.score_task(sol, tokenizer, task, {n: (e.make, e.target) for n, e in zip(names, mc_entries)},
                             generator=gen, on_question=bar.update, tail=cfg.mc_tail)
+        rows = []
         for n, e in zip(names, mc_entries):
             r = res[n]
             b = torch.tensor([r.budget[a] for a in AXES], dtype=torch.float64)
-            out["rows"].append(_row(space, task.name, e, b, "acc", r.accuracy, len(task.questions),
-                                    {"chance": task.chance, "correct": sum(r.correct)}))
+            rows.append(_row(space, task.name, e, b, "acc", r.accuracy, len(task.questions),
+                             {"chance": task.chance, "correct": sum(r.correct)}))
+        out["rows"] += rows
+        done = {"tasks": i + 1, "rows": done["rows"] + rows, "gen": gen.get_state()}
+        saved.put("mc", done)
     bar.close()
+    saved.finish()
     return out
 
 
@@ -661,9 +752,9 @@ def _run_cli(cfg: EvalConfig, argv) -> int:
     if _cost_policy(cfg) is not None:
         return _run_cost_cli(cfg, command)
     t0 = time.perf_counter()
-    result = run(cfg)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
+    result = run(cfg, progress_file=out / "progress.partial.pt")  # the same command resumes after an interrupt
     write_csv(result["rows"], out / "results.csv")
     plot_pareto(result["rows"], out / "pareto.png")
     write_tensorboard(result["rows"], out / "tb")

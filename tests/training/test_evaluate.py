@@ -110,3 +110,74 @@ def test_a_cost_budget_policy_is_compared_at_matched_cost(tiny_sol, tmp_path, ca
     assert not (out / "progress.partial.pt").exists()  # the resumable progress is gone once the run completed
     assert evaluate.main(argv[:-1] + [str(tmp_path / "o2"), "--mc-tasks", "bigbench:x"]) == 2
     assert "--mc-tasks" in capsys.readouterr().err
+
+
+def _mc_cache(tmp_path, monkeypatch):
+    root = tmp_path / "cache"
+    (root / "data" / "mc" / "bigbench").mkdir(parents=True)
+    (root / "data" / "mc" / "mmlu").mkdir(parents=True)
+    task = {"name": "t", "append_choices_to_input": False,
+            "examples": [{"input": f"q{i}", "target_scores": {"yes": i % 2, "no": 1 - i % 2}} for i in range(4)]}
+    (root / "data" / "mc" / "bigbench" / "t.json").write_text(json.dumps(task))
+    rows = [{"question": f"Q{i}\nA. a\nB. b\nAnswer:", "answer": "AB"[i % 2]} for i in range(4)]
+    (root / "data" / "mc" / "mmlu" / "m.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    monkeypatch.setenv("SOLC_CACHE", str(root))
+
+
+def test_an_interrupted_evaluation_resumes_where_it_stopped(tiny_sol, tiny_policy, tmp_path, monkeypatch):
+    """The finished parts (random search, each perplexity chunk, the matched baselines, each multiple-choice
+    task) are saved as they finish; a rerun after an interrupt runs only what was left and gives the
+    uninterrupted run's results; the progress file is gone at the end, and another evaluation's is not used."""
+    from training import mc
+
+    _mc_cache(tmp_path, monkeypatch)
+    policy, _ = tiny_policy
+    cfg = evaluate.EvalConfig(policy="x", model="tiny-llama", corpus="random", budgets=[0.6],
+                              methods=["policy", "fixed", "random", "random-search"], uniform="dense",
+                              context_length=26, test_contexts=4, val_contexts=1, search_n=2, matched_draws=1,
+                              max_rows=10, mc_tasks=["bigbench:t", "mmlu:m"], mc_shots=[0], mc_questions=3,
+                              progress=False)
+    run = lambda **kw: evaluate.run(cfg, sol=tiny_sol, policy=policy, tokenizer=ByteTok(), **kw)  # noqa: E731
+    whole = run()
+    progress = tmp_path / "progress.partial.pt"
+    calls, stop = {"rollout": 0, "task": 0}, {}
+    real_rollout, real_task = evaluate.rollout, mc.score_task
+
+    def counted(name, real):
+        def call(*a, **k):
+            calls[name] += 1
+            if stop.get(name) == calls[name]:
+                raise KeyboardInterrupt
+            return real(*a, **k)
+        return call
+    monkeypatch.setattr(evaluate, "rollout", counted("rollout", real_rollout))
+    monkeypatch.setattr(mc, "score_task", counted("task", real_task))
+
+    stop["rollout"] = 2  # the perplexity's second chunk (5 entries x 2 contexts per chunk at max_rows 10)
+    with pytest.raises(KeyboardInterrupt):
+        run(progress_file=progress)
+    assert torch.load(progress, weights_only=True)["ppl"]["done"] == 2
+    stop.clear()
+    stop["task"] = 2  # then the second multiple-choice task
+    calls.update(rollout=0, task=0)
+    with pytest.raises(KeyboardInterrupt):
+        run(progress_file=progress)
+    assert calls["rollout"] == 1  # only the perplexity's last chunk ran again
+    assert torch.load(progress, weights_only=True)["mc"]["tasks"] == 1
+    stop.clear()
+    calls.update(rollout=0, task=0)
+    resumed = run(progress_file=progress)
+    assert calls == {"rollout": 0, "task": 1} and not progress.exists()
+    assert resumed["rows"] == whole["rows"]
+    assert torch.equal(resumed["ppl"]["loglik"], whole["ppl"]["loglik"])
+
+    # another evaluation's progress is not used
+    stop["task"] = 1
+    calls.update(rollout=0, task=0)
+    with pytest.raises(KeyboardInterrupt):
+        run(progress_file=progress)
+    stop.clear()
+    calls.update(rollout=0, task=0)
+    cfg.budgets = [0.7]
+    other = run(progress_file=progress)
+    assert calls["task"] == 2 and calls["rollout"] == 2 and {r["budget"] for r in other["rows"] if r["method"] == "fixed"} == {"0.7"}
