@@ -17,3 +17,11 @@ def command_line(module: str, argv=None) -> str:
 def write_json(path, record: dict) -> None:
     """The record as indented JSON, written atomically (an interrupted write leaves the old file)."""
     atomic_write_bytes(Path(path), (json.dumps(record, indent=2) + "\n").encode())
+
+
+def digest_tensors(h, tensors) -> None:
+    """Feed the bytes of each tensor (any dtype, any device) to the hash `h` (a resume file's fingerprint)."""
+    import torch
+
+    for t in tensors:
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())

@@ -46,7 +46,7 @@ from runtime.policy import PolicyNet, PolicySource
 from runtime.schedulers import Fixed, Random, Schedule
 from solc.cache import atomic_torch_save
 from training.baselines import AtCost, Composite, HullMix, Uniform, hull_mix, lower_hull, search_at_cost, uniform_nll
-from training.cli import command_line, write_json
+from training.cli import command_line, digest_tensors, write_json
 from training.episodes import rollout
 
 
@@ -78,8 +78,7 @@ def _fingerprint(sol, policies: list[PolicyNet], contexts, val_contexts, budgets
                  seed) -> str:
     """What an evaluation's figures depend on (the model, policies, contexts and options), as one hash."""
     h = hashlib.sha256()
-    for t in [sol.token_embedding, contexts, val_contexts] + [v for p in policies for v in p.state_dict().values()]:
-        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())  # any dtype
+    digest_tensors(h, [sol.token_embedding, contexts, val_contexts] + [v for p in policies for v in p.state_dict().values()])
     h.update(repr((str(sol.space), [repr(p.config) for p in policies], list(budgets), horizon, random_draws, chunk,
                    seed)).encode())
     return h.hexdigest()

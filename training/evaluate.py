@@ -49,7 +49,7 @@ from solc.cache import atomic_torch_save
 from solc.models import DTYPES, resolve_device, resolve_dtype
 from training.baselines import (Composite, MatchedBaselines, SearchResult, axis_targets, build_source,
                                 matched_baselines, random_search, target_key)
-from training.cli import command_line, write_json
+from training.cli import command_line, digest_tensors, write_json
 from training.episodes import rollout
 
 DEFAULT_METHODS = ("policy", "fixed", "random", "random-search")
@@ -361,8 +361,7 @@ def _fingerprint(cfg: EvalConfig, sol, policy) -> str:
     h = hashlib.sha256()
     options = {k: v for k, v in vars(cfg).items() if k not in ("out", "progress", "threads")}
     h.update(repr(sorted(options.items())).encode())
-    for t in [sol.token_embedding] + (list(policy.state_dict().values()) if policy is not None else []):
-        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    digest_tensors(h, [sol.token_embedding] + (list(policy.state_dict().values()) if policy is not None else []))
     return h.hexdigest()
 
 

@@ -59,8 +59,8 @@ def test_cli_writes_csv_plot_tensorboard_and_report(tiny_policy, tmp_path):
     assert "policy - fixed@policy" in text and "| random@policy |" in text
 
 
-def test_run_with_multiple_choice(tiny_sol, tiny_policy, tmp_path, monkeypatch):
-    policy, _ = tiny_policy
+def _mc_cache(tmp_path, monkeypatch):
+    """A cache holding a 4-question BIG-bench task `t` and MMLU-format file `m` (SOLC_CACHE points at it)."""
     root = tmp_path / "cache"
     (root / "data" / "mc" / "bigbench").mkdir(parents=True)
     (root / "data" / "mc" / "mmlu").mkdir(parents=True)
@@ -70,6 +70,11 @@ def test_run_with_multiple_choice(tiny_sol, tiny_policy, tmp_path, monkeypatch):
     rows = [{"question": f"Q{i}\nA. a\nB. b\nAnswer:", "answer": "AB"[i % 2]} for i in range(4)]
     (root / "data" / "mc" / "mmlu" / "m.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     monkeypatch.setenv("SOLC_CACHE", str(root))
+
+
+def test_run_with_multiple_choice(tiny_sol, tiny_policy, tmp_path, monkeypatch):
+    policy, _ = tiny_policy
+    _mc_cache(tmp_path, monkeypatch)
     cfg = evaluate.EvalConfig(policy="x", model="tiny-llama", corpus="random", budgets=[0.6], methods=["policy", "fixed", "random"],
                               uniform="none", context_length=26, test_contexts=0, mc_tasks=["bigbench:t", "mmlu:m"], mc_shots=[0, 1],
                               mc_questions=3, progress=False)
@@ -111,17 +116,6 @@ def test_a_cost_budget_policy_is_compared_at_matched_cost(tiny_sol, tmp_path, ca
     assert evaluate.main(argv[:-1] + [str(tmp_path / "o2"), "--mc-tasks", "bigbench:x"]) == 2
     assert "--mc-tasks" in capsys.readouterr().err
 
-
-def _mc_cache(tmp_path, monkeypatch):
-    root = tmp_path / "cache"
-    (root / "data" / "mc" / "bigbench").mkdir(parents=True)
-    (root / "data" / "mc" / "mmlu").mkdir(parents=True)
-    task = {"name": "t", "append_choices_to_input": False,
-            "examples": [{"input": f"q{i}", "target_scores": {"yes": i % 2, "no": 1 - i % 2}} for i in range(4)]}
-    (root / "data" / "mc" / "bigbench" / "t.json").write_text(json.dumps(task))
-    rows = [{"question": f"Q{i}\nA. a\nB. b\nAnswer:", "answer": "AB"[i % 2]} for i in range(4)]
-    (root / "data" / "mc" / "mmlu" / "m.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
-    monkeypatch.setenv("SOLC_CACHE", str(root))
 
 
 def test_an_interrupted_evaluation_resumes_where_it_stopped(tiny_sol, tiny_policy, tmp_path, monkeypatch):
