@@ -72,6 +72,7 @@ import argparse
 import csv
 import datetime
 import gc
+import io
 import json
 import math
 import os
@@ -88,6 +89,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import solc  # noqa: E402
 from solc import data as solc_data  # noqa: E402
+from solc.cache import atomic_write_bytes  # noqa: E402
 from runtime import hf_adapter  # noqa: E402
 from runtime.cost_model import BytesCostModel  # noqa: E402
 from runtime.dispatch import StepDispatcher  # noqa: E402
@@ -757,24 +759,21 @@ CSV_FIELDS = ["row", "kind", "threads", "batch", "context", "action", "action_la
 
 
 def write_outputs(out_dir: Path, stem: str, meta: dict, rows: list[dict], table: str) -> list[Path]:
-    """stem.json and stem.csv, each written to a temporary file and renamed over the old one: an interrupt
-    leaves the previous complete file, never a torn one."""
-    out_dir.mkdir(parents=True, exist_ok=True)
+    """stem.json and stem.csv, each written whole and renamed over the old one (solc.cache.atomic_write):
+    an interrupt leaves the previous complete file, never a torn one."""
     jpath, cpath = out_dir / f"{stem}.json", out_dir / f"{stem}.csv"
-    jtmp, ctmp = jpath.with_name(jpath.name + ".tmp"), cpath.with_name(cpath.name + ".tmp")
-    jtmp.write_text(json.dumps({"meta": meta, "rows": rows, "table": table}, indent=2) + "\n")
-    with ctmp.open("w", newline="") as f:
-        if not meta.get("complete", True):
-            f.write("# complete: False (an interrupted or still running run: the rows measured so far)\n")
-        for key in ("command", "device", "torch", "date", "model", "weights", "dtype", "mode"):
-            f.write(f"# {key}: {meta[key]}\n")
-        f.write(f"# read bandwidth GB/s (best over the run, the floors' divisor): {meta['bandwidth']['read_gbps']:.2f}\n")
-        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
-        writer.writeheader()
-        for r in rows:
-            writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
-    os.replace(jtmp, jpath)
-    os.replace(ctmp, cpath)
+    atomic_write_bytes(jpath, (json.dumps({"meta": meta, "rows": rows, "table": table}, indent=2) + "\n").encode())
+    text = io.StringIO(newline="")
+    if not meta.get("complete", True):
+        text.write("# complete: False (an interrupted or still running run: the rows measured so far)\n")
+    for key in ("command", "device", "torch", "date", "model", "weights", "dtype", "mode"):
+        text.write(f"# {key}: {meta[key]}\n")
+    text.write(f"# read bandwidth GB/s (best over the run, the floors' divisor): {meta['bandwidth']['read_gbps']:.2f}\n")
+    writer = csv.DictWriter(text, fieldnames=CSV_FIELDS, extrasaction="ignore")
+    writer.writeheader()
+    for r in rows:
+        writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
+    atomic_write_bytes(cpath, text.getvalue().encode())
     return [jpath, cpath]
 
 

@@ -10,8 +10,6 @@ copies from `hugepages.empty` (huge pages for buffers of at least hugepages.MIN_
 """
 from __future__ import annotations
 
-import argparse
-import shlex
 import sys
 import tempfile
 from pathlib import Path
@@ -38,18 +36,10 @@ def on_huge_pages(t: torch.Tensor) -> torch.Tensor:
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = kernel_build.ab_parser(__doc__, rounds=7, revisions=False)
     p.add_argument("--context", type=int, default=16384)
     p.add_argument("--keeps", default="1,0.6,0.1")
-    p.add_argument("--threads", default="1,2")
-    p.add_argument("--rounds", type=int, default=7)
-    p.add_argument("--out", default=None, help="folder for the JSON (default: print only)")
-    p.add_argument("--tag", default="", help="suffix of the JSON's name")
-    args = p.parse_args(argv)
-    command = "python benchmarks/hugepages_ab.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
-    threads = kernel_build.list_arg(p, "--threads", args.threads, int, lambda t: t >= 1, "integers >= 1")
-    if args.rounds < 1:
-        p.error(f"--rounds={args.rounds} is invalid: expected an integer >= 1")
+    args, command, threads = kernel_build.ab_args(p, "hugepages_ab.py", argv)
     if args.context < 16:
         p.error(f"--context={args.context} is invalid: expected an integer >= 16")
     keeps = kernel_build.list_arg(p, "--keeps", args.keeps, float, lambda k: 0 < k <= 1, "numbers in (0, 1]")

@@ -93,12 +93,13 @@ def timing_row(samples: dict, t: int, r: int) -> dict:
             "head_rounds": [round(v, 3) for v in samples[("head", t, r)]]}
 
 
-def ab_parser(doc: str, rounds: int) -> argparse.ArgumentParser:
+def ab_parser(doc: str, rounds: int, revisions: bool = True) -> argparse.ArgumentParser:
     """The options every A/B script takes (--base, --head, --threads, --rounds, --out, --tag); the script
-    adds its own."""
+    adds its own. revisions=False: no --base / --head (an A/B of one build on two inputs)."""
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--base", required=True, help="git revision of the base version")
-    p.add_argument("--head", default=None, help="git revision of the head version (default: the working tree)")
+    if revisions:
+        p.add_argument("--base", required=True, help="git revision of the base version")
+        p.add_argument("--head", default=None, help="git revision of the head version (default: the working tree)")
     p.add_argument("--threads", default="1,2")
     p.add_argument("--rounds", type=int, default=rounds)
     p.add_argument("--out", default=None, help="folder for the JSON (default: print only)")
