@@ -40,6 +40,17 @@ class StaticKVCache:
                 _filled(stats, float("-inf"), dtype, device),
             ]
 
+    @classmethod
+    def of(cls, tensors: list[Tensor], max_len: int) -> "StaticKVCache":
+        """A cache over existing tensors (CACHE_PARTS per layer, batch first), without allocating."""
+        out = cls.__new__(cls)
+        out.batch, out.max_len, out.tensors = tensors[0].shape[0], max_len, tensors
+        return out
+
+    def rows(self, a: int, b: int) -> "StaticKVCache":
+        """Rows a..b-1 as a cache of their own: views, so what its ops write lands in this cache."""
+        return self if (a, b) == (0, self.batch) else StaticKVCache.of([t[a:b] for t in self.tensors], self.max_len)
+
     def reset(self) -> None:
         for i, t in enumerate(self.tensors):
             t.fill_({2: float("inf"), 3: float("-inf")}.get(i % len(CACHE_PARTS), 0.0))
@@ -58,10 +69,7 @@ def repeat_rows(cache: StaticKVCache, repeats: int, out: StaticKVCache | None = 
     long), the rows are copied into it in place, only the first `length` positions (default all) and
     their pages: what lies past them is never visible before a later step rewrites it."""
     if out is None:
-        out = StaticKVCache.__new__(StaticKVCache)
-        out.batch, out.max_len = cache.batch * repeats, cache.max_len
-        out.tensors = [t.repeat_interleave(repeats, dim=0) for t in cache.tensors]
-        return out
+        return StaticKVCache.of([t.repeat_interleave(repeats, dim=0) for t in cache.tensors], cache.max_len)
     length = cache.max_len if length is None else length
     if out.batch != cache.batch * repeats or out.max_len < length or length > cache.max_len:
         raise ValueError(f"repeat_rows(out=...) copies {length} positions of {cache.max_len} into {cache.batch * repeats} "

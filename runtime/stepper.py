@@ -78,16 +78,6 @@ def _runs_of_equal_length(lengths: Sequence[int]) -> list[tuple[int, int]]:
     return runs
 
 
-def _rows_of(cache: StaticKVCache, a: int, b: int) -> StaticKVCache:
-    """Rows a..b-1 of `cache` as a cache of their own (views: what its ops write lands in `cache`)."""
-    if (a, b) == (0, cache.batch):
-        return cache
-    out = StaticKVCache.__new__(StaticKVCache)
-    out.batch, out.max_len = b - a, cache.max_len
-    out.tensors = [t[a:b] for t in cache.tensors]
-    return out
-
-
 def logprob_dtype(model_dtype: torch.dtype) -> torch.dtype:
     """The dtype log-probs are computed in: the model's, at least float32."""
     return torch.promote_types(model_dtype, torch.float32)
@@ -186,7 +176,7 @@ class Stepper:
         ids = ids.to(self.device)
         slot = "prefill" if repeats > 1 else "steps"
         cache = self.dispatcher.cache(slot, rows, need, device=self.device)
-        hidden = torch.cat([self._prefill_rows(ids[a:b, :lengths[a]], _rows_of(cache, a, b))
+        hidden = torch.cat([self._prefill_rows(ids[a:b, :lengths[a]], cache.rows(a, b))
                             for a, b in _runs_of_equal_length(lengths)])
         if repeats > 1:
             cache = repeat_rows(cache, repeats, out=self.dispatcher.cache("steps", batch, need, device=self.device),

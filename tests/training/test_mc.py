@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from runtime.actions import ActionSpace
+from runtime.kv_cache import StaticKVCache
 from runtime.schedulers import Fixed
 from runtime.sol_model import SOLOutput
 from training.baselines import Uniform
@@ -27,9 +28,9 @@ class ByteTok:
         return bytes(ids).decode(errors="replace")
 
 
-class FakeCache:
-    """What runtime.kv_cache.repeat_rows needs: batch, max_len and the tensors (here: the token
-    history, [B, 1, max_len, 1] like a key cache)."""
+class FakeCache(StaticKVCache):
+    """A cache whose one tensor is the token history ([B, 1, max_len, 1] like a key cache): what
+    runtime.kv_cache.repeat_rows and StaticKVCache.rows (the stepper's prefill) work on."""
 
     def __init__(self, batch, max_len):
         self.batch, self.max_len = batch, max_len
