@@ -31,7 +31,6 @@ machine, not an evaluation batch).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import math
 import sys
 import time
@@ -41,12 +40,12 @@ from typing import Optional
 import torch
 
 from runtime.actions import AXES, Action
+from runtime.errors import ArgumentError
 from runtime.costs import realized_budget
 from runtime.policy import PolicyNet, PolicySource
 from runtime.schedulers import Fixed, Random, Schedule
-from solc.cache import atomic_torch_save
 from training.baselines import AtCost, Composite, HullMix, Uniform, hull_mix, lower_hull, search_at_cost, uniform_nll
-from training.cli import command_line, digest_tensors, write_json
+from training.cli import ProgressFile, command_line, fingerprint, write_json
 from training.episodes import rollout
 
 
@@ -77,28 +76,9 @@ def _paired(diff: torch.Tensor) -> dict:
 def _fingerprint(sol, policies: list[PolicyNet], contexts, val_contexts, budgets, horizon, random_draws, chunk,
                  seed) -> str:
     """What an evaluation's figures depend on (the model, policies, contexts and options), as one hash."""
-    h = hashlib.sha256()
-    digest_tensors(h, [sol.token_embedding, contexts, val_contexts] + [v for p in policies for v in p.state_dict().values()])
-    h.update(repr((str(sol.space), [repr(p.config) for p in policies], list(budgets), horizon, random_draws, chunk,
-                   seed)).encode())
-    return h.hexdigest()
-
-
-def _resume(path: Optional[Path], fingerprint: str, progress: bool) -> Optional[dict]:
-    """The saved state of an interrupted run of the same evaluation at `path`, if there is one."""
-    if path is None or not path.exists():
-        return None
-    try:
-        state = torch.load(path, weights_only=True)
-    except Exception as e:  # a file from another version, or damaged: start over (it is overwritten)
-        print(f"cost_eval: ignoring {path} ({type(e).__name__}); starting over", flush=True)
-        return None
-    if state.get("fingerprint") != fingerprint:
-        print(f"cost_eval: {path} holds another evaluation's progress; starting over", flush=True)
-        return None
-    if progress:
-        print(f"cost_eval: resuming from {path}: {state['done']} contexts already evaluated", flush=True)
-    return state
+    options = (str(sol.space), [repr(p.config) for p in policies], list(budgets), horizon, random_draws, chunk, seed)
+    return fingerprint(options, [sol.token_embedding, contexts, val_contexts]
+                       + [v for p in policies for v in p.state_dict().values()])
 
 
 @torch.no_grad()
@@ -119,11 +99,13 @@ def evaluate(sol, policies: list[PolicyNet], contexts: torch.Tensor, val_context
             raise ValueError("every policy must share one action space and one cost budget spec")
     costs = spec.table(space)[:, 0]
     t0 = time.perf_counter()
-    progress_file = Path(progress_file) if progress_file is not None else None
-    fingerprint = _fingerprint(sol, policies, contexts, val_contexts, budgets, horizon, random_draws, chunk, seed) \
-        if progress_file is not None else ""
-    saved = _resume(progress_file, fingerprint, progress)
-    val_nll = saved["val_nll"] if saved else uniform_nll(sol, val_contexts, horizon)
+    saved = ProgressFile(Path(progress_file) if progress_file is not None else None,
+                         _fingerprint(sol, policies, contexts, val_contexts, budgets, horizon, random_draws, chunk, seed)
+                         if progress_file is not None else "", "--json", "cost_eval")
+    val_nll = saved.get("val_nll")
+    if val_nll is None:
+        val_nll = uniform_nll(sol, val_contexts, horizon)
+        saved.put("val_nll", val_nll)
     hull = lower_hull(costs, val_nll)
     if progress:
         print(f"best static: hull of {len(space)} uniform actions on {len(val_contexts)} validation contexts "
@@ -143,12 +125,11 @@ def evaluate(sol, policies: list[PolicyNet], contexts: torch.Tensor, val_context
     ref_cost = torch.empty(C, len(refs), dtype=torch.float64)
     figures = {"pol_nll": pol_nll, "pol_cost": pol_cost, "pol_keep": pol_keep, "base_nll": base_nll,
                "base_cost": base_cost, "base_keep": base_keep, "ref_nll": ref_nll, "ref_cost": ref_cost}
-    done = 0
-    if saved:
-        done = saved["done"]
+    done = saved.get("contexts") or {"done": 0}
+    if done["done"]:
         for name, t in figures.items():
-            t[:done] = saved[name][:done]
-    for start in range(done, C, chunk):
+            t[:done["done"]] = done[name]
+    for start in range(done["done"], C, chunk):
         ctx = contexts[start:start + chunk]
         n = len(ctx)
         sources = [PolicySource(p, greedy=True) for p in policies for _ in budgets]
@@ -179,9 +160,7 @@ def evaluate(sol, policies: list[PolicyNet], contexts: torch.Tensor, val_context
         base_cost[start:start + n] = cost[:, :m].view(n, G, base_per)
         base_keep[start:start + n] = keep[:, :m].view(n, G, base_per)
         ref_nll[start:start + n], ref_cost[start:start + n] = nll[:, m:], cost[:, m:]
-        if progress_file is not None:
-            atomic_torch_save({"fingerprint": fingerprint, "done": start + n, "val_nll": val_nll,
-                               **{name: t[:start + n].clone() for name, t in figures.items()}}, progress_file)
+        saved.put("contexts", {"done": start + n, **{name: t[:start + n].clone() for name, t in figures.items()}})
         if progress:
             print(f"  {start + n}/{C} contexts ({time.perf_counter() - t0:.0f}s)", flush=True)
 
@@ -233,8 +212,7 @@ def evaluate(sol, policies: list[PolicyNet], contexts: torch.Tensor, val_context
     references = [{"name": name, "action": str(space[i]), "nll": float(ref_nll[:, j].mean()),
                    "cost": float(ref_cost[:, j].mean()), "net_keep": space.net_keep(i)}
                   for j, (name, i) in enumerate(refs.items())]
-    if progress_file is not None:
-        progress_file.unlink(missing_ok=True)
+    saved.finish()
     return {"rows": rows, "references": references,
             "hull": [{"action": str(space[i]), "cost": float(costs[i]), "val_nll": float(val_nll[i])} for i in hull],
             "uniform": [{"action": str(space[i]), "cost": float(costs[i]), "val_nll": float(val_nll[i])}
@@ -312,8 +290,11 @@ def main(argv=None) -> int:
         return pool[torch.randperm(len(pool), generator=torch.Generator().manual_seed(args.seed + salt))[:n]]
 
     contexts, val = pick("test", args.contexts, 0), pick("validation", args.val_contexts, 1)
-    result = evaluate(sol, policies, contexts, val, budgets, args.horizon, args.random_draws, args.chunk, args.seed,
-                      search=args.search, progress_file=Path(args.json + ".partial.pt") if args.json else None)
+    try:
+        result = evaluate(sol, policies, contexts, val, budgets, args.horizon, args.random_draws, args.chunk, args.seed,
+                          search=args.search, progress_file=Path(args.json + ".partial.pt") if args.json else None)
+    except ArgumentError as e:  # a progress file solc did not write where --json's would go
+        p.error(str(e))
     command = command_line("training.cost_eval", argv)
     print(table(result))
     for i in range(len(policies)):

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import hashlib
 import math
 import sys
 import time
@@ -45,11 +44,10 @@ from torch import Tensor
 from runtime import validation
 from runtime.actions import AXES
 from runtime.errors import ArgumentError, ArgumentTypeError, SolcError
-from solc.cache import atomic_torch_save
 from solc.models import DTYPES, resolve_device, resolve_dtype
 from training.baselines import (Composite, MatchedBaselines, SearchResult, axis_targets, build_source,
                                 matched_baselines, random_search, target_key)
-from training.cli import command_line, digest_tensors, write_json
+from training.cli import ProgressFile, command_line, fingerprint, write_json
 from training.episodes import rollout
 
 DEFAULT_METHODS = ("policy", "fixed", "random", "random-search")
@@ -320,49 +318,11 @@ def build(cfg: EvalConfig):
     return sol, policy, tokenizer
 
 
-class _Progress:
-    """An evaluation's finished parts (random search, perplexity chunks, matched baselines, each
-    multiple-choice task), saved to `path` as they finish (written whole, then renamed), so that the same
-    evaluation rerun after an interrupt skips them and gives the same results. A file left by another
-    evaluation (another fingerprint) is not used. No path: nothing is saved."""
-
-    def __init__(self, path: Path | None, fingerprint: str):
-        self.path, self.state = path, {"fingerprint": fingerprint}
-        if path is None or not path.exists():
-            return
-        try:
-            saved = torch.load(path, weights_only=True)
-        except Exception as e:  # another version's file, or a damaged one: start over (it is overwritten)
-            print(f"evaluate: ignoring {path} ({type(e).__name__}); starting over", file=sys.stderr)
-            return
-        if saved.get("fingerprint") == fingerprint:
-            self.state = saved
-            print(f"evaluate: resuming from {path} ({', '.join(k for k in saved if k != 'fingerprint')} done)",
-                  file=sys.stderr)
-        else:
-            print(f"evaluate: {path} holds another evaluation's progress; starting over", file=sys.stderr)
-
-    def get(self, key: str):
-        return self.state.get(key)
-
-    def put(self, key: str, value) -> None:
-        self.state[key] = value
-        if self.path is not None:
-            atomic_torch_save(self.state, self.path)
-
-    def finish(self) -> None:
-        if self.path is not None:
-            self.path.unlink(missing_ok=True)
-
-
 def _fingerprint(cfg: EvalConfig, sol, policy) -> str:
     """What an evaluation's results depend on: the options (not where it writes or how it shows
     progress), the model's embedding and the policy's weights."""
-    h = hashlib.sha256()
-    options = {k: v for k, v in vars(cfg).items() if k not in ("out", "progress", "threads")}
-    h.update(repr(sorted(options.items())).encode())
-    digest_tensors(h, [sol.token_embedding] + (list(policy.state_dict().values()) if policy is not None else []))
-    return h.hexdigest()
+    options = sorted((k, v) for k, v in vars(cfg).items() if k not in ("out", "progress", "threads"))
+    return fingerprint(options, [sol.token_embedding] + (list(policy.state_dict().values()) if policy is not None else []))
 
 
 def run(cfg: EvalConfig, sol=None, policy=None, tokenizer=None, progress_file: Path | None = None) -> dict:
@@ -375,8 +335,8 @@ def run(cfg: EvalConfig, sol=None, policy=None, tokenizer=None, progress_file: P
     if sol is None:
         sol, policy, tokenizer = build(cfg)
     space = sol.space
-    saved = _Progress(Path(progress_file) if progress_file is not None else None,
-                      _fingerprint(cfg, sol, policy) if progress_file is not None else "")
+    saved = ProgressFile(Path(progress_file) if progress_file is not None else None,
+                         _fingerprint(cfg, sol, policy) if progress_file is not None else "", "--out", "evaluate")
     methods = [m for m in cfg.methods if m != "policy" or policy is not None]
     tasks = []
     for spec in cfg.mc_tasks:

@@ -121,7 +121,7 @@ def test_an_interrupted_evaluation_resumes_with_the_same_results(weight_sol, mon
     stop[0] = 5  # chunk 0: the policy's rollout and the baselines', chunk 1: both, chunk 2: the policy's -> stop
     with pytest.raises(KeyboardInterrupt):
         run(progress_file=progress)
-    assert torch.load(progress, weights_only=True)["done"] == 4
+    assert torch.load(progress, weights_only=True)["contexts"]["done"] == 4
     calls.clear()
     stop[0] = None
     resumed = run(progress_file=progress)
@@ -140,3 +140,21 @@ def test_an_interrupted_evaluation_resumes_with_the_same_results(weight_sol, mon
     other = cost_eval.evaluate(sol, policies, contexts, val, [0.9], horizon=6, random_draws=1, chunk=2,
                                progress=False, progress_file=progress)
     assert len(calls) == 6 and other["rows"][0]["budget"] == 0.9
+
+
+def test_a_file_solc_did_not_write_at_the_progress_path_is_refused_and_kept(weight_sol, tmp_path):
+    from runtime.errors import ArgumentError
+
+    g = torch.Generator().manual_seed(2)
+    contexts, val = torch.randint(0, 256, (2, 28), generator=g), torch.randint(0, 256, (1, 28), generator=g)
+    for content in (b"someone's notes\n", None):
+        path = tmp_path / "results.json.partial.pt"
+        if content is None:
+            torch.save({"weights": torch.ones(2)}, path)  # a torch file, but not solc's progress
+            content = path.read_bytes()
+        else:
+            path.write_bytes(content)
+        with pytest.raises(ArgumentError, match="--json.*not an evaluation progress file solc wrote") as err:
+            cost_eval.evaluate(weight_sol, [_policy(weight_sol, 0)], contexts, val, [0.8], horizon=4, random_draws=0,
+                               chunk=2, progress=False, progress_file=path)
+        assert err.value.argument == "--json" and path.read_bytes() == content
