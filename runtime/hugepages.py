@@ -18,6 +18,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import math
 import os
 import sys
 
@@ -50,10 +51,7 @@ def _madvise():
 
 def empty(shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
     """An uninitialised contiguous CPU tensor, its 2 MB-aligned span on huge pages where the OS allows."""
-    n = 1
-    for s in shape:
-        n *= s
-    nbytes = n * torch.empty((), dtype=dtype).element_size()
+    nbytes = math.prod(shape) * dtype.itemsize
     madvise = _madvise() if nbytes >= MIN_BYTES else None
     if madvise is None:
         return torch.empty(shape, dtype=dtype)
