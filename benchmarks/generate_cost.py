@@ -24,7 +24,8 @@ predicted wall time of a row:
              machine's speed drifts by ~10% between the two
 invariant 5 asks the prediction to be within 10% of the measurement.
 
-Prints a table and writes JSON + CSV (with the command) under --out.
+Prints a table and writes JSON + CSV (with the command) under --out, after every timed round (meta
+"complete" turns true after the last): an interrupted run keeps the rounds it finished.
 """
 from __future__ import annotations
 
@@ -35,6 +36,7 @@ os.environ.setdefault("SOLC_CPU_FAST", "1")  # measure the CPU fast paths (on by
 import argparse  # noqa: E402
 import dataclasses  # noqa: E402
 import csv  # noqa: E402
+import io  # noqa: E402
 import json  # noqa: E402
 import shlex  # noqa: E402
 import statistics  # noqa: E402
@@ -48,63 +50,19 @@ import torch  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from a checkout
 
+from solc.cache import atomic_write_bytes  # noqa: E402
 from runtime.cost_model import BytesCostModel, device_name, predicted_decode_ms, realized_cost  # noqa: E402
 from runtime.policy import PolicyNet, PolicySource  # noqa: E402
 
 
-def main(argv=None) -> int:
-    import solc
-    from training.grpo import GRPOConfig, build_model, load_training_contexts
-
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--policy", required=True, help="a cost-budget policy.pt (training.grpo's default)")
-    p.add_argument("--budget", type=float, default=0.6)
-    p.add_argument("--prompt-len", type=int, default=256)
-    p.add_argument("--new-tokens", type=int, default=64)
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--calibration-rounds", type=int, default=7)
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
-    p.add_argument("--tag", default="")
-    args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
-
-    policy = PolicyNet.load(args.policy).eval()
-    space = policy.space
-    cfg = GRPOConfig(actions=list(space.axes), levels={a: list(v) for a, v in space.levels.items()}, quant=space.quant,
-                     context_length=args.prompt_len)
-    end = args.prompt_len + args.new_tokens
-    sol = build_model(dataclasses.replace(cfg, context_length=end + 1))  # room for the new tokens
-    prompt = load_training_contexts(cfg, sol.token_embedding.shape[0], split="test")[:1]
-    src = PolicySource(policy, greedy=True)
-    measured = solc.calibrate_cost_model(sol, contexts=(args.prompt_len, end), rounds=args.calibration_rounds,
-                                         policy=src)
-    sol.cost_model = None  # generate prices with the policy's (bytes) model; the measured one re-prices below
-    bytes_model = BytesCostModel.for_model(sol)
-    calls = {
-        "dense": lambda: sol.generate(prompt, max_new_tokens=args.new_tokens, eos_token_id=[]),
-        "policy": lambda: sol.generate(prompt, policy=src, budget=args.budget, max_new_tokens=args.new_tokens,
-                                       eos_token_id=[]),
-        "static": lambda: sol.generate(prompt, budget=args.budget, max_new_tokens=args.new_tokens, eos_token_id=[]),
-        "prefill": lambda: sol.generate(prompt, max_new_tokens=1, eos_token_id=[]),
-    }
-    times: dict[str, list[float]] = {k: [] for k in calls}
-    outs = {}
-    with torch.no_grad():
-        for r in range(args.repeats + 1):
-            for name, call in calls.items():
-                t0 = time.perf_counter()
-                outs[name] = call()
-                dt = time.perf_counter() - t0
-                if r:
-                    times[name].append(dt)
-            print(f"round {r}: " + ", ".join(f"{k} {v[-1] * 1e3:.0f} ms" for k, v in times.items() if v), flush=True)
-
+def summarize(times: dict, outs: dict, measured, bytes_model, space, prompt_len: int) -> tuple[list[dict], str, list[str]]:
+    """(rows, table, verdict) of the timed rounds so far: each row's median wall time, the realized costs
+    of its last call and what the cost models predicted."""
     med = {k: statistics.median(v) for k, v in times.items()}
     decode = med["dense"] - med["prefill"]
 
     def predicted_decode_s(out, decisions=0):
-        kv = torch.arange(out.actions.shape[1]) + args.prompt_len
+        kv = torch.arange(out.actions.shape[1]) + prompt_len
         # step 0 runs in the prefill row
         return predicted_decode_ms(measured, out.actions[0, 1:].tolist(), kv[1:].tolist(), decisions) * 1e-3
 
@@ -114,7 +72,7 @@ def main(argv=None) -> int:
     rows = []
     for name in ("dense", "policy", "static"):
         out = outs[name]
-        kv = (torch.arange(out.actions.shape[1]) + args.prompt_len).expand_as(out.actions)
+        kv = (torch.arange(out.actions.shape[1]) + prompt_len).expand_as(out.actions)
         cost_b = float(realized_cost(bytes_model, list(space), out.actions, kv, out.controlled).mean())
         cost_m = float(realized_cost(measured, list(space), out.actions, kv, out.controlled).mean())
         decisions = out.actions.shape[1] if name == "policy" else 0  # one next_actions call per step
@@ -154,23 +112,87 @@ def main(argv=None) -> int:
                f"{'met' if abs(pol['prediction_error_measured_anchored']) <= 0.10 else 'MISSED'} "
                f"(the actions alone, absolute: {pol['prediction_error_measured_actions_only']:+.1%}; one policy "
                f"decision {measured.decision_ms:.2f} ms as calibrated between decode steps)"]
-    print(table)
-    print("\n".join(verdict))
+    return rows, table, verdict
+
+
+def write_outputs(out_dir: Path, stem: str, meta: dict, rows: list[dict], table: str) -> None:
+    """stem.json and stem.csv, each written whole and renamed over the old one (an interrupt leaves the
+    previous round's files, never torn ones; meta "complete" says whether every round ran)."""
+    atomic_write_bytes(out_dir / f"{stem}.json", (json.dumps({"meta": meta, "rows": rows, "table": table}, indent=2) + "\n").encode())
+    text = io.StringIO(newline="")
+    w = csv.writer(text)
+    w.writerow([f"# {meta['command']} ({meta['device']}, {meta['date']}; rounds {meta['rounds_done']}, complete: {meta['complete']})"])
+    keys = [k for k in rows[0] if k not in ("actions", "wall_ms_all")]
+    w.writerow(keys)
+    for r in rows:
+        w.writerow([r[k] for k in keys])
+    atomic_write_bytes(out_dir / f"{stem}.csv", text.getvalue().encode())
+
+
+
+def main(argv=None) -> int:
+    import solc
+    from training.grpo import GRPOConfig, build_model, load_training_contexts
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--policy", required=True, help="a cost-budget policy.pt (training.grpo's default)")
+    p.add_argument("--model", default="smollm2-135m", help="the base model the policy was trained for")
+    p.add_argument("--corpus", default="shakespeare", help="where the prompt comes from (held-out split)")
+    p.add_argument("--budget", type=float, default=0.6)
+    p.add_argument("--prompt-len", type=int, default=256)
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--calibration-rounds", type=int, default=7)
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    p.add_argument("--tag", default="")
+    args = p.parse_args(argv)
+    if args.repeats < 1:
+        p.error(f"--repeats must be >= 1 (timed rounds after the untimed one), got {args.repeats}")
+    torch.set_num_threads(args.threads)
+
+    policy = PolicyNet.load(args.policy).eval()
+    space = policy.space
+    cfg = GRPOConfig(actions=list(space.axes), levels={a: list(v) for a, v in space.levels.items()}, quant=space.quant,
+                     context_length=args.prompt_len, model=args.model, corpus=args.corpus)
+    end = args.prompt_len + args.new_tokens
+    sol = build_model(dataclasses.replace(cfg, context_length=end + 1))  # room for the new tokens
+    prompt = load_training_contexts(cfg, sol.token_embedding.shape[0], split="test")[:1]
+    src = PolicySource(policy, greedy=True)
+    measured = solc.calibrate_cost_model(sol, contexts=(args.prompt_len, end), rounds=args.calibration_rounds,
+                                         policy=src)
+    sol.cost_model = None  # generate prices with the policy's (bytes) model; the measured one re-prices below
+    bytes_model = BytesCostModel.for_model(sol)
+    calls = {
+        "dense": lambda: sol.generate(prompt, max_new_tokens=args.new_tokens, eos_token_id=[]),
+        "policy": lambda: sol.generate(prompt, policy=src, budget=args.budget, max_new_tokens=args.new_tokens,
+                                       eos_token_id=[]),
+        "static": lambda: sol.generate(prompt, budget=args.budget, max_new_tokens=args.new_tokens, eos_token_id=[]),
+        "prefill": lambda: sol.generate(prompt, max_new_tokens=1, eos_token_id=[]),
+    }
+    times: dict[str, list[float]] = {k: [] for k in calls}
+    outs = {}
     meta = {"command": "python benchmarks/generate_cost.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
             "device": device_name("cpu"), "torch": torch.__version__,
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "args": vars(args),
-            "measured_cost_model": measured.to_dict(), "verdict": verdict}
+            "measured_cost_model": measured.to_dict()}
     out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
     stem = "generate_cost_cpu" + (f"_{args.tag}" if args.tag else "")
-    (out_dir / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows, "table": table}, indent=2) + "\n")
-    with open(out_dir / f"{stem}.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow([f"# {meta['command']} ({meta['device']}, {meta['date']})"])
-        keys = [k for k in rows[0] if k not in ("actions", "wall_ms_all")]
-        w.writerow(keys)
-        for r in rows:
-            w.writerow([r[k] for k in keys])
+    with torch.no_grad():
+        for r in range(args.repeats + 1):
+            for name, call in calls.items():
+                t0 = time.perf_counter()
+                outs[name] = call()
+                dt = time.perf_counter() - t0
+                if r:
+                    times[name].append(dt)
+            print(f"round {r}: " + ", ".join(f"{k} {v[-1] * 1e3:.0f} ms" for k, v in times.items() if v), flush=True)
+            if r:  # written after every round: an interrupted run keeps the rounds it finished
+                rows, table, verdict = summarize(times, outs, measured, bytes_model, space, args.prompt_len)
+                meta.update(verdict=verdict, rounds_done=r, complete=r == args.repeats)
+                write_outputs(out_dir, stem, meta, rows, table)
+    print(table)
+    print("\n".join(verdict))
     print(f"wrote {out_dir / stem}.json/.csv")
     return 0
 

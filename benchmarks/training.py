@@ -7,7 +7,8 @@ An episode is one schedule of one context (T controlled steps); an update rolls 
 contexts_per_update x K episodes (one dense prefill per context) and runs the PPO epochs on them.
 The first update is a warm-up and is not timed. Peak memory: the process' maximum resident set size
 (CPU RSS, includes the model) and, on CUDA, torch's peak allocated device memory.
-Prints a table and writes JSON (with the command that made it) to --json.
+Prints a table and writes JSON (with the command that made it) to --json, after every timed update
+("complete" turns true after the last): an interrupted run keeps the updates it timed.
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from solc.cache import atomic_write_bytes  # noqa: E402
 from training.grpo import GRPOConfig, Trainer  # noqa: E402
 
 
@@ -43,6 +45,8 @@ def main(argv=None) -> int:
     p.add_argument("--updates", type=int, default=2, help="timed updates (after one warm-up update)")
     p.add_argument("--json", default=None, help="output JSON (default benchmarks/results/training-<device>.json)")
     args = p.parse_args(argv)
+    if args.updates < 1:
+        p.error(f"--updates must be >= 1, got {args.updates}")
 
     cfg = GRPOConfig(
         model=args.model, corpus=args.corpus, device=args.device, context_length=args.context_length,
@@ -59,6 +63,9 @@ def main(argv=None) -> int:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     walls, rollouts, updates = [], [], []
+    episodes = cfg.contexts_per_update * cfg.group_size
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads, {platform.processor() or platform.machine()})"
+    out = Path(args.json or Path(__file__).resolve().parent / "results" / f"training-{device.type}.json")
     for u in range(1, args.updates + 1):
         t = time.perf_counter()
         m = trainer.step(u)
@@ -67,24 +74,25 @@ def main(argv=None) -> int:
         walls.append(time.perf_counter() - t)
         rollouts.append(m["perf/rollout_s"])
         updates.append(m["perf/update_s"])
-    episodes = cfg.contexts_per_update * cfg.group_size
-    wall = statistics.median(walls)
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads, {platform.processor() or platform.machine()})"
-    result = {
-        "command": "python benchmarks/training.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])),
-        "model": cfg.model, "device": device_name, "context_length": cfg.context_length, "horizon": cfg.horizon,
-        "group_size": cfg.group_size, "contexts_per_update": cfg.contexts_per_update, "episodes_per_update": episodes,
-        "timed_updates": args.updates, "setup_s": round(setup_s, 2),
-        "update_s_median": round(wall, 3), "rollout_s_median": round(statistics.median(rollouts), 3),
-        "ppo_s_median": round(statistics.median(updates), 3),
-        "episodes_per_s": round(episodes / wall, 3),
-        "controlled_steps_per_s": round(episodes * cfg.horizon / wall, 2),
-        "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-        "peak_cuda_mib": round(torch.cuda.max_memory_allocated(device) / 2**20, 1) if device.type == "cuda" else None,
-        "torch": torch.__version__,
-        # other processes on the same cores slow CPU runs a lot: record the 1-min load average
-        "loadavg_1min_before_after": [load_before, os.getloadavg()[0] if hasattr(os, "getloadavg") else None],
-    }
+        wall = statistics.median(walls)
+        result = {
+            "command": "python benchmarks/training.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])),
+            "model": cfg.model, "device": device_name, "context_length": cfg.context_length, "horizon": cfg.horizon,
+            "group_size": cfg.group_size, "contexts_per_update": cfg.contexts_per_update, "episodes_per_update": episodes,
+            "timed_updates": len(walls), "complete": len(walls) == args.updates, "setup_s": round(setup_s, 2),
+            "update_s_median": round(wall, 3), "rollout_s_median": round(statistics.median(rollouts), 3),
+            "ppo_s_median": round(statistics.median(updates), 3),
+            "episodes_per_s": round(episodes / wall, 3),
+            "controlled_steps_per_s": round(episodes * cfg.horizon / wall, 2),
+            "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "peak_cuda_mib": round(torch.cuda.max_memory_allocated(device) / 2**20, 1) if device.type == "cuda" else None,
+            "torch": torch.__version__,
+            # other processes on the same cores slow CPU runs a lot: record the 1-min load average
+            "loadavg_1min_before_after": [load_before, os.getloadavg()[0] if hasattr(os, "getloadavg") else None],
+        }
+        # after every update, the whole file renamed over the old one: an interrupted run keeps the
+        # updates it timed ("complete": false), never a torn file
+        atomic_write_bytes(out, (json.dumps(result, indent=2) + "\n").encode())
     rows = [
         ("model", result["model"]), ("device", result["device"]),
         ("K x T, context", f"{cfg.group_size} x {cfg.horizon}, {cfg.context_length}"),
@@ -95,9 +103,6 @@ def main(argv=None) -> int:
     ]
     width = max(len(k) for k, _ in rows)
     print("\n".join(f"{k:<{width}}  {v}" for k, v in rows))
-    out = Path(args.json or Path(__file__).resolve().parent / "results" / f"training-{device.type}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"written {out}")
     return 0
 
