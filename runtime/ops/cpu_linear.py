@@ -34,9 +34,11 @@ from torch import Tensor
 
 # One library of the CPU kernels: this module's linear, solc::mlp's (runtime/ops/cpu_mlp.py) and
 # solc::attention's decode kernel (runtime/ops/cpu_attention.py) and the eager program's fused rotary
-# embedding (runtime/ops/cpu_rotary.py) and attention block (runtime/ops/cpu_block.py).
+# embedding (runtime/ops/cpu_rotary.py) and attention block (runtime/ops/cpu_block.py), and the policy
+# network's decision step (runtime/ops/cpu_policy.py).
 SOURCES = tuple(Path(__file__).with_name(name)
-                for name in ("cpu_linear.c", "cpu_mlp.c", "cpu_attention.c", "cpu_rotary.c", "cpu_block.c"))
+                for name in ("cpu_linear.c", "cpu_mlp.c", "cpu_attention.c", "cpu_rotary.c", "cpu_block.c",
+                             "cpu_policy.c"))
 HEADERS = tuple(Path(__file__).with_name(name) for name in ("cpu_fixed_order.h", "cpu_select.h", "cpu_bf16.h"))  # part of the build's key
 # -ffp-contract=off: no path may fuse a multiply-add that another path does not (see the sources).
 CFLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-fPIC", "-shared")
@@ -75,13 +77,17 @@ SIGNATURES = {  # C function -> argument types (return types: RESTYPES)
     "solc_pack_i4": [_P, _P, _L, _L, _L, _P],
     "solc_pack_register": [_P, _L, _L, _P],
     "solc_packed_of": [_P, _L, _L],
+    "solc_policy_scratch": [_L, _L, _L, _L, _L, _L],
+    "solc_policy_step": [_P, _P, _P, _P, _P, _L, _P, _P, _I],
+    "solc_policy_decide": [_P, _P, _L, _L, _L, _P, _P, _P, _P, _P, _P, _P, ctypes.c_float, _L, _P, _P, _P, _P, _I],
 }
 RESTYPES = {"solc_int4_linear": ctypes.c_int, "solc_rowskip_int8": ctypes.c_int, "solc_rowskip_f32": ctypes.c_int,
             "solc_int4_supported": ctypes.c_int, "solc_mlp_input": ctypes.c_int,
             "solc_mlp_output": ctypes.c_int, "solc_mlp_block": ctypes.c_int, "solc_chain_block_size": ctypes.c_long,
             "solc_decode_attention_scratch": ctypes.c_long,
             "solc_block_chain": ctypes.c_int, "solc_pack_supported": ctypes.c_int,
-            "solc_pack_register": ctypes.c_int, "solc_packed_of": ctypes.c_void_p}  # the others return void
+            "solc_pack_register": ctypes.c_int, "solc_packed_of": ctypes.c_void_p,
+            "solc_policy_scratch": ctypes.c_long}  # the others return void
 
 
 def _cpu_features() -> str:

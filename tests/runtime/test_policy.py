@@ -303,11 +303,13 @@ def test_budget_band_config_checks_and_old_configs_load_without_a_guard():
     assert PolicyConfig.from_json(config.to_json()).budget_band == 0.02
 
 
-def test_deployed_decisions_run_cpu_linear_and_do_not_depend_on_batch_mates(monkeypatch):
-    """A deployed decision (no autograd, one step) runs its linears on cpu_linear: a row's logits are
-    the same bits alone or inside a batch of 4, and equal nn.Linear's to fp32 rounding."""
-    from runtime.ops import cpu_linear
+def test_op_by_op_decisions_run_cpu_linear_and_do_not_depend_on_batch_mates(monkeypatch):
+    """Without the C decision (runtime/ops/cpu_policy.py; tests/runtime/ops/test_cpu_policy.py), a deployed
+    step (no autograd, one step) runs its linears on cpu_linear: a row's logits are the same bits alone or
+    inside a batch of 4, and equal nn.Linear's to fp32 rounding."""
+    from runtime.ops import cpu_linear, cpu_policy
 
+    monkeypatch.setattr(cpu_policy, "step", lambda *a: None)
     policy = _policy()
     hidden, emb, scalars, prev = _inputs(4, 3, torch.float32)
     calls = []
