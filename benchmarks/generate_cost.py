@@ -7,6 +7,9 @@ new tokens. Rows, interleaved call by call (--repeats timed rounds after one unt
 of the shared machine hits every row alike:
   dense     generate without a budget (every step dense)
   policy    generate under the trained policy at --budget (greedy actions)
+  policy_op_by_op  the same, its decisions run op by op in torch (runtime/ops/cpu_policy.op_by_op): what
+            the C decision saves (the same actions, to fp32 rounding; the measured prediction prices them
+            at the C decision's calibrated cost, so its error there shows the difference)
   static    generate at --budget without a policy: the cost-hull mix (runtime.schedulers.cost_fixed)
   prefill   generate of one token (prefill + one dense step): the part no action changes
 Each row's realized cost is priced by the bytes model (what the policy was trained with) and by a
@@ -52,6 +55,7 @@ sys.path.insert(0, str(ROOT))  # run as a script from a checkout
 
 from solc.cache import atomic_write_bytes  # noqa: E402
 from runtime.cost_model import BytesCostModel, device_name, predicted_decode_ms, realized_cost  # noqa: E402
+from runtime.ops import cpu_policy  # noqa: E402
 from runtime.policy import PolicyNet, PolicySource  # noqa: E402
 
 
@@ -70,12 +74,12 @@ def summarize(times: dict, outs: dict, measured, bytes_model, space, prompt_len:
     # the anchored prediction rescales the calibrated milliseconds by the dense row's measured/predicted
     drift = decode / predicted_decode_s(outs["dense"])
     rows = []
-    for name in ("dense", "policy", "static"):
+    for name in ("dense", "policy", "policy_op_by_op", "static"):
         out = outs[name]
         kv = (torch.arange(out.actions.shape[1]) + prompt_len).expand_as(out.actions)
         cost_b = float(realized_cost(bytes_model, list(space), out.actions, kv, out.controlled).mean())
         cost_m = float(realized_cost(measured, list(space), out.actions, kv, out.controlled).mean())
-        decisions = out.actions.shape[1] if name == "policy" else 0  # one next_actions call per step
+        decisions = out.actions.shape[1] if name.startswith("policy") else 0  # one next_actions call per step
         decode_m = predicted_decode_s(out, decisions)
         pred_b = med["prefill"] + decode * cost_b
         pred_actions = med["prefill"] + predicted_decode_s(out)
@@ -163,10 +167,15 @@ def main(argv=None) -> int:
                                          policy=src)
     sol.cost_model = None  # generate prices with the policy's (bytes) model; the measured one re-prices below
     bytes_model = BytesCostModel.for_model(sol)
+    def policy_op_by_op():
+        with cpu_policy.op_by_op():
+            return sol.generate(prompt, policy=src, budget=args.budget, max_new_tokens=args.new_tokens, eos_token_id=[])
+
     calls = {
         "dense": lambda: sol.generate(prompt, max_new_tokens=args.new_tokens, eos_token_id=[]),
         "policy": lambda: sol.generate(prompt, policy=src, budget=args.budget, max_new_tokens=args.new_tokens,
                                        eos_token_id=[]),
+        "policy_op_by_op": lambda: policy_op_by_op(),
         "static": lambda: sol.generate(prompt, budget=args.budget, max_new_tokens=args.new_tokens, eos_token_id=[]),
         "prefill": lambda: sol.generate(prompt, max_new_tokens=1, eos_token_id=[]),
     }

@@ -26,7 +26,7 @@ def test_an_interrupted_run_keeps_the_rounds_it_finished(load_benchmark, monkeyp
     assert bench.main(args) == 0
     whole = json.loads((out / "generate_cost_cpu_cut.json").read_text())
     assert whole["meta"]["complete"] is True and whole["meta"]["rounds_done"] == 3
-    assert [len(r["wall_ms_all"]) for r in whole["rows"]] == [3, 3, 3]
+    assert [len(r["wall_ms_all"]) for r in whole["rows"]] == [3, 3, 3, 3]
 
     # stopped in its third timed round (the fourth call of generate's "dense" row: 1 untimed + 2 timed)
     generate, calls = solc.SOLModel.generate, []
@@ -43,8 +43,8 @@ def test_an_interrupted_run_keeps_the_rounds_it_finished(load_benchmark, monkeyp
     cut = json.loads((out / "generate_cost_cpu_cut.json").read_text())
     assert cut["meta"]["complete"] is False and cut["meta"]["rounds_done"] == 2
     assert cut["meta"]["command"].endswith("--tag cut")
-    assert [r["row"] for r in cut["rows"]] == ["dense", "policy", "static"]
-    assert [len(r["wall_ms_all"]) for r in cut["rows"]] == [2, 2, 2]
+    assert [r["row"] for r in cut["rows"]] == ["dense", "policy", "policy_op_by_op", "static"]
+    assert [len(r["wall_ms_all"]) for r in cut["rows"]] == [2, 2, 2, 2]
     assert "complete: False" in (out / "generate_cost_cpu_cut.csv").read_text().splitlines()[0]
     assert sorted(p.name for p in out.iterdir()) == ["generate_cost_cpu_cut.csv", "generate_cost_cpu_cut.json"]
 

@@ -14,6 +14,7 @@ policy trained in place between episodes is read as it is now; a weight changed 
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 from typing import Optional
 
@@ -125,8 +126,24 @@ def _supported(policy: nn.Module) -> bool:
             and len({(b.heads, b.mlp[0].out_features) for b in blocks}) == 1)
 
 
+_switched_off = 0  # > 0 inside op_by_op()
+
+
+@contextlib.contextmanager
+def op_by_op():
+    """Within the block decisions run op by op in torch (for side-by-side measurements and tests)."""
+    global _switched_off
+    _switched_off += 1
+    try:
+        yield
+    finally:
+        _switched_off -= 1
+
+
 def _plan_for(policy: nn.Module, cache, B: int, hidden: Tensor) -> Optional[_Plan]:
     """The cache's plan where the C step applies to this call, else None."""
+    if _switched_off:
+        return None
     lib = cpu_linear._library
     if lib is None:
         lib = cpu_linear.library()

@@ -309,7 +309,6 @@ def test_op_by_op_decisions_run_cpu_linear_and_do_not_depend_on_batch_mates(monk
     inside a batch of 4, and equal nn.Linear's to fp32 rounding."""
     from runtime.ops import cpu_linear, cpu_policy
 
-    monkeypatch.setattr(cpu_policy, "step", lambda *a: None)
     policy = _policy()
     hidden, emb, scalars, prev = _inputs(4, 3, torch.float32)
     calls = []
@@ -322,10 +321,11 @@ def test_op_by_op_decisions_run_cpu_linear_and_do_not_depend_on_batch_mates(monk
             return torch.cat([policy(hidden[rows, t:t + 1], emb[rows, t:t + 1], scalars[rows, t:t + 1],
                                      prev[rows, t:t + 1], cache=cache).logits for t in range(3)], 1)
 
-    batch = steps([0, 1, 2, 3])
-    assert len(calls) == 3 * 10 and all(s[1] == 1 for s in calls)  # ten linears a step, all on cpu_linear
-    for r in range(4):
-        assert torch.equal(steps([r]), batch[r:r + 1])
+    with cpu_policy.op_by_op():
+        batch = steps([0, 1, 2, 3])
+        assert len(calls) == 3 * 10 and all(s[1] == 1 for s in calls)  # ten linears a step, all on cpu_linear
+        for r in range(4):
+            assert torch.equal(steps([r]), batch[r:r + 1])
     calls.clear()
     with_grad = policy(hidden, emb, scalars, prev).logits  # training's full sequence: nn.Linear
     assert not calls

@@ -45,17 +45,6 @@ def _policy(kind="guarded", seed=0, d_model=32, n_heads=4, n_layers=1, flat=Fals
     return policy
 
 
-@contextlib.contextmanager
-def _op_by_op():
-    """The torch path: the C step and decision switched off."""
-    step, decide = cpu_policy.step, cpu_policy.decide
-    cpu_policy.step = cpu_policy.decide = lambda *a, **k: None
-    try:
-        yield
-    finally:
-        cpu_policy.step, cpu_policy.decide = step, decide
-
-
 def _episode(source, policy, batch, horizon, targets, gen=None, seed=2, dense_steps=(0, 1)):
     """(actions [B, T], the recorded trajectory) of one episode on random hidden states and embeddings."""
     source.reset(policy.space, batch, targets, horizon, gen)
@@ -80,7 +69,7 @@ def test_c_step_equals_the_op_by_op_step(kind, d_model, n_heads, n_layers, batch
                 torch.randint(0, policy.n_actions + 1, (batch, 1), generator=g))
         with torch.no_grad():
             a = policy(*args, cache=fast, horizon=steps)
-            with _op_by_op():
+            with cpu_policy.op_by_op():
                 b = policy(*args, cache=slow, horizon=steps)
         torch.testing.assert_close(a.logits, b.logits, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(a.budget, b.budget, rtol=1e-5, atol=1e-6)
@@ -101,7 +90,7 @@ def test_c_decisions_equal_the_op_by_op_decisions(kind, greedy):
     runs = []
     for c in (True, False):
         source = PolicySource(policy, greedy=greedy, temperature=1.3, record=True)
-        with contextlib.nullcontext() if c else _op_by_op():
+        with contextlib.nullcontext() if c else cpu_policy.op_by_op():
             runs.append(_episode(source, policy, batch, horizon, targets, gen=torch.Generator().manual_seed(5)))
         if c:
             assert source.cache.c_plan is not None and source.cache.c_plan.ok
@@ -171,7 +160,7 @@ def test_a_policy_changed_between_episodes_is_read_as_it_is_now():
     def both():
         out = []
         for c in (True, False):
-            with contextlib.nullcontext() if c else _op_by_op():
+            with contextlib.nullcontext() if c else cpu_policy.op_by_op():
                 out.append(_episode(PolicySource(policy, greedy=True, record=True), policy, 1, 8, targets, seed=9)[1])
         torch.testing.assert_close(out[0].logp, out[1].logp, rtol=0, atol=1e-5)
         assert torch.equal(out[0].actions, out[1].actions)
