@@ -18,7 +18,7 @@ from runtime import validation
 from runtime.budget import is_cost_request, resolve_budget
 from runtime.costs import realized_budget
 from runtime.dispatch import StepDispatcher
-from runtime.schedulers import ActionSource
+from runtime.schedulers import ActionSource, seeded, uniforms
 from runtime.stepper import PREFILL_CHUNK, Stepper, budget_targets, collector_paused, resolve_source  # noqa: F401  (re-exported)
 
 
@@ -82,7 +82,8 @@ def _ragged_prompts(input_ids, attention_mask, pad_token_id: int) -> tuple[Tenso
 
 def _sample(logits: Tensor, temperature: float, top_k: int | None, top_p: float | None, generator) -> Tensor:
     """Greedy at temperature 0; else inverse-CDF sampling with one uniform per row drawn on the host
-    from `generator` (reproducible from the seed, and no device-to-host read)."""
+    from `generator` (one for the batch, or one per row: runtime.schedulers.seeded), reproducible from
+    the seed, and no device-to-host read."""
     if temperature == 0:
         return logits.argmax(-1)
     logits = logits / temperature
@@ -95,7 +96,7 @@ def _sample(logits: Tensor, temperature: float, top_k: int | None, top_p: float 
         drop = probs.cumsum(-1) - probs >= top_p  # keep the smallest prefix reaching top_p
         logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
     cdf = torch.softmax(logits.double(), -1).cumsum(-1)
-    u = 1.0 - torch.rand(logits.shape[0], 1, generator=generator, dtype=torch.float64)  # in (0, 1]: never a zero-probability token
+    u = 1.0 - uniforms(generator, logits.shape[0])[:, None]  # in (0, 1]: never a zero-probability token
     picked = torch.searchsorted(cdf, u.to(cdf.device) * cdf[:, -1:]).squeeze(-1)
     return picked.clamp(max=logits.shape[-1] - 1)
 
@@ -112,7 +113,7 @@ def generate(
     top_k: int | None = None,
     top_p: float | None = None,
     eos_token_id: int | Sequence[int] | None = None,
-    seed: int = 0,
+    seed: int | Sequence[int] = 0,
     dispatcher: StepDispatcher | None = None,
     attention_mask: Tensor | None = None,
     pad_token_id: int | None = None,
@@ -127,7 +128,10 @@ def generate(
     per-axis budget. Without a policy, a cost budget runs the static mix of the two actions around it
     (runtime.schedulers.cost_fixed); a per-axis one runs Fixed. A measured cost model calibrated for
     another device or batch is refused unless force=True. Greedy when
-    temperature == 0, else sampling with optional top_k / top_p, reproducible from `seed`.
+    temperature == 0, else sampling with optional top_k / top_p, reproducible from `seed`: one int (one
+    random stream for the batch, as HF's generate) or one int per row (a row's sampled tokens and a
+    sampled policy's actions then do not depend on its batch mates: the row alone with its seed gives
+    the same).
 
     input_ids: [B, P] (left-padded with `attention_mask` when prompts differ in length) or a list of
     prompts (token lists or 1-D tensors; the output is left-padded with `pad_token_id`, default the
@@ -149,7 +153,7 @@ def generate(
         raise ValueError(f"prompt ({max(lengths)}) + new tokens ({steps}) exceeds max_seq_len={sol.max_seq_len}")
     device = sol.token_embedding.device
     packed = packed.to(device)
-    generator = torch.Generator().manual_seed(seed)
+    generator = seeded(seed, batch)
     source, spec = resolve_budget(sol, policy, schedule, budget, budget_mode, steps, batch, force=force)
     stepper = Stepper(sol, source, dispatcher, spec)
     stepper.prefill(packed, steps, lengths=[n - 1 for n in lengths], targets=1.0 if budget is None else budget,
@@ -187,14 +191,15 @@ def score(
     policy: ActionSource | None = None,
     schedule: Tensor | None = None,
     budget=None,
-    seed: int = 0,
+    seed: int | Sequence[int] = 0,
     dispatcher: StepDispatcher | None = None,
     budget_mode: str | None = None,
     force: bool = False,
 ) -> GenerateOutput:
     """Decode the given `tokens` [B, L] (teacher forcing through the runtime): the first `prompt_len`
     are the prompt, each later token is scored by the controlled step that produces it. `budget`,
-    `budget_mode` and `force` mean what they mean in `generate`."""
+    `budget_mode`, `force` and `seed` (a sampled policy's or Random's draws) mean what they mean in
+    `generate`."""
     validation.check_score(sol, tokens, prompt_len, policy, schedule, budget, seed,
                            cost_budget=is_cost_request(policy, budget, budget_mode))
     if not 1 <= prompt_len < tokens.shape[1]:
@@ -205,7 +210,7 @@ def score(
     source, spec = resolve_budget(sol, policy, schedule, budget, budget_mode, steps, tokens.shape[0], force=force)
     stepper = Stepper(sol, source, dispatcher, spec)
     stepper.prefill(tokens[:, : prompt_len - 1], steps, targets=1.0 if budget is None else budget,
-                    generator=torch.Generator().manual_seed(seed))
+                    generator=seeded(seed, tokens.shape[0]))
     with collector_paused():
         logps = [stepper.step(tokens[:, prompt_len - 1 + t]).logprob(tokens[:, prompt_len + t]) for t in range(steps)]
     return GenerateOutput(tokens, stepper.actions, torch.stack(logps, 1), stepper.controlled, stepper.budget_summary())

@@ -59,7 +59,7 @@ from torch import Tensor, nn
 from runtime.actions import AXES, ActionSpace
 from runtime.budget import BudgetSpec
 from runtime.ops import cpu_linear, cpu_policy
-from runtime.schedulers import ActionSource
+from runtime.schedulers import ActionSource, uniforms
 
 POLICY_VERSION = 1
 N_SCALARS = 8  # progress, dense flag, 3 targets, 3 running deviations
@@ -436,14 +436,7 @@ class PolicySource(ActionSource):
         self._steps: list[tuple] = []
 
     def _uniform(self) -> Tensor:
-        gens = self.generator
-        if gens is None or isinstance(gens, torch.Generator):
-            return torch.rand(self.batch, generator=gens, dtype=torch.float64)
-        gens = list(gens)
-        if self.batch % len(gens):
-            raise ValueError(f"{len(gens)} generators cannot split a batch of {self.batch} rows evenly")
-        per = self.batch // len(gens)
-        return torch.cat([torch.rand(per, generator=g, dtype=torch.float64) for g in gens])
+        return uniforms(self.generator, self.batch)
 
     @torch.no_grad()
     def next_actions(self, step: int, hidden: Tensor, token_embedding: Tensor, dense: Tensor) -> Tensor:

@@ -25,10 +25,46 @@ from runtime.actions import AXES, ActionSpace
 DENSE_PREFIX = 7  # DESIGN: the first Ts + Tw + 1 positions run dense and count in no budget
 
 
+def seeded(seed, batch: int):
+    """generate/score's `seed` as the generator(s) of their random draws: an int gives one generator for
+    the batch (its rows draw in turn from one stream, as HF's generate does); a list of `batch` ints
+    gives one generator per row, so a row's draws (sampled tokens, a sampled policy's actions, Random's
+    shuffles) do not depend on its batch mates: the row alone with its own seed draws the same."""
+    if isinstance(seed, Tensor):
+        seed = seed.tolist()
+    if isinstance(seed, (list, tuple)):
+        if len(seed) != batch:
+            raise ValueError(f"seed has {len(seed)} entries for {batch} rows")
+        return [torch.Generator().manual_seed(int(s)) for s in seed]
+    return torch.Generator().manual_seed(int(seed))
+
+
+def uniforms(generator, batch: int) -> Tensor:
+    """[batch] float64 uniforms in [0, 1): from one generator (None: torch's default), or from a sequence
+    of G generators, each drawing for batch / G consecutive rows."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return torch.rand(batch, generator=generator, dtype=torch.float64)
+    gens = list(generator)
+    if batch % len(gens):
+        raise ValueError(f"{len(gens)} generators cannot split a batch of {batch} rows evenly")
+    per = batch // len(gens)
+    return torch.cat([torch.rand(per, generator=g, dtype=torch.float64) for g in gens])
+
+
 class ActionSource:
     def reset(self, space: ActionSpace, batch: int, targets: Tensor, horizon: int, generator=None) -> None:
         self.space, self.batch, self.horizon, self.generator = space, batch, horizon, generator
         self.targets = targets
+
+    def row_generator(self, row: int):
+        """The generator that draws for `row`: the one generator, or its share of a sequence of them."""
+        gens = self.generator
+        if gens is None or isinstance(gens, torch.Generator):
+            return gens
+        gens = list(gens)
+        if self.batch % len(gens):
+            raise ValueError(f"{len(gens)} generators cannot split a batch of {self.batch} rows evenly")
+        return gens[row // (self.batch // len(gens))]
 
     def next_actions(self, step: int, hidden: Tensor, token_embedding: Tensor, dense: Tensor) -> Tensor:
         raise NotImplementedError
@@ -130,7 +166,7 @@ class Random(Fixed):
     def level_sequences(self, row: int) -> dict[str, list]:
         seqs = super().level_sequences(row)
         for axis, seq in seqs.items():
-            perm = torch.randperm(len(seq), generator=self.generator).tolist()
+            perm = torch.randperm(len(seq), generator=self.row_generator(row)).tolist()
             seqs[axis] = [seq[i] for i in perm]
         return seqs
 

@@ -79,6 +79,18 @@ def check_seed(value) -> int:
     return check_int("seed", value, 0, MAX_SEED - 1)
 
 
+def check_row_seeds(value, batch: int) -> None:
+    """generate/score's seed: one int (one random stream for the batch) or one int per row."""
+    if isinstance(value, (list, tuple)) or (isinstance(value, torch.Tensor) and value.dim() == 1):
+        seeds = value.tolist() if isinstance(value, torch.Tensor) else list(value)
+        if len(seeds) != batch:
+            fail("seed", value, f"an int, or a list of {batch} ints (one per row)")
+        for s in seeds:
+            check_int("seed", s, 0, MAX_SEED - 1, "one per row")
+    else:
+        check_seed(value)
+
+
 # -- compile ---------------------------------------------------------------------------------------
 def check_max_seq_len(value, model_max: int, window: int | None = None) -> int:
     """The compiled context length: None picks min(model_max, 4096); else an int in MIN_SEQ_LEN..model_max.
@@ -335,7 +347,7 @@ def check_generate(sol, input_ids, policy, schedule, budget, max_new_tokens, tem
         _check_token_ids(sol, "eos_token_id", eos_token_id)
     if pad_token_id is not None:
         check_int("pad_token_id", pad_token_id, 0, int(sol.token_embedding.shape[0]) - 1)
-    check_seed(seed)
+    check_row_seeds(seed, batch)
     check_sources(policy, schedule, budget, batch, steps, len(sol.space), cost_budget)
 
 
@@ -346,5 +358,5 @@ def check_score(sol, tokens, prompt_len, policy, schedule, budget, seed, cost_bu
         fail("tokens", tokens, "[batch, length >= 2]: a prompt and at least one token to score")
     prompt_len = check_int("prompt_len", prompt_len, 1, length - 1)
     _check_decode(sol, prompt_len, length - prompt_len)
-    check_seed(seed)
+    check_row_seeds(seed, batch)
     check_sources(policy, schedule, budget, batch, length - prompt_len, len(sol.space), cost_budget)

@@ -77,6 +77,45 @@ def test_sampling_is_reproducible_and_respects_top_k(sol):
     assert (top3 == a.tokens[:, 8:, None]).any(-1).all()
 
 
+def test_per_row_seeds_make_a_rows_samples_independent_of_its_batch_mates(sol):
+    """seed=[one int per row]: a row's sampled tokens, its sampled policy's actions and their log-probs
+    are those of its prompt alone with its own seed, whatever shares the batch (ragged prompts too)."""
+    from runtime.policy import PolicyConfig, PolicyNet, PolicySource
+
+    torch.manual_seed(0)
+    policy = PolicyNet(PolicyConfig.for_model(sol, d_model=32, n_heads=2)).eval()
+    with torch.no_grad():
+        policy.action_head.bias.normal_(0, 1.0)  # a spread of actions to sample from
+    prompts = [_tokens(sol, 1, n, seed=n)[0].tolist() for n in (5, 9, 9, 12)]
+    seeds = [3, 1, 4, 1]  # rows 1 and 3 share a seed, not a prompt
+    kw = dict(max_new_tokens=8, temperature=1.0, top_p=0.95, eos_token_id=[], budget=0.6)
+    batch = sol.generate(prompts, policy=PolicySource(policy, temperature=1.5), seed=seeds, **kw)
+    for r, (prompt, seed) in enumerate(zip(prompts, seeds)):
+        alone = sol.generate([prompt], policy=PolicySource(policy, temperature=1.5), seed=seed, **kw)
+        assert torch.equal(alone.tokens[0, -8:], batch.tokens[r, -8:])
+        assert torch.equal(alone.actions[0], batch.actions[r])
+        assert torch.equal(alone.logprobs[0], batch.logprobs[r])
+    assert len(set(batch.actions[:, DENSE_PREFIX:].flatten().tolist())) > 2  # the policy did sample
+    assert not torch.equal(batch.tokens[1, -8:], batch.tokens[2, -8:])  # one prompt, two seeds
+    with pytest.raises(ValueError, match=r"seed=\[1, 2\] is invalid: an int, or a list of 4 ints"):
+        sol.generate(prompts, seed=[1, 2], **kw)
+    with pytest.raises(ValueError, match="seed=-1 is invalid"):
+        sol.generate(prompts, seed=[1, -1, 2, 3], **kw)
+    with pytest.raises(TypeError, match="seed=0.5"):
+        sol.generate(prompts, seed=[1, 0.5, 2, 3], **kw)
+
+
+def test_per_row_seeds_shuffle_each_rows_random_schedule_on_its_own(sol):
+    tokens = _tokens(sol, 3, 24)
+    seeds = [5, 6, 7]
+    batch = score(sol, tokens, 8, policy=Random(), budget=0.6, budget_mode="per-axis", seed=seeds)
+    for r in range(3):
+        alone = score(sol, tokens[r:r + 1], 8, policy=Random(), budget=0.6, budget_mode="per-axis", seed=seeds[r])
+        assert torch.equal(alone.actions[0], batch.actions[r])
+        assert torch.equal(alone.logprobs[0], batch.logprobs[r])
+    assert not torch.equal(batch.actions[0], batch.actions[1])
+
+
 def test_eos_stops_a_row_and_leaves_its_budget_alone(sol):
     prompt = _tokens(sol, 2, 8)
     first = sol.generate(prompt, max_new_tokens=6)
