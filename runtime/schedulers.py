@@ -44,11 +44,16 @@ def uniforms(generator, batch: int) -> Tensor:
     of G generators, each drawing for batch / G consecutive rows."""
     if generator is None or isinstance(generator, torch.Generator):
         return torch.rand(batch, generator=generator, dtype=torch.float64)
-    gens = list(generator)
+    gens, per = _shares(generator, batch)
+    return torch.cat([torch.rand(per, generator=g, dtype=torch.float64) for g in gens])
+
+
+def _shares(generators, batch: int) -> tuple[list, int]:
+    """(the generators, how many consecutive rows each draws for)."""
+    gens = list(generators)
     if batch % len(gens):
         raise ValueError(f"{len(gens)} generators cannot split a batch of {batch} rows evenly")
-    per = batch // len(gens)
-    return torch.cat([torch.rand(per, generator=g, dtype=torch.float64) for g in gens])
+    return gens, batch // len(gens)
 
 
 class ActionSource:
@@ -58,13 +63,10 @@ class ActionSource:
 
     def row_generator(self, row: int):
         """The generator that draws for `row`: the one generator, or its share of a sequence of them."""
-        gens = self.generator
-        if gens is None or isinstance(gens, torch.Generator):
-            return gens
-        gens = list(gens)
-        if self.batch % len(gens):
-            raise ValueError(f"{len(gens)} generators cannot split a batch of {self.batch} rows evenly")
-        return gens[row // (self.batch // len(gens))]
+        if self.generator is None or isinstance(self.generator, torch.Generator):
+            return self.generator
+        gens, per = _shares(self.generator, self.batch)
+        return gens[row // per]
 
     def next_actions(self, step: int, hidden: Tensor, token_embedding: Tensor, dense: Tensor) -> Tensor:
         raise NotImplementedError
