@@ -210,6 +210,8 @@ def step(policy: nn.Module, hidden: Tensor, token_embedding: Tensor, scalars: Te
     if h is None or e is None or s is None:
         return None
     prev = prev_action.reshape(B).to(torch.int64).contiguous()
+    if int(prev.min()) < 0 or int(prev.max()) > plan.n_actions:  # rows of the action embedding (C reads them)
+        return None  # the embedding lookup raises as it does elsewhere
     logits = torch.empty(B, 1, plan.n_actions, dtype=_F32)
     budget = torch.empty(B, 1, 3, dtype=_F32)
     plan.lib.solc_policy_step(plan.net_ref, h.data_ptr(), e.data_ptr(), s.data_ptr(), prev.data_ptr(), cache.length,

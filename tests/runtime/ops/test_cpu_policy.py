@@ -189,3 +189,6 @@ def test_the_c_decision_stands_aside_where_it_does_not_apply():
         with pytest.raises(ValueError, match="policy cache holds 2 steps"):
             source.next_actions(2, torch.randn(1, D_BASE), torch.randn(1, D_BASE), torch.zeros(1, dtype=torch.bool))
     assert source.cache.length == 2
+    with torch.no_grad(), pytest.raises(IndexError):  # an action index past the embedding: torch's error
+        policy(torch.randn(1, 1, D_BASE), torch.randn(1, 1, D_BASE), torch.rand(1, 1, 8, dtype=torch.float64),
+               torch.tensor([[policy.n_actions + 1]]), cache=policy.new_cache(1, 2), horizon=2)
