@@ -18,6 +18,7 @@ from runtime import validation
 from runtime.budget import is_cost_request, resolve_budget
 from runtime.costs import realized_budget
 from runtime.dispatch import StepDispatcher
+from runtime.ops import cpu_sample
 from runtime.schedulers import ActionSource, seeded, uniforms
 from runtime.stepper import PREFILL_CHUNK, Stepper, budget_targets, collector_paused, resolve_source  # noqa: F401  (re-exported)
 
@@ -90,7 +91,7 @@ def _sample(logits: Tensor, temperature: float, top_k: int | None, top_p: float 
     if top_k is not None:
         kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None:
+    if top_p is not None and not cpu_sample.top_p_(logits, top_p):  # C: no sort of the vocabulary
         sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
         probs = torch.softmax(sorted_logits, -1)
         drop = probs.cumsum(-1) - probs >= top_p  # keep the smallest prefix reaching top_p

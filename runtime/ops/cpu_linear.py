@@ -35,10 +35,10 @@ from torch import Tensor
 # One library of the CPU kernels: this module's linear, solc::mlp's (runtime/ops/cpu_mlp.py) and
 # solc::attention's decode kernel (runtime/ops/cpu_attention.py) and the eager program's fused rotary
 # embedding (runtime/ops/cpu_rotary.py) and attention block (runtime/ops/cpu_block.py), and the policy
-# network's decision step (runtime/ops/cpu_policy.py).
+# network's decision step (runtime/ops/cpu_policy.py), and generate's top-p mask (runtime/ops/cpu_sample.py).
 SOURCES = tuple(Path(__file__).with_name(name)
                 for name in ("cpu_linear.c", "cpu_mlp.c", "cpu_attention.c", "cpu_rotary.c", "cpu_block.c",
-                             "cpu_policy.c"))
+                             "cpu_policy.c", "cpu_sample.c"))
 HEADERS = tuple(Path(__file__).with_name(name) for name in ("cpu_fixed_order.h", "cpu_select.h", "cpu_bf16.h"))  # part of the build's key
 # -ffp-contract=off: no path may fuse a multiply-add that another path does not (see the sources).
 CFLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-fPIC", "-shared")
@@ -79,6 +79,8 @@ SIGNATURES = {  # C function -> argument types (return types: RESTYPES)
     "solc_packed_of": [_P, _L, _L],
     "solc_policy_scratch": [_L, _L, _L, _L, _L, _L],
     "solc_policy_step": [_P, _P, _P, _P, _P, _L, _P, _P, _I],
+    "solc_top_p_rows": [_P, _L, _L, ctypes.c_float, _P, _I],
+    "solc_sample_entry_size": [],
     "solc_policy_decide": [_P, _P, _L, _L, _L, _P, _P, _P, _P, _P, _P, _P, ctypes.c_float, _L, _P, _P, _P, _P, _I],
 }
 RESTYPES = {"solc_int4_linear": ctypes.c_int, "solc_rowskip_int8": ctypes.c_int, "solc_rowskip_f32": ctypes.c_int,
@@ -87,7 +89,7 @@ RESTYPES = {"solc_int4_linear": ctypes.c_int, "solc_rowskip_int8": ctypes.c_int,
             "solc_decode_attention_scratch": ctypes.c_long,
             "solc_block_chain": ctypes.c_int, "solc_pack_supported": ctypes.c_int,
             "solc_pack_register": ctypes.c_int, "solc_packed_of": ctypes.c_void_p,
-            "solc_policy_scratch": ctypes.c_long}  # the others return void
+            "solc_policy_scratch": ctypes.c_long, "solc_sample_entry_size": ctypes.c_long}  # the others return void
 
 
 def _cpu_features() -> str:

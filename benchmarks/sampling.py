@@ -1,0 +1,105 @@
+"""generate's sampling step (runtime/generate.py `_sample`) on SmolLM2-135M's own next-token logits: the
+top-p mask in C (runtime/ops/cpu_sample.c) against the torch form that sorts the vocabulary, side by side.
+
+    python benchmarks/sampling.py                     # batch 1 and 16, top-p 0.9 and 0.95, temperature 0.7 / 1.0
+
+The logits are the model's at 128 positions of held-out Shakespeare (HF forward, fp32). Each round times
+every configuration once with the C mask and once with the torch form (`_sample` with cpu_sample.top_p_
+switched off), so drift hits both alike; medians over --rounds. Also reports the nucleus sizes, and how
+many tokens the two masks put on different sides (fp32 rounding of a prefix mass at the boundary).
+Prints a table and writes JSON (with the command) to --out.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import statistics
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from runtime.cost_model import device_name  # noqa: E402
+from runtime.generate import _sample  # noqa: E402
+from runtime.ops import cpu_sample  # noqa: E402
+from solc.cache import atomic_write_bytes  # noqa: E402
+
+
+def model_logits(positions: int) -> torch.Tensor:
+    import solc
+    from training.grpo import GRPOConfig, load_training_contexts
+
+    model = solc.load_model("smollm2-135m")
+    ids = load_training_contexts(GRPOConfig(context_length=2 * positions), 49152, split="test")[:1]
+    with torch.no_grad():
+        return model(ids).logits[0, positions:].float().contiguous()
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--batches", default="1,16")
+    p.add_argument("--top-p", default="0.9,0.95")
+    p.add_argument("--temperatures", default="0.7,1.0")
+    p.add_argument("--rounds", type=int, default=20)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "sampling_cpu.json"))
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    logits = model_logits(128)
+    configs = [(b, float(tp), float(t)) for b in map(int, args.batches.split(",")) for tp in args.top_p.split(",")
+               for t in args.temperatures.split(",")]
+    times = {(c, form): [] for c in configs for form in ("C", "torch")}
+    gen = torch.Generator().manual_seed(0)
+    real = cpu_sample.top_p_
+    for r in range(args.rounds + 1):
+        for c in configs:
+            B, tp, temp = c
+            rows = logits[(r * B) % (logits.shape[0] - B + 1):][:B]
+            for form in ("C", "torch"):
+                cpu_sample.top_p_ = real if form == "C" else (lambda *a: False)
+                start = time.perf_counter()
+                _sample(rows, temp, None, tp, gen)
+                if r:
+                    times[(c, form)].append((time.perf_counter() - start) * 1e3)
+    cpu_sample.top_p_ = real
+
+    results = []
+    for B, tp, temp in configs:
+        scaled = logits / temp
+        c_mask = scaled.clone()
+        real(c_mask, tp)
+        s, o = torch.sort(scaled, descending=True, dim=-1)
+        probs = torch.softmax(s, -1)
+        drop = probs.cumsum(-1) - probs >= tp
+        t_mask = scaled.masked_fill(drop.scatter(-1, o, drop), float("-inf"))
+        sizes = (c_mask > float("-inf")).sum(-1).float()
+        c_ms, t_ms = (statistics.median(times[((B, tp, temp), f)]) for f in ("C", "torch"))
+        results.append({"batch": B, "top_p": tp, "temperature": temp, "c_ms": c_ms, "torch_ms": t_ms,
+                        "c_over_torch": c_ms / t_ms, "nucleus_median": float(sizes.median()),
+                        "nucleus_max": float(sizes.max()),
+                        "tokens_on_other_side": int(((c_mask > float("-inf")) != (t_mask > float("-inf"))).sum()),
+                        "positions": logits.shape[0]})
+    lines = ["| batch | top-p | temperature | C ms | torch ms | C / torch | nucleus median / max | tokens on the other side (of 128 x 49152) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for x in results:
+        lines.append(f"| {x['batch']} | {x['top_p']} | {x['temperature']} | {x['c_ms']:.3f} | {x['torch_ms']:.3f} | "
+                     f"{x['c_over_torch']:.3f} | {x['nucleus_median']:.0f} / {x['nucleus_max']:.0f} | {x['tokens_on_other_side']} |")
+    table = "\n".join(lines)
+    print(table)
+    meta = {"command": "python benchmarks/sampling.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])),
+            "device": device_name("cpu"), "threads": args.threads, "torch": torch.__version__,
+            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "rounds": args.rounds}
+    out = Path(args.out)
+    atomic_write_bytes(out, (json.dumps({"meta": meta, "rows": results, "table": table}, indent=2) + "\n").encode())
+    print(f"written {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,88 @@
+"""runtime/ops/cpu_sample.py: the C top-p mask keeps the nucleus (the smallest prefix of the descending
+order whose softmax mass reaches top_p), as the torch form does, to fp32 rounding of the prefix masses."""
+import pytest
+import torch
+
+from runtime.generate import _sample
+from runtime.ops import cpu_linear, cpu_sample
+
+pytestmark = pytest.mark.skipif(cpu_linear.library() is None, reason="needs the C library (a C compiler)")
+NEG = float("-inf")
+
+
+def _ideal_prefix_mass(logits: torch.Tensor) -> torch.Tensor:
+    """[B, V] the fp64 softmax mass of the tokens before each one in descending order (ties by index)."""
+    d = logits.double()
+    order = torch.argsort(-d, dim=-1, stable=True)
+    p = torch.softmax(d, -1).gather(-1, order)
+    before = p.cumsum(-1) - p
+    return torch.empty_like(before).scatter_(-1, order, before)
+
+
+def _torch_form(logits, top_p):
+    s, o = torch.sort(logits, descending=True, dim=-1)
+    p = torch.softmax(s, -1)
+    drop = p.cumsum(-1) - p >= top_p
+    return logits.masked_fill(drop.scatter(-1, o, drop), NEG)
+
+
+def _check_nucleus(logits, top_p, masked, band=2e-5):
+    """Every token whose fp64 prefix mass is clear of top_p by `band` is kept iff that mass < top_p."""
+    before = _ideal_prefix_mass(logits)
+    kept = masked > NEG
+    clear = (before - top_p).abs() > band
+    live = logits > NEG
+    assert torch.equal(kept[clear & live], (before < top_p)[clear & live])
+    assert not kept[~live].any()
+    return int((~clear & live).sum())
+
+
+@pytest.mark.parametrize("V", [1, 7, 1000, 49152])
+@pytest.mark.parametrize("scale", [0.3, 3.0, 12.0])
+@pytest.mark.parametrize("top_p", [0.05, 0.5, 0.9, 0.99])
+def test_c_mask_is_the_nucleus(V, scale, top_p):
+    g = torch.Generator().manual_seed(V + int(scale * 10))
+    logits = torch.randn(6, V, generator=g) * scale
+    logits[0, : V // 3] = NEG  # a top-k mask before it: those stay out and count for nothing
+    c = logits.clone()
+    assert cpu_sample.top_p_(c, top_p)
+    _check_nucleus(logits, top_p, c)
+    _check_nucleus(logits, top_p, _torch_form(logits, top_p))  # the torch form within the same band
+    assert (c > NEG).sum(-1).min() >= 1  # the top token always stays
+
+
+def test_ties_keep_a_prefix_by_index_and_rows_do_not_depend_on_their_batch_mates():
+    logits = torch.zeros(1, 10)  # ten equal tokens: 0.35 of the mass needs four of them
+    c = logits.clone()
+    cpu_sample.top_p_(c, 0.35)
+    assert (c[0] > NEG).tolist() == [True] * 4 + [False] * 6
+    g = torch.Generator().manual_seed(3)
+    batch = torch.randn(5, 3000, generator=g) * 4
+    together = batch.clone()
+    cpu_sample.top_p_(together, 0.8)
+    for r in range(5):
+        alone = batch[r:r + 1].clone()
+        cpu_sample.top_p_(alone, 0.8)
+        assert torch.equal(alone, together[r:r + 1])
+
+
+def test_sampling_draws_only_nucleus_tokens_and_matches_the_torch_form(monkeypatch):
+    """`_sample` with top-p: over a grid of uniforms per row, the C mask and the torch form draw the same
+    tokens (their masks agree away from the boundary, and these rows have no token on it)."""
+    g = torch.Generator().manual_seed(11)
+    logits = torch.randn(8, 5000, generator=g) * 3
+    logits[:, :3] += 8  # peaked, as a language model's next-token logits are
+
+    def draws():
+        out = []
+        for k in range(1, 200):
+            monkeypatch.setattr("runtime.generate.uniforms", lambda gen, b, k=k: torch.full((b,), k / 200, dtype=torch.float64))
+            out.append(_sample(logits, 0.9, None, 0.9, None))
+        return torch.stack(out, 1)
+
+    c = draws()
+    monkeypatch.setattr(cpu_sample, "top_p_", lambda *a: False)
+    t = draws()
+    assert torch.equal(c, t)
+    before = _ideal_prefix_mass(logits / 0.9)
+    assert (before.gather(-1, c) < 0.9).all()  # every draw inside the nucleus
