@@ -77,6 +77,20 @@ def test_sampling_is_reproducible_and_respects_top_k(sol):
     assert (top3 == a.tokens[:, 8:, None]).any(-1).all()
 
 
+def test_a_sampler_that_keeps_its_buffers_draws_what_the_one_shot_form_draws():
+    """generate's _Sampler reuses its [B, V] temporaries from step to step: the same draws, bit for bit,
+    as fresh temporaries, over steps whose logits differ (top-k and top-p masks written into the buffer)."""
+    from runtime.generate import _Sampler, _sample
+
+    g = torch.Generator().manual_seed(0)
+    held = _Sampler(0.7, 40, 0.9, torch.Generator().manual_seed(5))
+    fresh = torch.Generator().manual_seed(5)
+    for step in range(6):
+        logits = torch.randn(3, 500, generator=g) * 3
+        assert torch.equal(held(logits), _sample(logits, 0.7, 40, 0.9, fresh))
+    assert held._buffers[0].shape == (3, 500)
+
+
 def test_per_row_seeds_make_a_rows_samples_independent_of_its_batch_mates(sol):
     """seed=[one int per row]: a row's sampled tokens, its sampled policy's actions and their log-probs
     are those of its prompt alone with its own seed, whatever shares the batch (ragged prompts too)."""
