@@ -79,7 +79,7 @@ SIGNATURES = {  # C function -> argument types (return types: RESTYPES)
     "solc_packed_of": [_P, _L, _L],
     "solc_policy_scratch": [_L, _L, _L, _L, _L, _L],
     "solc_policy_step": [_P, _P, _P, _P, _P, _L, _P, _P, _I],
-    "solc_top_p_rows": [_P, _L, _L, ctypes.c_float, _P, _I],
+    "solc_top_p_rows": [_P, _L, _L, ctypes.c_double, _P, _I],
     "solc_sample_entry_size": [],
     "solc_policy_decide": [_P, _P, _L, _L, _L, _P, _P, _P, _P, _P, _P, _P, ctypes.c_float, _L, _P, _P, _P, _P, _I],
 }

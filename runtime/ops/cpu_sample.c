@@ -1,17 +1,18 @@
-/* generate's top-p (nucleus) mask on the CPU (runtime/generate.py `_sample`), in place over the batch's
+/* generate's top-p (nucleus) mask on the CPU (runtime/generate.py `_Sampler`), in place over the batch's
  * tempered and top-k-masked fp32 logits.
  *
- * Why: the torch form sorts the whole vocabulary for it (49152 fp32 logits with their indices: 3.4 ms a
- * row on the dev machine, a quarter of a SmolLM2 decode step; ~50 ms for 16 rows). Here a row is two
- * passes over its logits (max, then normalizer and candidates), then only the head of the distribution
- * that can hold the nucleus is selected and sorted: 256 tokens, grown 8x until their mass reaches top_p.
+ * Why: the torch form sorts the whole vocabulary for it (49152 fp32 logits with their indices: 3.3 ms a
+ * row on the dev machine, a quarter of a SmolLM2 decode step; ~60 ms for 16 rows). Here a row is two
+ * passes over its logits (max, normalizer), then only the head of the distribution that can hold the
+ * nucleus is selected and sorted: of the tokens within HEAD_SPAN of the top, 256, grown 8x until their
+ * mass reaches top_p.
  *
- * Semantics are the torch form's: in descending order of l, p = softmax(l) in fp32, and a token is
- * dropped (l = -inf) once the mass before it, cumsum(p) - p in fp32, reaches top_p, so the smallest
- * prefix reaching top_p stays. The normalizer is summed in double and rounded once (torch sums in fp32 in
- * its own order), so a token whose prefix mass is within rounding of top_p may fall on the other side;
- * ties in the order are broken by index (torch's sort leaves them unspecified). Rows are independent
- * (batch invariance). */
+ * The nucleus: in descending order of the logits, a token stays while the softmax mass before it is
+ * below top_p (the smallest prefix reaching top_p). The mass is summed in double over fp32 exps, so the
+ * boundary is the exact one to ~1e-7 of mass; the torch form sums in fp32 (its cumsum over thousands of
+ * tail tokens drifts by ~1e-5), so the two can put a token whose prefix mass is that close to top_p on
+ * different sides. Ties in the order go by index (torch's sort leaves them unspecified). Rows are
+ * independent (batch invariance). */
 #include <math.h>
 #include <stdlib.h>
 
@@ -42,40 +43,52 @@ static void select_head(entry *e, long n, long m) {
     }
 }
 
-static void top_p(float *l, long V, float p_max, entry *e) {
+/* The candidates at or above `cut`, with their exp(l - top). */
+static long candidates(const float *l, long V, float cut, float top, entry *e) {
+    long n = 0;
+    for (long i = 0; i < V; i++)
+        if (l[i] >= cut && l[i] > -INFINITY) e[n].l = l[i], e[n].w = expf(l[i] - top), e[n].i = i, n++;
+    return n;
+}
+
+/* Tokens more than HEAD_SPAN below the top (each under e^-20 of the top token's weight, together under
+ * ~1e-4 of the mass for a 49152-token vocabulary) are first left out of the selection: they come after
+ * every candidate in the order, so where the candidates' mass reaches top_p they are all dropped. Only
+ * where it does not (top_p above 1 minus their mass) does the row run again over every token. */
+#define HEAD_SPAN 20.0f
+
+static void top_p(float *l, long V, double p_max, entry *e) {
     float top = -INFINITY;
     for (long i = 0; i < V; i++) top = l[i] > top ? l[i] : top;
     if (top == -INFINITY || top != top) return;
     double total = 0;
-    long n = 0;  /* the tokens still in the running, with their exp(l - max) */
-    for (long i = 0; i < V; i++)
-        if (l[i] > -INFINITY) {
-            float w = expf(l[i] - top);
-            total += w;
-            e[n].l = l[i], e[n].w = w, e[n].i = i, n++;
-        }
-    const float sum = (float)total;
-    for (long m = n < 256 ? n : 256;; m = 8 * m < n ? 8 * m : n) {
-        select_head(e, n, m);
-        qsort(e, m, sizeof *e, cmp_entry);
-        float c = 0;
-        long keep = -1;
-        for (long j = 0; j < m; j++) {
-            float p = e[j].w / sum;
-            c += p;
-            if (c - p >= p_max) { keep = j; break; }
-        }
-        if (keep >= 0 || m == n) {
-            if (keep < 0) return;  /* the whole distribution is the nucleus */
-            for (long j = keep; j < n; j++) l[e[j].i] = -INFINITY;
-            return;
+    for (long i = 0; i < V; i++) total += expf(l[i] - top);
+    for (int every = 0; every < 2; every++) {
+        const float cut = every ? -INFINITY : top - HEAD_SPAN;
+        const long n = candidates(l, V, cut, top, e);
+        for (long m = n < 256 ? n : 256;; m = 8 * m < n ? 8 * m : n) {
+            select_head(e, n, m);
+            qsort(e, m, sizeof *e, cmp_entry);
+            double c = 0;  /* the mass before e[j], in double: the nucleus to ~1e-7 (expf's rounding) */
+            long keep = m;
+            for (long j = 0; j < m; j++) {
+                if (c >= p_max) { keep = j; break; }
+                c += e[j].w / total;
+            }
+            if (keep < m || (m == n && c >= p_max)) {  /* reached: drop the rest, the tokens below the cut too */
+                for (long j = keep; j < n; j++) l[e[j].i] = -INFINITY;
+                for (long i = 0; i < V; i++)
+                    if (l[i] < cut) l[i] = -INFINITY;
+                return;
+            }
+            if (m == n) break;  /* the candidates do not reach top_p */
         }
     }
 }
 
 /* l [B, V] in place; entries: scratch of B * V `entry` (solc_sample_entry_size() bytes each). p_max >= 1 or NaN: nothing. */
-void solc_top_p_rows(float *l, long B, long V, float p_max, void *entries, int threads) {
-    if (!(p_max < 1.0f)) return;
+void solc_top_p_rows(float *l, long B, long V, double p_max, void *entries, int threads) {
+    if (!(p_max < 1.0)) return;
 #pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1 && B > 1)
     for (long b = 0; b < B; b++) top_p(l + b * V, V, p_max, (entry *)entries + b * V);
 }

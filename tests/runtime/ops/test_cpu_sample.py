@@ -1,5 +1,5 @@
 """runtime/ops/cpu_sample.py: the C top-p mask keeps the nucleus (the smallest prefix of the descending
-order whose softmax mass reaches top_p), as the torch form does, to fp32 rounding of the prefix masses."""
+order whose softmax mass reaches top_p) to ~1e-7 of mass; the torch form, summing in fp32, to ~1e-5."""
 import pytest
 import torch
 
@@ -46,8 +46,8 @@ def test_c_mask_is_the_nucleus(V, scale, top_p):
     logits[0, : V // 3] = NEG  # a top-k mask before it: those stay out and count for nothing
     c = logits.clone()
     assert cpu_sample.top_p_(c, top_p)
-    _check_nucleus(logits, top_p, c)
-    _check_nucleus(logits, top_p, _torch_form(logits, top_p))  # the torch form within the same band
+    _check_nucleus(logits, top_p, c, band=1e-6)
+    _check_nucleus(logits, top_p, _torch_form(logits, top_p), band=2e-5)  # the torch form: fp32 sums
     assert (c > NEG).sum(-1).min() >= 1  # the top token always stays
 
 
@@ -86,3 +86,18 @@ def test_sampling_draws_only_nucleus_tokens_and_matches_the_torch_form(monkeypat
     assert torch.equal(c, t)
     before = _ideal_prefix_mass(logits / 0.9)
     assert (before.gather(-1, c) < 0.9).all()  # every draw inside the nucleus
+
+
+def test_tokens_below_the_head_span_are_dropped_with_the_tail_or_selected_when_the_nucleus_reaches_them():
+    """cpu_sample.c first selects among the tokens within 20 nats of the top. Where their mass reaches
+    top_p the tokens below are dropped; where it does not, the row runs again over every token."""
+    logits = torch.cat([torch.zeros(1), -1.0 - torch.arange(5) * 1e-3, -20.5 - torch.arange(3000) * 1e-4])[None]
+    tail = float(torch.softmax(logits.double(), -1)[0, 6:].sum())  # ~3.7e-6 below the span
+    for top_p, kept in ((0.5, 3), (0.9, 6), (1 - tail / 2, None)):  # masses before: 0, .35, .48, .61, .74, .87
+        c = logits.clone()
+        assert cpu_sample.top_p_(c, top_p)
+        if kept is not None:
+            assert int((c > NEG).sum()) == kept
+        else:  # the nucleus ends inside the tail: about half of it stays
+            assert 1200 < int((c[0, 6:] > NEG).sum()) < 1800
+        assert _check_nucleus(logits, top_p, c, band=1e-7) < 1000  # tail tokens lie ~4e-10 of mass apart
