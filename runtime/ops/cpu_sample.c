@@ -3,9 +3,9 @@
  *
  * Why: the torch form sorts the whole vocabulary for it (49152 fp32 logits with their indices: 3.3 ms a
  * row on the dev machine, a quarter of a SmolLM2 decode step; ~60 ms for 16 rows). Here a row is two
- * passes over its logits (max, normalizer), then only the head of the distribution that can hold the
- * nucleus is selected and sorted: of the tokens within HEAD_SPAN of the top, 256, grown 8x until their
- * mass reaches top_p.
+ * passes over its logits (max; normalizer and its mass by 1-nat bins below the top), then only the head
+ * of the distribution that holds the nucleus is selected and sorted: of the tokens within the bins that
+ * reach top_p, 256, grown 8x until their mass reaches top_p.
  *
  * The nucleus: in descending order of the logits, a token stays while the softmax mass before it is
  * below top_p (the smallest prefix reaching top_p). The mass is summed in double over fp32 exps, so the
@@ -43,29 +43,40 @@ static void select_head(entry *e, long n, long m) {
     }
 }
 
-/* The candidates at or above `cut`, with their exp(l - top). */
-static long candidates(const float *l, long V, float cut, float top, entry *e) {
+/* The candidates less than `span` below the top (top - l < span), with their exp(l - top). */
+static long candidates(const float *l, long V, float top, float span, entry *e) {
     long n = 0;
     for (long i = 0; i < V; i++)
-        if (l[i] >= cut && l[i] > -INFINITY) e[n].l = l[i], e[n].w = expf(l[i] - top), e[n].i = i, n++;
+        if (top - l[i] < span) e[n].l = l[i], e[n].w = expf(l[i] - top), e[n].i = i, n++;
     return n;
 }
 
-/* Tokens more than HEAD_SPAN below the top (each under e^-20 of the top token's weight, together under
- * ~1e-4 of the mass for a 49152-token vocabulary) are first left out of the selection: they come after
- * every candidate in the order, so where the candidates' mass reaches top_p they are all dropped. Only
- * where it does not (top_p above 1 minus their mass) does the row run again over every token. */
-#define HEAD_SPAN 20.0f
+/* The selection first runs over the tokens less than `span` nats below the top, where span is the
+ * smallest whole number whose tokens hold top_p of the mass (summed by 1-nat bins in the normalizer's
+ * pass; a language model's nucleus sits a few nats below its top token, among hundreds of tokens), or
+ * HEAD_SPAN where none up to it does. The tokens below come after every candidate in the order, so where
+ * the candidates' mass reaches top_p they are all dropped. Only where it does not (top_p above 1 minus
+ * what lies more than HEAD_SPAN below, under ~1e-4 for a 49152-token vocabulary) does the row run again
+ * over every token. */
+#define HEAD_SPAN 20
 
 static void top_p(float *l, long V, double p_max, entry *e) {
     float top = -INFINITY;
     for (long i = 0; i < V; i++) top = l[i] > top ? l[i] : top;
     if (top == -INFINITY || top != top) return;
-    double total = 0;
-    for (long i = 0; i < V; i++) total += expf(l[i] - top);
+    double total = 0, bins[HEAD_SPAN] = {0};
+    for (long i = 0; i < V; i++) {
+        float w = expf(l[i] - top), below = top - l[i];
+        total += w;
+        if (below < HEAD_SPAN) bins[(int)below] += w;
+    }
+    int span = HEAD_SPAN;
+    double head = 0;
+    for (int k = 0; k < HEAD_SPAN; k++)
+        if ((head += bins[k]) / total >= p_max + 1e-9) { span = k + 1; break; }  /* the margin: summing orders */
     for (int every = 0; every < 2; every++) {
-        const float cut = every ? -INFINITY : top - HEAD_SPAN;
-        const long n = candidates(l, V, cut, top, e);
+        const float cut = every ? INFINITY : (float)span;
+        const long n = candidates(l, V, top, cut, e);
         for (long m = n < 256 ? n : 256;; m = 8 * m < n ? 8 * m : n) {
             select_head(e, n, m);
             qsort(e, m, sizeof *e, cmp_entry);
@@ -75,10 +86,10 @@ static void top_p(float *l, long V, double p_max, entry *e) {
                 if (c >= p_max) { keep = j; break; }
                 c += e[j].w / total;
             }
-            if (keep < m || (m == n && c >= p_max)) {  /* reached: drop the rest, the tokens below the cut too */
+            if (keep < m || (m == n && c >= p_max)) {  /* reached: drop the rest, the tokens past the cut too */
                 for (long j = keep; j < n; j++) l[e[j].i] = -INFINITY;
                 for (long i = 0; i < V; i++)
-                    if (l[i] < cut) l[i] = -INFINITY;
+                    if (!(top - l[i] < cut)) l[i] = -INFINITY;
                 return;
             }
             if (m == n) break;  /* the candidates do not reach top_p */

@@ -89,7 +89,8 @@ def test_sampling_draws_only_nucleus_tokens_and_matches_the_torch_form(monkeypat
 
 
 def test_tokens_below_the_head_span_are_dropped_with_the_tail_or_selected_when_the_nucleus_reaches_them():
-    """cpu_sample.c first selects among the tokens within 20 nats of the top. Where their mass reaches
+    """cpu_sample.c first selects among the tokens in the fewest 1-nat bins below the top that hold top_p
+    (at most 20 nats). Where their mass reaches
     top_p the tokens below are dropped; where it does not, the row runs again over every token."""
     logits = torch.cat([torch.zeros(1), -1.0 - torch.arange(5) * 1e-3, -20.5 - torch.arange(3000) * 1e-4])[None]
     tail = float(torch.softmax(logits.double(), -1)[0, 6:].sum())  # ~3.7e-6 below the span
