@@ -41,7 +41,9 @@ how far ahead (+) or behind (-) the episode is on that axis, in units of the who
 forced dense count in no budget and leave the deviations unchanged.
 
 The same weights run either incrementally (`cache=` a PolicyCache: one step at a time, deployment and
-rollouts) or over a whole stored sequence (`cache=None`: the PPO update); both give the same log-probs.
+rollouts) or over a whole stored sequence (`cache=None`: the PPO update); both give the same log-probs
+(to fp32 rounding). On the CPU in fp32 an incremental decision is one C call (runtime/ops/cpu_policy.py:
+the network, the prior, the guard and the pick); elsewhere it runs op by op below.
 
 This module needs only torch and runtime/: export and the runtime import it without training/.
 """
@@ -177,8 +179,8 @@ class PolicyCache:
 
 
 def _run(module: nn.Module, x: Tensor) -> Tensor:
-    """module(x), with its linears on `cpu_linear` in a deployed CPU decision (fp32, no autograd, one
-    step): MKL runs a one-row linear at ~10 GB/s of weights on this CPU, about half of what cpu_linear's
+    """module(x), with its linears on `cpu_linear` in a deployed CPU decision run op by op (fp32, no
+    autograd, one step, where runtime/ops/cpu_policy.py's C call does not apply): MKL runs a one-row linear at ~10 GB/s of weights on this CPU, about half of what cpu_linear's
     GEMV streams, and a decision's ten linears (15 MB) were most of its 2-3 ms, a sixth of a SmolLM2
     decode step. cpu_linear also sums each row on its own, so a row's action does not depend on its
     batch mates. Training's full-sequence forward (autograd, T > 1) keeps nn.Linear: both sum the same
