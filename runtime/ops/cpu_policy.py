@@ -53,6 +53,9 @@ class PolicyPrior(ctypes.Structure):
 
 
 class _Plan:
+    """One cache's C arguments: the network's weights and the cache as descriptors, a scratch, and the
+    decision's constants. `ok` is False where a tensor is not what the C reads (fp32, CPU, contiguous)."""
+
     def __init__(self, policy: nn.Module, cache, lib):
         self.policy, self.lib = policy, lib
         blocks = list(policy.blocks)
