@@ -173,6 +173,11 @@ class PolicyCache:
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layers)]
 
+    def check_room(self, steps: int) -> None:
+        """Raise unless `steps` more steps fit."""
+        if self.length + steps > self.max_len:
+            raise ValueError(f"policy cache holds {self.max_len} steps; step {self.length + steps} does not fit")
+
     def advance(self, steps: int) -> None:
         self.length += steps
         self.position.add_(steps)
@@ -180,8 +185,8 @@ class PolicyCache:
 
 def _run(module: nn.Module, x: Tensor) -> Tensor:
     """module(x), with its linears on `cpu_linear` in a deployed CPU decision run op by op (fp32, no
-    autograd, one step, where runtime/ops/cpu_policy.py's C call does not apply): MKL runs a one-row linear at ~10 GB/s of weights on this CPU, about half of what cpu_linear's
-    GEMV streams, and a decision's ten linears (15 MB) were most of its 2-3 ms, a sixth of a SmolLM2
+    autograd, one step, where runtime/ops/cpu_policy.py's C call does not apply): MKL runs a one-row
+    linear at ~10 GB/s of weights on this CPU, about half of what cpu_linear's GEMV streams, and a decision's ten linears (15 MB) were most of its 2-3 ms, a sixth of a SmolLM2
     decode step. cpu_linear also sums each row on its own, so a row's action does not depend on its
     batch mates. Training's full-sequence forward (autograd, T > 1) keeps nn.Linear: both sum the same
     terms in different orders (test_incremental_equals_full_sequence bounds the difference)."""
@@ -213,8 +218,6 @@ class _Block(nn.Module):
             scores = q @ k.transpose(-1, -2)
             mask = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
         else:
-            if cache.length + T > cache.max_len:
-                raise ValueError(f"policy cache holds {cache.max_len} steps; step {cache.length + T} does not fit")
             slots = cache.position + torch.arange(T, device=x.device)  # [T] positions of the new steps
             cache.keys[layer].index_copy_(2, slots, k.to(cache.keys[layer].dtype))
             cache.values[layer].index_copy_(2, slots, v.to(cache.values[layer].dtype))
@@ -293,8 +296,8 @@ class PolicyNet(nn.Module):
         """
         dtype = next(self.parameters()).dtype
         steps = prev_action.shape[1]
-        if cache is not None and cache.length + steps > cache.max_len:
-            raise ValueError(f"policy cache holds {cache.max_len} steps; step {cache.length + steps} does not fit")
+        if cache is not None:
+            cache.check_room(steps)
         # a deployed CPU decision: the whole network in one C call (runtime/ops/cpu_policy.py)
         heads = cpu_policy.step(self, hidden, token_embedding, scalars, prev_action, cache) if cache is not None else None
         if heads is None:
@@ -437,16 +440,13 @@ class PolicySource(ActionSource):
         self.prev = torch.full((batch,), self.policy.start_action, dtype=torch.long, device=self.device)
         self._steps: list[tuple] = []
 
-    def _uniform(self) -> Tensor:
-        return uniforms(self.generator, self.batch)
-
     @torch.no_grad()
     def next_actions(self, step: int, hidden: Tensor, token_embedding: Tensor, dense: Tensor) -> Tensor:
         dev = self.device
         dense = dense.to(dev).bool()
         # a CPU decision in one C call (runtime/ops/cpu_policy.py): the network, the prior and guard and the
         # pick below, ~0.6 ms less per decision after a SmolLM2 decode step
-        u = None if self.greedy else self._uniform()  # drawn once, whichever path runs
+        u = None if self.greedy else uniforms(self.generator, self.batch)  # drawn once, whichever path runs
         fast = cpu_policy.decide(self.policy, self.cache, step, self.horizon, hidden, token_embedding, dense,
                                  self._targets, self.deviations, self.prev, u, self.temperature)
         if fast is not None:

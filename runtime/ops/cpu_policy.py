@@ -100,7 +100,7 @@ class _Plan:
         net.layers = ctypes.addressof(self.layers)
         net.scratch = self.scratch.data_ptr()
         self.net_ref = ctypes.byref(net)
-        self.shape = (B, d_base, sc1.in_features)
+        self.d_base, self.n_scalars = d_base, sc1.in_features
         self.n_actions = A = policy.action_head.out_features
         # the decision's constants (PolicyNet.forward computes them per call from the same tensors)
         config = policy.config
@@ -147,9 +147,7 @@ def _plan_for(policy: nn.Module, cache, B: int, hidden: Tensor) -> Optional[_Pla
     """The cache's plan where the C step applies to this call, else None."""
     if _switched_off:
         return None
-    lib = cpu_linear._library
-    if lib is None:
-        lib = cpu_linear.library()
+    lib = cpu_linear._library or cpu_linear.library()
     if not lib or torch.is_grad_enabled() or not library.cpu_fast_paths():
         return None
     if B != cache.batch or hidden.device.type != "cpu":
@@ -176,12 +174,10 @@ def decide(policy: nn.Module, cache, step: int, horizon: int, hidden: Tensor, to
     plan = _plan_for(policy, cache, B, hidden)
     if plan is None:
         return None
-    _, d_base, _ = plan.shape
-    h, e = _rows(hidden, B, d_base, _F32), _rows(token_embedding, B, d_base, _F32)
+    h, e = _rows(hidden, B, plan.d_base, _F32), _rows(token_embedding, B, plan.d_base, _F32)
     if h is None or e is None:
         return None
-    if cache.length + 1 > cache.max_len:
-        raise ValueError(f"policy cache holds {cache.max_len} steps; step {cache.length + 1} does not fit")
+    cache.check_room(1)
     dense = dense.reshape(B).to(torch.bool).contiguous()
     targets, deviations = targets.to(torch.float64).contiguous(), deviations.to(torch.float64).contiguous()
     prev = prev.reshape(B).to(torch.int64).contiguous()
@@ -207,9 +203,8 @@ def step(policy: nn.Module, hidden: Tensor, token_embedding: Tensor, scalars: Te
     plan = _plan_for(policy, cache, B, hidden) if T == 1 else None
     if plan is None:
         return None
-    _, d_base, n_scalars = plan.shape
-    h, e = _rows(hidden, B, d_base, _F32), _rows(token_embedding, B, d_base, _F32)
-    s = _rows(scalars, B, n_scalars, _F32)
+    h, e = _rows(hidden, B, plan.d_base, _F32), _rows(token_embedding, B, plan.d_base, _F32)
+    s = _rows(scalars, B, plan.n_scalars, _F32)
     if h is None or e is None or s is None:
         return None
     prev = prev_action.reshape(B).to(torch.int64).contiguous()
