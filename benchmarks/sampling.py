@@ -74,10 +74,8 @@ def main(argv=None) -> int:
         scaled = logits / temp
         c_mask = scaled.clone()
         real(c_mask, tp)
-        s, o = torch.sort(scaled, descending=True, dim=-1)
-        probs = torch.softmax(s, -1)
-        drop = probs.cumsum(-1) - probs >= tp
-        t_mask = scaled.masked_fill(drop.scatter(-1, o, drop), float("-inf"))
+        t_mask = scaled.clone()
+        cpu_sample.top_p_torch_(t_mask, tp)
         sizes = (c_mask > float("-inf")).sum(-1).float()
         c_ms, t_ms = (statistics.median(times[((B, tp, temp), f)]) for f in ("C", "torch"))
         results.append({"batch": B, "top_p": tp, "temperature": temp, "c_ms": c_ms, "torch_ms": t_ms,

@@ -109,11 +109,8 @@ class _Sampler:
         if self.top_k is not None:
             kth = torch.topk(scaled, min(self.top_k, scaled.shape[-1]), dim=-1).values[..., -1:]
             scaled.masked_fill_(scaled < kth, float("-inf"))
-        if self.top_p is not None and not cpu_sample.top_p_(scaled, self.top_p):  # C: no sort of the vocabulary
-            sorted_logits, order = torch.sort(scaled, descending=True, dim=-1)
-            sorted_probs = torch.softmax(sorted_logits, -1)
-            drop = sorted_probs.cumsum(-1) - sorted_probs >= self.top_p  # keep the smallest prefix reaching top_p
-            scaled.masked_fill_(drop.scatter(-1, order, drop), float("-inf"))
+        if self.top_p is not None:
+            cpu_sample.mask_top_p_(scaled, self.top_p)  # on CPU in C, without sorting the vocabulary
         wide.copy_(scaled)
         torch.ops.aten._softmax.out(wide, -1, False, out=probs)  # torch.softmax's kernel
         torch.cumsum(probs, -1, out=cdf)

@@ -20,10 +20,9 @@ def _ideal_prefix_mass(logits: torch.Tensor) -> torch.Tensor:
 
 
 def _torch_form(logits, top_p):
-    s, o = torch.sort(logits, descending=True, dim=-1)
-    p = torch.softmax(s, -1)
-    drop = p.cumsum(-1) - p >= top_p
-    return logits.masked_fill(drop.scatter(-1, o, drop), NEG)
+    masked = logits.clone()
+    cpu_sample.top_p_torch_(masked, top_p)
+    return masked
 
 
 def _check_nucleus(logits, top_p, masked, band=2e-5):
