@@ -38,9 +38,13 @@ typedef struct {  /* the network: sizes, weights, layers and a scratch of solc_p
 
 static long max_l(long a, long b) { return a > b ? a : b; }
 
+/* the widest row of the scratch's `t` part: a layer-norm input, qkv, the MLP or the scalars' hidden */
+static long row_width(long d_base, long d, long ff, long scalar_hidden) {
+    return max_l(max_l(d_base, 3 * d), max_l(ff, scalar_hidden));
+}
+
 long solc_policy_scratch(long B, long d_base, long d, long ff, long scalar_hidden, long max_len) {
-    long width = max_l(max_l(d_base, 3 * d), max_l(ff, scalar_hidden));
-    return B * (3 * d + width) + max_len;
+    return B * (3 * d + row_width(d_base, d, ff, scalar_hidden)) + max_len;
 }
 
 static void layer_norm(const float *x, long M, long K, const float *w, const float *b, double eps, float *y) {
@@ -102,7 +106,7 @@ static void attention(const solc_policy_net *net, const solc_policy_layer *L, fl
 static void forward(const solc_policy_net *net, const float *h, const float *e, const float *s, const long *prev,
                     long pos, float *logits, float *budget, int threads) {
     const long B = net->B, d = net->d, Db = net->d_base;
-    const long width = max_l(max_l(Db, 3 * d), max_l(net->ff, net->scalar_hidden));
+    const long width = row_width(Db, d, net->ff, net->scalar_hidden);
     float *x = net->scratch, *y = x + B * d, *att = y + B * d, *t = att + B * d, *scores = t + B * width;
 
     layer_norm(h, B, Db, net->hin_ln_w, net->hin_ln_b, net->eps_in, t);
