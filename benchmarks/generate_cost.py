@@ -12,10 +12,11 @@ of the shared machine hits every row alike:
             at the C decision's calibrated cost, so its error there shows the difference)
   static    generate at --budget without a policy: the cost-hull mix (runtime.schedulers.cost_fixed)
   prefill   generate of one token (prefill + one dense step): the part no action changes
-Each row's realized cost is priced by the bytes model (what the policy was trained with) and by a
-measured cost model calibrated here first (solc.calibrate_cost_model at the prompt's length and at its
-end, with the policy: the table's decision_ms is one policy decision between two decode steps). The
-predicted wall time of a row:
+Before the rows, one decision of the policy between two decode steps is timed in C and op by op, by
+turns (meta "decision_ms_side_by_side"). Each row's realized cost is priced by the bytes model (what
+the policy was trained with) and by a measured cost model calibrated here first
+(solc.calibrate_cost_model at the prompt's length and at its end, with the policy: the table's
+decision_ms is one policy decision between two decode steps). The predicted wall time of a row:
   bytes      prefill + (dense - prefill) x its realized cost (the bytes model has no milliseconds, so
              the measured dense decode anchors it)
   measured   prefill + runtime.cost_model.predicted_decode_ms: the calibrated latency of every step
@@ -37,6 +38,7 @@ import os
 os.environ.setdefault("SOLC_CPU_FAST", "1")  # measure the CPU fast paths (on by default; SOLC_CPU_FAST=0 turns them off)
 
 import argparse  # noqa: E402
+import contextlib  # noqa: E402
 import dataclasses  # noqa: E402
 import csv  # noqa: E402
 import io  # noqa: E402
@@ -119,6 +121,21 @@ def summarize(times: dict, outs: dict, measured, bytes_model, space, prompt_len:
     return rows, table, verdict
 
 
+def decision_side_by_side(sol, source, context: int, rounds: int) -> dict[str, float]:
+    """Median ms of one decision between two dense decode steps (as calibrate_cost_model times it), the C
+    decision and the op-by-op one by turns, an episode of 16 decisions each per round."""
+    from runtime.costs import _decision_latency
+    from runtime.dispatch import StepDispatcher
+
+    dispatcher, times = StepDispatcher(sol), {"c": [], "op_by_op": []}
+    for r in range(rounds):
+        for form in times:
+            with cpu_policy.op_by_op() if form == "op_by_op" else contextlib.nullcontext():
+                times[form].append(_decision_latency(sol, dispatcher, source, 1, context, 1, 1 if r else 2, 16,
+                                                     torch.Generator().manual_seed(r)))
+    return {form: statistics.median(t) for form, t in times.items()}
+
+
 def write_outputs(out_dir: Path, stem: str, meta: dict, rows: list[dict], table: str) -> None:
     """stem.json and stem.csv, each written whole and renamed over the old one (an interrupt leaves the
     previous round's files, never torn ones; meta "complete" says whether every round ran)."""
@@ -166,6 +183,8 @@ def main(argv=None) -> int:
     measured = solc.calibrate_cost_model(sol, contexts=(args.prompt_len, end), rounds=args.calibration_rounds,
                                          policy=src)
     sol.cost_model = None  # generate prices with the policy's (bytes) model; the measured one re-prices below
+    decisions = decision_side_by_side(sol, src, args.prompt_len, args.calibration_rounds)
+    print("one decision between two decode steps: " + ", ".join(f"{k} {v:.3f} ms" for k, v in decisions.items()))
     bytes_model = BytesCostModel.for_model(sol)
     def policy_op_by_op():
         with cpu_policy.op_by_op():
@@ -184,7 +203,7 @@ def main(argv=None) -> int:
     meta = {"command": "python benchmarks/generate_cost.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
             "device": device_name("cpu"), "torch": torch.__version__,
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "args": vars(args),
-            "measured_cost_model": measured.to_dict()}
+            "measured_cost_model": measured.to_dict(), "decision_ms_side_by_side": decisions}
     out_dir = Path(args.out)
     stem = "generate_cost_cpu" + (f"_{args.tag}" if args.tag else "")
     with torch.no_grad():

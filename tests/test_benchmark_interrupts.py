@@ -27,6 +27,8 @@ def test_an_interrupted_run_keeps_the_rounds_it_finished(load_benchmark, monkeyp
     whole = json.loads((out / "generate_cost_cpu_cut.json").read_text())
     assert whole["meta"]["complete"] is True and whole["meta"]["rounds_done"] == 3
     assert [len(r["wall_ms_all"]) for r in whole["rows"]] == [3, 3, 3, 3]
+    assert set(whole["meta"]["decision_ms_side_by_side"]) == {"c", "op_by_op"}
+    assert all(ms > 0 for ms in whole["meta"]["decision_ms_side_by_side"].values())
 
     # stopped in its third timed round (the fourth call of generate's "dense" row: 1 untimed + 2 timed)
     generate, calls = solc.SOLModel.generate, []
