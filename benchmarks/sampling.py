@@ -7,7 +7,12 @@ The logits are the model's at 128 positions of held-out Shakespeare (HF forward,
 every configuration once with the C mask and once with the torch form (`_sample` with cpu_sample.top_p_
 switched off), so drift hits both alike; medians over --rounds. Also reports the nucleus sizes, and how
 many tokens the two masks put on different sides (fp32 rounding of a prefix mass at the boundary).
-Prints a table and writes JSON (with the command) to --out.
+A second table (run first) times plain and top-k sampling with generate's sampler, which keeps its
+[B, V] temporaries from step to step, against the one-shot form that makes them fresh, by turns.
+Whether fresh temporaries fault in depends on the allocator's state (glibc raises its mmap and trim
+thresholds once larger blocks were freed): measured first, the process is in the state a generate
+call starts from.
+Prints the tables and writes JSON (with the command) to --out.
 """
 from __future__ import annotations
 
@@ -26,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from runtime.cost_model import device_name  # noqa: E402
-from runtime.generate import _sample  # noqa: E402
+from runtime.generate import _Sampler, _sample  # noqa: E402
 from runtime.ops import cpu_sample  # noqa: E402
 from solc.cache import atomic_write_bytes  # noqa: E402
 
@@ -41,6 +46,31 @@ def model_logits(positions: int) -> torch.Tensor:
         return model(ids).logits[0, positions:].float().contiguous()
 
 
+def buffers_side_by_side(logits: torch.Tensor, batches: list[int], rounds: int) -> tuple[list[dict], str]:
+    """Plain (temperature 0.8) and top-k 50 sampling steps: generate's sampler, whose [B, V] temporaries
+    are kept from step to step, against the one-shot `_sample`, which makes them fresh, by turns."""
+    configs = [(B, k) for B in batches for k in (None, 50)]
+    times = {(c, form): [] for c in configs for form in ("held", "fresh")}
+    held = {c: _Sampler(0.8, c[1], None, torch.Generator().manual_seed(0)) for c in configs}
+    gen = torch.Generator().manual_seed(0)
+    for r in range(rounds + 1):
+        for c in configs:
+            B, k = c
+            rows = logits[(r * B) % (logits.shape[0] - B + 1):][:B]
+            for form, run in (("held", held[c]), ("fresh", lambda x, k=k: _sample(x, 0.8, k, None, gen))):
+                start = time.perf_counter()
+                run(rows)
+                if r:
+                    times[(c, form)].append((time.perf_counter() - start) * 1e3)
+    out = []
+    lines = ["| batch | top-k | held ms | fresh ms | held / fresh |", "|---|---|---|---|---|"]
+    for B, k in configs:
+        h, f = (statistics.median(times[((B, k), form)]) for form in ("held", "fresh"))
+        out.append({"batch": B, "top_k": k, "held_ms": h, "fresh_ms": f, "held_over_fresh": h / f})
+        lines.append(f"| {B} | {k or '-'} | {h:.3f} | {f:.3f} | {h / f:.3f} |")
+    return out, "\n".join(lines)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batches", default="1,16")
@@ -52,6 +82,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     logits = model_logits(128)
+    # first: fresh temporaries fault in or not with the allocator's state, which the top-p runs change
+    buffer_rows, buffer_table = buffers_side_by_side(logits, [int(b) for b in args.batches.split(",")], args.rounds)
     configs = [(b, float(tp), float(t)) for b in map(int, args.batches.split(",")) for tp in args.top_p.split(",")
                for t in args.temperatures.split(",")]
     times = {(c, form): [] for c in configs for form in ("C", "torch")}
@@ -90,11 +122,13 @@ def main(argv=None) -> int:
                      f"{x['c_over_torch']:.3f} | {x['nucleus_median']:.0f} / {x['nucleus_max']:.0f} | {x['tokens_on_other_side']} |")
     table = "\n".join(lines)
     print(table)
+    print(buffer_table)
     meta = {"command": "python benchmarks/sampling.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])),
             "device": device_name("cpu"), "threads": args.threads, "torch": torch.__version__,
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "rounds": args.rounds}
     out = Path(args.out)
-    atomic_write_bytes(out, (json.dumps({"meta": meta, "rows": results, "table": table}, indent=2) + "\n").encode())
+    atomic_write_bytes(out, (json.dumps({"meta": meta, "rows": results, "table": table, "buffer_rows": buffer_rows,
+                                         "buffer_table": buffer_table}, indent=2) + "\n").encode())
     print(f"written {out}")
     return 0
 

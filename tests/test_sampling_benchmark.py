@@ -18,3 +18,5 @@ def test_sampling_benchmark_counts_nuclei_and_mask_disagreements(load_benchmark,
         assert r["nucleus_median"] == r["nucleus_max"] == 1 and r["tokens_on_other_side"] == 0
         assert r["c_ms"] > 0 and r["torch_ms"] > 0
     assert saved["meta"]["command"].endswith(f"--out {out}")
+    assert [(r["batch"], r["top_k"]) for r in saved["buffer_rows"]] == [(1, None), (1, 50), (2, None), (2, 50)]
+    assert all(r["held_ms"] > 0 and r["fresh_ms"] > 0 for r in saved["buffer_rows"])
