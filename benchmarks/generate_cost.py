@@ -55,7 +55,7 @@ import torch  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from a checkout
 
-from solc.cache import atomic_write_bytes  # noqa: E402
+from solc.cache import atomic_write_bytes, check_replaceable_result  # noqa: E402
 from runtime.cost_model import BytesCostModel, device_name, predicted_decode_ms, realized_cost  # noqa: E402
 from runtime.ops import cpu_policy  # noqa: E402
 from runtime.policy import PolicyNet, PolicySource  # noqa: E402
@@ -170,6 +170,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.repeats < 1:
         p.error(f"--repeats must be >= 1 (timed rounds after the untimed one), got {args.repeats}")
+    stem = "generate_cost_cpu" + (f"_{args.tag}" if args.tag else "")
+    check_replaceable_result(Path(args.out) / f"{stem}.json", "python benchmarks/generate_cost.py", "--out/--tag")
     torch.set_num_threads(args.threads)
 
     policy = PolicyNet.load(args.policy).eval()
@@ -205,7 +207,6 @@ def main(argv=None) -> int:
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "args": vars(args),
             "measured_cost_model": measured.to_dict(), "decision_ms_side_by_side": decisions}
     out_dir = Path(args.out)
-    stem = "generate_cost_cpu" + (f"_{args.tag}" if args.tag else "")
     with torch.no_grad():
         for r in range(args.repeats + 1):
             for name, call in calls.items():

@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 from runtime.cost_model import device_name  # noqa: E402
 from runtime.generate import _Sampler, _sample  # noqa: E402
 from runtime.ops import cpu_sample  # noqa: E402
-from solc.cache import atomic_write_bytes  # noqa: E402
+from solc.cache import atomic_write_bytes, check_replaceable_result  # noqa: E402
 
 
 def model_logits(positions: int) -> torch.Tensor:
@@ -80,6 +80,7 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "sampling_cpu.json"))
     args = p.parse_args(argv)
+    check_replaceable_result(args.out, "python benchmarks/sampling.py", "--out")
     torch.set_num_threads(args.threads)
     logits = model_logits(128)
     # first: fresh temporaries fault in or not with the allocator's state, which the top-p runs change

@@ -95,6 +95,27 @@ def atomic_write(target: Path, write: Callable, fsync: bool = True) -> None:
             os.unlink(tmp)
 
 
+def check_replaceable_result(target: Path, command: str, argument: str) -> None:
+    """A results file a script may write over: absent, or a JSON file whose recorded command (top level
+    or under "meta") starts with `command`, i.e. an earlier result of the same script. Anything else at
+    that path is the user's, and is refused with an ArgumentError naming `argument` (left as it is)."""
+    import json
+
+    from runtime.errors import ArgumentError
+
+    target = Path(target)
+    if not os.path.lexists(target):
+        return
+    try:
+        found = json.loads(target.read_text())
+        recorded = found.get("command") or found.get("meta", {}).get("command", "")
+    except (OSError, ValueError, AttributeError):
+        recorded = ""
+    if not (isinstance(recorded, str) and recorded.startswith(command)):
+        raise ArgumentError(argument, f"{argument} {str(target)!r} exists and is not a result of `{command}`; "
+                                      "it is left as it is: pass a new path")
+
+
 def atomic_write_bytes(target: Path, data: bytes) -> None:
     atomic_write(target, lambda f: f.write(data))
 

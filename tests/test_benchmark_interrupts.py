@@ -71,3 +71,14 @@ def test_an_interrupted_training_benchmark_keeps_the_updates_it_timed(load_bench
     assert saved["complete"] is False and saved["timed_updates"] == 2 and saved["command"].endswith(str(out))
     assert saved["episodes_per_update"] == 2 and saved["episodes_per_s"] > 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["training.json"]
+
+
+def test_the_training_benchmark_leaves_a_json_another_tool_wrote(load_benchmark, tmp_path):
+    from solc import ArgumentError
+
+    bench = load_benchmark("training")
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({"command": "python -m training.evaluate", "rows": [1]}))
+    with pytest.raises(ArgumentError, match="--json"):
+        bench.main(["--model", "tiny-llama", "--corpus", "random", "--json", str(other)])
+    assert json.loads(other.read_text()) == {"command": "python -m training.evaluate", "rows": [1]}
