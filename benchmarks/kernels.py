@@ -16,6 +16,10 @@ Sections (one layer's op; shapes of SmolLM2-135M, Llama-3.2-1B, Llama-3.1-8B; --
   mlp       the whole MLP site incl. the dense down projection and the output quantizer at 16 bits:
             reference.mlp at keep 1 (3 cuBLAS GEMVs) vs runtime.kernels.mlp.sparse_mlp.
   quant     fake quantization of the MLP output [rows, d]: torch reference vs the fused kernel.
+  lowbit    the whole MLP site in quant="weight" mode at 8 and 4 bits (runtime.kernels.lowbit: int8 /
+            int4 weight copies made with torchao's primitives, bf16 activations), keep 1 and 0.4, vs the
+            dense site in --dtype (3 cuBLAS GEMVs); level = bits + keep / 10 (8.04: 8 bits, keep 0.4).
+            Needs torchao importable (skipped with a message otherwise).
   attn      decode attention, one query per row at position `context`: dense = SDPA over the
             context+1 visible keys (GQA, flash/efficient backend) vs the Quest kernels (page scoring,
             top-k pages, split-K attention over the kept pages, combine); `append` adds the step's
@@ -71,7 +75,7 @@ def _ints(s: str) -> list[int]:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sections", default="mlp-in,mlp,quant,attn")
+    p.add_argument("--sections", default="mlp-in,mlp,quant,lowbit,attn")
     p.add_argument("--models", default=",".join(MODELS))
     p.add_argument("--dtype", default="bfloat16", choices=list(DTYPES))
     p.add_argument("--rows", default="1,4,16", help="MLP tokens per call (decode batch)")
@@ -218,6 +222,52 @@ def run_quant(args, dtype, dev, graph, rows_out):
                 _print_row(row)
 
 
+def run_lowbit(args, dtype, dev, graph, rows_out):
+    try:
+        from runtime.ops import mlp_weights
+        from runtime.ops.quant_primitives import int4_group_size
+    except ImportError as e:  # torchao is imported by the copies' maker
+        print(f"  lowbit skipped: {e}")
+        return
+    from runtime.kernels import lowbit
+
+    for model in args.models.split(","):
+        shape = MODELS[model]
+        wg, wu, wo = _mlp_weights(shape, dtype, dev)
+        try:
+            packs = mlp_weights.make_copies([wg, wu], wo, "gated", row_skip=True, bits=(4, 8),
+                                            group_size=int4_group_size([shape["d"], shape["ffn"]]))
+        except ImportError as e:
+            print(f"  lowbit skipped: {e}")
+            return
+        group = int4_group_size([shape["d"], shape["ffn"]])
+        for rows in _ints(args.rows):
+            x = torch.randn(rows, shape["d"], device=dev, dtype=dtype)
+
+            def dense():
+                return ref.mlp(x, None, None, [wg, wu], [None, None], wo, None, "gated", "silu")
+
+            dense_us, dense_graph = bench(dense, graph)
+            for bits in (8, 4):
+                for keep_level in (1.0, 0.4):
+                    keep = torch.full((rows,), keep_level, dtype=torch.float64, device=dev)
+                    site = ([wg, wu], [None, None], wo, None, "gated", "silu", packs, group)
+
+                    def kernel():
+                        return lowbit.lowbit_mlp(x, keep, bits, *site[:6], packs, group, prune=keep_level < 1)
+
+                    us, g_us = bench(kernel, graph)
+                    bits_t = torch.full((rows,), float(bits), dtype=torch.float64, device=dev)
+                    expected = ref.mlp(x.float(), keep, bits_t, [wg.float(), wu.float()], [None, None], wo.float(),
+                                       None, "gated", "silu", "weight", packs, group)
+                    row = dict(section="lowbit", model=model, rows=rows, level=bits + keep_level / 10,
+                               dense_us=dense_us, kernel_us=us, speedup=_ratio(dense_us, us),
+                               dense_graph_us=dense_graph, graph_us=g_us, graph_speedup=_ratio(dense_graph, g_us),
+                               max_err=_err(kernel(), expected))
+                    rows_out.append(row)
+                    _print_row(row)
+
+
 def run_attn(args, dtype, dev, graph, rows_out):
     from runtime.kernels._common import N_BUCKETS
     from runtime.kernels.attention import quest_decode_attention
@@ -352,6 +402,21 @@ def cpu_sanity() -> bool:
     exact = torch.equal(fake_quant_rows(y, qbits), ref.fake_quant(y, qbits))
     print(f"  fake quant (bits 5/7/8/16) bit-exact: {exact}")
     ok &= exact
+    from runtime.kernels import lowbit
+    from runtime.ops import mlp_weights
+
+    x2 = torch.randn(2, 64, generator=g)
+    w2 = [torch.randn(48, 64, generator=g) * 0.2 for _ in range(2)]
+    wo2 = torch.randn(64, 48, generator=g) * 0.2
+    packs = mlp_weights.make_copies(w2, wo2, "gated", row_skip=True, bits=(4, 8), group_size=16)
+    keep2 = torch.tensor([0.4, 0.4], dtype=torch.float64)
+    for b in (8, 4):
+        want = ref.mlp(x2, keep2, torch.full((2,), float(b), dtype=torch.float64), w2, [None, None], wo2, None,
+                       "gated", "silu", "weight", packs, 16)
+        got = lowbit.lowbit_mlp(x2, keep2, b, w2, [None, None], wo2, None, "gated", "silu", packs, 16)
+        e = float(((got - want).abs() / want.abs().amax(-1, keepdim=True)).max())
+        print(f"  low-bit mlp ({b} bits, 2 rows, keep 0.4) max err / row max {e:.2e}")
+        ok &= e <= 2.0 ** -6  # bf16 roundings: a few ulps of the row's largest output
     kc, vc = torch.randn(2, 2, 48, 16, generator=g), torch.randn(2, 2, 48, 16, generator=g)
     pos = torch.tensor([[47], [20]])
     low, high = ref.page_stats(kc, pos[:, 0] + 1)
@@ -379,7 +444,7 @@ def main(argv=None) -> int:
     print(f"device: {device_name}   dtype: {args.dtype}   autotune: {not args.no_autotune}")
     print("  ".join(f"{c:>12}" for c in COLUMNS))
     rows: list[dict] = []
-    runners = {"mlp-in": run_mlp_in, "mlp": run_mlp, "quant": run_quant, "attn": run_attn}
+    runners = {"mlp-in": run_mlp_in, "mlp": run_mlp, "quant": run_quant, "lowbit": run_lowbit, "attn": run_attn}
     with torch.no_grad():
         for section in args.sections.split(","):
             runners[section](args, dtype, dev, graph, rows)

@@ -7,6 +7,9 @@ reference runs otherwise:
                    float32/bfloat16/float16; prefill / teacher forcing (T > 1) and float64 -> reference.
   solc::mlp        kernels for <= 16 rows (decode batches) with x and every weight in one dtype among
                    float32/bfloat16/float16; more rows (prefill) and float64 -> reference.
+                   quant="weight" rows at 8 / 4 bits: the low-bit kernels (`runtime.kernels.lowbit`) when
+                   the step's hints give one level for every row (a dispatcher variant), else the
+                   reference (mixed levels: the generic step, which is never captured).
 The kernel paths never synchronise with the device while a CUDA graph is being captured (they read
 positions, keep and bits on the device); outside a capture they read the largest keep level once per call
 (one sync) to pick the autotune bucket. Set SOLC_TRITON=0 to run the reference on CUDA too.
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import math
 import os
+from typing import Optional
 
 import torch
 
@@ -57,6 +61,26 @@ def _bits_dense(bits) -> bool:
     return hints.bits_dense if hints is not None and hints.bits_dense is not None else bool((bits >= 16).all())
 
 
+def _host_levels() -> tuple[Optional[int], Optional[bool]]:
+    """(bit level, mlp keeps every channel) of every row as the step's hints promise them (None: unknown)."""
+    from runtime.ops import step_hints
+
+    hints = step_hints.current()
+    if hints is None:
+        return None, None
+    return (None if hints.bits is None else int(hints.bits)), hints.mlp_dense
+
+
+def lowbit_uses_kernel(x, w_in, b_in, kind, act, packs, level) -> bool:
+    from runtime.kernels.lowbit import has_copies
+    from runtime.ops.reference import ACTIVATIONS, MLP_KINDS
+
+    rows = math.prod(x.shape[:-1])
+    return (enabled() and level in (4, 8) and 1 <= rows <= MLP_MAX_ROWS and x.dtype in _FLOATS
+            and kind in MLP_KINDS and act in ACTIVATIONS and len(w_in) == (2 if kind == "gated" else 1)
+            and len(b_in) == len(w_in) and has_copies(packs, level))
+
+
 @library.attention.register_kernel("cuda")
 def _attention_cuda(q, k, v, k_cache, v_cache, page_min, page_max, positions, keep, scale):
     if not attention_uses_kernel(q, k_cache, v_cache, page_min, page_max):
@@ -71,8 +95,17 @@ def _attention_cuda(q, k, v, k_cache, v_cache, page_min, page_max, positions, ke
 
 @library.mlp.register_kernel("cuda")
 def _mlp_cuda(x, keep, bits, w_in, b_in, w_out, b_out, kind, act, quant, packs, group_size):
-    # Weight-quant levels have no CUDA kernel here yet: their rows run the reference (dequantized copies).
-    if not mlp_uses_kernel(x, w_in, b_in, w_out, b_out, kind, act) or (quant == "weight" and not _bits_dense(bits)):
+    if quant == "weight" and not _bits_dense(bits):
+        # A step of one known level (a dispatcher variant) runs the low-bit kernels; anything else runs the
+        # reference (which takes that level from the hints too, so a CUDA-graph capture never reads `bits`).
+        level, mlp_dense = _host_levels()
+        if lowbit_uses_kernel(x, w_in, b_in, kind, act, packs, level):
+            from runtime.kernels.lowbit import lowbit_mlp
+
+            return lowbit_mlp(x, keep, level, w_in, b_in, w_out, b_out, kind, act, packs, group_size,
+                              prune=mlp_dense is not True)
+        return _reference(library.mlp)(x, keep, bits, w_in, b_in, w_out, b_out, kind, act, quant, packs, group_size)
+    if not mlp_uses_kernel(x, w_in, b_in, w_out, b_out, kind, act):
         return _reference(library.mlp)(x, keep, bits, w_in, b_in, w_out, b_out, kind, act, quant, packs, group_size)
     from runtime.kernels._common import keep_bucket
     from runtime.kernels.mlp import sparse_mlp

@@ -21,7 +21,7 @@ def test_cpu_run_prints_skip_and_passes_sanity(bench_mod, capsys):
 def test_every_section_runs_on_tiny_shapes(bench_mod, monkeypatch, tmp_path):
     import torch
 
-    monkeypatch.setattr(bench_mod, "MODELS", {"tiny": dict(d=40, ffn=24, hq=4, hkv=2, hd=16)})
+    monkeypatch.setattr(bench_mod, "MODELS", {"tiny": dict(d=64, ffn=32, hq=4, hkv=2, hd=16)})
     monkeypatch.setattr(bench_mod, "bench", lambda fn, graph: (fn(), 2.0, None)[1:])
     args = bench_mod.parse_args(["--models", "tiny", "--rows", "2", "--mlp-keeps", "0.5", "--bits", "5",
                                  "--attn-keeps", "0.1", "--contexts", "40", "--attn-batches", "2",
@@ -29,11 +29,13 @@ def test_every_section_runs_on_tiny_shapes(bench_mod, monkeypatch, tmp_path):
     rows = []
     dev = torch.device("cpu")
     with torch.no_grad():
-        for section in ("mlp-in", "mlp", "quant", "attn"):
+        for section in ("mlp-in", "mlp", "quant", "lowbit", "attn"):
             {"mlp-in": bench_mod.run_mlp_in, "mlp": bench_mod.run_mlp, "quant": bench_mod.run_quant,
-             "attn": bench_mod.run_attn}[section](args, torch.float32, dev, False, rows)
-    assert {r["section"] for r in rows} == {"mlp-in", "mlp", "quant", "attn", "attn+append"}
-    assert all(r["max_err"] < 1e-4 for r in rows)
+             "lowbit": bench_mod.run_lowbit, "attn": bench_mod.run_attn}[section](args, torch.float32, dev, False, rows)
+    assert {r["section"] for r in rows} == {"mlp-in", "mlp", "quant", "lowbit", "attn", "attn+append"}
+    assert all(r["max_err"] < 1e-4 for r in rows if r["section"] != "lowbit")
+    lowbit = [r for r in rows if r["section"] == "lowbit"]  # bf16 roundings: a few bf16 ulps of outputs ~0.5
+    assert sorted(r["level"] for r in lowbit) == [4.04, 4.1, 8.04, 8.1] and all(r["max_err"] < 0.02 for r in lowbit)
     base, summary = bench_mod.write(args, rows, "cpu (test)")
     data = json.loads(base.with_suffix(".json").read_text())
     assert data["meta"]["device"] == "cpu (test)" and len(data["rows"]) == len(rows)
