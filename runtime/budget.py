@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from runtime.actions import AXES, ActionSpace
-from runtime.cost_model import CostModelError, cost_model_from_dict, realized_cost, relative_costs
+from runtime.cost_model import CostBudgetError, cost_model_from_dict, realized_cost, relative_costs
 from runtime.costs import realized_budget
 from runtime.errors import ArgumentError, ArgumentTypeError
 
@@ -106,23 +106,26 @@ class BudgetSpec:
 
             return budget_targets(budget, batch)
         if isinstance(budget, dict):
-            raise CostModelError(f"{argument}={budget!r}: a cost budget is one number (the fraction of the dense "
-                                 "decode cost); pass budget_mode='per-axis' for per-axis targets")
+            raise CostBudgetError(argument, f"{argument}={budget!r}: a cost budget is one number (the fraction of the "
+                                  "dense decode cost); per-axis targets need budget_mode='per-axis' (and, with a "
+                                  "trained policy, one trained for a per-axis budget)")
         if isinstance(budget, (bool, str, bytes)) or budget is None:
-            raise CostModelError(f"{argument}={budget!r}: a cost budget is a number (or [{batch}] numbers) in the "
-                                 f"feasible cost range")
+            raise CostBudgetError(argument, f"{argument}={budget!r}: a cost budget is a number (or [{batch}] numbers) "
+                                  "in the feasible cost range")
         try:
             t = torch.as_tensor(budget, dtype=torch.float64).reshape(-1)
         except (TypeError, ValueError, RuntimeError, OverflowError):
-            raise CostModelError(f"{argument}={budget!r}: a cost budget is a number (or [{batch}] numbers) in the "
-                                 f"feasible cost range") from None
+            raise CostBudgetError(argument, f"{argument}={budget!r}: a cost budget is a number (or [{batch}] numbers) "
+                                  "in the feasible cost range") from None
         if t.numel() == 1:
             t = t.expand(batch)
         if t.shape != (batch,):
-            raise CostModelError(f"{argument} must be one number or [{batch}] numbers, got shape {tuple(t.shape)}")
+            raise CostBudgetError(argument, f"{argument} must be one number or [{batch}] numbers, got shape "
+                                  f"{tuple(t.shape)}")
         lo, hi = self.feasible_range(space)
         if bool(((t < lo - 1e-9) | (t > hi + 1e-9) | t.isnan()).any()):
-            raise CostModelError(
+            raise CostBudgetError(
+                argument,
                 f"{argument}={budget!r} is outside the feasible cost range [{lo:.3f}, {hi:.1f}] "
                 f"(the cheapest action costs {lo:.3f} of a dense step at {self.context} keys under the "
                 f"{self.cost_model['kind']} cost model)")
@@ -169,7 +172,8 @@ def resolve_spec(sol, budget_mode: str | None, source=None) -> BudgetSpec:
     own = getattr(source, "budget_spec", None)
     if own is not None:
         if budget_mode is not None and budget_mode != own.mode:
-            raise ValueError(f"budget_mode={budget_mode!r}, but the policy was trained for a {own.mode!r} budget")
+            raise ArgumentError("budget_mode", f"budget_mode={budget_mode!r}, but the policy was trained for a "
+                                               f"{own.mode!r} budget")
         return own
     if budget_mode is None or budget_mode == "cost":
         return default_cost_spec(sol)
@@ -188,6 +192,16 @@ def is_per_axis_request(budget) -> bool:
         except (TypeError, ValueError, RuntimeError):
             return False
         return t.dim() == 2 or (t.dim() == 1 and t.shape[0] == 3)
+    return False
+
+
+def _three_numbers(budget) -> bool:
+    """A flat sequence of three numbers: per-axis keeps, or one cost per row of a batch of 3."""
+    if isinstance(budget, (list, tuple, Tensor)) and not isinstance(budget, (str, bytes)):
+        try:
+            return tuple(torch.as_tensor(budget, dtype=torch.float64).shape) == (3,)
+        except (TypeError, ValueError, RuntimeError):
+            return False
     return False
 
 
@@ -220,6 +234,10 @@ def resolve_budget(sol, policy, schedule, budget, budget_mode: str | None, steps
         raise ArgumentError("budget_mode", f"budget_mode={budget_mode!r} is invalid: one of {list(BUDGET_MODES)}")
     if not isinstance(force, bool):
         raise ArgumentTypeError("force", f"force={force!r} is invalid: True or False")
+    if budget_mode is None and policy is None and _three_numbers(budget) and batch == 3:
+        raise ArgumentError("budget", f"budget={budget!r} is ambiguous at batch 3: three numbers are per-axis keeps "
+                                      "(attn, mlp, bits/16) and also one cost fraction per row; pass "
+                                      "budget_mode='per-axis' or budget_mode='cost'")
     if getattr(policy, "budget_spec", None) is not None:
         spec = resolve_spec(sol, budget_mode, policy)
     elif budget_mode == "cost" or (budget_mode is None and policy is None and not is_per_axis_request(budget)):
@@ -229,9 +247,16 @@ def resolve_budget(sol, policy, schedule, budget, budget_mode: str | None, steps
     if spec.is_cost:
         model = spec.model()
         if hasattr(model, "check"):
-            from runtime.cost_model import device_name
+            from runtime.cost_model import BytesCostModel, CostModelError, device_name
 
-            model.check(device_name(sol.token_embedding.device), batch, force)
+            try:
+                model.check(device_name(sol.token_embedding.device), batch, force)
+            except CostModelError:
+                if budget is not None or getattr(policy, "budget_spec", None) is not None:
+                    raise
+                # Nothing is priced to choose the actions (dense, or a given schedule): report what ran
+                # in the device-independent bytes model rather than refuse, or misprice, the call.
+                spec = BudgetSpec.cost(BytesCostModel.for_model(sol), spec.context)
         if budget is not None:
             spec.targets(budget, batch, sol.space)  # the feasible-range error, before any work
         if policy is None and schedule is None and budget is not None:

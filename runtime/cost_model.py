@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from runtime.actions import Action
-from runtime.errors import SolcError
+from runtime.errors import ArgumentError, SolcError
 from runtime.ops.reference import PAGE_SIZE, keep_count
 
 VERSION = 1
@@ -38,6 +38,11 @@ INT4_GROUP = 32  # default int4 group size (DESIGN: 32, or the largest of 128/64
 
 class CostModelError(SolcError):
     """A cost model is used outside what it was made for (another device or batch, a budget out of range)."""
+
+
+class CostBudgetError(CostModelError, ArgumentError):
+    """A cost budget out of the feasible range or of the wrong form: a CostModelError that also names its
+    argument (an ArgumentError, so a ValueError), like every other bad argument."""
 
 
 @dataclass(frozen=True)
@@ -167,7 +172,7 @@ class MeasuredCostModel:
         if device != self.device or batch != self.batch:
             raise CostModelError(
                 f"this cost table was measured on {self.device!r} at batch {self.batch}, not on {device!r} at "
-                f"batch {batch}; recalibrate (solc.calibrate_costs) or pass force=True"
+                f"batch {batch}; recalibrate (solc.calibrate_cost_model(sol, batch={batch})) or pass force=True"
             )
 
     def to_dict(self) -> dict:

@@ -18,6 +18,7 @@ from runtime import validation
 from runtime.budget import is_cost_request, resolve_budget
 from runtime.costs import realized_budget
 from runtime.dispatch import StepDispatcher
+from runtime.errors import ArgumentError
 from runtime.ops import cpu_sample
 from runtime.schedulers import ActionSource, seeded, uniforms
 from runtime.stepper import PREFILL_CHUNK, Stepper, budget_targets, collector_paused, resolve_source  # noqa: F401  (re-exported)
@@ -25,7 +26,7 @@ from runtime.stepper import PREFILL_CHUNK, Stepper, budget_targets, collector_pa
 
 @dataclass
 class GenerateOutput:
-    tokens: Tensor  # [B, P + N]: prompt (left-padded) then generated tokens (eos repeated after a row finished)
+    tokens: Tensor  # [B, P + N]: prompt (left-padded) then generated tokens (pad_token_id, default the first EOS id, after a row finished)
     actions: Tensor  # [B, N]: action index that produced each generated token (-1 after finish)
     logprobs: Tensor  # [B, N]: log p of each token under its action (0 after finish); the model's dtype, >= fp32
     controlled: Tensor  # [B, N] bool: counted in the budget (not forced dense, not after finish)
@@ -51,24 +52,25 @@ def _ragged_prompts(input_ids, attention_mask, pad_token_id: int) -> tuple[Tenso
     [B, L] (left-padded); its attention mask)."""
     if isinstance(input_ids, Tensor):
         if input_ids.dim() != 2 or input_ids.shape[1] < 1:
-            raise ValueError(f"input_ids must be [batch, prompt_len >= 1], got shape {tuple(input_ids.shape)}")
+            raise ArgumentError("input_ids", f"input_ids must be [batch, prompt_len >= 1], got shape {tuple(input_ids.shape)}")
         batch, width = input_ids.shape
         if attention_mask is None:
             return input_ids, [width] * batch, input_ids, torch.ones_like(input_ids)
         mask = torch.as_tensor(attention_mask, device=input_ids.device).long()
         if mask.shape != input_ids.shape:
-            raise ValueError(f"attention_mask has shape {tuple(mask.shape)}; input_ids has {tuple(input_ids.shape)}")
+            raise ArgumentError("attention_mask", f"attention_mask has shape {tuple(mask.shape)}; input_ids has {tuple(input_ids.shape)}")
         lengths = mask.sum(1).tolist()
         left = torch.arange(width, device=mask.device)[None] >= (width - mask.sum(1))[:, None]
         if not torch.equal(mask.bool(), left) or min(lengths) < 1:
-            raise ValueError("attention_mask must be left-padded (each row: zeros, then at least one 1), as HF generate expects")
+            raise ArgumentError("attention_mask", "attention_mask must be left-padded (each row: zeros, then at least one 1), "
+                                "as HF generate expects")
         packed = torch.stack([torch.roll(input_ids[r], -(width - n)) for r, n in enumerate(lengths)])
         return packed, lengths, input_ids, mask
     if attention_mask is not None:
-        raise ValueError("attention_mask goes with a padded input_ids tensor, not with a list of prompts")
+        raise ArgumentError("attention_mask", "attention_mask goes with a padded input_ids tensor, not with a list of prompts")
     prompts = [torch.as_tensor(p, dtype=torch.long).reshape(-1) for p in input_ids]
     if not prompts or any(p.numel() < 1 for p in prompts):
-        raise ValueError("input_ids as a list needs at least one prompt, each of at least one token")
+        raise ArgumentError("input_ids", "input_ids as a list needs at least one prompt, each of at least one token")
     lengths = [p.numel() for p in prompts]
     width = max(lengths)
     device = prompts[0].device
@@ -105,7 +107,11 @@ class _Sampler:
         if self.temperature == 0:
             return logits.argmax(-1)
         scaled, wide, probs, cdf = self._held(logits)
-        torch.div(logits, self.temperature, out=scaled)
+        # Shift the row's largest logit to 0 before dividing: a tiny temperature then sends the others to
+        # -inf (probability 0), never the largest to +inf (1e-39 made every token NaN, then the last id).
+        # Below the dtype's smallest normal the temperature would round to 0 (0 / 0): use that instead.
+        torch.sub(logits, logits.amax(-1, keepdim=True), out=scaled)
+        scaled.div_(max(self.temperature, torch.finfo(scaled.dtype).tiny))
         if self.top_k is not None:
             kth = torch.topk(scaled, min(self.top_k, scaled.shape[-1]), dim=-1).values[..., -1:]
             scaled.masked_fill_(scaled < kth, float("-inf"))
@@ -158,7 +164,8 @@ def generate(
 
     input_ids: [B, P] (left-padded with `attention_mask` when prompts differ in length) or a list of
     prompts (token lists or 1-D tensors; the output is left-padded with `pad_token_id`, default the
-    first EOS id, and carries its attention_mask). A row stops at EOS: `eos_token_id` (an id or a
+    first EOS id, and carries its attention_mask). A row stops at EOS and shows `pad_token_id` (default
+    the first EOS id, as HF) at every later position: `eos_token_id` (an id or a
     list), by default the model's generation config; [] never stops. Reuses the model's dispatcher and
     cache across calls unless `dispatcher` is given."""
     validation.check_generate(sol, input_ids, policy, schedule, budget, max_new_tokens, temperature, top_k, top_p,
@@ -183,6 +190,7 @@ def generate(
                     generator=generator)
     feed = packed.gather(1, torch.tensor(lengths, device=device)[:, None] - 1)[:, 0]
     eos_t = torch.tensor(eos, dtype=torch.long, device=device)
+    pad_t = torch.tensor(pad, dtype=torch.long, device=device)  # what a finished row shows (HF's fill)
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     sample = _Sampler(temperature, top_k, top_p, generator)
     new, logps = [], []
@@ -194,7 +202,7 @@ def generate(
             nxt = sample(out.logits)
             logp = out.logprob(nxt)
             if eos:
-                nxt = torch.where(finished, eos_t[0], nxt)
+                nxt = torch.where(finished, pad_t, nxt)
                 logp = torch.where(finished, torch.zeros_like(logp), logp)
                 finished = finished | torch.isin(nxt, eos_t)
             new.append(nxt)
@@ -219,11 +227,14 @@ def score(
     dispatcher: StepDispatcher | None = None,
     budget_mode: str | None = None,
     force: bool = False,
+    attention_mask: Tensor | None = None,
 ) -> GenerateOutput:
     """Decode the given `tokens` [B, L] (teacher forcing through the runtime): the first `prompt_len`
     are the prompt, each later token is scored by the controlled step that produces it. `budget`,
     `budget_mode`, `force` and `seed` (a sampled policy's or Random's draws) mean what they mean in
-    `generate`."""
+    `generate`. attention_mask [B, L]: left padding of shorter prompts (zeros, then ones; ones from
+    `prompt_len` on), e.g. a ragged generate's output and its attention_mask: each row is then scored
+    as its own prompt alone would be. Every token after the prompt is scored, a fill after EOS too."""
     validation.check_score(sol, tokens, prompt_len, policy, schedule, budget, seed,
                            cost_budget=is_cost_request(policy, budget, budget_mode))
     if not 1 <= prompt_len < tokens.shape[1]:
@@ -231,9 +242,20 @@ def score(
     device = sol.token_embedding.device
     tokens = tokens.to(device)
     steps = tokens.shape[1] - prompt_len
+    prompts, lengths = tokens[:, : prompt_len - 1], None
+    if attention_mask is not None:
+        mask = torch.as_tensor(attention_mask, device=device)
+        if mask.shape != tokens.shape:
+            raise ArgumentError("attention_mask", f"attention_mask has shape {tuple(mask.shape)}; tokens has "
+                                                  f"{tuple(tokens.shape)}")
+        if not bool((mask[:, prompt_len:] == 1).all()):
+            raise ArgumentError("attention_mask", "attention_mask must be 1 on every scored token (from prompt_len "
+                                                  "on): padding goes on the left of the prompt")
+        prompts, lengths, _, _ = _ragged_prompts(tokens[:, :prompt_len], mask[:, :prompt_len], 0)
+        lengths = [n - 1 for n in lengths]  # the prefill stops before each prompt's last token: step 0 feeds it
     source, spec = resolve_budget(sol, policy, schedule, budget, budget_mode, steps, tokens.shape[0], force=force)
     stepper = Stepper(sol, source, dispatcher, spec)
-    stepper.prefill(tokens[:, : prompt_len - 1], steps, targets=1.0 if budget is None else budget,
+    stepper.prefill(prompts, steps, lengths=lengths, targets=1.0 if budget is None else budget,
                     generator=seeded(seed, tokens.shape[0]))
     with collector_paused():
         logps = [stepper.step(tokens[:, prompt_len - 1 + t]).logprob(tokens[:, prompt_len + t]) for t in range(steps)]

@@ -275,4 +275,5 @@ class Stepper:
             pooled = self.budget_spec.realized(self.sol.space, flat(self.actions), flat(self.controlled),
                                                flat(self.kv_lens), float("nan"))
             out["cost"] = float(pooled[0, 0])
+            out["cost_model"] = self.budget_spec.cost_model["kind"]  # which model priced it: measured or bytes
         return out

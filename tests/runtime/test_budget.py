@@ -79,10 +79,25 @@ def test_a_measured_model_from_another_device_or_batch_is_refused_unless_forced(
     sol.cost_model = MeasuredCostModel(device_name("cpu"), 4, [16, 64], lat)
     with pytest.raises(CostModelError, match="at batch 4, not .* at batch 2"):
         sol.generate(_prompt(), budget=0.8, max_new_tokens=4)
+    with pytest.raises(CostModelError, match=r"solc.calibrate_cost_model\(sol, batch=2\)"):
+        sol.generate(_prompt(), budget=0.8, max_new_tokens=4)
     out = sol.generate(_prompt(), budget=0.8, max_new_tokens=16, eos_token_id=[], force=True)
     by_hand = realized_cost(sol.cost_model, list(sol.space), out.actions, _kv_lens(out, 20), out.controlled)
     assert out.budget["cost"] == pytest.approx(float(by_hand.mean()), abs=1e-12)
+    assert out.budget["cost_model"] == "measured"
     assert len(lat) == A
+    # Nothing asked of the cost model (dense, a schedule, score without a budget): the call runs and
+    # reports its cost in the bytes model instead of refusing.
+    sched = torch.zeros(16, dtype=torch.long)
+    for out in (sol.generate(_prompt(), max_new_tokens=16, eos_token_id=[]),
+                sol.generate(_prompt(), schedule=sched, max_new_tokens=16, eos_token_id=[]),
+                sol.score(_prompt(length=24), 20)):
+        steps = out.actions.shape[1]
+        by_hand = realized_cost(BytesCostModel.for_model(sol), list(sol.space), out.actions,
+                                _kv_lens(out, out.tokens.shape[1] - steps), out.controlled)
+        assert out.budget["cost_model"] == "bytes"
+        assert out.budget["cost"] == pytest.approx(float(by_hand.mean()), abs=1e-12)
+    sol.cost_model = None
 
 
 def test_calibrate_cost_model_measures_every_action_per_bucket_and_prices_generate(sol):

@@ -141,6 +141,64 @@ def test_eos_stops_a_row_and_leaves_its_budget_alone(sol):
     assert (out.actions[0, stop + 1 :] == -1).all() and not out.controlled[0, stop + 1 :].any()
 
 
+def test_a_finished_row_shows_the_pad_token_and_multiple_eos_ids_stop_it(sol):
+    """After its EOS a row shows pad_token_id (HF's fill; default the first EOS id), whichever EOS id stopped it."""
+    prompt = _tokens(sol, 2, 8)
+    first = sol.generate(prompt, max_new_tokens=6, eos_token_id=[])
+    eos = int(first.tokens[0, 9])  # row 0 emits this at step 1
+    other = (eos + 1) % sol.token_embedding.shape[0]
+    for pad, fill in ((None, other), (3, 3)):
+        out = sol.generate(prompt, max_new_tokens=6, eos_token_id=[other, eos], pad_token_id=pad)
+        row0 = out.tokens[0, 8:].tolist()
+        stop = row0.index(eos)
+        assert stop <= 1 and all(t == fill for t in row0[stop + 1:])
+        assert torch.equal(out.tokens[0, 8:8 + stop + 1], first.tokens[0, 8:8 + stop + 1])
+
+
+def test_a_tiny_temperature_samples_the_greedy_tokens(sol):
+    """logits / 1e-39 overflowed float32: every token came out NaN, then the last vocabulary id."""
+    prompt = _tokens(sol, 2, 8)
+    greedy = sol.generate(prompt, max_new_tokens=6, eos_token_id=[]).tokens
+    for t in (1e-39, 1e-45, 5e-324):
+        assert torch.equal(sol.generate(prompt, max_new_tokens=6, eos_token_id=[], temperature=t, seed=1).tokens, greedy)
+
+
+def test_score_of_a_ragged_generate_equals_its_log_probs(sol):
+    """score(out.tokens, P, attention_mask=out.attention_mask) rescores left-padded rows as their own
+    prompts; without the mask the padding would be read as prompt tokens."""
+    prompts = [_tokens(sol, 1, 9, seed=2)[0].tolist(), _tokens(sol, 1, 4, seed=3)[0].tolist()]
+    out = sol.generate(prompts, max_new_tokens=5, eos_token_id=[], budget=0.6)
+    again = sol.score(out.tokens, 9, attention_mask=out.attention_mask, budget=0.6)
+    torch.testing.assert_close(again.logprobs, out.logprobs, atol=1e-6, rtol=0)
+    assert torch.equal(again.actions, out.actions)
+    alone = sol.score(out.tokens[1:, 5:], 4, budget=0.6)  # the short row without its padding
+    torch.testing.assert_close(again.logprobs[1:], alone.logprobs, atol=1e-6, rtol=0)
+    mask = out.attention_mask.clone()
+    mask[0, -1] = 0
+    with pytest.raises(solc.ArgumentError, match="attention_mask must be 1 on every scored token") as e:
+        sol.score(out.tokens, 9, attention_mask=mask)
+    assert e.value.argument == "attention_mask"
+    with pytest.raises(solc.ArgumentError, match="attention_mask has shape"):
+        sol.score(out.tokens, 9, attention_mask=mask[:, 1:])
+
+
+def test_budget_errors_are_argument_errors(sol):
+    prompt = _tokens(sol, 3, 8)
+    for bad, mode in ((1.5, None), (0.01, None), ("0.6", None), ({"attn": 0.5}, "cost"), (1.5, "per-axis")):
+        with pytest.raises(solc.ArgumentError) as e:
+            sol.generate(prompt[:1], budget=bad, budget_mode=mode, max_new_tokens=2)
+        assert e.value.argument == "budget"
+    with pytest.raises(solc.ArgumentError, match="ambiguous at batch 3") as e:
+        sol.generate(prompt, budget=[0.5, 0.7, 0.9], max_new_tokens=2)
+    per_row = sol.generate(prompt, budget=[0.5, 0.7, 0.9], budget_mode="cost", max_new_tokens=2)
+    per_axis = sol.generate(prompt, budget=[0.5, 0.7, 0.9], budget_mode="per-axis", max_new_tokens=2)
+    assert per_row.budget["budget_mode"] == "cost" and per_axis.budget["budget_mode"] == "per-axis"
+    assert sol.generate(prompt[:2], budget=[0.5, 0.7, 0.9], max_new_tokens=2).budget["budget_mode"] == "per-axis"
+    with pytest.raises(solc.ArgumentError) as e:
+        sol.generate(prompt[:1], attention_mask=torch.tensor([[1, 1, 1, 1, 1, 1, 1, 0]]), max_new_tokens=2)
+    assert e.value.argument == "attention_mask"
+
+
 def test_bad_arguments_name_the_argument(sol):
     prompt = _tokens(sol, 1, 4)
     with pytest.raises(ValueError, match="max_new_tokens"):
