@@ -30,7 +30,7 @@ def seeded(seed, batch: int):
     the batch (its rows draw in turn from one stream, as HF's generate does); a list of `batch` ints
     gives one generator per row, so a row's draws (sampled tokens, a sampled policy's actions, Random's
     shuffles) do not depend on its batch mates: the row alone with its own seed draws the same."""
-    if isinstance(seed, Tensor):
+    if isinstance(seed, Tensor) or type(seed).__module__ == "numpy":  # a 0-d one is one int
         seed = seed.tolist()
     if isinstance(seed, (list, tuple)):
         if len(seed) != batch:

@@ -79,10 +79,21 @@ def check_seed(value) -> int:
     return check_int("seed", value, 0, MAX_SEED - 1)
 
 
+def _array_like(value) -> bool:
+    """A torch tensor or a numpy array (without importing numpy)."""
+    return isinstance(value, torch.Tensor) or (type(value).__module__ == "numpy" and hasattr(value, "ndim")
+                                               and hasattr(value, "tolist"))
+
+
 def check_row_seeds(value, batch: int) -> None:
-    """generate/score's seed: one int (one random stream for the batch) or one int per row."""
-    if isinstance(value, (list, tuple)) or (isinstance(value, torch.Tensor) and value.dim() == 1):
-        seeds = value.tolist() if isinstance(value, torch.Tensor) else list(value)
+    """generate/score's seed: one int (one random stream for the batch) or one int per row (a list, a
+    tuple, or a 1-D tensor or numpy array; a 0-d one is one int)."""
+    if _array_like(value):
+        if value.ndim > 1:
+            fail("seed", value, f"an int, or a list of {batch} ints (one per row)")
+        value = value.tolist()
+    if isinstance(value, (list, tuple)):
+        seeds = list(value)
         if len(seeds) != batch:
             fail("seed", value, f"an int, or a list of {batch} ints (one per row)")
         for s in seeds:
@@ -329,6 +340,8 @@ def _check_prompts(sol, input_ids, attention_mask) -> tuple[int, int]:
 
 def _check_token_ids(sol, argument: str, value) -> None:
     vocab = int(sol.token_embedding.shape[0])
+    if _array_like(value) and value.ndim <= 1:  # a tensor or numpy array of ids, as HF's configs hold them
+        value = value.tolist()
     if isinstance(value, (list, tuple)):
         for v in value:
             check_int(argument, v, 0, vocab - 1, "token ids of the model's vocabulary")

@@ -199,6 +199,26 @@ def test_budget_errors_are_argument_errors(sol):
     assert e.value.argument == "attention_mask"
 
 
+def test_seeds_and_eos_ids_as_tensors_or_numpy_arrays(sol):
+    np = pytest.importorskip("numpy")
+    prompt = _tokens(sol, 2, 8)
+    kw = dict(max_new_tokens=4, temperature=1.0, eos_token_id=[])
+    per_row = sol.generate(prompt, seed=[3, 4], **kw).tokens
+    for seed in (np.array([3, 4]), torch.tensor([3, 4]), (3, 4)):
+        assert torch.equal(sol.generate(prompt, seed=seed, **kw).tokens, per_row)
+    one = sol.generate(prompt, seed=5, **kw).tokens
+    for seed in (np.int64(5), torch.tensor(5), np.array(5)):
+        assert torch.equal(sol.generate(prompt, seed=seed, **kw).tokens, one)
+    for bad in (np.array([[1, 2]]), np.array([1.5, 2.0]), torch.tensor([1, 2, 3])):
+        with pytest.raises(solc.ArgumentError, match="seed"):
+            sol.generate(prompt, seed=bad, **kw)
+    first = sol.generate(prompt, max_new_tokens=4, eos_token_id=[])
+    eos = int(first.tokens[0, 9])
+    want = sol.generate(prompt, max_new_tokens=4, eos_token_id=[eos]).tokens
+    for ids in (torch.tensor([eos]), torch.tensor(eos), np.array([eos])):
+        assert torch.equal(sol.generate(prompt, max_new_tokens=4, eos_token_id=ids).tokens, want)
+
+
 def test_bad_arguments_name_the_argument(sol):
     prompt = _tokens(sol, 1, 4)
     with pytest.raises(ValueError, match="max_new_tokens"):
