@@ -137,6 +137,23 @@ def _validate_levels(axis: str, values: Any, quant: str = DEFAULT_QUANT_MODE) ->
     return tuple(sorted(checked))
 
 
+def check_axes(axes, argument: str = "axes", shown=None) -> None:
+    """ValueError unless `axes` is a non-empty list of distinct axis names. The message starts with
+    `argument`=`shown` (default: `axes`), so a caller that takes the axes under another name (compile's
+    `actions`) reports the argument and the value its user passed."""
+    head = f"{argument}={axes if shown is None else shown!r} is invalid"
+    if not isinstance(axes, (list, tuple)):
+        raise ValueError(f"{head}: a list of axis names; valid axes: {list(AXES)} (e.g. ['mlp'])")
+    if len(axes) == 0:
+        raise ValueError(f"{head}: it is empty; enable at least one of {list(AXES)}")
+    for a in axes:
+        if a not in AXES:
+            raise ValueError(f"{head}: unknown axis {a!r}; valid axes: {list(AXES)}")
+    for a in axes:
+        if list(axes).count(a) > 1:
+            raise ValueError(f"{head}: duplicate axis {a!r}; valid axes, each at most once: {list(AXES)}")
+
+
 class ActionSpace:
     """The Cartesian product of the enabled axes' levels.
 
@@ -150,19 +167,7 @@ class ActionSpace:
     def __init__(self, axes: Sequence[str] = AXES, levels: Mapping[str, Sequence] | None = None,
                  quant: str = DEFAULT_QUANT_MODE):
         self._quant = validate_quant_mode(quant)
-        if not isinstance(axes, (list, tuple)):
-            raise ValueError(
-                f"axes must be a list of axis names, got {axes!r}; valid axes: {list(AXES)} "
-                f"(e.g. ActionSpace(['mlp']))"
-            )
-        if len(axes) == 0:
-            raise ValueError(f"axes is an empty list; enable at least one of {list(AXES)}")
-        for a in axes:
-            if a not in AXES:
-                raise ValueError(f"unknown axis {a!r}; valid axes: {list(AXES)}")
-        for a in axes:
-            if list(axes).count(a) > 1:
-                raise ValueError(f"duplicate axis {a!r} in {list(axes)}; valid axes, each at most once: {list(AXES)}")
+        check_axes(axes)
         self._axes: tuple[str, ...] = tuple(a for a in AXES if a in axes)
 
         if levels is None:

@@ -12,6 +12,7 @@ schedule really costs here, so a realized schedule can be priced in time (`CostT
 """
 from __future__ import annotations
 
+import numbers
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -19,9 +20,11 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor
 
+from runtime import validation
 from runtime.actions import AXES
 from runtime.cost_model import device_name
 from runtime.dispatch import StepDispatcher
+from runtime.errors import ArgumentError, ArgumentTypeError
 
 VERSION = 1
 
@@ -147,8 +150,12 @@ def calibrate_costs(sol, batch: int = 1, context: int = 256, repeats: int = 10, 
                     dispatcher: StepDispatcher | None = None, seed: int = 0) -> CostTable:
     """Time one decode step per action at `context` tokens of cache (`repeats` interleaved rounds);
     stores the table on `sol`."""
-    if context + 1 > sol.max_seq_len:
-        raise ValueError(f"context={context} needs max_seq_len > {context}, compiled with {sol.max_seq_len}")
+    batch = validation.check_int("batch", batch, 1)
+    context = validation.check_int("context", context, 1, sol.max_seq_len - 1,
+                                   f"a step at `context` cached tokens needs context + 1 <= max_seq_len={sol.max_seq_len}")
+    repeats = validation.check_int("repeats", repeats, 1)
+    warmup = validation.check_int("warmup", warmup, 0)
+    seed = validation.check_seed(seed)
     (latency,) = _step_latencies(sol, dispatcher or StepDispatcher(sol), batch, [context], repeats, warmup,
                                  torch.Generator().manual_seed(seed))
     table = CostTable(device_name(sol.graph.solc_action_levels.device), batch, context, latency)
@@ -191,6 +198,23 @@ def _decision_latency(sol, dispatcher: StepDispatcher, source, batch: int, conte
     return statistics.median(times)
 
 
+def _buckets(contexts, max_seq_len: int) -> list[int]:
+    """The sorted distinct context buckets that fit max_seq_len (each an int >= 1; longer ones dropped)."""
+    valid = "a non-empty list of ints >= 1, the cached tokens of each bucket (e.g. (256, 1024, 4096))"
+    if not isinstance(contexts, (list, tuple, range)):
+        validation.fail("contexts", contexts, valid, type_error=True)
+    if not contexts:
+        validation.fail("contexts", contexts, valid)
+    for c in contexts:
+        if isinstance(c, bool) or not isinstance(c, numbers.Integral) or c < 1:
+            validation.fail("contexts", contexts, valid + f"; {c!r} is not")
+    buckets = sorted({int(c) for c in contexts if int(c) + 1 <= max_seq_len})
+    if not buckets:
+        raise ArgumentError("contexts", f"contexts={list(contexts)}: none fits max_seq_len={max_seq_len} (a bucket "
+                                        "needs context + 1 positions)")
+    return buckets
+
+
 def calibrate_cost_model(sol, contexts=(256, 1024, 4096), batch: int = 1, rounds: int = 7, warmup: int = 2,
                          dispatcher: StepDispatcher | None = None, seed: int = 0, progress: bool = False,
                          policy=None, decision_steps: int = 16):
@@ -210,18 +234,15 @@ def calibrate_cost_model(sol, contexts=(256, 1024, 4096), batch: int = 1, rounds
     if isinstance(policy, PolicyNet):
         policy = PolicySource(policy, greedy=True)
     if policy is not None and not isinstance(policy, ActionSource):
-        raise TypeError(f"policy must be a PolicyNet or an ActionSource, got {type(policy).__name__}")
-    if not isinstance(decision_steps, int) or isinstance(decision_steps, bool) or decision_steps < 1:
-        raise ValueError(f"decision_steps must be an int >= 1, got {decision_steps!r}")
-
-    if not isinstance(batch, int) or isinstance(batch, bool) or batch < 1:
-        raise ValueError(f"batch must be an int >= 1, got {batch!r}")
-    if not isinstance(rounds, int) or rounds < 1:
-        raise ValueError(f"rounds must be an int >= 1, got {rounds!r}")
-    buckets = sorted({int(c) for c in contexts if int(c) + 1 <= sol.max_seq_len})
-    if not buckets:
-        raise ValueError(f"contexts={list(contexts)}: none fits max_seq_len={sol.max_seq_len} (a bucket needs "
-                         "context + 1 positions)")
+        raise ArgumentTypeError("policy", "policy must be a PolicyNet or an ActionSource, got "
+                                          f"{type(policy).__name__} ({validation._show(policy)})")
+    if isinstance(decision_steps, bool) or not isinstance(decision_steps, int) or decision_steps < 1:
+        raise ArgumentError("decision_steps", f"decision_steps must be an int >= 1, got {decision_steps!r}")
+    batch = validation.check_int("batch", batch, 1)
+    rounds = validation.check_int("rounds", rounds, 1)
+    warmup = validation.check_int("warmup", warmup, 0)
+    seed = validation.check_seed(seed)
+    buckets = _buckets(contexts, sol.max_seq_len)
     device = sol.graph.solc_action_levels.device
     gen = torch.Generator().manual_seed(seed)
     dispatcher = dispatcher or StepDispatcher(sol)

@@ -166,7 +166,45 @@ def model_from_config(config: dict, seed: int, dtype=None) -> nn.Module:
     with torch.random.fork_rng(devices=[]), quiet_loading():
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(hf_config, attn_implementation="sdpa", dtype=torch.float32)
-    return _finish(model.to(dtype) if dtype is not None else model)
+    return _finish(cast(model, dtype) if dtype is not None else model)
+
+
+def cast(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """model.to(dtype), but non-persistent buffers (rotary inv_freq) keep their dtype, as in a model
+    from_pretrained(dtype=...) builds: HF computes them in fp32 and a bf16 inv_freq moves every angle."""
+    kept = non_persistent_buffers(model)
+    model.to(dtype)
+    restore_buffers(model, kept)
+    return model
+
+
+def non_persistent_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
+    """{name: tensor} of the buffers save_pretrained does not write (recomputed by from_pretrained, so
+    a model whose copies were cast or edited would load with other values)."""
+    out = {}
+    for prefix, module in model.named_modules():
+        for name in module._non_persistent_buffers_set:
+            buffer = module._buffers.get(name)
+            if buffer is not None:
+                out[f"{prefix}.{name}" if prefix else name] = buffer
+    return out
+
+
+def restore_buffers(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Set each named buffer to `tensors[name]` (value and dtype; on the buffer's device). KeyError
+    names a buffer the model lacks, ValueError one whose shape differs."""
+    for full, value in tensors.items():
+        prefix, _, name = full.rpartition(".")
+        try:
+            module = model.get_submodule(prefix) if prefix else model
+        except AttributeError:
+            raise KeyError(full) from None
+        if module._buffers.get(name) is None:
+            raise KeyError(full)
+        current = module._buffers[name]
+        if current.shape != value.shape:
+            raise ValueError(f"{full}: shape {tuple(value.shape)}, the model's {tuple(current.shape)}")
+        module._buffers[name] = value.detach().clone().to(current.device)
 
 
 def is_model_dir(path: Path) -> bool:

@@ -3,8 +3,9 @@
     artifacts/smollm2-sol/
       manifest.json        format version; versions of solc, torch, transformers; action grid; dtype;
                            max_seq_len; policy config; cost table; sha256 and size of every file
-      manifest.sha256      sha256 of manifest.json: an edited grid or config fails to load
+      manifest.sha256      sha256 of manifest.json: a checksum against corruption, not a signature
       model/               the base model (HF config + safetensors weights), rebuilt offline on load
+      buffers.safetensors  the base model's non-persistent buffers (rotary inv_freq), as exported
       policy.safetensors   the policy network's weights (optional)
       tokenizer/           the tokenizer, when one was given (optional)
       programs/step.pt2    the rewritten decode graph as a torch.export program, without its weights
@@ -17,8 +18,9 @@ shape in the manifest) and `load_program` fills them from the recompiled model, 
 (e.g. quantized weight copies a pass adds) are recomputed rather than stored a second time.
 
 Writing never deletes what export did not write: an existing target must be empty or a solc
-artifact holding only its own files; the new artifact is built in a sibling temporary directory and
-swapped in atomically, so a crash at any point leaves the old artifact or the new one, complete.
+artifact holding only its own files (no links, no foreign or empty directories); the new artifact is
+built in a sibling temporary directory and swapped in atomically, so a crash at any point leaves the
+old artifact or the new one, complete.
 """
 from __future__ import annotations
 
@@ -50,6 +52,7 @@ from solc.models import resolve_device
 FORMAT, FORMAT_VERSION = "solc-artifact", 2
 MANIFEST, MANIFEST_HASH = "manifest.json", "manifest.sha256"
 PROGRAM = "programs/step.pt2"
+BUFFERS = "buffers.safetensors"  # the base model's non-persistent buffers, which model/ does not hold
 REQUIRED_KEYS = ("format", "format_version", "versions", "space", "dtype", "max_seq_len", "pipeline_uuid",
                  "model_config", "policy", "cost_table", "files", "program")
 
@@ -114,27 +117,64 @@ def _owned_files(path: Path) -> set[str] | None:
     return {MANIFEST, MANIFEST_HASH, *manifest["files"]}
 
 
+def _scan(path: Path) -> tuple[set[str], list[str]]:
+    """(regular files, entries export never writes) under `path`, without following links: a
+    symbolic link (to a file or a directory), a non-regular file or an empty directory is the user's.
+    (Path.is_dir follows links, so a link to the user's data would pass for one of export's folders.)"""
+    files, special = set(), []
+    with os.scandir(path) as entries:
+        for entry in entries:
+            rel = os.path.relpath(entry.path, path)
+            if entry.is_symlink():
+                special.append(f"{rel} (a symbolic link)")
+            elif entry.is_dir(follow_symlinks=False):
+                sub_files, sub_special = _scan(Path(entry.path))
+                files |= {f"{rel}/{f}" for f in sub_files}
+                special += [f"{rel}/{s}" for s in sub_special]
+                if not sub_files and not sub_special:
+                    special.append(f"{rel}/ (an empty directory)")
+            elif entry.is_file(follow_symlinks=False):
+                files.add(rel)
+            else:
+                special.append(f"{rel} (not a regular file)")
+    return files, special
+
+
+def _check_parent(path: Path) -> None:
+    """The nearest existing ancestor of `path` must be a directory (else mkdir fails with an OSError)."""
+    for parent in path.parents:
+        if os.path.lexists(parent):
+            if not parent.is_dir():
+                raise ArgumentError("path", f"path={str(path)!r} is inside {str(parent)!r}, which is not a "
+                                            "directory; choose a path under a directory")
+            return
+
+
 def _check_target(path: Path) -> None:
     """Refuse any target whose replacement would delete something export did not write."""
     if path == Path.cwd() or path in Path.cwd().parents:
         raise ArgumentError("path", f"path={str(path)!r} is the current directory or holds it; export into a new "
                                     "subdirectory (e.g. 'artifacts/my-model')")
+    _check_parent(path)
+    if path.is_symlink():
+        # the swap would replace the link itself, not the directory it points to
+        raise ArgumentError("path", f"path={str(path)!r} is a symbolic link (to {os.readlink(path)!r}); export "
+                                    "replaces a directory, never a link: pass the directory it points to or a new path")
     if not os.path.lexists(path):
         return
-    if path.is_symlink() or not path.is_dir():
+    if not path.is_dir():
         raise ArgumentError("path", f"path={str(path)!r} exists and is not a directory; export writes a directory, "
                                     "choose another path")
-    present = {str(p.relative_to(path)) for p in path.rglob("*") if not p.is_dir()}
-    if not present and not any(path.iterdir()):
+    files, special = _scan(path)
+    if not files and not special:
         return
     owned = _owned_files(path)
     if owned is None:
         raise ArgumentError("path", f"path={str(path)!r} is a non-empty directory that is not a solc artifact; "
                                     "export never replaces it (its files would be lost): choose a new path")
-    foreign = sorted(present - owned) + sorted(str(p.relative_to(path)) for p in path.rglob("*")
-                                               if p.is_dir() and not any(p.iterdir()))
+    foreign = sorted(files - owned) + sorted(special)
     if foreign:
-        raise ArgumentError("path", f"path={str(path)!r} is a solc artifact that also holds files export did not "
+        raise ArgumentError("path", f"path={str(path)!r} is a solc artifact that also holds entries export did not "
                                     f"write ({', '.join(foreign[:5])}); move them out first, export never deletes them")
 
 
@@ -162,7 +202,11 @@ def export(sol, policy: PolicyNet | None, path, tokenizer=None, programs: bool =
     path = Path(os.path.abspath(path))
     recover_directory(path, lambda p: _owned_files(p) is not None)
     _check_target(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ArgumentError("path", f"path={str(path)!r}: its parent directory cannot be created ({e.strerror}); "
+                                    "choose a path in a writable directory") from e
     remove_stale_temporaries(path)
     tmp = make_directory(temp_sibling(path))
     try:
@@ -176,6 +220,11 @@ def export(sol, policy: PolicyNet | None, path, tokenizer=None, programs: bool =
 
 def _write(sol, policy, tokenizer, programs: bool, out: Path) -> None:
     hf_adapter.save_base_model(sol.base_model, out / "model")
+    # save_pretrained skips non-persistent buffers (rotary inv_freq) and load would recompute them in
+    # fp32: a model cast with .to(bfloat16) would then give other logits. Store them as they are.
+    buffers = {k: v.detach().cpu().clone().contiguous() for k, v in hf_adapter.non_persistent_buffers(sol.base_model).items()}
+    if buffers:
+        save_file(buffers, out / BUFFERS)
     if policy is not None:
         save_file({k: v.detach().contiguous().cpu() for k, v in policy.state_dict().items()}, out / "policy.safetensors")
     if tokenizer is not None:
@@ -199,6 +248,7 @@ def _write(sol, policy, tokenizer, programs: bool, out: Path) -> None:
         # what a cost budget is priced with: the calibrated table, else the analytic bytes model
         "cost_model": default_cost_spec(sol).cost_model,
         "program": program,
+        "buffers": {"file": BUFFERS} if buffers else None,
         # The MLP weight copies (row-skipping W^T, int8/int4) are not stored: load recomputes them from
         # model/ with the same passes and checks their bytes against these digests.
         "mlp_copies": {"storage": "recompute", "bytes": sol.info["mlp_copies_bytes"], "sha256": copy_digests(sol.graph)},
@@ -208,7 +258,8 @@ def _write(sol, policy, tokenizer, programs: bool, out: Path) -> None:
 
 
 def write_manifest(out: Path, manifest: dict) -> None:
-    """manifest.json and the seal over its exact bytes (load refuses a manifest the seal does not match)."""
+    """manifest.json and the sha256 of its exact bytes (load refuses a manifest that does not match: a
+    check against corruption; anyone can recompute it, so it is no signature)."""
     text = json.dumps(manifest, indent=2).encode()
     (out / MANIFEST).write_bytes(text)
     (out / MANIFEST_HASH).write_text(sha256_bytes(text) + "\n")
@@ -251,6 +302,8 @@ def _read_manifest(path: Path, check_versions: bool) -> dict:
                     "version or pass check_versions=False"
                 )
     for rel, meta in manifest["files"].items():
+        if Path(rel).is_absolute() or ".." in Path(rel).parts:  # every file lies inside the artifact
+            raise AssetError(f"{file}: lists {rel!r}, a path outside the artifact; re-export the artifact")
         f = path / rel
         if not f.is_file():
             raise AssetError(f"{f}: missing from the artifact (listed in {MANIFEST})")
@@ -279,8 +332,8 @@ def _measured_cost_model(d):
 
 def _dtype(name) -> torch.dtype:
     dtype = getattr(torch, name, None) if isinstance(name, str) else None
-    if not isinstance(dtype, torch.dtype):
-        raise ValueError(f"{name!r} is not a torch dtype")
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"{name!r} is not a floating-point torch dtype")
     return dtype
 
 
@@ -303,6 +356,9 @@ def load(path, device=None, check_versions: bool = True):
     if not isinstance(check_versions, bool):
         raise ArgumentTypeError("check_versions", f"check_versions={check_versions!r} is invalid: True or False")
     device = resolve_device(device)
+    if device is not None and device.type == "meta":  # would fail later, inside from_pretrained or compile
+        raise ArgumentError("device", f"device={str(device)!r} is invalid: load needs the weights on a real device "
+                                      "('cpu', 'cuda', 'cuda:N' or 'auto')")
     path = _checked_path(path)
     manifest = _read_manifest(path, check_versions)
     dtype = _field(manifest, "dtype", _dtype)
@@ -312,7 +368,9 @@ def load(path, device=None, check_versions: bool = True):
     # absent in artifacts written before cost budgets; a bytes model is recomputed from the model itself
     cost_model = _field(manifest, "cost_model", _measured_cost_model) if "cost_model" in manifest else None
     max_seq_len = _field(manifest, "max_seq_len", _positive_int)
+    _check_only_listed(path, manifest, "model")
     model = hf_adapter.load_pretrained(str(path / "model"), dtype=dtype, device=device)
+    _restore_buffers(model, manifest, path)
     sol = compile_model(model, actions=list(space.axes), levels=space.levels, max_seq_len=max_seq_len,
                         quant=space.quant)
     _check_copies(sol, manifest, path)
@@ -322,17 +380,62 @@ def load(path, device=None, check_versions: bool = True):
     sol.cost_model = cost_model
     policy = None
     if policy_config is not None:
+        if "policy.safetensors" not in manifest["files"]:
+            raise AssetError(f"{path / MANIFEST}: has a policy config but does not list policy.safetensors, so its "
+                             "weights cannot be verified; re-export the artifact")
         policy = PolicyNet(policy_config)
         policy.load_state_dict(load_file(path / "policy.safetensors", device=str(device or "cpu")))
         policy.eval()
-    tokenizer = hf_adapter.load_local_tokenizer(path / "tokenizer") if (path / "tokenizer").is_dir() else None
+    tokenizer = None
+    if _check_only_listed(path, manifest, "tokenizer"):
+        tokenizer = hf_adapter.load_local_tokenizer(path / "tokenizer")
     return sol, policy, tokenizer
 
 
-def _check_copies(sol, manifest: dict, path: Path) -> None:
-    recorded = (manifest.get("mlp_copies") or {}).get("sha256")
-    if recorded is None:
+def _check_only_listed(path: Path, manifest: dict, folder: str) -> bool:
+    """The HF loaders read whatever `folder` holds (a generation_config.json, a weight index, a
+    tokenizer), so it must hold exactly the files the manifest lists and verified. Returns whether the
+    manifest lists any (a tokenizer/ it does not list was added after export: refused, not loaded)."""
+    listed = {rel for rel in manifest["files"] if rel.startswith(folder + "/")}
+    root = path / folder
+    if not os.path.lexists(root):
+        return False  # a listed file would have been reported missing by _read_manifest
+    if root.is_symlink() or not root.is_dir():
+        raise AssetError(f"{root}: not a directory; re-export the artifact")
+    files, special = _scan(root)
+    unlisted = sorted(f"{folder}/{f}" for f in files if f"{folder}/{f}" not in listed) + [f"{folder}/{s}" for s in special]
+    if not listed:
+        raise AssetError(f"{root}: {MANIFEST} lists no file in it (the artifact was exported without it), so it was "
+                         "added after export and cannot be verified; remove it, or re-export the artifact with it")
+    if unlisted:
+        raise AssetError(f"{root}: holds entries {MANIFEST} does not list ({', '.join(unlisted[:5])}), which load "
+                         "would read unverified; remove them or re-export the artifact")
+    return True
+
+
+def _restore_buffers(model, manifest: dict, path: Path) -> None:
+    """Give the rebuilt model the exported non-persistent buffers (dtype and value): from_pretrained
+    recomputes them, in fp32, while the exported model may have held them cast."""
+    entry = manifest.get("buffers")  # absent in artifacts written before it was stored
+    if entry is None:
         return
+    if entry != {"file": BUFFERS} or BUFFERS not in manifest["files"]:
+        raise AssetError(f"{path / MANIFEST}: field 'buffers' is {entry!r}, expected {{'file': {BUFFERS!r}}} with "
+                         f"{BUFFERS} listed in 'files'; re-export the artifact")
+    try:
+        hf_adapter.restore_buffers(model, load_file(path / BUFFERS))
+    except (KeyError, ValueError) as e:
+        raise AssetError(f"{path / BUFFERS}: buffer {e} does not fit the model in model/; re-export the artifact") from e
+
+
+def _check_copies(sol, manifest: dict, path: Path) -> None:
+    copies = manifest.get("mlp_copies")  # absent (or without digests) in artifacts written before the
+    if copies is None or (isinstance(copies, dict) and "sha256" not in copies):  # copies were recomputed
+        return
+    recorded = copies.get("sha256") if isinstance(copies, dict) else None
+    if not isinstance(recorded, dict) or not all(isinstance(v, str) for v in recorded.values()):
+        raise AssetError(f"{path / MANIFEST}: field 'mlp_copies' is invalid ({copies!r:.80}): expected an object "
+                         "with a 'sha256' object of digests; re-export the artifact")
     got = copy_digests(sol.graph)
     differ = sorted(name for name in set(recorded) | set(got) if recorded.get(name) != got.get(name))
     if differ:
@@ -353,6 +456,8 @@ def load_program(path, sol=None):
     program = manifest["program"]
     if program is None:
         raise AssetError(f"{path / PROGRAM}: missing (the artifact was exported with programs=False)")
+    if PROGRAM not in manifest["files"]:
+        raise AssetError(f"{path / MANIFEST}: does not list {PROGRAM}, so it cannot be verified; re-export the artifact")
     if sol is None:
         sol = load(path)[0]
     ep = torch.export.load(path / PROGRAM)

@@ -11,7 +11,7 @@ from passes.capture import capture
 from passes.linear_to_solc import LinearToSolcPass
 from passes.mlp_to_solc import MLPToSolcPass, copies_bytes
 from runtime import hf_adapter
-from runtime.actions import ActionSpace
+from runtime.actions import ActionSpace, check_axes
 from runtime import validation
 from runtime.errors import ArgumentError, ArgumentTypeError, SolcError, UnsupportedModelError
 from runtime.kv_cache import CacheSpec
@@ -75,10 +75,15 @@ def _checked_arguments(model, actions, levels, max_seq_len, verify, quant) -> tu
         raise ArgumentTypeError(
             "model", f"compile(model=...) expects a torch.nn.Module (a HF causal LM), got {type(model).__name__}")
     hf_adapter.check_causal_lm(model)
+    given = actions
     if isinstance(actions, str):
         actions = [actions]
     if not isinstance(actions, (list, tuple)):
         raise ArgumentTypeError("actions", f"actions={actions!r} is invalid: a list of axis names, e.g. ['attn', 'mlp', 'quant']")
+    try:  # checked here, not in ActionSpace, so the message names `actions` and shows what was passed
+        check_axes(list(actions), "actions", shown=given)
+    except ValueError as e:
+        raise ArgumentError("actions", str(e)) from None
     if not isinstance(verify, bool):
         raise ArgumentTypeError("verify", f"verify={verify!r} is invalid: True or False")
     try:

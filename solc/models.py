@@ -6,9 +6,11 @@
 """
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from runtime import hf_adapter
@@ -75,22 +77,53 @@ def _unknown(name: str) -> AssetError:
 
 
 def load_model(name_or_path: str = BUILTIN, dtype=None, device=None, seed: int = 0) -> nn.Module:
-    """A frozen (eval, no grad) causal LM using SDPA attention. See the module docstring."""
+    """A frozen (eval, no grad) causal LM using SDPA attention. See the module docstring.
+
+    A string equal to a built-in name ("smollm2-135m", "tiny-llama", ...) is the built-in model even
+    where a folder of that name exists in the current directory (a warning says so); pass such a folder
+    as "./tiny-llama" or a pathlib.Path, which always mean a local folder. A folder that cannot be
+    loaded (no weights, corrupt weights or config.json) is an AssetError naming it."""
     dtype, device = _dtype(dtype), _device(device)
     if not isinstance(name_or_path, (str, Path)):
         raise ArgumentTypeError("name_or_path", f"name_or_path must be a model name or a path, got {type(name_or_path).__name__}")
     seed = validation.check_seed(seed)
     name = str(name_or_path)
-    if name in TINY_MODELS:
-        model = hf_adapter.model_from_config(TINY_MODELS[name], seed=seed, dtype=dtype)
-        return model.to(device) if device is not None else model
-    if name == BUILTIN:
+    if isinstance(name_or_path, str) and (name in TINY_MODELS or name == BUILTIN):
+        _warn_if_shadowed(name)
+        if name in TINY_MODELS:
+            model = hf_adapter.model_from_config(TINY_MODELS[name], seed=seed, dtype=dtype)
+            return model.to(device) if device is not None else model
         path = assets.model_dir(BUILTIN)
         assets.verify_marker(path)  # sizes only: ~1 ms; `fetch --force` rebuilds a corrupt entry
-        return hf_adapter.load_pretrained(str(path), dtype=dtype, device=device)
-    if hf_adapter.is_model_dir(Path(name)):
-        return hf_adapter.load_pretrained(name, dtype=dtype, device=device)
+        return _load_folder(path, dtype, device, "rebuild it with `python -m solc.fetch --force`")
+    path = Path(name).expanduser()
+    if hf_adapter.is_model_dir(path):
+        return _load_folder(path, dtype, device, "it needs config.json and the weights save_pretrained writes "
+                                                 "(model.safetensors or its shards): re-save or re-download it")
     raise _unknown(name)
+
+
+def _warn_if_shadowed(name: str) -> None:
+    if hf_adapter.is_model_dir(Path(name)):
+        warnings.warn(f"{name!r} is a built-in model name and also a folder here; loading the built-in model "
+                      f"(pass './{name}' or a pathlib.Path for the folder)", stacklevel=3)
+
+
+# What transformers / safetensors raise for a folder they cannot read (no weights, a corrupt or
+# truncated file, invalid JSON, an unknown model_type).
+_LOAD_ERRORS = (OSError, ValueError, KeyError, RuntimeError, SafetensorError)
+
+
+def _load_folder(path: Path, dtype, device, fix: str) -> nn.Module:
+    try:
+        return hf_adapter.load_pretrained(str(path), dtype=dtype, device=device)
+    except _LOAD_ERRORS as e:
+        raise AssetError(f"{path}: cannot load a model from this folder ({_first_line(e)}); {fix}") from e
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}"
 
 
 def load_compiled(name_or_path: str = BUILTIN, dtype=None, device=None, actions=("attn", "mlp", "quant"),
@@ -103,15 +136,24 @@ def load_compiled(name_or_path: str = BUILTIN, dtype=None, device=None, actions=
 
 
 def load_tokenizer(name_or_path: str = BUILTIN):
+    """The tokenizer of the built-in model or of a local folder (an AssetError naming the folder if it
+    holds none). Names resolve as in load_model."""
     if not isinstance(name_or_path, (str, Path)):
         raise ArgumentTypeError("name_or_path", f"name_or_path must be a model name or a path, got {type(name_or_path).__name__}")
     name = str(name_or_path)
-    if name in TINY_MODELS:
+    if isinstance(name_or_path, str) and name in TINY_MODELS:
         raise AssetError(f"{name!r} is a random-init test model and has no tokenizer; use token ids directly")
-    if name == BUILTIN:
+    if isinstance(name_or_path, str) and name == BUILTIN:
         path = assets.model_dir(BUILTIN)
         assets.verify_marker(path)
+        fix = "rebuild it with `python -m solc.fetch --force`"
+    else:
+        path = Path(name).expanduser()
+        if not hf_adapter.is_model_dir(path):
+            raise _unknown(name)
+        fix = ("it needs the files a tokenizer's save_pretrained writes (tokenizer.json, tokenizer_config.json); "
+               "save the tokenizer there or pass the folder that has it")
+    try:
         return hf_adapter.load_local_tokenizer(path)
-    if hf_adapter.is_model_dir(Path(name)):
-        return hf_adapter.load_local_tokenizer(Path(name))
-    raise _unknown(name)
+    except _LOAD_ERRORS as e:
+        raise AssetError(f"{path}: cannot load a tokenizer from this folder ({_first_line(e)}); {fix}") from e

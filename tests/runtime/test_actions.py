@@ -168,3 +168,21 @@ def test_validation_messages(axes, levels, bad, choices):
     msg = str(e.value)
     assert bad in msg, msg
     assert choices in msg, msg
+
+
+@pytest.mark.parametrize("axes, message", [
+    ([], r"^axes=\[\] is invalid: it is empty"),
+    (["mlp", "ffn"], r"^axes=\['mlp', 'ffn'\] is invalid: unknown axis 'ffn'"),
+    ("mlp", r"^axes='mlp' is invalid: a list of axis names"),
+])
+def test_axis_messages_show_the_argument_and_its_value(axes, message):
+    with pytest.raises(ValueError, match=message):
+        ActionSpace(axes)
+
+
+def test_check_axes_names_the_callers_argument():
+    from runtime.actions import check_axes
+
+    with pytest.raises(ValueError, match=r"^actions='attn' is invalid: unknown axis 'x'"):
+        check_axes(["x"], "actions", shown="attn")
+    check_axes(("quant", "attn"))  # valid, any order

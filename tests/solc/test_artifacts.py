@@ -134,3 +134,119 @@ def test_copies_that_recompute_differently_are_named(exported, tmp_path):
     with pytest.raises(solc.AssetError,
                        match=rf"recomputed on load differ from the exported ones \(1 of \d+, e.g. {name}\)"):
         solc.load(dst)
+
+
+def _logits_at_actions(sol, ids):
+    """Logits under three uniform actions (cheapest, a middle one, dense) and a per-token mix."""
+    n = len(sol.space)
+    mixed = torch.randint(0, n, ids.shape, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        return [sol(ids, torch.full_like(ids, a)).logits for a in (0, n // 2, n - 1)] + [sol(ids, mixed).logits]
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("name", ["tiny-qwen3", "tiny-llama"])
+def test_half_precision_round_trip_is_bit_identical(name, dtype, tmp_path):
+    sol = solc.compile(solc.load_model(name, dtype=dtype), max_seq_len=64)
+    sol2, _, _ = solc.load(solc.export(sol, None, tmp_path / "art", programs=False))
+    ids = torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(1))
+    before, after = _logits_at_actions(sol, ids), _logits_at_actions(sol2, ids)
+    assert before[0].dtype == getattr(torch, dtype)
+    assert all(torch.equal(b, a) for b, a in zip(before, after))
+
+
+def test_cast_rotary_buffers_survive_the_round_trip(tmp_path):
+    """model.to(bfloat16) casts the non-persistent inv_freq too; save_pretrained does not store it and
+    from_pretrained recomputes it in fp32, so the artifact keeps it (buffers.safetensors)."""
+    model = solc.load_model("tiny-llama").to(torch.bfloat16)
+    sol = solc.compile(model, max_seq_len=256)
+    path = solc.export(sol, None, tmp_path / "art", programs=False)
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert manifest["buffers"] == {"file": "buffers.safetensors"} and "buffers.safetensors" in manifest["files"]
+    sol2, _, _ = solc.load(path)
+    assert sol2.base_model.model.rotary_emb.inv_freq.dtype == torch.bfloat16
+    ids = torch.randint(0, 256, (1, 200), generator=torch.Generator().manual_seed(0))  # late positions: angles differ most
+    assert all(torch.equal(b, a) for b, a in zip(_logits_at_actions(sol, ids), _logits_at_actions(sol2, ids)))
+
+
+def test_buffers_that_do_not_fit_the_model_are_named(exported, tmp_path):
+    from safetensors.torch import save_file
+
+    dst = _copy(exported[2], tmp_path)
+    save_file({"model.rotary_emb.inv_freq": torch.zeros(3)}, dst / "buffers.safetensors")
+    _rewrite_manifest(dst, lambda m: m["files"].update({"buffers.safetensors": {
+        "sha256": artifacts.sha256_file(dst / "buffers.safetensors"), "bytes": (dst / "buffers.safetensors").stat().st_size}}))
+    with pytest.raises(solc.AssetError, match=r"buffers\.safetensors: buffer .*inv_freq: shape \(3,\)"):
+        solc.load(dst)
+
+
+def _tiny_tokenizer():
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"[UNK]": 0, "to": 1, "be": 2}
+    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="[UNK]")),
+                                   unk_token="[UNK]")
+
+
+@pytest.fixture(scope="module")
+def with_tokenizer(exported, tmp_path_factory):
+    sol = exported[0]
+    return solc.export(sol, None, tmp_path_factory.mktemp("tok") / "art", tokenizer=_tiny_tokenizer(), programs=False)
+
+
+def test_listed_tokenizer_is_loaded(with_tokenizer):
+    files = json.loads((with_tokenizer / "manifest.json").read_text())["files"]
+    assert any(f.startswith("tokenizer/") for f in files)
+    _, _, tokenizer = solc.load(with_tokenizer)
+    assert tokenizer is not None and tokenizer.convert_tokens_to_ids(["to", "be"]) == [1, 2]
+
+
+def test_tokenizer_the_manifest_does_not_list_is_refused(exported, tmp_path):
+    dst = _copy(exported[2], tmp_path)
+    _tiny_tokenizer().save_pretrained(dst / "tokenizer")
+    with pytest.raises(solc.AssetError, match=r"copy/tokenizer: manifest\.json lists no file in it.*added after export"):
+        solc.load(dst)
+
+
+def test_unlisted_files_beside_listed_ones_are_refused(with_tokenizer, tmp_path):
+    dst = _copy(with_tokenizer, tmp_path)
+    (dst / "tokenizer" / "added_tokens.json").write_text('{"x": 3}')
+    with pytest.raises(solc.AssetError, match=r"copy/tokenizer: holds entries .*tokenizer/added_tokens\.json"):
+        solc.load(dst)
+    (dst / "tokenizer" / "added_tokens.json").unlink()
+    (dst / "model" / "model.safetensors.index.json").write_text("{}")  # from_pretrained would read it
+    with pytest.raises(solc.AssetError, match=r"copy/model: holds entries .*model/model\.safetensors\.index\.json"):
+        solc.load(dst)
+
+
+def test_policy_config_without_a_listed_policy_file_is_refused(exported, tmp_path):
+    dst = _copy(exported[2], tmp_path)
+    _rewrite_manifest(dst, lambda m: m["files"].pop("policy.safetensors"))
+    with pytest.raises(solc.AssetError, match=r"does not list policy\.safetensors"):
+        solc.load(dst)
+
+
+def test_meta_device_is_refused_at_the_boundary(exported):
+    with pytest.raises(solc.ArgumentError, match=r"device='meta' is invalid: load needs the weights on a real device") as err:
+        solc.load(exported[2], device="meta")
+    assert err.value.argument == "device"
+
+
+@pytest.mark.parametrize("copies", [["a"], "x", {"sha256": ["a"]}, {"sha256": {"w": 3}}])
+def test_malformed_mlp_copies_is_an_asset_error(exported, tmp_path, copies):
+    dst = _copy(exported[2], tmp_path)
+    _rewrite_manifest(dst, lambda m: m.__setitem__("mlp_copies", copies))
+    with pytest.raises(solc.AssetError, match=r"manifest\.json: field 'mlp_copies' is invalid .*re-export"):
+        solc.load(dst)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda m: m.__setitem__("dtype", "int64"), r"field 'dtype' is invalid \('int64' is not a floating-point torch dtype\)"),
+    (lambda m: m["files"].__setitem__("../outside.txt", {"sha256": "0", "bytes": 1}), r"lists '\.\./outside\.txt', a path outside"),
+])
+def test_other_malformed_manifest_fields_are_asset_errors(exported, tmp_path, edit, message):
+    dst = _copy(exported[2], tmp_path)
+    _rewrite_manifest(dst, edit)
+    with pytest.raises(solc.AssetError, match=message):
+        solc.load(dst)

@@ -78,3 +78,66 @@ def test_local_folder_round_trip(tmp_path):
 def test_tiny_models_have_no_tokenizer():
     with pytest.raises(solc.AssetError, match="no tokenizer"):
         solc.load_tokenizer("tiny-llama")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_tiny_models_keep_rotary_buffers_fp32_like_from_pretrained(dtype, tmp_path):
+    """from_pretrained(dtype=...) computes inv_freq in fp32 and keeps it; a tiny model in that dtype
+    must be the same model as its saved copy loaded back in that dtype."""
+    model = solc.load_model("tiny-llama", dtype=dtype)
+    assert model.lm_head.weight.dtype == dtype
+    assert model.model.rotary_emb.inv_freq.dtype == torch.float32
+    solc.load_model("tiny-llama").save_pretrained(tmp_path)
+    again = solc.load_model(str(tmp_path), dtype=dtype)
+    ids = torch.randint(0, 256, (1, 300), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, again(ids).logits)
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    path = tmp_path_factory.mktemp("hf") / "tiny"
+    solc.load_model("tiny-llama").save_pretrained(path)
+    return path
+
+
+def _broken(tmp_path, saved, weights: bytes | None, config: str | None = None):
+    folder = tmp_path / "broken"
+    folder.mkdir()
+    (folder / "config.json").write_text(config if config is not None else (saved / "config.json").read_text())
+    if weights is not None:
+        (folder / "model.safetensors").write_bytes(weights)
+    return folder
+
+
+@pytest.mark.parametrize("case, detail", [
+    ("config only", "no file named model.safetensors"),
+    ("garbage weights", "SafetensorError"),
+    ("truncated weights", "SafetensorError"),
+    ("invalid config.json", "config.json"),
+])
+def test_broken_local_folder_is_an_asset_error_naming_it(saved, tmp_path, case, detail):
+    weights = (saved / "model.safetensors").read_bytes()
+    folder = _broken(tmp_path, saved, weights={"config only": None, "garbage weights": b"garbage" * 10,
+                                               "truncated weights": weights[: len(weights) // 2],
+                                               "invalid config.json": weights}[case],
+                     config="{not json" if case == "invalid config.json" else None)
+    with pytest.raises(solc.AssetError) as err:
+        solc.load_model(folder)
+    msg = str(err.value)
+    assert msg.startswith(f"{folder}: cannot load a model from this folder") and detail in msg
+    assert "re-save or re-download it" in msg
+
+
+def test_folder_without_a_tokenizer_is_an_asset_error_naming_it(saved):
+    with pytest.raises(solc.AssetError, match=rf"^{saved}: cannot load a tokenizer from this folder .*tokenizer\.json"):
+        solc.load_tokenizer(saved)
+
+
+def test_a_folder_named_like_a_builtin_needs_an_explicit_path(tmp_path, monkeypatch):
+    solc.load_model("tiny-llama", dtype="bfloat16").save_pretrained(tmp_path / "tiny-llama")
+    monkeypatch.chdir(tmp_path)
+    with pytest.warns(UserWarning, match=r"'tiny-llama' is a built-in model name and also a folder here.*'\./tiny-llama'"):
+        assert solc.load_model("tiny-llama").lm_head.weight.dtype == torch.float32  # the built-in
+    assert solc.load_model("./tiny-llama").lm_head.weight.dtype == torch.bfloat16  # the folder
+    assert solc.load_model(tmp_path.joinpath("tiny-llama").relative_to(tmp_path)).lm_head.weight.dtype == torch.bfloat16

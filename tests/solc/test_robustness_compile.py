@@ -45,3 +45,16 @@ def test_extended_positions_let_a_speed_benchmark_compile_past_the_trained_lengt
     assert hf_adapter.extend_positions(model, 1100)
     sol = solc.compile(model, max_seq_len=1100)
     assert sol.max_seq_len == 1100
+
+
+@pytest.mark.parametrize("actions, message", [
+    (["attn", "bogus"], r"^actions=\['attn', 'bogus'\] is invalid: unknown axis 'bogus'; valid axes: \['attn', 'mlp', 'quant'\]$"),
+    ([], r"^actions=\[\] is invalid: it is empty; enable at least one of \['attn', 'mlp', 'quant'\]$"),
+    (("mlp", "mlp"), r"^actions=\('mlp', 'mlp'\) is invalid: duplicate axis 'mlp'"),
+    ("attn,mlp", r"^actions='attn,mlp' is invalid: unknown axis 'attn,mlp'"),
+    (["ATTN"], r"^actions=\['ATTN'\] is invalid: unknown axis 'ATTN'"),
+])
+def test_bad_actions_name_actions_and_show_the_value(actions, message):
+    with pytest.raises(ArgumentError, match=message) as err:
+        solc.compile(solc.load_model("tiny-llama"), actions=actions, max_seq_len=32)
+    assert err.value.argument == "actions" and "axes" not in str(err.value).split(";")[0]

@@ -72,6 +72,54 @@ def test_user_file_inside_an_artifact_is_not_deleted(sol, tmp_path):
     assert _tree(path) == before
 
 
+@pytest.mark.parametrize("link_to", ["dir", "file"])
+def test_symlink_inside_an_artifact_is_refused_and_kept(sol, tmp_path, link_to):
+    """A link the user put inside an artifact (to their own data) is not export's: rmtree of the old
+    artifact would delete it."""
+    path = solc.export(sol, None, tmp_path / "art", programs=False)
+    mine = tmp_path / "mydata"
+    mine.mkdir()
+    (mine / "x.txt").write_text("x")
+    target = mine if link_to == "dir" else mine / "x.txt"
+    os.symlink(target, path / "model" / "data")
+    before = _tree(path)
+    with pytest.raises(ArgumentError, match=r"art'.*model/data \(a symbolic link\)") as err:
+        solc.export(sol, None, path, programs=False)
+    assert err.value.argument == "path"
+    assert os.readlink(path / "model" / "data") == str(target) and (mine / "x.txt").read_text() == "x"
+    assert _tree(path) == before
+
+
+def test_empty_directory_and_fifo_inside_an_artifact_are_refused(sol, tmp_path):
+    path = solc.export(sol, None, tmp_path / "art", programs=False)
+    (path / "model" / "mine").mkdir()
+    with pytest.raises(ArgumentError, match=r"model/mine/ \(an empty directory\)"):
+        solc.export(sol, None, path, programs=False)
+    (path / "model" / "mine").rmdir()
+    os.mkfifo(path / "pipe")
+    with pytest.raises(ArgumentError, match=r"pipe \(not a regular file\)"):
+        solc.export(sol, None, path, programs=False)
+    assert (path / "pipe").exists()
+
+
+def test_symlink_to_an_artifact_is_refused_as_a_link(sol, tmp_path):
+    path = solc.export(sol, None, tmp_path / "art", programs=False)
+    link = tmp_path / "link"
+    link.symlink_to(path)
+    with pytest.raises(ArgumentError, match=r"link' is a symbolic link \(to '.*art'\).*never a link") as err:
+        solc.export(sol, None, link, programs=False)
+    assert err.value.argument == "path" and "not a directory" not in str(err.value)
+    assert link.is_symlink() and (path / "manifest.json").is_file()
+
+
+def test_parent_that_is_a_file_is_refused(sol, tmp_path):
+    (tmp_path / "file.bin").write_text("data")
+    with pytest.raises(ArgumentError, match=r"file\.bin/sub/deeper'.*inside '.*file\.bin', which is not a directory") as err:
+        solc.export(sol, None, tmp_path / "file.bin" / "sub" / "deeper", programs=False)
+    assert err.value.argument == "path"
+    assert (tmp_path / "file.bin").read_text() == "data"
+
+
 def test_replacing_an_artifact_swaps_it_whole(sol, tmp_path):
     first, second = _policy(sol, 1), _policy(sol, 2)
     path = solc.export(sol, first, tmp_path / "art", programs=False)
