@@ -30,17 +30,26 @@ machine, not an evaluation batch).
 """
 from __future__ import annotations
 
+import os
+import signal
+import sys
+
+if __name__ == "__main__":  # Ctrl-C while torch loads (seconds): one line, not the import's traceback
+    signal.signal(signal.SIGINT, lambda *_: (print("\ncost_eval: interrupted during start-up; nothing was written",
+                                                   file=sys.stderr), os._exit(130)))
+
 import argparse
 import math
-import sys
+import threading
 import time
 from pathlib import Path
 from typing import Optional
 
 import torch
 
+from runtime import validation
 from runtime.actions import AXES, Action
-from runtime.errors import ArgumentError
+from runtime.errors import ArgumentError, SolcError
 from runtime.costs import realized_budget
 from runtime.policy import PolicyNet, PolicySource
 from runtime.schedulers import Fixed, Random, Schedule
@@ -242,37 +251,91 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
-    from training.grpo import GRPOConfig, build_model, load_training_contexts
-
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m training.cost_eval", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--policies", required=True, help="comma-separated policy.pt files (one cost spec, one space)")
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--corpus", default="shakespeare", help="corpus ('random' for tests)")
-    p.add_argument("--budgets", default="0.5,0.6,0.7,0.8", help="cost fractions, comma separated")
-    p.add_argument("--contexts", type=int, default=256, help="held-out test contexts (a seeded sample)")
-    p.add_argument("--val-contexts", type=int, default=64, help="validation contexts that fit the best-static hull")
-    p.add_argument("--context-length", type=int, default=256)
-    p.add_argument("--horizon", type=int, default=16)
-    p.add_argument("--random-draws", type=int, default=2)
+    p.add_argument("--budgets", default="0.5,0.6,0.7,0.8", help="cost fractions, comma separated, in the policies' feasible range")
+    p.add_argument("--contexts", type=int, default=256, help="held-out test contexts (a seeded sample), >= 1")
+    p.add_argument("--val-contexts", type=int, default=64, help="validation contexts that fit the best-static hull, >= 1")
+    p.add_argument("--context-length", type=int, default=256, help=f"tokens per context, >= --horizon + 2 and {validation.MIN_SEQ_LEN}")
+    p.add_argument("--horizon", type=int, default=16, help="controlled steps per episode, >= 1")
+    p.add_argument("--random-draws", type=int, default=2, help="Random baseline draws per episode, >= 0 (0: no Random)")
     p.add_argument("--search", type=int, default=16,
                    help="random-search candidates per policy and budget, scored on the validation contexts (0: off)")
-    p.add_argument("--chunk", type=int, default=8, help="contexts per rollout (memory: chunk x rows x cache)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--chunk", type=int, default=8, help="contexts per rollout, >= 1 (memory: chunk x rows x cache)")
+    p.add_argument("--seed", type=int, default=0, help=f"0 to {SEED_MAX}")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--json", help="write the results here (with the command); the contexts done so far are kept "
                                   "in JSON.partial.pt, and a rerun of the same command resumes from there")
-    args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    return p
+
+
+SEED_MAX = 2**32 - 1  # the baselines' generators are seeded with seed * 1_000_003 + context offset
+
+
+def check_args(args) -> tuple[list[float], list[PolicyNet]]:
+    """Every option, before the model loads: (budgets, policies), or an ArgumentError naming the option."""
+    from training.evaluate import load_policy
+
+    for flag, lo in (("contexts", 1), ("val_contexts", 1), ("horizon", 1), ("random_draws", 0), ("search", 0),
+                     ("chunk", 1), ("threads", 0)):
+        validation.check_int("--" + flag.replace("_", "-"), getattr(args, flag), lo)
+    validation.check_int("--seed", args.seed, 0, SEED_MAX)
+    validation.check_int("--context-length", args.context_length, max(validation.MIN_SEQ_LEN, args.horizon + 2), None,
+                         f"at least --horizon + 2 = {args.horizon + 2} and {validation.MIN_SEQ_LEN}")
     try:
         budgets = [float(x) for x in args.budgets.split(",")]
     except ValueError:
-        p.error(f"--budgets {args.budgets!r}: comma-separated cost fractions, e.g. 0.5,0.6")
-    if args.search < 0:
-        p.error(f"--search {args.search}: the number of random-search candidates must be >= 0 (0: off)")
-    policies = [PolicyNet.load(x.strip()) for x in args.policies.split(",")]
+        raise ArgumentError("--budgets", f"--budgets {args.budgets!r} is invalid: comma-separated cost fractions, "
+                                         "e.g. 0.5,0.6") from None
+    for b in budgets:
+        validation.check_real("--budgets", b, 0.0, 1.0, lo_open=True)
+    if args.json:
+        parent = Path(args.json).resolve().parent
+        if Path(args.json).is_dir() or not parent.is_dir() or not os.access(parent, os.W_OK):
+            raise ArgumentError("--json", f"--json {args.json} is invalid: a file in an existing, writable directory")
+    paths = [x.strip() for x in args.policies.split(",") if x.strip()]
+    if not paths:
+        raise ArgumentError("--policies", f"--policies {args.policies!r} is invalid: comma-separated policy.pt files")
+    policies = [load_policy(x, argument="--policies") for x in paths]
+    if not policies[0].config.budget_spec.is_cost:
+        raise ArgumentError("--policies", f"--policies {paths[0]} was trained with per-axis budgets: compare it with "
+                                          "python -m training.compare_baselines")
+    if any(q.config.budget_spec != policies[0].config.budget_spec or q.space != policies[0].space for q in policies[1:]):
+        raise ArgumentError("--policies", f"--policies {args.policies}: every policy must share one action space and "
+                                          "one cost budget spec")
+    return budgets, policies
+
+
+def main(argv=None) -> int:
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # torch has loaded: Ctrl-C is a KeyboardInterrupt
+    args = _parser().parse_args(argv)
+    try:
+        return _run(args, argv)
+    except SolcError as e:
+        print(f"cost_eval: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        partial = Path(args.json + ".partial.pt") if args.json else None
+        kept = (f"the contexts done so far are kept in {partial}: the same command resumes there"
+                if partial is not None and partial.is_file() else "nothing was kept (--json keeps finished contexts)")
+        print(f"\ncost_eval: interrupted; {kept}", file=sys.stderr)
+        return 130
+    except OSError as e:  # --json's directory full or read-only
+        print(f"cost_eval: error: cannot write --json {args.json}: {e}", file=sys.stderr)
+        return 1
+
+
+def _run(args, argv) -> int:
+    from training.grpo import GRPOConfig, build_model, load_training_contexts
+
+    budgets, policies = check_args(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     space = policies[0].space
     cfg = GRPOConfig(model=args.model, corpus=args.corpus, context_length=args.context_length, actions=list(space.axes),
                      levels={a: list(v) for a, v in space.levels.items()}, quant=space.quant, horizon=args.horizon)
@@ -281,20 +344,18 @@ def main(argv=None) -> int:
     lo, hi = policies[0].config.budget_spec.feasible_range(space)
     bad = [b for b in budgets if not lo <= b <= hi]
     if bad:
-        p.error(f"--budgets {bad} outside the feasible cost range [{lo:.3f}, {hi:.1f}]")
+        raise ArgumentError("--budgets", f"--budgets {bad} outside the feasible cost range [{lo:.3f}, {hi:.1f}]")
 
     def pick(split, n, salt):
         pool = load_training_contexts(cfg, sol.token_embedding.shape[0], split=split)
         if n > len(pool):
-            p.error(f"--{'contexts' if split == 'test' else 'val-contexts'} {n}: the {split} split has {len(pool)}")
+            flag = "--contexts" if split == "test" else "--val-contexts"
+            raise ArgumentError(flag, f"{flag} {n} is invalid: the {split} split has {len(pool)} contexts")
         return pool[torch.randperm(len(pool), generator=torch.Generator().manual_seed(args.seed + salt))[:n]]
 
     contexts, val = pick("test", args.contexts, 0), pick("validation", args.val_contexts, 1)
-    try:
-        result = evaluate(sol, policies, contexts, val, budgets, args.horizon, args.random_draws, args.chunk, args.seed,
-                          search=args.search, progress_file=Path(args.json + ".partial.pt") if args.json else None)
-    except ArgumentError as e:  # a progress file solc did not write where --json's would go
-        p.error(str(e))
+    result = evaluate(sol, policies, contexts, val, budgets, args.horizon, args.random_draws, args.chunk, args.seed,
+                      search=args.search, progress_file=Path(args.json + ".partial.pt") if args.json else None)
     command = command_line("training.cost_eval", argv)
     print(table(result))
     for i in range(len(policies)):

@@ -18,21 +18,38 @@ For each method (policy, fixed, random, random-search; see training/baselines.py
     (the policy may over- or underspend its request; Fixed realizes it within one step).
 Budgets: one number per budget (the same target on every enabled axis) or attn/mlp/bits16 triples.
 
-Writes to --out: results.csv (one row per eval, method, budget), pareto.png (quality vs realized net
-keep, one line per method; uniform actions as points), report.md (tables: perplexity and accuracy per
-method and budget, paired differences, the policy's budget adherence), command.txt, and TensorBoard
-scalars under tb/ (tag <eval>/<method>/<metric>, step = round(100 * requested budget), or
-round(100 * net keep) for uniform actions). A tqdm bar tracks contexts and questions. The finished
-parts (random search, each perplexity chunk, the matched baselines, each multiple-choice task) are kept
-in --out/progress.partial.pt while it runs: the same command after an interrupt resumes there, with the
-same results.
+A COST-budget policy (training.grpo's default) is compared as training.cost_eval does instead: each
+budget is one cost fraction in the policy's feasible range; the policy (greedy) against the best static
+hull mix, Fixed and Random (unless "random" is left out of --methods) at each episode's realized cost,
+and random search at a cost (with "random-search" in --methods), on perplexity only (--mc-tasks
+defaults to none for such a policy; --sample, --uniform, --mc-methods and per-axis triples do not apply).
+
+Writes to --out (per-axis policies and baselines only): results.csv (one row per eval, method, budget),
+pareto.png (quality vs realized net keep, one line per method; uniform actions as points), report.md
+(tables: perplexity and accuracy per method and budget, paired differences, the policy's budget
+adherence), command.txt, and TensorBoard scalars under tb/ (tag <eval>/<method>/<metric>, step =
+round(100 * requested budget), or round(100 * net keep) for uniform actions). For a cost-budget policy:
+report.md, results.json and command.txt. A tqdm bar tracks contexts and questions. The finished parts
+(random search, each perplexity chunk, the matched baselines, each multiple-choice task) are kept in
+--out/progress.partial.pt while it runs: the same command after an interrupt (Ctrl-C: exit 130) resumes
+there, with the same results. An --out that holds a training run is refused, and one that holds another
+evaluation (a different command.txt) unless --overwrite replaces it.
 """
 from __future__ import annotations
+
+import os
+import signal
+import sys
+
+if __name__ == "__main__":  # Ctrl-C while torch loads (seconds): one line, not the import's traceback
+    signal.signal(signal.SIGINT, lambda *_: (print("\nevaluate: interrupted during start-up; nothing was written",
+                                                   file=sys.stderr), os._exit(130)))
 
 import argparse
 import csv
 import math
-import sys
+import shutil
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,6 +98,7 @@ class EvalConfig:
     out: str = "runs/eval"
     threads: int = 0
     progress: bool = True
+    overwrite: bool = False  # replace another evaluation in --out
 
     def __post_init__(self):
         """Check every field; an error names it (as the CLI flag), its value and what is valid."""
@@ -120,7 +138,7 @@ class EvalConfig:
         if self.dtype not in DTYPES:
             _bad("dtype", self.dtype, f"one of {sorted(DTYPES)}")
         resolve_device(self.device, argument="--device")
-        for name in ("greedy", "progress"):
+        for name in ("greedy", "progress", "overwrite"):
             if not isinstance(getattr(self, name), bool):
                 _bad(name, getattr(self, name), "True or False", type_error=True)
 
@@ -162,28 +180,28 @@ def parse_uniform(spec) -> list | str:
     return parts
 
 
-def load_policy(path: str):
-    """The PolicyNet in a policy.pt written by training.grpo; a clear error for anything else."""
+def load_policy(path: str, argument: str = "--policy"):
+    """The PolicyNet in a policy.pt written by training.grpo; a clear error (naming `argument`) for anything else."""
     from runtime.policy import PolicyNet
 
     file = Path(path)
     if not file.is_file():
-        raise ArgumentError("--policy", f"--policy {path}: no such file (give the policy.pt a training run wrote)")
+        raise ArgumentError(argument, f"{argument} {path}: no such file (give the policy.pt a training run wrote)")
     try:
         state = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ArgumentError("--policy", f"--policy {path}: not a policy file written by training.grpo "
-                                        f"({type(e).__name__}: {str(e)[:200]})") from None
+        raise ArgumentError(argument, f"{argument} {path}: not a policy file written by training.grpo "
+                                      f"({type(e).__name__}: {str(e)[:200]})") from None
     if isinstance(state, dict) and "optimizer" in state and "policy" in state:
-        raise ArgumentError("--policy", f"--policy {path} is a training checkpoint, not a policy; pass the policy.pt "
-                                        f"written next to it ({file.parent / 'policy.pt'})")
+        raise ArgumentError(argument, f"{argument} {path} is a training checkpoint, not a policy; pass the policy.pt "
+                                      f"written next to it ({file.parent / 'policy.pt'})")
     if not isinstance(state, dict) or not {"config", "state_dict"} <= set(state):
-        raise ArgumentError("--policy", f"--policy {path}: not a policy file (expected a dict with 'config' and "
-                                        "'state_dict', as PolicyNet.save writes)")
+        raise ArgumentError(argument, f"{argument} {path}: not a policy file (expected a dict with 'config' and "
+                                      "'state_dict', as PolicyNet.save writes)")
     try:
         return PolicyNet.from_state(state)
     except (ValueError, TypeError, KeyError, RuntimeError) as e:
-        raise ArgumentError("--policy", f"--policy {path}: cannot rebuild the policy ({e})") from None
+        raise ArgumentError(argument, f"{argument} {path}: cannot rebuild the policy ({e})") from None
 
 
 @dataclass
@@ -321,7 +339,7 @@ def build(cfg: EvalConfig):
 def _fingerprint(cfg: EvalConfig, sol, policy) -> str:
     """What an evaluation's results depend on: the options (not where it writes or how it shows
     progress), the model's embedding and the policy's weights."""
-    options = sorted((k, v) for k, v in vars(cfg).items() if k not in ("out", "progress", "threads"))
+    options = sorted((k, v) for k, v in vars(cfg).items() if k not in ("out", "progress", "threads", "overwrite"))
     return fingerprint(options, [sol.token_embedding] + (list(policy.state_dict().values()) if policy is not None else []))
 
 
@@ -615,7 +633,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--test-contexts", type=int, default=d.test_contexts, help="test-split contexts for perplexity (0: skip perplexity)")
     p.add_argument("--val-contexts", type=int, default=d.val_contexts, help="validation contexts random search selects on")
     p.add_argument("--search-n", type=int, default=d.search_n, help="random search: candidates per budget")
-    p.add_argument("--mc-tasks", default=",".join(DEFAULT_MC_TASKS), help="bigbench:<task> / mmlu:<file>, comma-separated ('' for none)")
+    p.add_argument("--mc-tasks", default=None, help="bigbench:<task> / mmlu:<file>, comma-separated ('' for none; default: "
+                                                     f"{','.join(DEFAULT_MC_TASKS)}, none for a cost-budget policy)")
     p.add_argument("--mc-shots", default="0,3", help="comma-separated shot counts")
     p.add_argument("--mc-questions", type=int, default=d.mc_questions, help="questions per task (a seeded sample)")
     p.add_argument("--mc-tail", type=int, default=d.mc_tail,
@@ -627,21 +646,34 @@ def _parser() -> argparse.ArgumentParser:
                    help="Random draws per test context for random@policy (Fixed/Random at the policy's realized budget); 0 = skip")
     p.add_argument("--sample", action="store_true", help="sample the policy at its temperature instead of argmax")
     p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--dtype", default=d.dtype, choices=["float32", "float64", "bfloat16"])
+    p.add_argument("--dtype", default=d.dtype, choices=sorted(DTYPES), help="base model dtype")
     p.add_argument("--device", default=d.device)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    p.add_argument("--out", default=d.out)
+    p.add_argument("--out", default=d.out, help="where the results go (not a training run's directory)")
+    p.add_argument("--overwrite", action="store_true", help="replace another evaluation that --out holds")
     p.add_argument("--no-progress", action="store_true")
     return p
 
 
 def main(argv=None) -> int:
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # torch has loaded: Ctrl-C is a KeyboardInterrupt
+    cfg = None
     try:
         cfg = config_from_args(argv)
         return _run_cli(cfg, argv)
     except SolcError as e:
         print(f"evaluate: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        progress = Path(cfg.out) / "progress.partial.pt" if cfg is not None else None
+        kept = (f"the finished parts are kept in {progress}: the same command resumes there"
+                if progress is not None and progress.is_file() else "nothing was finished yet")
+        print(f"\nevaluate: interrupted; {kept}", file=sys.stderr)
+        return 130
+    except OSError as e:  # --out full or read-only
+        print(f"evaluate: error: cannot write to --out {cfg.out if cfg is not None else ''}: {e}", file=sys.stderr)
+        return 1
 
 
 def config_from_args(argv=None) -> EvalConfig:
@@ -649,6 +681,9 @@ def config_from_args(argv=None) -> EvalConfig:
     if argv is not None and (isinstance(argv, str) or not all(isinstance(a, str) for a in argv)):
         raise ArgumentTypeError("argv", f"argv={argv!r} is invalid: a list of strings (command-line words)")
     args = _parser().parse_args(argv)
+    if args.mc_tasks is None:  # multiple choice is not wired for a cost-budget policy: none by default there
+        cost = bool(args.policy) and load_policy(args.policy).config.budget_spec.is_cost
+        args.mc_tasks = "" if cost else ",".join(DEFAULT_MC_TASKS)
     return EvalConfig(
         policy=args.policy, model=args.model, corpus=args.corpus, budgets=_parse_budgets(args.budgets),
         methods=[m.strip() for m in args.methods.split(",") if m.strip()], uniform=args.uniform,
@@ -658,7 +693,7 @@ def config_from_args(argv=None) -> EvalConfig:
         mc_shots=_parse_ints("--mc-shots", args.mc_shots), mc_questions=args.mc_questions, mc_tail=args.mc_tail,
         mc_methods=[m.strip() for m in args.mc_methods.split(",") if m.strip()] or None,
         max_rows=args.max_rows, matched_draws=args.matched_draws, greedy=not args.sample, seed=args.seed, dtype=args.dtype, device=args.device,
-        out=args.out, threads=args.threads, progress=not args.no_progress,
+        out=args.out, threads=args.threads, progress=not args.no_progress, overwrite=args.overwrite,
     )
 
 
@@ -670,27 +705,91 @@ def _cost_policy(cfg: EvalConfig):
     return policy if policy.config.budget_spec.is_cost else None
 
 
+EVAL_FILES = ("results.csv", "results.json", "pareto.png", "report.md", "command.txt", "tb", "progress.partial.pt")
+
+
+def claim_out(cfg: EvalConfig, command: str) -> Path:
+    """--out for this evaluation: never a training run's directory; another evaluation's (its command.txt
+    records another command) only with --overwrite, which removes that evaluation's files. The same
+    command resumes (progress.partial.pt) or repeats its own. Checks only; `start_out` writes."""
+    out = Path(cfg.out)
+    if os.path.lexists(out) and not out.is_dir():
+        _bad("out", cfg.out, "a directory (this path is a file)")
+    run = [n for n in ("config.json", "checkpoint.pt") if os.path.lexists(out / n)]
+    if run:
+        raise ArgumentError("--out", f"--out {cfg.out} holds a training run ({', '.join(run)}): write the evaluation "
+                                     "to another --out")
+    held = [n for n in EVAL_FILES if n != "progress.partial.pt" and os.path.lexists(out / n)]
+    recorded = (out / "command.txt").read_text().strip() if (out / "command.txt").is_file() else None
+    if held and recorded != command and not cfg.overwrite:
+        what = f"recorded command: {recorded}" if recorded else ", ".join(held)
+        raise ArgumentError("--out", f"--out {cfg.out} holds another evaluation ({what}): pass --overwrite to replace "
+                                     "it, or another --out")
+    return out
+
+
+def start_out(cfg: EvalConfig, out: Path, command: str) -> None:
+    """Make --out this evaluation's: --overwrite clears another's files; command.txt names the command."""
+    recorded = (out / "command.txt").read_text().strip() if (out / "command.txt").is_file() else None
+    if cfg.overwrite and recorded != command:
+        for name in EVAL_FILES:
+            path = out / name
+            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "command.txt").write_text(command + "\n")
+
+
+def check_cost_options(cfg: EvalConfig) -> None:
+    """What the cost path (training.cost_eval's comparison) cannot do is refused, not ignored."""
+    if cfg.mc_tasks:
+        raise ArgumentError("--mc-tasks", f"--mc-tasks {','.join(cfg.mc_tasks)}: multiple choice is not wired for "
+                                          "cost-budget policies yet; leave --mc-tasks out (none is the default for them)")
+    if cfg.test_contexts < 1:
+        raise ArgumentError("--test-contexts", f"--test-contexts {cfg.test_contexts} is invalid: a cost-budget policy "
+                                               "is evaluated on perplexity contexts: an int >= 1")
+    triples = [b for b in cfg.budgets if isinstance(b, tuple)]
+    if triples:
+        raise ArgumentError("--budgets", f"--budgets {'/'.join(f'{x:g}' for x in triples[0])} is invalid for a "
+                                         "cost-budget policy: each budget is one cost fraction, e.g. 0.6")
+    if not cfg.greedy:
+        raise ArgumentError("--sample", "--sample: a cost-budget policy is evaluated greedily (as deployed); "
+                                        "sampling is not wired for it")
+    if cfg.uniform != "all":
+        raise ArgumentError("--uniform", f"--uniform {cfg.uniform}: not used for a cost-budget policy (every uniform "
+                                         "action is scored for the best-static hull, and the named reference actions "
+                                         "are reported); leave --uniform out")
+    for name, methods in (("methods", cfg.methods), ("mc_methods", cfg.mc_methods or [])):
+        odd = [m for m in methods if m not in DEFAULT_METHODS]
+        if odd or (name == "methods" and not {"policy", "fixed"} <= set(methods)) or (name == "mc_methods" and methods):
+            raise ArgumentError(_flag(name), f"{_flag(name)} {','.join(methods)} is invalid for a cost-budget policy: "
+                                             "--methods must hold policy and fixed (the best static mix runs too), "
+                                             "may add random and random-search; --mc-methods does not apply")
+
+
 def _run_cost_cli(cfg: EvalConfig, command: str) -> int:
     """A cost-budget policy: each budget is a cost fraction, and the comparison is training.cost_eval's
     (best static hull mix, Fixed and Random at each episode's realized cost, paired per context; with
     "random-search" among the methods, the best of --search-n schedules at the policy's mean cost)."""
     from training import cost_eval
 
-    if cfg.mc_tasks:
-        raise ArgumentError("--mc-tasks", "multiple choice is not wired for cost-budget policies yet; pass --mc-tasks ''")
-    if cfg.test_contexts < 1:
-        raise ArgumentError("--test-contexts", "a cost-budget policy is evaluated on perplexity contexts: >= 1")
+    check_cost_options(cfg)
+    out = claim_out(cfg, command)
     t0 = time.perf_counter()
     sol, policy, _ = build(cfg)
+    lo, hi = policy.config.budget_spec.feasible_range(sol.space)
+    budgets = [float(b) for b in cfg.budgets]
+    bad = [b for b in budgets if not lo - 1e-9 <= b <= hi + 1e-9]
+    if bad:
+        raise ArgumentError("--budgets", f"--budgets {','.join(f'{b:g}' for b in bad)} outside the feasible cost range "
+                                         f"[{lo:.3f}, {hi:g}] of {cfg.policy} on --model {cfg.model}")
     vocab = sol.token_embedding.shape[0]
     test = load_contexts(cfg, "test", cfg.test_contexts, vocab)
     val = load_contexts(cfg, "validation", max(cfg.val_contexts, 1), vocab)
-    budgets = [target_key(b)[0] for b in cfg.budgets]
     search = cfg.search_n if "random-search" in cfg.methods else 0  # random search at a cost, on validation
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    start_out(cfg, out, command)
     # an interrupted run keeps the contexts it finished there; the same command resumes from it
-    result = cost_eval.evaluate(sol, [policy], test, val, budgets, cfg.horizon, random_draws=cfg.matched_draws,
+    result = cost_eval.evaluate(sol, [policy], test, val, budgets, cfg.horizon,
+                                random_draws=cfg.matched_draws if "random" in cfg.methods else 0,
                                 seed=cfg.seed, progress=cfg.progress, search=search,
                                 progress_file=out / "progress.partial.pt")
     text = (f"# Cost-budget evaluation\n\n{command}\n\nBudgets are cost fractions ({cfg.policy} was trained for a "
@@ -698,9 +797,8 @@ def _run_cost_cli(cfg: EvalConfig, command: str) -> int:
             + cost_eval.table(result))
     (out / "report.md").write_text(text + f"\n\n({time.perf_counter() - t0:.0f}s)\n")
     write_json(out / "results.json", {"command": command, "result": result})
-    (out / "command.txt").write_text(command + "\n")
     print(text)
-    print(f"evaluate: wrote {out}/report.md, results.json ({time.perf_counter() - t0:.0f}s)")
+    print(f"evaluate: wrote {out}/report.md, results.json, command.txt ({time.perf_counter() - t0:.0f}s)")
     return 0
 
 
@@ -711,17 +809,19 @@ def _run_cli(cfg: EvalConfig, argv) -> int:
     if _cost_policy(cfg) is not None:
         return _run_cost_cli(cfg, command)
     t0 = time.perf_counter()
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    result = run(cfg, progress_file=out / "progress.partial.pt")  # the same command resumes after an interrupt
+    out = claim_out(cfg, command)
+    sol, policy, tokenizer = build(cfg)
+    start_out(cfg, out, command)
+    # the same command resumes after an interrupt
+    result = run(cfg, sol, policy, tokenizer, progress_file=out / "progress.partial.pt")
     write_csv(result["rows"], out / "results.csv")
     plot_pareto(result["rows"], out / "pareto.png")
+    shutil.rmtree(out / "tb", ignore_errors=True)  # this evaluation's, from an earlier run of the same command
     write_tensorboard(result["rows"], out / "tb")
     text = report(result, cfg, command)
     (out / "report.md").write_text(text + f"\n({time.perf_counter() - t0:.0f}s)\n")
-    (out / "command.txt").write_text(command + "\n")
     print(text)
-    print(f"evaluate: wrote {out}/results.csv, pareto.png, report.md, tb/ ({time.perf_counter() - t0:.0f}s)")
+    print(f"evaluate: wrote {out}/results.csv, pareto.png, report.md, command.txt, tb/ ({time.perf_counter() - t0:.0f}s)")
     return 0
 
 

@@ -33,19 +33,26 @@ second one aborts at once. Only rank 0 logs and writes.
 
 Outputs under --out: config.json, checkpoint.pt (latest: policy, optimizer, RNG states, update),
 policy.pt (policy config + weights, what runtime.policy.PolicyNet.load reads), tb/ (TensorBoard).
-An --out that already holds a run is left alone unless --resume (continue it) or --overwrite
-(replace it) says otherwise.
+An --out that already holds a run is left alone unless --resume (continue it, with the options stored
+in its checkpoint: only --max-updates, --max-minutes, --checkpoint-every, --rollout-batch, --threads,
+--device and --progress may change) or --overwrite (replace it) says otherwise; a run holds OUT/.lock
+while it lives, so a second run cannot use the same --out.
 """
 from __future__ import annotations
+
+import os
+import signal
+import sys
+
+if __name__ == "__main__":  # Ctrl-C while torch loads (seconds): one line, not the import's traceback
+    signal.signal(signal.SIGINT, lambda *_: (print("\ngrpo: interrupted during start-up; nothing was written",
+                                                   file=sys.stderr), os._exit(130)))
 
 import argparse
 import hashlib
 import json
 import math
-import os
 import random
-import signal
-import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -71,6 +78,22 @@ CHECKPOINT_VERSION = 1
 
 class TrainingDiverged(RuntimeError):
     """A non-finite reward, loss or gradient: training stopped, the last checkpoint is intact."""
+
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (full or read-only disk): training stopped; what is on disk is
+    the last checkpoint that was written whole."""
+
+    def __init__(self, update: int, saved: int | None, out: Path, error: BaseException):
+        kept = (f"the checkpoint of update {saved} in {out} is intact (--resume continues from it)" if saved is not None
+                else "no checkpoint was written")
+        import shutil
+
+        try:
+            free = f"; {shutil.disk_usage(out).free // 1024} KiB free there"
+        except OSError:
+            free = ""
+        super().__init__(f"cannot write the checkpoint of update {update} to {out} ({_one_line(error)}{free}); {kept}")
 
 
 class TrainingStopped(KeyboardInterrupt):
@@ -99,7 +122,7 @@ class GRPOConfig:
     corpus: str = _opt("shakespeare", "training corpus for solc.data.get_contexts ('random' = uniform random tokens, for tests)")
     context_length: int = _opt(256, "tokens per context: dense prefill of L - T - 1 tokens, then T controlled steps")
     max_contexts: int = _opt(0, "use at most this many training contexts (0 = all)")
-    dtype: str = _opt("float32", "base model and policy dtype: float32 | float64 | bfloat16")
+    dtype: str = _opt("float32", "base model dtype: float32 | float64 | bfloat16 | float16 (the policy runs in float64 with float64, else float32)")
     device: str = _opt("auto", "auto (cuda if available) | cpu | cuda | cuda:N")
     # episodes
     horizon: int = _opt(16, "T: controlled decode steps per episode")
@@ -109,7 +132,7 @@ class GRPOConfig:
     target_attn: list = _opt(list(TARGET_RANGES["attn"]), "range lo,hi of the sampled attn keep target")
     target_mlp: list = _opt(list(TARGET_RANGES["mlp"]), "range lo,hi of the sampled mlp keep target")
     target_quant: list = _opt([], "range lo,hi of the sampled bits/16 target (empty: the grid's cheapest bits/16 to 1)")
-    target_cost: list = _opt([], "range lo,hi of the sampled cost target (empty: the cheapest action's cost to 1)")
+    target_cost: list = _opt([], "range lo,hi of the sampled cost target, within [the cheapest action's cost, 1] (empty: all of it)")
     # reward
     gamma: float = _opt(0.85, "discount of the per-step log-likelihood rewards")
     alpha_attn: float = _opt(100.0, "budget penalty weight, attn axis")
@@ -140,7 +163,7 @@ class GRPOConfig:
     checkpoint_every: int = _opt(5, "write checkpoint.pt and policy.pt every N updates (and at the end)")
     seed: int = _opt(0, "seed of every random choice (contexts, targets, schedules, init)")
     out: str = _opt("runs/grpo", "output directory (config.json, checkpoint.pt, policy.pt, tb/)")
-    resume: bool = _opt(False, "continue from OUT/checkpoint.pt (same config unless overridden)")
+    resume: bool = _opt(False, "continue from OUT/checkpoint.pt with the options stored there (only --max-updates, --max-minutes, --checkpoint-every, --rollout-batch, --threads, --device and --progress may change)")
     overwrite: bool = _opt(False, "replace the run OUT holds (its config.json, checkpoint.pt, policy.pt, tb/)")
     threads: int = _opt(0, "torch CPU threads (0 = torch's default)")
     progress: bool = _opt(True, "show a tqdm progress bar (rank 0)")
@@ -199,6 +222,10 @@ class GRPOConfig:
                                       ("policy_mlp_ratio", 0.0, True, None), ("policy_anchor_sharpness", 0.0, True, None),
                                       ("max_minutes", 0.0, False, None)):
             _real(name, getattr(self, name), lo, hi, lo_open)
+        episodes = self.contexts_per_update * self.group_size
+        if self.ppo_minibatches > episodes:
+            _bad("ppo_minibatches", self.ppo_minibatches, f"at most the episodes of an update, --contexts-per-update x "
+                 f"--group-size = {episodes} (more would take empty optimizer steps)")
         if self.policy_d_model % self.policy_heads:
             _bad("policy_heads", self.policy_heads, f"a divisor of --policy-d-model={self.policy_d_model}")
         if self.policy_budget_head not in BUDGET_HEADS:
@@ -344,6 +371,14 @@ _device = resolve_device
 RUN_FILES = ("config.json", "checkpoint.pt", "policy.pt", "tb")
 
 
+LOCK = ".lock"
+# what a resumed run may change: how long it runs, how it checkpoints and shows progress, where and with
+# how many threads / contexts per rollout call it computes. Every other option defines the run (model,
+# data, targets, rewards, optimizer, policy, seed); the optimizer state and the replay depend on them.
+RESUME_MAY_CHANGE = ("max_updates", "max_minutes", "checkpoint_every", "rollout_batch", "threads", "device", "progress",
+                     "out", "resume", "overwrite")
+
+
 def check_out_dir(cfg: GRPOConfig) -> None:
     """--out must not hold a run unless --resume continues it or --overwrite replaces it (checks
     only: nothing is written or removed here)."""
@@ -351,14 +386,142 @@ def check_out_dir(cfg: GRPOConfig) -> None:
     if os.path.lexists(out) and not out.is_dir():
         _bad("out", cfg.out, "a directory (this path is a file)")
     checkpoint = out / "checkpoint.pt"
-    if cfg.resume:
-        if not checkpoint.is_file():
-            raise ArgumentError("--resume", f"--resume: no checkpoint at {checkpoint}; start a new run without --resume")
-        return
     held = [name for name in RUN_FILES if os.path.lexists(out / name)]
+    if cfg.resume:
+        if checkpoint.is_file():
+            return
+        if held:  # a run that stopped before its first checkpoint: nothing to resume, only to start over
+            raise ArgumentError("--resume", f"--resume: {cfg.out} holds a run that stopped before its first checkpoint "
+                                            f"({', '.join(held)}; no {checkpoint.name}), so there is nothing to resume: "
+                                            "pass --overwrite instead of --resume to start it over (its "
+                                            f"{', '.join(held)} are replaced)")
+        raise ArgumentError("--resume", f"--resume: no checkpoint at {checkpoint}; start a new run without --resume")
     if held and not cfg.overwrite:
+        if not checkpoint.is_file():
+            raise ArgumentError("--out", f"--out {cfg.out} holds a run that stopped before its first checkpoint "
+                                         f"({', '.join(held)}), which --resume cannot continue: pass --overwrite to "
+                                         f"start it over (its {', '.join(held)} are replaced), or a new --out")
         raise ArgumentError("--out", f"--out {cfg.out} already holds a run ({', '.join(held)}): pass --resume to continue "
                                      "it, --overwrite to replace it, or a new --out")
+
+
+class RunLock:
+    """OUT/.lock, locked (fcntl.flock) for a run's whole life: a second run, an --overwrite or a --resume
+    into a directory a live run uses is refused. The kernel drops the lock when its process ends, so a
+    crashed run's leftover file blocks nothing. The file holds the owner's pid (for the message)."""
+
+    def __init__(self, out: Path):
+        self.path, self.fd = Path(out) / LOCK, None
+        self.created = False  # this run made --out (a run that fails to start removes it again)
+
+    def acquire(self) -> "RunLock":
+        import fcntl
+
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                owner = os.read(fd, 32).decode(errors="replace").strip() or "?"
+                os.close(fd)
+                raise ArgumentError("--out", f"--out {self.path.parent} is in use by another training run (pid {owner}, "
+                                             f"lock {self.path}): wait for it to end or stop it, or choose another "
+                                             "--out") from None
+            except OSError as e:  # a file system without flock: run unprotected, say so
+                os.close(fd)
+                print(f"grpo: warning: cannot lock {self.path} ({e.strerror}); nothing stops a second run from "
+                      "using this --out", file=sys.stderr)
+                return self
+            try:  # the previous owner removes the file when it ends: hold the lock of the file that is there
+                if os.stat(self.path).st_ino == os.fstat(fd).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self.fd = fd
+        return self
+
+    def release(self) -> None:
+        if self.fd is not None:
+            self.path.unlink(missing_ok=True)  # still locked: a process waiting on this inode retries
+            os.close(self.fd)
+            self.fd = None
+
+
+def read_checkpoint(path: Path, map_location="cpu") -> dict:
+    """A checkpoint training.grpo wrote (any problem: one-line ArgumentError naming --resume)."""
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as e:
+        raise ArgumentError("--resume", f"--resume: {path} is not a readable checkpoint ({type(e).__name__}: "
+                                        f"{_one_line(e)})") from None
+    if not isinstance(state, dict) or state.get("version") != CHECKPOINT_VERSION:
+        version = state.get("version") if isinstance(state, dict) else None
+        raise ArgumentError("--resume", f"--resume: unsupported checkpoint version {version!r} in {path}; "
+                                        f"this training.grpo writes version {CHECKPOINT_VERSION}")
+    missing = [k for k in ("update", "policy", "optimizer", "rng") if k not in state]
+    if missing:
+        raise ArgumentError("--resume", f"--resume: {path} lacks {', '.join(missing)} (an incomplete checkpoint): "
+                                        "pass --overwrite instead of --resume to start the run over")
+    return state
+
+
+def _one_line(e: BaseException, limit: int = 300) -> str:
+    text = " ".join(str(e).split())
+    return text if len(text) <= limit else text[:limit] + " ..."
+
+
+def stored_config(out: Path) -> dict | None:
+    """The options the run in `out` trains with: its checkpoint's (what its optimizer state belongs to),
+    else its config.json's; None where neither is there. A run from before --budget-guard existed
+    continues without the guard."""
+    checkpoint, saved = out / "checkpoint.pt", out / "config.json"
+    stored = read_checkpoint(checkpoint).get("config") if checkpoint.is_file() else None
+    if not isinstance(stored, dict):
+        if not saved.is_file():
+            return None
+        stored = _read_config_file(str(saved), flag="--resume")
+    stored.setdefault("budget_guard", False)
+    return {k: v for k, v in stored.items() if k not in ("out", "resume", "overwrite")}
+
+
+def check_resume_options(stored: GRPOConfig, cfg: GRPOConfig, given=None) -> None:
+    """A resumed run keeps its options: `cfg` may differ from `stored` only in RESUME_MAY_CHANGE (among
+    `given`, the options asked for; None: all). Else an ArgumentError naming the option and both values."""
+    for name in given if given is not None else [f.name for f in fields(GRPOConfig)]:
+        old, new = getattr(stored, name), getattr(cfg, name)
+        if name not in RESUME_MAY_CHANGE and old != new:
+            show = lambda v: json.dumps(v) if isinstance(v, (list, dict)) else str(v)  # noqa: E731
+            may = ", ".join(_flag(n) for n in RESUME_MAY_CHANGE if n not in ("out", "resume", "overwrite"))
+            raise ArgumentError(_flag(name), f"--resume: {_flag(name)} {show(new)} differs from the run's stored "
+                                             f"{_flag(name)} {show(old)}; a resumed run keeps the options it started "
+                                             f"with (only {may} may change): drop {_flag(name)}, or start a new run "
+                                             "(another --out, or --overwrite)")
+
+
+def _lock_out_dir(cfg: GRPOConfig) -> RunLock:
+    """Create --out and lock it for this run, before the model loads: a directory that cannot be written
+    or that another run uses is refused at once; then, under the lock, check what it holds."""
+    out = Path(cfg.out)
+    if os.path.lexists(out) and not out.is_dir():
+        _bad("out", cfg.out, "a directory (this path is a file)")
+    created = not os.path.lexists(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        lock = RunLock(out).acquire()
+        lock.created = created
+    except OSError as e:
+        raise ArgumentError("--out", f"--out {cfg.out} is not writable ({e.strerror or e}): choose another --out") from None
+    try:
+        check_out_dir(cfg)
+    except BaseException:
+        lock.release()
+        if created:
+            os.rmdir(out)
+        raise
+    return lock
 
 
 def _clear_run(out: Path) -> None:
@@ -465,7 +628,19 @@ def _cat_episodes(parts: list[Episodes]) -> Episodes:
 class Trainer:
     def __init__(self, cfg: GRPOConfig, sol=None, contexts: Tensor | None = None):
         self.cfg = cfg
-        check_out_dir(cfg)  # before any rank can write (the process group rendezvous orders them)
+        self.lock = None
+        # before any rank can write (the process group rendezvous orders them)
+        if int(os.environ.get("RANK", "0")) == 0:
+            self.lock = _lock_out_dir(cfg)
+        else:
+            check_out_dir(cfg)
+        try:
+            self._setup(cfg, sol, contexts)
+        except BaseException:
+            self._release(cfg)
+            raise
+
+    def _setup(self, cfg: GRPOConfig, sol, contexts: Tensor | None) -> None:
         self.distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
         if self.distributed and not dist.is_initialized():
             backend = "nccl" if _device(cfg.device).type == "cuda" else "gloo"
@@ -489,15 +664,32 @@ class Trainer:
             raise ValueError(f"contexts have length {self.contexts.shape[1]}, config says {cfg.context_length}")
         self.policy = build_policy(cfg, self.sol)
         self.spec = self.policy.config.budget_spec
+        if self.spec.is_cost and cfg.target_cost:
+            lo, hi = self.spec.feasible_range(self.space)
+            if cfg.target_cost[0] < lo - 1e-9:
+                _bad("target_cost", ",".join(f"{x:g}" for x in cfg.target_cost),
+                     f"lo,hi within the feasible cost range [{lo:.4f}, {hi:g}] of --model {cfg.model} under "
+                     f"--cost-model {cfg.cost_model} (the cheapest action's cost to dense)")
         self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.out = Path(cfg.out)
         self.update = 0
         self.wrote_checkpoint = False
         self.interrupted = False  # stopped early on SIGINT / SIGTERM, with a checkpoint (run raises TrainingStopped)
+        self.saved_update = None  # the update of the checkpoint on disk (None: none yet)
         if cfg.resume:
             self._load_checkpoint()
         self.is_main = self.rank == 0
         self.writer = None
+
+    def _release(self, cfg: GRPOConfig) -> None:
+        if self.lock is not None:
+            self.lock.release()
+            if self.lock.created:  # a run that failed to start leaves no empty --out behind
+                try:
+                    os.rmdir(cfg.out)
+                except OSError:
+                    pass
+            self.lock = None
 
     # -- checkpoints -------------------------------------------------------------------------------
     @property
@@ -508,22 +700,24 @@ class Trainer:
         path = self.checkpoint_path
         if not path.exists():
             raise ArgumentError("--resume", f"--resume: no checkpoint at {path}")
+        state = read_checkpoint(path, map_location=self.device)
+        if isinstance(state.get("config"), dict):  # the API's way in; the CLI merged the stored options already
+            stored = {**state["config"], "out": self.cfg.out, "resume": True, "overwrite": False}
+            stored.setdefault("budget_guard", False)
+            check_resume_options(GRPOConfig.from_dict(stored), self.cfg)
         try:
-            state = torch.load(path, map_location=self.device, weights_only=False)
-        except Exception as e:
-            raise ArgumentError("--resume", f"--resume: {path} is not a readable checkpoint ({type(e).__name__}: {e})") from e
-        if not isinstance(state, dict) or state.get("version") != CHECKPOINT_VERSION:
-            version = state.get("version") if isinstance(state, dict) else None
-            raise ArgumentError("--resume", f"--resume: unsupported checkpoint version {version!r} in {path}; "
-                                            f"this training.grpo writes version {CHECKPOINT_VERSION}")
-        self.policy.load_state_dict(state["policy"]["state_dict"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.update = int(state["update"])
-        rng = state["rng"]
-        torch.set_rng_state(rng["torch"])
-        random.setstate(rng["python"])
-        if torch.cuda.is_available() and rng.get("cuda") is not None:
-            torch.cuda.set_rng_state_all(rng["cuda"])
+            self.policy.load_state_dict(state["policy"]["state_dict"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.update = int(state["update"])
+            rng = state["rng"]
+            torch.set_rng_state(rng["torch"])
+            random.setstate(rng["python"])
+            if torch.cuda.is_available() and rng.get("cuda") is not None:
+                torch.cuda.set_rng_state_all(rng["cuda"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:  # e.g. a size mismatch: not this run's
+            raise ArgumentError("--resume", f"--resume: {path} does not fit the run its options describe "
+                                            f"({type(e).__name__}: {_one_line(e)})") from None
+        self.saved_update = self.update
 
     def save_checkpoint(self) -> None:
         if not self.is_main:
@@ -541,8 +735,12 @@ class Trainer:
             },
             "config": self.cfg.to_dict(),
         }
-        atomic_save(state, self.checkpoint_path)
-        atomic_save(self.policy.state(), self.out / "policy.pt")
+        try:
+            atomic_save(state, self.checkpoint_path)
+            self.saved_update = self.update
+            atomic_save(self.policy.state(), self.out / "policy.pt")
+        except (OSError, RuntimeError) as e:  # a full or read-only disk; torch.save reports it as RuntimeError
+            raise CheckpointWriteError(self.update, self.saved_update, self.out, e) from e
         self.wrote_checkpoint = True
 
     # -- one update --------------------------------------------------------------------------------
@@ -674,13 +872,23 @@ class Trainer:
         return out
 
     def run(self) -> dict[str, float]:
+        try:
+            return self._run()
+        finally:
+            if self.lock is not None:
+                self.lock.release()
+                self.lock = None
+
+    def _run(self) -> dict[str, float]:
         cfg = self.cfg
         if self.is_main:
             if cfg.overwrite and not cfg.resume:
                 _clear_run(self.out)
             self.out.mkdir(parents=True, exist_ok=True)
             _remove_stale_checkpoint_temporaries(self.out)
-            (self.out / "config.json").write_text(json.dumps(self.cfg.to_dict(), indent=2) + "\n")
+            config = self.out / "config.json"
+            if not cfg.resume or not config.exists():  # a resume keeps the record of how the run started
+                config.write_text(json.dumps(self.cfg.to_dict(), indent=2) + "\n")
             from torch.utils.tensorboard import SummaryWriter
 
             # scalars are logged at step = updates done; drop any logged after the checkpoint we resume from
@@ -689,8 +897,9 @@ class Trainer:
         if self.is_main and cfg.progress:
             from tqdm import tqdm
 
-            bar = tqdm(total=cfg.max_updates, initial=self.update, desc="grpo", unit="upd", dynamic_ncols=True)
-        start = time.perf_counter()
+            desc = f"grpo ({cfg.max_minutes:g} min limit)" if cfg.max_minutes > 0 else "grpo"
+            bar = tqdm(total=cfg.max_updates, initial=self.update, desc=desc, unit="upd", dynamic_ncols=True)
+        start, first = time.perf_counter(), self.update
         last: dict[str, float] = {}
         with _StopRequests(announce=self.is_main) as stop:
             try:
@@ -702,6 +911,12 @@ class Trainer:
                         for k, v in metrics.items():
                             self.writer.add_scalar(k, v, self.update)
                         if bar is not None:
+                            if cfg.max_minutes > 0:  # the time limit may end the run first: total = what fits in it
+                                spent = time.perf_counter() - start
+                                left = max(cfg.max_minutes * 60 - spent, 0.0)
+                                fits = math.ceil(left / (spent / (self.update - first)))
+                                bar.total = min(cfg.max_updates, self.update + fits)
+                                bar.set_description(f"grpo ({left / 60:.1f} of {cfg.max_minutes:g} min left)")
                             bar.update(1)
                             bar.set_postfix(task=f"{metrics['reward/task']:.3f}", pen=f"{metrics['reward/penalty']:.3f}",
                                             net=f"{metrics['budget/net_keep']:.2f}/{metrics['budget/net_target']:.2f}",
@@ -818,25 +1033,23 @@ def config_from_args(argv: Sequence[str] | None = None) -> GRPOConfig:
     if argv is not None and (isinstance(argv, str) or not all(isinstance(a, str) for a in argv)):
         raise ArgumentTypeError("argv", f"argv={argv!r} is invalid: a list of strings (command-line words)")
     args = vars(_parser().parse_args(argv))
-    values: dict = {}
-    cli = {k: v for k, v in args.items() if k != "config"}
-    out = cli.get("out")
-    if cli.get("resume"):
-        # a resumed run starts from the configuration it was started with
-        out_dir = Path(out or GRPOConfig().out)
-        saved = out_dir / "config.json"
-        if saved.exists():
-            stored = _read_config_file(str(saved), flag="--resume")
-            values.update({k: v for k, v in stored.items() if k not in ("resume", "overwrite")})
-            values.setdefault("budget_guard", False)  # a run started before the guard existed continues without it
-    if "config" in args:
-        values.update({k.replace("-", "_"): v for k, v in _read_config_file(args["config"]).items()})
-    values.update(cli)
-    return GRPOConfig.from_dict(values)
+    given = {k.replace("-", "_"): v for k, v in _read_config_file(args["config"]).items()} if "config" in args else {}
+    given.update({k: v for k, v in args.items() if k != "config"})
+    out = Path(given.get("out") or GRPOConfig().out)
+    stored = stored_config(out) if given.get("resume") is True else None
+    if stored is None:  # a new run, or nothing to resume (the Trainer says so)
+        return GRPOConfig.from_dict(given)
+    # a resumed run continues with the options it was started with; only RESUME_MAY_CHANGE may change
+    cfg = GRPOConfig.from_dict({**stored, **given})
+    if (out / "checkpoint.pt").is_file():  # else there is nothing to resume, which the Trainer says
+        check_resume_options(GRPOConfig.from_dict(stored), cfg, given)
+    return cfg
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     cfg = None
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # torch has loaded: Ctrl-C is a KeyboardInterrupt
     try:
         cfg = config_from_args(argv)
         trainer = train(cfg)
@@ -845,15 +1058,31 @@ def main(argv: Sequence[str] | None = None) -> int:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
         return 130
+    except KeyboardInterrupt:  # a second Ctrl-C (abort at once), or one during set-up
+        checkpoint = Path(cfg.out) / "checkpoint.pt" if cfg is not None else None
+        if checkpoint is not None and checkpoint.is_file():
+            kept = f"the last checkpoint ({checkpoint}) is kept: the same command with --resume continues from it"
+        elif cfg is not None and any(os.path.lexists(Path(cfg.out) / n) for n in RUN_FILES):
+            kept = f"no checkpoint was written: rerun with --overwrite to start over (the run files in {cfg.out} are replaced)"
+        else:
+            kept = "nothing was written"
+        print(f"\ngrpo: interrupted; {kept}", file=sys.stderr)
+        return 130
+    except CheckpointWriteError as e:
+        print(f"grpo: error: {e}", file=sys.stderr)
+        return 1
     except TrainingDiverged as e:
         checkpoint = Path(cfg.out) / "checkpoint.pt"
         kept = (f"The last good checkpoint ({checkpoint}) is intact." if checkpoint.is_file()
-                else "No checkpoint was written (it stopped before the first one).")
+                else "No checkpoint was written (it stopped before the first one): rerun with --overwrite to start over.")
         print(f"grpo: training stopped: {e}. {kept}", file=sys.stderr)
         return 3
     except SolcError as e:
         print(f"grpo: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # config.json or tb/ could not be written (a full or read-only disk)
+        print(f"grpo: error: cannot write to --out {cfg.out if cfg is not None else ''}: {e}", file=sys.stderr)
+        return 1
     if trainer.is_main:
         if trainer.wrote_checkpoint:
             print(f"grpo: {trainer.update} updates done; policy written to {Path(cfg.out) / 'policy.pt'}")
