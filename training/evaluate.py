@@ -682,7 +682,8 @@ def config_from_args(argv=None) -> EvalConfig:
         raise ArgumentTypeError("argv", f"argv={argv!r} is invalid: a list of strings (command-line words)")
     args = _parser().parse_args(argv)
     if args.mc_tasks is None:  # multiple choice is not wired for a cost-budget policy: none by default there
-        cost = bool(args.policy) and load_policy(args.policy).config.budget_spec.is_cost
+        # (a missing policy file is the run's error to report, not the parser's)
+        cost = bool(args.policy) and Path(args.policy).is_file() and load_policy(args.policy).config.budget_spec.is_cost
         args.mc_tasks = "" if cost else ",".join(DEFAULT_MC_TASKS)
     return EvalConfig(
         policy=args.policy, model=args.model, corpus=args.corpus, budgets=_parse_budgets(args.budgets),
