@@ -11,6 +11,8 @@
 #   echo /.whl/ >> .git/info/exclude
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #       --platform manylinux_2_28_x86_64 -d .whl torchao==0.18.0
+# (the device image's transformers was 5.17 in 2026-11, pyproject pins 5.23: if the environment step
+# shows an import error from transformers, add transformers==5.23.0 to the same download, 13 MB)
 # then run `bash benchmarks/gpu_session.sh` with `.whl` carried. Wheels under .whl are installed into
 # /tmp/site first. Each step has its own time limit, so one hung step cannot take the others with it.
 set -u
