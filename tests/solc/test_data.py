@@ -8,11 +8,6 @@ import solc
 from solc import data
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    return solc.load_tokenizer()
-
-
 def test_splits_are_deterministic_disjoint_and_non_empty():
     a, b = data.split_documents(), data.split_documents()
     assert {s: [k for k, _ in docs] for s, docs in a.items()} == {s: [k for k, _ in docs] for s, docs in b.items()}
