@@ -51,6 +51,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import tempfile
+from pathlib import Path
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, NamedTuple, Sequence
 
@@ -60,8 +63,10 @@ from torch import Tensor, nn
 
 from runtime.actions import AXES, ActionSpace
 from runtime.budget import BudgetSpec
+from runtime.errors import ArgumentError, AssetError
 from runtime.ops import cpu_linear, cpu_policy
 from runtime.schedulers import ActionSource, uniforms
+from runtime.validation import check_real, fail
 
 POLICY_VERSION = 1
 N_SCALARS = 8  # progress, dense flag, 3 targets, 3 running deviations
@@ -348,11 +353,64 @@ class PolicyNet(nn.Module):
         return policy
 
     def save(self, path) -> None:
-        torch.save(self.state(), path)
+        """Write `state()` to `path` atomically: a temporary file in the same folder, then a rename, so an
+        existing file is either left as it was (the write failed) or replaced whole."""
+        path = Path(path)
+        if not path.parent.is_dir():
+            raise FileNotFoundError(f"cannot save the policy to {path}: the folder {path.parent} does not exist")
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                torch.save(self.state(), f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+            raise
 
     @classmethod
     def load(cls, path, map_location="cpu") -> "PolicyNet":
-        return cls.from_state(torch.load(path, map_location=map_location, weights_only=True))
+        """The PolicyNet that `save` wrote to `path` (a policy.pt). A file that is not one (truncated,
+        another format, a training checkpoint, a newer version) raises PolicyFileError naming it."""
+        if isinstance(path, (str, os.PathLike)):
+            path = Path(path)
+            if not path.exists():
+                raise FileNotFoundError(f"policy file {path} does not exist")
+        if isinstance(path, Path) and path.is_dir():
+            raise IsADirectoryError(f"policy file {path} is a folder, not a policy.pt")
+        try:
+            state = torch.load(path, map_location=map_location, weights_only=True)
+        except Exception as e:
+            raise PolicyFileError(f"{path} is not a readable policy file (truncated, corrupt or not written by "
+                                  f"PolicyNet.save): {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+        if not (isinstance(state, dict) and isinstance(state.get("config"), dict) and isinstance(state.get("state_dict"), dict)):
+            if isinstance(state, dict):
+                names = sorted(map(str, state))
+                keys = f"keys {names[:8]}" + (f" and {len(names) - 8} more" if len(names) > 8 else "")
+            else:
+                keys = f"a {type(state).__name__}"
+            hint = ""
+            if isinstance(state, dict) and isinstance(state.get("policy"), dict) and "config" in state["policy"]:
+                hint = " (a training checkpoint: load the policy.pt next to it)"
+            raise PolicyFileError(f"{path} is not a policy file: expected a dict with 'config' and 'state_dict' "
+                                  f"(PolicyNet.save), got {keys}{hint}")
+        version = state["config"].get("version")
+        if version != POLICY_VERSION:
+            raise PolicyFileError(f"{path}: policy file version {version!r} is not supported by this solc "
+                                  f"(supported versions: [{POLICY_VERSION}])")
+        try:
+            return cls.from_state(state, map_location=None)
+        except (ValueError, TypeError, RuntimeError, KeyError) as e:
+            raise PolicyFileError(f"{path}: the policy file does not hold a valid policy: {e}") from e
+
+
+class PolicyFileError(AssetError, ValueError):
+    """A policy file that cannot be loaded (corrupt, another format, an unsupported version); names it.
+    A ValueError too, as the version check raised before."""
 
 
 def budget_anchor(scalars: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
@@ -419,7 +477,15 @@ class PolicySource(ActionSource):
     """
 
     def __init__(self, policy: PolicyNet, greedy: bool = False, temperature: float | None = None, record: bool = False):
+        if not isinstance(policy, PolicyNet):
+            hint = " (load a file with PolicyNet.load(path))" if isinstance(policy, (str, os.PathLike)) else ""
+            fail("policy", policy, f"a runtime.policy.PolicyNet{hint}", type_error=True)
+        for name, value in (("greedy", greedy), ("record", record)):
+            if not isinstance(value, bool):
+                fail(name, value, "True or False", type_error=True)
         self.policy, self.greedy, self.record = policy, greedy, record
+        if temperature is not None:
+            temperature = check_real("temperature", temperature, lo=0.0, lo_open=True)
         self.temperature = policy.config.temperature if temperature is None else temperature
 
     @property
@@ -429,7 +495,8 @@ class PolicySource(ActionSource):
 
     def reset(self, space: ActionSpace, batch: int, targets: Tensor, horizon: int, generator=None) -> None:
         if space != self.policy.space:
-            raise ValueError(f"the policy was trained for {self.policy.space}, not {space}")
+            raise ArgumentError("policy", f"the policy was trained for {self.policy.space}, not {space}: "
+                                          "compile the model with the policy's action grid")
         targets = torch.as_tensor(targets, dtype=torch.float64).expand(batch, 3)
         super().reset(space, batch, targets, horizon, generator)
         self.device = next(self.policy.parameters()).device
@@ -442,6 +509,10 @@ class PolicySource(ActionSource):
 
     @torch.no_grad()
     def next_actions(self, step: int, hidden: Tensor, token_embedding: Tensor, dense: Tensor) -> Tensor:
+        d_base = self.policy.config.d_base
+        if hidden.shape[-1] != d_base or token_embedding.shape[-1] != d_base:
+            raise ArgumentError("policy", f"the policy was trained for a base model of hidden size {d_base}, not "
+                                          f"{hidden.shape[-1]}: it belongs to another model")
         dev = self.device
         dense = dense.to(dev).bool()
         # a CPU decision in one C call (runtime/ops/cpu_policy.py): the network, the prior and guard and the

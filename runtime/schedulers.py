@@ -79,15 +79,30 @@ class Schedule(ActionSource):
     """A fixed action schedule: `actions` [B, horizon] (or [horizon], shared by all rows)."""
 
     def __init__(self, actions: Tensor):
-        self.actions = torch.as_tensor(actions, dtype=torch.long)
+        from runtime.validation import fail
+
+        valid = "integer action indices, shaped [B, horizon] or [horizon] (one row for all), not empty"
+        try:
+            t = torch.as_tensor(actions)
+        except (TypeError, ValueError, RuntimeError):
+            fail("actions", actions, valid, type_error=True)
+        if t.dtype == torch.bool or t.is_floating_point() or t.is_complex():
+            fail("actions", actions, valid, type_error=True)  # 1.7 would run action 1
+        if t.dim() not in (1, 2) or t.numel() == 0:
+            fail("actions", t, valid)
+        self.actions = t.to(torch.long)
 
     def reset(self, space, batch, targets, horizon, generator=None):
+        from runtime.errors import ArgumentError
+
         super().reset(space, batch, targets, horizon, generator)
         sched = self.actions if self.actions.dim() == 2 else self.actions.expand(batch, -1)
         if sched.shape[0] != batch or sched.shape[1] < horizon:
-            raise ValueError(f"schedule has shape {tuple(self.actions.shape)}; expected [{batch}, >= {horizon}] or [>= {horizon}]")
-        if int(sched.min()) < 0 or int(sched.max()) >= len(space):
-            raise ValueError(f"schedule holds action indices outside 0..{len(space) - 1}")
+            raise ArgumentError("actions", f"schedule has shape {tuple(self.actions.shape)}; expected [{batch}, >= {horizon}] or [>= {horizon}]")
+        lo, hi = int(sched.min()), int(sched.max())
+        if lo < 0 or hi >= len(space):
+            bad = lo if lo < 0 else hi
+            raise ArgumentError("actions", f"schedule holds action index {bad}, outside 0..{len(space) - 1}")
         self._sched = sched
 
     def next_actions(self, step, hidden, token_embedding, dense):

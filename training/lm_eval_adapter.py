@@ -24,7 +24,12 @@ testable offline either way. Arguments (all also accepted as strings, as lm_eval
   budget     one number for every axis or "attn/mlp/bits16" (default 1.0 = dense)
   method     any name of training.baselines.METHODS (e.g. fixed, random, uniform:13)
   sample     sample the policy at its temperature instead of argmax (default False)
-  max_length longest sequence scored at once (default: the compiled max_seq_len)
+  max_length longest sequence scored at once (default: the compiled max_seq_len; a model given by name
+             is compiled with max_seq_len = max_length, default 2048 or the model's positions if fewer)
+  max_gen_toks  most tokens generate_until produces when a request does not say (default 256)
+  dtype      float32 (default), float64 or bfloat16, for a model given by name
+A misspelt or unknown argument is refused (solc.ArgumentError naming it); so is a policy trained for
+another base model or action grid.
 
 Protocols (runtime/stepper.py, through training/mc.py and runtime/generate.py, as in the evaluation):
 the context minus its last token is prefilled densely; every continuation / generated token is produced by one controlled
@@ -91,12 +96,43 @@ except ImportError:
 
 
 def _budget(value) -> tuple[float, float, float]:
-    if isinstance(value, str):
-        parts = [float(x) for x in value.split("/")]
-        value = parts[0] if len(parts) == 1 else parts
+    from runtime.validation import check_budget, fail
     from training.baselines import target_key
 
+    valid = "one number in (0, 1] for every axis or three as 'attn/mlp/bits16' (e.g. 0.6 or 0.5/0.8/1.0)"
+    if isinstance(value, str):
+        try:
+            parts = [float(x) for x in value.split("/")]
+        except ValueError:
+            fail("budget", value, valid)
+        value = parts[0] if len(parts) == 1 else parts
+    if isinstance(value, (list, tuple)) and len(value) != 3:
+        fail("budget", value, valid)
+    check_budget(value, 1)
     return target_key(value)
+
+
+def _flag(argument: str, value) -> bool:
+    """A bool, or 'true' / 'false' as an arg string carries it."""
+    from runtime.validation import fail
+
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
+    if not isinstance(value, bool):
+        fail(argument, value, "True or False", type_error=True)
+    return value
+
+
+def _count(argument: str, value, lo: int, hi: int | None = None, why: str = "") -> int:
+    """An int (also as a string) in lo..hi."""
+    from runtime.validation import check_int
+
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        value = int(value)
+    return check_int(argument, value, lo, hi, why)
+
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
 
 
 @register_model("solc")
@@ -106,8 +142,23 @@ class SolcLM(_Base):
                  dtype: str = "float32", device: str = "cpu", batch_size: Any = 1, max_batch_size: Any = None, **unused):
         super().__init__()
         import solc
+        from runtime.errors import ArgumentError
         from runtime.policy import PolicyNet
+        from runtime.validation import fail
         from training.baselines import axis_targets
+
+        if unused:  # lm_eval passes only batch_size, max_batch_size and device besides model_args
+            raise ArgumentError(sorted(unused)[0], f"unknown SolcLM argument(s) {sorted(unused)}; valid: model, policy, "
+                                                   "budget, method, tokenizer, sample, max_length, max_gen_toks, dtype, device")
+        if dtype not in DTYPES:
+            fail("dtype", dtype, f"one of {list(DTYPES)}")
+        sample = _flag("sample", sample)
+        if max_length is not None:
+            max_length = _count("max_length", max_length, 2)
+        max_gen_toks = _count("max_gen_toks", max_gen_toks, 1)
+        target = _budget(budget)
+        if policy is not None and not isinstance(policy, (str, PolicyNet)):
+            fail("policy", policy, "None, a policy.pt path or a runtime.policy.PolicyNet", type_error=True)
 
         if device in (None, "auto") or (str(device).startswith("cuda") and not torch.cuda.is_available()):
             # lm_eval's CLI passes device="cuda" unless told otherwise, also on machines without CUDA
@@ -120,22 +171,34 @@ class SolcLM(_Base):
             policy = PolicyNet.load(policy)
         self.policy = policy or None
         if isinstance(model, str):
-            dt = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}[dtype]
+            dt = DTYPES[dtype]
             base = solc.load_model(model, dtype=dt).to(device)
             kwargs = {}
             if self.policy is not None:
                 kwargs = {"actions": list(self.policy.space.axes), "levels": {a: list(v) for a, v in self.policy.space.levels.items()},
                           "quant": self.policy.space.quant}
-            self.sol = solc.compile(base, max_seq_len=max_length or 2048, **kwargs)
+            from runtime.hf_adapter import max_positions
+
+            # default 2048 positions, or the model's own if it has fewer (a tiny model's 1024)
+            self.sol = solc.compile(base, max_seq_len=max_length or min(2048, max_positions(base)), **kwargs)
             self.tokenizer = tokenizer or solc.load_tokenizer(model)
         else:
             if tokenizer is None:
                 raise ValueError("pass tokenizer= with a compiled SOLModel")
             self.sol, self.tokenizer = model, tokenizer
         if self.policy is not None:
+            d_model = int(self.sol.token_embedding.shape[1])
+            if self.policy.config.d_base != d_model:
+                raise ArgumentError("policy", f"the policy was trained for a base model of hidden size "
+                                              f"{self.policy.config.d_base}, not {d_model}: it belongs to another model")
+            if self.policy.space != self.sol.space:
+                raise ArgumentError("policy", f"the policy was trained for {self.policy.space}, not the compiled "
+                                              f"model's {self.sol.space}: compile it with the policy's action grid")
             self.policy = self.policy.to(self.sol.token_embedding.device).eval()
+        if max_length is not None and max_length > self.sol.max_seq_len:
+            fail("max_length", max_length, f"an int in 2..{self.sol.max_seq_len} (the compiled max_seq_len)")
         self.method = method or ("policy" if self.policy is not None else "fixed")
-        self.target = axis_targets(self.sol.space, _budget(budget))
+        self.target = axis_targets(self.sol.space, target)
         self.greedy = not sample
         self.max_length = int(max_length or self.sol.max_seq_len)
         self.max_gen_toks = int(max_gen_toks)

@@ -71,6 +71,19 @@ def _move_space(context: str, choices: Sequence[str]) -> tuple[str, tuple[str, .
     return stripped, tuple(moved + c for c in choices)
 
 
+def _check_counts(name: str, available: int, shots, max_questions, what: str) -> None:
+    """shots in 0..available-1 (each question's demonstrations are other questions of the task);
+    max_questions None or >= 1. Raises ArgumentError naming the argument."""
+    from runtime.errors import ArgumentError
+    from runtime.validation import check_int
+
+    if available == 0:
+        raise ArgumentError("task", f"task {name} has no {what}: nothing to evaluate")
+    check_int("shots", shots, 0, available - 1, f"each question's shots are other {what} of the task, which has {available}")
+    if max_questions is not None:
+        check_int("max_questions", max_questions, 1, why="None for every question")
+
+
 # -- BIG-bench --------------------------------------------------------------------------------------
 def _bigbench_format(task: dict, example: dict, seed: int) -> tuple[str, list[str], int]:
     """(formatted input ending in the output prefix, choices, index of the best choice)."""
@@ -92,10 +105,7 @@ def _bigbench_format(task: dict, example: dict, seed: int) -> tuple[str, list[st
 def bigbench_questions(task: dict, shots: int = 0, max_questions: int | None = None, seed: int = 42) -> list[MCQuestion]:
     """Questions of a BIG-bench JSON task (its multiple-choice examples), 0- or few-shot."""
     examples = [e for e in task.get("examples", []) if "target_scores" in e]
-    if not examples:
-        raise ValueError(f"BIG-bench task {task.get('name')!r} has no multiple-choice examples")
-    if shots >= len(examples):
-        raise ValueError(f"{shots} shots need more than {len(examples)} examples")
+    _check_counts(f"BIG-bench {task.get('name')!r}", len(examples), shots, max_questions, "multiple-choice examples")
     rng = random.Random(seed)
     order = list(range(len(examples)))
     rng.shuffle(order)
@@ -120,8 +130,7 @@ LETTERS = "ABCDEFGHIJ"
 
 def mmlu_questions(rows: Sequence[dict], shots: int = 0, max_questions: int | None = None, seed: int = 0) -> list[MCQuestion]:
     """Questions of MMLU-format rows {"question": "...\\nA. ..\\nAnswer:", "answer": "B"}."""
-    if shots >= len(rows):
-        raise ValueError(f"{shots} shots need more than {len(rows)} questions")
+    _check_counts("MMLU-format", len(rows), shots, max_questions, "questions")
     rng = random.Random(seed)
     order = list(range(len(rows)))
     rng.shuffle(order)
@@ -278,6 +287,12 @@ def score_task(sol, tokenizer, task: MCTask, methods: dict[str, tuple[Callable[[
                generator=None, on_question: Callable[[int], None] | None = None, tail: int = 0) -> dict[str, MCResult]:
     """Accuracy of every method on `task`. methods: name -> (source or source factory, target); `tail`:
     prompt tokens run under control before the answer (score_continuations)."""
+    from runtime.errors import ArgumentError
+
+    if not task.questions:
+        raise ArgumentError("task", f"task {task.name!r} has no questions: its accuracy and budget are undefined")
+    if not methods:
+        raise ArgumentError("methods", "methods is empty: pass at least one name -> (source, target)")
     names = list(methods)
     results = {name: MCResult(BudgetMeter(sol.space)) for name in names}
     for q in task.questions:

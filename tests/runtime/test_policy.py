@@ -330,3 +330,84 @@ def test_op_by_op_decisions_run_cpu_linear_and_do_not_depend_on_batch_mates(monk
     with_grad = policy(hidden, emb, scalars, prev).logits  # training's full sequence: nn.Linear
     assert not calls
     torch.testing.assert_close(batch, with_grad.detach(), atol=2e-3, rtol=0)
+
+
+# -- user-facing checks: policy files and PolicySource arguments -------------------------------------
+
+def test_load_refuses_truncated_foreign_and_future_files_naming_them(tmp_path):
+    import solc
+    from runtime.policy import PolicyFileError
+
+    policy = _policy()
+    good = tmp_path / "good.pt"
+    policy.save(good)
+    data = good.read_bytes()
+    (tmp_path / "trunc.pt").write_bytes(data[: len(data) // 2])
+    torch.save(policy.state_dict(), tmp_path / "weights_only.pt")
+    state = policy.state()
+    state["config"] = dict(state["config"], version=POLICY_VERSION + 1)
+    torch.save(state, tmp_path / "future.pt")
+    torch.save({"version": 1, "policy": policy.state(), "optimizer": {}}, tmp_path / "checkpoint.pt")
+    for name, text in [("trunc.pt", "not a readable policy file"), ("weights_only.pt", "not a policy file"),
+                       ("future.pt", f"version {POLICY_VERSION + 1} is not supported"), ("checkpoint.pt", "training checkpoint")]:
+        with pytest.raises(PolicyFileError, match=text) as info:
+            PolicyNet.load(tmp_path / name)
+        assert str(tmp_path / name) in str(info.value)
+        assert isinstance(info.value, solc.AssetError) and isinstance(info.value, ValueError)
+    with pytest.raises(FileNotFoundError, match="missing.pt"):
+        PolicyNet.load(tmp_path / "missing.pt")
+
+
+def test_save_replaces_an_existing_file_atomically(tmp_path, monkeypatch):
+    path = tmp_path / "p.pt"
+    old = _policy(seed=0)
+    old.save(path)
+    before = path.read_bytes()
+
+    def failing_save(obj, f, *args, **kwargs):
+        f.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", failing_save)
+    with pytest.raises(OSError, match="disk full"):
+        _policy(seed=1).save(path)
+    monkeypatch.undo()
+    assert path.read_bytes() == before  # the old file is untouched
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.pt"]  # no temporary left behind
+    new = _policy(seed=1)
+    new.save(path)
+    inputs = _inputs(1, 2, torch.float32)
+    assert torch.equal(PolicyNet.load(path)(*inputs).logits, new(*inputs).logits)
+
+
+@pytest.mark.parametrize("kwargs, argument, text", [
+    (dict(temperature=0), "temperature", "> 0"),
+    (dict(temperature=-1.0), "temperature", "> 0"),
+    (dict(temperature=float("nan")), "temperature", "finite"),
+    (dict(temperature="hot"), "temperature", "'hot'"),
+    (dict(greedy="yes"), "greedy", "True or False"),
+    (dict(record=None), "record", "True or False"),
+])
+def test_policy_source_checks_its_arguments(kwargs, argument, text):
+    import solc
+
+    with pytest.raises(solc.ArgumentError, match=text) as info:
+        PolicySource(_policy(), **kwargs)
+    assert info.value.argument == argument
+
+
+def test_policy_source_refuses_a_path_or_a_policy_of_another_model():
+    import solc
+
+    with pytest.raises(solc.ArgumentTypeError, match="PolicyNet.load") as info:
+        PolicySource("runs/x/policy.pt")
+    assert info.value.argument == "policy"
+    src = PolicySource(_policy())  # d_base 24
+    with pytest.raises(solc.ArgumentError, match="trained for") as info:
+        src.reset(ActionSpace(["mlp"]), 1, torch.ones(3), 4)
+    assert info.value.argument == "policy"
+    src.reset(ActionSpace(), 1, torch.ones(3), 4)
+    h = torch.zeros(1, D_BASE + 8)
+    with pytest.raises(solc.ArgumentError, match=f"hidden size {D_BASE}, not {D_BASE + 8}") as info:
+        src.next_actions(0, h, h, torch.zeros(1, dtype=torch.bool))
+    assert info.value.argument == "policy"

@@ -60,3 +60,21 @@ def test_schedule_validation():
         _run(Schedule(torch.tensor([0, 27, 1])), 1, 3, (1, 1, 1))
     with pytest.raises(ValueError, match=r"expected \[2, >= 5\]"):
         _run(Schedule(torch.zeros(3, 5, dtype=torch.long)), 2, 5, (1, 1, 1))
+
+
+@pytest.mark.parametrize("actions", [[1.7] * 8, [True] * 8, "abc", None, [[[1]]]])
+def test_schedule_refuses_non_integer_or_misshapen_actions(actions):
+    from runtime.errors import ArgumentError
+
+    with pytest.raises(ArgumentError, match="integer action indices") as info:
+        Schedule(actions)
+    assert info.value.argument == "actions"
+
+
+def test_schedule_names_an_index_outside_the_space():
+    from runtime.errors import ArgumentError
+
+    with pytest.raises(ArgumentError, match="index 27, outside 0..26") as info:
+        _run(Schedule([0, 27, 1]), 1, 3, (1.0, 1.0, 1.0))
+    assert info.value.argument == "actions"
+    assert _run(Schedule([0, 26, 1]), 1, 3, (1.0, 1.0, 1.0)).tolist() == [[0, 26, 1]]

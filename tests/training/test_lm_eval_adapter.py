@@ -208,3 +208,44 @@ def test_lm_eval_command_line_with_the_builtin_model(tmp_path, monkeypatch):
     assert len(results) == 1
     acc = json.loads(results[0].read_text())["results"]["solc_toy_mc"]["acc,none"]
     assert acc == pytest.approx(_accuracy(SolcLM.create_from_arg_string(args), docs))
+
+
+@pytest.mark.parametrize("kwargs, argument, text", [
+    (dict(polcy="p.pt"), "polcy", "unknown SolcLM argument"),
+    (dict(sample="yes"), "sample", "True or False"),
+    (dict(budget=2.0), "budget", "<= 1.0"),
+    (dict(budget="0.5/0.5"), "budget", "attn/mlp/bits16"),
+    (dict(budget="abc"), "budget", "attn/mlp/bits16"),
+    (dict(max_length=0), "max_length", ">= 2"),
+    (dict(max_length=10**6), "max_length", "compiled max_seq_len"),
+    (dict(max_gen_toks=0), "max_gen_toks", ">= 1"),
+    (dict(dtype="float16"), "dtype", "float32"),
+])
+def test_arguments_are_checked_and_named(tiny_sol, kwargs, argument, text):
+    import solc
+
+    with pytest.raises(solc.ArgumentError, match=text) as info:
+        SolcLM(model=tiny_sol, tokenizer=ByteTok(), **kwargs)
+    assert info.value.argument == argument
+    assert SolcLM(model=tiny_sol, tokenizer=ByteTok(), sample="false", max_length="32").greedy is True
+
+
+def test_a_policy_of_another_model_or_grid_is_refused(tiny_sol):
+    import solc
+
+    cfg = PolicyConfig.for_model(tiny_sol, d_model=32, n_heads=2)
+    wide = PolicyNet(PolicyConfig(d_base=cfg.d_base * 2, space=cfg.space, d_model=32, n_heads=2))
+    with pytest.raises(solc.ArgumentError, match=f"hidden size {cfg.d_base * 2}, not {cfg.d_base}") as info:
+        SolcLM(model=tiny_sol, tokenizer=ByteTok(), policy=wide)
+    assert info.value.argument == "policy"
+    from runtime.actions import ActionSpace
+
+    other = PolicyNet(PolicyConfig(d_base=cfg.d_base, space=ActionSpace(["mlp"]).to_dict(), d_model=32, n_heads=2))
+    with pytest.raises(solc.ArgumentError, match="trained for") as info:
+        SolcLM(model=tiny_sol, tokenizer=ByteTok(), policy=other)
+    assert info.value.argument == "policy"
+
+
+def test_a_model_by_name_with_fewer_positions_than_2048_compiles(tmp_path):
+    lm = SolcLM(model="tiny-llama", tokenizer=ByteTok())  # 1024 positions: compiled at 1024, not refused
+    assert lm.max_length == lm.sol.max_seq_len == 1024

@@ -220,3 +220,23 @@ class ByteTokShort(ByteTok):
 
 def _mcq(ctx, choices):
     return MCQuestion("".join(chr(t + 32) for t in ctx), tuple("".join(chr(t + 32) for t in c) for c in choices), 0)
+
+
+def test_question_counts_are_checked_and_an_empty_task_is_refused(tiny_sol64):
+    import solc
+
+    rows = [{"question": f"Q{i}?\nA. x\nB. y\nAnswer:", "answer": "A"} for i in range(3)]
+    task = {"name": "t", "examples": [{"input": f"q{i}", "target_scores": {"a": 1, "b": 0}} for i in range(3)]}
+    for make in (lambda **kw: mmlu_questions(rows, **kw), lambda **kw: bigbench_questions(task, **kw)):
+        assert len(make(max_questions=2)) == 2 and len(make(shots=2)) == 3
+        for kw, argument, text in [(dict(max_questions=0), "max_questions", ">= 1"), (dict(max_questions=-1), "max_questions", ">= 1"),
+                                   (dict(shots=3), "shots", "0..2"), (dict(shots=-1), "shots", "0..2")]:
+            with pytest.raises(solc.ArgumentError, match=text) as info:
+                make(**kw)
+            assert info.value.argument == argument
+    with pytest.raises(solc.ArgumentError, match="no questions") as info:
+        mmlu_questions([])
+    assert info.value.argument == "task"
+    with pytest.raises(solc.ArgumentError, match="no questions") as info:
+        score_task(tiny_sol64, None, MCTask("empty", []), {"fixed": (Fixed(), 0.6)})
+    assert info.value.argument == "task"
