@@ -70,6 +70,7 @@ def main(argv=None) -> dict:
     args, command, threads = kernel_build.ab_args(p, "attention_ab.py", argv)
     if not attention_cpu.context_ok(args.kv)(args.context):
         p.error(f"--context={args.context} is invalid: expected {attention_cpu.context_valid(args.kv)}")
+    kernel_build.check_json(p, args.out, f"attention_ab_{args.kv}_{args.context}", args.tag, "attention_ab.py")
     keeps = kernel_build.list_arg(p, "--keeps", args.keeps, float, lambda k: 0 < k <= 1, "numbers in (0, 1]")
     with tempfile.TemporaryDirectory() as tmp:
         libs = kernel_build.build_pair(p, args.base, args.head, Path(tmp), build)

@@ -41,6 +41,8 @@ sys.path.append(str(ROOT / "benchmarks"))  # after the repo: benchmarks/training
 from decode import device_name  # noqa: E402
 from kernel_build import list_arg  # noqa: E402
 from runtime.ops import cpu_attention, library, reference  # noqa: E402
+from runtime.errors import ArgumentError  # noqa: E402
+from solc.cache import check_replaceable_result  # noqa: E402
 
 LAYERS, HQ, HKV, D = 30, 9, 3, 64  # SmolLM2-135M
 SCALE = 1 / math.sqrt(D)
@@ -139,6 +141,24 @@ def context_valid(kv: str) -> str:
     return "integers >= 16" + ("" if kv == "random" else f" and <= {TEXT_MAX_CONTEXT} (the model's positions)")
 
 
+def check_outputs(p: argparse.ArgumentParser, out: Path, stem: Path) -> None:
+    """Before measuring: --out is a folder (or not there yet), and the JSON / CSV it would write over are
+    absent or earlier results of this script; anything else is the user's and is refused (left as it is)."""
+    if os.path.lexists(out) and not out.is_dir():
+        p.error(f"--out={str(out)!r} is invalid: expected a folder (the JSON and CSV are written into it)")
+    check_replaceable_result(stem.with_suffix(".json"), "python benchmarks/attention_cpu.py", "--out/--tag")
+    table = stem.with_suffix(".csv")
+    if os.path.lexists(table):
+        try:
+            with open(table) as f:
+                first = f.readline()
+        except (OSError, UnicodeDecodeError):
+            first = ""
+        if not first.startswith("# command: python benchmarks/attention_cpu.py"):
+            raise ArgumentError("--out/--tag", f"--out/--tag {str(table)!r} exists and is not a result of "
+                                               "`python benchmarks/attention_cpu.py`; it is left as it is: pass a new path")
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--kv", choices=("random", "text"), default="random")
@@ -158,6 +178,9 @@ def main(argv=None) -> None:
     if args.rounds < 1:
         p.error(f"--rounds={args.rounds} is invalid: expected an integer >= 1")
     command = "python benchmarks/attention_cpu.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    out = Path(args.out)
+    stem = out / f"attention_cpu_{args.kv}{'_' + args.tag if args.tag else ''}"
+    check_outputs(p, out, stem)
     rows = []
     for context in contexts:
         layers = random_layers(context) if args.kv == "random" else text_layers(context)
@@ -189,9 +212,7 @@ def main(argv=None) -> None:
     print(f"{'context':>8} {'threads':>7} {'keep':>5} {'ms':>8} {'/dense':>7} {'union':>6}")
     for row in rows:
         print(f"{row['context']:>8} {row['threads']:>7} {row['keep']:>5} {row['ms']:>8.2f} {row['ratio_to_dense']:>7.3f} {row['union']:>6.3f}")
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"attention_cpu_{args.kv}{'_' + args.tag if args.tag else ''}"
     meta = {"command": command, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "cpu": device_name(torch.device("cpu"))}
     stem.with_suffix(".json").write_text(json.dumps({**meta, "rows": rows}, indent=1))

@@ -45,6 +45,7 @@ def main(argv=None) -> dict:
     keeps = kernel_build.list_arg(p, "--keeps", args.keeps, float, lambda k: 0 < k <= 1, "numbers in (0, 1]")
     if hugepages._madvise() is None:
         p.error("no transparent huge pages to ask for on this machine (or SOLC_HUGEPAGES=0)")
+    kernel_build.check_json(p, args.out, f"hugepages_ab_{args.context}", args.tag, "hugepages_ab.py")
     with tempfile.TemporaryDirectory() as tmp:
         lib = attention_ab.build(None, Path(tmp), "kernel")
         layers = attention_cpu.random_layers(args.context)

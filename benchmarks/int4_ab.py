@@ -110,6 +110,7 @@ def main(argv=None) -> dict:
         p.error(f"--layers={args.layers} is invalid: expected an integer in 1..30")
     if args.flush_mib < 0:
         p.error(f"--flush-mib={args.flush_mib} is invalid: expected a number >= 0")
+    kernel_build.check_json(p, args.out, "int4_ab", args.tag, "int4_ab.py")
     with torch.no_grad(), tempfile.TemporaryDirectory() as tmp:
         libs = kernel_build.build_pair(p, args.base, args.head, Path(tmp), build)
         copies = layers(args.layers)

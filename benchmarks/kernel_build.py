@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import json
+import os
 import shlex
 import statistics
 import subprocess
@@ -59,6 +60,18 @@ def build_pair(parser, base: str, head: str | None, out_dir: Path, build) -> dic
         except ValueError as e:
             parser.error(f"--{name}={rev!r} is invalid: {e}")
     return libs
+
+
+def check_json(parser: argparse.ArgumentParser, out: str | None, stem: str, tag: str, script: str) -> None:
+    """Before measuring: --out is a folder (or not there yet), and out/stem[_tag].json is absent or an
+    earlier result of benchmarks/`script`; anything else is the user's and is refused (left as it is)."""
+    if out:
+        if os.path.lexists(out) and not Path(out).is_dir():
+            parser.error(f"--out={out!r} is invalid: expected a folder (the JSON is written into it)")
+        from solc.cache import check_replaceable_result
+
+        check_replaceable_result(Path(out) / f"{stem}{'_' + tag if tag else ''}.json", f"python benchmarks/{script}",
+                                 "--out/--tag")
 
 
 def write_json(out: str | None, stem: str, tag: str, result: dict) -> None:

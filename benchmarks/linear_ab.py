@@ -53,6 +53,7 @@ def main(argv=None) -> dict:
     row_counts = kernel_build.list_arg(p, "--rows", args.rows, int, lambda r: 2 <= r <= 64, "integers in 2..64")
     if not 1 <= args.copies <= 64:
         p.error(f"--copies={args.copies} is invalid: expected an integer in 1..64")
+    kernel_build.check_json(p, args.out, "linear_ab", args.tag, "linear_ab.py")
     gen = torch.Generator().manual_seed(0)
     weights = [[torch.randn(n, k, generator=gen) * 0.05 for n, k in SHAPES] for _ in range(args.copies)]
     x = torch.randn(max(row_counts), max(k for _, k in SHAPES), generator=gen)

@@ -25,7 +25,9 @@ import torch
 import torch.nn.functional as F
 
 import solc
+from runtime.errors import ArgumentError
 from runtime.ops import cpu_linear
+from solc.cache import atomic_write_bytes, check_replaceable_result
 
 
 def _mkl_rows(x, w, b):
@@ -41,9 +43,19 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=8)
     p.add_argument("--out", default="benchmarks/results/linear_cpu.json")
     args = p.parse_args(argv)
+    for option, values in (("--threads", args.threads), ("--batch", args.batch), ("--context", [args.context]),
+                           ("--steps", [args.steps]), ("--rounds", [args.rounds])):
+        if min(values) < 1:
+            p.error(f"{option}={' '.join(map(str, values))} is invalid: expected integers >= 1")
+    check_replaceable_result(args.out, "python -m benchmarks.linear_cpu", "--out")
     command = "python -m benchmarks.linear_cpu " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     model = solc.load_model("smollm2-135m", dtype=torch.float32)
-    sol = solc.compile(model, max_seq_len=args.context + 8)
+    try:
+        sol = solc.compile(model, max_seq_len=args.context + 8)
+    except ArgumentError as e:
+        if e.argument != "max_seq_len":
+            raise
+        p.error(f"--context={args.context} is invalid: the model's positions must hold it + 8 ({e})")
     kernel_rows = cpu_linear.rows_linear
     rows = []
     try:
@@ -72,10 +84,9 @@ def main(argv=None) -> int:
     finally:
         cpu_linear.rows_linear = kernel_rows
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"command": command, "model": "smollm2-135m (pretrained, fp32)", "torch": torch.__version__,
-                               "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "load_average": os.getloadavg(),
-                               "rows": rows}, indent=2) + "\n")
+    atomic_write_bytes(out, (json.dumps({"command": command, "model": "smollm2-135m (pretrained, fp32)",
+                                         "torch": torch.__version__, "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                                         "load_average": os.getloadavg(), "rows": rows}, indent=2) + "\n").encode())
     print(f"written {out}")
     return 0
 

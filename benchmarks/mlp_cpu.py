@@ -24,9 +24,11 @@ from pathlib import Path
 import torch
 
 import solc
+from runtime.errors import ArgumentError
 from runtime.ops import mlp_weights
 from runtime.ops.quant_primitives import int4_group_size
 from runtime.ops.step_hints import StepHints, step_hints
+from solc.cache import atomic_write_bytes, check_replaceable_result
 
 KEEPS, BITS = (1.0, 0.8, 0.4), (16, 8, 4)
 
@@ -123,9 +125,24 @@ def main(argv=None) -> None:
     parser.add_argument("--context", type=int, default=512)
     parser.add_argument("--out", default="benchmarks/results/mlp_cpu.json")
     args = parser.parse_args(argv)
+    for option, values in (("--threads", args.threads), ("--rounds", [args.rounds]), ("--inner", [args.inner]),
+                           ("--context", [args.context])):
+        if min(values) < 1:
+            parser.error(f"{option}={' '.join(map(str, values))} is invalid: expected integers >= 1")
+    if args.layer < 0:
+        parser.error(f"--layer={args.layer} is invalid: expected an integer >= 0")
+    check_replaceable_result(args.out, "python -m benchmarks.mlp_cpu", "--out")
     command = "python -m benchmarks.mlp_cpu " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     model = solc.load_model(args.model)
-    sol = solc.compile(model, max_seq_len=args.context + 8) if args.step else None
+    layers = len(model.model.layers)
+    if args.layer >= layers:
+        parser.error(f"--layer={args.layer} is invalid: expected an integer in 0..{layers - 1} ({args.model})")
+    try:
+        sol = solc.compile(model, max_seq_len=args.context + 8) if args.step else None
+    except ArgumentError as e:
+        if e.argument != "max_seq_len":
+            raise
+        parser.error(f"--context={args.context} is invalid: the model's positions must hold it + 8 ({e})")
     results, lines = [], []
     for threads in args.threads:
         torch.set_num_threads(threads)
@@ -143,9 +160,8 @@ def main(argv=None) -> None:
                          "seconds": v, "ratio_to_dense": v / med[dense]} for k, v in med.items()]
     print("\n".join(lines))
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"command": command, "model": args.model, "torch": torch.__version__,
-                               "results": results}, indent=2))
+    atomic_write_bytes(out, json.dumps({"command": command, "model": args.model, "torch": torch.__version__,
+                                        "results": results}, indent=2).encode())
 
 
 if __name__ == "__main__":

@@ -71,6 +71,20 @@ def buffers_side_by_side(logits: torch.Tensor, batches: list[int], rounds: int) 
     return out, "\n".join(lines)
 
 
+POSITIONS = 128  # logits rows: a batch takes that many of them at most
+
+
+def _values(p: argparse.ArgumentParser, option: str, text: str, kind, valid, expected: str) -> list:
+    """The comma-separated values of `option`, or a one-line p.error naming it, the value and what is valid."""
+    try:
+        values = [kind(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if not values or not all(valid(v) for v in values):
+        p.error(f"{option}={text} is invalid: expected {expected}")
+    return values
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batches", default="1,16")
@@ -80,13 +94,21 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "sampling_cpu.json"))
     args = p.parse_args(argv)
+    batches = _values(p, "--batches", args.batches, int, lambda b: 1 <= b <= POSITIONS,
+                      f"comma-separated integers in 1..{POSITIONS} (the logits' positions)")
+    top_ps = _values(p, "--top-p", args.top_p, float, lambda v: 0 < v <= 1, "comma-separated numbers in (0, 1]")
+    temperatures = _values(p, "--temperatures", args.temperatures, float, lambda v: 0 < v < float("inf"),
+                           "comma-separated numbers > 0 (0 is greedy: no top-p mask to time)")
+    if args.rounds < 1:
+        p.error(f"--rounds={args.rounds} is invalid: expected an integer >= 1")
+    if args.threads < 1:
+        p.error(f"--threads={args.threads} is invalid: expected an integer >= 1")
     check_replaceable_result(args.out, "python benchmarks/sampling.py", "--out")
     torch.set_num_threads(args.threads)
-    logits = model_logits(128)
+    logits = model_logits(POSITIONS)
     # first: fresh temporaries fault in or not with the allocator's state, which the top-p runs change
-    buffer_rows, buffer_table = buffers_side_by_side(logits, [int(b) for b in args.batches.split(",")], args.rounds)
-    configs = [(b, float(tp), float(t)) for b in map(int, args.batches.split(",")) for tp in args.top_p.split(",")
-               for t in args.temperatures.split(",")]
+    buffer_rows, buffer_table = buffers_side_by_side(logits, batches, args.rounds)
+    configs = [(b, tp, t) for b in batches for tp in top_ps for t in temperatures]
     times = {(c, form): [] for c in configs for form in ("C", "torch")}
     gen = torch.Generator().manual_seed(0)
     real = cpu_sample.top_p_
