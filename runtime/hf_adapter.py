@@ -220,109 +220,17 @@ def load_pretrained(name_or_path: str, dtype=None, device=None) -> nn.Module:
     return _finish(model, device)
 
 
-def load_text_rows(name_or_file: str, suffix: str | None) -> list[str]:
-    """The "text" field of every row of a local .json / .jsonl file (read with the json module) or
-    .parquet file (pyarrow), or of a `datasets` dataset already in the local cache (offline).
-
-    Local files are read directly, never through the `datasets` cache: that cache is keyed by path and
-    mtime, so a file rewritten with the same size and mtime gave the old rows. A row without a string
-    "text" (missing, null, a number) is an ArgumentError naming the file and the row."""
-    if suffix == ".parquet":
-        return _parquet_text_rows(name_or_file)
-    if suffix in (".json", ".jsonl"):
-        return _json_text_rows(name_or_file, suffix)
-    return _cached_dataset_text_rows(name_or_file)
-
-
-def _corpus_error(message: str):
-    from runtime.errors import ArgumentError
-
-    return ArgumentError("corpus", message)
-
-
-def _text_of(row, file: str, where: str) -> str:
-    if not isinstance(row, dict):
-        raise _corpus_error(f"corpus={file!r}: {where} is a {type(row).__name__}, not an object with a "
-                            "'text' field; each row must be like {\"text\": \"...\"}")
-    if "text" not in row:
-        raise _corpus_error(f"corpus={file!r}: {where} has no 'text' field (fields: {sorted(row)}); "
-                            "each row needs a string 'text'")
-    text = row["text"]
-    if not isinstance(text, str):
-        raise _corpus_error(f"corpus={file!r}: {where} has text={text!r}; each row needs a string 'text'")
-    return text
-
-
-def _json_text_rows(file: str, suffix: str) -> list[str]:
-    import json
-
-    raw = Path(file).read_bytes()
-    try:
-        content = raw.decode("utf-8-sig")  # JSON is UTF-8; a BOM is tolerated, as most writers add one
-    except UnicodeDecodeError as e:
-        line = raw[: e.start].count(b"\n") + 1
-        raise _corpus_error(f"corpus={file!r}: not UTF-8 (byte {e.start}, line {line}: {e.reason}); "
-                            "JSON files must be UTF-8: re-encode it (e.g. iconv -t utf-8)") from None
-    if suffix == ".json":
-        try:
-            return _json_document_rows(json.loads(content), file)
-        except json.JSONDecodeError as e:
-            if e.msg != "Extra data":  # one value per line in a .json file: read it as JSON Lines
-                raise _corpus_error(f"corpus={file!r}: not valid JSON (line {e.lineno}: {e.msg})") from None
-    rows = []
-    for number, line in enumerate(content.splitlines(), 1):
-        if line.strip():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise _corpus_error(f"corpus={file!r}: line {number} is not valid JSON ({e.msg}); "
-                                    "JSON Lines holds one object per line") from None
-            rows.append(_text_of(row, file, f"line {number}"))
-    return rows
-
-
-def _json_document_rows(value, file: str) -> list[str]:
-    """A .json file: a list of rows, or one object of columns ({"text": [...]}), or one row."""
-    if isinstance(value, list):
-        return [_text_of(row, file, f"row {i}") for i, row in enumerate(value)]
-    if isinstance(value, dict) and isinstance(value.get("text"), list):
-        return [_text_of({"text": text}, file, f"row {i} of the 'text' column") for i, text in enumerate(value["text"])]
-    if isinstance(value, dict):
-        return [_text_of(value, file, "its one object")]
-    raise _corpus_error(f"corpus={file!r}: holds a JSON {type(value).__name__}; valid: a list of "
-                        "{\"text\": ...} rows, {\"text\": [...]} columns, or one object per line")
-
-
-def _parquet_text_rows(file: str) -> list[str]:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    try:
-        columns = pq.read_schema(file).names
-        if "text" not in columns:
-            raise _corpus_error(f"corpus={file!r} has no 'text' column (columns: {columns})")
-        texts = pq.read_table(file, columns=["text"]).column("text").to_pylist()
-    except (pa.ArrowException, OSError) as e:
-        raise _corpus_error(f"corpus={file!r}: not a readable parquet file ({e})") from None
-    return [_text_of({"text": text}, file, f"row {i}") for i, text in enumerate(texts)]
-
-
-def _cached_dataset_text_rows(name: str) -> list[str]:
+def cached_dataset_texts(name: str) -> tuple[list[str], list | None]:
+    """(column names, the "text" column's values as stored, or None without one) of a `datasets` dataset
+    already in the local cache (offline; solc never downloads at run time; solc.data checks each row).
+    The loader's own exception (many types) when there is no such dataset."""
     import os
 
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     from datasets import load_dataset
 
-    try:
-        ds = load_dataset(name, split="train")
-    except Exception as e:  # datasets raises many types here; solc never downloads at run time
-        raise _corpus_error(
-            f"corpus={name!r} is not a local file or folder nor a dataset in the local `datasets` cache "
-            f"({type(e).__name__}: {str(e)[:200]}); valid: 'shakespeare', a .txt/.json/.jsonl/.parquet file "
-            "or a folder of .txt files") from None
-    if "text" not in ds.column_names:
-        raise _corpus_error(f"corpus {name!r} has no 'text' column (columns: {ds.column_names})")
-    return [_text_of({"text": text}, name, f"row {i}") for i, text in enumerate(ds["text"])]
+    ds = load_dataset(name, split="train")
+    return ds.column_names, (list(ds["text"]) if "text" in ds.column_names else None)
 
 
 # -- decode benchmarks: the model's shape and HF's own static-cache decode (the baseline) ----------

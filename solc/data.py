@@ -49,7 +49,7 @@ import torch
 from runtime import hf_adapter
 from runtime.errors import ArgumentError, ArgumentTypeError
 from solc import assets
-from solc.cache import atomic_write_bytes, cache_root
+from solc.cache import atomic_write_bytes, cache_root, sha256_bytes
 
 SPLITS = ("train", "validation", "test")
 DEFAULT_CORPUS = "shakespeare"
@@ -83,7 +83,7 @@ _VALID_CORPUS = ("valid: 'shakespeare', a local .txt / .json / .jsonl / .parquet
 
 
 def _text_sha(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()  # json may hold lone surrogates
+    return sha256_bytes(text.encode("utf-8", "surrogatepass"))  # json may hold lone surrogates
 
 
 def corpus_identity(docs: list[tuple[str, str]]) -> str:
@@ -118,14 +118,14 @@ def _read_documents(corpus: str) -> list[tuple[str, str]]:
     if path.is_file() and suffix == ".txt":
         return [(path.name, path.read_text(encoding="utf-8", errors="replace"))]
     if path.is_file() and suffix in SUFFIXES:
-        return _row_documents(hf_adapter.load_text_rows(str(path), suffix))
+        return _row_documents(_text_rows(str(path), suffix))
     if path.exists():
         raise ArgumentError("corpus", f"corpus={corpus!r}: unsupported file type {path.suffix!r}; supported "
                                       f"suffixes: {', '.join(SUFFIXES)} (or a folder of .txt files)")
     if path.suffix or "/" in corpus or corpus.startswith("~"):  # a path: never a dataset name to look up
         raise ArgumentError("corpus", f"corpus={corpus!r}: no such file or folder; supported suffixes: "
                                       f"{', '.join(SUFFIXES)} (or a folder of .txt files)")
-    return _row_documents(hf_adapter.load_text_rows(corpus, None))  # a `datasets` name, offline
+    return _row_documents(_text_rows(corpus, None))  # a `datasets` name, offline
 
 
 def _shakespeare_documents() -> list[tuple[str, str]]:
@@ -151,6 +151,99 @@ def _folder_documents(path: Path, corpus: str) -> list[tuple[str, str]]:
 def _row_documents(rows: list[str]) -> list[tuple[str, str]]:
     """Each row keyed by its text, so its split does not depend on the row's position or the file's name."""
     return [(_text_sha(text), text) for text in rows]
+
+
+# -- rows of a .json / .jsonl / .parquet file or a cached `datasets` dataset --------------------------
+def _rows_error(message: str) -> ArgumentError:
+    return ArgumentError("corpus", message)
+
+
+def _text_of(row, file: str, where: str) -> str:
+    if not isinstance(row, dict):
+        raise _rows_error(f"corpus={file!r}: {where} is a {type(row).__name__}, not an object with a "
+                          "'text' field; each row must be like {\"text\": \"...\"}")
+    if "text" not in row:
+        raise _rows_error(f"corpus={file!r}: {where} has no 'text' field (fields: {sorted(row)}); "
+                          "each row needs a string 'text'")
+    text = row["text"]
+    if not isinstance(text, str):
+        raise _rows_error(f"corpus={file!r}: {where} has text={text!r}; each row needs a string 'text'")
+    return text
+
+
+def _text_rows(name_or_file: str, suffix: str | None) -> list[str]:
+    """The "text" field of every row of a local .json / .jsonl file (read with the json module) or
+    .parquet file (pyarrow), or of a `datasets` dataset already in the local cache (offline).
+
+    Local files are read directly, never through the `datasets` cache: that cache is keyed by path and
+    mtime, so a file rewritten with the same size and mtime gave the old rows. A row without a string
+    "text" (missing, null, a number) is an ArgumentError naming the file and the row."""
+    if suffix == ".parquet":
+        return _parquet_text_rows(name_or_file)
+    if suffix in (".json", ".jsonl"):
+        return _json_text_rows(name_or_file, suffix)
+    try:
+        columns, texts = hf_adapter.cached_dataset_texts(name_or_file)
+    except Exception as e:  # datasets raises many types here; solc never downloads at run time
+        raise _rows_error(
+            f"corpus={name_or_file!r} is not a local file or folder nor a dataset in the local `datasets` cache "
+            f"({type(e).__name__}: {str(e)[:200]}); valid: 'shakespeare', a .txt/.json/.jsonl/.parquet file "
+            "or a folder of .txt files") from None
+    if texts is None:
+        raise _rows_error(f"corpus {name_or_file!r} has no 'text' column (columns: {columns})")
+    return [_text_of({"text": text}, name_or_file, f"row {i}") for i, text in enumerate(texts)]
+
+
+def _json_text_rows(file: str, suffix: str) -> list[str]:
+    raw = Path(file).read_bytes()
+    try:
+        content = raw.decode("utf-8-sig")  # JSON is UTF-8; a BOM is tolerated, as most writers add one
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise _rows_error(f"corpus={file!r}: not UTF-8 (byte {e.start}, line {line}: {e.reason}); "
+                          "JSON files must be UTF-8: re-encode it (e.g. iconv -t utf-8)") from None
+    if suffix == ".json":
+        try:
+            return _json_document_rows(json.loads(content), file)
+        except json.JSONDecodeError as e:
+            if e.msg != "Extra data":  # one value per line in a .json file: read it as JSON Lines
+                raise _rows_error(f"corpus={file!r}: not valid JSON (line {e.lineno}: {e.msg})") from None
+    rows = []
+    for number, line in enumerate(content.splitlines(), 1):
+        if line.strip():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise _rows_error(f"corpus={file!r}: line {number} is not valid JSON ({e.msg}); "
+                                  "JSON Lines holds one object per line") from None
+            rows.append(_text_of(row, file, f"line {number}"))
+    return rows
+
+
+def _json_document_rows(value, file: str) -> list[str]:
+    """A .json file: a list of rows, or one object of columns ({"text": [...]}), or one row."""
+    if isinstance(value, list):
+        return [_text_of(row, file, f"row {i}") for i, row in enumerate(value)]
+    if isinstance(value, dict) and isinstance(value.get("text"), list):
+        return [_text_of({"text": text}, file, f"row {i} of the 'text' column") for i, text in enumerate(value["text"])]
+    if isinstance(value, dict):
+        return [_text_of(value, file, "its one object")]
+    raise _rows_error(f"corpus={file!r}: holds a JSON {type(value).__name__}; valid: a list of "
+                      "{\"text\": ...} rows, {\"text\": [...]} columns, or one object per line")
+
+
+def _parquet_text_rows(file: str) -> list[str]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        columns = pq.read_schema(file).names
+        if "text" not in columns:
+            raise _rows_error(f"corpus={file!r} has no 'text' column (columns: {columns})")
+        texts = pq.read_table(file, columns=["text"]).column("text").to_pylist()
+    except (pa.ArrowException, OSError) as e:
+        raise _rows_error(f"corpus={file!r}: not a readable parquet file ({e})") from None
+    return [_text_of({"text": text}, file, f"row {i}") for i, text in enumerate(texts)]
 
 
 CHUNKS = 10  # pieces per document when a corpus is split within its documents (validation 1, test 1)
@@ -189,7 +282,7 @@ def split_units(docs: list[tuple[str, str]]) -> tuple[list[tuple[str, str, str]]
 
 
 def split_documents(corpus: str = DEFAULT_CORPUS) -> dict[str, list[tuple[str, str]]]:
-    docs, _ = documents(corpus)
+    docs = _read_documents(_checked_corpus(corpus))
     units, _ = split_units(docs)
     out = {s: [] for s in SPLITS}
     for split, key, text in units:
@@ -283,8 +376,7 @@ def get_contexts(tokenizer, corpus: str = DEFAULT_CORPUS, split: str = "test", l
     the EOS token between documents. Cached on disk; the first call tokenises."""
     _check_arguments(split, length, max_contexts)
     length, corpus = int(length), _checked_corpus(corpus)
-    docs, _ = documents(corpus)
-    units, chunked = split_units(docs)
+    units, chunked = split_units(_read_documents(corpus))  # the key below hashes every unit's text itself
     file = cache_root() / "contexts" / f"{_contexts_key(units, chunked, tokenizer, split, length)}.pt"
     contexts = _load_cached(file, length)
     if contexts is None:

@@ -198,7 +198,7 @@ def test_paths_are_local_and_suffixes_any_case(tmp_path, monkeypatch):
     def no_lookup(*args):
         raise AssertionError("a path must never be looked up as a `datasets` name")
 
-    monkeypatch.setattr(data.hf_adapter, "_cached_dataset_text_rows", no_lookup)
+    monkeypatch.setattr(data.hf_adapter, "cached_dataset_texts", no_lookup)
     (tmp_path / "UP.TXT").write_text("hello there\n" * 50)
     assert data.documents(str(tmp_path / "UP.TXT"))[0][0][0] == "UP.TXT"
     for corpus in ("doesnotexist.csv", "~/nope.txt", str(tmp_path / "missing.jsonl")):
