@@ -182,27 +182,28 @@ def resolve_spec(sol, budget_mode: str | None, source=None) -> BudgetSpec:
     raise ValueError(f"budget_mode={budget_mode!r} is invalid: one of {list(BUDGET_MODES)}")
 
 
+def _numbers(budget) -> Tensor | None:
+    """A list, tuple or tensor budget as float64 numbers, or None (not a sequence of numbers)."""
+    if isinstance(budget, (list, tuple, Tensor)) and not isinstance(budget, (str, bytes)):
+        try:
+            return torch.as_tensor(budget, dtype=torch.float64)
+        except (TypeError, ValueError, RuntimeError):
+            return None
+    return None
+
+
 def is_per_axis_request(budget) -> bool:
     """A dict over axes, or three numbers per row ([3] / [B, 3]): the paper's per-axis budget."""
     if isinstance(budget, dict):
         return True
-    if isinstance(budget, (list, tuple, Tensor)) and not isinstance(budget, (str, bytes)):
-        try:
-            t = torch.as_tensor(budget, dtype=torch.float64)
-        except (TypeError, ValueError, RuntimeError):
-            return False
-        return t.dim() == 2 or (t.dim() == 1 and t.shape[0] == 3)
-    return False
+    t = _numbers(budget)
+    return t is not None and (t.dim() == 2 or tuple(t.shape) == (3,))
 
 
 def _three_numbers(budget) -> bool:
     """A flat sequence of three numbers: per-axis keeps, or one cost per row of a batch of 3."""
-    if isinstance(budget, (list, tuple, Tensor)) and not isinstance(budget, (str, bytes)):
-        try:
-            return tuple(torch.as_tensor(budget, dtype=torch.float64).shape) == (3,)
-        except (TypeError, ValueError, RuntimeError):
-            return False
-    return False
+    t = _numbers(budget)
+    return t is not None and tuple(t.shape) == (3,)
 
 
 def is_cost_request(policy, budget, budget_mode: str | None) -> bool:

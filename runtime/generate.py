@@ -42,8 +42,7 @@ def _eos_ids(sol, eos_token_id) -> list[int]:
     """The EOS ids generate stops at: the model's generation config when None, [] to never stop."""
     if eos_token_id is None:
         return list(sol.eos_token_ids)
-    if isinstance(eos_token_id, Tensor) or type(eos_token_id).__module__ == "numpy":
-        eos_token_id = eos_token_id.tolist()
+    eos_token_id = validation.as_python(eos_token_id)
     if isinstance(eos_token_id, int):
         return [eos_token_id]
     return [int(e) for e in eos_token_id]

@@ -21,6 +21,8 @@ import torch
 from torch import Tensor
 
 from runtime.actions import AXES, ActionSpace
+from runtime.errors import ArgumentError
+from runtime.validation import as_python, fail
 
 DENSE_PREFIX = 7  # DESIGN: the first Ts + Tw + 1 positions run dense and count in no budget
 
@@ -30,8 +32,7 @@ def seeded(seed, batch: int):
     the batch (its rows draw in turn from one stream, as HF's generate does); a list of `batch` ints
     gives one generator per row, so a row's draws (sampled tokens, a sampled policy's actions, Random's
     shuffles) do not depend on its batch mates: the row alone with its own seed draws the same."""
-    if isinstance(seed, Tensor) or type(seed).__module__ == "numpy":  # a 0-d one is one int
-        seed = seed.tolist()
+    seed = as_python(seed)  # a tensor or numpy array of seeds; a 0-d one is one int
     if isinstance(seed, (list, tuple)):
         if len(seed) != batch:
             raise ValueError(f"seed has {len(seed)} entries for {batch} rows")
@@ -79,8 +80,6 @@ class Schedule(ActionSource):
     """A fixed action schedule: `actions` [B, horizon] (or [horizon], shared by all rows)."""
 
     def __init__(self, actions: Tensor):
-        from runtime.validation import fail
-
         valid = "integer action indices, shaped [B, horizon] or [horizon] (one row for all), not empty"
         try:
             t = torch.as_tensor(actions)
@@ -93,8 +92,6 @@ class Schedule(ActionSource):
         self.actions = t.to(torch.long)
 
     def reset(self, space, batch, targets, horizon, generator=None):
-        from runtime.errors import ArgumentError
-
         super().reset(space, batch, targets, horizon, generator)
         sched = self.actions if self.actions.dim() == 2 else self.actions.expand(batch, -1)
         if sched.shape[0] != batch or sched.shape[1] < horizon:

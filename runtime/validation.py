@@ -85,6 +85,12 @@ def _array_like(value) -> bool:
                                                and hasattr(value, "tolist"))
 
 
+def as_python(value):
+    """A torch tensor or numpy array / scalar as Python numbers (a list, or one number for 0-d); anything
+    else as it is. Seeds and token ids may come as either, as HF's configs hold them."""
+    return value.tolist() if _array_like(value) else value
+
+
 def check_row_seeds(value, batch: int) -> None:
     """generate/score's seed: one int (one random stream for the batch) or one int per row (a list, a
     tuple, or a 1-D tensor or numpy array; a 0-d one is one int)."""
