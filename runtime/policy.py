@@ -52,7 +52,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, NamedTuple, Sequence
@@ -64,6 +63,7 @@ from torch import Tensor, nn
 from runtime.actions import AXES, ActionSpace
 from runtime.budget import BudgetSpec
 from runtime.errors import ArgumentError, AssetError
+from runtime.files import atomic_torch_save
 from runtime.ops import cpu_linear, cpu_policy
 from runtime.schedulers import ActionSource, uniforms
 from runtime.validation import check_real, fail
@@ -358,19 +358,7 @@ class PolicyNet(nn.Module):
         path = Path(path)
         if not path.parent.is_dir():
             raise FileNotFoundError(f"cannot save the policy to {path}: the folder {path.parent} does not exist")
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(self.state(), f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
-            raise
+        atomic_torch_save(self.state(), path)
 
     @classmethod
     def load(cls, path, map_location="cpu") -> "PolicyNet":

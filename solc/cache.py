@@ -1,5 +1,5 @@
 """The asset cache (where converted models, corpora and tokenised contexts live, never in git) and
-solc's one way of writing files and directories atomically.
+solc's one way of writing directories atomically (files: runtime/files.py, re-exported here).
 
 Root: $SOLC_CACHE, default ~/.cache/solc. Every entry is written atomically: built in a temporary
 sibling named `.<name>.solc-tmp-<pid>-<random>`, then renamed into place, so a reader sees the old
@@ -15,13 +15,14 @@ import ctypes
 import errno
 import hashlib
 import os
-import re
-import secrets
 import shutil
 from pathlib import Path
 from typing import Callable
 
-TMP_TAG, OLD_TAG = ".solc-tmp-", ".solc-old"
+from runtime.files import (  # noqa: F401  (re-exported: solc.cache is where callers above runtime/ find them)
+    TMP_TAG, atomic_torch_save, atomic_write, atomic_write_bytes, pid_alive, remove_stale_temporaries, temp_sibling)
+
+OLD_TAG = ".solc-old"
 
 
 def cache_root() -> Path:
@@ -38,61 +39,6 @@ def sha256_file(path: Path) -> str:
 
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-# -- temporaries -----------------------------------------------------------------------------------
-def temp_sibling(target: Path) -> Path:
-    """A fresh name next to `target` for building its replacement (nothing is created)."""
-    return target.parent / f".{target.name}{TMP_TAG}{os.getpid()}-{secrets.token_hex(4)}"
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether process `pid` still runs (a temporary it owns may still be written)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def remove_stale_temporaries(target: Path) -> list[Path]:
-    """Remove the temporaries of `target` left by processes that no longer run (a kill mid-write)."""
-    target = Path(target)
-    pattern = re.compile(re.escape(f".{target.name}{TMP_TAG}") + r"(\d+)-[0-9a-f]+$")
-    removed = []
-    if not target.parent.is_dir():
-        return removed
-    for entry in target.parent.iterdir():
-        m = pattern.match(entry.name)
-        if m and not pid_alive(int(m.group(1))):
-            if entry.is_dir() and not entry.is_symlink():
-                shutil.rmtree(entry, ignore_errors=True)
-            else:
-                entry.unlink(missing_ok=True)
-            removed.append(entry)
-    return removed
-
-
-# -- files -----------------------------------------------------------------------------------------
-def atomic_write(target: Path, write: Callable, fsync: bool = True) -> None:
-    """Call write(binary file) on a temporary sibling, then rename it over `target` (mode per umask)."""
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(target)
-    tmp = temp_sibling(target)
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            if fsync:
-                f.flush()
-                os.fsync(f.fileno())
-        os.replace(tmp, target)
-    finally:
-        if os.path.lexists(tmp):
-            os.unlink(tmp)
 
 
 def check_replaceable_result(target: Path, command: str, argument: str) -> None:
@@ -114,16 +60,6 @@ def check_replaceable_result(target: Path, command: str, argument: str) -> None:
     if not (isinstance(recorded, str) and recorded.startswith(command)):
         raise ArgumentError(argument, f"{argument} {str(target)!r} exists and is not a result of `{command}`; "
                                       "it is left as it is: pass a new path")
-
-
-def atomic_write_bytes(target: Path, data: bytes) -> None:
-    atomic_write(target, lambda f: f.write(data))
-
-
-def atomic_torch_save(obj, target: Path) -> None:
-    import torch
-
-    atomic_write(target, lambda f: torch.save(obj, f))
 
 
 # -- directories -----------------------------------------------------------------------------------

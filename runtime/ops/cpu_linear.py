@@ -112,7 +112,7 @@ def library_path() -> Path:
 
 
 def _build(target: Path) -> None:
-    from solc.cache import temp_sibling
+    from runtime.files import temp_sibling
 
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_sibling(target)
