@@ -396,6 +396,18 @@ class PolicyNet(nn.Module):
             raise PolicyFileError(f"{path}: the policy file does not hold a valid policy: {e}") from e
 
 
+def check_fits(policy: "PolicyNet", d_model: int | None = None, space: ActionSpace | None = None) -> None:
+    """ArgumentError("policy") unless `policy` was trained for a base model of hidden size `d_model` and
+    for the action grid `space` (each checked when given)."""
+    d_base = policy.config.d_base
+    if d_model is not None and d_model != d_base:
+        raise ArgumentError("policy", f"the policy was trained for a base model of hidden size {d_base}, not "
+                                      f"{d_model}: it belongs to another model")
+    if space is not None and space != policy.space:
+        raise ArgumentError("policy", f"the policy was trained for {policy.space}, not {space}: compile the model "
+                                      "with the policy's action grid")
+
+
 class PolicyFileError(AssetError, ValueError):
     """A policy file that cannot be loaded (corrupt, another format, an unsupported version); names it.
     A ValueError too, as the version check raised before."""
@@ -482,9 +494,7 @@ class PolicySource(ActionSource):
         return self.policy.config.budget_spec
 
     def reset(self, space: ActionSpace, batch: int, targets: Tensor, horizon: int, generator=None) -> None:
-        if space != self.policy.space:
-            raise ArgumentError("policy", f"the policy was trained for {self.policy.space}, not {space}: "
-                                          "compile the model with the policy's action grid")
+        check_fits(self.policy, space=space)
         targets = torch.as_tensor(targets, dtype=torch.float64).expand(batch, 3)
         super().reset(space, batch, targets, horizon, generator)
         self.device = next(self.policy.parameters()).device
@@ -497,10 +507,8 @@ class PolicySource(ActionSource):
 
     @torch.no_grad()
     def next_actions(self, step: int, hidden: Tensor, token_embedding: Tensor, dense: Tensor) -> Tensor:
-        d_base = self.policy.config.d_base
-        if hidden.shape[-1] != d_base or token_embedding.shape[-1] != d_base:
-            raise ArgumentError("policy", f"the policy was trained for a base model of hidden size {d_base}, not "
-                                          f"{hidden.shape[-1]}: it belongs to another model")
+        for width in (hidden.shape[-1], token_embedding.shape[-1]):
+            check_fits(self.policy, d_model=width)
         dev = self.device
         dense = dense.to(dev).bool()
         # a CPU decision in one C call (runtime/ops/cpu_policy.py): the network, the prior and guard and the

@@ -143,7 +143,7 @@ class SolcLM(_Base):
         super().__init__()
         import solc
         from runtime.errors import ArgumentError
-        from runtime.policy import PolicyNet
+        from runtime.policy import PolicyNet, check_fits
         from runtime.validation import fail
         from training.baselines import axis_targets
 
@@ -187,13 +187,7 @@ class SolcLM(_Base):
                 raise ValueError("pass tokenizer= with a compiled SOLModel")
             self.sol, self.tokenizer = model, tokenizer
         if self.policy is not None:
-            d_model = int(self.sol.token_embedding.shape[1])
-            if self.policy.config.d_base != d_model:
-                raise ArgumentError("policy", f"the policy was trained for a base model of hidden size "
-                                              f"{self.policy.config.d_base}, not {d_model}: it belongs to another model")
-            if self.policy.space != self.sol.space:
-                raise ArgumentError("policy", f"the policy was trained for {self.policy.space}, not the compiled "
-                                              f"model's {self.sol.space}: compile it with the policy's action grid")
+            check_fits(self.policy, int(self.sol.token_embedding.shape[1]), self.sol.space)
             self.policy = self.policy.to(self.sol.token_embedding.device).eval()
         if max_length is not None and max_length > self.sol.max_seq_len:
             fail("max_length", max_length, f"an int in 2..{self.sol.max_seq_len} (the compiled max_seq_len)")
