@@ -44,21 +44,25 @@ def attention_uses_kernel(q, k_cache, v_cache, page_min, page_max) -> bool:
             and q.shape[-1] <= 256 and q.shape[1] % k_cache.shape[1] == 0)
 
 
-def mlp_uses_kernel(x, w_in, b_in, w_out, b_out, kind, act) -> bool:
+def _mlp_site_fits(x, w_in, b_in, kind, act) -> bool:
+    """What both MLP kernel families need: kernels on, a decode batch of rows, x in a kernel dtype, a
+    known site kind and activation with its number of input weights and biases."""
     from runtime.ops.reference import ACTIVATIONS, MLP_KINDS
 
-    tensors = [x, *w_in, *[b for b in b_in if b is not None], w_out, *([b_out] if b_out is not None else [])]
     rows = math.prod(x.shape[:-1])
     return (enabled() and 1 <= rows <= MLP_MAX_ROWS and x.dtype in _FLOATS and kind in MLP_KINDS
-            and act in ACTIVATIONS and all(t.dtype == x.dtype for t in tensors)
-            and len(w_in) == (2 if kind == "gated" else 1) and len(b_in) == len(w_in))
+            and act in ACTIVATIONS and len(w_in) == (2 if kind == "gated" else 1) and len(b_in) == len(w_in))
 
 
-def _bits_dense(bits) -> bool:
-    from runtime.ops import step_hints
+def mlp_uses_kernel(x, w_in, b_in, w_out, b_out, kind, act) -> bool:
+    tensors = [x, *w_in, *[b for b in b_in if b is not None], w_out, *([b_out] if b_out is not None else [])]
+    return _mlp_site_fits(x, w_in, b_in, kind, act) and all(t.dtype == x.dtype for t in tensors)
 
-    hints = step_hints.current()
-    return hints.bits_dense if hints is not None and hints.bits_dense is not None else bool((bits >= 16).all())
+
+def lowbit_uses_kernel(x, w_in, b_in, kind, act, packs, level) -> bool:
+    from runtime.kernels.lowbit import has_copies
+
+    return level in (4, 8) and _mlp_site_fits(x, w_in, b_in, kind, act) and has_copies(packs, level)
 
 
 def _host_levels() -> tuple[Optional[int], Optional[bool]]:
@@ -69,16 +73,6 @@ def _host_levels() -> tuple[Optional[int], Optional[bool]]:
     if hints is None:
         return None, None
     return (None if hints.bits is None else int(hints.bits)), hints.mlp_dense
-
-
-def lowbit_uses_kernel(x, w_in, b_in, kind, act, packs, level) -> bool:
-    from runtime.kernels.lowbit import has_copies
-    from runtime.ops.reference import ACTIVATIONS, MLP_KINDS
-
-    rows = math.prod(x.shape[:-1])
-    return (enabled() and level in (4, 8) and 1 <= rows <= MLP_MAX_ROWS and x.dtype in _FLOATS
-            and kind in MLP_KINDS and act in ACTIVATIONS and len(w_in) == (2 if kind == "gated" else 1)
-            and len(b_in) == len(w_in) and has_copies(packs, level))
 
 
 @library.attention.register_kernel("cuda")
@@ -95,10 +89,10 @@ def _attention_cuda(q, k, v, k_cache, v_cache, page_min, page_max, positions, ke
 
 @library.mlp.register_kernel("cuda")
 def _mlp_cuda(x, keep, bits, w_in, b_in, w_out, b_out, kind, act, quant, packs, group_size):
-    if quant == "weight" and not _bits_dense(bits):
+    level, mlp_dense = _host_levels()
+    if quant == "weight" and not (level >= 16 if level is not None else bool((bits >= 16).all())):
         # A step of one known level (a dispatcher variant) runs the low-bit kernels; anything else runs the
         # reference (which takes that level from the hints too, so a CUDA-graph capture never reads `bits`).
-        level, mlp_dense = _host_levels()
         if lowbit_uses_kernel(x, w_in, b_in, kind, act, packs, level):
             from runtime.kernels.lowbit import lowbit_mlp
 
