@@ -375,17 +375,18 @@ class PolicyNet(nn.Module):
         except Exception as e:
             raise PolicyFileError(f"{path} is not a readable policy file (truncated, corrupt or not written by "
                                   f"PolicyNet.save): {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+        if isinstance(state, dict) and isinstance(state.get("policy"), dict) and "config" in state["policy"]:
+            beside = f" ({path.parent / 'policy.pt'})" if isinstance(path, Path) else ""
+            raise PolicyFileError(f"{path} is a training checkpoint, not a policy file: load the policy.pt written "
+                                  f"next to it{beside}")
         if not (isinstance(state, dict) and isinstance(state.get("config"), dict) and isinstance(state.get("state_dict"), dict)):
             if isinstance(state, dict):
                 names = sorted(map(str, state))
                 keys = f"keys {names[:8]}" + (f" and {len(names) - 8} more" if len(names) > 8 else "")
             else:
                 keys = f"a {type(state).__name__}"
-            hint = ""
-            if isinstance(state, dict) and isinstance(state.get("policy"), dict) and "config" in state["policy"]:
-                hint = " (a training checkpoint: load the policy.pt next to it)"
             raise PolicyFileError(f"{path} is not a policy file: expected a dict with 'config' and 'state_dict' "
-                                  f"(PolicyNet.save), got {keys}{hint}")
+                                  f"(PolicyNet.save), got {keys}")
         version = state["config"].get("version")
         if version != POLICY_VERSION:
             raise PolicyFileError(f"{path}: policy file version {version!r} is not supported by this solc "

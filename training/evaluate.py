@@ -181,27 +181,17 @@ def parse_uniform(spec) -> list | str:
 
 
 def load_policy(path: str, argument: str = "--policy"):
-    """The PolicyNet in a policy.pt written by training.grpo; a clear error (naming `argument`) for anything else."""
-    from runtime.policy import PolicyNet
+    """The PolicyNet in a policy.pt written by training.grpo (PolicyNet.load); an ArgumentError naming
+    `argument` for anything else, with PolicyNet.load's reason."""
+    from runtime.policy import PolicyFileError, PolicyNet
 
     file = Path(path)
     if not file.is_file():
         raise ArgumentError(argument, f"{argument} {path}: no such file (give the policy.pt a training run wrote)")
     try:
-        state = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ArgumentError(argument, f"{argument} {path}: not a policy file written by training.grpo "
-                                      f"({type(e).__name__}: {str(e)[:200]})") from None
-    if isinstance(state, dict) and "optimizer" in state and "policy" in state:
-        raise ArgumentError(argument, f"{argument} {path} is a training checkpoint, not a policy; pass the policy.pt "
-                                      f"written next to it ({file.parent / 'policy.pt'})")
-    if not isinstance(state, dict) or not {"config", "state_dict"} <= set(state):
-        raise ArgumentError(argument, f"{argument} {path}: not a policy file (expected a dict with 'config' and "
-                                      "'state_dict', as PolicyNet.save writes)")
-    try:
-        return PolicyNet.from_state(state)
-    except (ValueError, TypeError, KeyError, RuntimeError) as e:
-        raise ArgumentError(argument, f"{argument} {path}: cannot rebuild the policy ({e})") from None
+        return PolicyNet.load(file)
+    except PolicyFileError as e:
+        raise ArgumentError(argument, f"{argument} {e}") from None
 
 
 @dataclass
