@@ -31,16 +31,15 @@ machine, not an evaluation batch).
 from __future__ import annotations
 
 import os
-import signal
 import sys
 
-if __name__ == "__main__":  # Ctrl-C while torch loads (seconds): one line, not the import's traceback
-    signal.signal(signal.SIGINT, lambda *_: (print("\ncost_eval: interrupted during start-up; nothing was written",
-                                                   file=sys.stderr), os._exit(130)))
+if __name__ == "__main__":  # before torch loads
+    from training.startup import quiet_ctrl_c_while_loading
+
+    quiet_ctrl_c_while_loading("cost_eval")
 
 import argparse
 import math
-import threading
 import time
 from pathlib import Path
 from typing import Optional
@@ -56,6 +55,7 @@ from runtime.schedulers import Fixed, Random, Schedule
 from training.baselines import AtCost, Composite, HullMix, Uniform, hull_mix, lower_hull, search_at_cost, uniform_nll
 from training.cli import ProgressFile, command_line, fingerprint, write_json
 from training.episodes import rollout
+from training.startup import ctrl_c_raises
 
 
 def _net_keep(space, actions: torch.Tensor, controlled: torch.Tensor) -> torch.Tensor:
@@ -311,8 +311,7 @@ def check_args(args) -> tuple[list[float], list[PolicyNet]]:
 
 
 def main(argv=None) -> int:
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGINT, signal.default_int_handler)  # torch has loaded: Ctrl-C is a KeyboardInterrupt
+    ctrl_c_raises()  # torch has loaded: Ctrl-C is a KeyboardInterrupt
     args = _parser().parse_args(argv)
     try:
         return _run(args, argv)

@@ -38,18 +38,17 @@ evaluation (a different command.txt) unless --overwrite replaces it.
 from __future__ import annotations
 
 import os
-import signal
 import sys
 
-if __name__ == "__main__":  # Ctrl-C while torch loads (seconds): one line, not the import's traceback
-    signal.signal(signal.SIGINT, lambda *_: (print("\nevaluate: interrupted during start-up; nothing was written",
-                                                   file=sys.stderr), os._exit(130)))
+if __name__ == "__main__":  # before torch loads
+    from training.startup import quiet_ctrl_c_while_loading
+
+    quiet_ctrl_c_while_loading("evaluate")
 
 import argparse
 import csv
 import math
 import shutil
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,6 +65,7 @@ from training.baselines import (Composite, MatchedBaselines, SearchResult, axis_
                                 matched_baselines, random_search, target_key)
 from training.cli import ProgressFile, command_line, fingerprint, write_json
 from training.episodes import rollout
+from training.startup import ctrl_c_raises
 
 DEFAULT_METHODS = ("policy", "fixed", "random", "random-search")
 DEFAULT_MC_TASKS = ("bigbench:general_knowledge", "bigbench:human_organs_senses", "mmlu:samples-all")
@@ -646,8 +646,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGINT, signal.default_int_handler)  # torch has loaded: Ctrl-C is a KeyboardInterrupt
+    ctrl_c_raises()  # torch has loaded: Ctrl-C is a KeyboardInterrupt
     cfg = None
     try:
         cfg = config_from_args(argv)

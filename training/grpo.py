@@ -44,9 +44,10 @@ import os
 import signal
 import sys
 
-if __name__ == "__main__":  # Ctrl-C while torch loads (seconds): one line, not the import's traceback
-    signal.signal(signal.SIGINT, lambda *_: (print("\ngrpo: interrupted during start-up; nothing was written",
-                                                   file=sys.stderr), os._exit(130)))
+if __name__ == "__main__":  # before torch loads
+    from training.startup import quiet_ctrl_c_while_loading
+
+    quiet_ctrl_c_while_loading("grpo")
 
 import argparse
 import hashlib
@@ -72,6 +73,7 @@ from solc.models import DTYPES, resolve_device, resolve_dtype
 from runtime.budget import BUDGET_MODES, BudgetSpec
 from runtime.cost_model import BytesCostModel, cost_model_from_dict
 from training.episodes import TARGET_RANGES, Episodes, rollout, sample_cost_targets, sample_targets
+from training.startup import ctrl_c_raises
 
 CHECKPOINT_VERSION = 1
 
@@ -1048,8 +1050,7 @@ def config_from_args(argv: Sequence[str] | None = None) -> GRPOConfig:
 
 def main(argv: Sequence[str] | None = None) -> int:
     cfg = None
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGINT, signal.default_int_handler)  # torch has loaded: Ctrl-C is a KeyboardInterrupt
+    ctrl_c_raises()  # torch has loaded: Ctrl-C is a KeyboardInterrupt
     try:
         cfg = config_from_args(argv)
         trainer = train(cfg)
