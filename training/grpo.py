@@ -477,16 +477,20 @@ def _one_line(e: BaseException, limit: int = 300) -> str:
 
 def stored_config(out: Path) -> dict | None:
     """The options the run in `out` trains with: its checkpoint's (what its optimizer state belongs to),
-    else its config.json's; None where neither is there. A run from before --budget-guard existed
-    continues without the guard."""
+    else its config.json's; None where neither is there."""
     checkpoint, saved = out / "checkpoint.pt", out / "config.json"
     stored = read_checkpoint(checkpoint).get("config") if checkpoint.is_file() else None
     if not isinstance(stored, dict):
         if not saved.is_file():
             return None
         stored = _read_config_file(str(saved), flag="--resume")
-    stored.setdefault("budget_guard", False)
-    return {k: v for k, v in stored.items() if k not in ("out", "resume", "overwrite")}
+    return _run_options(stored)
+
+
+def _run_options(stored: dict) -> dict:
+    """A stored config as the options that define its run (where it is written and how it was started
+    are the command line's); a run from before --budget-guard existed continues without the guard."""
+    return {"budget_guard": False, **{k: v for k, v in stored.items() if k not in ("out", "resume", "overwrite")}}
 
 
 def check_resume_options(stored: GRPOConfig, cfg: GRPOConfig, given=None) -> None:
@@ -704,8 +708,7 @@ class Trainer:
             raise ArgumentError("--resume", f"--resume: no checkpoint at {path}")
         state = read_checkpoint(path, map_location=self.device)
         if isinstance(state.get("config"), dict):  # the API's way in; the CLI merged the stored options already
-            stored = {**state["config"], "out": self.cfg.out, "resume": True, "overwrite": False}
-            stored.setdefault("budget_guard", False)
+            stored = {**_run_options(state["config"]), "out": self.cfg.out, "resume": True, "overwrite": False}
             check_resume_options(GRPOConfig.from_dict(stored), self.cfg)
         try:
             self.policy.load_state_dict(state["policy"]["state_dict"])
