@@ -43,10 +43,12 @@ def test_cpu_scripts_refuse_bad_values_before_loading(load_benchmark, monkeypatc
     assert f"error: {option}=" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("name", ["mlp_cpu", "linear_cpu"])
+@pytest.mark.parametrize("name", ["mlp_cpu", "linear_cpu", "sampling", "prefill"])
 def test_cpu_scripts_leave_a_file_they_did_not_write(load_benchmark, monkeypatch, tmp_path, name):
+    import solc
+
     bench = load_benchmark(name)
-    monkeypatch.setattr(bench.solc, "load_model", _no_load)
+    monkeypatch.setattr(solc, "load_model", _no_load)
     notes = tmp_path / "notes.txt"
     notes.write_text("my notes")
     with pytest.raises(ArgumentError, match="--out .*notes.txt.* exists and is not a result of"):

@@ -21,14 +21,3 @@ def test_prefill_benchmark_times_both_prefills_and_counts_the_gemm_work(load_ben
     assert row["solc_gflops"] == pytest.approx(gflop / row["solc_ms"] * 1e3)
     assert row["solc_over_hf"] == pytest.approx(row["solc_ms"] / row["hf_ms"])
     assert saved["meta"]["command"].endswith(f"--out {out}")
-
-
-def test_prefill_benchmark_leaves_a_file_it_did_not_write(load_benchmark, tmp_path):
-    from solc import ArgumentError
-
-    bench = load_benchmark("prefill")
-    notes = tmp_path / "notes.txt"
-    notes.write_text("my notes")
-    with pytest.raises(ArgumentError, match="--out .*notes.txt.* exists and is not a result of"):
-        bench.main(["--out", str(notes)])
-    assert notes.read_text() == "my notes"

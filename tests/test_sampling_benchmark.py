@@ -20,16 +20,3 @@ def test_sampling_benchmark_counts_nuclei_and_mask_disagreements(load_benchmark,
     assert saved["meta"]["command"].endswith(f"--out {out}")
     assert [(r["batch"], r["top_k"]) for r in saved["buffer_rows"]] == [(1, None), (1, 50), (2, None), (2, 50)]
     assert all(r["held_ms"] > 0 and r["fresh_ms"] > 0 for r in saved["buffer_rows"])
-
-
-def test_sampling_benchmark_leaves_a_file_it_did_not_write(load_benchmark, tmp_path):
-    import pytest
-
-    from solc import ArgumentError
-
-    bench = load_benchmark("sampling")
-    notes = tmp_path / "notes.txt"
-    notes.write_text("my notes")
-    with pytest.raises(ArgumentError, match="--out .*notes.txt.* exists and is not a result of"):
-        bench.main(["--out", str(notes)])
-    assert notes.read_text() == "my notes"
