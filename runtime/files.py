@@ -14,6 +14,12 @@ from typing import Callable
 TMP_TAG = ".solc-tmp-"
 
 
+def cache_root() -> Path:
+    """Where solc keeps what it builds or fetches (assets, compiled C kernels): $SOLC_CACHE, default
+    ~/.cache/solc. Here, not in solc.cache, because the runtime's kernels need it too."""
+    return Path(os.environ.get("SOLC_CACHE") or Path.home() / ".cache" / "solc")
+
+
 # -- temporaries -----------------------------------------------------------------------------------
 def temp_sibling(target: Path) -> Path:
     """A fresh name next to `target` for building its replacement (nothing is created)."""

@@ -20,13 +20,10 @@ from pathlib import Path
 from typing import Callable
 
 from runtime.files import (  # noqa: F401  (re-exported: solc.cache is where callers above runtime/ find them)
-    TMP_TAG, atomic_torch_save, atomic_write, atomic_write_bytes, pid_alive, remove_stale_temporaries, temp_sibling)
+    TMP_TAG, atomic_torch_save, atomic_write, atomic_write_bytes, cache_root, pid_alive, remove_stale_temporaries,
+    temp_sibling)
 
 OLD_TAG = ".solc-old"
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("SOLC_CACHE") or Path.home() / ".cache" / "solc")
 
 
 def sha256_file(path: Path) -> str:

@@ -104,7 +104,7 @@ def _cpu_features() -> str:
 
 def library_path() -> Path:
     """Where this machine's build lives: keyed by the sources, the flags, the target and the CPU features."""
-    from solc.cache import cache_root
+    from runtime.files import cache_root
 
     key = hashlib.sha256(b"".join(src.read_bytes() for src in SOURCES + HEADERS) + " ".join(CFLAGS).encode()
                          + (sysconfig.get_platform() + os.uname().machine + _cpu_features()).encode()).hexdigest()[:16]
