@@ -96,17 +96,22 @@ def verify_marker(directory: Path, full: bool = False) -> None:
         raise AssetError(problems[0])
 
 
-def verify_all() -> tuple[list[Path], list[str]]:
-    """(the prepared directories checked, their problems): a full sha256 check of every file of the
-    model and the corpus (and of the multiple-choice data, where it was fetched) against its marker."""
-    from solc.eval_assets import mc_dir  # imports this module: imported late
+def verify_all() -> tuple[list[Path], list[str], list[str]]:
+    """(the prepared directories checked, their problems, the fixes those need): a full sha256 check of
+    every file of the model and the corpus (and of the multiple-choice data, where it was fetched)
+    against its marker."""
+    from solc.eval_assets import REBUILD_MC_HINT, mc_dir  # imports this module: imported late
 
     checks = [(model_dir(), REBUILD_HINT), (shakespeare_dir(), REBUILD_HINT)]
     if mc_dir().exists():  # optional (`make eval-assets`): checked only where it was fetched
-        checks.append((mc_dir(), "rebuild with `python -c 'from solc.eval_assets import prepare_mc; "
-                                 "prepare_mc(force=True)'`"))
-    problems = [p for directory, fix in checks for p in marker_problems(directory, True, fix)]
-    return [d for d, _ in checks], problems
+        checks.append((mc_dir(), REBUILD_MC_HINT))
+    problems, fixes = [], []
+    for directory, fix in checks:
+        found = marker_problems(directory, True, fix)
+        problems += found
+        if found and fix not in fixes:
+            fixes.append(fix)
+    return [d for d, _ in checks], problems, fixes
 
 
 def _ready(directory: Path) -> bool:

@@ -1,6 +1,6 @@
 """Fetch the multiple-choice benchmark data used by `python -m training.evaluate` (set-up time only).
 
-    from solc.eval_assets import prepare_mc; prepare_mc()      # or: python -m solc.eval_assets
+    from solc.eval_assets import prepare_mc; prepare_mc()      # or: python -m solc.eval_assets [--force]
 
 - BIG-bench: the PyPI sdist bigbench==1.0.0 (358 MB, `pip download --no-deps`, never installed); only
   the task.json files of BIGBENCH_TASKS are extracted (read with tarfile).
@@ -73,5 +73,28 @@ def prepare_mc(force: bool = False) -> Path:
     return out
 
 
+REBUILD_MC_HINT = "rebuild with `python -m solc.eval_assets --force`"
+
+
+def main(argv=None) -> None:
+    import argparse
+    import sys
+
+    from runtime.errors import AssetError
+
+    parser = argparse.ArgumentParser(prog="python -m solc.eval_assets", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--force", action="store_true",
+                        help="rebuild the prepared folder (downloads are reused when their sha256 matches)")
+    args = parser.parse_args(argv)
+    try:
+        prepare_mc(force=args.force)
+    except (AssetError, FileNotFoundError) as e:
+        sys.exit(f"solc.eval_assets: {e}")
+    except OSError as e:  # a read-only or full cache: say where, not a traceback
+        sys.exit(f"solc.eval_assets: cannot write the asset cache {cache_root()} ({e.strerror or e}"
+                 f"{': ' + str(e.filename) if e.filename else ''}); make it writable or set SOLC_CACHE to a writable folder")
+
+
 if __name__ == "__main__":
-    prepare_mc()
+    main()

@@ -10,12 +10,11 @@ from solc.cache import cache_root
 
 def verify() -> int:
     """Full sha256 check of every prepared asset against its marker; 0 when all are intact."""
-    checked, problems = assets.verify_all()
+    checked, problems, fixes = assets.verify_all()
     for problem in problems:
         print(f"solc.fetch --verify: {problem}", file=sys.stderr)
     if problems:
-        print(f"solc.fetch --verify: {len(problems)} damaged or missing; fix: python -m solc.fetch --force",
-              file=sys.stderr)
+        print(f"solc.fetch --verify: {len(problems)} damaged or missing; {'; '.join(fixes)}", file=sys.stderr)
         return 1
     print(f"solc: assets intact ({', '.join(map(str, checked))})")
     return 0

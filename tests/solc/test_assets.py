@@ -101,6 +101,42 @@ def test_fetch_verify_names_same_size_corruption(cache_copy, capsys):
     assert "python -m solc.fetch --force" in err and "Traceback" not in err
 
 
+def test_fetch_verify_names_the_fix_of_what_is_damaged(cache_copy, capsys):
+    """Damaged multiple-choice data is rebuilt by solc.eval_assets, not by solc.fetch: the summary line
+    names the fix of each damaged folder and no other."""
+    from solc import eval_assets, fetch
+
+    mc = eval_assets.mc_dir()
+    (mc / "mmlu").mkdir(parents=True)
+    (mc / "mmlu" / "questions.jsonl").write_text('{"q": 1}\n')
+    assets.write_marker(mc, "test")
+    (mc / "mmlu" / "questions.jsonl").write_text('{"q": 2}\n')
+    with pytest.raises(SystemExit) as done:
+        fetch.main(["--verify"])
+    err = capsys.readouterr().err
+    assert done.value.code == 1 and re.search(r"questions.jsonl: corrupt", err)
+    summary = err.strip().splitlines()[-1]
+    assert "python -m solc.eval_assets --force" in summary and "solc.fetch --force" not in summary
+
+
+def test_eval_assets_cli_forces_a_rebuild_and_reports_failures_in_one_line(cache_copy, monkeypatch):
+    from solc import eval_assets
+
+    calls = []
+    monkeypatch.setattr(eval_assets, "prepare_mc", lambda force=False: calls.append(force))
+    eval_assets.main(["--force"])
+    eval_assets.main([])
+    assert calls == [True, False]
+
+    def unreachable(force=False):
+        raise assets.AssetError("could not download bigbench==1.0.0: no network")
+
+    monkeypatch.setattr(eval_assets, "prepare_mc", unreachable)
+    with pytest.raises(SystemExit) as done:
+        eval_assets.main([])
+    assert str(done.value.code) == "solc.eval_assets: could not download bigbench==1.0.0: no network"
+
+
 def test_fetch_on_an_unwritable_cache_is_one_line(cache_copy, monkeypatch, capsys):
     from solc import fetch
 
