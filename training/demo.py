@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -20,7 +21,7 @@ from tqdm import tqdm
 
 import solc
 from runtime import validation
-from runtime.errors import SolcError
+from runtime.errors import ArgumentError, SolcError
 from runtime.policy import PolicySource
 from solc.models import load_compiled
 from runtime.schedulers import DENSE_PREFIX
@@ -50,7 +51,8 @@ def main(argv=None) -> None:
     parser.add_argument("--ppl-contexts", type=int, default=2, help="test windows of 512 tokens for perplexity")
     parser.add_argument("--updates", type=int, default=2, help="GRPO updates of the smoke training run")
     parser.add_argument("--eval-contexts", type=int, default=4, help="held-out contexts for the baseline comparison")
-    parser.add_argument("--out", default="runs/demo", help="where the training run and the artifact go")
+    parser.add_argument("--out", default="runs/demo", help="where the training run and the artifact go: a new or "
+                        "empty folder, or one an earlier demo made (its grpo/ and artifact/ are replaced)")
     args = parser.parse_args(argv)
     try:
         for flag in ("ppl_contexts", "updates", "eval_contexts"):
@@ -61,10 +63,29 @@ def main(argv=None) -> None:
         sys.exit(2)
 
 
+DEMO_MARK = ".solc-demo"  # in --out: the demo made this folder, so its grpo/ and artifact/ are the demo's own
+
+
+def claim_out(out: Path) -> None:
+    """The demo replaces OUT/grpo and OUT/artifact on every run: only in a folder that is new, empty or
+    marked as the demo's, never in one that holds something else (a user's own training run, say: the
+    default `training.grpo --out` is runs/grpo, which `--out runs` would have replaced)."""
+    if os.path.lexists(out) and not out.is_dir():
+        raise ArgumentError("--out", f"--out {out} is a file; the demo needs a folder of its own")
+    if out.is_dir() and not (out / DEMO_MARK).is_file() and any(out.iterdir()):
+        held = ", ".join(sorted(p.name for p in out.iterdir())[:5])
+        raise ArgumentError("--out", f"--out {out} already holds files the demo did not write ({held}); the demo "
+                                     "replaces its own grpo/ and artifact/ on every run, so give it a new or empty "
+                                     "folder (default runs/demo)")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / DEMO_MARK).write_text("written by python -m training.demo; it replaces grpo/ and artifact/ here\n")
+
+
 def _run(args, argv) -> None:
     command = command_line("training.demo", argv)
     start = time.time()
     out = Path(args.out)
+    claim_out(out)  # before the model loads: a refusal costs nothing
 
     print("== 1. load and compile")
     sol, tokenizer = load_compiled(args.model, max_seq_len=512), solc.load_tokenizer(args.model)
