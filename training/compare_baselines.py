@@ -18,12 +18,16 @@ import argparse
 import math
 import sys
 import time
+from pathlib import Path
 
 import torch
 
+from runtime import validation
 from runtime.actions import AXES
+from runtime.errors import ArgumentError
 from runtime.generate import budget_targets
-from runtime.policy import PolicyNet, PolicySource
+from runtime.policy import PolicyFileError, PolicyNet, PolicySource
+from solc.cache import check_replaceable_result
 from training.baselines import matched_baselines
 from training.cli import command_line, write_json
 from training.episodes import rollout
@@ -104,6 +108,18 @@ def _table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def _parse_budget(text: str) -> list[float]:
+    """--budget: one keep fraction for every axis, or three (attn, mlp, bits/16), each in (0, 1]."""
+    try:
+        budget = [float(x) for x in text.split(",")]
+    except ValueError:
+        budget = []
+    if len(budget) not in (1, 3) or not all(0.0 < b <= 1.0 for b in budget):
+        raise ArgumentError("--budget", f"--budget={text!r} is invalid: one number in (0, 1] for every axis, or "
+                                        "three (attn,mlp,bits16)")
+    return budget
+
+
 def main(argv=None) -> int:
     import solc
     from training.grpo import GRPOConfig, build_model, load_training_contexts
@@ -125,8 +141,19 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="also write the results here (with the command)")
     args = p.parse_args(argv)
-
-    policy = PolicyNet.load(args.policy)
+    try:  # before anything loads: a refusal costs nothing
+        for flag in ("contexts", "context_length", "horizon", "samples", "random_draws"):
+            validation.check_int("--" + flag.replace("_", "-"), getattr(args, flag), 1)
+        validation.check_real("--temperature", args.temperature, 0.0, lo_open=True)
+        budget = _parse_budget(args.budget)
+        modes = [m.strip() for m in args.modes.split(",")]
+        if not modes or any(m not in ("greedy", "sample") for m in modes):
+            raise ArgumentError("--modes", f"--modes={args.modes!r} is invalid: greedy and/or sample, comma-separated")
+        if args.json:
+            check_replaceable_result(Path(args.json), "python -m training.compare_baselines", "--json")
+        policy = PolicyNet.load(args.policy)
+    except (ArgumentError, FileNotFoundError, IsADirectoryError, PolicyFileError) as e:
+        p.error(str(e))
     if policy.config.budget_spec.is_cost:
         p.error(f"--policy {args.policy} was trained for a cost budget: compare it at matched cost with "
                 f"python -m training.cost_eval --policies {args.policy} --budgets {args.budget}")
@@ -138,10 +165,9 @@ def main(argv=None) -> int:
     pool = load_training_contexts(cfg, sol.token_embedding.shape[0], split=args.split)
     pick = torch.randperm(len(pool), generator=torch.Generator().manual_seed(args.seed))[: args.contexts]
     contexts = pool[pick]
-    budget = [float(x) for x in args.budget.split(",")]
     targets = budget[0] if len(budget) == 1 else budget
     t0 = time.perf_counter()
-    results = compare(sol, policy, contexts, targets, args.horizon, [m.strip() for m in args.modes.split(",")],
+    results = compare(sol, policy, contexts, targets, args.horizon, modes,
                       args.samples, args.temperature, args.random_draws, args.seed)
     command = command_line("training.compare_baselines", argv)
     print(_table(results))

@@ -16,15 +16,16 @@ import argparse
 import copy
 import json
 import math
-import shlex
-import sys
 from pathlib import Path
 
 import torch
 from torch import nn
 
 import solc
-from runtime import hf_adapter, torchao_adapter
+from runtime import hf_adapter, torchao_adapter, validation
+from runtime.errors import ArgumentError
+from solc.cache import check_replaceable_result
+from training.cli import command_line, write_json
 
 
 def mlp_linear_names(model: nn.Module, sol) -> list[str]:
@@ -74,24 +75,31 @@ def check(model: nn.Module, contexts: torch.Tensor) -> dict:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m training.quant_check", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--corpus", default="shakespeare")
     parser.add_argument("--split", default="test")
     parser.add_argument("--length", type=int, default=512)
     parser.add_argument("--max-contexts", type=int, default=4)
-    parser.add_argument("--out", default="docs/results/quant_check.json")
+    parser.add_argument("--out", default="docs/results/quant_check.json",
+                        help="the JSON written (a file that is not an earlier quant_check result is refused)")
     args = parser.parse_args(argv)
+    try:  # before the model loads: a refusal costs nothing
+        validation.check_int("--length", args.length, 2)
+        validation.check_int("--max-contexts", args.max_contexts, 1)
+        check_replaceable_result(Path(args.out), "python -m training.quant_check", "--out")
+    except ArgumentError as e:
+        parser.error(str(e))
     model = solc.load_model(args.model)
     tokenizer = solc.load_tokenizer(args.model)
     contexts = solc.data.get_contexts(tokenizer, corpus=args.corpus, split=args.split, length=args.length,
                                       max_contexts=args.max_contexts)
     result = check(model, contexts)
-    result["command"] = "python -m training.quant_check " + " ".join(
-        shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    result["command"] = command_line("training.quant_check", argv)
     print(json.dumps(result, indent=2))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    write_json(args.out, result)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,11 @@
 """Perplexity of the base model under each uniform action of the action grid (teacher-forced).
 
     python -m training.uniform_ppl --model smollm2-135m --max-contexts 4 --out docs/uniform_actions_weight
-    python -m training.uniform_ppl --quant activation --out docs/uniform_actions   # the paper's grid
+    python -m training.uniform_ppl --quant activation --out /tmp/uniform_actions_activation   # the paper's grid
 
-Writes <out>.csv and <out>.md (a table with each action's net keep and the command that made it).
+Writes <out>.csv and <out>.md (a table with each action's net keep and the command that made it). An
+existing <out>.csv or <out>.md that this tool did not write (docs/uniform_actions.md, which holds both
+grids' tables and their notes, is one) is refused before the model loads, and left as it is.
 """
 from __future__ import annotations
 
@@ -11,12 +13,15 @@ import argparse
 import csv
 import io
 import math
+import os
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 import solc
+from runtime import validation
+from runtime.errors import ArgumentError
 from solc.cache import atomic_write_bytes
 from training.cli import command_line
 
@@ -39,8 +44,32 @@ def nll_under_action(sol, contexts: torch.Tensor, action: int, dense_prefix: int
     return total, count
 
 
+CSV_HEADER = "attn_keep,mlp_keep,bits,net_keep,ppl,tokens"
+
+
+def _written_here(path: Path) -> bool:
+    """Whether `path` is an earlier output of this tool: its CSV header, or its markdown's shape (the
+    "Teacher-forced, ..." line and the command that made it)."""
+    try:
+        lines = path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError):
+        return False
+    if path.suffix == ".csv":
+        return lines[:1] == [CSV_HEADER]
+    return (len(lines) > 4 and lines[0].startswith("# Perplexity under each uniform action (")
+            and lines[2].startswith("Teacher-forced, ") and lines[4].startswith("    python -m training.uniform_ppl "))
+
+
+def check_own_outputs(out: Path) -> None:
+    for path in (out.with_suffix(".csv"), out.with_suffix(".md")):
+        if os.path.lexists(path) and not _written_here(path):
+            raise ArgumentError("--out", f"--out {out}: {path} exists and is not a table this tool wrote; it is left "
+                                         "as it is: pass another --out")
+
+
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m training.uniform_ppl", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--corpus", default="shakespeare")
     parser.add_argument("--split", default="test")
@@ -52,6 +81,14 @@ def main(argv=None) -> None:
                         help="quant mode: weight (int8/int4 MLP weights, bits 4/8/16) or activation (the paper's, 5/7/16)")
     parser.add_argument("--out", default="docs/uniform_actions_weight", help="output path without extension")
     args = parser.parse_args(argv)
+    try:  # before the model loads: a refusal costs nothing
+        validation.check_int("--dense-prefix", args.dense_prefix, 0)
+        validation.check_int("--length", args.length, args.dense_prefix + 2, why="two positions past --dense-prefix at least")
+        validation.check_int("--max-contexts", args.max_contexts, 1)
+        validation.check_int("--batch", args.batch, 1)
+        check_own_outputs(Path(args.out))
+    except ArgumentError as e:
+        parser.error(str(e))
 
     torch.manual_seed(0)
     model = solc.load_model(args.model)
@@ -70,7 +107,7 @@ def main(argv=None) -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     table = io.StringIO(newline="")
-    writer = csv.DictWriter(table, fieldnames=list(rows[0]))
+    writer = csv.DictWriter(table, fieldnames=CSV_HEADER.split(","))
     writer.writeheader()
     writer.writerows(rows)
     atomic_write_bytes(out.with_suffix(".csv"), table.getvalue().encode())  # an interrupt leaves the old file whole
