@@ -1,6 +1,6 @@
 """The project's main job on the built-in defaults (`make demo`), end to end on CPU in a few minutes:
 
-1. load SmolLM2-135M and compile it with the paper's 27-action grid;
+1. load SmolLM2-135M and compile it with the default 27-action grid (attn x mlp x int4/int8/16-bit weights);
 2. held-out perplexity (Shakespeare test split) dense and at two uniform actions;
 3. train a policy briefly with GRPO (a few updates: a smoke run, not the 17-minute default run);
 4. compare it against the best static mix, Fixed and Random at matched realized cost on held-out contexts;

@@ -6,9 +6,10 @@
     torchrun --nproc_per_node=2 -m training.grpo ...          # data parallel (gloo on CPU, nccl on GPU)
 
 One update (DESIGN.md "Policy and training"):
-  1. Rollouts. `contexts_per_update` training contexts (sharded across ranks); per context a budget
-     target per axis (U[0.1,1] attn, U[0.4,1] mlp, U[0.3125,1] bits/16 on enabled axes, 1.0 on
-     disabled ones), one dense prefill, `group_size` (K) schedules sampled from the policy at the
+  1. Rollouts. `contexts_per_update` training contexts (sharded across ranks); per context one cost
+     target U[cheapest action's cost, 1] (the default cost budget) or, per axis, U[0.1,1] attn,
+     U[0.4,1] mlp, U[cheapest bits/16,1] bits/16 (0.25 with --quant weight, 0.3125 with --quant
+     activation) on enabled axes and 1.0 on disabled ones; one dense prefill, `group_size` (K) schedules sampled from the policy at the
      rollout temperature along the fixed ground-truth tokens for `horizon` (T) steps
      (training/episodes.py).
   2. Rewards. Per step r_t = log p(y_t) under the schedule; discounted returns
