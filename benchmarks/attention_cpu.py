@@ -32,17 +32,20 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from a checkout
+if __name__ == "__main__":  # before torch loads: Ctrl-C during the imports ends with one line
+    from training.startup import quiet_ctrl_c_while_loading
+
+    quiet_ctrl_c_while_loading("attention_cpu.py")
+
+import torch  # noqa: E402
 
 sys.path.append(str(ROOT / "benchmarks"))  # after the repo: benchmarks/training.py must not shadow the training package
 from decode import device_name  # noqa: E402
 from kernel_build import list_arg  # noqa: E402
 from runtime.ops import cpu_attention, library, reference  # noqa: E402
-from runtime.errors import ArgumentError  # noqa: E402
-from solc.cache import check_replaceable_result  # noqa: E402
+import bench_cli  # noqa: E402
 
 LAYERS, HQ, HKV, D = 30, 9, 3, 64  # SmolLM2-135M
 SCALE = 1 / math.sqrt(D)
@@ -141,24 +144,6 @@ def context_valid(kv: str) -> str:
     return "integers >= 16" + ("" if kv == "random" else f" and <= {TEXT_MAX_CONTEXT} (the model's positions)")
 
 
-def check_outputs(p: argparse.ArgumentParser, out: Path, stem: Path) -> None:
-    """Before measuring: --out is a folder (or not there yet), and the JSON / CSV it would write over are
-    absent or earlier results of this script; anything else is the user's and is refused (left as it is)."""
-    if os.path.lexists(out) and not out.is_dir():
-        p.error(f"--out={str(out)!r} is invalid: expected a folder (the JSON and CSV are written into it)")
-    check_replaceable_result(stem.with_suffix(".json"), "python benchmarks/attention_cpu.py", "--out/--tag")
-    table = stem.with_suffix(".csv")
-    if os.path.lexists(table):
-        try:
-            with open(table) as f:
-                first = f.readline()
-        except (OSError, UnicodeDecodeError):
-            first = ""
-        if not first.startswith("# command: python benchmarks/attention_cpu.py"):
-            raise ArgumentError("--out/--tag", f"--out/--tag {str(table)!r} exists and is not a result of "
-                                               "`python benchmarks/attention_cpu.py`; it is left as it is: pass a new path")
-
-
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--kv", choices=("random", "text"), default="random")
@@ -179,8 +164,9 @@ def main(argv=None) -> None:
         p.error(f"--rounds={args.rounds} is invalid: expected an integer >= 1")
     command = "python benchmarks/attention_cpu.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     out = Path(args.out)
-    stem = out / f"attention_cpu_{args.kv}{'_' + args.tag if args.tag else ''}"
-    check_outputs(p, out, stem)
+    name = f"attention_cpu_{args.kv}{'_' + args.tag if args.tag else ''}"
+    bench_cli.check_outputs(p, out, name, "attention_cpu.py")  # before measuring: a foreign file is left as it is
+    json_path, csv_path = out / f"{name}.json", out / f"{name}.csv"  # (not with_suffix: a tag may hold a dot)
     rows = []
     for context in contexts:
         layers = random_layers(context) if args.kv == "random" else text_layers(context)
@@ -215,14 +201,14 @@ def main(argv=None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     meta = {"command": command, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "cpu": device_name(torch.device("cpu"))}
-    stem.with_suffix(".json").write_text(json.dumps({**meta, "rows": rows}, indent=1))
-    with open(stem.with_suffix(".csv"), "w", newline="") as f:
+    json_path.write_text(json.dumps({**meta, "rows": rows}, indent=1))
+    with open(csv_path, "w", newline="") as f:
         f.write(f"# command: {command}\n# device: {meta['cpu']}\n# torch: {meta['torch']}\n")
         w = csv.DictWriter(f, fieldnames=[k for k in rows[0] if k != "ms_rounds"], extrasaction="ignore")
         w.writeheader()
         w.writerows(rows)
-    print(f"written {stem.with_suffix('.json')} and .csv")
+    print(f"written {json_path} and .csv")
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(bench_cli.run(main, "attention_cpu.py"))

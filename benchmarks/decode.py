@@ -67,31 +67,42 @@ Prints a table and writes JSON + CSV (command, device, torch version, date, band
 from __future__ import annotations
 
 import os
-os.environ.setdefault("SOLC_CPU_FAST", "1")  # measure the CPU fast paths (on by default; SOLC_CPU_FAST=0 turns them off)
-import argparse
-import csv
-import datetime
-import gc
-import io
-import json
-import math
-import os
-import platform
-import shlex
-import statistics
 import sys
-import time
 from pathlib import Path
 
-import torch
+os.environ.setdefault("SOLC_CPU_FAST", "1")  # measure the CPU fast paths (on by default; SOLC_CPU_FAST=0 turns them off)
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+if __name__ == "__main__":  # before torch loads: Ctrl-C during the imports ends with one line
+    from training.startup import quiet_ctrl_c_while_loading
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    quiet_ctrl_c_while_loading("decode.py")
 
+import argparse  # noqa: E402
+import csv  # noqa: E402
+import datetime  # noqa: E402
+import gc  # noqa: E402
+import io  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import platform  # noqa: E402
+import shlex  # noqa: E402
+import statistics  # noqa: E402
+import time  # noqa: E402
+
+import torch  # noqa: E402
+
+sys.path.append(str(ROOT / "benchmarks"))  # after the repo: benchmarks/training.py must not shadow the training package
+
+import bench_cli  # noqa: E402
 import solc  # noqa: E402
 from solc import data as solc_data  # noqa: E402
 from solc.cache import atomic_write_bytes  # noqa: E402
+from solc.models import resolve_device  # noqa: E402
 from runtime import hf_adapter  # noqa: E402
+from runtime.actions import ActionSpace  # noqa: E402
 from runtime.cost_model import BytesCostModel  # noqa: E402
+from runtime.errors import ArgumentError  # noqa: E402
 from runtime.dispatch import StepDispatcher  # noqa: E402
 from runtime.generate import budget_targets  # noqa: E402
 from runtime.stepper import Stepper  # noqa: E402
@@ -774,6 +785,7 @@ def write_outputs(out_dir: Path, stem: str, meta: dict, rows: list[dict], table:
     for r in rows:
         writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
     atomic_write_bytes(cpath, text.getvalue().encode())
+    bench_cli.WRITTEN[:] = [jpath, cpath]
     return [jpath, cpath]
 
 
@@ -791,7 +803,45 @@ def axes_subset(space) -> list[int]:
 
 
 def ints(s: str) -> list[int]:
-    return [int(x) for x in s.split(",") if x.strip()]
+    """A comma-separated list of integers >= 1 (an option's type: argparse names the option on an error)."""
+    try:
+        values = [int(x) for x in s.split(",")]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"{s!r} is invalid: expected comma-separated integers >= 1")
+    return values
+
+
+def parse_actions(p: argparse.ArgumentParser, text: str, space) -> list[int]:
+    """--actions as action indices of `space`, or p.error naming the option and what is valid."""
+    if text == "all":
+        return list(range(len(space)))
+    if text == "axes":
+        return axes_subset(space)
+    if text == "none":
+        return []
+    try:
+        actions = [int(x) for x in text.split(",")]
+    except ValueError:
+        actions = None
+    if not actions or not all(0 <= a < len(space) for a in actions):
+        p.error(f"--actions={text} is invalid: expected all, axes, none, auto or comma-separated action indices "
+                f"in 0..{len(space) - 1}")
+    return actions
+
+
+def check_values(p: argparse.ArgumentParser, args) -> None:
+    """The numeric options' ranges (before anything is measured or loaded); p.error names the option."""
+    for option, lo in (("steps", 1), ("rounds", 1), ("warmup", 0), ("bandwidth_mib", 1), ("generate", 0),
+                       ("generate_rounds", 1), ("prompt_len", 1)):
+        value = getattr(args, option)
+        if value is not None and value < lo:
+            p.error(f"--{option.replace('_', '-')}={value} is invalid: expected an integer >= {lo}")
+    for option in ("budget", "generate_budget"):
+        value = getattr(args, option)
+        if not 0 < value <= 1:
+            p.error(f"--{option.replace('_', '-')}={value:g} is invalid: expected a number in (0, 1] (net keep)")
 
 
 def main(argv=None) -> int:
@@ -840,24 +890,32 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.kv == "text" and not args.pretrained:
         p.error("--kv text needs --pretrained (the model's cache of real text)")
+    if args.pretrained and args.model != "smollm2-135m":
+        p.error("--pretrained is available for smollm2-135m only")
+    check_values(p, args)
 
     args.threads = args.threads or [torch.get_num_threads()]
     torch.set_num_threads(args.threads[0])
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if args.device == "auto" else args.device)
+    try:
+        device = resolve_device(args.device, "--device")
+    except ArgumentError as e:
+        p.error(str(e))
     dtype = DTYPES[args.dtype] if args.dtype != "auto" else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     cpu = device.type == "cpu"
     if args.quick:
-        args.steps = args.steps or 2
+        args.steps = args.steps if args.steps is not None else 2
         args.warmup = args.warmup if args.warmup is not None else 1
-        args.rounds = args.rounds or 1
+        args.rounds = args.rounds if args.rounds is not None else 1
         if args.actions == "auto":
             args.actions = "0,13,26"
-    args.steps = args.steps or (1 if cpu else 25)
-    args.rounds = args.rounds or (8 if cpu else 4)
+    args.steps = args.steps if args.steps is not None else (1 if cpu else 25)
+    args.rounds = args.rounds if args.rounds is not None else (8 if cpu else 4)
     args.warmup = args.warmup if args.warmup is not None else (0 if cpu else 5)
     if args.actions == "auto":
         args.actions = "axes" if cpu else "all"
+    actions = parse_actions(p, args.actions, ActionSpace())  # solc.compile's default grid, before the model loads
+    stem = f"decode_{device.type}_{args.model}" + (f"_{args.tag}" if args.tag else "")
+    bench_cli.check_outputs(p, Path(args.out), stem, "decode.py")
     command = "python benchmarks/decode.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     started = datetime.datetime.now(datetime.timezone.utc)
     load_start = os.getloadavg()
@@ -874,8 +932,6 @@ def main(argv=None) -> int:
         + args.rounds * (args.warmup + args.steps)
     args.text_caches = {}
     if args.pretrained:
-        if args.model != "smollm2-135m":
-            p.error("--pretrained is available for smollm2-135m only")
         model = solc.load_model("smollm2-135m", dtype=dtype, device=device)
         weights = "pretrained SmolLM2-135M-Instruct"
         trained = hf_adapter.max_positions(model)
@@ -892,17 +948,7 @@ def main(argv=None) -> int:
     sol = solc.compile(model, max_seq_len=max_context + args.warmup + args.steps + 8)
     print(f"solc.compile: {time.perf_counter() - t:.1f}s", flush=True)
     space = sol.space
-    if args.actions == "all":
-        actions = list(range(len(space)))
-    elif args.actions == "axes":
-        actions = axes_subset(space)
-    elif args.actions == "none":
-        actions = []
-    else:
-        actions = ints(args.actions)
-    bad = [a for a in actions if not 0 <= a < len(space)]
-    if bad:
-        p.error(f"--actions {bad} outside 0..{len(space) - 1}")
+    actions = parse_actions(p, args.actions, space)  # the compiled grid: the default one, checked above
     policy_bytes = 0
     if not args.no_policy:
         with torch.random.fork_rng(devices=[]):
@@ -912,7 +958,6 @@ def main(argv=None) -> int:
     floor = Floor(sol, model, policy_bytes)
 
     rows: list[dict] = []
-    stem = f"decode_{device.type}_{args.model}" + (f"_{args.tag}" if args.tag else "")
 
     def save(complete: bool) -> dict:
         """Write the rows so far (after every configuration, so an interrupted run keeps what it measured;
@@ -995,4 +1040,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(bench_cli.run(main, "decode.py"))

@@ -34,8 +34,16 @@ Prints a table and writes JSON + CSV (with the command) under --out, after every
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
 
 os.environ.setdefault("SOLC_CPU_FAST", "1")  # measure the CPU fast paths (on by default; SOLC_CPU_FAST=0 turns them off)
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run as a script from a checkout
+if __name__ == "__main__":  # before torch loads: Ctrl-C during the imports ends with one line
+    from training.startup import quiet_ctrl_c_while_loading
+
+    quiet_ctrl_c_while_loading("generate_cost.py")
 
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
@@ -45,20 +53,21 @@ import io  # noqa: E402
 import json  # noqa: E402
 import shlex  # noqa: E402
 import statistics  # noqa: E402
-import sys  # noqa: E402
 import time  # noqa: E402
 from datetime import datetime, timezone  # noqa: E402
-from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # run as a script from a checkout
+sys.path.append(str(ROOT / "benchmarks"))  # after the repo: benchmarks/training.py must not shadow the training package
 
-from solc.cache import atomic_write_bytes, check_replaceable_result  # noqa: E402
+import bench_cli  # noqa: E402
+from runtime.budget import BudgetSpec  # noqa: E402
+from runtime.errors import ArgumentError, SolcError  # noqa: E402
+from solc.cache import atomic_write_bytes  # noqa: E402
 from runtime.cost_model import BytesCostModel, device_name, predicted_decode_ms, realized_cost  # noqa: E402
 from runtime.ops import cpu_policy  # noqa: E402
 from runtime.policy import PolicyNet, PolicySource  # noqa: E402
+from runtime import validation  # noqa: E402
 
 
 def summarize(times: dict, outs: dict, measured, bytes_model, space, prompt_len: int) -> tuple[list[dict], str, list[str]]:
@@ -148,6 +157,7 @@ def write_outputs(out_dir: Path, stem: str, meta: dict, rows: list[dict], table:
     for r in rows:
         w.writerow([r[k] for k in keys])
     atomic_write_bytes(out_dir / f"{stem}.csv", text.getvalue().encode())
+    bench_cli.WRITTEN[:] = [out_dir / f"{stem}.json", out_dir / f"{stem}.csv"]
 
 
 
@@ -170,16 +180,38 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.repeats < 1:
         p.error(f"--repeats must be >= 1 (timed rounds after the untimed one), got {args.repeats}")
+    shortest = max(validation.MIN_SEQ_LEN, GRPOConfig().horizon + 2)  # what load_training_contexts' config takes
+    for option, value, lo, why in (("--threads", args.threads, 1, ""), ("--calibration-rounds", args.calibration_rounds, 1, ""),
+                                   ("--prompt-len", args.prompt_len, shortest, " (the training corpus' shortest context)"),
+                                   ("--new-tokens", args.new_tokens, 2, " (decode time = the dense call less the prefill "
+                                                                        "row's one-token call)")):
+        if value < lo:
+            p.error(f"{option}={value} is invalid: expected an integer >= {lo}{why}")
     stem = "generate_cost_cpu" + (f"_{args.tag}" if args.tag else "")
-    check_replaceable_result(Path(args.out) / f"{stem}.json", "python benchmarks/generate_cost.py", "--out/--tag")
+    bench_cli.check_outputs(p, Path(args.out), stem, "generate_cost.py")
     torch.set_num_threads(args.threads)
 
-    policy = PolicyNet.load(args.policy).eval()
+    try:
+        policy = PolicyNet.load(args.policy).eval()
+    except (OSError, SolcError) as e:
+        p.error(f"--policy={args.policy!r} is invalid: {e}")
     space = policy.space
+    try:  # the policy's own cost range (generate checks it only after the calibration)
+        if policy.config.budget is not None:
+            BudgetSpec.from_dict(policy.config.budget).targets(args.budget, 1, space, "--budget")
+        elif not 0 < args.budget <= 1:
+            raise ArgumentError("--budget", f"--budget={args.budget} is invalid: expected a number in (0, 1]")
+    except ArgumentError as e:
+        p.error(str(e))
     cfg = GRPOConfig(actions=list(space.axes), levels={a: list(v) for a, v in space.levels.items()}, quant=space.quant,
                      context_length=args.prompt_len, model=args.model, corpus=args.corpus)
     end = args.prompt_len + args.new_tokens
-    sol = build_model(dataclasses.replace(cfg, context_length=end + 1))  # room for the new tokens
+    try:
+        sol = build_model(dataclasses.replace(cfg, context_length=end + 1))  # room for the new tokens
+    except ArgumentError as e:
+        if e.argument != "--context-length":
+            raise
+        p.error(f"--prompt-len + --new-tokens = {end} does not fit --model {args.model}: {e}")
     prompt = load_training_contexts(cfg, sol.token_embedding.shape[0], split="test")[:1]
     src = PolicySource(policy, greedy=True)
     measured = solc.calibrate_cost_model(sol, contexts=(args.prompt_len, end), rounds=args.calibration_rounds,
@@ -202,7 +234,7 @@ def main(argv=None) -> int:
     }
     times: dict[str, list[float]] = {k: [] for k in calls}
     outs = {}
-    meta = {"command": "python benchmarks/generate_cost.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
+    meta = {"command": "python benchmarks/generate_cost.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])),
             "device": device_name("cpu"), "torch": torch.__version__,
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "args": vars(args),
             "measured_cost_model": measured.to_dict(), "decision_ms_side_by_side": decisions}
@@ -227,4 +259,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(bench_cli.run(main, "generate_cost.py"))

@@ -14,10 +14,15 @@ import sys
 import tempfile
 from pathlib import Path
 
-import torch
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+if __name__ == "__main__":  # before torch loads: Ctrl-C during the imports ends with one line
+    from training.startup import quiet_ctrl_c_while_loading
+
+    quiet_ctrl_c_while_loading("hugepages_ab.py")
+
+import torch  # noqa: E402
+
 sys.path.append(str(ROOT / "benchmarks"))
 
 import attention_ab  # noqa: E402
@@ -72,4 +77,6 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    import bench_cli
+
+    sys.exit(bench_cli.run(main, "hugepages_ab.py"))

@@ -21,10 +21,15 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+if __name__ == "__main__":  # before torch loads: Ctrl-C during the imports ends with one line
+    from training.startup import quiet_ctrl_c_while_loading
+
+    quiet_ctrl_c_while_loading("int4_ab.py")
+
+import torch  # noqa: E402
+
 sys.path.append(str(ROOT / "benchmarks"))  # after the repo: benchmarks/training.py must not shadow the training package
 
 import attention_cpu  # noqa: E402
@@ -142,4 +147,6 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    import bench_cli
+
+    sys.exit(bench_cli.run(main, "int4_ab.py"))

@@ -28,34 +28,46 @@ Timings: median of triton.testing.do_bench (launches from Python, each call) and
 triton.testing.do_bench_cudagraph (replayed CUDA graph: what the runtime's decode loop sees). speedup
 columns are dense / kernel for each. max_err is the kernel vs the reference implementation (float32).
 
-Writes JSON and CSV (command line, device name, torch/triton versions, date) under --out.
+Writes JSON and CSV (command line, device name, torch/triton versions, date) under --out, after every
+section (meta "complete" turns true after the last): an interrupted run keeps the sections it finished.
 Targets (issue 4): mlp-in keep 0.5 at Llama-3.2-1B / Llama-3.1-8B shapes >= 1.6x dense (batch 1);
 attn keep 0.1 at context >= 16k >= 4x dense decode attention. The summary says which hold.
 """
 from __future__ import annotations
 
-import argparse
-import csv
-import datetime
-import json
-import math
 import os
-import platform
-import shlex
 import sys
 from pathlib import Path
 
-import torch
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+if __name__ == "__main__":  # before torch loads: Ctrl-C during the imports ends with one line
+    from training.startup import quiet_ctrl_c_while_loading
+
+    quiet_ctrl_c_while_loading("kernels.py")
+
+import argparse  # noqa: E402
+import csv  # noqa: E402
+import datetime  # noqa: E402
+import io  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import platform  # noqa: E402
+import shlex  # noqa: E402
+
+import torch  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.append(str(ROOT / "benchmarks"))  # after the repo: benchmarks/training.py must not shadow the training package
 
 import torch.nn.functional as F  # noqa: E402
 
+import bench_cli  # noqa: E402
 from runtime.ops import reference as ref  # noqa: E402
+from solc.cache import atomic_write_bytes  # noqa: E402
 
 MODELS = {  # d_model, d_ffn, query heads, KV heads, head dim
     "smollm2-135m": dict(d=576, ffn=1536, hq=9, hkv=3, hd=64),
@@ -73,25 +85,47 @@ def _ints(s: str) -> list[int]:
     return [int(v) for v in s.split(",") if v]
 
 
+SECTIONS = ("mlp-in", "mlp", "quant", "lowbit", "attn")
+# option: (default, --quick's value, parse, valid, what is valid)
+LISTS = {
+    "sections": (",".join(SECTIONS), None, str, lambda v: v in SECTIONS, f"comma-separated sections of {', '.join(SECTIONS)}"),
+    "models": (",".join(MODELS), None, str, lambda v: v in MODELS, f"comma-separated models of {', '.join(MODELS)}"),
+    "rows": ("1,4,16", "1,16", int, lambda v: v >= 1, "comma-separated integers >= 1"),
+    "mlp_keeps": ("0.25,0.4,0.5,0.6,0.8,1.0", "0.5,1.0", float, lambda v: 0 < v <= 1, "comma-separated numbers in (0, 1]"),
+    "bits": ("5,7,8,16", "5,16", float, lambda v: v >= 2, "comma-separated numbers >= 2 (16 and up: unquantized)"),
+    "attn_keeps": ("0.1,0.25,0.6,1.0", "0.1,1.0", float, lambda v: 0 < v <= 1, "comma-separated numbers in (0, 1]"),
+    "contexts": ("1024,2048,4096,8192,16384,32768", "4096,16384", int, lambda v: v >= 1, "comma-separated integers >= 1"),
+    "attn_batches": ("1,8", "1", int, lambda v: v >= 1, "comma-separated integers >= 1"),
+}
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sections", default="mlp-in,mlp,quant,lowbit,attn")
-    p.add_argument("--models", default=",".join(MODELS))
+    helps = {"rows": "MLP tokens per call (decode batch)"}
+    for option, (default, quick, _, _, _) in LISTS.items():
+        given = f"; --quick: {quick}" if quick else ""
+        p.add_argument(f"--{option.replace('_', '-')}", default=None,
+                       help=f"{helps.get(option, 'comma-separated')} (default {default}{given})")
     p.add_argument("--dtype", default="bfloat16", choices=list(DTYPES))
-    p.add_argument("--rows", default="1,4,16", help="MLP tokens per call (decode batch)")
-    p.add_argument("--mlp-keeps", default="0.25,0.4,0.5,0.6,0.8,1.0")
-    p.add_argument("--bits", default="5,7,8,16")
-    p.add_argument("--attn-keeps", default="0.1,0.25,0.6,1.0")
-    p.add_argument("--contexts", default="1024,2048,4096,8192,16384,32768")
-    p.add_argument("--attn-batches", default="1,8")
     p.add_argument("--no-autotune", action="store_true", help="launch heuristics only")
     p.add_argument("--no-graph", action="store_true", help="skip the CUDA-graph timings")
-    p.add_argument("--quick", action="store_true", help="a few levels and contexts")
+    p.add_argument("--quick", action="store_true", help="a few levels and contexts (the lists not given)")
     p.add_argument("--out", default="benchmarks/results")
     args = p.parse_args(argv)
-    if args.quick:
-        args.rows, args.mlp_keeps, args.bits = "1,16", "0.5,1.0", "5,16"
-        args.attn_keeps, args.contexts, args.attn_batches = "0.1,1.0", "4096,16384", "1"
+    for option, (default, quick, parse, ok, valid) in LISTS.items():
+        text = getattr(args, option)
+        if text is None:
+            text = quick if args.quick and quick else default
+        try:
+            values = [parse(v) for v in text.split(",")]
+        except ValueError:
+            values = []
+        if not values or not all(ok(v) for v in values):
+            p.error(f"--{option.replace('_', '-')}={text} is invalid: expected {valid}")
+        setattr(args, option, text)
+    if os.path.lexists(args.out) and not Path(args.out).is_dir():
+        p.error(f"--out={args.out!r} is invalid: expected a folder (the JSON and CSV are written into it)")
+    args.command = "python benchmarks/kernels.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     return args
 
 
@@ -356,25 +390,31 @@ def targets(rows) -> list[str]:
     return out
 
 
-def write(args, rows, device_name):
+def write(args, rows, device_name, started: datetime.datetime | None = None, done: list[str] | None = None):
+    """out/kernels-<start time>.json and .csv, each written whole and renamed over the previous section's;
+    `done`: the sections run so far (complete once every one of --sections has; None: all of them)."""
     import triton
 
+    started = started or datetime.datetime.now()
+    done = args.sections.split(",") if done is None else done
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    meta = dict(command=" ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]), device=device_name,
+    meta = dict(command=args.command, complete=done == args.sections.split(","), device=device_name,
                 torch=torch.__version__, triton=triton.__version__, python=platform.python_version(),
-                date=datetime.datetime.now().isoformat(timespec="seconds"), dtype=args.dtype,
-                autotune=not args.no_autotune)
+                date=started.isoformat(timespec="seconds"), dtype=args.dtype,
+                autotune=not args.no_autotune, sections_done=list(done))
     summary = targets(rows)
-    base = out / f"kernels-{stamp}"
-    base.with_suffix(".json").write_text(json.dumps(dict(meta=meta, targets=summary, rows=rows), indent=1))
-    with open(base.with_suffix(".csv"), "w", newline="") as f:
-        for k, v in meta.items():
-            f.write(f"# {k}: {v}\n")
-        w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
-        w.writeheader()
-        w.writerows(rows)
+    base = out / f"kernels-{started.strftime('%Y%m%d-%H%M%S')}"
+    json_path, csv_path = out / f"{base.name}.json", out / f"{base.name}.csv"
+    atomic_write_bytes(json_path, json.dumps(dict(meta=meta, targets=summary, rows=rows), indent=1).encode())
+    text = io.StringIO(newline="")
+    for k, v in meta.items():
+        text.write(f"# {k}: {v}\n")
+    w = csv.DictWriter(text, fieldnames=COLUMNS, extrasaction="ignore")
+    w.writeheader()
+    w.writerows(rows)
+    atomic_write_bytes(csv_path, text.getvalue().encode())
+    bench_cli.WRITTEN[:] = [json_path, csv_path]
     return base, summary
 
 
@@ -429,6 +469,9 @@ def cpu_sanity() -> bool:
     return bool(ok)
 
 
+RUNNERS = {"mlp-in": run_mlp_in, "mlp": run_mlp, "quant": run_quant, "lowbit": run_lowbit, "attn": run_attn}
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if not HAS_CUDA:
@@ -444,11 +487,13 @@ def main(argv=None) -> int:
     print(f"device: {device_name}   dtype: {args.dtype}   autotune: {not args.no_autotune}")
     print("  ".join(f"{c:>12}" for c in COLUMNS))
     rows: list[dict] = []
-    runners = {"mlp-in": run_mlp_in, "mlp": run_mlp, "quant": run_quant, "lowbit": run_lowbit, "attn": run_attn}
+    started = datetime.datetime.now()
+    done: list[str] = []
     with torch.no_grad():
         for section in args.sections.split(","):
-            runners[section](args, dtype, dev, graph, rows)
-    base, summary = write(args, rows, device_name)
+            RUNNERS[section](args, dtype, dev, graph, rows)
+            done.append(section)
+            base, summary = write(args, rows, device_name, started, done)  # an interrupted run keeps the sections done
     print("\ntargets:")
     for line in summary:
         print("  " + line)
@@ -457,4 +502,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(bench_cli.run(main, "kernels.py"))

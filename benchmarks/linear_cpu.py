@@ -47,7 +47,10 @@ def main(argv=None) -> int:
                            ("--steps", [args.steps]), ("--rounds", [args.rounds])):
         if min(values) < 1:
             p.error(f"{option}={' '.join(map(str, values))} is invalid: expected integers >= 1")
-    check_replaceable_result(args.out, "python -m benchmarks.linear_cpu", "--out")
+    try:  # a refusal is one line (exit 2), not a traceback
+        check_replaceable_result(args.out, "python -m benchmarks.linear_cpu", "--out")
+    except ArgumentError as e:
+        p.error(str(e))
     command = "python -m benchmarks.linear_cpu " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     model = solc.load_model("smollm2-135m", dtype=torch.float32)
     try:

@@ -131,7 +131,10 @@ def main(argv=None) -> None:
             parser.error(f"{option}={' '.join(map(str, values))} is invalid: expected integers >= 1")
     if args.layer < 0:
         parser.error(f"--layer={args.layer} is invalid: expected an integer >= 0")
-    check_replaceable_result(args.out, "python -m benchmarks.mlp_cpu", "--out")
+    try:  # a refusal is one line (exit 2), not a traceback
+        check_replaceable_result(args.out, "python -m benchmarks.mlp_cpu", "--out")
+    except ArgumentError as e:
+        parser.error(str(e))
     command = "python -m benchmarks.mlp_cpu " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     model = solc.load_model(args.model)
     layers = len(model.model.layers)

@@ -34,6 +34,7 @@ from runtime.cost_model import device_name  # noqa: E402
 from runtime.generate import _Sampler, _sample  # noqa: E402
 from runtime.ops import cpu_sample  # noqa: E402
 from solc.cache import atomic_write_bytes, check_replaceable_result  # noqa: E402
+from runtime.errors import ArgumentError  # noqa: E402
 
 
 def model_logits(positions: int) -> torch.Tensor:
@@ -103,7 +104,10 @@ def main(argv=None) -> int:
         p.error(f"--rounds={args.rounds} is invalid: expected an integer >= 1")
     if args.threads < 1:
         p.error(f"--threads={args.threads} is invalid: expected an integer >= 1")
-    check_replaceable_result(args.out, "python benchmarks/sampling.py", "--out")
+    try:  # a refusal is one line (exit 2), not a traceback
+        check_replaceable_result(args.out, "python benchmarks/sampling.py", "--out")
+    except ArgumentError as e:
+        p.error(str(e))
     torch.set_num_threads(args.threads)
     logits = model_logits(POSITIONS)
     # first: fresh temporaries fault in or not with the allocator's state, which the top-p runs change

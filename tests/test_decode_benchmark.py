@@ -68,3 +68,5 @@ def test_an_interrupted_run_keeps_the_rows_it_measured(decode_bench, monkeypatch
     csv_text = (tmp_path / "decode_cpu_smollm2-135m_cut.csv").read_text()
     assert csv_text.startswith("# complete: False")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["decode_cpu_smollm2-135m_cut.csv", "decode_cpu_smollm2-135m_cut.json"]
+    # what the command line's one-line Ctrl-C message says was kept (benchmarks/bench_cli.py)
+    assert f"the results measured so far are in {tmp_path / 'decode_cpu_smollm2-135m_cut.json'}" in decode_bench.bench_cli.kept()
