@@ -101,7 +101,7 @@ from solc.cache import atomic_write_bytes  # noqa: E402
 from solc.models import resolve_device  # noqa: E402
 from runtime import hf_adapter  # noqa: E402
 from runtime.actions import ActionSpace  # noqa: E402
-from runtime.cost_model import BytesCostModel  # noqa: E402
+from runtime.cost_model import BytesCostModel, cpu_name  # noqa: E402
 from runtime.errors import ArgumentError  # noqa: E402
 from runtime.dispatch import StepDispatcher  # noqa: E402
 from runtime.generate import budget_targets  # noqa: E402
@@ -133,17 +133,7 @@ def sync(device: torch.device) -> None:
 
 
 def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"cpu: {cpu}"
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu: {cpu_name()}"
 
 
 class BandwidthProbe:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import bisect
 import math
+import platform
 from dataclasses import asdict, dataclass
 from typing import Sequence
 
@@ -184,12 +185,25 @@ class MeasuredCostModel:
         return cls(**{k: v for k, v in d.items() if k not in ("kind", "version")})
 
 
+def cpu_name() -> str:
+    """The CPU's model name (Linux: /proc/cpuinfo), else what the platform module knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
 def device_name(device) -> str:
-    """What a measured table is tied to: the GPU's name, or the CPU and its thread count."""
+    """What a measured table is tied to: the GPU's name, or the CPU's model and the thread count (a
+    table measured on another CPU model is refused like one from another GPU)."""
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"cpu ({torch.get_num_threads()} threads)"
+    return f"cpu: {cpu_name()} ({torch.get_num_threads()} threads)"
 
 
 def _check_version(d: dict, kind: str) -> None:

@@ -69,6 +69,23 @@ def test_cost_budget_outside_the_feasible_range_names_it(sol, bad):
         sol.score(_prompt(length=24), 20, budget=bad)
 
 
+def test_a_measured_model_from_another_cpu_model_is_refused_unless_forced(sol, monkeypatch):
+    """The device a CPU table is tied to names the CPU's model, not only "cpu" and the thread count: a
+    table calibrated on one CPU and shipped (export) to another is refused, as one from another GPU is."""
+    from runtime import cost_model
+
+    here = device_name("cpu")
+    assert cost_model.cpu_name() in here and f"({torch.get_num_threads()} threads)" in here
+    lat = [[BytesCostModel.for_model(sol).step_cost(a, n) / 1e6 for n in (16, 64)] for a in sol.space]
+    sol.cost_model = MeasuredCostModel(here, 2, [16, 64], lat)
+    sol.generate(_prompt(), budget=0.8, max_new_tokens=4)  # this CPU: accepted
+    monkeypatch.setattr(cost_model, "cpu_name", lambda: "Some Other CPU 9000")
+    with pytest.raises(CostModelError, match=r"measured on 'cpu: .*' at batch 2, not on 'cpu: Some Other CPU 9000 "
+                                             r"\(\d+ threads\)' at batch 2.*force=True"):
+        sol.generate(_prompt(), budget=0.8, max_new_tokens=4)
+    assert sol.generate(_prompt(), budget=0.8, max_new_tokens=4, force=True).budget["cost_model"] == "measured"
+
+
 def test_a_measured_model_from_another_device_or_batch_is_refused_unless_forced(sol):
     A = len(sol.space)
     bytes_model = BytesCostModel.for_model(sol)
