@@ -43,6 +43,9 @@ def check_outputs(parser, out: Path, stem: str, script: str, suffixes=(".json", 
     from solc.cache import check_replaceable_result
 
     out = Path(out)
+    if Path(stem).name != stem or stem in (".", ".."):  # a --tag holding a path would write outside --out
+        raise ArgumentError("--tag", f"--tag makes the result name {stem!r}, which is not a plain file name: use a "
+                                     "tag without '/'")
     if os.path.lexists(out) and not out.is_dir():
         parser.error(f"--out={str(out)!r} is invalid: expected a folder (the results are written into it)")
     command = f"python benchmarks/{script}"

@@ -291,3 +291,12 @@ def test_a_refused_output_is_one_line_from_the_command_line(tmp_path, script, ar
     assert err.strip() == (f"{script}: error: --out/--tag {str(tmp_path / name)!r} exists and is not a result of "
                            f"`python benchmarks/{script}`; it is left as it is: pass a new path")
     assert (tmp_path / name).read_text() == '{"mine": 1}'
+
+
+def test_a_tag_with_a_slash_is_refused(tmp_path, load_benchmark):
+    import argparse
+
+    bench_cli = load_benchmark("bench_cli")
+    with pytest.raises(ArgumentError, match=r"--tag makes the result name 'decode_cpu_m_../x'"):
+        bench_cli.check_outputs(argparse.ArgumentParser(), tmp_path / "out", "decode_cpu_m_../x", "decode.py")
+    assert not (tmp_path / "x.json").exists()
