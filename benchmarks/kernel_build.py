@@ -66,20 +66,19 @@ def check_json(parser: argparse.ArgumentParser, out: str | None, stem: str, tag:
     """Before measuring: --out is a folder (or not there yet), and out/stem[_tag].json is absent or an
     earlier result of benchmarks/`script`; anything else is the user's and is refused (left as it is)."""
     if out:
-        if os.path.lexists(out) and not Path(out).is_dir():
-            parser.error(f"--out={out!r} is invalid: expected a folder (the JSON is written into it)")
-        from solc.cache import check_replaceable_result
+        import bench_cli
 
-        check_replaceable_result(Path(out) / f"{stem}{'_' + tag if tag else ''}.json", f"python benchmarks/{script}",
-                                 "--out/--tag")
+        bench_cli.check_outputs(parser, Path(out), f"{stem}{'_' + tag if tag else ''}", script, suffixes=(".json",))
 
 
 def write_json(out: str | None, stem: str, tag: str, result: dict) -> None:
-    """The A/B's result as out/stem[_tag].json (nothing without --out)."""
+    """The A/B's result as out/stem[_tag].json (nothing without --out), written whole or not at all."""
     if out:
+        from solc.cache import atomic_write_bytes
+
         path = Path(out) / f"{stem}{'_' + tag if tag else ''}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(result, indent=1))
+        atomic_write_bytes(path, json.dumps(result, indent=1).encode())
         print(f"written {path}")
 
 
