@@ -31,9 +31,13 @@ adherence), command.txt, and TensorBoard scalars under tb/ (tag <eval>/<method>/
 round(100 * requested budget), or round(100 * net keep) for uniform actions). For a cost-budget policy:
 report.md, results.json and command.txt. A tqdm bar tracks contexts and questions. The finished parts
 (random search, each perplexity chunk, the matched baselines, each multiple-choice task) are kept in
---out/progress.partial.pt while it runs: the same command after an interrupt (Ctrl-C: exit 130) resumes
-there, with the same results. An --out that holds a training run is refused, and one that holds another
-evaluation (a different command.txt) unless --overwrite replaces it.
+--out/progress.partial.pt while it runs, until every output is written: the same command after an
+interrupt (Ctrl-C: exit 130) resumes there, with the same results. An --out that holds a training run is
+refused, and one that holds another evaluation (a different command.txt) unless --overwrite replaces it;
+files of an evaluation's names that no evaluation wrote (no command.txt of training.evaluate) are never
+replaced. Options are checked before the model loads (also the actions --uniform and uniform:<i> name,
+and the multiple-choice files), each error one line naming the option; so is an evaluation of nothing
+(no method to run, or --test-contexts 0 without --mc-tasks) and a budget or method given twice.
 """
 from __future__ import annotations
 
@@ -58,7 +62,7 @@ import torch
 from torch import Tensor
 
 from runtime import validation
-from runtime.actions import AXES
+from runtime.actions import AXES, ActionSpace
 from runtime.errors import ArgumentError, ArgumentTypeError, SolcError
 from solc.models import DTYPES, resolve_device, resolve_dtype
 from training.baselines import (Composite, MatchedBaselines, SearchResult, axis_targets, build_source,
@@ -108,6 +112,10 @@ class EvalConfig:
         if not isinstance(self.budgets, (list, tuple)) or not self.budgets:
             _bad("budgets", self.budgets, "at least one budget: a number in (0, 1] or an attn/mlp/bits16 triple")
         self.budgets = [check_budget_value(b) for b in self.budgets]
+        keys = [target_key(b) for b in self.budgets]
+        twice = next((b for b, k in zip(self.budgets, keys) if keys.count(k) > 1), None)
+        if twice is not None:
+            _bad("budgets", twice, "each budget once (0.6 and 0.6/0.6/0.6 are the same target)")
         for name in ("methods", "mc_methods"):
             methods = getattr(self, name)
             if methods is None and name == "mc_methods":
@@ -117,6 +125,8 @@ class EvalConfig:
             for m in methods:
                 if m not in DEFAULT_METHODS and not (m.startswith("uniform:") and m.split(":", 1)[1].isdigit()):
                     _bad(name, m, f"methods from {list(DEFAULT_METHODS)} or uniform:<action index>")
+                if methods.count(m) > 1:
+                    _bad(name, m, "each method once")
         parse_uniform(self.uniform)
         for name, lo in (("horizon", 1), ("test_contexts", 0), ("val_contexts", 0), ("search_n", 1), ("mc_questions", 1),
                          ("mc_tail", 0), ("max_rows", 1), ("matched_draws", 0), ("threads", 0)):
@@ -124,6 +134,12 @@ class EvalConfig:
         validation.check_int("--seed", self.seed, 0, validation.MAX_SEED - 1)
         validation.check_int("--context-length", self.context_length, max(validation.MIN_SEQ_LEN, self.horizon + 2), None,
                              f"at least --horizon + 2 = {self.horizon + 2} and {validation.MIN_SEQ_LEN}")
+        run = [m for m in self.methods if m != "policy" or self.policy]  # policy needs --policy
+        if self.test_contexts > 0 and not run and parse_uniform(self.uniform) in ("none", ""):
+            _bad("methods", ",".join(self.methods), "at least one method to evaluate (policy needs a --policy; "
+                 "or uniform actions with --uniform)")
+        if self.test_contexts == 0 and not self.mc_tasks:
+            _bad("test_contexts", 0, "an int >= 1 when --mc-tasks is empty (nothing would be evaluated)")
         if "random-search" in self.methods and self.val_contexts < 1:
             _bad("val_contexts", self.val_contexts, "an int >= 1 (random-search selects its schedule on validation contexts)")
         if not isinstance(self.mc_tasks, (list, tuple)) or not all(isinstance(t, str) for t in self.mc_tasks):
@@ -231,6 +247,31 @@ def uniform_indices(space, spec) -> list[int]:
     return out
 
 
+def check_actions(space, cfg: EvalConfig) -> None:
+    """--uniform and every uniform:<i> of --methods / --mc-methods name actions of `space`."""
+    uniform_indices(space, cfg.uniform)
+    for name in ("methods", "mc_methods"):
+        for m in getattr(cfg, name) or []:
+            if m.startswith("uniform:") and not int(m.split(":", 1)[1]) < len(space):
+                _bad(name, m, f"uniform:<i> with an action index in 0..{len(space) - 1} (this action space has "
+                              f"{len(space)} actions)")
+
+
+def load_tasks(cfg: EvalConfig) -> list:
+    """The multiple-choice tasks of --mc-tasks x --mc-shots (an ArgumentError naming --mc-tasks when a
+    task's file is missing or holds too few questions for the shots)."""
+    from training import mc
+
+    tasks = []
+    for spec in cfg.mc_tasks:
+        for shots in cfg.mc_shots:
+            try:
+                tasks.append(mc.load_task(spec, shots=shots, max_questions=cfg.mc_questions, seed=cfg.seed))
+            except (ValueError, FileNotFoundError) as e:
+                raise ArgumentError("--mc-tasks", f"--mc-tasks {spec}: {e}") from None
+    return tasks
+
+
 def make_entries(space, methods, budgets, policy=None, searched=None, greedy=True, uniform="none") -> list[Entry]:
     out = []
     for budget in budgets:
@@ -333,9 +374,11 @@ def _fingerprint(cfg: EvalConfig, sol, policy) -> str:
     return fingerprint(options, [sol.token_embedding] + (list(policy.state_dict().values()) if policy is not None else []))
 
 
-def run(cfg: EvalConfig, sol=None, policy=None, tokenizer=None, progress_file: Path | None = None) -> dict:
+def run(cfg: EvalConfig, sol=None, policy=None, tokenizer=None, progress_file: Path | None = None,
+        finish: bool = True) -> dict:
     """Run the evaluation; returns {"rows": [...], "ppl": {...}, "search": {...}}. Writes nothing but
-    `progress_file` (the finished parts, for a rerun after an interrupt; removed at the end)."""
+    `progress_file` (the finished parts, for a rerun after an interrupt; removed at the end, or with
+    finish=False left for the caller to remove once it has written the results)."""
     from tqdm.auto import tqdm
 
     from training import mc
@@ -346,13 +389,8 @@ def run(cfg: EvalConfig, sol=None, policy=None, tokenizer=None, progress_file: P
     saved = ProgressFile(Path(progress_file) if progress_file is not None else None,
                          _fingerprint(cfg, sol, policy) if progress_file is not None else "", "--out", "evaluate")
     methods = [m for m in cfg.methods if m != "policy" or policy is not None]
-    tasks = []
-    for spec in cfg.mc_tasks:
-        for shots in cfg.mc_shots:
-            try:
-                tasks.append(mc.load_task(spec, shots=shots, max_questions=cfg.mc_questions, seed=cfg.seed))
-            except (ValueError, FileNotFoundError) as e:
-                raise ArgumentError("--mc-tasks", f"--mc-tasks {spec}: {e}") from None
+    check_actions(space, cfg)
+    tasks = load_tasks(cfg)
     need_search = "random-search" in methods
     matched = "policy" in methods and cfg.matched_draws > 0 and cfg.test_contexts > 0
     total = ((cfg.val_contexts if need_search else 0) + cfg.test_contexts * (2 if matched else 1)
@@ -431,7 +469,8 @@ def run(cfg: EvalConfig, sol=None, policy=None, tokenizer=None, progress_file: P
         done = {"tasks": i + 1, "rows": done["rows"] + rows, "gen": gen.get_state()}
         saved.put("mc", done)
     bar.close()
-    saved.finish()
+    if finish:
+        saved.finish()
     return out
 
 
@@ -698,10 +737,20 @@ def _cost_policy(cfg: EvalConfig):
 EVAL_FILES = ("results.csv", "results.json", "pareto.png", "report.md", "command.txt", "tb", "progress.partial.pt")
 
 
+def _recorded(out: Path) -> str | None:
+    """The command an evaluation in `out` recorded (its command.txt), None without one."""
+    return (out / "command.txt").read_text().strip() if (out / "command.txt").is_file() else None
+
+
+def _is_evaluation(recorded: str | None) -> bool:
+    return recorded is not None and recorded.split()[:3] == ["python", "-m", "training.evaluate"]
+
+
 def claim_out(cfg: EvalConfig, command: str) -> Path:
     """--out for this evaluation: never a training run's directory; another evaluation's (its command.txt
-    records another command) only with --overwrite, which removes that evaluation's files. The same
-    command resumes (progress.partial.pt) or repeats its own. Checks only; `start_out` writes."""
+    records another training.evaluate command) only with --overwrite, which removes that evaluation's
+    files; files of these names that no evaluation wrote (no such command.txt) never. The same command
+    resumes (progress.partial.pt) or repeats its own. Checks only; `start_out` writes."""
     out = Path(cfg.out)
     if os.path.lexists(out) and not out.is_dir():
         _bad("out", cfg.out, "a directory (this path is a file)")
@@ -710,7 +759,11 @@ def claim_out(cfg: EvalConfig, command: str) -> Path:
         raise ArgumentError("--out", f"--out {cfg.out} holds a training run ({', '.join(run)}): write the evaluation "
                                      "to another --out")
     held = [n for n in EVAL_FILES if n != "progress.partial.pt" and os.path.lexists(out / n)]
-    recorded = (out / "command.txt").read_text().strip() if (out / "command.txt").is_file() else None
+    recorded = _recorded(out)
+    if held and recorded != command and not _is_evaluation(recorded):
+        raise ArgumentError("--out", f"--out {cfg.out} holds {', '.join(held)}, which no evaluation wrote (no command.txt "
+                                     "of python -m training.evaluate): they are not replaced, not even with "
+                                     "--overwrite; move them away or choose another --out")
     if held and recorded != command and not cfg.overwrite:
         what = f"recorded command: {recorded}" if recorded else ", ".join(held)
         raise ArgumentError("--out", f"--out {cfg.out} holds another evaluation ({what}): pass --overwrite to replace "
@@ -720,8 +773,8 @@ def claim_out(cfg: EvalConfig, command: str) -> Path:
 
 def start_out(cfg: EvalConfig, out: Path, command: str) -> None:
     """Make --out this evaluation's: --overwrite clears another's files; command.txt names the command."""
-    recorded = (out / "command.txt").read_text().strip() if (out / "command.txt").is_file() else None
-    if cfg.overwrite and recorded != command:
+    recorded = _recorded(out)
+    if cfg.overwrite and recorded != command and _is_evaluation(recorded):  # claim_out refused anything else
         for name in EVAL_FILES:
             path = out / name
             shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink(missing_ok=True)
@@ -800,16 +853,22 @@ def _run_cli(cfg: EvalConfig, argv) -> int:
         return _run_cost_cli(cfg, command)
     t0 = time.perf_counter()
     out = claim_out(cfg, command)
+    # what can be checked without the model is, before it loads: the actions named (the policy's space, else
+    # load_compiled's default one) and the multiple-choice files
+    check_actions(load_policy(cfg.policy).space if cfg.policy else ActionSpace(quant="weight"), cfg)
+    load_tasks(cfg)
     sol, policy, tokenizer = build(cfg)
     start_out(cfg, out, command)
-    # the same command resumes after an interrupt
-    result = run(cfg, sol, policy, tokenizer, progress_file=out / "progress.partial.pt")
+    # the same command resumes after an interrupt; the progress file goes once every output is written
+    progress = out / "progress.partial.pt"
+    result = run(cfg, sol, policy, tokenizer, progress_file=progress, finish=False)
     write_csv(result["rows"], out / "results.csv")
     plot_pareto(result["rows"], out / "pareto.png")
     shutil.rmtree(out / "tb", ignore_errors=True)  # this evaluation's, from an earlier run of the same command
     write_tensorboard(result["rows"], out / "tb")
     text = report(result, cfg, command)
     (out / "report.md").write_text(text + f"\n({time.perf_counter() - t0:.0f}s)\n")
+    progress.unlink(missing_ok=True)
     print(text)
     print(f"evaluate: wrote {out}/results.csv, pareto.png, report.md, command.txt, tb/ ({time.perf_counter() - t0:.0f}s)")
     return 0

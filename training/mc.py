@@ -197,6 +197,7 @@ class Scored:
     greedy: Tensor  # [R] bool: every continuation token was the argmax
     actions: Tensor  # [R, H] actions that ran
     counted: Tensor  # [R, H] bool: controlled steps that ran on a real token (prompt tail or continuation)
+    kv_lens: Tensor | None = None  # [R, H] keys each step attended (its own included): what a cost budget prices
 
 
 def _reads_inputs(source: ActionSource) -> bool:
@@ -208,7 +209,8 @@ def score_continuations(sol, context: Sequence[int], continuations: Sequence[Seq
                         sources: Sequence[ActionSource], targets, generator=None, tail: int = 0) -> Scored:
     """Score every continuation under every source (one batch; see the module docstring).
 
-    targets: one per source (a number or attn, mlp, bits/16 each). Row i*G + g is continuation i under
+    targets: one per source (a number or attn, mlp, bits/16 each; for a source with a cost budget spec,
+    e.g. a policy trained for a cost budget, one cost fraction). Row i*G + g is continuation i under
     source g. Sources that do not read their inputs are wrapped in SharedRows. `tail`: the last `tail`
     prompt tokens before the one that predicts the answer also run as controlled steps (counted in
     the budget, not scored), so an answer of one token still gives the source tail + 1 steps over
@@ -236,10 +238,17 @@ def score_continuations(sol, context: Sequence[int], continuations: Sequence[Seq
     feed, gold = seqs[:, :H].repeat_interleave(G, 0), seqs[:, 1:].repeat_interleave(G, 0)
 
     src = Composite([s if _reads_inputs(s) else SharedRows(s) for s in sources])
-    rows = torch.tensor([target_key(t) for t in targets], dtype=torch.float64).repeat(n, 1)
-    for i, axis in enumerate(AXES):  # disabled axes always run dense
-        if axis not in sol.space.axes:
-            rows[:, i] = 1.0
+    per_source = []
+    for s, t in zip(sources, targets):
+        spec = getattr(s, "budget_spec", None)
+        if spec is not None and spec.is_cost:  # column 0 is the cost fraction, the others are unused (1.0)
+            cost = torch.as_tensor(t, dtype=torch.float64).reshape(-1)
+            if cost.numel() != 1:
+                raise ValueError(f"a source with a cost budget takes one cost fraction as its target, got {t!r}")
+            per_source.append((float(cost[0]), 1.0, 1.0))
+        else:  # per-axis: disabled axes always run dense
+            per_source.append(tuple(x if axis in sol.space.axes else 1.0 for x, axis in zip(target_key(t), AXES)))
+    rows = torch.tensor(per_source, dtype=torch.float64).repeat(n, 1)
     stepper = Stepper(sol, src)
     stepper.prefill(torch.tensor([list(context[:P])], dtype=torch.long, device=device), H, repeats=R, targets=rows, generator=generator)
     logps, greedy = [], []
@@ -258,6 +267,7 @@ def score_continuations(sol, context: Sequence[int], continuations: Sequence[Seq
         greedy=(torch.stack(greedy, 1) | ~real).all(1).cpu(),
         actions=acts.cpu(),
         counted=(ctrl & ran).cpu(),
+        kv_lens=stepper.kv_lens.cpu(),
     )
 
 

@@ -175,3 +175,83 @@ def test_an_interrupted_evaluation_resumes_where_it_stopped(tiny_sol, tiny_polic
     cfg.budgets = [0.7]
     other = run(progress_file=progress)
     assert calls["task"] == 2 and calls["rollout"] == 2 and {r["budget"] for r in other["rows"] if r["method"] == "fixed"} == {"0.7"}
+
+
+def _tiny_argv(path, out, *extra):
+    return ["--policy", str(path), "--model", "tiny-llama", "--corpus", "random", "--budgets", "0.6",
+            "--context-length", "26", "--test-contexts", "2", "--val-contexts", "1", "--search-n", "2",
+            "--uniform", "dense", "--mc-tasks", "", "--no-progress", "--out", str(out), *extra]
+
+
+@pytest.mark.parametrize("extra, option, text", [
+    (["--test-contexts", "0"], "--test-contexts", "nothing would be evaluated"),
+    (["--policy", "", "--methods", "policy", "--uniform", "none"], "--methods", "at least one method"),
+    (["--methods", "fixed,uniform:99"], "--methods", "action index in 0..26"),
+    (["--mc-methods", "uniform:27"], "--mc-methods", "action index in 0..26"),
+    (["--uniform", "0,99"], "--uniform", "outside 0..26"),
+    (["--mc-tasks", "bigbench:missing"], "--mc-tasks", "missing.json is missing"),
+    (["--budgets", "0.6,0.5,0.6/0.6/0.6"], "--budgets", "each budget once"),  # (before: duplicated results rows)
+    (["--methods", "policy,fixed,fixed"], "--methods", "each method once"),
+])
+def test_bad_options_are_refused_in_one_line_before_the_model_loads(tiny_policy, tmp_path, monkeypatch, capsys,
+                                                                    extra, option, text):
+    """(Before: nothing to evaluate or an empty method list crashed with a ZeroDivisionError after the
+    run; uniform:99 in --methods with a ValueError traceback mid-run; a missing task file and --uniform 99
+    were reported only after the model had loaded.)"""
+    _, path = tiny_policy
+    monkeypatch.setenv("SOLC_CACHE", str(tmp_path / "cache"))  # no multiple-choice files there
+    monkeypatch.setattr(evaluate, "build", lambda cfg: pytest.fail("the model loaded before the options were checked"))
+    out = tmp_path / "out"
+    assert evaluate.main(_tiny_argv(path, out, *extra)) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"evaluate: error: {option}") and text in err and "\n" not in err
+    assert not out.exists()
+
+
+def test_an_interrupt_while_the_outputs_are_written_keeps_the_finished_results(tiny_policy, tmp_path, monkeypatch, capsys):
+    """Ctrl-C after the evaluation finished but before report.md was written lost everything (the progress
+    file was removed first, and the message said nothing was finished); now the progress stays until
+    every output is written, and the same command then writes them without evaluating anything again."""
+    _, path = tiny_policy
+    ref = tmp_path / "ref"
+    assert evaluate.main(_tiny_argv(path, ref)) == 0
+    out = tmp_path / "out"
+    real_plot = evaluate.plot_pareto
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(evaluate, "plot_pareto", interrupted)
+    assert evaluate.main(_tiny_argv(path, out)) == 130
+    assert "the same command resumes there" in capsys.readouterr().err
+    assert (out / "progress.partial.pt").is_file() and not (out / "report.md").exists()
+    monkeypatch.setattr(evaluate, "plot_pareto", real_plot)
+    rollouts = []
+    real_rollout = evaluate.rollout
+    monkeypatch.setattr(evaluate, "rollout", lambda *a, **k: rollouts.append(1) or real_rollout(*a, **k))
+    assert evaluate.main(_tiny_argv(path, out)) == 0
+    assert rollouts == [] and not (out / "progress.partial.pt").exists()
+    assert (out / "results.csv").read_text() == (ref / "results.csv").read_text()
+    assert (out / "report.md").is_file() and (out / "pareto.png").is_file()
+
+
+def test_overwrite_replaces_another_evaluation_but_never_files_no_evaluation_wrote(tiny_policy, tmp_path, capsys):
+    """(Before: --overwrite deleted a user's report.md and tb/ folder in --out, calling them 'another
+    evaluation', though no evaluation had written them.)"""
+    _, path = tiny_policy
+    out = tmp_path / "out"
+    (out / "tb").mkdir(parents=True)
+    (out / "report.md").write_text("my notes\n")
+    (out / "tb" / "mine.txt").write_text("x\n")
+    (out / "command.txt").write_text("make figures\n")
+    for extra in ([], ["--overwrite"]):
+        assert evaluate.main(_tiny_argv(path, out, *extra)) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("evaluate: error: --out") and "no evaluation wrote" in err and "\n" not in err
+        assert (out / "report.md").read_text() == "my notes\n" and (out / "tb" / "mine.txt").read_text() == "x\n"
+        assert (out / "command.txt").read_text() == "make figures\n"
+    # another evaluation (its command.txt records one) is replaced with --overwrite
+    other = tmp_path / "other"
+    assert evaluate.main(_tiny_argv(path, other)) == 0
+    assert evaluate.main(_tiny_argv(path, other, "--budgets", "0.7")) == 2
+    assert evaluate.main(_tiny_argv(path, other, "--budgets", "0.7", "--overwrite")) == 0
+    assert "--budgets 0.7" in (other / "command.txt").read_text()

@@ -249,3 +249,186 @@ def test_a_policy_of_another_model_or_grid_is_refused(tiny_sol):
 def test_a_model_by_name_with_fewer_positions_than_2048_compiles(tmp_path):
     lm = SolcLM(model="tiny-llama", tokenizer=ByteTok())  # 1024 positions: compiled at 1024, not refused
     assert lm.max_length == lm.sol.max_seq_len == 1024
+
+
+# -- audit: sampling, gen_kwargs, shared prefills, cost budgets -------------------------------------
+def _generated(sol, context, n, **kw):
+    """What runtime.generate gives for `context` (ByteTok ids), cut at EOS 0, as text."""
+    ids = torch.tensor([list(context.encode())])
+    kw.setdefault("policy", Fixed())
+    kw.setdefault("budget", 0.6)
+    new = generate(sol, ids, max_new_tokens=n, eos_token_id=0, **kw).tokens[0, ids.shape[1]:].tolist()
+    return bytes(new[: new.index(0)] if 0 in new else new).decode(errors="replace")
+
+
+def test_sample_is_refused_without_a_policy_and_samples_the_policy_reproducibly(tiny_sol):
+    import solc
+
+    for kwargs in (dict(method="fixed"), dict(), dict(method="uniform:3"), dict(sample="true", method="random")):
+        with pytest.raises(solc.ArgumentError, match="samples a policy's actions") as info:
+            SolcLM(model=tiny_sol, tokenizer=ByteTok(), **{"sample": True, **kwargs})
+        assert info.value.argument == "sample"
+    torch.manual_seed(0)
+    policy = PolicyNet(PolicyConfig.for_model(tiny_sol, d_model=32, n_heads=2))
+    sampled = SolcLM(model=tiny_sol, tokenizer=ByteTok(), policy=policy, budget=0.5, sample=True)
+    greedy = SolcLM(model=tiny_sol, tokenizer=ByteTok(), policy=policy, budget=0.5)
+    r = [req(CTX, " mat and the dog ran")]
+    first = sampled.loglikelihood(r)
+    assert sampled.loglikelihood(r) == first  # seeded: the same draws every call
+    assert first != greedy.loglikelihood(r)
+
+
+def test_generate_until_honours_sampling_gen_kwargs(tiny_sol):
+    lm = SolcLM(model=tiny_sol, tokenizer=ByteTok(), budget=0.6, method="fixed")
+    greedy = _generated(tiny_sol, CTX, 8)
+    hot = _generated(tiny_sol, CTX, 8, temperature=5.0, seed=0)
+    assert hot != greedy  # at temperature 5 the draws leave the argmax
+    out = lm.generate_until([
+        req(CTX, {"do_sample": True, "temperature": 5.0, "max_gen_toks": 8}),
+        req(CTX, {"do_sample": True, "temperature": 5.0, "top_p": 1e-6, "max_gen_toks": 8}),  # only the argmax is left
+        req(CTX, {"do_sample": True, "temperature": 5.0, "top_k": 1, "max_gen_toks": 8}),
+        req(CTX, {"temperature": 5.0, "max_new_tokens": 8}),  # lm_eval: without do_sample, temperature > 0 samples
+        req(CTX, {"do_sample": False, "temperature": 5.0, "max_gen_toks": 8}),  # do_sample=False: greedy
+        req(CTX, {"do_sample": True, "temperature": 5.0, "top_p": 0.9, "top_k": 20, "max_gen_toks": 8, "seed": 7}),
+    ])
+    assert out[0] == hot and out[1] == greedy and out[2] == greedy and out[3] == hot and out[4] == greedy
+    assert out[5] == _generated(tiny_sol, CTX, 8, temperature=5.0, top_p=0.9, top_k=20, seed=7)
+    # aliases of max_gen_toks, in lm_eval's priority; 0 generates nothing
+    out = lm.generate_until([req(CTX, {"max_new_tokens": 3}), req(CTX, {"max_gen_toks": 2, "max_new_tokens": 5}),
+                             req(CTX, {"max_gen_toks": 0}), req(CTX, {"until": "\x00x", "max_tokens": 4})])
+    assert out == [_generated(tiny_sol, CTX, 3), _generated(tiny_sol, CTX, 2), "", _generated(tiny_sol, CTX, 4)]
+    # a stop string given as a string (not a list), spanning two tokens, and the earliest of several stops
+    whole = _generated(tiny_sol, CTX, 8)
+    assert len(whole) >= 4
+    assert lm.generate_until([req(CTX, {"until": whole[2:4], "max_gen_toks": 8}),
+                              req(CTX, {"until": ["\x00never", whole[3:5], whole[1:3]], "max_gen_toks": 8})]) == \
+        [whole[: whole.index(whole[2:4])], whole[: whole.index(whole[1:3])]]
+
+
+def test_repeated_sampled_requests_draw_differently_and_reproducibly(tiny_sol):
+    """lm_eval's `repeats` send the same request k times: copy k draws with seed + k, so they differ,
+    and a rerun gives the same texts."""
+    lm = SolcLM(model=tiny_sol, tokenizer=ByteTok(), budget=0.6, method="fixed", seed=3)
+    kw = {"do_sample": True, "temperature": 3.0, "max_gen_toks": 8}
+    out = lm.generate_until([req(CTX, kw), req("Other", kw), req(CTX, kw)])
+    assert out[0] == _generated(tiny_sol, CTX, 8, temperature=3.0, seed=3)
+    assert out[1] == _generated(tiny_sol, "Other", 8, temperature=3.0, seed=3)
+    assert out[2] == _generated(tiny_sol, CTX, 8, temperature=3.0, seed=4) != out[0]
+    assert lm.generate_until([req(CTX, kw), req("Other", kw), req(CTX, kw)]) == out
+
+
+@pytest.mark.parametrize("kwargs, argument, text", [
+    ({"num_beams": 4}, "num_beams", "no beam search"),
+    ({"max_length": 20}, "max_length", "use max_gen_toks"),
+    ({"repetition_penalty": 1.2}, "repetition_penalty", "not supported"),
+    ({"do_sample": True, "top_p": 0.0}, "top_p", "> 0.0"),
+    ({"do_sample": True, "top_k": -2}, "top_k", ">= 1"),
+    ({"do_sample": True, "temperature": 0.0}, "temperature", "do_sample=True"),
+    ({"do_sample": "maybe"}, "do_sample", "True or False"),
+    ({"temperature": -1.0}, "temperature", ">= 0.0"),
+    ({"until": 5}, "until", "stop string"),
+    ({"until": ["ok", None]}, "until", "stop string"),
+    ({"max_gen_toks": -1}, "max_gen_toks", ">= 0"),
+    ({"max_new_tokens": 2.5}, "max_new_tokens", "an int"),
+])
+def test_gen_kwargs_it_cannot_honour_are_refused_before_anything_runs(tiny_sol, monkeypatch, kwargs, argument, text):
+    import runtime.generate
+    import solc
+
+    calls = []
+    real = runtime.generate.generate
+    monkeypatch.setattr(runtime.generate, "generate", lambda *a, **k: calls.append(1) or real(*a, **k))
+    lm = SolcLM(model=tiny_sol, tokenizer=ByteTok())
+    with pytest.raises(solc.ArgumentError, match=text) as info:
+        lm.generate_until([req(CTX, {"max_gen_toks": 2}), req(CTX, kwargs)])
+    assert info.value.argument == argument and calls == []
+
+
+def test_generate_until_keeps_to_max_length(tiny_sol):
+    text = "abcdefghijklmnopqrstuvwxyz0123456789"
+    lm = SolcLM(model=tiny_sol, tokenizer=ByteTok(), budget=1.0, max_length=16)
+    # 4 new tokens in 16 positions: the last 13 context tokens
+    assert lm.generate_until([req(text, {"max_gen_toks": 4})]) == [_generated(tiny_sol, text[-13:], 4, budget=1.0)]
+
+
+@pytest.mark.parametrize("method", ["fixed", "random", "policy", "policy-sampled"])
+def test_requests_sharing_a_context_score_as_they_do_one_by_one(tiny_sol, method):
+    """Requests with one context share a prefill; a request's score must not depend on what else is
+    sent with it (its continuation's length set the schedule of the whole batch), nor vary between calls."""
+    kwargs = dict(method=method, budget=0.5)
+    if method.startswith("policy"):
+        torch.manual_seed(0)
+        kwargs = dict(policy=PolicyNet(PolicyConfig.for_model(tiny_sol, d_model=32, n_heads=2)), budget=0.5,
+                      sample=method == "policy-sampled")
+    lm = SolcLM(model=tiny_sol, tokenizer=ByteTok(), **kwargs)
+    reqs = [req(CTX, " mat"), req(CTX, " hat and the dog ran"), req(CTX, " x"), req(CTX, " cat")]
+    together = lm.loglikelihood(reqs)
+    alone = [lm.loglikelihood([r])[0] for r in reqs]
+    assert [g for _, g in together] == [g for _, g in alone]
+    assert [lp for lp, _ in together] == pytest.approx([lp for lp, _ in alone], abs=1e-5)
+    assert lm.loglikelihood(reqs) == together
+
+
+def test_loglikelihood_splits_context_and_continuation_as_lm_eval_does(tiny_sol):
+    """lm_eval's models move a context's trailing whitespace to the continuation; an empty continuation
+    has log-probability 0 and is greedy."""
+    lm = SolcLM(model=tiny_sol, tokenizer=ByteTok(), budget=1.0)
+    (a, _), (b, _), empty, (c, _) = lm.loglikelihood([req("The cat ", "sat"), req("The cat", " sat"), req(CTX, ""),
+                                                       req("The cat \n", "sat")])
+    assert a == b == pytest.approx(_dense_loglik(tiny_sol, list(b"The cat sat"), len("The cat")), abs=2e-4)
+    assert c == pytest.approx(_dense_loglik(tiny_sol, list(b"The cat \nsat"), len("The cat")), abs=2e-4)
+    assert empty == (0.0, True)
+
+
+def _cost_policy(sol):
+    from runtime.budget import BudgetSpec
+    from runtime.cost_model import BytesCostModel
+
+    torch.manual_seed(0)
+    spec = BudgetSpec.cost(BytesCostModel.for_model(sol), context=28)
+    return PolicyNet(PolicyConfig.for_model(sol, d_model=32, n_heads=2, budget=spec))
+
+
+def test_a_cost_budget_policy_reads_one_cost_fraction_as_generate_does(tiny_sol):
+    """budget=0.8 with a policy trained for a cost budget is a cost fraction (the policy's own spec), in
+    loglikelihood and generate_until alike, with the realized cost reported; out-of-range and per-axis
+    budgets are refused up front."""
+    import solc
+    from runtime.policy import PolicySource
+
+    policy = _cost_policy(tiny_sol)
+    lm = SolcLM(model=tiny_sol, tokenizer=ByteTok(), policy=policy, budget=0.8)
+    (lp, _), = lm.loglikelihood([req(CTX, " mat and the dog")])
+    ref = score(tiny_sol, torch.tensor([list((CTX + " mat and the dog").encode())]), len(CTX),
+                policy=PolicySource(policy, greedy=True), budget=0.8)
+    assert lp == pytest.approx(float(ref.logprobs.double().sum()), abs=1e-4)
+    assert lm.last_budget["cost"] == pytest.approx(ref.budget["cost"], abs=1e-9)
+    assert lm.last_budget["attn"] == pytest.approx(ref.budget["attn"], abs=1e-9)
+    (text,) = lm.generate_until([req(CTX, {"max_gen_toks": 6})])
+    g = generate(tiny_sol, torch.tensor([list(CTX.encode())]), policy=PolicySource(policy, greedy=True), budget=0.8,
+                 max_new_tokens=6, eos_token_id=0)
+    assert text == _generated(tiny_sol, CTX, 6, policy=PolicySource(policy, greedy=True), budget=0.8)
+    assert lm.last_budget["cost"] == pytest.approx(g.budget["cost"], abs=1e-9)
+    with pytest.raises(solc.ArgumentError, match="feasible cost range") as info:
+        SolcLM(model=tiny_sol, tokenizer=ByteTok(), policy=policy, budget=0.05)
+    assert info.value.argument == "budget"
+    with pytest.raises(solc.ArgumentError, match="trained for a cost budget") as info:
+        SolcLM(model=tiny_sol, tokenizer=ByteTok(), policy=policy, budget="0.8/0.9/1")
+    assert info.value.argument == "budget"
+
+
+@pytest.mark.parametrize("kwargs, argument, text", [
+    (dict(method="random-search"), "method", "searched on validation contexts"),
+    (dict(method="uniform:999"), "method", "index in 0..26"),
+    (dict(method="policy"), "method", "needs policy="),
+    (dict(method=3), "method", "one of"),
+    (dict(seed=-1), "seed", "an int in 0.."),
+    (dict(budget={"attn": 0.5, "typo": 1.0}), "budget", "unknown axes"),
+])
+def test_methods_and_seed_are_checked_up_front(tiny_sol, kwargs, argument, text):
+    import solc
+
+    with pytest.raises(solc.ArgumentError, match=text) as info:
+        SolcLM(model=tiny_sol, tokenizer=ByteTok(), **kwargs)
+    assert info.value.argument == argument
+    assert SolcLM(model=tiny_sol, tokenizer=ByteTok(), budget={"attn": 0.5}).target == (0.5, 1.0, 1.0)

@@ -240,3 +240,29 @@ def test_question_counts_are_checked_and_an_empty_task_is_refused(tiny_sol64):
     with pytest.raises(solc.ArgumentError, match="no questions") as info:
         score_task(tiny_sol64, None, MCTask("empty", []), {"fixed": (Fixed(), 0.6)})
     assert info.value.argument == "task"
+
+
+def test_a_cost_budget_policy_keeps_its_cost_target_on_a_space_without_attn():
+    """A cost-budget policy reads its cost fraction in column 0 whatever the axes: on a space without
+    attn, score_continuations must not reset that column to 1.0 (dense) as it does per-axis targets of
+    a disabled axis; its actions equal the runtime's score() of the same tokens at the same budget."""
+    import solc
+    from runtime.budget import BudgetSpec
+    from runtime.cost_model import BytesCostModel
+    from runtime.generate import score
+    from runtime.policy import PolicyConfig, PolicyNet, PolicySource
+
+    sol = solc.compile(solc.load_model("tiny-llama", dtype=torch.float64), max_seq_len=48, actions=["mlp", "quant"],
+                       quant="activation")
+    torch.manual_seed(0)
+    spec = BudgetSpec.cost(BytesCostModel.for_model(sol), context=28)
+    policy = PolicyNet(PolicyConfig.for_model(sol, d_model=32, n_heads=2, budget=spec)).double()
+    ctx, cont = list(b"The cat sat on the mat and then"), list(b" the dog ran")
+    s = score_continuations(sol, ctx, [cont], [PolicySource(policy, greedy=True)], [0.9])
+    ref = score(sol, torch.tensor([ctx + cont]), len(ctx), policy=PolicySource(policy, greedy=True), budget=0.9)
+    assert s.actions.tolist() == ref.actions.tolist()
+    assert (s.actions != sol.space.dense_index).any()  # 0.9 of the dense cost: not every step dense
+    assert s.logprob[0].item() == pytest.approx(float(ref.logprobs.double().sum()), abs=1e-9)
+    assert s.kv_lens.tolist() == [list(range(len(ctx), len(ctx) + len(cont)))]
+    with pytest.raises(ValueError, match="one cost fraction"):
+        score_continuations(sol, ctx, [cont], [PolicySource(policy, greedy=True)], [(0.9, 0.9, 0.9)])
