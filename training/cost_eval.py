@@ -93,12 +93,13 @@ def _fingerprint(sol, policies: list[PolicyNet], contexts, val_contexts, budgets
 @torch.no_grad()
 def evaluate(sol, policies: list[PolicyNet], contexts: torch.Tensor, val_contexts: torch.Tensor,
              budgets: list[float], horizon: int, random_draws: int = 2, chunk: int = 8, seed: int = 0,
-             progress: bool = True, search: int = 0, progress_file: Optional[Path] = None) -> dict:
+             progress: bool = True, search: int = 0, progress_file: Optional[Path] = None, finish: bool = True) -> dict:
     """Each policy at each budget on `contexts`, and the baselines at its realized cost (module doc).
     `progress_file`: where the figures of the contexts done so far are saved after every chunk (written
     whole, then renamed), so that a rerun of the same evaluation after an interruption resumes where it
     stopped with the same results (each chunk's randomness is seeded by its position); removed when the
-    evaluation completes."""
+    evaluation completes, or with finish=False left for the caller to remove once it has written the
+    results (an interrupt in between then costs nothing)."""
     space = sol.space
     spec = policies[0].config.budget_spec
     if not spec.is_cost:
@@ -221,7 +222,8 @@ def evaluate(sol, policies: list[PolicyNet], contexts: torch.Tensor, val_context
     references = [{"name": name, "action": str(space[i]), "nll": float(ref_nll[:, j].mean()),
                    "cost": float(ref_cost[:, j].mean()), "net_keep": space.net_keep(i)}
                   for j, (name, i) in enumerate(refs.items())]
-    saved.finish()
+    if finish:
+        saved.finish()
     return {"rows": rows, "references": references,
             "hull": [{"action": str(space[i]), "cost": float(costs[i]), "val_nll": float(val_nll[i])} for i in hull],
             "uniform": [{"action": str(space[i]), "cost": float(costs[i]), "val_nll": float(val_nll[i])}
@@ -353,8 +355,9 @@ def _run(args, argv) -> int:
         return pool[torch.randperm(len(pool), generator=torch.Generator().manual_seed(args.seed + salt))[:n]]
 
     contexts, val = pick("test", args.contexts, 0), pick("validation", args.val_contexts, 1)
+    partial = Path(args.json + ".partial.pt") if args.json else None
     result = evaluate(sol, policies, contexts, val, budgets, args.horizon, args.random_draws, args.chunk, args.seed,
-                      search=args.search, progress_file=Path(args.json + ".partial.pt") if args.json else None)
+                      search=args.search, progress_file=partial, finish=False)
     command = command_line("training.cost_eval", argv)
     print(table(result))
     for i in range(len(policies)):
@@ -362,6 +365,7 @@ def _run(args, argv) -> int:
               f"max mean |realized - budget| = {max(r['adherence'] for r in result['rows'] if r['policy'] == i):.3f}")
     if args.json:
         write_json(args.json, {"command": command, "args": vars(args), "result": result})
+        partial.unlink(missing_ok=True)  # only now: an interrupt before the JSON was whole keeps every context
     return 0
 
 

@@ -67,6 +67,7 @@ from runtime.errors import ArgumentError, ArgumentTypeError, SolcError
 from solc.models import DTYPES, resolve_device, resolve_dtype
 from training.baselines import (Composite, MatchedBaselines, SearchResult, axis_targets, build_source,
                                 matched_baselines, random_search, target_key)
+from solc.cache import atomic_write_bytes
 from training.cli import ProgressFile, command_line, fingerprint, write_json
 from training.episodes import rollout
 from training.startup import ctrl_c_raises
@@ -834,12 +835,13 @@ def _run_cost_cli(cfg: EvalConfig, command: str) -> int:
     result = cost_eval.evaluate(sol, [policy], test, val, budgets, cfg.horizon,
                                 random_draws=cfg.matched_draws if "random" in cfg.methods else 0,
                                 seed=cfg.seed, progress=cfg.progress, search=search,
-                                progress_file=out / "progress.partial.pt")
+                                progress_file=out / "progress.partial.pt", finish=False)
     text = (f"# Cost-budget evaluation\n\n{command}\n\nBudgets are cost fractions ({cfg.policy} was trained for a "
             f"cost budget); baselines run at each episode's realized cost (training.cost_eval).\n\n"
             + cost_eval.table(result))
-    (out / "report.md").write_text(text + f"\n\n({time.perf_counter() - t0:.0f}s)\n")
+    atomic_write_bytes(out / "report.md", (text + f"\n\n({time.perf_counter() - t0:.0f}s)\n").encode())
     write_json(out / "results.json", {"command": command, "result": result})
+    (out / "progress.partial.pt").unlink(missing_ok=True)  # only now: an interrupt before keeps every context
     print(text)
     print(f"evaluate: wrote {out}/report.md, results.json, command.txt ({time.perf_counter() - t0:.0f}s)")
     return 0

@@ -400,3 +400,42 @@ def test_cost_eval_checks_every_option_in_one_line(trained, tmp_path, capsys, fl
     assert cost_eval.main(argv) == 2
     err = _one_line_error(capsys, "cost_eval")
     assert flag in err and valid in err
+
+
+def test_cost_eval_keeps_its_progress_until_the_json_is_written(trained, tmp_path, monkeypatch, capsys):
+    """An interrupt after the last context but before the JSON is whole keeps every finished context: the
+    progress file goes only once the JSON is written, and the rerun computes nothing again."""
+    from training import cli, cost_eval
+
+    out = tmp_path / "r.json"
+    argv = COST + ["--policies", str(trained / "policy.pt"), "--json", str(out)]
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(cost_eval, "write_json", interrupted)
+    assert cost_eval.main(argv) == 130
+    partial = tmp_path / "r.json.partial.pt"
+    assert partial.is_file() and not out.exists()
+    assert f"kept in {partial}" in capsys.readouterr().err
+    monkeypatch.setattr(cost_eval, "write_json", cli.write_json)
+    monkeypatch.setattr(cost_eval, "rollout", lambda *a, **k: pytest.fail("a finished context ran again"))
+    assert cost_eval.main(argv) == 0
+    assert not partial.exists() and out.is_file()
+
+
+def test_evaluate_of_a_cost_policy_keeps_its_progress_until_its_outputs_are_written(trained, tmp_path, monkeypatch,
+                                                                                     capsys):
+    from training import cli, cost_eval
+
+    argv = EVAL + ["--policy", str(trained / "policy.pt"), "--out", str(tmp_path / "e")]
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(evaluate, "write_json", interrupted)
+    assert evaluate.main(argv) == 130
+    assert (tmp_path / "e" / "progress.partial.pt").is_file()
+    capsys.readouterr()
+    monkeypatch.setattr(evaluate, "write_json", cli.write_json)
+    monkeypatch.setattr(cost_eval, "rollout", lambda *a, **k: pytest.fail("a finished context ran again"))
+    assert evaluate.main(argv) == 0
+    assert not (tmp_path / "e" / "progress.partial.pt").exists() and (tmp_path / "e" / "results.json").is_file()
