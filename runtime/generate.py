@@ -18,7 +18,7 @@ from runtime import validation
 from runtime.budget import is_cost_request, resolve_budget
 from runtime.costs import realized_budget
 from runtime.dispatch import StepDispatcher
-from runtime.errors import ArgumentError
+from runtime.errors import ArgumentError, ArgumentTypeError
 from runtime.ops import cpu_sample
 from runtime.schedulers import ActionSource, seeded, uniforms
 from runtime.stepper import PREFILL_CHUNK, Stepper, budget_targets, collector_paused, resolve_source  # noqa: F401  (re-exported)
@@ -149,6 +149,8 @@ def generate(
     pad_token_id: int | None = None,
     budget_mode: str | None = None,
     force: bool = False,
+    stop_strings: str | Sequence[str] | None = None,
+    tokenizer=None,
 ) -> GenerateOutput:
     """Generate `max_new_tokens` per row. Who picks the actions: `policy` (an ActionSource: a trained
     policy or a baseline), else `schedule` ([B, N] or [N] action indices), else Fixed at `budget`,
@@ -167,8 +169,11 @@ def generate(
     prompts (token lists or 1-D tensors; the output is left-padded with `pad_token_id`, default the
     first EOS id, and carries its attention_mask). A row stops at EOS and shows `pad_token_id` (default
     the first EOS id, as HF) at every later position: `eos_token_id` (an id or a
-    list), by default the model's generation config; [] never stops. Reuses the model's dispatcher and
-    cache across calls unless `dispatcher` is given."""
+    list), by default the model's generation config; [] never stops. `stop_strings` (with the
+    `tokenizer` that decodes the tokens, as in HF's generate): a row also stops once its generated text
+    holds one of them (the token that completes it is kept; text spanning several tokens counts). A
+    stopped row's later steps do not run and count in no budget. Reuses the model's dispatcher and cache
+    across calls unless `dispatcher` is given."""
     validation.check_generate(sol, input_ids, policy, schedule, budget, max_new_tokens, temperature, top_k, top_p,
                               eos_token_id, seed, attention_mask, pad_token_id,
                               cost_budget=is_cost_request(policy, budget, budget_mode))
@@ -176,6 +181,7 @@ def generate(
         raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    stops = _stop_strings(stop_strings, tokenizer)
     eos = _eos_ids(sol, eos_token_id)
     pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
     packed, lengths, shown, mask = _ragged_prompts(input_ids, attention_mask, pad)
@@ -195,17 +201,22 @@ def generate(
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     sample = _Sampler(temperature, top_k, top_p, generator)
     new, logps = [], []
+    stopping = bool(eos or stops)
+    texts = _StopWatch(stops, tokenizer, batch) if stops else None
     with collector_paused():
         for _ in range(steps):
-            out = stepper.step(feed, active=~finished if eos else None)
+            out = stepper.step(feed, active=~finished if stopping else None)
             if out is None:  # every row has finished
                 break
             nxt = sample(out.logits)
             logp = out.logprob(nxt)
-            if eos:
+            if stopping:
                 nxt = torch.where(finished, pad_t, nxt)
                 logp = torch.where(finished, torch.zeros_like(logp), logp)
-                finished = finished | torch.isin(nxt, eos_t)
+                done = torch.isin(nxt, eos_t)
+                if texts is not None:
+                    done = done | texts.stopped(nxt, finished).to(device)
+                finished = finished | done
             new.append(nxt)
             logps.append(logp)
             feed = nxt
@@ -214,6 +225,38 @@ def generate(
     full_mask = torch.cat([mask.to(device), torch.ones_like(new_tokens)], 1)
     return GenerateOutput(tokens, stepper.actions, torch.stack(logps, 1), stepper.controlled, stepper.budget_summary(),
                           full_mask)
+
+
+def _stop_strings(stop_strings, tokenizer) -> list[str]:
+    if stop_strings is None:
+        return []
+    stops = [stop_strings] if isinstance(stop_strings, str) else stop_strings
+    if not isinstance(stops, (list, tuple)) or not stops or not all(isinstance(x, str) and x for x in stops):
+        raise ArgumentTypeError("stop_strings", f"stop_strings={stop_strings!r} is invalid: a non-empty string or "
+                                                "a non-empty list of them")
+    if tokenizer is None or not callable(getattr(tokenizer, "decode", None)):
+        raise ArgumentError("tokenizer", f"stop_strings need the tokenizer that decodes the tokens (tokenizer="
+                                         f"{tokenizer!r}): pass tokenizer=, as in HF's generate")
+    return list(stops)
+
+
+class _StopWatch:
+    """Each row's generated text so far, to see a stop string appear (it may span several tokens; it is
+    looked for only in what the row generated, never in its prompt)."""
+
+    def __init__(self, stops: list[str], tokenizer, batch: int):
+        self.stops, self.tokenizer = stops, tokenizer
+        self.ids: list[list[int]] = [[] for _ in range(batch)]
+
+    def stopped(self, nxt: Tensor, finished: Tensor) -> Tensor:
+        out = torch.zeros(len(self.ids), dtype=torch.bool)
+        for row, (token, done) in enumerate(zip(nxt.tolist(), finished.tolist())):
+            if done:
+                continue
+            self.ids[row].append(token)
+            text = self.tokenizer.decode(self.ids[row])
+            out[row] = any(stop in text for stop in self.stops)
+        return out
 
 
 @torch.no_grad()

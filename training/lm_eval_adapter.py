@@ -427,7 +427,8 @@ class SolcLM(_Base):
             ids = ids[-(self.max_length - max_new + 1):]
             g = generate(self.sol, torch.tensor([ids], device=self._device), policy=self._source(), budget=self.target,
                          max_new_tokens=max_new, temperature=temperature, top_k=top_k, top_p=top_p,
-                         seed=(seed + k) % MAX_SEED, eos_token_id=self.eot_token_id)
+                         seed=(seed + k) % MAX_SEED, eos_token_id=self.eot_token_id,
+                         stop_strings=[u for u in until if u] or None, tokenizer=self.tokenizer)  # no step past a stop
             new = g.tokens[0, len(ids):].tolist()
             if self.eot_token_id in new:
                 new = new[: new.index(self.eot_token_id)]

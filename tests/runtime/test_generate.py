@@ -155,6 +155,41 @@ def test_a_finished_row_shows_the_pad_token_and_multiple_eos_ids_stop_it(sol):
         assert torch.equal(out.tokens[0, 8:8 + stop + 1], first.tokens[0, 8:8 + stop + 1])
 
 
+class _AngleTokenizer:
+    """Decodes id i as "<i>": a stop string like "3><5" spans two tokens."""
+
+    @staticmethod
+    def decode(ids):
+        return "".join(f"<{i}>" for i in ids)
+
+
+def test_stop_strings_stop_a_row_once_its_generated_text_holds_one(sol):
+    """As HF's generate(stop_strings=..., tokenizer=...): the row stops at the token that completes the
+    string (kept), even when the string spans tokens; its later steps do not run and count in no budget;
+    the other row runs on as before; the prompt's text is not searched."""
+    prompt = _tokens(sol, 2, 8)
+    first = sol.generate(prompt, max_new_tokens=8, eos_token_id=[])
+    row0, row1 = first.tokens[0, 8:].tolist(), first.tokens[1, 8:].tolist()
+    stop = f"{row0[1]}><{row0[2]}"  # the end of token 1 and the start of token 2
+    if stop in _AngleTokenizer.decode(row1) or stop in _AngleTokenizer.decode(row0[:2]):
+        pytest.skip("the random tokens repeat the stop string elsewhere")
+    out = sol.generate(prompt, max_new_tokens=8, eos_token_id=[], stop_strings=[stop, "never"],
+                       tokenizer=_AngleTokenizer(), pad_token_id=5)
+    assert out.tokens[0, 8:].tolist() == row0[:3] + [5] * 5
+    assert (out.actions[0, 3:] == -1).all() and not out.controlled[0, 3:].any() and out.controlled[0, :3].all()
+    assert torch.equal(out.tokens[1], first.tokens[1]) and torch.equal(out.logprobs[1], first.logprobs[1])
+    in_prompt = _AngleTokenizer.decode(prompt[0, :2].tolist())
+    if in_prompt not in _AngleTokenizer.decode(row0):
+        assert torch.equal(sol.generate(prompt, max_new_tokens=8, eos_token_id=[], stop_strings=in_prompt,
+                                        tokenizer=_AngleTokenizer()).tokens, first.tokens)
+    with pytest.raises(solc.ArgumentError, match="stop_strings need the tokenizer") as e:
+        sol.generate(prompt, max_new_tokens=2, stop_strings=["x"])
+    assert e.value.argument == "tokenizer"
+    for bad in ([""], [], [3], ""):
+        with pytest.raises(solc.ArgumentError, match="stop_strings=.* is invalid"):
+            sol.generate(prompt, max_new_tokens=2, stop_strings=bad, tokenizer=_AngleTokenizer())
+
+
 def test_a_tiny_temperature_samples_the_greedy_tokens(sol):
     """logits / 1e-39 overflowed float32: every token came out NaN, then the last vocabulary id."""
     prompt = _tokens(sol, 2, 8)

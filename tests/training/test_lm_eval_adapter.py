@@ -305,6 +305,26 @@ def test_generate_until_honours_sampling_gen_kwargs(tiny_sol):
         [whole[: whole.index(whole[2:4])], whole[: whole.index(whole[1:3])]]
 
 
+def test_generate_until_runs_no_step_past_a_stop_string(tiny_sol, monkeypatch):
+    """The stop strings go to generate: decoding ends at the token that completes one (the budget counts
+    the steps that ran), not at max_gen_toks with the text cut afterwards."""
+    import runtime.generate
+
+    ids = list(CTX.encode())
+    new = generate(tiny_sol, torch.tensor([ids]), policy=Fixed(), budget=0.6, max_new_tokens=12,
+                   eos_token_id=[]).tokens[0, len(ids):].tolist()
+    if 0 in new[:6]:
+        pytest.skip("the model emits EOS early here")
+    stop = ByteTok().decode(new[3:5])
+    ran = next(n for n in range(1, 13) if stop in ByteTok().decode(new[:n]))
+    outputs, real = [], runtime.generate.generate
+    monkeypatch.setattr(runtime.generate, "generate", lambda *a, **k: outputs.append(real(*a, **k)) or outputs[-1])
+    lm = SolcLM(model=tiny_sol, tokenizer=ByteTok(), budget=0.6, method="fixed")
+    text = lm.generate_until([req(CTX, {"until": [stop], "max_gen_toks": 12})])[0]
+    assert text == ByteTok().decode(new[:ran])[: ByteTok().decode(new[:ran]).index(stop)]
+    assert int((outputs[0].actions[0] >= 0).sum()) == ran < 12
+
+
 def test_repeated_sampled_requests_draw_differently_and_reproducibly(tiny_sol):
     """lm_eval's `repeats` send the same request k times: copy k draws with seed + k, so they differ,
     and a rerun gives the same texts."""
