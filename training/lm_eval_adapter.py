@@ -304,6 +304,11 @@ class SolcLM(_Base):
             return [torch.Generator().manual_seed(self.seed) for _ in range(rows)]
         return torch.Generator().manual_seed(self.seed)
 
+    def _stop_ids(self) -> list[int]:
+        """The tokenizer's end of text first (a stopped row's fill), then every other EOS id of the model's
+        generation config (an instruct model ends a turn with one of several), as HF's generate stops."""
+        return [self.eot_token_id] + [e for e in self.sol.eos_token_ids if e != self.eot_token_id]
+
     def _record(self, spent: _Spent) -> None:
         self.last_budget = spent.summary()
 
@@ -427,11 +432,11 @@ class SolcLM(_Base):
             ids = ids[-(self.max_length - max_new + 1):]
             g = generate(self.sol, torch.tensor([ids], device=self._device), policy=self._source(), budget=self.target,
                          max_new_tokens=max_new, temperature=temperature, top_k=top_k, top_p=top_p,
-                         seed=(seed + k) % MAX_SEED, eos_token_id=self.eot_token_id,
+                         seed=(seed + k) % MAX_SEED, eos_token_id=self._stop_ids(),
                          stop_strings=[u for u in until if u] or None, tokenizer=self.tokenizer)  # no step past a stop
             new = g.tokens[0, len(ids):].tolist()
-            if self.eot_token_id in new:
-                new = new[: new.index(self.eot_token_id)]
+            stop_at = [i for i, t in enumerate(new) if t in self._stop_ids()]
+            new = new[: stop_at[0]] if stop_at else new
             text = self.tokenizer.decode(new)
             for stop in until:
                 if stop and stop in text:

@@ -325,6 +325,20 @@ def test_generate_until_runs_no_step_past_a_stop_string(tiny_sol, monkeypatch):
     assert int((outputs[0].actions[0] >= 0).sum()) == ran < 12
 
 
+def test_generate_until_stops_at_every_eos_id_of_the_model(tiny_sol, monkeypatch):
+    """An instruct model ends a turn with one of several EOS ids (its generation config): the adapter
+    stops at each, as HF's generate does, not only at the tokenizer's end of text."""
+    ids = list(CTX.encode())
+    new = generate(tiny_sol, torch.tensor([ids]), policy=Fixed(), budget=0.6, max_new_tokens=8,
+                   eos_token_id=[]).tokens[0, len(ids):].tolist()
+    at = next((i for i in range(1, 8) if new[i] not in new[:i] and 0 not in new[:i + 1]), None)
+    if at is None:
+        pytest.skip("no token of the greedy text is new after the first")
+    monkeypatch.setattr(type(tiny_sol), "eos_token_ids", property(lambda self: [new[at]]))
+    lm = SolcLM(model=tiny_sol, tokenizer=ByteTok(), budget=0.6, method="fixed")
+    assert lm.generate_until([req(CTX, {"max_gen_toks": 8})]) == [ByteTok().decode(new[:at])]
+
+
 def test_repeated_sampled_requests_draw_differently_and_reproducibly(tiny_sol):
     """lm_eval's `repeats` send the same request k times: copy k draws with seed + k, so they differ,
     and a rerun gives the same texts."""
