@@ -30,16 +30,17 @@ from runtime.schedulers import ActionSource
 from runtime.stepper import Stepper, collector_paused
 
 # DESIGN.md: per-context budget targets, per axis (cost units: keep fractions, bits/16). The paper's
-# ranges start at its grid's cheapest level on each axis; the quant axis follows the space's grid (4 bits
-# in weight mode: 0.25), see `default_target_ranges`.
+# ranges start at its grid's cheapest level on each axis; every axis follows the space's grid (the default
+# grid: attn 0.1, mlp 0.4, 4 bits in weight mode: 0.25), see `default_target_ranges`.
 TARGET_RANGES: dict[str, tuple[float, float]] = {"attn": (0.1, 1.0), "mlp": (0.4, 1.0), "quant": (0.3125, 1.0)}
 
 
 def default_target_ranges(space: ActionSpace) -> dict[str, tuple[float, float]]:
-    """TARGET_RANGES with the quant range starting at the space's cheapest bits/16 (what its grid can meet)."""
+    """Per axis, its cheapest level's cost to 1: what the space's grid can meet (TARGET_RANGES, the paper's,
+    on a disabled axis)."""
     ranges = dict(TARGET_RANGES)
-    if "quant" in space.axes:
-        ranges["quant"] = (space.cheapest_cost["quant"], 1.0)
+    for axis in space.axes:
+        ranges[axis] = (space.cheapest_cost[axis], 1.0)
     return ranges
 
 

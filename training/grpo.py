@@ -7,8 +7,8 @@
 
 One update (DESIGN.md "Policy and training"):
   1. Rollouts. `contexts_per_update` training contexts (sharded across ranks); per context one cost
-     target U[cheapest action's cost, 1] (the default cost budget) or, per axis, U[0.1,1] attn,
-     U[0.4,1] mlp, U[cheapest bits/16,1] bits/16 (0.25 with --quant weight, 0.3125 with --quant
+     target U[cheapest action's cost, 1] (the default cost budget) or, per axis, U[the grid's cheapest
+     level, 1] (default grid: 0.1 attn, 0.4 mlp, bits/16 0.25 with --quant weight, 0.3125 with --quant
      activation) on enabled axes and 1.0 on disabled ones; one dense prefill, `group_size` (K) schedules sampled from the policy at the
      rollout temperature along the fixed ground-truth tokens for `horizon` (T) steps
      (training/episodes.py).
@@ -73,7 +73,7 @@ from solc.cache import atomic_torch_save, pid_alive, remove_stale_temporaries
 from solc.models import DTYPES, resolve_device, resolve_dtype
 from runtime.budget import BUDGET_MODES, BudgetSpec
 from runtime.cost_model import BytesCostModel, cost_model_from_dict
-from training.episodes import TARGET_RANGES, Episodes, rollout, sample_cost_targets, sample_targets
+from training.episodes import Episodes, default_target_ranges, rollout, sample_cost_targets, sample_targets
 from training.startup import ctrl_c_raises
 
 CHECKPOINT_VERSION = 1
@@ -132,9 +132,9 @@ class GRPOConfig:
     group_size: int = _opt(16, "K: counterfactual schedules per context, sharing one prefill")
     contexts_per_update: int = _opt(2, "contexts per update, global over all ranks (must divide by the world size)")
     rollout_batch: int = _opt(4, "contexts per rollout call (their K schedules are batched together)")
-    target_attn: list = _opt(list(TARGET_RANGES["attn"]), "range lo,hi of the sampled attn keep target")
-    target_mlp: list = _opt(list(TARGET_RANGES["mlp"]), "range lo,hi of the sampled mlp keep target")
-    target_quant: list = _opt([], "range lo,hi of the sampled bits/16 target (empty: the grid's cheapest bits/16 to 1)")
+    target_attn: list = _opt([], "range lo,hi of the sampled attn keep target, within [the grid's cheapest keep, 1] (empty: all of it, 0.1 to 1 with the default grid)")
+    target_mlp: list = _opt([], "range lo,hi of the sampled mlp keep target, within [the grid's cheapest keep, 1] (empty: all of it, 0.4 to 1 with the default grid)")
+    target_quant: list = _opt([], "range lo,hi of the sampled bits/16 target, within [the grid's cheapest bits/16, 1] (empty: all of it)")
     target_cost: list = _opt([], "range lo,hi of the sampled cost target, within [the cheapest action's cost, 1] (empty: all of it)")
     # reward
     gamma: float = _opt(0.85, "discount of the per-step log-likelihood rewards")
@@ -159,7 +159,7 @@ class GRPOConfig:
     policy_layers: int = _opt(1, "policy transformer layers")
     policy_mlp_ratio: float = _opt(4.0, "policy MLP expansion")
     policy_budget_head: str = _opt("anchored", "how the budget head enters the logits: anchored (quadratic prior around the needed cost) | price (linear cost price); see runtime/policy.py")
-    policy_anchor_sharpness: float = _opt(20.0, "initial sharpness kappa of the anchored prior")
+    policy_anchor_sharpness: float = _opt(20.0, "initial sharpness kappa of the anchored prior (at most 700: it starts as softplus(raw), and raw = log(exp(kappa) - 1) overflows beyond)")
     # run control
     max_updates: int = _opt(200, "stop after this many updates")
     max_minutes: float = _opt(17.0, "also stop (with a checkpoint) once training has run this long; 0 = no limit")
@@ -183,14 +183,21 @@ class GRPOConfig:
                 self.levels = json.loads(self.levels) if self.levels.strip() else {}
             except json.JSONDecodeError as e:
                 _bad("levels", self.levels, f'JSON mapping an axis to its levels, e.g. \'{{"quant": [4, 8, 16]}}\' ({e})')
-        if not isinstance(self.actions, list) or not isinstance(self.levels, dict):
-            _bad("actions" if not isinstance(self.actions, list) else "levels", self.actions if not isinstance(self.actions, list)
-                 else self.levels, "actions: axis names a,b; levels: a JSON object", type_error=True)
+        if not isinstance(self.actions, list):
+            _bad("actions", self.actions, "axis names, comma separated (attn,mlp,quant) or a list", type_error=True)
+        if not isinstance(self.levels, dict):
+            _bad("levels", self.levels, 'a JSON object mapping an axis to its levels, e.g. \'{"quant": [4, 8, 16]}\'',
+                 type_error=True)
         try:
-            ActionSpace(self.actions, self.levels or None, quant=self.quant)
+            space = ActionSpace(self.actions, self.levels or None, quant=self.quant)
         except ValueError as e:
             name = "quant" if "quant mode" in str(e) else "levels" if self.levels and "level" in str(e) else "actions"
             raise ArgumentError(_flag(name), f"{_flag(name)}: {e}") from None
+        if len(space) == 1:  # nothing to choose, nothing to learn
+            axis = space.axes[0]
+            example = json.dumps({axis: list(ActionSpace([axis], quant=self.quant).levels[axis])})
+            _bad("levels", json.dumps(self.levels), f"it leaves only the dense action on the enabled axes "
+                 f"{list(space.axes)}, so the policy has nothing to choose: give an axis a cheaper level, e.g. {example}")
         if self.budget_mode not in BUDGET_MODES:
             _bad("budget_mode", self.budget_mode, f"one of {list(BUDGET_MODES)}")
         if not isinstance(self.cost_model, str) or not self.cost_model:
@@ -199,8 +206,9 @@ class GRPOConfig:
             _bad("cost_model", self.cost_model, "bytes or the path of an existing cost model JSON file")
         for name in ("target_attn", "target_mlp", "target_quant", "target_cost"):
             v = getattr(self, name)
-            if name in ("target_quant", "target_cost") and v in ([], "", ()):
-                continue  # the grid's cheapest bits/16 to 1 (training.episodes.default_target_ranges)
+            if v in ([], "", ()):
+                setattr(self, name, [])  # the grid's cheapest level to 1 (training.episodes.default_target_ranges)
+                continue
             try:
                 v = [float(x) for x in (v.split(",") if isinstance(v, str) else v)]
             except (TypeError, ValueError):
@@ -219,12 +227,14 @@ class GRPOConfig:
         for name, lo, lo_open, hi in (("gamma", 0.0, False, 1.0), ("alpha_attn", 0.0, False, None),
                                       ("alpha_mlp", 0.0, False, None), ("alpha_quant", 0.0, False, None),
                                       ("alpha_cost", 0.0, False, None),
-                                      ("budget_tolerance", 0.0, False, 1.0), ("temperature", 0.0, True, None),
+                                      ("temperature", 0.0, True, None),
                                       ("clip", 0.0, True, None), ("entropy_coef", 0.0, False, None), ("lr", 0.0, True, None),
                                       ("weight_decay", 0.0, False, None), ("grad_clip", 0.0, True, None),
-                                      ("policy_mlp_ratio", 0.0, True, None), ("policy_anchor_sharpness", 0.0, True, None),
+                                      ("policy_mlp_ratio", 0.0, True, None), ("policy_anchor_sharpness", 0.0, True, 700.0),
                                       ("max_minutes", 0.0, False, None)):
             _real(name, getattr(self, name), lo, hi, lo_open)
+        # a band of 1 would make every realized budget penalty-free (and the budget guard allow anything)
+        validation.check_real(_flag("budget_tolerance"), self.budget_tolerance, 0.0, 1.0, hi_open=True)
         episodes = self.contexts_per_update * self.group_size
         if self.ppo_minibatches > episodes:
             _bad("ppo_minibatches", self.ppo_minibatches, f"at most the episodes of an update, --contexts-per-update x "
@@ -251,8 +261,9 @@ class GRPOConfig:
 
     @property
     def target_ranges(self) -> dict[str, list[float]]:
-        ranges = {"attn": self.target_attn, "mlp": self.target_mlp}
-        return {**ranges, "quant": self.target_quant} if self.target_quant else ranges
+        """The per-axis target ranges given (an axis without one samples its grid's cheapest level to 1)."""
+        ranges = {"attn": self.target_attn, "mlp": self.target_mlp, "quant": self.target_quant}
+        return {axis: r for axis, r in ranges.items() if r}
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -499,13 +510,50 @@ def check_resume_options(stored: GRPOConfig, cfg: GRPOConfig, given=None) -> Non
     `given`, the options asked for; None: all). Else an ArgumentError naming the option and both values."""
     for name in given if given is not None else [f.name for f in fields(GRPOConfig)]:
         old, new = getattr(stored, name), getattr(cfg, name)
-        if name not in RESUME_MAY_CHANGE and old != new:
+        if name not in RESUME_MAY_CHANGE and _compared(stored, name) != _compared(cfg, name):
             show = lambda v: json.dumps(v) if isinstance(v, (list, dict)) else str(v)  # noqa: E731
             may = ", ".join(_flag(n) for n in RESUME_MAY_CHANGE if n not in ("out", "resume", "overwrite"))
             raise ArgumentError(_flag(name), f"--resume: {_flag(name)} {show(new)} differs from the run's stored "
                                              f"{_flag(name)} {show(old)}; a resumed run keeps the options it started "
                                              f"with (only {may} may change): drop {_flag(name)}, or start a new run "
                                              "(another --out, or --overwrite)")
+
+
+def _compared(cfg: GRPOConfig, name: str):
+    """What a resume compares of option `name`: its value; for --target-<axis>, the range its targets are
+    drawn from (empty: the grid's cheapest level to 1, so a run from before that default, which stored the
+    default grid's 0.1,1 attn and 0.4,1 mlp, resumes as it started)."""
+    value = getattr(cfg, name)
+    if name not in ("target_attn", "target_mlp", "target_quant") or value:
+        return value
+    space = ActionSpace(cfg.actions, cfg.levels or None, quant=cfg.quant)
+    return list(default_target_ranges(space)[name.removeprefix("target_")])
+
+
+def check_target_ranges(cfg: GRPOConfig, space: ActionSpace) -> None:
+    """A new run's --target-* ranges: only those its budget samples (--target-cost for a cost budget, else
+    --target-<axis> of an enabled axis; any other would be silently ignored), and per axis within what the
+    grid can realize, [its cheapest level's cost, 1] (as --target-cost within the feasible cost range), since
+    targets below it are penalised whatever the policy does."""
+    show = lambda r: ",".join(f"{x:g}" for x in r)  # noqa: E731
+    if cfg.budget_mode != "cost" and cfg.target_cost:
+        _bad("target_cost", show(cfg.target_cost), f"only for --budget-mode cost (--budget-mode {cfg.budget_mode} "
+             "samples a target per axis: --target-attn, --target-mlp, --target-quant); drop it or pass "
+             "--budget-mode cost")
+    grid = default_target_ranges(space)
+    for axis, (lo, hi) in cfg.target_ranges.items():
+        if [lo, hi] == list(grid[axis]):  # what it samples anyway (a config.json from before this default)
+            continue
+        if cfg.budget_mode == "cost":
+            _bad(f"target_{axis}", show((lo, hi)), "only for --budget-mode per-axis (a cost budget samples one target, "
+                 "--target-cost); drop it or pass --budget-mode per-axis")
+        if axis not in space.axes:
+            _bad(f"target_{axis}", show((lo, hi)), f"only for an enabled axis (--actions {','.join(space.axes)}); drop "
+                 "it or enable the axis")
+        if lo < grid[axis][0] - 1e-9:
+            unit = "bits/16" if axis == "quant" else "keep"
+            _bad(f"target_{axis}", show((lo, hi)), f"lo,hi within [{grid[axis][0]:g}, 1], from the {axis} grid's "
+                 f"cheapest {unit} ({list(space.levels[axis])}) to dense: a lower target cannot be met")
 
 
 def _lock_out_dir(cfg: GRPOConfig) -> RunLock:
@@ -563,7 +611,11 @@ def corpus_contexts(model: str, corpus: str, split: str, length: int, vocab_size
         g = _generator(seed, 2, SPLITS.index(split))
         return torch.randint(0, vocab_size, (max_contexts or 64, length), generator=g)
     import solc
+    from solc.models import TINY_MODELS
 
+    if model in TINY_MODELS:  # random-init test models have no tokenizer to read a corpus with
+        raise ArgumentError("--corpus", f"--corpus {corpus!r} is invalid for --model {model}: a random-init test model "
+                                        "has no tokenizer to read a text corpus with; use --corpus random")
     tokenizer = solc.load_tokenizer(model)
     return solc.data.get_contexts(tokenizer, corpus=corpus, split=split, length=length, max_contexts=max_contexts)
 
@@ -648,7 +700,13 @@ class Trainer:
             raise
 
     def _setup(self, cfg: GRPOConfig, sol, contexts: Tensor | None) -> None:
-        self.distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if cfg.contexts_per_update % world:  # every rank says so, before the process group and the model
+            _bad("contexts_per_update", cfg.contexts_per_update, f"a multiple of the number of ranks, {world} (the "
+                 "contexts of an update are split evenly over them)")
+        if not cfg.resume:  # a resumed run keeps the ranges it started with
+            check_target_ranges(cfg, ActionSpace(cfg.actions, cfg.levels or None, quant=cfg.quant))
+        self.distributed = world > 1
         if self.distributed and not dist.is_initialized():
             backend = "nccl" if _device(cfg.device).type == "cuda" else "gloo"
             dist.init_process_group(backend)
@@ -671,8 +729,16 @@ class Trainer:
             raise ValueError(f"contexts have length {self.contexts.shape[1]}, config says {cfg.context_length}")
         self.policy = build_policy(cfg, self.sol)
         self.spec = self.policy.config.budget_spec
-        if self.spec.is_cost and cfg.target_cost:
+        if self.spec.is_cost:
             lo, hi = self.spec.feasible_range(self.space)
+            if lo >= hi - 1e-9:  # no action is cheaper than dense: every target is 1, nothing to trade
+                _bad("budget_mode", cfg.budget_mode, f"a cost budget needs an action cheaper than dense, but the cheapest "
+                     f"action of --actions {','.join(self.space.axes)} costs {lo:.4f} of a dense step under --cost-model "
+                     f"{cfg.cost_model} at --context-length {cfg.context_length}"
+                     + (" (--quant activation reads the same weight bytes at every bit width)"
+                        if self.space.axes == ("quant",) and self.space.quant == "activation" else "")
+                     + ": use --budget-mode per-axis, or enable an axis that saves cost")
+        if self.spec.is_cost and cfg.target_cost:
             if cfg.target_cost[0] < lo - 1e-9:
                 _bad("target_cost", ",".join(f"{x:g}" for x in cfg.target_cost),
                      f"lo,hi within the feasible cost range [{lo:.4f}, {hi:g}] of --model {cfg.model} under "
@@ -1016,6 +1082,22 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def yaml_load(text: str):
+    """yaml.safe_load, but with YAML 1.2's floats: `lr: 3e-4` is the number it is on the command line and in
+    JSON, not the string PyYAML's YAML 1.1 rules make of an exponent without a dot."""
+    import re
+
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_implicit_resolver("tag:yaml.org,2002:float",
+                                 re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+                                 list("-+0123456789."))
+    return yaml.load(text, Loader=Loader)
+
+
 def _read_config_file(path: str, flag: str = "--config") -> dict:
     try:
         text = Path(path).read_text()
@@ -1025,9 +1107,7 @@ def _read_config_file(path: str, flag: str = "--config") -> dict:
         if path.endswith(".json"):
             data = json.loads(text)
         else:
-            import yaml
-
-            data = yaml.safe_load(text) or {}
+            data = yaml_load(text) or {}
     except Exception as e:  # json.JSONDecodeError, yaml.YAMLError
         raise ArgumentError(flag, f"{flag} {path}: not valid {'JSON' if path.endswith('.json') else 'YAML'} ({e})") from None
     if not isinstance(data, dict):
@@ -1041,6 +1121,8 @@ def config_from_args(argv: Sequence[str] | None = None) -> GRPOConfig:
     args = vars(_parser().parse_args(argv))
     given = {k.replace("-", "_"): v for k, v in _read_config_file(args["config"]).items()} if "config" in args else {}
     given.update({k: v for k, v in args.items() if k != "config"})
+    if not isinstance(given.get("out", ""), str):  # (a config file's `out: 5`)
+        _bad("out", given["out"], "a non-empty string", type_error=True)
     out = Path(given.get("out") or GRPOConfig().out)
     stored = stored_config(out) if given.get("resume") is True else None
     if stored is None:  # a new run, or nothing to resume (the Trainer says so)
@@ -1052,6 +1134,10 @@ def config_from_args(argv: Sequence[str] | None = None) -> GRPOConfig:
     return cfg
 
 
+def _rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else int(os.environ.get("RANK", "0"))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     cfg = None
     ctrl_c_raises()  # torch has loaded: Ctrl-C is a KeyboardInterrupt
@@ -1059,7 +1145,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = config_from_args(argv)
         trainer = train(cfg)
     except TrainingStopped as e:
-        print(f"grpo: {e}: the same command with --resume continues the run", file=sys.stderr)
+        if _rank() == 0:  # every rank stops at the same update; rank 0 speaks for them
+            print(f"grpo: {e}: the same command with --resume continues the run", file=sys.stderr)
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
         return 130
@@ -1080,7 +1167,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         checkpoint = Path(cfg.out) / "checkpoint.pt"
         kept = (f"The last good checkpoint ({checkpoint}) is intact." if checkpoint.is_file()
                 else "No checkpoint was written (it stopped before the first one): rerun with --overwrite to start over.")
-        print(f"grpo: training stopped: {e}. {kept}", file=sys.stderr)
+        if _rank() == 0:  # every rank stops at the same update
+            print(f"grpo: training stopped: {e}. {kept}", file=sys.stderr)
         return 3
     except SolcError as e:
         print(f"grpo: error: {e}", file=sys.stderr)

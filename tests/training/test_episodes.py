@@ -122,6 +122,18 @@ def test_sample_targets(quant, quant_lo):
     assert torch.equal(only_mlp[:, 1], sample_targets(ActionSpace(), 5, torch.Generator().manual_seed(0))[:, 1])
 
 
+def test_sample_targets_follow_a_levels_grid():
+    """Each enabled axis samples from its grid's cheapest level to 1 (what the grid can meet), as quant does:
+    a grid without attn 0.1 is never asked for less, one with mlp 0.2 is asked for all it can do."""
+    space = ActionSpace(["attn", "mlp", "quant"], {"attn": [0.3, 1.0], "mlp": [0.2, 0.6, 1.0], "quant": [8, 16]})
+    t = sample_targets(space, 2000, torch.Generator().manual_seed(0))
+    for i, lo in enumerate((0.3, 0.2, 0.5)):
+        assert lo <= t[:, i].min() < lo + 0.01 and t[:, i].max() <= 1.0
+    # explicit ranges still win
+    t = sample_targets(space, 100, torch.Generator().manual_seed(0), {"attn": (0.5, 0.6)})
+    assert 0.5 <= t[:, 0].min() and t[:, 0].max() <= 0.6 and t[:, 1].min() < 0.3
+
+
 def test_rollout_rejects_short_context(tiny_sol):
     with pytest.raises(ValueError, match="no prefill"):
         rollout(tiny_sol, _contexts(tiny_sol, 1, 9), Fixed(), torch.ones(3), group=1, horizon=8)
