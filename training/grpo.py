@@ -33,7 +33,8 @@ TrainingStopped, a KeyboardInterrupt (every rank at the same update; the CLI exi
 second one aborts at once. Only rank 0 logs and writes.
 
 Outputs under --out: config.json, checkpoint.pt (latest: policy, optimizer, RNG states, update),
-policy.pt (policy config + weights, what runtime.policy.PolicyNet.load reads), tb/ (TensorBoard).
+policy.pt (policy config + weights, what runtime.policy.PolicyNet.load reads), tb/ (TensorBoard), and
+with --cost-model measured the latency table the run prices with, cost_model.json.
 An --out that already holds a run is left alone unless --resume (continue it, with the options stored
 in its checkpoint: only --max-updates, --max-minutes, --checkpoint-every, --rollout-batch, --threads,
 --device and --progress may change) or --overwrite (replace it) says otherwise; a run holds OUT/.lock
@@ -69,7 +70,7 @@ from runtime import validation
 from runtime.actions import AXES, ActionSpace
 from runtime.errors import ArgumentError, ArgumentTypeError, SolcError
 from runtime.policy import BUDGET_HEADS, PolicyConfig, PolicyNet, PolicySource, Trajectory, sequence_log_probs
-from solc.cache import atomic_torch_save, pid_alive, remove_stale_temporaries
+from solc.cache import atomic_torch_save, atomic_write_bytes, pid_alive, remove_stale_temporaries
 from solc.models import DTYPES, resolve_device, resolve_dtype
 from runtime.budget import BUDGET_MODES, BudgetSpec
 from runtime.cost_model import BytesCostModel, cost_model_from_dict
@@ -120,7 +121,7 @@ class GRPOConfig:
     actions: list = _opt(["attn", "mlp", "quant"], "enabled efficiency axes, comma separated (attn,mlp,quant)")
     levels: dict = _opt({}, 'per-axis level grids as JSON, e.g. \'{"quant": [4, 8]}\'; {} = the default grid')
     budget_mode: str = _opt("cost", "what a budget target means: cost (one number, the fraction of the dense decode cost; the policy picks the split) | per-axis (the paper's attn/mlp/bits targets)")
-    cost_model: str = _opt("bytes", "cost model of a cost budget: bytes (analytic bytes a batch-1 step reads) or the path of a cost model JSON (runtime.cost_model to_dict, e.g. a measured table)")
+    cost_model: str = _opt("bytes", "cost model of a cost budget: bytes (analytic bytes a batch-1 step reads), measured (each action's decode-step latency at --context-length on this device, timed at the start of the run by solc.calibrate_cost_model and kept in OUT/cost_model.json, which --resume reuses), or the path of a cost model JSON (runtime.cost_model to_dict, e.g. a measured table)")
     quant: str = _opt("weight", "quant axis mode: weight (int8/int4 MLP weights, bits 4/8/16) or activation (the paper's, 5/7/16)")
     corpus: str = _opt("shakespeare", "training corpus for solc.data.get_contexts ('random' = uniform random tokens, for tests)")
     context_length: int = _opt(256, "tokens per context: dense prefill of L - T - 1 tokens, then T controlled steps")
@@ -201,9 +202,9 @@ class GRPOConfig:
         if self.budget_mode not in BUDGET_MODES:
             _bad("budget_mode", self.budget_mode, f"one of {list(BUDGET_MODES)}")
         if not isinstance(self.cost_model, str) or not self.cost_model:
-            _bad("cost_model", self.cost_model, "bytes or the path of a cost model JSON file", type_error=True)
-        if self.cost_model != "bytes" and not Path(self.cost_model).is_file():
-            _bad("cost_model", self.cost_model, "bytes or the path of an existing cost model JSON file")
+            _bad("cost_model", self.cost_model, "bytes, measured or the path of a cost model JSON file", type_error=True)
+        if self.cost_model not in ("bytes", "measured") and not Path(self.cost_model).is_file():
+            _bad("cost_model", self.cost_model, "bytes, measured or the path of an existing cost model JSON file")
         for name in ("target_attn", "target_mlp", "target_quant", "target_cost"):
             v = getattr(self, name)
             if v in ([], "", ()):
@@ -382,7 +383,7 @@ def update_contexts(n_contexts: int, seed: int, update: int, per_update: int) ->
 
 atomic_save = atomic_torch_save
 _device = resolve_device
-RUN_FILES = ("config.json", "checkpoint.pt", "policy.pt", "tb")
+RUN_FILES = ("config.json", "checkpoint.pt", "policy.pt", "tb", "cost_model.json")
 
 
 LOCK = ".lock"
@@ -647,12 +648,34 @@ def budget_spec(cfg: GRPOConfig, sol) -> BudgetSpec:
         return BudgetSpec.per_axis()
     if cfg.cost_model == "bytes":
         model = BytesCostModel.for_model(sol)
+    elif cfg.cost_model == "measured":
+        model = measured_cost_model(cfg, sol)
     else:
         try:
             model = cost_model_from_dict(json.loads(Path(cfg.cost_model).read_text()))
         except (OSError, ValueError, TypeError, KeyError, SolcError) as e:
             raise ArgumentError("--cost-model", f"--cost-model {cfg.cost_model}: not a cost model JSON ({e})") from None
     return BudgetSpec.cost(model, context=cfg.context_length)
+
+
+def measured_cost_model(cfg: GRPOConfig, sol):
+    """--cost-model measured: the latency table of this run. A resumed run reads the one it started with
+    (OUT/cost_model.json, which the run writes next to config.json); a new run times every action's decode
+    step at --context-length on this device (rank 0; the other ranks receive its table, so every rank
+    prices alike)."""
+    from runtime.costs import calibrate_cost_model
+
+    path = Path(cfg.out) / "cost_model.json"
+    if cfg.resume and path.is_file():
+        return cost_model_from_dict(json.loads(path.read_text()))
+    distributed = dist.is_available() and dist.is_initialized()
+    table = [None]
+    if not distributed or dist.get_rank() == 0:
+        context = min(cfg.context_length, sol.max_seq_len - 1)  # a bucket needs context + 1 positions
+        table[0] = calibrate_cost_model(sol, contexts=(context,), batch=1, progress=cfg.progress).to_dict()
+    if distributed:
+        dist.broadcast_object_list(table, src=0)
+    return cost_model_from_dict(table[0])
 
 
 def build_policy(cfg: GRPOConfig, sol) -> PolicyNet:
@@ -961,6 +984,9 @@ class Trainer:
             config = self.out / "config.json"
             if not cfg.resume or not config.exists():  # a resume keeps the record of how the run started
                 config.write_text(json.dumps(self.cfg.to_dict(), indent=2) + "\n")
+            table = self.out / "cost_model.json"
+            if cfg.cost_model == "measured" and not (cfg.resume and table.is_file()):  # what --resume prices with
+                atomic_write_bytes(table, (json.dumps(self.spec.cost_model, indent=1) + "\n").encode())
             from torch.utils.tensorboard import SummaryWriter
 
             # scalars are logged at step = updates done; drop any logged after the checkpoint we resume from

@@ -181,3 +181,40 @@ def test_an_old_runs_config_json_starts_a_new_run(tmp_path):
     assert grpo.main(argv) == 0
     assert grpo.main(argv + ["--overwrite", "--budget-mode", "per-axis", "--actions", "mlp"]) == 0
     assert torch.load(tmp_path / "new" / "checkpoint.pt", weights_only=False)["update"] == 1
+
+
+def test_cost_model_measured_calibrates_once_and_resume_reuses_the_table(tmp_path, monkeypatch):
+    """--cost-model measured times the actions on this device at the start of a run, keeps the table in
+    OUT/cost_model.json and prices the policy's budget with it; --resume reads that table (a second
+    calibration could give other numbers than the ones the policy was trained against)."""
+    import json
+
+    import runtime.costs
+    from runtime.cost_model import BytesCostModel, MeasuredCostModel, device_name
+    from runtime.policy import PolicyNet
+    from training import grpo
+
+    out = tmp_path / "run"
+    args = ["--model", "tiny-llama", "--corpus", "random", "--context-length", "24", "--horizon", "4",
+            "--group-size", "2", "--contexts-per-update", "2", "--rollout-batch", "2", "--max-contexts", "4",
+            "--policy-d-model", "16", "--policy-heads", "2", "--ppo-epochs", "1", "--ppo-minibatches", "1",
+            "--max-minutes", "0", "--no-progress", "--device", "cpu", "--cost-model", "measured", "--out", str(out)]
+    calls = []
+
+    def calibrate(sol, contexts, batch, progress):  # a tiny model's timings are all overhead: a fixed table
+        calls.append({"contexts": contexts, "batch": batch})
+        costs = BytesCostModel.for_model(sol)
+        return MeasuredCostModel(device_name("cpu"), batch, list(contexts),
+                                 [[costs.step_cost(a, n) / 1e6 + 0.01 * len(calls) for n in contexts] for a in sol.space])
+    monkeypatch.setattr(runtime.costs, "calibrate_cost_model", calibrate)
+    assert grpo.main(args + ["--max-updates", "1"]) == 0
+    table = json.loads((out / "cost_model.json").read_text())
+    assert table["kind"] == "measured" and table["device"] == device_name("cpu") and table["contexts"] == [23]
+    assert len(calls) == 1 and calls[0]["batch"] == 1
+    spec = PolicyNet.load(out / "policy.pt").config.budget_spec
+    assert spec.is_cost and spec.cost_model == table
+    assert grpo.main(args + ["--max-updates", "2", "--resume"]) == 0
+    assert len(calls) == 1 and json.loads((out / "cost_model.json").read_text()) == table
+    assert PolicyNet.load(out / "policy.pt").config.budget_spec.cost_model == table
+    assert grpo.main(args + ["--max-updates", "1", "--overwrite"]) == 0  # a new run measures anew
+    assert len(calls) == 2 and json.loads((out / "cost_model.json").read_text()) != table
