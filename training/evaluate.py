@@ -343,12 +343,14 @@ def _row(space, eval_name, entry: Entry, budget: Tensor, metric: str, value: flo
 
 
 # -- the whole run ----------------------------------------------------------------------------------
-def build(cfg: EvalConfig):
-    """(sol, policy, tokenizer) for the config: the base model compiled for the policy's action space."""
+def build(cfg: EvalConfig, policy=None):
+    """(sol, policy, tokenizer) for the config: the base model compiled for the policy's action space
+    (`policy`: cfg.policy already loaded, else it is loaded here)."""
     import solc
     from solc.models import load_compiled
 
-    policy = load_policy(cfg.policy) if cfg.policy else None
+    if policy is None and cfg.policy:
+        policy = load_policy(cfg.policy)
     device = resolve_device(cfg.device, argument="--device")
     kwargs = {}
     if policy is not None:
@@ -727,14 +729,6 @@ def config_from_args(argv=None) -> EvalConfig:
     )
 
 
-def _cost_policy(cfg: EvalConfig):
-    """The policy when it was trained for a cost budget (training.grpo's default), else None."""
-    if not cfg.policy:
-        return None
-    policy = load_policy(cfg.policy)
-    return policy if policy.config.budget_spec.is_cost else None
-
-
 EVAL_FILES = ("results.csv", "results.json", "pareto.png", "report.md", "command.txt", "tb", "progress.partial.pt")
 
 
@@ -810,7 +804,7 @@ def check_cost_options(cfg: EvalConfig) -> None:
                                              "may add random and random-search; --mc-methods does not apply")
 
 
-def _run_cost_cli(cfg: EvalConfig, command: str) -> int:
+def _run_cost_cli(cfg: EvalConfig, command: str, policy) -> int:
     """A cost-budget policy: each budget is a cost fraction, and the comparison is training.cost_eval's
     (best static hull mix, Fixed and Random at each episode's realized cost, paired per context; with
     "random-search" among the methods, the best of --search-n schedules at the policy's mean cost)."""
@@ -819,7 +813,7 @@ def _run_cost_cli(cfg: EvalConfig, command: str) -> int:
     check_cost_options(cfg)
     out = claim_out(cfg, command)
     t0 = time.perf_counter()
-    sol, policy, _ = build(cfg)
+    sol, policy, _ = build(cfg, policy)
     lo, hi = policy.config.budget_spec.feasible_range(sol.space)
     budgets = [float(b) for b in cfg.budgets]
     bad = [b for b in budgets if not lo - 1e-9 <= b <= hi + 1e-9]
@@ -851,15 +845,16 @@ def _run_cli(cfg: EvalConfig, argv) -> int:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     command = command_line("training.evaluate", argv)
-    if _cost_policy(cfg) is not None:
-        return _run_cost_cli(cfg, command)
+    policy = load_policy(cfg.policy) if cfg.policy else None  # read once, for every use below
+    if policy is not None and policy.config.budget_spec.is_cost:  # training.grpo's default
+        return _run_cost_cli(cfg, command, policy)
     t0 = time.perf_counter()
     out = claim_out(cfg, command)
     # what can be checked without the model is, before it loads: the actions named (the policy's space, else
     # load_compiled's default one) and the multiple-choice files
-    check_actions(load_policy(cfg.policy).space if cfg.policy else ActionSpace(quant="weight"), cfg)
+    check_actions(policy.space if policy is not None else ActionSpace(quant="weight"), cfg)
     load_tasks(cfg)
-    sol, policy, tokenizer = build(cfg)
+    sol, policy, tokenizer = build(cfg, policy)
     start_out(cfg, out, command)
     # the same command resumes after an interrupt; the progress file goes once every output is written
     progress = out / "progress.partial.pt"
@@ -869,7 +864,7 @@ def _run_cli(cfg: EvalConfig, argv) -> int:
     shutil.rmtree(out / "tb", ignore_errors=True)  # this evaluation's, from an earlier run of the same command
     write_tensorboard(result["rows"], out / "tb")
     text = report(result, cfg, command)
-    (out / "report.md").write_text(text + f"\n({time.perf_counter() - t0:.0f}s)\n")
+    atomic_write_bytes(out / "report.md", (text + f"\n({time.perf_counter() - t0:.0f}s)\n").encode())
     progress.unlink(missing_ok=True)
     print(text)
     print(f"evaluate: wrote {out}/results.csv, pareto.png, report.md, command.txt, tb/ ({time.perf_counter() - t0:.0f}s)")
