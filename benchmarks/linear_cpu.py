@@ -27,7 +27,8 @@ import torch.nn.functional as F
 import solc
 from runtime.errors import ArgumentError
 from runtime.ops import cpu_linear
-from solc.cache import atomic_write_bytes, check_replaceable_result
+from solc.cache import atomic_write_bytes
+from training.cli import check_result_path
 
 
 def _mkl_rows(x, w, b):
@@ -47,10 +48,7 @@ def main(argv=None) -> int:
                            ("--steps", [args.steps]), ("--rounds", [args.rounds])):
         if min(values) < 1:
             p.error(f"{option}={' '.join(map(str, values))} is invalid: expected integers >= 1")
-    try:  # a refusal is one line (exit 2), not a traceback
-        check_replaceable_result(args.out, "python -m benchmarks.linear_cpu", "--out")
-    except ArgumentError as e:
-        p.error(str(e))
+    check_result_path(p, args.out, "python -m benchmarks.linear_cpu", "--out")
     command = "python -m benchmarks.linear_cpu " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     model = solc.load_model("smollm2-135m", dtype=torch.float32)
     try:

@@ -28,7 +28,8 @@ from runtime.errors import ArgumentError
 from runtime.ops import mlp_weights
 from runtime.ops.quant_primitives import int4_group_size
 from runtime.ops.step_hints import StepHints, step_hints
-from solc.cache import atomic_write_bytes, check_replaceable_result
+from solc.cache import atomic_write_bytes
+from training.cli import check_result_path
 
 KEEPS, BITS = (1.0, 0.8, 0.4), (16, 8, 4)
 
@@ -131,10 +132,7 @@ def main(argv=None) -> None:
             parser.error(f"{option}={' '.join(map(str, values))} is invalid: expected integers >= 1")
     if args.layer < 0:
         parser.error(f"--layer={args.layer} is invalid: expected an integer >= 0")
-    try:  # a refusal is one line (exit 2), not a traceback
-        check_replaceable_result(args.out, "python -m benchmarks.mlp_cpu", "--out")
-    except ArgumentError as e:
-        parser.error(str(e))
+    check_result_path(parser, args.out, "python -m benchmarks.mlp_cpu", "--out")
     command = "python -m benchmarks.mlp_cpu " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     model = solc.load_model(args.model)
     layers = len(model.model.layers)

@@ -28,8 +28,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from runtime.cost_model import device_name  # noqa: E402
-from solc.cache import atomic_write_bytes, check_replaceable_result  # noqa: E402
-from runtime.errors import ArgumentError  # noqa: E402
+from solc.cache import atomic_write_bytes  # noqa: E402
+from training.cli import check_result_path  # noqa: E402
 
 
 def _positive_ints(text: str) -> list[int]:
@@ -49,10 +49,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.prompt_len < 2 or args.rounds < 1:
         p.error("--prompt-len must be >= 2 and --rounds >= 1")
-    try:  # a refusal is one line (exit 2), not a traceback
-        check_replaceable_result(args.out, "python benchmarks/prefill.py", "--out")
-    except ArgumentError as e:
-        p.error(str(e))
+    check_result_path(p, args.out, "python benchmarks/prefill.py", "--out")
 
     import solc
     from runtime.stepper import Stepper

@@ -33,8 +33,8 @@ sys.path.insert(0, str(ROOT))
 from runtime.cost_model import device_name  # noqa: E402
 from runtime.generate import _Sampler, _sample  # noqa: E402
 from runtime.ops import cpu_sample  # noqa: E402
-from solc.cache import atomic_write_bytes, check_replaceable_result  # noqa: E402
-from runtime.errors import ArgumentError  # noqa: E402
+from solc.cache import atomic_write_bytes  # noqa: E402
+from training.cli import check_result_path  # noqa: E402
 
 
 def model_logits(positions: int) -> torch.Tensor:
@@ -104,10 +104,7 @@ def main(argv=None) -> int:
         p.error(f"--rounds={args.rounds} is invalid: expected an integer >= 1")
     if args.threads < 1:
         p.error(f"--threads={args.threads} is invalid: expected an integer >= 1")
-    try:  # a refusal is one line (exit 2), not a traceback
-        check_replaceable_result(args.out, "python benchmarks/sampling.py", "--out")
-    except ArgumentError as e:
-        p.error(str(e))
+    check_result_path(p, args.out, "python benchmarks/sampling.py", "--out")
     torch.set_num_threads(args.threads)
     logits = model_logits(POSITIONS)
     # first: fresh temporaries fault in or not with the allocator's state, which the top-p runs change

@@ -27,8 +27,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from solc.cache import atomic_write_bytes, check_replaceable_result  # noqa: E402
-from runtime.errors import ArgumentError  # noqa: E402
+from solc.cache import atomic_write_bytes  # noqa: E402
+from training.cli import check_result_path  # noqa: E402
 from training.grpo import GRPOConfig, Trainer  # noqa: E402
 
 
@@ -49,10 +49,7 @@ def main(argv=None) -> int:
     if args.updates < 1:
         p.error(f"--updates must be >= 1, got {args.updates}")
     if args.json:  # the default is this script's own file under benchmarks/results
-        try:  # a refusal is one line (exit 2), not a traceback
-            check_replaceable_result(args.json, "python benchmarks/training.py", "--json")
-        except ArgumentError as e:
-            p.error(str(e))
+        check_result_path(p, args.json, "python benchmarks/training.py", "--json")
 
     cfg = GRPOConfig(
         model=args.model, corpus=args.corpus, device=args.device, context_length=args.context_length,

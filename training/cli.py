@@ -17,6 +17,17 @@ def command_line(module: str, argv=None) -> str:
     return f"python -m {module} " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
 
 
+def check_result_path(parser, path, command: str, argument: str = "--out") -> None:
+    """solc.cache.check_replaceable_result for a command line: a file at `path` that is not an earlier
+    result of `command` ends the tool through parser.error (one line naming `argument`, exit 2)."""
+    from solc.cache import check_replaceable_result
+
+    try:
+        check_replaceable_result(Path(path), command, argument)
+    except ArgumentError as e:
+        parser.error(str(e))
+
+
 def write_json(path, record: dict) -> None:
     """The record as indented JSON, written atomically (an interrupted write leaves the old file)."""
     atomic_write_bytes(Path(path), (json.dumps(record, indent=2) + "\n").encode())
