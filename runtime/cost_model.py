@@ -21,6 +21,7 @@ Both are small versioned dicts (torchao's config convention) so they travel in t
 from __future__ import annotations
 
 import bisect
+import functools
 import math
 import platform
 from dataclasses import asdict, dataclass
@@ -185,8 +186,10 @@ class MeasuredCostModel:
         return cls(**{k: v for k, v in d.items() if k not in ("kind", "version")})
 
 
+@functools.lru_cache(maxsize=None)
 def cpu_name() -> str:
-    """The CPU's model name (Linux: /proc/cpuinfo), else what the platform module knows."""
+    """The CPU's model name (Linux: /proc/cpuinfo), else what the platform module knows. Read once: every
+    generate priced by a measured table asks for it, and the file grows with the core count."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:

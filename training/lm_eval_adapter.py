@@ -423,6 +423,7 @@ class SolcLM(_Base):
             calls.append((context, self._gen_kwargs(kwargs), k))
         out = []
         spent = _Spent(self.sol.space, self.budget_spec)
+        stop_ids = self._stop_ids()
         for context, (until, max_new, temperature, top_k, top_p, seed), k in calls:
             if max_new == 0:
                 out.append("")
@@ -432,10 +433,10 @@ class SolcLM(_Base):
             ids = ids[-(self.max_length - max_new + 1):]
             g = generate(self.sol, torch.tensor([ids], device=self._device), policy=self._source(), budget=self.target,
                          max_new_tokens=max_new, temperature=temperature, top_k=top_k, top_p=top_p,
-                         seed=(seed + k) % MAX_SEED, eos_token_id=self._stop_ids(),
+                         seed=(seed + k) % MAX_SEED, eos_token_id=stop_ids,
                          stop_strings=[u for u in until if u] or None, tokenizer=self.tokenizer)  # no step past a stop
             new = g.tokens[0, len(ids):].tolist()
-            stop_at = [i for i, t in enumerate(new) if t in self._stop_ids()]
+            stop_at = [i for i, t in enumerate(new) if t in stop_ids]
             new = new[: stop_at[0]] if stop_at else new
             text = self.tokenizer.decode(new)
             for stop in until:
