@@ -660,7 +660,7 @@ def budget_spec(cfg: GRPOConfig, sol) -> BudgetSpec:
 
 def measured_cost_model(cfg: GRPOConfig, sol):
     """--cost-model measured: the latency table of this run. A resumed run reads the one it started with
-    (OUT/cost_model.json, which the run writes next to config.json); a new run times every action's decode
+    (OUT/cost_model.json, which the run writes next to config.json, else its checkpoint); a new run times every action's decode
     step at --context-length on this device (rank 0; the other ranks receive its table, so every rank
     prices alike)."""
     from runtime.costs import calibrate_cost_model
@@ -668,6 +668,9 @@ def measured_cost_model(cfg: GRPOConfig, sol):
     path = Path(cfg.out) / "cost_model.json"
     if cfg.resume and path.is_file():
         return cost_model_from_dict(json.loads(path.read_text()))
+    checkpoint = Path(cfg.out) / "checkpoint.pt"
+    if cfg.resume and checkpoint.is_file():  # cost_model.json was removed: the policy's config holds the table
+        return cost_model_from_dict(read_checkpoint(checkpoint)["policy"]["config"]["budget"]["cost_model"])
     distributed = dist.is_available() and dist.is_initialized()
     table = [None]
     if not distributed or dist.get_rank() == 0:

@@ -216,5 +216,8 @@ def test_cost_model_measured_calibrates_once_and_resume_reuses_the_table(tmp_pat
     assert grpo.main(args + ["--max-updates", "2", "--resume"]) == 0
     assert len(calls) == 1 and json.loads((out / "cost_model.json").read_text()) == table
     assert PolicyNet.load(out / "policy.pt").config.budget_spec.cost_model == table
+    (out / "cost_model.json").unlink()  # the checkpoint's policy config holds the table too
+    assert grpo.main(args + ["--max-updates", "3", "--resume"]) == 0
+    assert len(calls) == 1 and json.loads((out / "cost_model.json").read_text()) == table
     assert grpo.main(args + ["--max-updates", "1", "--overwrite"]) == 0  # a new run measures anew
     assert len(calls) == 2 and json.loads((out / "cost_model.json").read_text()) != table
